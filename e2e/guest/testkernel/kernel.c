@@ -1,0 +1,325 @@
+/*
+ * unilet test kernel: a tiny x86 multiboot guest that behaves like a Unikraft
+ * application as far as unilet can observe it.
+ *
+ *  - prints a boot line on the serial console (COM1);
+ *  - splits the command line shell-style as Unikraft's uk_argparse does
+ *    (whitespace separates, '…' and "…" group, backslash escapes);
+ *  - treats tokens before a "--" token as library parameters and tokens after
+ *    it as application arguments (without "--" everything is an argument);
+ *  - understands the library parameter env.vars=[ "K=V" ... ];
+ *  - prints argv and the environment, then runs the mode the arguments ask for:
+ *      tick=MS       print "tick N" every MS milliseconds (count=N stops after N)
+ *      flood=N       print N numbered lines as fast as possible
+ *      bigline=N     print one line of N characters
+ *      echo          read the serial line and write every byte back
+ *      panic         report a guest panic through pvpanic and halt
+ *  - and powers the machine off (ACPI, isa-debug-exit, then triple fault).
+ */
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define COM1 0x3f8
+#define MAX_TOKENS 128
+#define MAX_CMDLINE 8192
+
+void triple_fault(void);
+
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
+static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+
+static void serial_init(void)
+{
+	outb(COM1 + 1, 0x00); /* no interrupts */
+	outb(COM1 + 3, 0x80); /* DLAB */
+	outb(COM1 + 0, 0x01); /* 115200 baud */
+	outb(COM1 + 1, 0x00);
+	outb(COM1 + 3, 0x03); /* 8N1 */
+	outb(COM1 + 2, 0xc7); /* FIFO */
+	outb(COM1 + 4, 0x0b);
+}
+
+static void putc(char c)
+{
+	while (!(inb(COM1 + 5) & 0x20))
+		;
+	outb(COM1, (u8)c);
+}
+
+static void puts(const char *s)
+{
+	while (*s)
+		putc(*s++);
+}
+
+static void putu(u32 v)
+{
+	char buf[12];
+	int i = 0;
+	if (v == 0) {
+		putc('0');
+		return;
+	}
+	while (v) {
+		buf[i++] = (char)('0' + v % 10);
+		v /= 10;
+	}
+	while (i)
+		putc(buf[--i]);
+}
+
+static int streq(const char *a, const char *b)
+{
+	while (*a && *a == *b) {
+		a++;
+		b++;
+	}
+	return *a == *b;
+}
+
+static int hasprefix(const char *s, const char *p)
+{
+	while (*p)
+		if (*s++ != *p++)
+			return 0;
+	return 1;
+}
+
+static u32 atou(const char *s)
+{
+	u32 v = 0;
+	while (*s >= '0' && *s <= '9')
+		v = v * 10 + (u32)(*s++ - '0');
+	return v;
+}
+
+static u32 slen(const char *s)
+{
+	u32 n = 0;
+	while (s[n])
+		n++;
+	return n;
+}
+
+/* Busy-wait one millisecond on PIT channel 2 (gate through port 0x61). */
+static void sleep_ms(u32 ms)
+{
+	while (ms--) {
+		u8 gate = inb(0x61);
+		outb(0x61, (u8)((gate & 0xfd) | 0x01)); /* gate on, speaker off */
+		outb(0x43, 0xb0); /* ch2, lobyte/hibyte, mode 0 */
+		outb(0x42, 1193 & 0xff);
+		outb(0x42, 1193 >> 8);
+		while (!(inb(0x61) & 0x20))
+			;
+		outb(0x61, gate);
+	}
+}
+
+static void poweroff(void)
+{
+	outw(0x604, 0x2000);  /* QEMU pc/q35 ACPI PM1a control */
+	outw(0xb004, 0x2000); /* older QEMU / Bochs */
+	outb(0x501, 0x29);    /* isa-debug-exit (microvm): QEMU exits 83, as Unikraft does on a clean halt */
+	triple_fault();       /* with -no-reboot, QEMU exits */
+}
+
+static char cmdline[MAX_CMDLINE];
+static char *argv[MAX_TOKENS];
+
+/* Split shell-style in place; returns the number of tokens. */
+static int tokenize(char *s, char **out, int max)
+{
+	int n = 0;
+	char *w = s;
+	while (*s) {
+		while (*s == ' ' || *s == '\t' || *s == '\n')
+			s++;
+		if (!*s)
+			break;
+		if (n == max)
+			return -1;
+		out[n++] = w;
+		char quote = 0;
+		while (*s) {
+			char c = *s;
+			if (quote) {
+				if (c == quote) {
+					quote = 0;
+					s++;
+					continue;
+				}
+				if (c == '\\' && quote == '"' && s[1]) {
+					*w++ = s[1];
+					s += 2;
+					continue;
+				}
+				*w++ = c;
+				s++;
+				continue;
+			}
+			if (c == ' ' || c == '\t' || c == '\n')
+				break;
+			if (c == '\'' || c == '"') {
+				quote = c;
+				s++;
+				continue;
+			}
+			if (c == '\\' && s[1]) {
+				*w++ = s[1];
+				s += 2;
+				continue;
+			}
+			*w++ = c;
+			s++;
+		}
+		if (*s)
+			s++;
+		*w++ = '\0';
+	}
+	return n;
+}
+
+static void echo_mode(void)
+{
+	puts("echo: ready\n");
+	for (;;) {
+		while (!(inb(COM1 + 5) & 0x01))
+			;
+		char c = (char)inb(COM1);
+		if (c == '\r')
+			c = '\n';
+		putc(c);
+	}
+}
+
+struct mb_info {
+	u32 flags;
+	u32 mem_lower, mem_upper;
+	u32 boot_device;
+	u32 cmdline;
+};
+
+void kmain(u32 magic, struct mb_info *mbi)
+{
+	serial_init();
+	puts("unilet-testkernel: booted\n");
+
+	u32 len = 0;
+	if (magic == 0x2BADB002 && (mbi->flags & 4) && mbi->cmdline) {
+		const char *src = (const char *)mbi->cmdline;
+		while (src[len] && len < MAX_CMDLINE - 1) {
+			cmdline[len] = src[len];
+			len++;
+		}
+	}
+	cmdline[len] = '\0';
+	puts("cmdline-length: ");
+	putu(len);
+	putc('\n');
+
+	int n = tokenize(cmdline, argv, MAX_TOKENS);
+	if (n < 0) {
+		puts("error: too many command line tokens\n");
+		poweroff();
+	}
+
+	/* argv[0] is the kernel name QEMU prepends. Library parameters end at "--". */
+	int sep = -1;
+	for (int i = 1; i < n; i++)
+		if (streq(argv[i], "--")) {
+			sep = i;
+			break;
+		}
+	int first_arg = sep < 0 ? 1 : sep + 1;
+
+	u32 nenv = 0;
+	for (int i = 1; sep > 0 && i < sep; i++) {
+		if (!hasprefix(argv[i], "env.vars=[")) {
+			puts("param: ");
+			puts(argv[i]);
+			putc('\n');
+			continue;
+		}
+		/* env.vars=[ "K=V" ... ]: the array may span several tokens. */
+		for (int j = i; j < sep; j++) {
+			char *v = j == i ? argv[i] + 10 : argv[j];
+			u32 l = slen(v);
+			int closed = l && v[l - 1] == ']';
+			if (closed)
+				v[l - 1] = '\0';
+			if (*v) {
+				puts("env: ");
+				puts(v);
+				putc('\n');
+				nenv++;
+			}
+			i = j;
+			if (closed)
+				break;
+		}
+	}
+
+	u32 argc = (u32)(n - first_arg + 1);
+	puts("argc: ");
+	putu(argc);
+	putc('\n');
+	puts("argv[0]: ");
+	puts(n > 0 ? argv[0] : "");
+	putc('\n');
+	u32 tick = 0, count = 0, flood = 0, bigline = 0;
+	int echo = 0, panic = 0;
+	for (int i = first_arg; i < n; i++) {
+		puts("argv[");
+		putu((u32)(i - first_arg + 1));
+		puts("]: ");
+		puts(argv[i]);
+		putc('\n');
+		if (hasprefix(argv[i], "tick="))
+			tick = atou(argv[i] + 5);
+		else if (hasprefix(argv[i], "count="))
+			count = atou(argv[i] + 6);
+		else if (hasprefix(argv[i], "flood="))
+			flood = atou(argv[i] + 6);
+		else if (hasprefix(argv[i], "bigline="))
+			bigline = atou(argv[i] + 8);
+		else if (streq(argv[i], "echo"))
+			echo = 1;
+		else if (streq(argv[i], "panic"))
+			panic = 1;
+	}
+	puts("envc: ");
+	putu(nenv);
+	putc('\n');
+
+	if (bigline) {
+		for (u32 i = 0; i < bigline; i++)
+			putc((char)('a' + i % 26));
+		putc('\n');
+	}
+	for (u32 i = 1; i <= flood; i++) {
+		puts("line ");
+		putu(i);
+		putc('\n');
+	}
+	if (panic) {
+		puts("panic: requested\n");
+		outb(0x505, 1); /* pvpanic: guest panicked */
+		for (;;)
+			__asm__ volatile("cli; hlt");
+	}
+	if (echo)
+		echo_mode();
+	if (tick) {
+		for (u32 i = 1; count == 0 || i <= count; i++) {
+			puts("tick ");
+			putu(i);
+			putc('\n');
+			sleep_ms(tick);
+		}
+	}
+	puts("unilet-testkernel: exit 0\n");
+	poweroff();
+}

@@ -1,0 +1,23 @@
+#!/bin/sh
+# Installs the Debian packages unilet's build, tests and demo need. Idempotent:
+# runs apt-get only when something is missing. Needs root (or sudo).
+set -eu
+need=""
+have() { command -v "$1" >/dev/null 2>&1; }
+have qemu-system-x86_64 || need="$need qemu-system-x86"
+have gcc || need="$need gcc"
+have ld || need="$need binutils"
+have ip || need="$need iproute2"
+have containerd || need="$need containerd"
+have runc || need="$need runc"
+[ -x /usr/lib/cni/bridge ] || [ -x /opt/cni/bin/bridge ] || need="$need containernetworking-plugins"
+if [ -z "$need" ]; then
+	exit 0
+fi
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO=sudo
+echo ">> installing Debian packages:$need"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+# shellcheck disable=SC2086
+$SUDO apt-get install -y -qq --no-install-recommends $need >/dev/null

@@ -1,0 +1,67 @@
+package crilog
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+var fixed = time.Date(2026, 11, 23, 10, 0, 0, 123456789, time.UTC)
+
+func open(t *testing.T, opts ...Option) (*Writer, string) {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "sub", "0.log")
+	w, err := Open(p, append([]Option{WithClock(func() time.Time { return fixed })}, opts...)...)
+	require.NoError(t, err)
+	return w, p
+}
+
+func read(t *testing.T, p string) string {
+	t.Helper()
+	b, err := os.ReadFile(p)
+	require.NoError(t, err)
+	return string(b)
+}
+
+const ts = "2026-11-23T10:00:00.123456789Z"
+
+func TestWriterLines(t *testing.T) {
+	w, p := open(t)
+	_, err := w.Write([]byte("hello\r\nwor"))
+	require.NoError(t, err)
+	require.Equal(t, ts+" stdout F hello\n", read(t, p), "partial line must wait for its newline")
+	_, err = w.Write([]byte("ld\n\nlast"))
+	require.NoError(t, err)
+	require.NoError(t, w.Close())
+	require.Equal(t, ts+" stdout F hello\n"+ts+" stdout F world\n"+ts+" stdout F \n"+ts+" stdout F last\n", read(t, p))
+}
+
+func TestWriterSplitsLongLines(t *testing.T) {
+	w, p := open(t, WithMaxLine(4))
+	_, err := w.Write([]byte("abcdefghij\nxy"))
+	require.NoError(t, err)
+	_, err = w.Write([]byte("zw12"))
+	require.NoError(t, err)
+	require.Equal(t, ts+" stdout P abcd\n"+ts+" stdout P efgh\n"+ts+" stdout F ij\n"+ts+" stdout P xyzw\n", read(t, p))
+	require.NoError(t, w.FlushPartial())
+	require.NoError(t, w.Close())
+	require.Equal(t, ts+" stdout P abcd\n"+ts+" stdout P efgh\n"+ts+" stdout F ij\n"+ts+" stdout P xyzw\n"+ts+" stdout P 12\n", read(t, p))
+}
+
+func TestWriterReopen(t *testing.T) {
+	w, p := open(t)
+	_, err := w.Write([]byte("one\n"))
+	require.NoError(t, err)
+	require.NoError(t, os.Rename(p, p+".1"))
+	require.NoError(t, w.Reopen())
+	_, err = w.Write([]byte("two\n"))
+	require.NoError(t, err)
+	require.NoError(t, w.Close())
+	require.Equal(t, ts+" stdout F one\n", read(t, p+".1"))
+	require.Equal(t, ts+" stdout F two\n", read(t, p))
+	_, err = w.Write([]byte("three\n"))
+	require.Error(t, err, "writing after Close must fail, not vanish")
+}

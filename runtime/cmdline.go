@@ -1,0 +1,261 @@
+package runtime
+
+import (
+	"fmt"
+	"regexp"
+	"strings"
+)
+
+// Default guest command-line limits of a Unikraft build (see DESIGN.md §5).
+const (
+	DefaultMaxCmdline = 4096
+	DefaultMaxTokens  = 60
+	DefaultMaxEnv     = 8
+)
+
+// GuestLimits bounds what the guest can parse. Zero values mean the defaults.
+type GuestLimits struct {
+	MaxCmdline int // characters, including the kernel name QEMU prepends
+	MaxTokens  int // argv tokens, including argv[0]
+	MaxEnv     int // entries of env.vars
+}
+
+func (l GuestLimits) withDefaults() GuestLimits {
+	if l.MaxCmdline <= 0 {
+		l.MaxCmdline = DefaultMaxCmdline
+	}
+	if l.MaxTokens <= 0 {
+		l.MaxTokens = DefaultMaxTokens
+	}
+	if l.MaxEnv <= 0 {
+		l.MaxEnv = DefaultMaxEnv
+	}
+	return l
+}
+
+// GuestConfig is what the guest command line carries.
+type GuestConfig struct {
+	// KernelName is what QEMU's multiboot loader prepends as argv[0]
+	// (the kernel file path); it counts against the length limit.
+	KernelName string
+	// Params are Unikraft library parameters, already "name=value" (netdev.ip=…, vfs.fstab=[…]).
+	Params []string
+	// Env is "K=V" entries delivered as env.vars=[ … ].
+	Env []string
+	// Args are the application arguments.
+	Args []string
+	// Features is the image's KConfig; nil means "assume parameters work".
+	Features *Features
+	Limits   GuestLimits
+}
+
+// CmdlineError is an input the guest cannot receive intact. It maps to gRPC InvalidArgument.
+type CmdlineError struct{ msg string }
+
+func (e *CmdlineError) Error() string { return e.msg }
+
+func cmdlineErrorf(format string, a ...any) error {
+	return &CmdlineError{msg: fmt.Sprintf(format, a...)}
+}
+
+var safeToken = regexp.MustCompile(`^[A-Za-z0-9_@%+=:,./\-\[\]]+$`)
+
+// QuoteToken quotes one token so the guest's shell-style splitter returns it
+// unchanged: safe tokens stay bare, others are wrapped in double quotes with
+// '"' and '\' escaped by a backslash.
+func QuoteToken(s string) string {
+	if safeToken.MatchString(s) {
+		return s
+	}
+	var b strings.Builder
+	b.Grow(len(s) + 2)
+	b.WriteByte('"')
+	for _, r := range s {
+		if r == '"' || r == '\\' {
+			b.WriteByte('\\')
+		}
+		b.WriteRune(r)
+	}
+	b.WriteByte('"')
+	return b.String()
+}
+
+func checkValue(kind, v string) error {
+	for _, r := range v {
+		if r < 0x20 || r == 0x7f {
+			return cmdlineErrorf("%s %q contains a control character (%U); the guest command line cannot carry it", kind, v, r)
+		}
+	}
+	return nil
+}
+
+// serviceLinkEnv matches the variables kubelet injects for Services
+// (FOO_SERVICE_HOST, FOO_SERVICE_PORT[_NAME], FOO_PORT, FOO_PORT_80_TCP[_PROTO|_PORT|_ADDR]).
+var serviceLinkEnv = regexp.MustCompile(`^[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT|PORT_[0-9]+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)=`)
+
+// IsServiceLinkEnv reports whether a "K=V" entry looks like a kubelet service-link variable.
+func IsServiceLinkEnv(kv string) bool { return serviceLinkEnv.MatchString(kv) }
+
+// BuildCmdline builds the Unikraft kernel command line:
+//
+//	[params… env.vars=[ "K=V" … ] --] args…
+//
+// "--" is emitted only when at least one library parameter is present. It
+// returns human-readable warnings for what had to be dropped (never silently)
+// and a *CmdlineError when the result would not reach the guest intact.
+func BuildCmdline(c GuestConfig) (string, []string, error) {
+	lim := c.Limits.withDefaults()
+	var warnings []string
+	params := append([]string(nil), c.Params...)
+	env := append([]string(nil), c.Env...)
+
+	for _, a := range c.Args {
+		if err := checkValue("argument", a); err != nil {
+			return "", nil, err
+		}
+	}
+	for _, p := range params {
+		if err := checkValue("library parameter", p); err != nil {
+			return "", nil, err
+		}
+	}
+	for _, e := range env {
+		if err := checkValue("environment variable", e); err != nil {
+			return "", nil, err
+		}
+		if !strings.Contains(e, "=") || strings.HasPrefix(e, "=") {
+			return "", nil, cmdlineErrorf("environment entry %q is not of the form NAME=value", e)
+		}
+	}
+
+	if c.Features != nil && !c.Features.LibParam() {
+		if len(params) > 0 || len(env) > 0 {
+			warnings = append(warnings, fmt.Sprintf(
+				"image lacks CONFIG_LIBUKLIBPARAM=y: dropped %d library parameter(s) and %d environment variable(s); only arguments are passed",
+				len(params), len(env)))
+		}
+		params, env = nil, nil
+	}
+	if len(env) > 0 && c.Features != nil && !c.Features.EnvironLibParam() {
+		warnings = append(warnings, fmt.Sprintf(
+			"image lacks CONFIG_LIBPOSIX_ENVIRON_LIBPARAM=y: dropped %d environment variable(s)", len(env)))
+		env = nil
+	}
+	if len(env) > lim.MaxEnv {
+		// Kubelet injects service-link variables into every container; drop
+		// those that do not fit (documented), and fail if the pod's own
+		// variables alone overflow.
+		own := countNonService(env)
+		if own > lim.MaxEnv {
+			return "", nil, cmdlineErrorf("%d environment variables exceed the guest limit of %d (env.vars); reduce the container's env", own, lim.MaxEnv)
+		}
+		budget := lim.MaxEnv - own
+		var kept, dropped []string
+		for _, e := range env {
+			switch {
+			case !IsServiceLinkEnv(e):
+				kept = append(kept, e)
+			case budget > 0:
+				kept = append(kept, e)
+				budget--
+			default:
+				dropped = append(dropped, strings.SplitN(e, "=", 2)[0])
+			}
+		}
+		env = kept
+		warnings = append(warnings, fmt.Sprintf(
+			"guest accepts at most %d environment variables: dropped Kubernetes service-link variables %s",
+			lim.MaxEnv, strings.Join(dropped, ",")))
+	}
+
+	var toks []string
+	for _, p := range params {
+		toks = append(toks, p)
+	}
+	if len(env) > 0 {
+		toks = append(toks, "env.vars=[")
+		for _, e := range env {
+			toks = append(toks, QuoteToken(e))
+		}
+		toks = append(toks, "]")
+	}
+	// "--" ends the library parameters. It is emitted only when parameters
+	// are present, or when an argument is itself "--" (which the guest would
+	// otherwise take for the separator and swallow).
+	if len(toks) > 0 || containsString(c.Args, "--") {
+		toks = append(toks, "--")
+	}
+	for _, a := range c.Args {
+		toks = append(toks, QuoteToken(a))
+	}
+	line := strings.Join(toks, " ")
+
+	if n := len(toks) + 1; n > lim.MaxTokens {
+		return "", nil, cmdlineErrorf("guest command line has %d tokens, the guest accepts at most %d (arguments, parameters and environment together)", n, lim.MaxTokens)
+	}
+	total := len(line)
+	if c.KernelName != "" {
+		total += len(c.KernelName) + 1
+	}
+	if total >= lim.MaxCmdline {
+		return "", nil, cmdlineErrorf("guest command line is %d characters, the guest accepts at most %d; shorten the arguments or environment", total, lim.MaxCmdline-1)
+	}
+	return line, warnings, nil
+}
+
+func countNonService(env []string) int {
+	n := 0
+	for _, e := range env {
+		if !IsServiceLinkEnv(e) {
+			n++
+		}
+	}
+	return n
+}
+
+// Features is the set of CONFIG_*=y KConfig options an image declares in os.features.
+type Features struct {
+	set map[string]bool
+}
+
+// NewFeatures parses os.features entries ("CONFIG_X=y"). An empty list returns nil:
+// with no features recorded, everything is assumed supported.
+func NewFeatures(list []string) *Features {
+	if len(list) == 0 {
+		return nil
+	}
+	f := &Features{set: map[string]bool{}}
+	for _, e := range list {
+		k, v, ok := strings.Cut(strings.TrimSpace(e), "=")
+		if !ok {
+			continue
+		}
+		if v == "y" || v == "m" {
+			f.set[k] = true
+		}
+	}
+	return f
+}
+
+// Has reports whether CONFIG option name is enabled; nil Features has everything.
+func (f *Features) Has(name string) bool {
+	if f == nil {
+		return true
+	}
+	return f.set[name]
+}
+
+// LibParam: the guest parses library parameters.
+func (f *Features) LibParam() bool { return f.Has("CONFIG_LIBUKLIBPARAM") }
+
+// EnvironLibParam: the guest takes env.vars.
+func (f *Features) EnvironLibParam() bool { return f.Has("CONFIG_LIBPOSIX_ENVIRON_LIBPARAM") }
+
+func containsString(list []string, s string) bool {
+	for _, v := range list {
+		if v == s {
+			return true
+		}
+	}
+	return false
+}

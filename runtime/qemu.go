@@ -1,0 +1,112 @@
+package runtime
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+)
+
+// Accelerators.
+const (
+	AccelKVM = "kvm"
+	AccelTCG = "tcg"
+)
+
+// Machine types.
+const (
+	MachinePC      = "pc"
+	MachineMicroVM = "microvm"
+)
+
+// DebugExitPort is where the isa-debug-exit device listens on microvm.
+const DebugExitPort = "0x501"
+
+// MachineConfig is everything QEMU needs to boot one unikernel. It is built
+// from trusted inputs (daemon config + validated pod values); BuildArgv still
+// escapes every value that lands inside a QEMU option string.
+type MachineConfig struct {
+	Name      string // informational, shows in ps
+	Accel     string // kvm | tcg
+	Machine   string // pc | microvm
+	MemoryMiB int
+	VCPUs     int
+	Kernel    string
+	Initrd    string
+	Cmdline   string
+	QMPSocket string
+}
+
+// EscapeOpt escapes a value for a QEMU "key=value,key=value" option string.
+func EscapeOpt(v string) string { return strings.ReplaceAll(v, ",", ",,") }
+
+// Validate checks the config for values QEMU would misread.
+func (m MachineConfig) Validate() error {
+	switch m.Accel {
+	case AccelKVM, AccelTCG:
+	default:
+		return fmt.Errorf("unknown accelerator %q", m.Accel)
+	}
+	switch m.Machine {
+	case MachinePC, MachineMicroVM:
+	default:
+		return fmt.Errorf("unknown machine type %q (want pc or microvm)", m.Machine)
+	}
+	if m.MemoryMiB < 1 {
+		return fmt.Errorf("memory %d MiB is invalid", m.MemoryMiB)
+	}
+	if m.VCPUs < 1 {
+		return fmt.Errorf("vCPUs %d is invalid", m.VCPUs)
+	}
+	if m.Kernel == "" {
+		return fmt.Errorf("no kernel")
+	}
+	if m.QMPSocket == "" {
+		return fmt.Errorf("no QMP socket")
+	}
+	return nil
+}
+
+// BuildArgv returns the QEMU arguments (without the binary) for m. The serial
+// console is QEMU's stdin/stdout; QEMU's own messages go to stderr.
+func BuildArgv(m MachineConfig) ([]string, error) {
+	if err := m.Validate(); err != nil {
+		return nil, err
+	}
+	cpu := "max"
+	if m.Accel == AccelKVM {
+		cpu = "host"
+	}
+	a := []string{}
+	if m.Name != "" {
+		a = append(a, "-name", "guest="+EscapeOpt(m.Name))
+	}
+	a = append(a,
+		"-machine", m.Machine+",accel="+m.Accel,
+		"-cpu", cpu,
+		"-m", strconv.Itoa(m.MemoryMiB),
+		"-smp", strconv.Itoa(m.VCPUs),
+		"-nographic", "-nodefaults", "-no-user-config", "-no-reboot",
+		"-kernel", m.Kernel,
+	)
+	if m.Initrd != "" {
+		a = append(a, "-initrd", m.Initrd)
+	}
+	if m.Cmdline != "" {
+		a = append(a, "-append", m.Cmdline)
+	}
+	a = append(a,
+		"-chardev", "stdio,id=con0,signal=off",
+		"-serial", "chardev:con0",
+		"-chardev", "socket,id=qmp0,path="+EscapeOpt(m.QMPSocket)+",server=on,wait=off",
+		"-mon", "chardev=qmp0,mode=control",
+	)
+	switch m.Machine {
+	case MachinePC:
+		// Keep SeaBIOS off the serial console so the log is the guest's own.
+		a = append(a, "-fw_cfg", "name=etc/sercon-port,string=0", "-device", "pvpanic")
+	case MachineMicroVM:
+		// Unikraft's ACPI power-off does nothing on microvm: give it a port to exit through.
+		a = append(a, "-device", "isa-debug-exit,iobase="+DebugExitPort+",iosize=1")
+	}
+	return a, nil
+}

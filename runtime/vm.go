@@ -1,0 +1,290 @@
+package runtime
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/unilet-dev/unilet/pkg/crilog"
+)
+
+// Exit reasons reported to CRI.
+const (
+	ReasonCompleted     = "Completed"
+	ReasonError         = "Error"
+	ReasonKilled        = "Killed"
+	ReasonGuestPanicked = "GuestPanicked"
+	ReasonInternalError = "VMInternalError"
+	ReasonStartFailed   = "StartError"
+)
+
+// ExitStatus is how a VM ended.
+type ExitStatus struct {
+	Code       int32
+	Reason     string
+	Message    string
+	FinishedAt time.Time
+}
+
+// VMSpec is one VM to run: the machine, the QEMU binary and where its console goes.
+type VMSpec struct {
+	QEMU     string
+	Machine  MachineConfig
+	StateDir string // per-VM directory for sockets and QEMU's stderr
+	LogPath  string // CRI log file ("" = discard)
+}
+
+// VM supervises one QEMU process: console → CRI log, exit status, stop.
+type VM struct {
+	spec      VMSpec
+	cmd       *exec.Cmd
+	log       *crilog.Writer
+	startedAt time.Time
+	done      chan struct{}
+	killed    bool
+	mu        sync.Mutex
+	exit      ExitStatus
+	stderr    *os.File
+}
+
+// StartVM launches QEMU for spec and returns once the process runs and its
+// QMP socket answers (or fails with a reason).
+func StartVM(spec VMSpec) (*VM, error) {
+	argv, err := BuildArgv(spec.Machine)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(spec.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("create VM state dir: %w", err)
+	}
+	v := &VM{spec: spec, done: make(chan struct{})}
+	if spec.LogPath != "" {
+		if v.log, err = crilog.Open(spec.LogPath); err != nil {
+			return nil, err
+		}
+	}
+	v.stderr, err = os.Create(filepath.Join(spec.StateDir, "qemu.stderr"))
+	if err != nil {
+		v.closeLog()
+		return nil, err
+	}
+	cmd := exec.Command(spec.QEMU, argv...)
+	cmd.Stderr = v.stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		v.cleanupFiles()
+		return nil, err
+	}
+	// The console input stays open (and empty) so QEMU does not see EOF.
+	stdinR, stdinW, err := os.Pipe()
+	if err != nil {
+		v.cleanupFiles()
+		return nil, err
+	}
+	cmd.Stdin = stdinR
+	if err := cmd.Start(); err != nil {
+		stdinR.Close()
+		stdinW.Close()
+		v.cleanupFiles()
+		return nil, fmt.Errorf("start %s: %w", spec.QEMU, err)
+	}
+	stdinR.Close()
+	v.cmd = cmd
+	v.startedAt = time.Now()
+	logrus.WithFields(logrus.Fields{"pid": cmd.Process.Pid, "vm": spec.Machine.Name}).Debug("qemu started")
+
+	copied := make(chan struct{})
+	go func() {
+		defer close(copied)
+		var dst io.Writer = io.Discard
+		if v.log != nil {
+			dst = v.log
+		}
+		_, _ = io.Copy(dst, stdout)
+	}()
+	go func() {
+		<-copied
+		err := cmd.Wait()
+		stdinW.Close()
+		v.finish(err)
+	}()
+
+	if err := v.waitQMP(5 * time.Second); err != nil {
+		v.Kill()
+		<-v.done
+		st := v.Exit()
+		return nil, fmt.Errorf("VM did not start: %v (%s)", err, st.Message)
+	}
+	return v, nil
+}
+
+func (v *VM) waitQMP(timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		select {
+		case <-v.done:
+			return errors.New("QEMU exited during start-up")
+		default:
+		}
+		err := qmpDo(v.spec.Machine.QMPSocket, time.Second, func(q *QMP) error {
+			st, err := q.Status()
+			if err != nil {
+				return err
+			}
+			if st == "internal-error" {
+				return fmt.Errorf("VM is in state %s", st)
+			}
+			return nil
+		})
+		if err == nil {
+			return nil
+		}
+		if strings.Contains(err.Error(), "state") || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func (v *VM) finish(waitErr error) {
+	st := ExitStatus{FinishedAt: time.Now()}
+	code := v.cmd.ProcessState.ExitCode()
+	ws, _ := v.cmd.ProcessState.Sys().(syscall.WaitStatus)
+	v.mu.Lock()
+	killed := v.killed
+	v.mu.Unlock()
+	switch {
+	case ws.Signaled():
+		st.Code = 128 + int32(ws.Signal())
+		st.Reason = ReasonKilled
+		if !killed {
+			st.Reason = ReasonError
+		}
+		st.Message = fmt.Sprintf("QEMU was killed by signal %s", ws.Signal())
+	case code == 0 || (v.spec.Machine.Machine == MachineMicroVM && code == 83):
+		st.Reason = ReasonCompleted
+	default:
+		st.Code = int32(code)
+		st.Reason = ReasonError
+		st.Message = fmt.Sprintf("QEMU exited with status %d", code)
+		if v.spec.Machine.Machine == MachineMicroVM && code == 85 {
+			st.Reason = ReasonGuestPanicked
+			st.Message = "the guest crashed (isa-debug-exit status 85)"
+		}
+	}
+	if tail := v.stderrTail(); tail != "" && st.Reason != ReasonCompleted {
+		st.Message += ": " + tail
+	}
+	_ = waitErr
+	v.closeLog()
+	if v.stderr != nil {
+		v.stderr.Close()
+	}
+	v.mu.Lock()
+	v.exit = st
+	v.mu.Unlock()
+	close(v.done)
+}
+
+func (v *VM) stderrTail() string {
+	b, err := os.ReadFile(filepath.Join(v.spec.StateDir, "qemu.stderr"))
+	if err != nil {
+		return ""
+	}
+	var keep []string
+	for _, l := range strings.Split(string(bytes.TrimSpace(b)), "\n") {
+		// Our own fw_cfg knob makes QEMU warn; it is not news to the operator.
+		if strings.Contains(l, "sercon-port") || strings.TrimSpace(l) == "" {
+			continue
+		}
+		keep = append(keep, strings.TrimSpace(l))
+	}
+	if len(keep) > 3 {
+		keep = keep[len(keep)-3:]
+	}
+	return strings.Join(keep, "; ")
+}
+
+func (v *VM) closeLog() {
+	if v.log != nil {
+		_ = v.log.Close()
+	}
+}
+
+func (v *VM) cleanupFiles() {
+	v.closeLog()
+	if v.stderr != nil {
+		v.stderr.Close()
+	}
+}
+
+// Pid returns QEMU's process ID.
+func (v *VM) Pid() int { return v.cmd.Process.Pid }
+
+// StartedAt is when QEMU was spawned.
+func (v *VM) StartedAt() time.Time { return v.startedAt }
+
+// Done is closed when QEMU has exited and the log is complete.
+func (v *VM) Done() <-chan struct{} { return v.done }
+
+// Exit returns the exit status (zero until Done).
+func (v *VM) Exit() ExitStatus {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.exit
+}
+
+// Kill ends QEMU at once (exit 137, reason Killed).
+func (v *VM) Kill() {
+	v.mu.Lock()
+	v.killed = true
+	v.mu.Unlock()
+	_ = v.cmd.Process.Signal(syscall.SIGKILL)
+}
+
+// ReopenLog reopens the CRI log file after rotation.
+func (v *VM) ReopenLog() error {
+	if v.log == nil {
+		return nil
+	}
+	return v.log.Reopen()
+}
+
+// Stop asks the guest to power down (ACPI via QMP system_powerdown) and kills
+// QEMU if it has not exited within timeout.
+func (v *VM) Stop(timeout time.Duration) ExitStatus {
+	select {
+	case <-v.done:
+		return v.Exit()
+	default:
+	}
+	if timeout > 0 {
+		err := qmpDo(v.spec.Machine.QMPSocket, time.Second, func(q *QMP) error {
+			_, err := q.Execute("system_powerdown")
+			return err
+		})
+		if err != nil {
+			logrus.WithError(err).WithField("vm", v.spec.Machine.Name).Debug("graceful power-down failed; killing")
+		} else {
+			select {
+			case <-v.done:
+				return v.Exit()
+			case <-time.After(timeout):
+			}
+		}
+	}
+	v.Kill()
+	<-v.done
+	return v.Exit()
+}

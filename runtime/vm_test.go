@@ -1,0 +1,131 @@
+package runtime
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// These tests boot the repository's test kernel under real QEMU.
+
+func qemuBin(t *testing.T) string {
+	t.Helper()
+	p, err := exec.LookPath("qemu-system-x86_64")
+	require.NoError(t, err, "qemu-system-x86_64 is required (make deps installs it)")
+	return p
+}
+
+func testKernel(t *testing.T) string {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "testkernel.elf")
+	b, err := exec.Command("../e2e/guest/testkernel/build.sh", out).CombinedOutput()
+	require.NoError(t, err, string(b))
+	return out
+}
+
+func bootSpec(t *testing.T, kernel string, args ...string) VMSpec {
+	dir := t.TempDir()
+	line, _, err := BuildCmdline(GuestConfig{KernelName: kernel, Env: []string{"GREETING=hello world"}, Args: args})
+	require.NoError(t, err)
+	return VMSpec{
+		QEMU: qemuBin(t),
+		Machine: MachineConfig{Name: "test", Accel: AccelTCG, Machine: MachinePC, MemoryMiB: 32, VCPUs: 1,
+			Kernel: kernel, Cmdline: line, QMPSocket: filepath.Join(dir, "qmp.sock")},
+		StateDir: filepath.Join(dir, "state"),
+		LogPath:  filepath.Join(dir, "log", "0.log"),
+	}
+}
+
+func TestVMBootsAndLogsConsole(t *testing.T) {
+	k := testKernel(t)
+	spec := bootSpec(t, k, "hello", "big world")
+	vm, err := StartVM(spec)
+	require.NoError(t, err)
+	select {
+	case <-vm.Done():
+	case <-time.After(30 * time.Second):
+		vm.Kill()
+		t.Fatal("guest did not exit")
+	}
+	st := vm.Exit()
+	require.Equal(t, int32(0), st.Code, st.Message)
+	require.Equal(t, ReasonCompleted, st.Reason)
+	b, err := os.ReadFile(spec.LogPath)
+	require.NoError(t, err)
+	log := string(b)
+	for _, want := range []string{" stdout F unilet-testkernel: booted\n", " stdout F argv[1]: hello\n",
+		" stdout F argv[2]: big world\n", " stdout F env: GREETING=hello world\n", " stdout F unilet-testkernel: exit 0\n"} {
+		require.Contains(t, log, want)
+	}
+	require.NotContains(t, log, "SeaBIOS", "firmware output must stay off the console")
+}
+
+func TestVMStopKillsAfterTimeout(t *testing.T) {
+	k := testKernel(t)
+	spec := bootSpec(t, k, "tick=20")
+	vm, err := StartVM(spec)
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		b, _ := os.ReadFile(spec.LogPath)
+		return strings.Contains(string(b), "tick 3\n")
+	}, 20*time.Second, 20*time.Millisecond)
+	start := time.Now()
+	st := vm.Stop(300 * time.Millisecond)
+	require.Less(t, time.Since(start), 5*time.Second)
+	require.Equal(t, int32(137), st.Code)
+	require.Equal(t, ReasonKilled, st.Reason)
+	require.Error(t, exec.Command("kill", "-0", itoa(vm.Pid())).Run(), "QEMU must be gone")
+}
+
+func TestVMQEMUCrashIsReported(t *testing.T) {
+	k := testKernel(t)
+	spec := bootSpec(t, k, "tick=20")
+	vm, err := StartVM(spec)
+	require.NoError(t, err)
+	require.NoError(t, exec.Command("kill", "-SEGV", itoa(vm.Pid())).Run())
+	select {
+	case <-vm.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("crash not noticed")
+	}
+	st := vm.Exit()
+	require.Equal(t, int32(139), st.Code)
+	require.Equal(t, ReasonError, st.Reason)
+	require.Contains(t, st.Message, "signal")
+}
+
+func TestVMStartFailureIsClear(t *testing.T) {
+	spec := bootSpec(t, "/nonexistent/kernel")
+	_, err := StartVM(spec)
+	require.ErrorContains(t, err, "VM did not start")
+	require.ErrorContains(t, err, "kernel")
+}
+
+func TestResolveAccel(t *testing.T) {
+	q := qemuBin(t)
+	a, err := ResolveAccel(context.Background(), "tcg", q)
+	require.NoError(t, err)
+	require.Equal(t, AccelTCG, a)
+	_, err = ResolveAccel(context.Background(), "hvf", q)
+	require.ErrorContains(t, err, "unknown --accel")
+	// auto always resolves; on machines whose KVM cannot run guests it must be TCG.
+	a, err = ResolveAccel(context.Background(), "auto", q)
+	require.NoError(t, err)
+	if ProbeKVM(context.Background(), q) != nil {
+		require.Equal(t, AccelTCG, a)
+		_, err = ResolveAccel(context.Background(), "kvm", q)
+		require.ErrorContains(t, err, "KVM cannot run guests")
+	} else {
+		require.Equal(t, AccelKVM, a)
+	}
+}
+
+func itoa(i int) string { return fmt.Sprint(i) }
+
