@@ -128,4 +128,3 @@ func TestResolveAccel(t *testing.T) {
 }
 
 func itoa(i int) string { return fmt.Sprint(i) }
-

@@ -1,0 +1,468 @@
+package image
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/sirupsen/logrus"
+	bolt "go.etcd.io/bbolt"
+)
+
+// ErrNotFound is returned when no stored image matches a reference.
+var ErrNotFound = errors.New("image not found")
+
+// Image is one unpacked unikernel image.
+type Image struct {
+	ID          string            `json:"id"` // config digest, sha256:…
+	RepoTags    []string          `json:"repoTags"`
+	RepoDigests []string          `json:"repoDigests"`
+	Size        int64             `json:"size"`
+	Kernel      string            `json:"kernel"`           // path of the unpacked kernel
+	Initrd      string            `json:"initrd,omitempty"` // path of the unpacked initrd
+	Cmd         []string          `json:"cmd,omitempty"`
+	Env         []string          `json:"env,omitempty"`
+	Features    []string          `json:"features,omitempty"` // os.features (CONFIG_X=y)
+	Labels      map[string]string `json:"labels,omitempty"`
+	Annotations map[string]string `json:"annotations,omitempty"`
+}
+
+// Auth is registry credentials (from CRI AuthConfig).
+type Auth struct {
+	Username, Password, Auth, IdentityToken, RegistryToken string
+}
+
+// Store keeps unikernel images under root: blobs/sha256/<hex> for kernel and
+// initrd files (content-addressed) and metadata in a bbolt database.
+type Store struct {
+	root     string
+	db       *bolt.DB
+	insecure map[string]bool
+	mu       sync.Mutex
+	pullMu   sync.Mutex // one pull at a time: a failed pull sweeps unreferenced blobs
+}
+
+var bucketImages = []byte("images")
+
+// Open opens (creating) the store at root. insecure lists registry hosts
+// (host:port) that may be reached over plain HTTP.
+func Open(root string, insecure []string) (*Store, error) {
+	if err := os.MkdirAll(filepath.Join(root, "blobs", "sha256"), 0o755); err != nil {
+		return nil, err
+	}
+	db, err := bolt.Open(filepath.Join(root, "images.db"), 0o600, &bolt.Options{Timeout: 5e9})
+	if err != nil {
+		return nil, fmt.Errorf("open image metadata: %w", err)
+	}
+	if err := db.Update(func(tx *bolt.Tx) error { _, err := tx.CreateBucketIfNotExists(bucketImages); return err }); err != nil {
+		db.Close()
+		return nil, err
+	}
+	s := &Store{root: root, db: db, insecure: map[string]bool{}}
+	for _, h := range insecure {
+		s.insecure[h] = true
+	}
+	return s, nil
+}
+
+// Close closes the metadata database.
+func (s *Store) Close() error { return s.db.Close() }
+
+// NormalizeRef returns the canonical form of a reference ("docker.io/library/x:latest").
+func NormalizeRef(ref string) (name.Reference, string, error) {
+	r, err := name.ParseReference(ref, name.WeakValidation)
+	if err != nil {
+		return nil, "", fmt.Errorf("invalid image reference %q: %w", ref, err)
+	}
+	reg := r.Context().RegistryStr()
+	if reg == name.DefaultRegistry {
+		reg = "docker.io"
+	}
+	repo := reg + "/" + r.Context().RepositoryStr()
+	switch t := r.(type) {
+	case name.Tag:
+		return r, repo + ":" + t.TagStr(), nil
+	case name.Digest:
+		return r, repo + "@" + t.DigestStr(), nil
+	}
+	return r, r.String(), nil
+}
+
+func (s *Store) nameOptions(ref string) []name.Option {
+	r, err := name.ParseReference(ref, name.WeakValidation)
+	if err == nil && s.insecure[r.Context().RegistryStr()] {
+		return []name.Option{name.WeakValidation, name.Insecure}
+	}
+	return []name.Option{name.WeakValidation}
+}
+
+// Pull fetches ref, selects the qemu/x86_64 manifest, unpacks kernel and
+// initrd and records the image. It returns the stored image.
+func (s *Store) Pull(ctx context.Context, ref string, auth *Auth) (img *Image, err error) {
+	s.pullMu.Lock()
+	defer s.pullMu.Unlock()
+	defer func() {
+		if err != nil {
+			s.removeUnusedBlobs()
+		}
+	}()
+	return s.pull(ctx, ref, auth)
+}
+
+// removeUnusedBlobs deletes blobs no recorded image references (after a failed pull).
+func (s *Store) removeUnusedBlobs() {
+	imgs, err := s.List()
+	if err != nil {
+		return
+	}
+	used := map[string]bool{}
+	for _, i := range imgs {
+		used[i.Kernel], used[i.Initrd] = true, true
+	}
+	dir := filepath.Join(s.root, "blobs", "sha256")
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		if p := filepath.Join(dir, e.Name()); !used[p] {
+			_ = os.Remove(p)
+		}
+	}
+}
+
+func (s *Store) pull(ctx context.Context, ref string, auth *Auth) (*Image, error) {
+	_, canonical, err := NormalizeRef(ref)
+	if err != nil {
+		return nil, err
+	}
+	r, err := name.ParseReference(ref, s.nameOptions(ref)...)
+	if err != nil {
+		return nil, fmt.Errorf("invalid image reference %q: %w", ref, err)
+	}
+	opts := []remote.Option{remote.WithContext(ctx)}
+	if auth != nil && (auth.Username != "" || auth.Auth != "" || auth.IdentityToken != "" || auth.RegistryToken != "") {
+		opts = append(opts, remote.WithAuth(authn.FromConfig(authn.AuthConfig{Username: auth.Username, Password: auth.Password,
+			Auth: auth.Auth, IdentityToken: auth.IdentityToken, RegistryToken: auth.RegistryToken})))
+	} else {
+		opts = append(opts, remote.WithAuth(authn.Anonymous))
+	}
+	desc, err := remote.Get(r, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("fetch %s: %w", ref, err)
+	}
+	var img v1.Image
+	var manifestAnn map[string]string
+	if desc.MediaType.IsIndex() {
+		idx, err := desc.ImageIndex()
+		if err != nil {
+			return nil, err
+		}
+		im, err := idx.IndexManifest()
+		if err != nil {
+			return nil, fmt.Errorf("read image index of %s: %w", ref, err)
+		}
+		d, err := SelectManifest(im)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", ref, err)
+		}
+		if img, err = idx.Image(d.Digest); err != nil {
+			return nil, err
+		}
+	} else {
+		if img, err = desc.Image(); err != nil {
+			return nil, err
+		}
+	}
+	m, err := img.Manifest()
+	if err != nil {
+		return nil, fmt.Errorf("read manifest of %s: %w", ref, err)
+	}
+	manifestAnn = m.Annotations
+	cf, err := img.ConfigFile()
+	if err != nil {
+		return nil, fmt.Errorf("read config of %s: %w", ref, err)
+	}
+	if cf.OS != "" && !IsVMPlatform(cf.OS, cf.Architecture) {
+		return nil, fmt.Errorf("%s is a %s/%s image, not a Unikraft image for qemu/x86_64", ref, cf.OS, cf.Architecture)
+	}
+	cfgDigest, err := img.ConfigName()
+	if err != nil {
+		return nil, err
+	}
+	out := &Image{ID: cfgDigest.String(), Features: cf.OSFeatures, Cmd: cf.Config.Cmd, Env: cf.Config.Env,
+		Labels: cf.Config.Labels, Annotations: manifestAnn, Size: m.Config.Size}
+	layers, err := img.Layers()
+	if err != nil {
+		return nil, err
+	}
+	for i, l := range layers {
+		size, _ := l.Size()
+		out.Size += size
+		if err := s.unpackLayer(l, m.Layers[i].Annotations, out); err != nil {
+			return nil, fmt.Errorf("unpack layer %d of %s: %w", i, ref, err)
+		}
+	}
+	if out.Kernel == "" {
+		return nil, fmt.Errorf("%s has no %s layer: not a Unikraft image", ref, PathKernel)
+	}
+	if err := checkKernel(out.Kernel); err != nil {
+		return nil, fmt.Errorf("%s: %w", ref, err)
+	}
+	repoName := canonical
+	if i := strings.Index(repoName, "@"); i >= 0 {
+		repoName = repoName[:i]
+	} else if i := strings.LastIndex(repoName, ":"); i > strings.LastIndex(repoName, "/") {
+		repoName = repoName[:i]
+	}
+	digestRef := repoName + "@" + desc.Digest.String()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketImages)
+		// A tag moves: drop it from any other image.
+		if !strings.Contains(canonical, "@") {
+			if err := b.ForEach(func(k, v []byte) error {
+				var other Image
+				if json.Unmarshal(v, &other) != nil || other.ID == out.ID {
+					return nil
+				}
+				if removeString(&other.RepoTags, canonical) {
+					return putImage(b, &other)
+				}
+				return nil
+			}); err != nil {
+				return err
+			}
+		}
+		if prev := b.Get([]byte(out.ID)); prev != nil {
+			var old Image
+			if json.Unmarshal(prev, &old) == nil {
+				out.RepoTags, out.RepoDigests = old.RepoTags, old.RepoDigests
+			}
+		}
+		if !strings.Contains(canonical, "@") {
+			addString(&out.RepoTags, canonical)
+		}
+		addString(&out.RepoDigests, digestRef)
+		return putImage(b, out)
+	})
+	if err != nil {
+		return nil, err
+	}
+	logrus.WithFields(logrus.Fields{"image": canonical, "id": out.ID}).Info("pulled unikernel image")
+	return out, nil
+}
+
+func putImage(b *bolt.Bucket, img *Image) error {
+	v, err := json.Marshal(img)
+	if err != nil {
+		return err
+	}
+	return b.Put([]byte(img.ID), v)
+}
+
+func addString(list *[]string, s string) {
+	for _, v := range *list {
+		if v == s {
+			return
+		}
+	}
+	*list = append(*list, s)
+}
+
+func removeString(list *[]string, s string) bool {
+	for i, v := range *list {
+		if v == s {
+			*list = append((*list)[:i], (*list)[i+1:]...)
+			return true
+		}
+	}
+	return false
+}
+
+func checkKernel(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	hdr := make([]byte, 4)
+	if _, err := io.ReadFull(f, hdr); err != nil || !bytes.Equal(hdr, []byte("\x7fELF")) {
+		return fmt.Errorf("the kernel (%s) is not an ELF binary: corrupt or not a Unikraft kernel", PathKernel)
+	}
+	return nil
+}
+
+func (s *Store) unpackLayer(l v1.Layer, ann map[string]string, out *Image) error {
+	rc, err := l.Uncompressed()
+	if err != nil {
+		return err
+	}
+	defer rc.Close()
+	tr := tar.NewReader(rc)
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("read tar: %w", err)
+		}
+		if h.Typeflag != tar.TypeReg {
+			continue
+		}
+		n := entryName(h.Name)
+		isKernel := n == PathKernel || ann[AnnotationKernel] != "" && entryName(ann[AnnotationKernel]) == n
+		isInitrd := n == PathInitrd || ann[AnnotationInitrd] != "" && entryName(ann[AnnotationInitrd]) == n
+		if !isKernel && !isInitrd {
+			continue
+		}
+		p, err := s.writeBlob(tr)
+		if err != nil {
+			return err
+		}
+		if isKernel {
+			out.Kernel = p
+		} else {
+			out.Initrd = p
+		}
+	}
+}
+
+// writeBlob stores r content-addressed and returns its path.
+func (s *Store) writeBlob(r io.Reader) (string, error) {
+	dir := filepath.Join(s.root, "blobs", "sha256")
+	tmp, err := os.CreateTemp(dir, ".tmp-")
+	if err != nil {
+		return "", err
+	}
+	defer os.Remove(tmp.Name())
+	h := sha256.New()
+	if _, err := io.Copy(io.MultiWriter(tmp, h), r); err != nil {
+		tmp.Close()
+		return "", err
+	}
+	if err := tmp.Close(); err != nil {
+		return "", err
+	}
+	p := filepath.Join(dir, hex.EncodeToString(h.Sum(nil)))
+	if err := os.Chmod(tmp.Name(), 0o644); err != nil {
+		return "", err
+	}
+	return p, os.Rename(tmp.Name(), p)
+}
+
+// List returns all images, sorted by ID.
+func (s *Store) List() ([]*Image, error) {
+	var out []*Image
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketImages).ForEach(func(k, v []byte) error {
+			var img Image
+			if err := json.Unmarshal(v, &img); err != nil {
+				return err
+			}
+			out = append(out, &img)
+			return nil
+		})
+	})
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out, err
+}
+
+// Get finds an image by ID (full or unique prefix, with or without "sha256:"),
+// tag, or repo digest.
+func (s *Store) Get(ref string) (*Image, error) {
+	imgs, err := s.List()
+	if err != nil {
+		return nil, err
+	}
+	canonical := ""
+	if _, c, err := NormalizeRef(ref); err == nil {
+		canonical = c
+	}
+	var byPrefix []*Image
+	for _, img := range imgs {
+		if img.ID == ref || img.ID == "sha256:"+ref {
+			return img, nil
+		}
+		for _, t := range append(append([]string{}, img.RepoTags...), img.RepoDigests...) {
+			if t == ref || (canonical != "" && t == canonical) {
+				return img, nil
+			}
+		}
+		hexID := strings.TrimPrefix(img.ID, "sha256:")
+		r := strings.TrimPrefix(ref, "sha256:")
+		if len(r) >= 6 && strings.HasPrefix(hexID, r) {
+			byPrefix = append(byPrefix, img)
+		}
+	}
+	if len(byPrefix) == 1 {
+		return byPrefix[0], nil
+	}
+	return nil, fmt.Errorf("%w: %s", ErrNotFound, ref)
+}
+
+// Remove deletes an image and the blobs no other image uses. Removing an
+// unknown image is not an error (CRI semantics); it returns false.
+func (s *Store) Remove(ref string) (bool, error) {
+	img, err := s.Get(ref)
+	if errors.Is(err, ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	used := map[string]bool{}
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketImages)
+		if err := b.Delete([]byte(img.ID)); err != nil {
+			return err
+		}
+		return b.ForEach(func(k, v []byte) error {
+			var other Image
+			if json.Unmarshal(v, &other) == nil {
+				used[other.Kernel], used[other.Initrd] = true, true
+			}
+			return nil
+		})
+	})
+	if err != nil {
+		return false, err
+	}
+	for _, p := range []string{img.Kernel, img.Initrd} {
+		if p != "" && !used[p] {
+			_ = os.Remove(p)
+		}
+	}
+	return true, nil
+}
+
+// Usage reports the bytes and inodes used by stored blobs.
+func (s *Store) Usage() (bytes int64, inodes int64, mountpoint string) {
+	dir := filepath.Join(s.root, "blobs")
+	_ = filepath.Walk(dir, func(p string, fi os.FileInfo, err error) error {
+		if err == nil {
+			inodes++
+			if !fi.IsDir() {
+				bytes += fi.Size()
+			}
+		}
+		return nil
+	})
+	return bytes, inodes, dir
+}

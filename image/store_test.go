@@ -1,0 +1,155 @@
+package image
+
+import (
+	"context"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/registry"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/random"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/stretchr/testify/require"
+)
+
+func fakeKernel(t *testing.T, content string) string {
+	p := filepath.Join(t.TempDir(), "kernel")
+	require.NoError(t, os.WriteFile(p, []byte("\x7fELF"+content), 0o755))
+	return p
+}
+
+func serve(t *testing.T) string {
+	srv := httptest.NewServer(registry.New())
+	t.Cleanup(srv.Close)
+	u, _ := url.Parse(srv.URL)
+	return u.Host
+}
+
+func pushIndex(t *testing.T, ref string, idx v1.ImageIndex) {
+	r, err := name.ParseReference(ref, name.Insecure)
+	require.NoError(t, err)
+	require.NoError(t, remote.WriteIndex(r, idx))
+}
+
+func TestSelectManifest(t *testing.T) {
+	im := &v1.IndexManifest{Manifests: []v1.Descriptor{
+		{Digest: v1.Hash{Algorithm: "sha256", Hex: "aa"}, Platform: &v1.Platform{OS: "linux", Architecture: "amd64"}},
+		{Digest: v1.Hash{Algorithm: "sha256", Hex: "bb"}, Platform: &v1.Platform{OS: "kvm", Architecture: "x86_64"}},
+		{Digest: v1.Hash{Algorithm: "sha256", Hex: "cc"}, Platform: &v1.Platform{OS: "qemu", Architecture: "x86_64"}},
+	}}
+	d, err := SelectManifest(im)
+	require.NoError(t, err)
+	require.Equal(t, "cc", d.Digest.Hex)
+	im.Manifests = im.Manifests[:2]
+	d, err = SelectManifest(im)
+	require.NoError(t, err)
+	require.Equal(t, "bb", d.Digest.Hex, "kvm is an alias of qemu")
+	im.Manifests = im.Manifests[:1]
+	_, err = SelectManifest(im)
+	require.ErrorContains(t, err, "it offers: linux/amd64")
+}
+
+func TestPackPullRoundTrip(t *testing.T) {
+	host := serve(t)
+	kernel := fakeKernel(t, "kernel-one")
+	initrd := filepath.Join(t.TempDir(), "initrd")
+	require.NoError(t, os.WriteFile(initrd, []byte("070701cpio"), 0o644))
+	idx, err := Pack(PackOptions{Kernel: kernel, Initrd: initrd, Args: []string{"hello"}, Env: []string{"A=1"},
+		KConfig: ParseKConfig([]byte("CONFIG_LIBUKLIBPARAM=y\n# CONFIG_X is not set\nCONFIG_Y=n\n")), KernelVersion: "0.17.0"})
+	require.NoError(t, err)
+	ref := host + "/unikraft/hello:1.0"
+	pushIndex(t, ref, idx)
+
+	s, err := Open(t.TempDir(), []string{host})
+	require.NoError(t, err)
+	defer s.Close()
+	img, err := s.Pull(context.Background(), ref, nil)
+	require.NoError(t, err)
+	require.Equal(t, []string{"hello"}, img.Cmd)
+	require.Equal(t, []string{"A=1"}, img.Env)
+	require.Equal(t, []string{"CONFIG_LIBUKLIBPARAM=y"}, img.Features)
+	require.Equal(t, "0.17.0", img.Annotations[AnnotationKernelVersion])
+	require.Equal(t, []string{ref}, img.RepoTags)
+	b, err := os.ReadFile(img.Kernel)
+	require.NoError(t, err)
+	require.Equal(t, "\x7fELFkernel-one", string(b))
+	b, err = os.ReadFile(img.Initrd)
+	require.NoError(t, err)
+	require.Equal(t, "070701cpio", string(b))
+
+	d, err := idx.Digest()
+	require.NoError(t, err)
+	require.Equal(t, []string{host + "/unikraft/hello@" + d.String()}, img.RepoDigests)
+	for _, r := range []string{ref, img.ID, strings.TrimPrefix(img.ID, "sha256:")[:12], img.RepoDigests[0]} {
+		got, err := s.Get(r)
+		require.NoError(t, err, r)
+		require.Equal(t, img.ID, got.ID)
+	}
+	// Pull by digest works and adds no tag.
+	img2, err := s.Pull(context.Background(), img.RepoDigests[0], nil)
+	require.NoError(t, err)
+	require.Equal(t, img.ID, img2.ID)
+	require.Equal(t, []string{ref}, img2.RepoTags)
+
+	// A re-pushed tag moves to the new image.
+	idx2, err := Pack(PackOptions{Kernel: fakeKernel(t, "kernel-two")})
+	require.NoError(t, err)
+	pushIndex(t, ref, idx2)
+	img3, err := s.Pull(context.Background(), ref, nil)
+	require.NoError(t, err)
+	require.NotEqual(t, img.ID, img3.ID)
+	old, err := s.Get(img.ID)
+	require.NoError(t, err)
+	require.Empty(t, old.RepoTags)
+
+	removed, err := s.Remove(img.ID)
+	require.NoError(t, err)
+	require.True(t, removed)
+	_, err = os.Stat(img.Kernel)
+	require.True(t, os.IsNotExist(err), "unused blob must be removed")
+	_, err = s.Get(img.ID)
+	require.ErrorIs(t, err, ErrNotFound)
+	removed, err = s.Remove(img.ID)
+	require.NoError(t, err)
+	require.False(t, removed)
+}
+
+func TestPullRejectsNonUnikernelImages(t *testing.T) {
+	host := serve(t)
+	s, err := Open(t.TempDir(), []string{host})
+	require.NoError(t, err)
+	defer s.Close()
+
+	// A plain Linux container image.
+	img, err := random.Image(64, 1)
+	require.NoError(t, err)
+	r, _ := name.ParseReference(host+"/library/busybox:latest", name.Insecure)
+	require.NoError(t, remote.Write(r, img))
+	_, err = s.Pull(context.Background(), host+"/library/busybox:latest", nil)
+	require.ErrorContains(t, err, "not a Unikraft image")
+
+	// A kernel that is not an ELF binary.
+	bad := filepath.Join(t.TempDir(), "kernel")
+	require.NoError(t, os.WriteFile(bad, []byte("garbage"), 0o644))
+	idx, err := Pack(PackOptions{Kernel: bad})
+	require.NoError(t, err)
+	pushIndex(t, host+"/corrupt:1", idx)
+	_, err = s.Pull(context.Background(), host+"/corrupt:1", nil)
+	require.ErrorContains(t, err, "not an ELF binary")
+
+	_, err = s.Pull(context.Background(), host+"/missing:1", nil)
+	require.ErrorContains(t, err, "fetch")
+	_, err = s.Pull(context.Background(), "UPPER/case::bad", nil)
+	require.ErrorContains(t, err, "invalid image reference")
+	imgs, err := s.List()
+	require.NoError(t, err)
+	require.Empty(t, imgs, "failed pulls must record nothing")
+	blobs, err := os.ReadDir(filepath.Join(s.root, "blobs", "sha256"))
+	require.NoError(t, err)
+	require.Empty(t, blobs, "failed pulls must leave no files")
+}
