@@ -1,0 +1,127 @@
+// Command unilet is the CRI daemon: kubelet (or crictl) talks CRI v1 to it on
+// a unix socket; unikernel pods run as QEMU microVMs, other pods pass through
+// to the upstream runtime.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"github.com/sirupsen/logrus"
+	"google.golang.org/grpc"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/unilet-dev/unilet/cri"
+	"github.com/unilet-dev/unilet/cri/vm"
+	"github.com/unilet-dev/unilet/image"
+	"github.com/unilet-dev/unilet/pkg/version"
+	vmruntime "github.com/unilet-dev/unilet/runtime"
+)
+
+type multi []string
+
+func (m *multi) String() string     { return strings.Join(*m, ",") }
+func (m *multi) Set(v string) error { *m = append(*m, v); return nil }
+
+func main() {
+	if err := run(); err != nil {
+		logrus.Error(err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	var (
+		listen, root, stateDir, upstream, accel, qemu, logLevel string
+		annotation, annotationValue, handler                    string
+		insecureRegs, registries                                multi
+		showVersion                                             bool
+	)
+	flag.StringVar(&listen, "listen", "unix:///run/unilet/unilet.sock", "CRI socket to serve")
+	flag.StringVar(&root, "root", "/var/lib/unilet", "persistent state (images, metadata)")
+	flag.StringVar(&stateDir, "state-dir", "/run/unilet", "runtime state (VM sockets)")
+	flag.StringVar(&upstream, "upstream-endpoint", "unix:///run/containerd/containerd.sock", "CRI endpoint for non-unikernel pods (empty: none)")
+	flag.Var(&insecureRegs, "insecure-registry", "HOST:PORT reachable over plain HTTP (repeatable)")
+	flag.Var(&registries, "unikernel-registry", "images under this registry host go to the VM store (repeatable; default unikraft.org)")
+	flag.StringVar(&accel, "accel", "auto", "accelerator: auto (probe KVM, else TCG), kvm or tcg")
+	flag.StringVar(&qemu, "qemu", "qemu-system-x86_64", "QEMU binary")
+	flag.StringVar(&logLevel, "log-level", "info", "log level (debug, info, warn, error)")
+	flag.StringVar(&annotation, "annotation", cri.DefaultAnnotation, "pod annotation that selects the unikernel runtime")
+	flag.StringVar(&annotationValue, "annotation-value", cri.DefaultAnnotationValue, "value of that annotation")
+	flag.StringVar(&handler, "runtime-handler", cri.DefaultHandler, "RuntimeClass handler that selects the unikernel runtime")
+	flag.BoolVar(&showVersion, "version", false, "print the version and exit")
+	flag.Parse()
+	if showVersion {
+		fmt.Println("unilet", version.Version)
+		return nil
+	}
+	lvl, err := logrus.ParseLevel(logLevel)
+	if err != nil {
+		return fmt.Errorf("--log-level: %w", err)
+	}
+	logrus.SetLevel(lvl)
+	logrus.SetFormatter(&logrus.TextFormatter{FullTimestamp: true})
+	if len(registries) == 0 {
+		registries = multi{"unikraft.org"}
+	}
+	qemuPath, err := exec.LookPath(qemu)
+	if err != nil {
+		return fmt.Errorf("QEMU binary %q not found: %w", qemu, err)
+	}
+	resolved, err := vmruntime.ResolveAccel(context.Background(), accel, qemuPath)
+	if err != nil {
+		return err
+	}
+	images, err := image.Open(filepath.Join(root, "images"), insecureRegs)
+	if err != nil {
+		return err
+	}
+	defer images.Close()
+	svc := vm.New(vm.Config{QEMU: qemuPath, Accel: resolved, StateDir: stateDir, Version: version.Version}, images)
+	router, err := cri.NewRouter(cri.Config{Annotation: annotation, AnnotationValue: annotationValue, Handler: handler,
+		Registries: registries, Upstream: upstream}, svc)
+	if err != nil {
+		return err
+	}
+	defer router.Close()
+
+	sock := strings.TrimPrefix(listen, "unix://")
+	if err := os.MkdirAll(filepath.Dir(sock), 0o755); err != nil {
+		return err
+	}
+	_ = os.Remove(sock)
+	old := syscall.Umask(0o177)
+	lis, err := net.Listen("unix", sock)
+	syscall.Umask(old)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", sock, err)
+	}
+	if err := os.Chmod(sock, 0o600); err != nil {
+		return err
+	}
+	srv := grpc.NewServer(grpc.MaxRecvMsgSize(16 << 20))
+	runtimeapi.RegisterRuntimeServiceServer(srv, router)
+	runtimeapi.RegisterImageServiceServer(srv, router)
+
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	go func() {
+		s := <-sigs
+		logrus.WithField("signal", s.String()).Info("shutting down")
+		srv.GracefulStop()
+	}()
+	logrus.WithFields(logrus.Fields{"listen": sock, "accel": resolved, "upstream": upstream, "version": version.Version}).Info("unilet serving CRI")
+	if err := srv.Serve(lis); err != nil {
+		return err
+	}
+	_ = os.Remove(sock)
+	return nil
+}

@@ -1,0 +1,68 @@
+package cri
+
+import (
+	"context"
+
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+)
+
+// PullImage routes by sandbox config, ImageSpec.runtime_handler, then the
+// configured unikernel registries; the rest goes upstream.
+func (r *Router) PullImage(ctx context.Context, req *runtimeapi.PullImageRequest) (*runtimeapi.PullImageResponse, error) {
+	toVM := r.IsUnikernelPod(req.GetSandboxConfig(), req.GetImage().GetRuntimeHandler()) ||
+		r.isVMImageRef(req.GetImage().GetImage()) || r.upImage == nil
+	if toVM {
+		return r.vm.PullImage(ctx, req)
+	}
+	resp, err := r.upImage.PullImage(ctx, req)
+	return resp, upstreamErr(err)
+}
+
+// ImageStatus looks in the VM store first.
+func (r *Router) ImageStatus(ctx context.Context, req *runtimeapi.ImageStatusRequest) (*runtimeapi.ImageStatusResponse, error) {
+	if r.vm.HasImage(req.GetImage().GetImage()) || r.upImage == nil {
+		return r.vm.ImageStatus(ctx, req)
+	}
+	resp, err := r.upImage.ImageStatus(ctx, req)
+	return resp, upstreamErr(err)
+}
+
+// ListImages merges both stores.
+func (r *Router) ListImages(ctx context.Context, req *runtimeapi.ListImagesRequest) (*runtimeapi.ListImagesResponse, error) {
+	resp, err := r.vm.ListImages(ctx, req)
+	if err != nil || r.upImage == nil {
+		return resp, err
+	}
+	up, err := r.upImage.ListImages(ctx, req)
+	if err != nil {
+		r.logUpstreamDown("ListImages", err)
+		return resp, nil
+	}
+	resp.Images = append(resp.Images, up.GetImages()...)
+	return resp, nil
+}
+
+// RemoveImage looks in the VM store first.
+func (r *Router) RemoveImage(ctx context.Context, req *runtimeapi.RemoveImageRequest) (*runtimeapi.RemoveImageResponse, error) {
+	if r.vm.HasImage(req.GetImage().GetImage()) || r.upImage == nil {
+		return r.vm.RemoveImage(ctx, req)
+	}
+	resp, err := r.upImage.RemoveImage(ctx, req)
+	return resp, upstreamErr(err)
+}
+
+// ImageFsInfo merges both sides.
+func (r *Router) ImageFsInfo(ctx context.Context, req *runtimeapi.ImageFsInfoRequest) (*runtimeapi.ImageFsInfoResponse, error) {
+	resp, err := r.vm.ImageFsInfo(ctx, req)
+	if err != nil || r.upImage == nil {
+		return resp, err
+	}
+	up, err := r.upImage.ImageFsInfo(ctx, req)
+	if err != nil {
+		r.logUpstreamDown("ImageFsInfo", err)
+		return resp, nil
+	}
+	resp.ImageFilesystems = append(resp.ImageFilesystems, up.GetImageFilesystems()...)
+	resp.ContainerFilesystems = append(resp.ContainerFilesystems, up.GetContainerFilesystems()...)
+	return resp, nil
+}

@@ -1,0 +1,311 @@
+package cri
+
+import (
+	"context"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+)
+
+// Version answers for unilet itself.
+func (r *Router) Version(ctx context.Context, req *runtimeapi.VersionRequest) (*runtimeapi.VersionResponse, error) {
+	return r.vm.Version(ctx, req)
+}
+
+// Status merges the VM side with the upstream's conditions; a dead upstream
+// shows as a false condition, never a failure.
+func (r *Router) Status(ctx context.Context, req *runtimeapi.StatusRequest) (*runtimeapi.StatusResponse, error) {
+	resp, err := r.vm.Status(ctx, req)
+	if err != nil || r.upRT == nil {
+		return resp, err
+	}
+	up, uerr := r.upRT.Status(ctx, req)
+	cond := &runtimeapi.RuntimeCondition{Type: "UpstreamReady", Status: true}
+	if uerr != nil {
+		cond.Status, cond.Reason, cond.Message = false, "UpstreamUnreachable", uerr.Error()
+	} else {
+		for _, c := range up.GetStatus().GetConditions() {
+			if c.GetType() == runtimeapi.NetworkReady && !c.GetStatus() {
+				// Pod networking is the upstream's (CNI) until unilet runs CNI itself.
+				for _, mine := range resp.Status.Conditions {
+					if mine.Type == runtimeapi.NetworkReady {
+						mine.Status, mine.Reason, mine.Message = false, c.GetReason(), c.GetMessage()
+					}
+				}
+			}
+		}
+	}
+	resp.Status.Conditions = append(resp.Status.Conditions, cond)
+	return resp, nil
+}
+
+// RuntimeConfig reports unilet's cgroup driver.
+func (r *Router) RuntimeConfig(ctx context.Context, req *runtimeapi.RuntimeConfigRequest) (*runtimeapi.RuntimeConfigResponse, error) {
+	if r.upRT != nil {
+		if resp, err := r.upRT.RuntimeConfig(ctx, req); err == nil {
+			return resp, nil
+		}
+	}
+	return r.vm.RuntimeConfig(ctx, req)
+}
+
+// UpdateRuntimeConfig is forwarded upstream (pod CIDR); the VM side has nothing to update yet.
+func (r *Router) UpdateRuntimeConfig(ctx context.Context, req *runtimeapi.UpdateRuntimeConfigRequest) (*runtimeapi.UpdateRuntimeConfigResponse, error) {
+	if r.upRT != nil {
+		if _, err := r.upRT.UpdateRuntimeConfig(ctx, req); err != nil {
+			r.logUpstreamDown("UpdateRuntimeConfig", err)
+		}
+	}
+	return &runtimeapi.UpdateRuntimeConfigResponse{}, nil
+}
+
+// RunPodSandbox routes by annotation / runtime handler.
+func (r *Router) RunPodSandbox(ctx context.Context, req *runtimeapi.RunPodSandboxRequest) (*runtimeapi.RunPodSandboxResponse, error) {
+	if req.GetConfig() == nil {
+		return nil, status.Error(codes.InvalidArgument, "RunPodSandbox needs a sandbox config")
+	}
+	if r.IsUnikernelPod(req.GetConfig(), req.GetRuntimeHandler()) {
+		return r.vm.RunPodSandbox(ctx, req)
+	}
+	if r.upRT == nil {
+		md := req.GetConfig().GetMetadata()
+		return nil, r.noUpstream("pod " + md.GetNamespace() + "/" + md.GetName())
+	}
+	resp, err := r.upRT.RunPodSandbox(ctx, req)
+	return resp, upstreamErr(err)
+}
+
+// sandboxSide decides where a sandbox-ID call goes: true = VM.
+func (r *Router) sandboxSide(id string) (bool, error) {
+	if r.vm.OwnsSandbox(id) {
+		return true, nil
+	}
+	if r.upRT == nil {
+		return true, nil // let the VM side answer NotFound / idempotent success
+	}
+	return false, nil
+}
+
+func (r *Router) containerSide(id string) bool {
+	return r.vm.OwnsContainer(id) || r.upRT == nil
+}
+
+// StopPodSandbox routes by ID.
+func (r *Router) StopPodSandbox(ctx context.Context, req *runtimeapi.StopPodSandboxRequest) (*runtimeapi.StopPodSandboxResponse, error) {
+	if vmSide, _ := r.sandboxSide(req.GetPodSandboxId()); vmSide {
+		return r.vm.StopPodSandbox(ctx, req)
+	}
+	resp, err := r.upRT.StopPodSandbox(ctx, req)
+	if status.Code(err) == codes.NotFound {
+		return &runtimeapi.StopPodSandboxResponse{}, nil // idempotent, as CRI expects
+	}
+	return resp, upstreamErr(err)
+}
+
+// RemovePodSandbox routes by ID.
+func (r *Router) RemovePodSandbox(ctx context.Context, req *runtimeapi.RemovePodSandboxRequest) (*runtimeapi.RemovePodSandboxResponse, error) {
+	if vmSide, _ := r.sandboxSide(req.GetPodSandboxId()); vmSide {
+		return r.vm.RemovePodSandbox(ctx, req)
+	}
+	resp, err := r.upRT.RemovePodSandbox(ctx, req)
+	if status.Code(err) == codes.NotFound {
+		return &runtimeapi.RemovePodSandboxResponse{}, nil
+	}
+	return resp, upstreamErr(err)
+}
+
+// PodSandboxStatus routes by ID.
+func (r *Router) PodSandboxStatus(ctx context.Context, req *runtimeapi.PodSandboxStatusRequest) (*runtimeapi.PodSandboxStatusResponse, error) {
+	if vmSide, _ := r.sandboxSide(req.GetPodSandboxId()); vmSide {
+		return r.vm.PodSandboxStatus(ctx, req)
+	}
+	resp, err := r.upRT.PodSandboxStatus(ctx, req)
+	return resp, upstreamErr(err)
+}
+
+// ListPodSandbox merges both sides; a dead upstream degrades to the VM side.
+func (r *Router) ListPodSandbox(ctx context.Context, req *runtimeapi.ListPodSandboxRequest) (*runtimeapi.ListPodSandboxResponse, error) {
+	resp, err := r.vm.ListPodSandbox(ctx, req)
+	if err != nil || r.upRT == nil {
+		return resp, err
+	}
+	if id := req.GetFilter().GetId(); id != "" && r.vm.OwnsSandbox(id) {
+		return resp, nil
+	}
+	up, err := r.upRT.ListPodSandbox(ctx, req)
+	if err != nil {
+		r.logUpstreamDown("ListPodSandbox", err)
+		return resp, nil
+	}
+	resp.Items = append(resp.Items, up.GetItems()...)
+	return resp, nil
+}
+
+// CreateContainer routes by the sandbox ID.
+func (r *Router) CreateContainer(ctx context.Context, req *runtimeapi.CreateContainerRequest) (*runtimeapi.CreateContainerResponse, error) {
+	if vmSide, _ := r.sandboxSide(req.GetPodSandboxId()); vmSide {
+		return r.vm.CreateContainer(ctx, req)
+	}
+	resp, err := r.upRT.CreateContainer(ctx, req)
+	return resp, upstreamErr(err)
+}
+
+// StartContainer routes by ID.
+func (r *Router) StartContainer(ctx context.Context, req *runtimeapi.StartContainerRequest) (*runtimeapi.StartContainerResponse, error) {
+	if r.containerSide(req.GetContainerId()) {
+		return r.vm.StartContainer(ctx, req)
+	}
+	resp, err := r.upRT.StartContainer(ctx, req)
+	return resp, upstreamErr(err)
+}
+
+// StopContainer routes by ID; unknown IDs succeed.
+func (r *Router) StopContainer(ctx context.Context, req *runtimeapi.StopContainerRequest) (*runtimeapi.StopContainerResponse, error) {
+	if r.containerSide(req.GetContainerId()) {
+		return r.vm.StopContainer(ctx, req)
+	}
+	resp, err := r.upRT.StopContainer(ctx, req)
+	if status.Code(err) == codes.NotFound {
+		return &runtimeapi.StopContainerResponse{}, nil
+	}
+	return resp, upstreamErr(err)
+}
+
+// RemoveContainer routes by ID; unknown IDs succeed.
+func (r *Router) RemoveContainer(ctx context.Context, req *runtimeapi.RemoveContainerRequest) (*runtimeapi.RemoveContainerResponse, error) {
+	if r.containerSide(req.GetContainerId()) {
+		return r.vm.RemoveContainer(ctx, req)
+	}
+	resp, err := r.upRT.RemoveContainer(ctx, req)
+	if status.Code(err) == codes.NotFound {
+		return &runtimeapi.RemoveContainerResponse{}, nil
+	}
+	return resp, upstreamErr(err)
+}
+
+// ContainerStatus routes by ID.
+func (r *Router) ContainerStatus(ctx context.Context, req *runtimeapi.ContainerStatusRequest) (*runtimeapi.ContainerStatusResponse, error) {
+	if r.containerSide(req.GetContainerId()) {
+		return r.vm.ContainerStatus(ctx, req)
+	}
+	resp, err := r.upRT.ContainerStatus(ctx, req)
+	return resp, upstreamErr(err)
+}
+
+// ListContainers merges both sides.
+func (r *Router) ListContainers(ctx context.Context, req *runtimeapi.ListContainersRequest) (*runtimeapi.ListContainersResponse, error) {
+	resp, err := r.vm.ListContainers(ctx, req)
+	if err != nil || r.upRT == nil {
+		return resp, err
+	}
+	f := req.GetFilter()
+	if (f.GetId() != "" && r.vm.OwnsContainer(f.GetId())) || (f.GetPodSandboxId() != "" && r.vm.OwnsSandbox(f.GetPodSandboxId())) {
+		return resp, nil
+	}
+	up, err := r.upRT.ListContainers(ctx, req)
+	if err != nil {
+		r.logUpstreamDown("ListContainers", err)
+		return resp, nil
+	}
+	resp.Containers = append(resp.Containers, up.GetContainers()...)
+	return resp, nil
+}
+
+// UpdateContainerResources: passthrough only for now.
+func (r *Router) UpdateContainerResources(ctx context.Context, req *runtimeapi.UpdateContainerResourcesRequest) (*runtimeapi.UpdateContainerResourcesResponse, error) {
+	if r.containerSide(req.GetContainerId()) {
+		return nil, status.Error(codes.Unimplemented, "updating the resources of a running unikernel VM is not supported by this unilet version")
+	}
+	resp, err := r.upRT.UpdateContainerResources(ctx, req)
+	return resp, upstreamErr(err)
+}
+
+// ReopenContainerLog routes by ID.
+func (r *Router) ReopenContainerLog(ctx context.Context, req *runtimeapi.ReopenContainerLogRequest) (*runtimeapi.ReopenContainerLogResponse, error) {
+	if r.containerSide(req.GetContainerId()) {
+		return r.vm.ReopenContainerLog(ctx, req)
+	}
+	resp, err := r.upRT.ReopenContainerLog(ctx, req)
+	return resp, upstreamErr(err)
+}
+
+// ExecSync routes by ID (VM: Unimplemented with a reason).
+func (r *Router) ExecSync(ctx context.Context, req *runtimeapi.ExecSyncRequest) (*runtimeapi.ExecSyncResponse, error) {
+	if r.containerSide(req.GetContainerId()) {
+		return r.vm.ExecSync(ctx, req)
+	}
+	resp, err := r.upRT.ExecSync(ctx, req)
+	return resp, upstreamErr(err)
+}
+
+// Exec routes by ID.
+func (r *Router) Exec(ctx context.Context, req *runtimeapi.ExecRequest) (*runtimeapi.ExecResponse, error) {
+	if r.containerSide(req.GetContainerId()) {
+		return r.vm.Exec(ctx, req)
+	}
+	resp, err := r.upRT.Exec(ctx, req)
+	return resp, upstreamErr(err)
+}
+
+// Attach routes by ID.
+func (r *Router) Attach(ctx context.Context, req *runtimeapi.AttachRequest) (*runtimeapi.AttachResponse, error) {
+	if r.containerSide(req.GetContainerId()) {
+		return r.vm.Attach(ctx, req)
+	}
+	resp, err := r.upRT.Attach(ctx, req)
+	return resp, upstreamErr(err)
+}
+
+// PortForward routes by sandbox ID.
+func (r *Router) PortForward(ctx context.Context, req *runtimeapi.PortForwardRequest) (*runtimeapi.PortForwardResponse, error) {
+	if vmSide, _ := r.sandboxSide(req.GetPodSandboxId()); vmSide {
+		return r.vm.PortForward(ctx, req)
+	}
+	resp, err := r.upRT.PortForward(ctx, req)
+	return resp, upstreamErr(err)
+}
+
+// ContainerStats: passthrough; VM stats arrive with the shim.
+func (r *Router) ContainerStats(ctx context.Context, req *runtimeapi.ContainerStatsRequest) (*runtimeapi.ContainerStatsResponse, error) {
+	if r.containerSide(req.GetContainerId()) {
+		return nil, status.Error(codes.Unimplemented, "stats for unikernel containers are not supported by this unilet version yet")
+	}
+	resp, err := r.upRT.ContainerStats(ctx, req)
+	return resp, upstreamErr(err)
+}
+
+// ListContainerStats: upstream's list (VM stats arrive with the shim).
+func (r *Router) ListContainerStats(ctx context.Context, req *runtimeapi.ListContainerStatsRequest) (*runtimeapi.ListContainerStatsResponse, error) {
+	if r.upRT == nil {
+		return &runtimeapi.ListContainerStatsResponse{}, nil
+	}
+	resp, err := r.upRT.ListContainerStats(ctx, req)
+	if err != nil {
+		r.logUpstreamDown("ListContainerStats", err)
+		return &runtimeapi.ListContainerStatsResponse{}, nil
+	}
+	return resp, nil
+}
+
+// PodSandboxStats: passthrough.
+func (r *Router) PodSandboxStats(ctx context.Context, req *runtimeapi.PodSandboxStatsRequest) (*runtimeapi.PodSandboxStatsResponse, error) {
+	if vmSide, _ := r.sandboxSide(req.GetPodSandboxId()); vmSide {
+		return nil, status.Error(codes.Unimplemented, "stats for unikernel pods are not supported by this unilet version yet")
+	}
+	resp, err := r.upRT.PodSandboxStats(ctx, req)
+	return resp, upstreamErr(err)
+}
+
+// ListPodSandboxStats: upstream's list.
+func (r *Router) ListPodSandboxStats(ctx context.Context, req *runtimeapi.ListPodSandboxStatsRequest) (*runtimeapi.ListPodSandboxStatsResponse, error) {
+	if r.upRT == nil {
+		return &runtimeapi.ListPodSandboxStatsResponse{}, nil
+	}
+	resp, err := r.upRT.ListPodSandboxStats(ctx, req)
+	if err != nil {
+		r.logUpstreamDown("ListPodSandboxStats", err)
+		return &runtimeapi.ListPodSandboxStatsResponse{}, nil
+	}
+	return resp, nil
+}

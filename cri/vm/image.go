@@ -1,0 +1,101 @@
+package vm
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+
+	"google.golang.org/grpc/codes"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/unilet-dev/unilet/image"
+)
+
+func toAPIImage(img *image.Image, spec *runtimeapi.ImageSpec) *runtimeapi.Image {
+	return &runtimeapi.Image{Id: img.ID, RepoTags: img.RepoTags, RepoDigests: img.RepoDigests, Size: uint64(img.Size), Spec: spec}
+}
+
+// PullImage pulls a unikernel image (auth from imagePullSecrets honoured).
+func (s *Service) PullImage(ctx context.Context, r *runtimeapi.PullImageRequest) (*runtimeapi.PullImageResponse, error) {
+	ref := r.GetImage().GetImage()
+	if ref == "" {
+		return nil, errorf(codes.InvalidArgument, "image reference is required")
+	}
+	var auth *image.Auth
+	if a := r.GetAuth(); a != nil {
+		auth = &image.Auth{Username: a.GetUsername(), Password: a.GetPassword(), Auth: a.GetAuth(),
+			IdentityToken: a.GetIdentityToken(), RegistryToken: a.GetRegistryToken()}
+	}
+	img, err := s.images.Pull(ctx, ref, auth)
+	if err != nil {
+		return nil, errorf(codes.Unknown, "pull unikernel image: %v", err)
+	}
+	return &runtimeapi.PullImageResponse{ImageRef: img.ID}, nil
+}
+
+// ImageStatus returns the image, or an empty response if it is not present (CRI semantics).
+func (s *Service) ImageStatus(ctx context.Context, r *runtimeapi.ImageStatusRequest) (*runtimeapi.ImageStatusResponse, error) {
+	img, err := s.images.Get(r.GetImage().GetImage())
+	if errors.Is(err, image.ErrNotFound) {
+		return &runtimeapi.ImageStatusResponse{}, nil
+	}
+	if err != nil {
+		return nil, errorf(codes.Internal, "image status: %v", err)
+	}
+	resp := &runtimeapi.ImageStatusResponse{Image: toAPIImage(img, r.GetImage())}
+	if r.GetVerbose() {
+		b, _ := json.Marshal(img)
+		resp.Info = map[string]string{"info": string(b)}
+	}
+	return resp, nil
+}
+
+// HasImage reports whether the VM store holds ref (for routing).
+func (s *Service) HasImage(ref string) bool {
+	_, err := s.images.Get(ref)
+	return err == nil
+}
+
+// ListImages lists unikernel images.
+func (s *Service) ListImages(ctx context.Context, r *runtimeapi.ListImagesRequest) (*runtimeapi.ListImagesResponse, error) {
+	imgs, err := s.images.List()
+	if err != nil {
+		return nil, errorf(codes.Internal, "list images: %v", err)
+	}
+	var out []*runtimeapi.Image
+	want := r.GetFilter().GetImage().GetImage()
+	for _, img := range imgs {
+		if want != "" {
+			if got, err := s.images.Get(want); err != nil || got.ID != img.ID {
+				continue
+			}
+		}
+		out = append(out, toAPIImage(img, nil))
+	}
+	return &runtimeapi.ListImagesResponse{Images: out}, nil
+}
+
+// RemoveImage removes a unikernel image; a missing image is not an error.
+func (s *Service) RemoveImage(ctx context.Context, r *runtimeapi.RemoveImageRequest) (*runtimeapi.RemoveImageResponse, error) {
+	ref := r.GetImage().GetImage()
+	s.mu.Lock()
+	for _, c := range s.containers {
+		if img, err := s.images.Get(ref); err == nil && c.image.ID == img.ID {
+			s.mu.Unlock()
+			return nil, errorf(codes.FailedPrecondition, "image %s is used by container %s; remove the container first", ref, c.id)
+		}
+	}
+	s.mu.Unlock()
+	if _, err := s.images.Remove(ref); err != nil {
+		return nil, errorf(codes.Internal, "remove image: %v", err)
+	}
+	return &runtimeapi.RemoveImageResponse{}, nil
+}
+
+// ImageFsInfo reports the space used by unikernel images.
+func (s *Service) ImageFsInfo(ctx context.Context, r *runtimeapi.ImageFsInfoRequest) (*runtimeapi.ImageFsInfoResponse, error) {
+	used, inodes, mp := s.images.Usage()
+	fs := &runtimeapi.FilesystemUsage{Timestamp: nowNano(), FsId: &runtimeapi.FilesystemIdentifier{Mountpoint: mp},
+		UsedBytes: &runtimeapi.UInt64Value{Value: uint64(used)}, InodesUsed: &runtimeapi.UInt64Value{Value: uint64(inodes)}}
+	return &runtimeapi.ImageFsInfoResponse{ImageFilesystems: []*runtimeapi.FilesystemUsage{fs}}, nil
+}

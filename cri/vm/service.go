@@ -1,0 +1,172 @@
+// Package vm is the CRI RuntimeService and ImageService for unikernel pods:
+// a sandbox is metadata plus a log directory (no pause process), each
+// container is one QEMU microVM supervised by package runtime, images come
+// from the Unikraft image store. One file per group of CRI verbs.
+package vm
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/unilet-dev/unilet/image"
+	"github.com/unilet-dev/unilet/runtime"
+)
+
+// RuntimeName is reported by Version.
+const RuntimeName = "unilet"
+
+// Config is what the VM service needs from the daemon.
+type Config struct {
+	QEMU      string
+	Accel     string // resolved: kvm or tcg
+	StateDir  string // runtime sockets and per-VM state
+	Version   string
+	DefaultMB int // guest RAM when the container sets no limit
+}
+
+// Service serves CRI for unikernel pods.
+type Service struct {
+	runtimeapi.UnimplementedRuntimeServiceServer
+	runtimeapi.UnimplementedImageServiceServer
+
+	cfg    Config
+	images *image.Store
+
+	mu         sync.Mutex
+	sandboxes  map[string]*sandbox
+	containers map[string]*container
+}
+
+type sandbox struct {
+	id        string
+	config    *runtimeapi.PodSandboxConfig
+	handler   string
+	createdAt time.Time
+	state     runtimeapi.PodSandboxState
+}
+
+type container struct {
+	id        string
+	sandboxID string
+	config    *runtimeapi.ContainerConfig
+	image     *image.Image
+	imageRef  string
+	logPath   string
+	createdAt time.Time
+	startedAt time.Time
+	state     runtimeapi.ContainerState
+	exit      runtime.ExitStatus
+	machine   runtime.MachineConfig
+	vmDir     string
+	vm        *runtime.VM
+	warnings  []string
+}
+
+// New returns a Service.
+func New(cfg Config, images *image.Store) *Service {
+	if cfg.DefaultMB == 0 {
+		cfg.DefaultMB = 64
+	}
+	return &Service{cfg: cfg, images: images, sandboxes: map[string]*sandbox{}, containers: map[string]*container{}}
+}
+
+// OwnsSandbox reports whether id is a unikernel sandbox (for routing).
+func (s *Service) OwnsSandbox(id string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, ok := s.sandboxes[id]
+	return ok
+}
+
+// OwnsContainer reports whether id is a unikernel container (for routing).
+func (s *Service) OwnsContainer(id string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, ok := s.containers[id]
+	return ok
+}
+
+func newID() string {
+	b := make([]byte, 32)
+	if _, err := rand.Read(b); err != nil {
+		panic(err)
+	}
+	return hex.EncodeToString(b)
+}
+
+func (s *Service) vmDir(id string) string {
+	// Unix socket paths are limited to 108 bytes: keep per-VM paths short.
+	return filepath.Join(s.cfg.StateDir, "vm", id[:16])
+}
+
+// lookup helpers; callers hold s.mu.
+func (s *Service) sandboxLocked(id string) (*sandbox, error) {
+	if id == "" {
+		return nil, status.Error(codes.InvalidArgument, "pod sandbox ID is required")
+	}
+	if sb, ok := s.sandboxes[id]; ok {
+		return sb, nil
+	}
+	var found *sandbox
+	for k, sb := range s.sandboxes {
+		if len(id) >= 6 && len(k) > len(id) && k[:len(id)] == id {
+			if found != nil {
+				return nil, status.Errorf(codes.InvalidArgument, "pod sandbox ID prefix %q is ambiguous", id)
+			}
+			found = sb
+		}
+	}
+	if found == nil {
+		return nil, status.Errorf(codes.NotFound, "pod sandbox %q not found", id)
+	}
+	return found, nil
+}
+
+func (s *Service) containerLocked(id string) (*container, error) {
+	if id == "" {
+		return nil, status.Error(codes.InvalidArgument, "container ID is required")
+	}
+	if c, ok := s.containers[id]; ok {
+		return c, nil
+	}
+	var found *container
+	for k, c := range s.containers {
+		if len(id) >= 6 && len(k) > len(id) && k[:len(id)] == id {
+			if found != nil {
+				return nil, status.Errorf(codes.InvalidArgument, "container ID prefix %q is ambiguous", id)
+			}
+			found = c
+		}
+	}
+	if found == nil {
+		return nil, status.Errorf(codes.NotFound, "container %q not found", id)
+	}
+	return found, nil
+}
+
+// refresh moves a running container whose VM ended to EXITED. Caller holds s.mu.
+func (c *container) refresh() {
+	if c.state != runtimeapi.ContainerState_CONTAINER_RUNNING || c.vm == nil {
+		return
+	}
+	select {
+	case <-c.vm.Done():
+		c.exit = c.vm.Exit()
+		c.state = runtimeapi.ContainerState_CONTAINER_EXITED
+		_ = os.RemoveAll(c.vmDir)
+	default:
+	}
+}
+
+func errorf(code codes.Code, format string, a ...any) error {
+	return status.Error(code, fmt.Sprintf(format, a...))
+}

@@ -1,0 +1,388 @@
+// Package cri_test drives the real unilet daemon with a real crictl (built
+// from sigs.k8s.io/cri-tools) and real QEMU: images are packed with our own
+// uniletctl, served by an in-process registry on loopback, and booted as
+// unikernel pods.
+package cri_test
+
+import (
+	"encoding/json"
+	"io"
+	"log"
+	"fmt"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/registry"
+	"github.com/stretchr/testify/require"
+)
+
+var (
+	repoRoot string
+	binDir   string
+	crictl   string
+	kernel   string
+	regHost  string
+)
+
+func TestMain(m *testing.M) {
+	code, err := setup(m)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "e2e setup:", err)
+		os.Exit(1)
+	}
+	os.Exit(code)
+}
+
+func run(dir string, env []string, name string, args ...string) error {
+	cmd := exec.Command(name, args...)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), env...)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return nil
+}
+
+func setup(m *testing.M) (int, error) {
+	wd, _ := os.Getwd()
+	repoRoot = filepath.Join(wd, "..", "..")
+	tmp, err := os.MkdirTemp("", "unilet-e2e-")
+	if err != nil {
+		return 0, err
+	}
+	defer os.RemoveAll(tmp)
+	binDir = filepath.Join(tmp, "bin")
+	if err := run(repoRoot, nil, "go", "build", "-o", binDir+"/", "./cmd/unilet", "./cmd/uniletctl"); err != nil {
+		return 0, err
+	}
+	crictl = os.Getenv("CRICTL")
+	if crictl == "" {
+		crictl = filepath.Join(repoRoot, "_output", "bin", "crictl")
+		if err := run(filepath.Join(repoRoot, "hack", "tools"), []string{"GOSUMDB=off", "GOFLAGS=-mod=mod"},
+			"go", "build", "-o", crictl, "sigs.k8s.io/cri-tools/cmd/crictl"); err != nil {
+			return 0, err
+		}
+	}
+	kernel = filepath.Join(tmp, "testkernel.elf")
+	if err := run(repoRoot, nil, "./e2e/guest/testkernel/build.sh", kernel); err != nil {
+		return 0, err
+	}
+	srv := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
+	defer srv.Close()
+	u, _ := url.Parse(srv.URL)
+	regHost = u.Host
+	if err := run(repoRoot, nil, filepath.Join(binDir, "uniletctl"), "pack", "--kernel", kernel, "--arg", "default-arg",
+		"--env", "IMAGE_ENV=from image", "--push", regHost+"/unikraft/testkernel:latest", "--insecure"); err != nil {
+		return 0, err
+	}
+	return m.Run(), nil
+}
+
+// daemon is one running unilet.
+type daemon struct {
+	t        *testing.T
+	dir      string
+	sock     string
+	stateDir string
+	cmd      *exec.Cmd
+	logFile  string
+}
+
+func startDaemon(t *testing.T, extra ...string) *daemon {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "unilet-d-")
+	require.NoError(t, err)
+	d := &daemon{t: t, dir: dir, sock: filepath.Join(dir, "unilet.sock"), stateDir: filepath.Join(dir, "run"), logFile: filepath.Join(dir, "unilet.log")}
+	args := append([]string{"--listen", "unix://" + d.sock, "--root", filepath.Join(dir, "root"), "--state-dir", d.stateDir,
+		"--insecure-registry", regHost, "--accel", "auto", "--log-level", "debug"}, extra...)
+	lf, err := os.Create(d.logFile)
+	require.NoError(t, err)
+	d.cmd = exec.Command(filepath.Join(binDir, "unilet"), args...)
+	d.cmd.Stdout, d.cmd.Stderr = lf, lf
+	require.NoError(t, d.cmd.Start())
+	t.Cleanup(func() {
+		_ = d.cmd.Process.Signal(syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { _ = d.cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			_ = d.cmd.Process.Kill()
+		}
+		lf.Close()
+		if t.Failed() {
+			b, _ := os.ReadFile(d.logFile)
+			t.Logf("unilet log:\n%s", b)
+		}
+		os.RemoveAll(dir)
+	})
+	require.Eventually(t, func() bool {
+		_, err := os.Stat(d.sock)
+		return err == nil
+	}, 15*time.Second, 20*time.Millisecond, "unilet did not create its socket")
+	return d
+}
+
+// crictl runs crictl against the daemon; returns stdout, stderr-included error.
+func (d *daemon) crictl(args ...string) (string, error) {
+	cmd := exec.Command(crictl, append([]string{"--runtime-endpoint", "unix://" + d.sock, "--image-endpoint", "unix://" + d.sock, "--timeout", "30s"}, args...)...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return string(out), fmt.Errorf("crictl %s: %v: %s", strings.Join(args, " "), err, stderr.String())
+	}
+	return strings.TrimSpace(string(out)), nil
+}
+
+func (d *daemon) must(args ...string) string {
+	d.t.Helper()
+	out, err := d.crictl(args...)
+	require.NoError(d.t, err)
+	return out
+}
+
+func writeJSON(t *testing.T, v any) string {
+	f, err := os.CreateTemp(t.TempDir(), "*.json")
+	require.NoError(t, err)
+	require.NoError(t, json.NewEncoder(f).Encode(v))
+	f.Close()
+	return f.Name()
+}
+
+func podConfig(t *testing.T, name string, annotated bool) (string, string) {
+	logDir := filepath.Join(t.TempDir(), "pods", name)
+	cfg := map[string]any{
+		"metadata":      map[string]any{"name": name, "namespace": "e2e", "uid": name + "-uid", "attempt": 0},
+		"log_directory": logDir,
+	}
+	if annotated {
+		cfg["annotations"] = map[string]string{"kubernetes.io/target-runtime": "unikraft"}
+	}
+	return writeJSON(t, cfg), logDir
+}
+
+func containerConfig(t *testing.T, image string, args []string, env map[string]string) string {
+	var envs []map[string]string
+	for k, v := range env {
+		envs = append(envs, map[string]string{"key": k, "value": v})
+	}
+	cfg := map[string]any{"metadata": map[string]any{"name": "app"}, "image": map[string]string{"image": image},
+		"log_path": "app/0.log", "envs": envs}
+	if args != nil {
+		cfg["args"] = args
+	}
+	return writeJSON(t, cfg)
+}
+
+type inspect struct {
+	Status struct {
+		State      string `json:"state"`
+		ExitCode   int32  `json:"exitCode"`
+		Reason     string `json:"reason"`
+		Message    string `json:"message"`
+		StartedAt  string `json:"startedAt"`
+		FinishedAt string `json:"finishedAt"`
+		LogPath    string `json:"logPath"`
+	} `json:"status"`
+	Info struct {
+		Pid     string `json:"pid"`
+		Cmdline string `json:"cmdline"`
+	} `json:"info"`
+}
+
+func (d *daemon) inspect(id string) inspect {
+	d.t.Helper()
+	var in inspect
+	require.NoError(d.t, json.Unmarshal([]byte(d.must("inspect", "-o", "json", id)), &in))
+	return in
+}
+
+func (d *daemon) waitState(id, state string, timeout time.Duration) inspect {
+	d.t.Helper()
+	var in inspect
+	require.Eventually(d.t, func() bool {
+		in = d.inspect(id)
+		return in.Status.State == state
+	}, timeout, 50*time.Millisecond, "container %s never reached %s", id, state)
+	return in
+}
+
+func qemuProcesses(t *testing.T, marker string) []string {
+	out, _ := exec.Command("pgrep", "-af", "qemu-system").Output()
+	var found []string
+	for _, l := range strings.Split(string(out), "\n") {
+		if l != "" && strings.Contains(l, marker) {
+			found = append(found, l)
+		}
+	}
+	return found
+}
+
+func image() string { return regHost + "/unikraft/testkernel:latest" }
+
+func TestUnikernelPodLifecycle(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "")
+	d.must("pull", image())
+	imgs := d.must("images", "-o", "json")
+	require.Contains(t, imgs, regHost+"/unikraft/testkernel:latest")
+	require.Contains(t, imgs, regHost+"/unikraft/testkernel@sha256:")
+
+	podCfg, logDir := podConfig(t, "vm-lifecycle", true)
+	pod := d.must("runp", podCfg)
+	require.Len(t, pod, 64)
+	ctr := d.must("create", pod, containerConfig(t, image(), []string{"hello", "big world", `quote"d`}, map[string]string{"GREETING": "hi there"}), podCfg)
+	require.Equal(t, "CONTAINER_CREATED", d.inspect(ctr).Status.State)
+	d.must("start", ctr)
+	in := d.waitState(ctr, "CONTAINER_EXITED", 30*time.Second)
+	require.Equal(t, int32(0), in.Status.ExitCode, in.Status.Message)
+	require.Equal(t, "Completed", in.Status.Reason)
+	require.Equal(t, filepath.Join(logDir, "app/0.log"), in.Status.LogPath)
+
+	raw, err := os.ReadFile(in.Status.LogPath)
+	require.NoError(t, err)
+	for _, want := range []string{" stdout F unilet-testkernel: booted", " stdout F argv[1]: hello", " stdout F argv[2]: big world",
+		` stdout F argv[3]: quote"d`, " stdout F env: IMAGE_ENV=from image", " stdout F env: GREETING=hi there", " stdout F argc: 4"} {
+		require.Contains(t, string(raw), want)
+	}
+	logs := d.must("logs", ctr)
+	require.Contains(t, logs, "argv[2]: big world", "crictl must parse the CRI log format")
+
+	d.must("rm", ctr)
+	d.must("stopp", pod)
+	d.must("rmp", pod)
+	require.Empty(t, d.must("pods", "-q"))
+	require.Empty(t, d.must("ps", "-aq"))
+	ents, _ := os.ReadDir(filepath.Join(d.stateDir, "vm"))
+	require.Empty(t, ents, "no VM state may be left behind")
+	require.Empty(t, qemuProcesses(t, d.stateDir))
+	// Stopping what is gone is idempotent.
+	d.must("stopp", pod)
+}
+
+func TestImageCmdAndLongRunningStop(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "")
+	d.must("pull", image())
+	podCfg, _ := podConfig(t, "vm-stop", true)
+	pod := d.must("runp", podCfg)
+	// No args: the image Cmd ("default-arg") applies.
+	ctr := d.must("create", pod, containerConfig(t, image(), nil, nil), podCfg)
+	d.must("start", ctr)
+	in := d.waitState(ctr, "CONTAINER_EXITED", 30*time.Second)
+	raw, err := os.ReadFile(in.Status.LogPath)
+	require.NoError(t, err)
+	require.Contains(t, string(raw), "argv[1]: default-arg")
+	d.must("rm", ctr)
+
+	ticker := containerConfig(t, image(), []string{"tick=50"}, nil)
+	ctr = d.must("create", pod, ticker, podCfg)
+	d.must("start", ctr)
+	in = d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
+	require.Len(t, qemuProcesses(t, d.stateDir), 1)
+	require.Eventually(t, func() bool {
+		b, _ := os.ReadFile(in.Status.LogPath)
+		return strings.Contains(string(b), "tick 5\n")
+	}, 20*time.Second, 50*time.Millisecond)
+	start := time.Now()
+	d.must("stop", "--timeout", "1", ctr)
+	require.Less(t, time.Since(start), 6*time.Second, "stop must honour its timeout")
+	in = d.inspect(ctr)
+	require.Equal(t, "CONTAINER_EXITED", in.Status.State)
+	require.Equal(t, int32(137), in.Status.ExitCode)
+	require.Equal(t, "Killed", in.Status.Reason)
+	require.Empty(t, qemuProcesses(t, d.stateDir))
+	d.must("rmp", "-f", pod)
+}
+
+func TestRuntimeHandlerRoute(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "")
+	d.must("pull", image())
+	podCfg, _ := podConfig(t, "vm-handler", false)
+	pod := d.must("runp", "--runtime", "unikraft", podCfg)
+	ctr := d.must("create", pod, containerConfig(t, image(), []string{"via-handler"}, nil), podCfg)
+	d.must("start", ctr)
+	in := d.waitState(ctr, "CONTAINER_EXITED", 30*time.Second)
+	require.Equal(t, int32(0), in.Status.ExitCode)
+	raw, _ := os.ReadFile(in.Status.LogPath)
+	require.Contains(t, string(raw), "argv[1]: via-handler")
+	d.must("rmp", "-f", pod)
+}
+
+func TestBadInputs(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "")
+	d.must("pull", image())
+
+	// A plain pod with no upstream configured.
+	plainCfg, _ := podConfig(t, "plain", false)
+	_, err := d.crictl("runp", plainCfg)
+	require.ErrorContains(t, err, "FailedPrecondition")
+	require.ErrorContains(t, err, "no upstream runtime configured")
+
+	// An annotation with the wrong value is not a unikernel pod.
+	wrong := writeJSON(t, map[string]any{"metadata": map[string]any{"name": "wrong", "namespace": "e2e", "uid": "w"},
+		"annotations": map[string]string{"kubernetes.io/target-runtime": ""}})
+	_, err = d.crictl("runp", wrong)
+	require.ErrorContains(t, err, "FailedPrecondition")
+
+	podCfg, _ := podConfig(t, "vm-bad", true)
+	pod := d.must("runp", podCfg)
+	_, err = d.crictl("create", pod, containerConfig(t, regHost+"/unikraft/nope:1", nil, nil), podCfg)
+	require.ErrorContains(t, err, "NotFound")
+	require.ErrorContains(t, err, "pull it first")
+
+	_, err = d.crictl("create", pod, containerConfig(t, image(), []string{strings.Repeat("x", 5000)}, nil), podCfg)
+	require.ErrorContains(t, err, "InvalidArgument")
+	require.ErrorContains(t, err, "the guest accepts at most 4095")
+
+	_, err = d.crictl("pull", regHost+"/unikraft/missing:1")
+	require.ErrorContains(t, err, "pull unikernel image")
+	_, err = d.crictl("start", "0123456789abcdef")
+	require.ErrorContains(t, err, "NotFound")
+	_, err = d.crictl("exec", "-s", "0123456789abcdef", "true")
+	require.Error(t, err)
+	require.Empty(t, d.must("ps", "-aq"), "failed creates must leave nothing")
+	d.must("rmp", "-f", pod)
+}
+
+func TestExecIsUnsupported(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "")
+	d.must("pull", image())
+	podCfg, _ := podConfig(t, "vm-exec", true)
+	pod := d.must("runp", podCfg)
+	ctr := d.must("create", pod, containerConfig(t, image(), []string{"tick=100"}, nil), podCfg)
+	d.must("start", ctr)
+	_, err := d.crictl("exec", "-s", ctr, "ls")
+	require.ErrorContains(t, err, "Unimplemented")
+	require.ErrorContains(t, err, "exec is not possible")
+	_, err = d.crictl("attach", ctr)
+	require.ErrorContains(t, err, "Unimplemented")
+	d.must("rmp", "-f", pod)
+	require.Empty(t, qemuProcesses(t, d.stateDir))
+}
+
+func TestDeadUpstream(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "unix:///nonexistent/containerd.sock", "--unikernel-registry", "unikraft.org")
+	podCfg, _ := podConfig(t, "vm-dead-up", true)
+	// Routed by the pod's annotation, not the registry.
+	d.must("pull", "--pod-config", podCfg, image())
+	// Lists degrade to the VM side.
+	pod := d.must("runp", podCfg)
+	require.Equal(t, pod, d.must("pods", "-q"))
+	// A plain pod gets a clear Unavailable error.
+	plainCfg, _ := podConfig(t, "plain", false)
+	_, err := d.crictl("runp", plainCfg)
+	require.ErrorContains(t, err, "Unavailable")
+	require.ErrorContains(t, err, "upstream runtime unreachable")
+	info := d.must("info")
+	require.Contains(t, info, "UpstreamUnreachable")
+	require.Contains(t, d.must("images"), "unikraft/testkernel")
+	d.must("rmp", "-f", pod)
+}
