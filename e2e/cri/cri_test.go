@@ -6,9 +6,9 @@ package cri_test
 
 import (
 	"encoding/json"
+	"fmt"
 	"io"
 	"log"
-	"fmt"
 	"net/http/httptest"
 	"net/url"
 	"os"
