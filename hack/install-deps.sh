@@ -10,6 +10,7 @@ have ld || need="$need binutils"
 have ip || need="$need iproute2"
 have containerd || need="$need containerd"
 have runc || need="$need runc"
+dpkg -s busybox-static >/dev/null 2>&1 || need="$need busybox-static"
 [ -x /usr/lib/cni/bridge ] || [ -x /opt/cni/bin/bridge ] || need="$need containernetworking-plugins"
 if [ -z "$need" ]; then
 	exit 0

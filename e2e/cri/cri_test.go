@@ -193,10 +193,6 @@ type inspect struct {
 		FinishedAt string `json:"finishedAt"`
 		LogPath    string `json:"logPath"`
 	} `json:"status"`
-	Info struct {
-		Pid     string `json:"pid"`
-		Cmdline string `json:"cmdline"`
-	} `json:"info"`
 }
 
 func (d *daemon) inspect(id string) inspect {

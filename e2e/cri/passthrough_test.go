@@ -1,0 +1,237 @@
+package cri_test
+
+import (
+	"archive/tar"
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+	"github.com/stretchr/testify/require"
+)
+
+const (
+	pauseImage   = "unilet.test/pause:1"
+	busyboxImage = "unilet.test/busybox:1"
+)
+
+// buildImage builds a linux/amd64 image from files (path → content) and
+// symlinks (path → target).
+func buildImage(t *testing.T, files map[string][]byte, links map[string]string, cmd []string) v1.Image {
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	seen := map[string]bool{}
+	var mkdirs func(string)
+	mkdirs = func(d string) {
+		if d == "." || d == "/" || seen[d] {
+			return
+		}
+		mkdirs(filepath.Dir(d))
+		seen[d] = true
+		require.NoError(t, tw.WriteHeader(&tar.Header{Name: d + "/", Typeflag: tar.TypeDir, Mode: 0o755}))
+	}
+	for p, b := range files {
+		mkdirs(filepath.Dir(p))
+		require.NoError(t, tw.WriteHeader(&tar.Header{Name: p, Typeflag: tar.TypeReg, Mode: 0o755, Size: int64(len(b))}))
+		_, err := tw.Write(b)
+		require.NoError(t, err)
+	}
+	for p, target := range links {
+		mkdirs(filepath.Dir(p))
+		require.NoError(t, tw.WriteHeader(&tar.Header{Name: p, Typeflag: tar.TypeSymlink, Linkname: target, Mode: 0o777}))
+	}
+	require.NoError(t, tw.Close())
+	data := buf.Bytes()
+	layer, err := tarball.LayerFromReader(bytes.NewReader(data))
+	require.NoError(t, err)
+	img, err := mutate.AppendLayers(empty.Image, layer)
+	require.NoError(t, err)
+	cf, err := img.ConfigFile()
+	require.NoError(t, err)
+	cf = cf.DeepCopy()
+	cf.OS, cf.Architecture = "linux", "amd64"
+	cf.Config.Cmd = cmd
+	cf.Config.Env = []string{"PATH=/bin"}
+	img, err = mutate.ConfigFile(img, cf)
+	require.NoError(t, err)
+	return img
+}
+
+// containerd is a real containerd (Debian) on private directories.
+type containerd struct {
+	sock string
+	cmd  *exec.Cmd
+	dir  string
+}
+
+func startContainerd(t *testing.T) *containerd {
+	t.Helper()
+	if _, err := exec.LookPath("containerd"); err != nil {
+		t.Fatalf("containerd is required (make deps installs it): %v", err)
+	}
+	dir, err := os.MkdirTemp("", "unilet-ctrd-")
+	require.NoError(t, err)
+	c := &containerd{dir: dir, sock: filepath.Join(dir, "containerd.sock")}
+	cniDir := filepath.Join(dir, "cni")
+	require.NoError(t, os.MkdirAll(cniDir, 0o755))
+	cfg := fmt.Sprintf(`version = 2
+root = %q
+state = %q
+[grpc]
+  address = %q
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = %q
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = %q
+`, filepath.Join(dir, "root"), filepath.Join(dir, "state"), c.sock, pauseImage, cniDir)
+	cfgPath := filepath.Join(dir, "config.toml")
+	require.NoError(t, os.WriteFile(cfgPath, []byte(cfg), 0o644))
+	lf, err := os.Create(filepath.Join(dir, "containerd.log"))
+	require.NoError(t, err)
+	c.cmd = exec.Command("containerd", "--config", cfgPath)
+	c.cmd.Stdout, c.cmd.Stderr = lf, lf
+	c.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	require.NoError(t, c.cmd.Start())
+	t.Cleanup(func() {
+		// Whatever a failed test left: pods first, then containerd, shims, mounts.
+		_ = exec.Command(crictl, "--runtime-endpoint", "unix://"+c.sock, "rmp", "-af").Run()
+		done := make(chan struct{})
+		go func() { _ = c.cmd.Wait(); close(done) }()
+		for i := 0; i < 2; i++ {
+			_ = c.cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-done:
+				i = 2
+			case <-time.After(5 * time.Second):
+			}
+		}
+		select {
+		case <-done:
+		default:
+			_ = c.cmd.Process.Kill()
+			<-done
+		}
+		lf.Close()
+		if t.Failed() {
+			b, _ := os.ReadFile(filepath.Join(dir, "containerd.log"))
+			t.Logf("containerd log (tail):\n%s", tail(string(b), 40))
+		}
+		_ = exec.Command("pkill", "-9", "-f", "containerd-shim-runc-v2 .*"+dir).Run()
+		unmountUnder(dir)
+		os.RemoveAll(dir)
+	})
+	require.Eventually(t, func() bool {
+		_, err := os.Stat(c.sock)
+		return err == nil
+	}, 20*time.Second, 50*time.Millisecond, "containerd did not start")
+
+	// Offline images: a static pause and Debian's static busybox.
+	pauseBin := filepath.Join(dir, "pause")
+	out, err := exec.Command("go", "build", "-o", pauseBin, filepath.Join(repoRoot, "e2e", "images", "pause")).CombinedOutput()
+	require.NoError(t, err, string(out))
+	pb, err := os.ReadFile(pauseBin)
+	require.NoError(t, err)
+	bb, err := os.ReadFile("/bin/busybox")
+	require.NoError(t, err, "Debian busybox-static is required (make deps installs it)")
+	links := map[string]string{}
+	for _, a := range []string{"sh", "echo", "sleep", "cat", "ls", "true"} {
+		links["bin/"+a] = "busybox"
+	}
+	imgs := map[name.Tag]v1.Image{}
+	pt, _ := name.NewTag(pauseImage)
+	bt, _ := name.NewTag(busyboxImage)
+	imgs[pt] = buildImage(t, map[string][]byte{"pause": pb}, nil, []string{"/pause"})
+	imgs[bt] = buildImage(t, map[string][]byte{"bin/busybox": bb}, links, []string{"/bin/sh"})
+	archive := filepath.Join(dir, "images.tar")
+	require.NoError(t, tarball.MultiWriteToFile(archive, imgs))
+	out, err = exec.Command("ctr", "-a", c.sock, "-n", "k8s.io", "images", "import", archive).CombinedOutput()
+	require.NoError(t, err, string(out))
+	return c
+}
+
+// unmountUnder unmounts every mount below dir, deepest first.
+func unmountUnder(dir string) {
+	b, err := os.ReadFile("/proc/mounts")
+	if err != nil {
+		return
+	}
+	var mps []string
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) > 1 && strings.HasPrefix(f[1], dir+"/") {
+			mps = append(mps, f[1])
+		}
+	}
+	for i := len(mps) - 1; i >= 0; i-- {
+		_ = syscall.Unmount(mps[i], syscall.MNT_DETACH)
+	}
+}
+
+func tail(s string, n int) string {
+	lines := strings.Split(s, "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// direct runs crictl straight against containerd.
+func (c *containerd) crictl(t *testing.T, args ...string) string {
+	out, err := exec.Command(crictl, append([]string{"--runtime-endpoint", "unix://" + c.sock, "--image-endpoint", "unix://" + c.sock}, args...)...).Output()
+	require.NoError(t, err)
+	return strings.TrimSpace(string(out))
+}
+
+func TestPassthroughToContainerd(t *testing.T) {
+	ctrd := startContainerd(t)
+	d := startDaemon(t, "--upstream-endpoint", "unix://"+ctrd.sock)
+
+	logDir := filepath.Join(t.TempDir(), "pods", "plain")
+	podCfg := writeJSON(t, map[string]any{
+		"metadata":      map[string]any{"name": "plain", "namespace": "e2e", "uid": "plain-uid"},
+		"log_directory": logDir,
+		"linux":         map[string]any{"security_context": map[string]any{"namespace_options": map[string]any{"network": 2}}},
+	})
+	pod := d.must("runp", podCfg)
+	require.Contains(t, ctrd.crictl(t, "pods", "-q"), pod, "the pod ID must be containerd's own")
+
+	// A VM pod next to it: lists merge both sides.
+	vmCfg, _ := podConfig(t, "vm-beside", true)
+	d.must("pull", "--pod-config", vmCfg, image())
+	vmPod := d.must("runp", vmCfg)
+	pods := d.must("pods", "-q")
+	require.Contains(t, pods, pod)
+	require.Contains(t, pods, vmPod)
+	require.NotContains(t, ctrd.crictl(t, "pods", "-q"), vmPod, "VM pods never reach containerd")
+
+	ctrCfg := writeJSON(t, map[string]any{"metadata": map[string]any{"name": "sh"}, "image": map[string]string{"image": busyboxImage},
+		"command": []string{"/bin/sh", "-c", "echo hi-from-runc; sleep 30"}, "log_path": "sh/0.log"})
+	ctr := d.must("create", pod, ctrCfg, podCfg)
+	require.Contains(t, ctrd.crictl(t, "ps", "-aq"), ctr, "the container ID must be containerd's own")
+	d.must("start", ctr)
+	d.waitState(ctr, "CONTAINER_RUNNING", 20*time.Second)
+	require.Eventually(t, func() bool {
+		out, _ := d.crictl("logs", ctr)
+		return strings.Contains(out, "hi-from-runc")
+	}, 20*time.Second, 100*time.Millisecond)
+	require.Equal(t, "exec-works", d.must("exec", "-s", ctr, "echo", "exec-works"))
+	d.must("stop", "--timeout", "1", ctr)
+	d.must("rm", ctr)
+	d.must("stopp", pod)
+	d.must("rmp", pod)
+	d.must("rmp", "-f", vmPod)
+	require.NotContains(t, ctrd.crictl(t, "pods", "-q"), pod)
+	require.Empty(t, d.must("pods", "-q"))
+}
