@@ -1,0 +1,176 @@
+package cri
+
+import (
+	"context"
+	"net"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/unilet-dev/unilet/cri/vm"
+	"github.com/unilet-dev/unilet/image"
+)
+
+// fakeUpstream records which calls reached "containerd".
+type fakeUpstream struct {
+	runtimeapi.UnimplementedRuntimeServiceServer
+	runtimeapi.UnimplementedImageServiceServer
+	mu    sync.Mutex
+	calls []string
+}
+
+func (f *fakeUpstream) record(c string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls = append(f.calls, c)
+}
+
+func (f *fakeUpstream) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandboxRequest) (*runtimeapi.RunPodSandboxResponse, error) {
+	f.record("RunPodSandbox")
+	return &runtimeapi.RunPodSandboxResponse{PodSandboxId: "upstream-pod-1"}, nil
+}
+
+func (f *fakeUpstream) ListPodSandbox(ctx context.Context, r *runtimeapi.ListPodSandboxRequest) (*runtimeapi.ListPodSandboxResponse, error) {
+	f.record("ListPodSandbox")
+	return &runtimeapi.ListPodSandboxResponse{Items: []*runtimeapi.PodSandbox{{Id: "upstream-pod-1"}}}, nil
+}
+
+func (f *fakeUpstream) StopPodSandbox(ctx context.Context, r *runtimeapi.StopPodSandboxRequest) (*runtimeapi.StopPodSandboxResponse, error) {
+	f.record("StopPodSandbox:" + r.GetPodSandboxId())
+	return nil, status.Error(codes.NotFound, "no such sandbox")
+}
+
+func (f *fakeUpstream) PullImage(ctx context.Context, r *runtimeapi.PullImageRequest) (*runtimeapi.PullImageResponse, error) {
+	f.record("PullImage:" + r.GetImage().GetImage())
+	return &runtimeapi.PullImageResponse{ImageRef: "sha256:up"}, nil
+}
+
+func (f *fakeUpstream) ContainerStatus(ctx context.Context, r *runtimeapi.ContainerStatusRequest) (*runtimeapi.ContainerStatusResponse, error) {
+	f.record("ContainerStatus:" + r.GetContainerId())
+	return &runtimeapi.ContainerStatusResponse{Status: &runtimeapi.ContainerStatus{Id: r.GetContainerId()}}, nil
+}
+
+func newTestRouter(t *testing.T, withUpstream bool) (*Router, *fakeUpstream) {
+	t.Helper()
+	store, err := image.Open(t.TempDir(), nil)
+	require.NoError(t, err)
+	t.Cleanup(func() { store.Close() })
+	svc := vm.New(vm.Config{QEMU: "/bin/false", Accel: "tcg", StateDir: t.TempDir()}, store)
+	cfg := Config{Registries: []string{"unikraft.org"}}
+	var up *fakeUpstream
+	if withUpstream {
+		up = &fakeUpstream{}
+		sock := filepath.Join(t.TempDir(), "up.sock")
+		lis, err := net.Listen("unix", sock)
+		require.NoError(t, err)
+		srv := grpc.NewServer()
+		runtimeapi.RegisterRuntimeServiceServer(srv, up)
+		runtimeapi.RegisterImageServiceServer(srv, up)
+		go func() { _ = srv.Serve(lis) }()
+		t.Cleanup(srv.Stop)
+		cfg.Upstream = "unix://" + sock
+	}
+	r, err := NewRouter(cfg, svc)
+	require.NoError(t, err)
+	t.Cleanup(func() { r.Close() })
+	return r, up
+}
+
+func podCfg(name string, ann map[string]string) *runtimeapi.PodSandboxConfig {
+	return &runtimeapi.PodSandboxConfig{Metadata: &runtimeapi.PodSandboxMetadata{Name: name, Namespace: "ns", Uid: name}, Annotations: ann}
+}
+
+func TestIsUnikernelPod(t *testing.T) {
+	r, _ := newTestRouter(t, false)
+	cases := []struct {
+		ann     map[string]string
+		handler string
+		want    bool
+	}{
+		{map[string]string{"kubernetes.io/target-runtime": "unikraft"}, "", true},
+		{nil, "unikraft", true},
+		{map[string]string{"kubernetes.io/target-runtime": "virtlet.cloud"}, "", false},
+		{map[string]string{"kubernetes.io/target-runtime": ""}, "runc", false},
+		{nil, "", false},
+	}
+	for _, c := range cases {
+		require.Equal(t, c.want, r.IsUnikernelPod(podCfg("p", c.ann), c.handler), "%v %q", c.ann, c.handler)
+	}
+	require.False(t, r.IsUnikernelPod(nil, ""))
+}
+
+func TestRoutingTable(t *testing.T) {
+	r, up := newTestRouter(t, true)
+	ctx := context.Background()
+
+	// VM pod stays local; plain pod goes upstream with its ID unchanged.
+	vmPod, err := r.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: podCfg("vm", map[string]string{"kubernetes.io/target-runtime": "unikraft"})})
+	require.NoError(t, err)
+	plain, err := r.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: podCfg("plain", nil)})
+	require.NoError(t, err)
+	require.Equal(t, "upstream-pod-1", plain.GetPodSandboxId())
+	require.Equal(t, []string{"RunPodSandbox"}, up.calls)
+
+	// Lists merge; a list filtered by a VM ID does not go upstream.
+	list, err := r.ListPodSandbox(ctx, &runtimeapi.ListPodSandboxRequest{})
+	require.NoError(t, err)
+	require.Len(t, list.GetItems(), 2)
+	up.calls = nil
+	list, err = r.ListPodSandbox(ctx, &runtimeapi.ListPodSandboxRequest{Filter: &runtimeapi.PodSandboxFilter{Id: vmPod.GetPodSandboxId()}})
+	require.NoError(t, err)
+	require.Len(t, list.GetItems(), 1)
+	require.Empty(t, up.calls)
+
+	// ID-only calls route by ownership; unknown IDs go upstream; NotFound on stop is success.
+	_, err = r.StopPodSandbox(ctx, &runtimeapi.StopPodSandboxRequest{PodSandboxId: vmPod.GetPodSandboxId()})
+	require.NoError(t, err)
+	require.Empty(t, up.calls)
+	_, err = r.StopPodSandbox(ctx, &runtimeapi.StopPodSandboxRequest{PodSandboxId: "unknown"})
+	require.NoError(t, err)
+	require.Equal(t, []string{"StopPodSandbox:unknown"}, up.calls)
+	_, err = r.ContainerStatus(ctx, &runtimeapi.ContainerStatusRequest{ContainerId: "abc"})
+	require.NoError(t, err)
+	require.Contains(t, up.calls, "ContainerStatus:abc")
+
+	// Images: unikernel registries and VM pods go to the VM store, the rest upstream.
+	up.calls = nil
+	_, err = r.PullImage(ctx, &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: "busybox"}})
+	require.NoError(t, err)
+	require.Equal(t, []string{"PullImage:busybox"}, up.calls)
+	for _, req := range []*runtimeapi.PullImageRequest{
+		{Image: &runtimeapi.ImageSpec{Image: "127.0.0.1:1/x:1", RuntimeHandler: "unikraft"}},
+		{Image: &runtimeapi.ImageSpec{Image: "127.0.0.1:1/x:1"}, SandboxConfig: podCfg("vm", map[string]string{"kubernetes.io/target-runtime": "unikraft"})},
+	} {
+		_, err = r.PullImage(ctx, req)
+		require.Error(t, err) // nothing listens there: the VM store tried and failed
+		require.Contains(t, err.Error(), "pull unikernel image")
+	}
+	require.Equal(t, []string{"PullImage:busybox"}, up.calls)
+	// Refs under the unikernel registries go to the VM store (checked without
+	// pulling: tests never reach outside loopback).
+	require.True(t, r.isVMImageRef("unikraft.org/helloworld:latest"))
+	require.True(t, r.isVMImageRef("unikraft.org/nginx@sha256:"+strings.Repeat("a", 64)))
+	require.False(t, r.isVMImageRef("docker.io/library/busybox"))
+	require.False(t, r.isVMImageRef("unikraft.org.evil.example/x"))
+}
+
+func TestNoUpstream(t *testing.T) {
+	r, _ := newTestRouter(t, false)
+	_, err := r.RunPodSandbox(context.Background(), &runtimeapi.RunPodSandboxRequest{Config: podCfg("plain", nil)})
+	require.Equal(t, codes.FailedPrecondition, status.Code(err))
+	require.Contains(t, err.Error(), "--upstream-endpoint is empty")
+	_, err = r.RunPodSandbox(context.Background(), &runtimeapi.RunPodSandboxRequest{})
+	require.Equal(t, codes.InvalidArgument, status.Code(err))
+	// Unknown IDs: stop/remove succeed, status is NotFound.
+	_, err = r.StopContainer(context.Background(), &runtimeapi.StopContainerRequest{ContainerId: "nope"})
+	require.NoError(t, err)
+	_, err = r.ContainerStatus(context.Background(), &runtimeapi.ContainerStatusRequest{ContainerId: "nope"})
+	require.Equal(t, codes.NotFound, status.Code(err))
+}
