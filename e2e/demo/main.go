@@ -1,21 +1,29 @@
-// Command demo is `make demo` for the current stage of unilet: it builds the
-// repository's test unikernel, boots it under real QEMU through unilet's VM
-// runtime (accelerator probe, Unikraft command line, CRI console log), and
-// prints the resulting container log. Later stages run it through the CRI
-// daemon and then a real cluster.
+// Command demo is `make demo` for the current stage of unilet. On temporary
+// directories it builds the binaries and the repository's test unikernel,
+// packs the kernel with `uniletctl pack` and pushes it to a loopback registry,
+// starts the unilet daemon, then acts as a CRI client (as kubelet would):
+// pulls the image, runs an annotated pod, creates and starts its container,
+// waits for the VM to finish and prints the console log — then cleans up.
+// A later stage turns this into a real single-node cluster.
 package main
 
 import (
 	"context"
 	"fmt"
+	"io"
+	"log"
+	"net/http/httptest"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"syscall"
 	"time"
 
-	"github.com/sirupsen/logrus"
-
-	"github.com/unilet-dev/unilet/runtime"
+	"github.com/google/go-containerregistry/pkg/registry"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
 
 func main() {
@@ -25,63 +33,133 @@ func main() {
 	}
 }
 
+func step(format string, a ...any) { fmt.Printf(">> "+format+"\n", a...) }
+
+func sh(name string, args ...string) error {
+	cmd := exec.Command(name, args...)
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	return cmd.Run()
+}
+
 func run() error {
 	dir, err := os.MkdirTemp("", "unilet-demo-")
 	if err != nil {
 		return err
 	}
 	defer os.RemoveAll(dir)
+	bin := filepath.Join(dir, "bin")
+
+	step("building unilet and uniletctl")
+	if err := sh("go", "build", "-o", bin+"/", "./cmd/unilet", "./cmd/uniletctl"); err != nil {
+		return err
+	}
+	step("building the test unikernel (e2e/guest/testkernel)")
 	kernel := filepath.Join(dir, "testkernel.elf")
-	fmt.Println(">> building the test unikernel (e2e/guest/testkernel)")
-	if out, err := exec.Command("./e2e/guest/testkernel/build.sh", kernel).CombinedOutput(); err != nil {
-		return fmt.Errorf("build test kernel: %v\n%s", err, out)
+	if err := sh("./e2e/guest/testkernel/build.sh", kernel); err != nil {
+		return err
 	}
-	qemu, err := exec.LookPath("qemu-system-x86_64")
-	if err != nil {
-		return fmt.Errorf("qemu-system-x86_64 not found (run make deps): %w", err)
+	srv := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
+	defer srv.Close()
+	u, _ := url.Parse(srv.URL)
+	ref := u.Host + "/unikraft/demo:latest"
+	step("packing it as a Unikraft OCI image and pushing to a loopback registry: %s", ref)
+	if err := sh(filepath.Join(bin, "uniletctl"), "pack", "--kernel", kernel, "--arg", "hello", "--env", "FROM_IMAGE=yes",
+		"--push", ref, "--insecure"); err != nil {
+		return err
 	}
-	fmt.Println(">> probing the accelerator (--accel auto)")
-	accel, err := runtime.ResolveAccel(context.Background(), "auto", qemu)
+
+	sock := filepath.Join(dir, "unilet.sock")
+	step("starting unilet (--accel auto: probes KVM, falls back to TCG with a warning)")
+	daemon := exec.Command(filepath.Join(bin, "unilet"), "--listen", "unix://"+sock, "--root", filepath.Join(dir, "root"),
+		"--state-dir", filepath.Join(dir, "run"), "--upstream-endpoint", "", "--insecure-registry", u.Host)
+	daemon.Stdout, daemon.Stderr = os.Stdout, os.Stderr
+	if err := daemon.Start(); err != nil {
+		return err
+	}
+	defer func() {
+		_ = daemon.Process.Signal(syscall.SIGTERM)
+		_ = daemon.Wait()
+	}()
+	for i := 0; ; i++ {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		if i > 300 {
+			return fmt.Errorf("unilet did not start")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		return err
 	}
-	fmt.Println("   accelerator:", accel)
-	env := []string{"GREETING=hello from unilet", "POD_NAME=demo"}
-	args := []string{"hello", "unikernel world", "tick=100", "count=5"}
-	line, warnings, err := runtime.BuildCmdline(runtime.GuestConfig{KernelName: kernel, Env: env, Args: args})
+	defer conn.Close()
+	rt := runtimeapi.NewRuntimeServiceClient(conn)
+	is := runtimeapi.NewImageServiceClient(conn)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+
+	v, err := rt.Version(ctx, &runtimeapi.VersionRequest{})
 	if err != nil {
 		return err
 	}
-	for _, w := range warnings {
-		logrus.Warn(w)
+	step("CRI Version: %s %s (CRI %s)", v.RuntimeName, v.RuntimeVersion, v.RuntimeApiVersion)
+	logDir := filepath.Join(dir, "pods", "demo")
+	podConfig := &runtimeapi.PodSandboxConfig{
+		Metadata:     &runtimeapi.PodSandboxMetadata{Name: "demo", Namespace: "default", Uid: "demo-uid"},
+		Annotations:  map[string]string{"kubernetes.io/target-runtime": "unikraft"},
+		LogDirectory: logDir,
 	}
-	fmt.Printf(">> guest command line: %s\n", line)
-	spec := runtime.VMSpec{
-		QEMU: qemu,
-		Machine: runtime.MachineConfig{Name: "demo", Accel: accel, Machine: runtime.MachinePC, MemoryMiB: 32, VCPUs: 1,
-			Kernel: kernel, Cmdline: line, QMPSocket: filepath.Join(dir, "qmp.sock")},
-		StateDir: filepath.Join(dir, "vm"),
-		LogPath:  filepath.Join(dir, "logs", "demo", "0.log"),
+	step("PullImage %s", ref)
+	if _, err := is.PullImage(ctx, &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: ref}, SandboxConfig: podConfig}); err != nil {
+		return err
 	}
+	pod, err := rt.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: podConfig})
+	if err != nil {
+		return err
+	}
+	step("RunPodSandbox (annotation kubernetes.io/target-runtime=unikraft) → %s", pod.PodSandboxId[:13])
+	ctr, err := rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: pod.PodSandboxId, SandboxConfig: podConfig,
+		Config: &runtimeapi.ContainerConfig{
+			Metadata: &runtimeapi.ContainerMetadata{Name: "app"},
+			Image:    &runtimeapi.ImageSpec{Image: ref},
+			Args:     []string{"hello", "unikernel world", "tick=100", "count=5"},
+			Envs:     []*runtimeapi.KeyValue{{Key: "GREETING", Value: []byte("hello from a pod")}},
+			LogPath:  "app/0.log",
+		}})
+	if err != nil {
+		return err
+	}
+	step("CreateContainer → %s; StartContainer", ctr.ContainerId[:13])
 	start := time.Now()
-	vm, err := runtime.StartVM(spec)
+	if _, err := rt.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: ctr.ContainerId}); err != nil {
+		return err
+	}
+	var st *runtimeapi.ContainerStatus
+	for {
+		resp, err := rt.ContainerStatus(ctx, &runtimeapi.ContainerStatusRequest{ContainerId: ctr.ContainerId, Verbose: true})
+		if err != nil {
+			return err
+		}
+		st = resp.Status
+		if st.State == runtimeapi.ContainerState_CONTAINER_EXITED {
+			step("guest command line: %s", resp.Info["cmdline"])
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	step("container EXITED after %s: exitCode=%d reason=%s", time.Since(start).Round(time.Millisecond), st.ExitCode, st.Reason)
+	b, err := os.ReadFile(st.LogPath)
 	if err != nil {
 		return err
 	}
-	select {
-	case <-vm.Done():
-	case <-time.After(60 * time.Second):
-		vm.Stop(time.Second)
-	}
-	st := vm.Exit()
-	fmt.Printf(">> VM exited after %s: code=%d reason=%s %s\n", time.Since(start).Round(time.Millisecond), st.Code, st.Reason, st.Message)
-	b, err := os.ReadFile(spec.LogPath)
-	if err != nil {
+	step("console log (%s, CRI format — what kubectl logs shows):\n%s", filepath.Base(st.LogPath), b)
+	if _, err := rt.RemovePodSandbox(ctx, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: pod.PodSandboxId}); err != nil {
 		return err
 	}
-	fmt.Printf(">> container log (%s, CRI format):\n%s", spec.LogPath, b)
-	if st.Code != 0 {
-		return fmt.Errorf("VM failed: %s", st.Reason)
+	step("RemovePodSandbox done; cleaning up")
+	if st.ExitCode != 0 {
+		return fmt.Errorf("the VM failed: %s %s", st.Reason, st.Message)
 	}
 	return nil
 }
