@@ -2,6 +2,9 @@ package image
 
 import (
 	"context"
+	"io"
+	"log"
+	"net/http"
 	"net/http/httptest"
 	"net/url"
 	"os"
@@ -9,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -24,7 +28,7 @@ func fakeKernel(t *testing.T, content string) string {
 }
 
 func serve(t *testing.T) string {
-	srv := httptest.NewServer(registry.New())
+	srv := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
 	t.Cleanup(srv.Close)
 	u, _ := url.Parse(srv.URL)
 	return u.Host
@@ -152,4 +156,37 @@ func TestPullRejectsNonUnikernelImages(t *testing.T) {
 	blobs, err := os.ReadDir(filepath.Join(s.root, "blobs", "sha256"))
 	require.NoError(t, err)
 	require.Empty(t, blobs, "failed pulls must leave no files")
+}
+
+func TestPullWithBasicAuth(t *testing.T) {
+	reg := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if u, p, ok := r.BasicAuth(); !ok || u != "alice" || p != "s3cret" {
+			w.Header().Set("WWW-Authenticate", `Basic realm="test"`)
+			w.WriteHeader(http.StatusUnauthorized)
+			return
+		}
+		reg.ServeHTTP(w, r)
+	}))
+	defer srv.Close()
+	u, _ := url.Parse(srv.URL)
+	idx, err := Pack(PackOptions{Kernel: fakeKernel(t, "private")})
+	require.NoError(t, err)
+	r, err := name.ParseReference(u.Host+"/private/app:1", name.Insecure)
+	require.NoError(t, err)
+	require.NoError(t, remote.WriteIndex(r, idx, remote.WithAuth(&authn.Basic{Username: "alice", Password: "s3cret"})))
+
+	s, err := Open(t.TempDir(), []string{u.Host})
+	require.NoError(t, err)
+	defer s.Close()
+	_, err = s.Pull(context.Background(), u.Host+"/private/app:1", nil)
+	require.ErrorContains(t, err, "401", "anonymous pull must be refused")
+	_, err = s.Pull(context.Background(), u.Host+"/private/app:1", &Auth{Username: "alice", Password: "wrong"})
+	require.Error(t, err)
+	img, err := s.Pull(context.Background(), u.Host+"/private/app:1", &Auth{Username: "alice", Password: "s3cret"})
+	require.NoError(t, err)
+	require.NotEmpty(t, img.Kernel)
+	// The CRI "auth" field: base64(user:pass).
+	_, err = s.Pull(context.Background(), u.Host+"/private/app:1", &Auth{Auth: "YWxpY2U6czNjcmV0"})
+	require.NoError(t, err)
 }

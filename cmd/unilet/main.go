@@ -122,6 +122,7 @@ func run() error {
 	if err := srv.Serve(lis); err != nil {
 		return err
 	}
+	svc.Shutdown()
 	_ = os.Remove(sock)
 	return nil
 }

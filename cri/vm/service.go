@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/sirupsen/logrus"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -169,4 +170,27 @@ func (c *container) refresh() {
 
 func errorf(code codes.Code, format string, a ...any) error {
 	return status.Error(code, fmt.Sprintf(format, a...))
+}
+
+// Shutdown kills every running VM. Until per-VM shims exist (issue 3) a VM
+// cannot outlive the daemon that owns its console, so it is not left behind
+// unmanaged; each one is logged.
+func (s *Service) Shutdown() {
+	s.mu.Lock()
+	var running []*container
+	for _, c := range s.containers {
+		c.refresh()
+		if c.state == runtimeapi.ContainerState_CONTAINER_RUNNING && c.vm != nil {
+			running = append(running, c)
+		}
+	}
+	s.mu.Unlock()
+	for _, c := range running {
+		logrus.WithFields(logrus.Fields{"sandbox": c.sandboxID, "container": c.id}).Warn("daemon shutting down: stopping VM (VMs do not yet outlive the daemon)")
+		st := c.vm.Stop(0)
+		s.mu.Lock()
+		c.exit, c.state = st, runtimeapi.ContainerState_CONTAINER_EXITED
+		_ = os.RemoveAll(c.vmDir)
+		s.mu.Unlock()
+	}
 }

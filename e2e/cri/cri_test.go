@@ -382,3 +382,29 @@ func TestDeadUpstream(t *testing.T) {
 	require.Contains(t, d.must("images"), "unikraft/testkernel")
 	d.must("rmp", "-f", pod)
 }
+
+func TestDaemonBasics(t *testing.T) {
+	out, err := exec.Command(filepath.Join(binDir, "unilet"), "--version").CombinedOutput()
+	require.NoError(t, err)
+	require.True(t, strings.HasPrefix(string(out), "unilet "), string(out))
+
+	d := startDaemon(t, "--upstream-endpoint", "")
+	fi, err := os.Stat(d.sock)
+	require.NoError(t, err)
+	require.Equal(t, os.FileMode(0o600), fi.Mode().Perm(), "the CRI socket must be private")
+	require.Contains(t, d.must("version"), "RuntimeName:  unilet")
+	require.Contains(t, d.must("info"), `"accel": "tcg"`)
+
+	// SIGTERM with a VM running: clean exit, socket removed, no QEMU left behind.
+	d.must("pull", image())
+	podCfg, _ := podConfig(t, "vm-sigterm", true)
+	pod := d.must("runp", podCfg)
+	ctr := d.must("create", pod, containerConfig(t, image(), []string{"tick=100"}, nil), podCfg)
+	d.must("start", ctr)
+	require.Len(t, qemuProcesses(t, d.stateDir), 1)
+	require.NoError(t, d.cmd.Process.Signal(syscall.SIGTERM))
+	require.NoError(t, d.cmd.Wait(), "unilet must exit 0 on SIGTERM")
+	_, err = os.Stat(d.sock)
+	require.True(t, os.IsNotExist(err), "socket must be removed on shutdown")
+	require.Empty(t, qemuProcesses(t, d.stateDir))
+}
