@@ -62,7 +62,7 @@ func newTestRouter(t *testing.T, withUpstream bool) (*Router, *fakeUpstream) {
 	store, err := image.Open(t.TempDir(), nil)
 	require.NoError(t, err)
 	t.Cleanup(func() { store.Close() })
-	svc := vm.New(vm.Config{QEMU: "/bin/false", Accel: "tcg", StateDir: t.TempDir()}, store)
+	svc := vm.New(vm.Config{QEMU: "/bin/false", Accel: "tcg", StateDir: t.TempDir()}, store, nil)
 	cfg := Config{Registries: []string{"unikraft.org"}}
 	var up *fakeUpstream
 	if withUpstream {

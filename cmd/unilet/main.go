@@ -22,6 +22,7 @@ import (
 	"github.com/unilet-dev/unilet/cri"
 	"github.com/unilet-dev/unilet/cri/vm"
 	"github.com/unilet-dev/unilet/image"
+	"github.com/unilet-dev/unilet/pkg/metadata"
 	"github.com/unilet-dev/unilet/pkg/version"
 	vmruntime "github.com/unilet-dev/unilet/runtime"
 )
@@ -85,7 +86,15 @@ func run() error {
 		return err
 	}
 	defer images.Close()
-	svc := vm.New(vm.Config{QEMU: qemuPath, Accel: resolved, StateDir: stateDir, Version: version.Version}, images)
+	meta, err := metadata.Open(root)
+	if err != nil {
+		return err
+	}
+	defer meta.Close()
+	svc := vm.New(vm.Config{QEMU: qemuPath, Accel: resolved, StateDir: stateDir, Version: version.Version}, images, meta)
+	if err := svc.Load(); err != nil {
+		return fmt.Errorf("restore state from %s: %w", root, err)
+	}
 	router, err := cri.NewRouter(cri.Config{Annotation: annotation, AnnotationValue: annotationValue, Handler: handler,
 		Registries: registries, Upstream: upstream}, svc)
 	if err != nil {

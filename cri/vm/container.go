@@ -117,6 +117,7 @@ func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateConta
 	}
 	s.mu.Lock()
 	s.containers[c.id] = c
+	s.saveContainer(c)
 	s.mu.Unlock()
 	log.Debug("unikernel container created")
 	return &runtimeapi.CreateContainerResponse{ContainerId: c.id}, nil
@@ -179,11 +180,13 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 		_ = os.RemoveAll(c.vmDir)
 		c.state = runtimeapi.ContainerState_CONTAINER_EXITED
 		c.exit = runtime.ExitStatus{Code: 128, Reason: runtime.ReasonStartFailed, Message: err.Error(), FinishedAt: time.Now()}
+		s.saveContainer(c)
 		return nil, errorf(codes.Unknown, "start VM for container %s: %v", c.id, err)
 	}
 	c.vm = vm
 	c.startedAt = vm.StartedAt()
 	c.state = runtimeapi.ContainerState_CONTAINER_RUNNING
+	s.saveContainer(c)
 	logrus.WithFields(logrus.Fields{"sandbox": c.sandboxID, "container": c.id, "pid": vm.Pid(), "accel": s.cfg.Accel}).Info("unikernel VM started")
 	return &runtimeapi.StartContainerResponse{}, nil
 }
@@ -199,12 +202,13 @@ func (s *Service) StopContainer(ctx context.Context, r *runtimeapi.StopContainer
 		}
 		return nil, err
 	}
-	c.refresh()
+	s.refresh(c)
 	vm := c.vm
 	running := c.state == runtimeapi.ContainerState_CONTAINER_RUNNING
 	if c.state == runtimeapi.ContainerState_CONTAINER_CREATED {
 		c.state = runtimeapi.ContainerState_CONTAINER_EXITED
 		c.exit = runtime.ExitStatus{Reason: "NeverStarted", FinishedAt: time.Now()}
+		s.saveContainer(c)
 	}
 	s.mu.Unlock()
 	if running && vm != nil {
@@ -213,6 +217,7 @@ func (s *Service) StopContainer(ctx context.Context, r *runtimeapi.StopContainer
 		c.exit = st
 		c.state = runtimeapi.ContainerState_CONTAINER_EXITED
 		_ = os.RemoveAll(c.vmDir)
+		s.saveContainer(c)
 		s.mu.Unlock()
 		logrus.WithFields(logrus.Fields{"container": c.id, "exitCode": st.Code, "reason": st.Reason}).Info("unikernel VM stopped")
 	}
@@ -232,6 +237,7 @@ func (s *Service) RemoveContainer(ctx context.Context, r *runtimeapi.RemoveConta
 	}
 	_ = os.RemoveAll(c.vmDir)
 	delete(s.containers, c.id)
+	s.forgetContainer(c.id)
 	return &runtimeapi.RemoveContainerResponse{}, nil
 }
 
@@ -251,7 +257,7 @@ func (s *Service) ContainerStatus(ctx context.Context, r *runtimeapi.ContainerSt
 	if err != nil {
 		return nil, err
 	}
-	c.refresh()
+	s.refresh(c)
 	st := &runtimeapi.ContainerStatus{
 		Id: c.id, Metadata: c.config.GetMetadata(), State: c.state, CreatedAt: c.createdAt.UnixNano(),
 		Image: c.config.GetImage(), ImageRef: c.image.ID, ImageId: c.image.ID,
@@ -291,7 +297,7 @@ func (s *Service) ListContainers(ctx context.Context, r *runtimeapi.ListContaine
 	defer s.mu.Unlock()
 	var out []*runtimeapi.Container
 	for _, c := range s.containers {
-		c.refresh()
+		s.refresh(c)
 		if f != nil {
 			if f.GetId() != "" && !strings.HasPrefix(c.id, f.GetId()) {
 				continue
@@ -319,7 +325,7 @@ func (s *Service) ReopenContainerLog(ctx context.Context, r *runtimeapi.ReopenCo
 	if err != nil {
 		return nil, err
 	}
-	c.refresh()
+	s.refresh(c)
 	if c.state != runtimeapi.ContainerState_CONTAINER_RUNNING {
 		return nil, errorf(codes.FailedPrecondition, "container %s is not running; its log cannot be reopened", c.id)
 	}

@@ -32,6 +32,7 @@ func (s *Service) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandbox
 	sb := &sandbox{id: newID(), config: cfg, handler: r.GetRuntimeHandler(), createdAt: time.Now(),
 		state: runtimeapi.PodSandboxState_SANDBOX_READY}
 	s.sandboxes[sb.id] = sb
+	s.saveSandbox(sb)
 	logrus.WithFields(logrus.Fields{"sandbox": sb.id, "pod": md.GetNamespace() + "/" + md.GetName()}).Info("unikernel pod sandbox created")
 	return &runtimeapi.RunPodSandboxResponse{PodSandboxId: sb.id}, nil
 }
@@ -61,6 +62,7 @@ func (s *Service) StopPodSandbox(ctx context.Context, r *runtimeapi.StopPodSandb
 	}
 	s.mu.Lock()
 	sb.state = runtimeapi.PodSandboxState_SANDBOX_NOTREADY
+	s.saveSandbox(sb)
 	s.mu.Unlock()
 	return &runtimeapi.StopPodSandboxResponse{}, nil
 }
@@ -90,6 +92,7 @@ func (s *Service) RemovePodSandbox(ctx context.Context, r *runtimeapi.RemovePodS
 	}
 	s.mu.Lock()
 	delete(s.sandboxes, sb.id)
+	s.forgetSandbox(sb.id)
 	s.mu.Unlock()
 	logrus.WithField("sandbox", sb.id).Info("unikernel pod sandbox removed")
 	return &runtimeapi.RemovePodSandboxResponse{}, nil

@@ -19,6 +19,7 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/image"
+	"github.com/unilet-dev/unilet/pkg/metadata"
 	"github.com/unilet-dev/unilet/runtime"
 )
 
@@ -41,6 +42,7 @@ type Service struct {
 
 	cfg    Config
 	images *image.Store
+	meta   *metadata.Store // nil: state is not persisted (unit tests)
 
 	mu         sync.Mutex
 	sandboxes  map[string]*sandbox
@@ -72,12 +74,13 @@ type container struct {
 	warnings  []string
 }
 
-// New returns a Service.
-func New(cfg Config, images *image.Store) *Service {
+// New returns a Service; meta may be nil (no persistence). Call Load to
+// restore state recorded by an earlier daemon.
+func New(cfg Config, images *image.Store, meta *metadata.Store) *Service {
 	if cfg.DefaultMB == 0 {
 		cfg.DefaultMB = 64
 	}
-	return &Service{cfg: cfg, images: images, sandboxes: map[string]*sandbox{}, containers: map[string]*container{}}
+	return &Service{cfg: cfg, images: images, meta: meta, sandboxes: map[string]*sandbox{}, containers: map[string]*container{}}
 }
 
 // OwnsSandbox reports whether id is a unikernel sandbox (for routing).
@@ -155,7 +158,7 @@ func (s *Service) containerLocked(id string) (*container, error) {
 }
 
 // refresh moves a running container whose VM ended to EXITED. Caller holds s.mu.
-func (c *container) refresh() {
+func (s *Service) refresh(c *container) {
 	if c.state != runtimeapi.ContainerState_CONTAINER_RUNNING || c.vm == nil {
 		return
 	}
@@ -164,6 +167,7 @@ func (c *container) refresh() {
 		c.exit = c.vm.Exit()
 		c.state = runtimeapi.ContainerState_CONTAINER_EXITED
 		_ = os.RemoveAll(c.vmDir)
+		s.saveContainer(c)
 	default:
 	}
 }
@@ -179,7 +183,7 @@ func (s *Service) Shutdown() {
 	s.mu.Lock()
 	var running []*container
 	for _, c := range s.containers {
-		c.refresh()
+		s.refresh(c)
 		if c.state == runtimeapi.ContainerState_CONTAINER_RUNNING && c.vm != nil {
 			running = append(running, c)
 		}
@@ -191,6 +195,7 @@ func (s *Service) Shutdown() {
 		s.mu.Lock()
 		c.exit, c.state = st, runtimeapi.ContainerState_CONTAINER_EXITED
 		_ = os.RemoveAll(c.vmDir)
+		s.saveContainer(c)
 		s.mu.Unlock()
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"net"
 	"net/http/httptest"
 	"net/url"
 	"os"
@@ -93,6 +94,8 @@ type daemon struct {
 	sock     string
 	stateDir string
 	cmd      *exec.Cmd
+	done     chan struct{}
+	args     []string
 	logFile  string
 }
 
@@ -101,34 +104,58 @@ func startDaemon(t *testing.T, extra ...string) *daemon {
 	dir, err := os.MkdirTemp("", "unilet-d-")
 	require.NoError(t, err)
 	d := &daemon{t: t, dir: dir, sock: filepath.Join(dir, "unilet.sock"), stateDir: filepath.Join(dir, "run"), logFile: filepath.Join(dir, "unilet.log")}
-	args := append([]string{"--listen", "unix://" + d.sock, "--root", filepath.Join(dir, "root"), "--state-dir", d.stateDir,
+	d.args = append([]string{"--listen", "unix://" + d.sock, "--root", filepath.Join(dir, "root"), "--state-dir", d.stateDir,
 		"--insecure-registry", regHost, "--accel", "auto", "--log-level", "debug"}, extra...)
-	lf, err := os.Create(d.logFile)
-	require.NoError(t, err)
-	d.cmd = exec.Command(filepath.Join(binDir, "unilet"), args...)
-	d.cmd.Stdout, d.cmd.Stderr = lf, lf
-	require.NoError(t, d.cmd.Start())
 	t.Cleanup(func() {
-		_ = d.cmd.Process.Signal(syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() { _ = d.cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			_ = d.cmd.Process.Kill()
-		}
-		lf.Close()
+		d.stop()
 		if t.Failed() {
 			b, _ := os.ReadFile(d.logFile)
 			t.Logf("unilet log:\n%s", b)
 		}
 		os.RemoveAll(dir)
 	})
-	require.Eventually(t, func() bool {
-		_, err := os.Stat(d.sock)
-		return err == nil
-	}, 15*time.Second, 20*time.Millisecond, "unilet did not create its socket")
+	d.start()
 	return d
+}
+
+// start launches unilet (again) on the daemon's directories.
+func (d *daemon) start() {
+	t := d.t
+	t.Helper()
+	lf, err := os.OpenFile(d.logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	require.NoError(t, err)
+	d.cmd = exec.Command(filepath.Join(binDir, "unilet"), d.args...)
+	d.cmd.Stdout, d.cmd.Stderr = lf, lf
+	require.NoError(t, d.cmd.Start())
+	d.done = make(chan struct{})
+	go func(cmd *exec.Cmd, done chan struct{}) { _ = cmd.Wait(); lf.Close(); close(done) }(d.cmd, d.done)
+	require.Eventually(t, func() bool {
+		conn, err := net.Dial("unix", d.sock)
+		if err == nil {
+			conn.Close()
+		}
+		return err == nil
+	}, 15*time.Second, 20*time.Millisecond, "unilet did not serve its socket")
+}
+
+// stop sends SIGTERM and waits (kills after 10 s).
+func (d *daemon) stop() {
+	if d.cmd == nil {
+		return
+	}
+	_ = d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.done:
+	case <-time.After(10 * time.Second):
+		_ = d.cmd.Process.Kill()
+		<-d.done
+	}
+}
+
+// crash kills unilet with SIGKILL.
+func (d *daemon) crash() {
+	_ = d.cmd.Process.Kill()
+	<-d.done
 }
 
 // crictl runs crictl against the daemon; returns stdout, stderr-included error.
@@ -403,8 +430,49 @@ func TestDaemonBasics(t *testing.T) {
 	d.must("start", ctr)
 	require.Len(t, qemuProcesses(t, d.stateDir), 1)
 	require.NoError(t, d.cmd.Process.Signal(syscall.SIGTERM))
-	require.NoError(t, d.cmd.Wait(), "unilet must exit 0 on SIGTERM")
+	<-d.done
+	require.Equal(t, 0, d.cmd.ProcessState.ExitCode(), "unilet must exit 0 on SIGTERM")
 	_, err = os.Stat(d.sock)
 	require.True(t, os.IsNotExist(err), "socket must be removed on shutdown")
 	require.Empty(t, qemuProcesses(t, d.stateDir))
+}
+
+func TestStateSurvivesDaemonRestart(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "")
+	d.must("pull", image())
+	podCfg, _ := podConfig(t, "vm-restart", true)
+	pod := d.must("runp", podCfg)
+	done := d.must("create", pod, containerConfig(t, image(), []string{"quick"}, nil), podCfg)
+	d.must("start", done)
+	d.waitState(done, "CONTAINER_EXITED", 30*time.Second)
+	running := d.must("create", pod, writeJSON(t, map[string]any{"metadata": map[string]any{"name": "ticker"},
+		"image": map[string]string{"image": image()}, "args": []string{"tick=100"}, "log_path": "ticker/0.log"}), podCfg)
+	d.must("start", running)
+	d.waitState(running, "CONTAINER_RUNNING", 10*time.Second)
+
+	// kill -9: this version cannot keep VMs across a restart; the new daemon
+	// must report that truthfully, stop the orphan, and keep routing the IDs.
+	d.crash()
+	d.start()
+	require.Equal(t, pod, d.must("pods", "-q"))
+	in := d.inspect(done)
+	require.Equal(t, "CONTAINER_EXITED", in.Status.State)
+	require.Equal(t, int32(0), in.Status.ExitCode)
+	require.Equal(t, "Completed", in.Status.Reason)
+	in = d.inspect(running)
+	require.Equal(t, "CONTAINER_EXITED", in.Status.State)
+	require.Equal(t, int32(255), in.Status.ExitCode)
+	require.Equal(t, "VMLost", in.Status.Reason)
+	require.Eventually(t, func() bool { return len(qemuProcesses(t, d.stateDir)) == 0 }, 5*time.Second, 50*time.Millisecond,
+		"no VM may be left running unmanaged")
+
+	// Graceful restart keeps records too.
+	d.stop()
+	d.start()
+	require.Equal(t, "VMLost", d.inspect(running).Status.Reason)
+	d.must("rmp", "-f", pod)
+	d.stop()
+	d.start()
+	require.Empty(t, d.must("pods", "-q"))
+	require.Empty(t, d.must("ps", "-aq"))
 }

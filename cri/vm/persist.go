@@ -1,0 +1,167 @@
+package vm
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"google.golang.org/protobuf/proto"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/unilet-dev/unilet/image"
+	"github.com/unilet-dev/unilet/runtime"
+)
+
+// ReasonVMLost is reported for a container whose VM was running when the
+// daemon went away: this version cannot re-attach to it.
+const ReasonVMLost = "VMLost"
+
+type sandboxRecord struct {
+	ID        string    `json:"id"`
+	Config    []byte    `json:"config"`
+	Handler   string    `json:"handler,omitempty"`
+	CreatedAt time.Time `json:"createdAt"`
+	State     int32     `json:"state"`
+}
+
+type containerRecord struct {
+	ID        string                `json:"id"`
+	SandboxID string                `json:"sandboxId"`
+	Config    []byte                `json:"config"`
+	ImageID   string                `json:"imageId"`
+	ImageRef  string                `json:"imageRef"`
+	LogPath   string                `json:"logPath,omitempty"`
+	CreatedAt time.Time             `json:"createdAt"`
+	StartedAt time.Time             `json:"startedAt,omitempty"`
+	State     int32                 `json:"state"`
+	Exit      runtime.ExitStatus    `json:"exit"`
+	Machine   runtime.MachineConfig `json:"machine"`
+	VMDir     string                `json:"vmDir"`
+	Warnings  []string              `json:"warnings,omitempty"`
+	Pid       int                   `json:"pid,omitempty"`
+}
+
+// saveSandbox persists sb; caller holds s.mu.
+func (s *Service) saveSandbox(sb *sandbox) {
+	if s.meta == nil {
+		return
+	}
+	cfg, _ := proto.Marshal(sb.config)
+	rec := sandboxRecord{ID: sb.id, Config: cfg, Handler: sb.handler, CreatedAt: sb.createdAt, State: int32(sb.state)}
+	if err := s.meta.PutSandbox(sb.id, rec); err != nil {
+		logrus.WithError(err).WithField("sandbox", sb.id).Error("persist sandbox")
+	}
+}
+
+// saveContainer persists c; caller holds s.mu.
+func (s *Service) saveContainer(c *container) {
+	if s.meta == nil {
+		return
+	}
+	cfg, _ := proto.Marshal(c.config)
+	rec := containerRecord{ID: c.id, SandboxID: c.sandboxID, Config: cfg, ImageID: c.image.ID, ImageRef: c.imageRef, LogPath: c.logPath,
+		CreatedAt: c.createdAt, StartedAt: c.startedAt, State: int32(c.state), Exit: c.exit, Machine: c.machine, VMDir: c.vmDir, Warnings: c.warnings}
+	if c.vm != nil {
+		rec.Pid = c.vm.Pid()
+	}
+	if err := s.meta.PutContainer(c.id, rec); err != nil {
+		logrus.WithError(err).WithField("container", c.id).Error("persist container")
+	}
+}
+
+func (s *Service) forgetSandbox(id string) {
+	if s.meta != nil {
+		if err := s.meta.DeleteSandbox(id); err != nil {
+			logrus.WithError(err).WithField("sandbox", id).Error("delete sandbox record")
+		}
+	}
+}
+
+func (s *Service) forgetContainer(id string) {
+	if s.meta != nil {
+		if err := s.meta.DeleteContainer(id); err != nil {
+			logrus.WithError(err).WithField("container", id).Error("delete container record")
+		}
+	}
+}
+
+// Load restores sandboxes and containers recorded by an earlier daemon.
+// Containers whose VM was running are reported EXITED with reason VMLost
+// (and a surviving QEMU of theirs is stopped, never left running unmanaged).
+func (s *Service) Load() error {
+	if s.meta == nil {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	err := s.meta.EachSandbox(func(v []byte) error {
+		var rec sandboxRecord
+		if err := json.Unmarshal(v, &rec); err != nil {
+			return err
+		}
+		cfg := &runtimeapi.PodSandboxConfig{}
+		if err := proto.Unmarshal(rec.Config, cfg); err != nil {
+			return fmt.Errorf("sandbox %s: %w", rec.ID, err)
+		}
+		s.sandboxes[rec.ID] = &sandbox{id: rec.ID, config: cfg, handler: rec.Handler, createdAt: rec.CreatedAt,
+			state: runtimeapi.PodSandboxState(rec.State)}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("load sandboxes: %w", err)
+	}
+	var lost []*container
+	err = s.meta.EachContainer(func(v []byte) error {
+		var rec containerRecord
+		if err := json.Unmarshal(v, &rec); err != nil {
+			return err
+		}
+		cfg := &runtimeapi.ContainerConfig{}
+		if err := proto.Unmarshal(rec.Config, cfg); err != nil {
+			return fmt.Errorf("container %s: %w", rec.ID, err)
+		}
+		img, err := s.images.Get(rec.ImageID)
+		if err != nil {
+			img = &image.Image{ID: rec.ImageID}
+		}
+		c := &container{id: rec.ID, sandboxID: rec.SandboxID, config: cfg, image: img, imageRef: rec.ImageRef, logPath: rec.LogPath,
+			createdAt: rec.CreatedAt, startedAt: rec.StartedAt, state: runtimeapi.ContainerState(rec.State), exit: rec.Exit,
+			machine: rec.Machine, vmDir: rec.VMDir, warnings: rec.Warnings}
+		if c.state == runtimeapi.ContainerState_CONTAINER_RUNNING || c.state == runtimeapi.ContainerState_CONTAINER_UNKNOWN {
+			killOrphanQEMU(rec.Pid, rec.Machine.QMPSocket)
+			c.state = runtimeapi.ContainerState_CONTAINER_EXITED
+			c.exit = runtime.ExitStatus{Code: 255, Reason: ReasonVMLost, FinishedAt: time.Now(),
+				Message: "unilet restarted while this VM was running; this version cannot re-attach to VMs, so the VM was stopped"}
+			_ = os.RemoveAll(c.vmDir)
+			lost = append(lost, c)
+		}
+		s.containers[rec.ID] = c
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("load containers: %w", err)
+	}
+	for _, c := range lost {
+		s.saveContainer(c)
+		logrus.WithFields(logrus.Fields{"sandbox": c.sandboxID, "container": c.id}).Warn("container's VM was lost across a daemon restart; reported as exited")
+	}
+	logrus.WithFields(logrus.Fields{"sandboxes": len(s.sandboxes), "containers": len(s.containers)}).Debug("restored unikernel pod state")
+	return nil
+}
+
+// killOrphanQEMU kills pid only if it is the QEMU that served qmpSocket.
+func killOrphanQEMU(pid int, qmpSocket string) {
+	if pid <= 0 || qmpSocket == "" {
+		return
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || !strings.Contains(string(b), qmpSocket) {
+		return
+	}
+	logrus.WithField("pid", pid).Warn("stopping a VM left running by an earlier unilet")
+	_ = syscall.Kill(pid, syscall.SIGKILL)
+}
