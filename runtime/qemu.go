@@ -2,6 +2,7 @@ package runtime
 
 import (
 	"fmt"
+	"regexp"
 	"strconv"
 	"strings"
 )
@@ -34,7 +35,12 @@ type MachineConfig struct {
 	Initrd    string
 	Cmdline   string
 	QMPSocket string
+	// CPU overrides the CPU model (default: host under KVM, max under TCG).
+	// Operator/test setting only; validated against a fixed pattern.
+	CPU string
 }
+
+var cpuModel = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]*$`)
 
 // EscapeOpt escapes a value for a QEMU "key=value,key=value" option string.
 func EscapeOpt(v string) string { return strings.ReplaceAll(v, ",", ",,") }
@@ -63,6 +69,9 @@ func (m MachineConfig) Validate() error {
 	if m.QMPSocket == "" {
 		return fmt.Errorf("no QMP socket")
 	}
+	if m.CPU != "" && !cpuModel.MatchString(m.CPU) {
+		return fmt.Errorf("invalid CPU model %q", m.CPU)
+	}
 	return nil
 }
 
@@ -75,6 +84,9 @@ func BuildArgv(m MachineConfig) ([]string, error) {
 	cpu := "max"
 	if m.Accel == AccelKVM {
 		cpu = "host"
+	}
+	if m.CPU != "" {
+		cpu = m.CPU
 	}
 	a := []string{}
 	if m.Name != "" {
@@ -103,7 +115,8 @@ func BuildArgv(m MachineConfig) ([]string, error) {
 	switch m.Machine {
 	case MachinePC:
 		// Keep SeaBIOS off the serial console so the log is the guest's own.
-		a = append(a, "-fw_cfg", "name=etc/sercon-port,string=0", "-device", "pvpanic")
+		// A guest panic pauses the VM (state guest-panicked) so unilet can report it.
+		a = append(a, "-fw_cfg", "name=etc/sercon-port,string=0", "-device", "pvpanic", "-action", "panic=pause")
 	case MachineMicroVM:
 		// Unikraft's ACPI power-off does nothing on microvm: give it a port to exit through.
 		a = append(a, "-device", "isa-debug-exit,iobase="+DebugExitPort+",iosize=1")

@@ -2,6 +2,7 @@ package runtime
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -52,9 +53,11 @@ type VM struct {
 	startedAt time.Time
 	done      chan struct{}
 	killed    bool
+	failure   *ExitStatus // set when unilet ended a VM it found broken
 	mu        sync.Mutex
 	exit      ExitStatus
 	stderr    *os.File
+	mon       *monitor
 }
 
 // StartVM launches QEMU for spec and returns once the process runs and its
@@ -129,6 +132,8 @@ func StartVM(spec VMSpec) (*VM, error) {
 	return v, nil
 }
 
+// waitQMP connects the VM's monitor (retrying while QEMU creates the socket)
+// and checks the VM actually runs.
 func (v *VM) waitQMP(timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for {
@@ -137,24 +142,66 @@ func (v *VM) waitQMP(timeout time.Duration) error {
 			return errors.New("QEMU exited during start-up")
 		default:
 		}
-		err := qmpDo(v.spec.Machine.QMPSocket, time.Second, func(q *QMP) error {
-			st, err := q.Status()
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		mon, err := dialMonitor(ctx, v.spec.Machine.QMPSocket, v.onEvent)
+		cancel()
+		if err == nil {
+			v.mu.Lock()
+			v.mon = mon
+			v.mu.Unlock()
+			st, err := mon.status()
 			if err != nil {
 				return err
 			}
-			if st == "internal-error" {
-				return fmt.Errorf("VM is in state %s", st)
+			if st == "internal-error" || st == "guest-panicked" {
+				return fmt.Errorf("VM is in state %s right after start", st)
 			}
 			return nil
-		})
-		if err == nil {
-			return nil
 		}
-		if strings.Contains(err.Error(), "state") || time.Now().After(deadline) {
-			return err
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no QMP greeting within %s: %w", timeout, err)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+}
+
+// onEvent turns QMP events about a broken guest into a failed container:
+// a guest panic (pvpanic, with -action panic=pause) or a VM stopped in
+// internal-error (e.g. KVM could not emulate an instruction) would otherwise
+// leave QEMU paused forever.
+func (v *VM) onEvent(name string) {
+	switch name {
+	case "GUEST_PANICKED":
+		v.fail(ExitStatus{Code: 1, Reason: ReasonGuestPanicked, Message: "the guest kernel panicked (pvpanic)"})
+	case "STOP":
+		v.mu.Lock()
+		mon := v.mon
+		v.mu.Unlock()
+		if mon == nil {
+			return
+		}
+		st, err := mon.status()
+		if err != nil {
+			return
+		}
+		switch st {
+		case "internal-error":
+			v.fail(ExitStatus{Code: 1, Reason: ReasonInternalError,
+				Message: "QEMU stopped the VM in internal-error (the accelerator could not run the guest; on nested or PVM KVM use --accel=tcg)"})
+		case "guest-panicked":
+			v.fail(ExitStatus{Code: 1, Reason: ReasonGuestPanicked, Message: "the guest kernel panicked (pvpanic)"})
+		}
+	}
+}
+
+// fail records why unilet ends the VM and kills QEMU.
+func (v *VM) fail(st ExitStatus) {
+	v.mu.Lock()
+	if v.failure == nil {
+		v.failure = &st
+	}
+	v.mu.Unlock()
+	_ = v.cmd.Process.Signal(syscall.SIGKILL)
 }
 
 func (v *VM) finish(waitErr error) {
@@ -162,9 +209,14 @@ func (v *VM) finish(waitErr error) {
 	code := v.cmd.ProcessState.ExitCode()
 	ws, _ := v.cmd.ProcessState.Sys().(syscall.WaitStatus)
 	v.mu.Lock()
-	killed := v.killed
+	killed, failure := v.killed, v.failure
+	if v.mon != nil {
+		v.mon.close()
+	}
 	v.mu.Unlock()
 	switch {
+	case failure != nil:
+		st.Code, st.Reason, st.Message = failure.Code, failure.Reason, failure.Message
 	case ws.Signaled():
 		st.Code = 128 + int32(ws.Signal())
 		st.Reason = ReasonKilled
@@ -183,7 +235,7 @@ func (v *VM) finish(waitErr error) {
 			st.Message = "the guest crashed (isa-debug-exit status 85)"
 		}
 	}
-	if tail := v.stderrTail(); tail != "" && st.Reason != ReasonCompleted {
+	if tail := v.stderrTail(); tail != "" && st.Reason != ReasonCompleted && failure == nil {
 		st.Message += ": " + tail
 	}
 	_ = waitErr
@@ -269,11 +321,11 @@ func (v *VM) Stop(timeout time.Duration) ExitStatus {
 		return v.Exit()
 	default:
 	}
-	if timeout > 0 {
-		err := qmpDo(v.spec.Machine.QMPSocket, time.Second, func(q *QMP) error {
-			_, err := q.Execute("system_powerdown")
-			return err
-		})
+	v.mu.Lock()
+	mon := v.mon
+	v.mu.Unlock()
+	if timeout > 0 && mon != nil {
+		_, err := mon.execute("system_powerdown", time.Second)
 		if err != nil {
 			logrus.WithError(err).WithField("vm", v.spec.Machine.Name).Debug("graceful power-down failed; killing")
 		} else {

@@ -128,3 +128,57 @@ func TestResolveAccel(t *testing.T) {
 }
 
 func itoa(i int) string { return fmt.Sprint(i) }
+
+func TestVMGuestPanicIsReported(t *testing.T) {
+	k := testKernel(t)
+	spec := bootSpec(t, k, "panic")
+	vm, err := StartVM(spec)
+	require.NoError(t, err)
+	select {
+	case <-vm.Done():
+	case <-time.After(20 * time.Second):
+		vm.Kill()
+		t.Fatal("a panicked guest must not leave QEMU paused")
+	}
+	st := vm.Exit()
+	require.Equal(t, ReasonGuestPanicked, st.Reason)
+	require.NotZero(t, st.Code)
+	b, _ := os.ReadFile(spec.LogPath)
+	require.Contains(t, string(b), "panic: requested")
+}
+
+// On a machine whose KVM cannot run unmodified guests (nested PVM), a guest
+// under KVM with a plain CPU model ends in QMP state internal-error: that must
+// become a failed container, not a hang. Where KVM works, the same guest
+// simply completes.
+func TestVMInternalErrorIsReported(t *testing.T) {
+	k := testKernel(t)
+	spec := bootSpec(t, k, "sse", "tick=10", "count=20")
+	spec.Machine.Accel = AccelKVM
+	spec.Machine.CPU = "qemu64"
+	kvmWorks := ProbeKVM(context.Background(), spec.QEMU) == nil
+	vm, err := StartVM(spec)
+	if err != nil {
+		// QEMU could not even start under KVM: a clear start error is the right outcome.
+		t.Logf("start failed: %v", err)
+		require.False(t, kvmWorks)
+		require.ErrorContains(t, err, "VM did not start")
+		return
+	}
+	select {
+	case <-vm.Done():
+	case <-time.After(20 * time.Second):
+		vm.Kill()
+		t.Fatal("VM neither finished nor was failed")
+	}
+	st := vm.Exit()
+	if kvmWorks {
+		require.Equal(t, ReasonCompleted, st.Reason)
+		return
+	}
+	b, _ := os.ReadFile(spec.LogPath)
+	require.NotContains(t, string(b), "sse: ok")
+	t.Logf("exit: %+v", st)
+	require.Equal(t, ReasonInternalError, st.Reason, st.Message)
+	require.Contains(t, st.Message, "internal-error")
+}

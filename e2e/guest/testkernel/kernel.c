@@ -14,6 +14,8 @@
  *      bigline=N     print one line of N characters
  *      echo          read the serial line and write every byte back
  *      panic         report a guest panic through pvpanic and halt
+ *      sse           enable and execute an SSE instruction (as Unikraft does
+ *                    early; nested/PVM KVM fails here with internal-error)
  *  - and powers the machine off (ACPI, isa-debug-exit, then triple fault).
  */
 typedef unsigned char u8;
@@ -270,7 +272,7 @@ void kmain(u32 magic, struct mb_info *mbi)
 	puts(n > 0 ? argv[0] : "");
 	putc('\n');
 	u32 tick = 0, count = 0, flood = 0, bigline = 0;
-	int echo = 0, panic = 0;
+	int echo = 0, panic = 0, sse = 0;
 	for (int i = first_arg; i < n; i++) {
 		puts("argv[");
 		putu((u32)(i - first_arg + 1));
@@ -289,11 +291,20 @@ void kmain(u32 magic, struct mb_info *mbi)
 			echo = 1;
 		else if (streq(argv[i], "panic"))
 			panic = 1;
+		else if (streq(argv[i], "sse"))
+			sse = 1;
 	}
 	puts("envc: ");
 	putu(nenv);
 	putc('\n');
 
+	if (sse) {
+		u32 r;
+		__asm__ volatile("mov %%cr0, %0; and $~0x4, %0; or $0x2, %0; mov %0, %%cr0" : "=r"(r));
+		__asm__ volatile("mov %%cr4, %0; or $0x600, %0; mov %0, %%cr4" : "=r"(r));
+		__asm__ volatile("xorps %%xmm0, %%xmm0" ::: "memory");
+		puts("sse: ok\n");
+	}
 	if (bigline) {
 		for (u32 i = 0; i < bigline; i++)
 			putc((char)('a' + i % 26));
