@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"sort"
@@ -152,7 +153,7 @@ func (s *Store) pull(ctx context.Context, ref string, auth *Auth) (*Image, error
 	if err != nil {
 		return nil, fmt.Errorf("invalid image reference %q: %w", ref, err)
 	}
-	opts := []remote.Option{remote.WithContext(ctx)}
+	opts := []remote.Option{remote.WithContext(ctx), remote.WithTransport(&plainHTTPGuard{base: remote.DefaultTransport, allowed: s.insecure})}
 	if auth != nil && (auth.Username != "" || auth.Auth != "" || auth.IdentityToken != "" || auth.RegistryToken != "") {
 		opts = append(opts, remote.WithAuth(authn.FromConfig(authn.AuthConfig{Username: auth.Username, Password: auth.Password,
 			Auth: auth.Auth, IdentityToken: auth.IdentityToken, RegistryToken: auth.RegistryToken})))
@@ -465,4 +466,19 @@ func (s *Store) Usage() (bytes int64, inodes int64, mountpoint string) {
 		return nil
 	})
 	return bytes, inodes, dir
+}
+
+// plainHTTPGuard refuses plain-HTTP requests to hosts that are not listed with
+// --insecure-registry (the registry client would otherwise use HTTP for
+// loopback and private addresses on its own).
+type plainHTTPGuard struct {
+	base    http.RoundTripper
+	allowed map[string]bool
+}
+
+func (g *plainHTTPGuard) RoundTrip(r *http.Request) (*http.Response, error) {
+	if r.URL.Scheme == "http" && !g.allowed[r.URL.Host] {
+		return nil, fmt.Errorf("plain HTTP to %s refused: the registry is not served over https; if that is intended, start unilet with --insecure-registry %s", r.URL.Host, r.URL.Host)
+	}
+	return g.base.RoundTrip(r)
 }

@@ -190,3 +190,60 @@ func TestPullWithBasicAuth(t *testing.T) {
 	_, err = s.Pull(context.Background(), u.Host+"/private/app:1", &Auth{Auth: "YWxpY2U6czNjcmV0"})
 	require.NoError(t, err)
 }
+
+// A registry that wants a bearer token from its token service, which itself
+// takes basic credentials (the Docker registry token flow).
+func TestPullWithBearerToken(t *testing.T) {
+	reg := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	var realm string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/token" {
+			if u, p, ok := r.BasicAuth(); !ok || u != "bob" || p != "pw" {
+				w.WriteHeader(http.StatusUnauthorized)
+				return
+			}
+			w.Header().Set("Content-Type", "application/json")
+			_, _ = io.WriteString(w, `{"token":"tok-123"}`)
+			return
+		}
+		if r.Header.Get("Authorization") != "Bearer tok-123" {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="`+realm+`",service="test"`)
+			w.WriteHeader(http.StatusUnauthorized)
+			return
+		}
+		reg.ServeHTTP(w, r)
+	}))
+	defer srv.Close()
+	realm = srv.URL + "/token"
+	u, _ := url.Parse(srv.URL)
+	idx, err := Pack(PackOptions{Kernel: fakeKernel(t, "tokened")})
+	require.NoError(t, err)
+	r, err := name.ParseReference(u.Host+"/tok/app:1", name.Insecure)
+	require.NoError(t, err)
+	require.NoError(t, remote.WriteIndex(r, idx, remote.WithAuth(&authn.Basic{Username: "bob", Password: "pw"})))
+
+	s, err := Open(t.TempDir(), []string{u.Host})
+	require.NoError(t, err)
+	defer s.Close()
+	_, err = s.Pull(context.Background(), u.Host+"/tok/app:1", nil)
+	require.Error(t, err)
+	img, err := s.Pull(context.Background(), u.Host+"/tok/app:1", &Auth{Username: "bob", Password: "pw"})
+	require.NoError(t, err)
+	require.NotEmpty(t, img.Kernel)
+	// A registry token handed over directly (CRI AuthConfig.registry_token).
+	_, err = s.Pull(context.Background(), u.Host+"/tok/app:1", &Auth{RegistryToken: "tok-123"})
+	require.NoError(t, err)
+}
+
+func TestPullRefusesPlainHTTPUnlessAllowed(t *testing.T) {
+	host := serve(t)
+	idx, err := Pack(PackOptions{Kernel: fakeKernel(t, "x")})
+	require.NoError(t, err)
+	pushIndex(t, host+"/a/b:1", idx)
+	s, err := Open(t.TempDir(), nil) // host not in the insecure list
+	require.NoError(t, err)
+	defer s.Close()
+	_, err = s.Pull(context.Background(), host+"/a/b:1", nil)
+	require.ErrorContains(t, err, "plain HTTP to "+host+" refused")
+	require.ErrorContains(t, err, "--insecure-registry "+host)
+}

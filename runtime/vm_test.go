@@ -182,3 +182,72 @@ func TestVMInternalErrorIsReported(t *testing.T) {
 	require.Equal(t, ReasonInternalError, st.Reason, st.Message)
 	require.Contains(t, st.Message, "internal-error")
 }
+
+func TestVMConsoleFloodLosesNothing(t *testing.T) {
+	k := testKernel(t)
+	spec := bootSpec(t, k, "flood=3000", "bigline=40000")
+	vm, err := StartVM(spec)
+	require.NoError(t, err)
+	select {
+	case <-vm.Done():
+	case <-time.After(60 * time.Second):
+		vm.Kill()
+		t.Fatal("guest did not finish")
+	}
+	require.Equal(t, ReasonCompleted, vm.Exit().Reason)
+	b, err := os.ReadFile(spec.LogPath)
+	require.NoError(t, err)
+	next := 1
+	var partial strings.Builder
+	bigSeen := false
+	for _, l := range strings.Split(strings.TrimSuffix(string(b), "\n"), "\n") {
+		f := strings.SplitN(l, " ", 4)
+		require.Len(t, f, 4, "malformed CRI log line %q", l)
+		if f[2] == "P" {
+			partial.WriteString(f[3])
+			continue
+		}
+		line := partial.String() + f[3]
+		partial.Reset()
+		if strings.HasPrefix(line, "abcdefghij") {
+			require.Len(t, line, 40000, "the long line must be reassembled intact from its P parts")
+			bigSeen = true
+		}
+		if strings.HasPrefix(line, "line ") {
+			require.Equal(t, fmt.Sprintf("line %d", next), line, "lines must arrive once and in order")
+			next++
+		}
+	}
+	require.True(t, bigSeen)
+	require.Equal(t, 3001, next, "every numbered line must reach the log")
+}
+
+func TestVMReopenLog(t *testing.T) {
+	k := testKernel(t)
+	spec := bootSpec(t, k, "tick=20")
+	vm, err := StartVM(spec)
+	require.NoError(t, err)
+	defer vm.Kill()
+	require.Eventually(t, func() bool {
+		b, _ := os.ReadFile(spec.LogPath)
+		return strings.Contains(string(b), "tick 3\n")
+	}, 20*time.Second, 20*time.Millisecond)
+	require.NoError(t, os.Rename(spec.LogPath, spec.LogPath+".1"))
+	require.NoError(t, vm.ReopenLog())
+	require.Eventually(t, func() bool {
+		b, _ := os.ReadFile(spec.LogPath)
+		return strings.Contains(string(b), "stdout F tick")
+	}, 20*time.Second, 20*time.Millisecond, "new console lines must go to the reopened file")
+	vm.Stop(0)
+	old, _ := os.ReadFile(spec.LogPath + ".1")
+	cur, _ := os.ReadFile(spec.LogPath)
+	// Together the two files hold every tick exactly once, in order.
+	n := 1
+	for _, l := range strings.Split(string(old)+string(cur), "\n") {
+		if i := strings.Index(l, " stdout F tick "); i >= 0 {
+			require.Equal(t, fmt.Sprintf("tick %d", n), l[i+len(" stdout F "):])
+			n++
+		}
+	}
+	require.Greater(t, n, 4)
+}
