@@ -216,6 +216,7 @@ type inspect struct {
 		ExitCode   int32  `json:"exitCode"`
 		Reason     string `json:"reason"`
 		Message    string `json:"message"`
+		CreatedAt  string `json:"createdAt"`
 		StartedAt  string `json:"startedAt"`
 		FinishedAt string `json:"finishedAt"`
 		LogPath    string `json:"logPath"`
@@ -269,6 +270,9 @@ func TestUnikernelPodLifecycle(t *testing.T) {
 	require.Equal(t, int32(0), in.Status.ExitCode, in.Status.Message)
 	require.Equal(t, "Completed", in.Status.Reason)
 	require.Equal(t, filepath.Join(logDir, "app/0.log"), in.Status.LogPath)
+	created, started, finished := parseTime(t, in.Status.CreatedAt), parseTime(t, in.Status.StartedAt), parseTime(t, in.Status.FinishedAt)
+	require.True(t, !created.After(started) && started.Before(finished), "created %v ≤ started %v < finished %v", created, started, finished)
+	require.WithinDuration(t, time.Now(), finished, time.Minute)
 
 	raw, err := os.ReadFile(in.Status.LogPath)
 	require.NoError(t, err)
@@ -475,4 +479,11 @@ func TestStateSurvivesDaemonRestart(t *testing.T) {
 	d.start()
 	require.Empty(t, d.must("pods", "-q"))
 	require.Empty(t, d.must("ps", "-aq"))
+}
+
+func parseTime(t *testing.T, s string) time.Time {
+	t.Helper()
+	ts, err := time.Parse(time.RFC3339Nano, s)
+	require.NoError(t, err, "timestamp %q", s)
+	return ts
 }
