@@ -48,12 +48,7 @@ func (s *Service) StopPodSandbox(ctx context.Context, r *runtimeapi.StopPodSandb
 		}
 		return nil, err
 	}
-	var ids []string
-	for _, c := range s.containers {
-		if c.sandboxID == sb.id {
-			ids = append(ids, c.id)
-		}
-	}
+	ids := s.containerIDsOf(sb.id)
 	s.mu.Unlock()
 	for _, id := range ids {
 		if _, err := s.StopContainer(ctx, &runtimeapi.StopContainerRequest{ContainerId: id, Timeout: 0}); err != nil {
@@ -78,12 +73,7 @@ func (s *Service) RemovePodSandbox(ctx context.Context, r *runtimeapi.RemovePodS
 		s.mu.Unlock()
 		return &runtimeapi.RemovePodSandboxResponse{}, nil
 	}
-	var ids []string
-	for _, c := range s.containers {
-		if c.sandboxID == sb.id {
-			ids = append(ids, c.id)
-		}
-	}
+	ids := s.containerIDsOf(sb.id)
 	s.mu.Unlock()
 	for _, id := range ids {
 		if _, err := s.RemoveContainer(ctx, &runtimeapi.RemoveContainerRequest{ContainerId: id}); err != nil {

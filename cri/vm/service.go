@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -112,49 +113,51 @@ func (s *Service) vmDir(id string) string {
 	return filepath.Join(s.cfg.StateDir, "vm", id[:16])
 }
 
-// lookup helpers; callers hold s.mu.
-func (s *Service) sandboxLocked(id string) (*sandbox, error) {
+// lookupID finds id in m by full ID or unique prefix (≥ 6 characters), as
+// crictl users expect. kind names the object in errors.
+func lookupID[T any](m map[string]T, id, kind string) (T, error) {
+	var zero T
 	if id == "" {
-		return nil, status.Error(codes.InvalidArgument, "pod sandbox ID is required")
+		return zero, status.Errorf(codes.InvalidArgument, "%s ID is required", kind)
 	}
-	if sb, ok := s.sandboxes[id]; ok {
-		return sb, nil
+	if v, ok := m[id]; ok {
+		return v, nil
 	}
-	var found *sandbox
-	for k, sb := range s.sandboxes {
-		if len(id) >= 6 && len(k) > len(id) && k[:len(id)] == id {
-			if found != nil {
-				return nil, status.Errorf(codes.InvalidArgument, "pod sandbox ID prefix %q is ambiguous", id)
+	var found []T
+	if len(id) >= 6 {
+		for k, v := range m {
+			if strings.HasPrefix(k, id) {
+				found = append(found, v)
 			}
-			found = sb
 		}
 	}
-	if found == nil {
-		return nil, status.Errorf(codes.NotFound, "pod sandbox %q not found", id)
+	switch len(found) {
+	case 0:
+		return zero, status.Errorf(codes.NotFound, "%s %q not found", kind, id)
+	case 1:
+		return found[0], nil
 	}
-	return found, nil
+	return zero, status.Errorf(codes.InvalidArgument, "%s ID prefix %q is ambiguous", kind, id)
+}
+
+// sandboxLocked and containerLocked look objects up; callers hold s.mu.
+func (s *Service) sandboxLocked(id string) (*sandbox, error) {
+	return lookupID(s.sandboxes, id, "pod sandbox")
 }
 
 func (s *Service) containerLocked(id string) (*container, error) {
-	if id == "" {
-		return nil, status.Error(codes.InvalidArgument, "container ID is required")
-	}
-	if c, ok := s.containers[id]; ok {
-		return c, nil
-	}
-	var found *container
-	for k, c := range s.containers {
-		if len(id) >= 6 && len(k) > len(id) && k[:len(id)] == id {
-			if found != nil {
-				return nil, status.Errorf(codes.InvalidArgument, "container ID prefix %q is ambiguous", id)
-			}
-			found = c
+	return lookupID(s.containers, id, "container")
+}
+
+// containerIDsOf lists the containers of a sandbox; callers hold s.mu.
+func (s *Service) containerIDsOf(sandboxID string) []string {
+	var ids []string
+	for _, c := range s.containers {
+		if c.sandboxID == sandboxID {
+			ids = append(ids, c.id)
 		}
 	}
-	if found == nil {
-		return nil, status.Errorf(codes.NotFound, "container %q not found", id)
-	}
-	return found, nil
+	return ids
 }
 
 // refresh moves a running container whose VM ended to EXITED. Caller holds s.mu.
