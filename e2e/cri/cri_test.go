@@ -487,3 +487,36 @@ func parseTime(t *testing.T, s string) time.Time {
 	require.NoError(t, err, "timestamp %q", s)
 	return ts
 }
+
+func TestPackOutputLayoutAndDigestRefs(t *testing.T) {
+	out := filepath.Join(t.TempDir(), "layout")
+	b, err := exec.Command(filepath.Join(binDir, "uniletctl"), "pack", "--kernel", kernel, "--output", out).CombinedOutput()
+	require.NoError(t, err, string(b))
+	idx, err := os.ReadFile(filepath.Join(out, "index.json"))
+	require.NoError(t, err)
+	require.Contains(t, string(idx), `"platform":{"architecture":"x86_64","os":"qemu"}`)
+	require.Contains(t, string(idx), `"sh.kraftkit.version"`)
+
+	// A pulled image runs by its repo digest too.
+	d := startDaemon(t, "--upstream-endpoint", "")
+	d.must("pull", image())
+	var st struct {
+		Status struct {
+			RepoDigests []string `json:"repoDigests"`
+		} `json:"status"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(d.must("inspecti", "-o", "json", image())), &st))
+	require.Len(t, st.Status.RepoDigests, 1)
+	podCfg, _ := podConfig(t, "vm-digest", true)
+	pod := d.must("runp", podCfg)
+	ctr := d.must("create", pod, containerConfig(t, st.Status.RepoDigests[0], []string{"by-digest"}, nil), podCfg)
+	d.must("start", ctr)
+	in := d.waitState(ctr, "CONTAINER_EXITED", 30*time.Second)
+	require.Equal(t, int32(0), in.Status.ExitCode)
+	// An image in use cannot be removed; once unused it can.
+	_, err = d.crictl("rmi", image())
+	require.ErrorContains(t, err, "remove the container first")
+	d.must("rmp", "-f", pod)
+	d.must("rmi", image())
+	require.NotContains(t, d.must("images", "-q"), "sha256")
+}
