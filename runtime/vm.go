@@ -58,6 +58,9 @@ type VM struct {
 	exit      ExitStatus
 	stderr    *os.File
 	mon       *monitor
+	hub       consoleHub
+	inMu      sync.Mutex
+	stdin     *os.File // console input (write end of QEMU's stdin)
 }
 
 // StartVM launches QEMU for spec and returns once the process runs and its
@@ -103,6 +106,7 @@ func StartVM(spec VMSpec) (*VM, error) {
 		return nil, fmt.Errorf("start %s: %w", spec.QEMU, err)
 	}
 	stdinR.Close()
+	v.stdin = stdinW
 	v.cmd = cmd
 	v.startedAt = time.Now()
 	logrus.WithFields(logrus.Fields{"pid": cmd.Process.Pid, "vm": spec.Machine.Name}).Debug("qemu started")
@@ -114,12 +118,16 @@ func StartVM(spec VMSpec) (*VM, error) {
 		if v.log != nil {
 			dst = v.log
 		}
-		_, _ = io.Copy(dst, stdout)
+		_, _ = io.Copy(teeWriter{log: dst, hub: &v.hub}, stdout)
+		v.hub.close()
 	}()
 	go func() {
 		<-copied
 		err := cmd.Wait()
+		v.inMu.Lock()
 		stdinW.Close()
+		v.stdin = nil
+		v.inMu.Unlock()
 		v.finish(err)
 	}()
 

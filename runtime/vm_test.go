@@ -3,10 +3,12 @@ package runtime
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -250,4 +252,70 @@ func TestVMReopenLog(t *testing.T) {
 		}
 	}
 	require.Greater(t, n, 4)
+}
+
+func TestVMAttachEchoAndDetach(t *testing.T) {
+	k := testKernel(t)
+	spec := bootSpec(t, k, "echo")
+	vm, err := StartVM(spec)
+	require.NoError(t, err)
+	defer vm.Kill()
+	require.Eventually(t, func() bool {
+		b, _ := os.ReadFile(spec.LogPath)
+		return strings.Contains(string(b), "echo: ready")
+	}, 20*time.Second, 20*time.Millisecond, "the guest must be reading its console before we type")
+
+	// Two sessions watch; the first types, then detaches with Ctrl-].
+	inR, inW := io.Pipe()
+	var out1, out2 syncBuffer
+	ctx2, cancel2 := context.WithCancel(context.Background())
+	done1 := make(chan error, 1)
+	done2 := make(chan error, 1)
+	go func() { done1 <- vm.Attach(context.Background(), inR, &out1) }()
+	go func() { done2 <- vm.Attach(ctx2, nil, &out2) }()
+	time.Sleep(100 * time.Millisecond)
+	_, err = inW.Write([]byte("ping-123\n"))
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		return strings.Contains(out1.String(), "ping-123") && strings.Contains(out2.String(), "ping-123")
+	},
+		10*time.Second, 20*time.Millisecond, "echo must reach every session")
+	_, err = inW.Write([]byte{DetachByte})
+	require.NoError(t, err)
+	select {
+	case err := <-done1:
+		require.NoError(t, err)
+	case <-time.After(5 * time.Second):
+		t.Fatal("Ctrl-] did not end the session")
+	}
+	select {
+	case <-vm.Done():
+		t.Fatal("detaching must not stop the VM")
+	case <-done2:
+		t.Fatal("detaching one session must not end another")
+	case <-time.After(300 * time.Millisecond):
+	}
+	cancel2()
+	require.NoError(t, <-done2)
+	b, _ := os.ReadFile(spec.LogPath)
+	require.Contains(t, string(b), "stdout F ping-123", "echoed input is console output and reaches the log")
+	vm.Stop(0)
+	require.ErrorIs(t, vm.Attach(context.Background(), nil, io.Discard), ErrNotRunning)
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

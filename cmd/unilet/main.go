@@ -5,9 +5,11 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -18,6 +20,7 @@ import (
 	"github.com/sirupsen/logrus"
 	"google.golang.org/grpc"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+	"k8s.io/cri-streaming/pkg/streaming"
 
 	"github.com/unilet-dev/unilet/cri"
 	"github.com/unilet-dev/unilet/cri/vm"
@@ -42,6 +45,7 @@ func main() {
 func run() error {
 	var (
 		listen, root, stateDir, upstream, accel, qemu, logLevel string
+		streamAddr                                              string
 		annotation, annotationValue, handler                    string
 		insecureRegs, registries                                multi
 		showVersion                                             bool
@@ -54,6 +58,7 @@ func run() error {
 	flag.Var(&registries, "unikernel-registry", "images under this registry host go to the VM store (repeatable; default unikraft.org)")
 	flag.StringVar(&accel, "accel", "auto", "accelerator: auto (probe KVM, else TCG), kvm or tcg")
 	flag.StringVar(&qemu, "qemu", "qemu-system-x86_64", "QEMU binary")
+	flag.StringVar(&streamAddr, "stream-address", "127.0.0.1:0", "address of the CRI streaming server (attach)")
 	flag.StringVar(&logLevel, "log-level", "info", "log level (debug, info, warn, error)")
 	flag.StringVar(&annotation, "annotation", cri.DefaultAnnotation, "pod annotation that selects the unikernel runtime")
 	flag.StringVar(&annotationValue, "annotation-value", cri.DefaultAnnotationValue, "value of that annotation")
@@ -95,6 +100,19 @@ func run() error {
 	if err := svc.Load(); err != nil {
 		return fmt.Errorf("restore state from %s: %w", root, err)
 	}
+	scfg := streaming.DefaultConfig
+	scfg.Addr = streamAddr
+	streamSrv, err := streaming.NewServer(scfg, svc.StreamRuntime())
+	if err != nil {
+		return fmt.Errorf("streaming server: %w", err)
+	}
+	svc.SetStreamServer(streamSrv)
+	go func() {
+		if err := streamSrv.Start(true); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			logrus.WithError(err).Error("streaming server stopped")
+		}
+	}()
+	defer streamSrv.Stop()
 	router, err := cri.NewRouter(cri.Config{Annotation: annotation, AnnotationValue: annotationValue, Handler: handler,
 		Registries: registries, Upstream: upstream}, svc)
 	if err != nil {

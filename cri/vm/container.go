@@ -348,11 +348,6 @@ func (s *Service) Exec(ctx context.Context, r *runtimeapi.ExecRequest) (*runtime
 	return nil, errorf(codes.Unimplemented, noExec, "exec")
 }
 
-// Attach is not served yet for unikernel pods.
-func (s *Service) Attach(ctx context.Context, r *runtimeapi.AttachRequest) (*runtimeapi.AttachResponse, error) {
-	return nil, errorf(codes.Unimplemented, "attach to a unikernel's serial console is not supported by this unilet version yet; use kubectl logs -f")
-}
-
 // PortForward is not served yet for unikernel pods.
 func (s *Service) PortForward(ctx context.Context, r *runtimeapi.PortForwardRequest) (*runtimeapi.PortForwardResponse, error) {
 	return nil, errorf(codes.Unimplemented, "port-forward to unikernel pods is not supported by this unilet version yet (it needs pod networking)")

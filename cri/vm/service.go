@@ -19,6 +19,8 @@ import (
 	"google.golang.org/grpc/status"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"k8s.io/cri-streaming/pkg/streaming"
+
 	"github.com/unilet-dev/unilet/image"
 	"github.com/unilet-dev/unilet/pkg/metadata"
 	"github.com/unilet-dev/unilet/runtime"
@@ -44,6 +46,7 @@ type Service struct {
 	cfg    Config
 	images *image.Store
 	meta   *metadata.Store // nil: state is not persisted (unit tests)
+	stream streaming.Server
 
 	mu         sync.Mutex
 	sandboxes  map[string]*sandbox
@@ -201,4 +204,19 @@ func (s *Service) Shutdown() {
 		s.saveContainer(c)
 		s.mu.Unlock()
 	}
+}
+
+// runningVM returns the VM of a running container or a FailedPrecondition error.
+func (s *Service) runningVM(id string) (*runtime.VM, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c, err := s.containerLocked(id)
+	if err != nil {
+		return nil, err
+	}
+	s.refresh(c)
+	if c.state != runtimeapi.ContainerState_CONTAINER_RUNNING || c.vm == nil {
+		return nil, errorf(codes.FailedPrecondition, "container %s is not running (%s); only a running VM's console can be attached", c.id, c.state)
+	}
+	return c.vm, nil
 }

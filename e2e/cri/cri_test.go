@@ -16,6 +16,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -389,8 +390,10 @@ func TestExecIsUnsupported(t *testing.T) {
 	_, err := d.crictl("exec", "-s", ctr, "ls")
 	require.ErrorContains(t, err, "Unimplemented")
 	require.ErrorContains(t, err, "exec is not possible")
+	d.must("stop", ctr)
 	_, err = d.crictl("attach", ctr)
-	require.ErrorContains(t, err, "Unimplemented")
+	require.ErrorContains(t, err, "FailedPrecondition")
+	require.ErrorContains(t, err, "is not running")
 	d.must("rmp", "-f", pod)
 	require.Empty(t, qemuProcesses(t, d.stateDir))
 }
@@ -519,4 +522,64 @@ func TestPackOutputLayoutAndDigestRefs(t *testing.T) {
 	d.must("rmp", "-f", pod)
 	d.must("rmi", image())
 	require.NotContains(t, d.must("images", "-q"), "sha256")
+}
+
+func TestAttachEchoRoundTrip(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "")
+	d.must("pull", image())
+	podCfg, _ := podConfig(t, "vm-attach", true)
+	pod := d.must("runp", podCfg)
+	ctr := d.must("create", pod, containerConfig(t, image(), []string{"echo"}, nil), podCfg)
+	d.must("start", ctr)
+	in := d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
+	require.Eventually(t, func() bool {
+		b, _ := os.ReadFile(in.Status.LogPath)
+		return strings.Contains(string(b), "echo: ready")
+	}, 20*time.Second, 20*time.Millisecond, "the guest must read its console before we type")
+
+	cmd := exec.Command(crictl, "--runtime-endpoint", "unix://"+d.sock, "attach", "-i", ctr)
+	stdin, err := cmd.StdinPipe()
+	require.NoError(t, err)
+	var out syncBuf
+	cmd.Stdout, cmd.Stderr = &out, &out
+	require.NoError(t, cmd.Start())
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	// The session may take a moment to connect: type until the echo comes back.
+	require.Eventually(t, func() bool {
+		_, _ = stdin.Write([]byte("hello-attach\n"))
+		time.Sleep(100 * time.Millisecond)
+		return strings.Contains(out.String(), "hello-attach")
+	}, 15*time.Second, 50*time.Millisecond, "echo round trip through crictl attach; got %q", out.String())
+	_, err = stdin.Write([]byte{0x1d})
+	require.NoError(t, err)
+	select {
+	case err := <-done:
+		require.NoError(t, err, out.String())
+	case <-time.After(10 * time.Second):
+		_ = cmd.Process.Kill()
+		t.Fatalf("Ctrl-] did not end the attach session: %q", out.String())
+	}
+	require.Equal(t, "CONTAINER_RUNNING", d.inspect(ctr).Status.State, "detaching must not stop the VM")
+	b, _ := os.ReadFile(in.Status.LogPath)
+	require.Contains(t, string(b), "stdout F hello-attach")
+	d.must("rmp", "-f", pod)
+	require.Empty(t, qemuProcesses(t, d.stateDir))
+}
+
+type syncBuf struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
