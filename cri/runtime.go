@@ -266,25 +266,31 @@ func (r *Router) PortForward(ctx context.Context, req *runtimeapi.PortForwardReq
 	return resp, upstreamErr(err)
 }
 
-// ContainerStats: passthrough; VM stats arrive with the shim.
+// ContainerStats routes by ID.
 func (r *Router) ContainerStats(ctx context.Context, req *runtimeapi.ContainerStatsRequest) (*runtimeapi.ContainerStatsResponse, error) {
 	if r.containerSide(req.GetContainerId()) {
-		return nil, status.Error(codes.Unimplemented, "stats for unikernel containers are not supported by this unilet version yet")
+		return r.vm.ContainerStats(ctx, req)
 	}
 	resp, err := r.upRT.ContainerStats(ctx, req)
 	return resp, upstreamErr(err)
 }
 
-// ListContainerStats: upstream's list (VM stats arrive with the shim).
+// ListContainerStats merges both sides.
 func (r *Router) ListContainerStats(ctx context.Context, req *runtimeapi.ListContainerStatsRequest) (*runtimeapi.ListContainerStatsResponse, error) {
-	if r.upRT == nil {
-		return &runtimeapi.ListContainerStatsResponse{}, nil
+	resp, err := r.vm.ListContainerStats(ctx, req)
+	if err != nil || r.upRT == nil {
+		return resp, err
 	}
-	resp, err := r.upRT.ListContainerStats(ctx, req)
+	f := req.GetFilter()
+	if (f.GetId() != "" && r.vm.OwnsContainer(f.GetId())) || (f.GetPodSandboxId() != "" && r.vm.OwnsSandbox(f.GetPodSandboxId())) {
+		return resp, nil
+	}
+	up, err := r.upRT.ListContainerStats(ctx, req)
 	if err != nil {
 		r.logUpstreamDown("ListContainerStats", err)
-		return &runtimeapi.ListContainerStatsResponse{}, nil
+		return resp, nil
 	}
+	resp.Stats = append(resp.Stats, up.GetStats()...)
 	return resp, nil
 }
 

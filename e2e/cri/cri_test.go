@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -387,7 +388,29 @@ func TestExecIsUnsupported(t *testing.T) {
 	pod := d.must("runp", podCfg)
 	ctr := d.must("create", pod, containerConfig(t, image(), []string{"tick=100"}, nil), podCfg)
 	d.must("start", ctr)
-	_, err := d.crictl("exec", "-s", ctr, "ls")
+	// Stats come from the VM's QEMU process.
+	var stats struct {
+		Stats []struct {
+			CPU struct {
+				UsageCoreNanoSeconds struct {
+					Value string `json:"value"`
+				} `json:"usageCoreNanoSeconds"`
+			} `json:"cpu"`
+			Memory struct {
+				WorkingSetBytes struct {
+					Value string `json:"value"`
+				} `json:"workingSetBytes"`
+			} `json:"memory"`
+		} `json:"stats"`
+	}
+	require.Eventually(t, func() bool {
+		require.NoError(t, json.Unmarshal([]byte(d.must("stats", "-o", "json", "--id", ctr)), &stats))
+		return len(stats.Stats) == 1 && stats.Stats[0].CPU.UsageCoreNanoSeconds.Value != "" && stats.Stats[0].CPU.UsageCoreNanoSeconds.Value != "0"
+	}, 10*time.Second, 200*time.Millisecond, "CPU time of a running VM")
+	mem, err := strconv.ParseUint(stats.Stats[0].Memory.WorkingSetBytes.Value, 10, 64)
+	require.NoError(t, err)
+	require.Greater(t, mem, uint64(10<<20), "QEMU's resident memory")
+	_, err = d.crictl("exec", "-s", ctr, "ls")
 	require.ErrorContains(t, err, "Unimplemented")
 	require.ErrorContains(t, err, "exec is not possible")
 	d.must("stop", ctr)
