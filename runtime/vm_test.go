@@ -71,7 +71,7 @@ func TestVMBootsAndLogsConsole(t *testing.T) {
 
 func TestVMStopKillsAfterTimeout(t *testing.T) {
 	k := testKernel(t)
-	spec := bootSpec(t, k, "tick=20")
+	spec := bootSpec(t, k, "tick=20", "ignore-acpi")
 	vm, err := StartVM(spec)
 	require.NoError(t, err)
 	require.Eventually(t, func() bool {
@@ -318,4 +318,22 @@ func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+func TestVMGracefulStop(t *testing.T) {
+	k := testKernel(t)
+	spec := bootSpec(t, k, "tick=50")
+	vm, err := StartVM(spec)
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		b, _ := os.ReadFile(spec.LogPath)
+		return strings.Contains(string(b), "tick 2\n")
+	}, 20*time.Second, 20*time.Millisecond)
+	start := time.Now()
+	st := vm.Stop(10 * time.Second)
+	require.Less(t, time.Since(start), 5*time.Second, "a guest that honours ACPI power-off must not wait for the timeout")
+	require.Equal(t, int32(0), st.Code, st.Message)
+	require.Equal(t, ReasonCompleted, st.Reason)
+	b, _ := os.ReadFile(spec.LogPath)
+	require.Contains(t, string(b), "power button pressed")
 }

@@ -311,7 +311,23 @@ func TestImageCmdAndLongRunningStop(t *testing.T) {
 	require.Contains(t, string(raw), "argv[1]: default-arg")
 	d.must("rm", ctr)
 
-	ticker := containerConfig(t, image(), []string{"tick=50"}, nil)
+	// A guest that honours ACPI power-off stops gracefully: exit 0.
+	ctr = d.must("create", pod, writeJSON(t, map[string]any{"metadata": map[string]any{"name": "graceful"},
+		"image": map[string]string{"image": image()}, "args": []string{"tick=50"}, "log_path": "graceful/0.log"}), podCfg)
+	d.must("start", ctr)
+	in = d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
+	require.Eventually(t, func() bool {
+		b, _ := os.ReadFile(in.Status.LogPath)
+		return strings.Contains(string(b), "tick 3\n")
+	}, 20*time.Second, 50*time.Millisecond)
+	d.must("stop", "--timeout", "10", ctr)
+	in = d.inspect(ctr)
+	require.Equal(t, "CONTAINER_EXITED", in.Status.State)
+	require.Equal(t, int32(0), in.Status.ExitCode, in.Status.Message)
+	require.Equal(t, "Completed", in.Status.Reason)
+
+	// A guest that ignores it is killed when the timeout expires: 137.
+	ticker := containerConfig(t, image(), []string{"tick=50", "ignore-acpi"}, nil)
 	ctr = d.must("create", pod, ticker, podCfg)
 	d.must("start", ctr)
 	in = d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
@@ -323,6 +339,7 @@ func TestImageCmdAndLongRunningStop(t *testing.T) {
 	start := time.Now()
 	d.must("stop", "--timeout", "1", ctr)
 	require.Less(t, time.Since(start), 6*time.Second, "stop must honour its timeout")
+	require.GreaterOrEqual(t, time.Since(start), time.Second, "the guest gets its timeout before the kill")
 	in = d.inspect(ctr)
 	require.Equal(t, "CONTAINER_EXITED", in.Status.State)
 	require.Equal(t, int32(137), in.Status.ExitCode)

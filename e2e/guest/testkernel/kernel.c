@@ -14,9 +14,12 @@
  *      bigline=N     print one line of N characters
  *      echo          read the serial line and write every byte back
  *      panic         report a guest panic through pvpanic and halt
+ *      ignore-acpi   ignore the ACPI power button (a guest that must be killed)
  *      sse           enable and execute an SSE instruction (as Unikraft does
  *                    early; nested/PVM KVM fails here with internal-error)
  *  - and powers the machine off (ACPI, isa-debug-exit, then triple fault).
+ *  - While it waits (tick, echo) it polls the ACPI power button, so QMP
+ *    system_powerdown shuts it down cleanly, as a graceful stop should.
  */
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -30,6 +33,7 @@ void triple_fault(void);
 
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
 static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
+static inline u16 inw(u16 port) { u16 v; __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 
 static void serial_init(void)
@@ -105,10 +109,13 @@ static u32 slen(const char *s)
 	return n;
 }
 
+static void check_power_button(void);
+
 /* Busy-wait one millisecond on PIT channel 2 (gate through port 0x61). */
 static void sleep_ms(u32 ms)
 {
 	while (ms--) {
+		check_power_button();
 		u8 gate = inb(0x61);
 		outb(0x61, (u8)((gate & 0xfd) | 0x01)); /* gate on, speaker off */
 		outb(0x43, 0xb0); /* ch2, lobyte/hibyte, mode 0 */
@@ -117,6 +124,23 @@ static void sleep_ms(u32 ms)
 		while (!(inb(0x61) & 0x20))
 			;
 		outb(0x61, gate);
+	}
+}
+
+#define PM1_STS 0x600 /* QEMU pc (PIIX4) PM1a event block, as set up by SeaBIOS */
+#define PM1_EN 0x602
+#define PWRBTN 0x0100
+
+static void poweroff(void);
+
+static int ignore_acpi;
+
+static void check_power_button(void)
+{
+	if (!ignore_acpi && (inw(PM1_STS) & PWRBTN)) {
+		outw(PM1_STS, PWRBTN); /* write-1-to-clear */
+		puts("unilet-testkernel: power button pressed, powering off\n");
+		poweroff();
 	}
 }
 
@@ -189,7 +213,7 @@ static void echo_mode(void)
 	puts("echo: ready\n");
 	for (;;) {
 		while (!(inb(COM1 + 5) & 0x01))
-			;
+			check_power_button();
 		char c = (char)inb(COM1);
 		if (c == '\r')
 			c = '\n';
@@ -207,6 +231,7 @@ struct mb_info {
 void kmain(u32 magic, struct mb_info *mbi)
 {
 	serial_init();
+	outw(PM1_EN, PWRBTN); /* let QEMU report the ACPI power button */
 	puts("unilet-testkernel: booted\n");
 
 	u32 len = 0;
@@ -293,6 +318,8 @@ void kmain(u32 magic, struct mb_info *mbi)
 			panic = 1;
 		else if (streq(argv[i], "sse"))
 			sse = 1;
+		else if (streq(argv[i], "ignore-acpi"))
+			ignore_acpi = 1;
 	}
 	puts("envc: ");
 	putu(nenv);
