@@ -623,3 +623,26 @@ func (s *syncBuf) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+func TestQEMUKilledIsReported(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "")
+	d.must("pull", image())
+	podCfg, _ := podConfig(t, "vm-killed", true)
+	pod := d.must("runp", podCfg)
+	ctr := d.must("create", pod, containerConfig(t, image(), []string{"tick=100"}, nil), podCfg)
+	d.must("start", ctr)
+	d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
+	procs := qemuProcesses(t, d.stateDir)
+	require.Len(t, procs, 1)
+	pid := strings.Fields(procs[0])[0]
+	require.NoError(t, exec.Command("kill", "-9", pid).Run())
+	killedAt := time.Now()
+	in := d.waitState(ctr, "CONTAINER_EXITED", 5*time.Second)
+	require.Less(t, time.Since(killedAt), 2*time.Second)
+	require.Equal(t, int32(137), in.Status.ExitCode)
+	require.Equal(t, "Error", in.Status.Reason, "a VM killed behind unilet's back is an error, not a stop")
+	require.Contains(t, in.Status.Message, "killed by signal")
+	d.must("rmp", "-f", pod)
+	ents, _ := os.ReadDir(filepath.Join(d.stateDir, "vm"))
+	require.Empty(t, ents)
+}
