@@ -241,6 +241,11 @@ func (s *Service) RemoveContainer(ctx context.Context, r *runtimeapi.RemoveConta
 	return &runtimeapi.RemoveContainerResponse{}, nil
 }
 
+// matches applies the ID-prefix, pod-prefix and label filters of CRI lists.
+func (c *container) matches(idPrefix, podPrefix string, selector map[string]string) bool {
+	return strings.HasPrefix(c.id, idPrefix) && strings.HasPrefix(c.sandboxID, podPrefix) && labelsMatch(c.config.GetLabels(), selector)
+}
+
 func (c *container) toAPI() *runtimeapi.Container {
 	return &runtimeapi.Container{
 		Id: c.id, PodSandboxId: c.sandboxID, Metadata: c.config.GetMetadata(),
@@ -298,19 +303,11 @@ func (s *Service) ListContainers(ctx context.Context, r *runtimeapi.ListContaine
 	var out []*runtimeapi.Container
 	for _, c := range s.containers {
 		s.refresh(c)
-		if f != nil {
-			if f.GetId() != "" && !strings.HasPrefix(c.id, f.GetId()) {
-				continue
-			}
-			if f.GetPodSandboxId() != "" && !strings.HasPrefix(c.sandboxID, f.GetPodSandboxId()) {
-				continue
-			}
-			if f.GetState() != nil && f.GetState().GetState() != c.state {
-				continue
-			}
-			if !labelsMatch(c.config.GetLabels(), f.GetLabelSelector()) {
-				continue
-			}
+		if !c.matches(f.GetId(), f.GetPodSandboxId(), f.GetLabelSelector()) {
+			continue
+		}
+		if f.GetState() != nil && f.GetState().GetState() != c.state {
+			continue
 		}
 		out = append(out, c.toAPI())
 	}

@@ -2,7 +2,6 @@ package vm
 
 import (
 	"context"
-	"strings"
 
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
@@ -44,13 +43,7 @@ func (s *Service) ListContainerStats(ctx context.Context, r *runtimeapi.ListCont
 	var out []*runtimeapi.ContainerStats
 	for _, c := range s.containers {
 		s.refresh(c)
-		if f.GetId() != "" && !strings.HasPrefix(c.id, f.GetId()) {
-			continue
-		}
-		if f.GetPodSandboxId() != "" && !strings.HasPrefix(c.sandboxID, f.GetPodSandboxId()) {
-			continue
-		}
-		if !labelsMatch(c.config.GetLabels(), f.GetLabelSelector()) {
+		if !c.matches(f.GetId(), f.GetPodSandboxId(), f.GetLabelSelector()) {
 			continue
 		}
 		out = append(out, s.statsOf(c))
