@@ -23,11 +23,16 @@ var (
 type Store struct{ db *bolt.DB }
 
 // Open opens (creating) the database in dir.
-func Open(dir string) (*Store, error) {
+func Open(dir string) (*Store, error) { return open(dir, 5*time.Second) }
+
+// openWithTimeout is Open with a short lock timeout (tests).
+func openWithTimeout(dir string) (*Store, error) { return open(dir, 100*time.Millisecond) }
+
+func open(dir string, lockTimeout time.Duration) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	db, err := bolt.Open(filepath.Join(dir, "meta.db"), 0o600, &bolt.Options{Timeout: 5 * time.Second})
+	db, err := bolt.Open(filepath.Join(dir, "meta.db"), 0o600, &bolt.Options{Timeout: lockTimeout})
 	if err != nil {
 		return nil, fmt.Errorf("open metadata store (is another unilet running on this --root?): %w", err)
 	}
