@@ -5,7 +5,7 @@ OUT := _output
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/unilet-dev/unilet/pkg/version.Version=$(VERSION)
 
-.PHONY: all deps build test test-unit test-e2e vet demo guest clean
+.PHONY: all deps proto build test test-unit test-e2e vet demo guest clean
 
 all: build
 
@@ -19,6 +19,10 @@ build:
 guest: $(OUT)/guest/testkernel.elf
 $(OUT)/guest/testkernel.elf: $(wildcard e2e/guest/testkernel/*)
 	./e2e/guest/testkernel/build.sh $@
+
+# Regenerate the shim's ttrpc API from runtime/shim/api/shim.proto.
+proto:
+	./hack/gen-proto.sh
 
 vet:
 	$(GO) vet ./...

@@ -1,0 +1,37 @@
+// Command unilet-shim supervises one VM for the unilet daemon (see package
+// runtime/shim). The daemon starts it; operators do not.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/unilet-dev/unilet/pkg/version"
+	"github.com/unilet-dev/unilet/runtime/shim"
+)
+
+func main() {
+	dir := flag.String("dir", "", "VM directory holding spec.json")
+	showVersion := flag.Bool("version", false, "print the version")
+	flag.Parse()
+	if *showVersion {
+		fmt.Println("unilet-shim", version.Version)
+		return
+	}
+	if *dir == "" {
+		fmt.Fprintln(os.Stderr, "unilet-shim: --dir is required")
+		os.Exit(2)
+	}
+	// The daemon may die or restart: only SIGTERM/SIGINT end the VM.
+	signal.Ignore(syscall.SIGHUP, syscall.SIGPIPE)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := shim.Serve(ctx, *dir); err != nil {
+		fmt.Fprintln(os.Stderr, "unilet-shim:", err)
+		os.Exit(1)
+	}
+}

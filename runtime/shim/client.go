@@ -1,0 +1,93 @@
+package shim
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/containerd/ttrpc"
+
+	"github.com/unilet-dev/unilet/runtime"
+	"github.com/unilet-dev/unilet/runtime/shim/api"
+)
+
+// Client talks to one shim.
+type Client struct {
+	api.ShimService
+	conn net.Conn
+	tc   *ttrpc.Client
+	Dir  string
+}
+
+// Launch writes spec into dir, starts `shimBinary --dir dir` detached (own
+// session, so it survives the daemon) and connects once the VM runs. A VM
+// that fails to start is reported with the shim's recorded reason.
+func Launch(ctx context.Context, shimBinary, dir string, spec runtime.VMSpec) (*Client, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	b, err := json.Marshal(spec)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(filepath.Join(dir, SpecFile), b, 0o600); err != nil {
+		return nil, err
+	}
+	logf, err := os.OpenFile(filepath.Join(dir, LogFile), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close()
+	cmd := exec.Command(shimBinary, "--dir", dir)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", shimBinary, err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }() // reap; the shim outlives us only if we die
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		if c, err := Connect(dir); err == nil {
+			if _, err := c.State(ctx, &api.StateRequest{}); err == nil {
+				return c, nil
+			}
+			c.Close()
+		}
+		select {
+		case err := <-exited:
+			if st, ok := ReadExit(dir); ok {
+				return nil, fmt.Errorf("%s", st.Message)
+			}
+			out, _ := os.ReadFile(filepath.Join(dir, LogFile))
+			return nil, fmt.Errorf("unilet-shim exited (%v): %s", err, out)
+		case <-ctx.Done():
+			_ = cmd.Process.Kill()
+			return nil, ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			_ = cmd.Process.Kill()
+			return nil, fmt.Errorf("unilet-shim did not serve %s within 15s", filepath.Join(dir, SocketFile))
+		}
+	}
+}
+
+// Connect dials the shim of dir.
+func Connect(dir string) (*Client, error) {
+	conn, err := net.Dial("unix", filepath.Join(dir, SocketFile))
+	if err != nil {
+		return nil, err
+	}
+	tc := ttrpc.NewClient(conn)
+	return &Client{ShimService: api.NewShimClient(tc), conn: conn, tc: tc, Dir: dir}, nil
+}
+
+// Close closes the connection (the shim and VM go on).
+func (c *Client) Close() error { return c.tc.Close() }

@@ -1,0 +1,134 @@
+package shim
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"github.com/unilet-dev/unilet/runtime"
+	"github.com/unilet-dev/unilet/runtime/shim/api"
+)
+
+// These tests run the real unilet-shim binary with real QEMU and the test kernel.
+
+func build(t *testing.T) (shimBin, kernel string) {
+	t.Helper()
+	dir := t.TempDir()
+	shimBin = filepath.Join(dir, "unilet-shim")
+	out, err := exec.Command("go", "build", "-o", shimBin, "../../cmd/unilet-shim").CombinedOutput()
+	require.NoError(t, err, string(out))
+	kernel = filepath.Join(dir, "kernel.elf")
+	out, err = exec.Command("../../e2e/guest/testkernel/build.sh", kernel).CombinedOutput()
+	require.NoError(t, err, string(out))
+	return shimBin, kernel
+}
+
+func spec(t *testing.T, kernel, vmDir string, args ...string) runtime.VMSpec {
+	qemu, err := exec.LookPath("qemu-system-x86_64")
+	require.NoError(t, err)
+	line, _, err := runtime.BuildCmdline(runtime.GuestConfig{KernelName: kernel, Args: args})
+	require.NoError(t, err)
+	return runtime.VMSpec{QEMU: qemu, StateDir: vmDir, LogPath: filepath.Join(filepath.Dir(vmDir), "logs", "0.log"),
+		Machine: runtime.MachineConfig{Name: "shimtest", Accel: runtime.AccelTCG, Machine: runtime.MachinePC, MemoryMiB: 32, VCPUs: 1,
+			Kernel: kernel, Cmdline: line, QMPSocket: filepath.Join(vmDir, "qmp.sock")}}
+}
+
+func TestShimRunsVMDetachedAndReconnects(t *testing.T) {
+	shimBin, kernel := build(t)
+	vmDir := filepath.Join(t.TempDir(), "vm")
+	sp := spec(t, kernel, vmDir, "tick=50")
+	ctx := context.Background()
+	c, err := Launch(ctx, shimBin, vmDir, sp)
+	require.NoError(t, err)
+	st, err := c.State(ctx, &api.StateRequest{})
+	require.NoError(t, err)
+	require.True(t, st.Running)
+	require.NotZero(t, st.Pid)
+	t.Cleanup(func() { _ = syscall.Kill(int(st.Pid), syscall.SIGKILL) })
+
+	// QEMU's parent is the shim, in a session of its own (it survives the daemon).
+	shimPid := parentOf(t, int(st.Pid))
+	shimSid, err := unix.Getsid(shimPid)
+	require.NoError(t, err)
+	mySid, _ := unix.Getsid(0)
+	require.NotEqual(t, mySid, shimSid)
+	require.Equal(t, shimPid, shimSid, "the shim leads its own session")
+
+	// The "daemon" goes away and comes back: a new connection sees the same VM.
+	require.NoError(t, c.Close())
+	c, err = Connect(vmDir)
+	require.NoError(t, err)
+	defer c.Close()
+	st2, err := c.State(ctx, &api.StateRequest{})
+	require.NoError(t, err)
+	require.Equal(t, st.Pid, st2.Pid)
+	require.True(t, st2.Running)
+	require.Eventually(t, func() bool {
+		s, err := c.Stats(ctx, &api.StatsRequest{})
+		return err == nil && s.CpuNanos > 0 && s.RssBytes > 10<<20
+	}, 10*time.Second, 100*time.Millisecond)
+
+	// Log rotation through the shim.
+	require.NoError(t, os.Rename(sp.LogPath, sp.LogPath+".1"))
+	_, err = c.ReopenLog(ctx, &api.ReopenLogRequest{})
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		b, _ := os.ReadFile(sp.LogPath)
+		return strings.Contains(string(b), "stdout F tick")
+	}, 10*time.Second, 20*time.Millisecond)
+
+	// Shutdown is refused while the VM runs; a graceful kill ends it cleanly.
+	_, err = c.Shutdown(ctx, &api.ShutdownRequest{})
+	require.ErrorContains(t, err, "still running")
+	end, err := c.Kill(ctx, &api.KillRequest{TimeoutMs: 10000})
+	require.NoError(t, err)
+	require.False(t, end.Running)
+	require.Equal(t, int32(0), end.ExitCode, end.Message)
+	require.Equal(t, runtime.ReasonCompleted, end.Reason)
+	rec, ok := ReadExit(vmDir)
+	require.True(t, ok, "the exit is recorded on disk")
+	require.Equal(t, runtime.ReasonCompleted, rec.Reason)
+	_, err = c.Shutdown(ctx, &api.ShutdownRequest{})
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return syscall.Kill(shimPid, 0) != nil || isZombie(shimPid) }, 10*time.Second, 20*time.Millisecond,
+		"the shim exits after Shutdown")
+}
+
+func TestShimReportsStartFailure(t *testing.T) {
+	shimBin, _ := build(t)
+	vmDir := filepath.Join(t.TempDir(), "vm")
+	sp := spec(t, "/nonexistent/kernel", vmDir)
+	_, err := Launch(context.Background(), shimBin, vmDir, sp)
+	require.ErrorContains(t, err, "VM did not start")
+	rec, ok := ReadExit(vmDir)
+	require.True(t, ok)
+	require.Equal(t, runtime.ReasonStartFailed, rec.Reason)
+}
+
+func parentOf(t *testing.T, pid int) int {
+	b, err := os.ReadFile("/proc/" + itoa(pid) + "/stat")
+	require.NoError(t, err)
+	f := strings.Fields(string(b)[strings.LastIndexByte(string(b), ')')+1:])
+	return atoi(f[1])
+}
+
+func isZombie(pid int) bool {
+	b, err := os.ReadFile("/proc/" + itoa(pid) + "/stat")
+	if err != nil {
+		return true
+	}
+	f := strings.Fields(string(b)[strings.LastIndexByte(string(b), ')')+1:])
+	return f[0] == "Z"
+}
+
+func itoa(i int) string { return strconv.Itoa(i) }
+func atoi(s string) int { n, _ := strconv.Atoi(s); return n }
