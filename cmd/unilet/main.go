@@ -45,7 +45,7 @@ func main() {
 func run() error {
 	var (
 		listen, root, stateDir, upstream, accel, qemu, logLevel string
-		streamAddr                                              string
+		streamAddr, shimBin                                     string
 		annotation, annotationValue, handler                    string
 		insecureRegs, registries                                multi
 		showVersion                                             bool
@@ -58,6 +58,7 @@ func run() error {
 	flag.Var(&registries, "unikernel-registry", "images under this registry host go to the VM store (repeatable; default unikraft.org)")
 	flag.StringVar(&accel, "accel", "auto", "accelerator: auto (probe KVM, else TCG), kvm or tcg")
 	flag.StringVar(&qemu, "qemu", "qemu-system-x86_64", "QEMU binary")
+	flag.StringVar(&shimBin, "shim", "", "unilet-shim binary (default: next to unilet, else on PATH)")
 	flag.StringVar(&streamAddr, "stream-address", "127.0.0.1:0", "address of the CRI streaming server (attach)")
 	flag.StringVar(&logLevel, "log-level", "info", "log level (debug, info, warn, error)")
 	flag.StringVar(&annotation, "annotation", cri.DefaultAnnotation, "pod annotation that selects the unikernel runtime")
@@ -96,7 +97,11 @@ func run() error {
 		return err
 	}
 	defer meta.Close()
-	svc := vm.New(vm.Config{QEMU: qemuPath, Accel: resolved, StateDir: stateDir, Version: version.Version}, images, meta)
+	shimPath, err := findShim(shimBin)
+	if err != nil {
+		return err
+	}
+	svc := vm.New(vm.Config{QEMU: qemuPath, Accel: resolved, StateDir: stateDir, Version: version.Version, ShimBinary: shimPath}, images, meta)
 	if err := svc.Load(); err != nil {
 		return fmt.Errorf("restore state from %s: %w", root, err)
 	}
@@ -152,4 +157,22 @@ func run() error {
 	svc.Shutdown()
 	_ = os.Remove(sock)
 	return nil
+}
+
+// findShim locates unilet-shim: the flag, next to this binary, or on PATH.
+func findShim(flagValue string) (string, error) {
+	if flagValue != "" {
+		return exec.LookPath(flagValue)
+	}
+	if self, err := os.Executable(); err == nil {
+		p := filepath.Join(filepath.Dir(self), "unilet-shim")
+		if _, err := os.Stat(p); err == nil {
+			return p, nil
+		}
+	}
+	p, err := exec.LookPath("unilet-shim")
+	if err != nil {
+		return "", fmt.Errorf("unilet-shim not found next to unilet or on PATH (use --shim): %w", err)
+	}
+	return p, nil
 }

@@ -15,6 +15,7 @@ import (
 
 	"github.com/unilet-dev/unilet/image"
 	"github.com/unilet-dev/unilet/runtime"
+	"github.com/unilet-dev/unilet/runtime/shim"
 )
 
 // Guest memory bounds (MiB).
@@ -173,7 +174,7 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 	c.state = runtimeapi.ContainerState_CONTAINER_UNKNOWN // starting
 	s.mu.Unlock()
 
-	vm, err := runtime.StartVM(runtime.VMSpec{QEMU: s.cfg.QEMU, Machine: c.machine, StateDir: c.vmDir, LogPath: c.logPath})
+	vm, err := s.startVM(ctx, runtime.VMSpec{QEMU: s.cfg.QEMU, Machine: c.machine, StateDir: c.vmDir, LogPath: c.logPath})
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err != nil {
@@ -189,6 +190,26 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 	s.saveContainer(c)
 	logrus.WithFields(logrus.Fields{"sandbox": c.sandboxID, "container": c.id, "pid": vm.Pid(), "accel": s.cfg.Accel}).Info("unikernel VM started")
 	return &runtimeapi.StartContainerResponse{}, nil
+}
+
+func (s *Service) startVM(ctx context.Context, spec runtime.VMSpec) (vmHandle, error) {
+	if s.cfg.ShimBinary == "" {
+		vm, err := runtime.StartVM(spec)
+		if err != nil {
+			return nil, err
+		}
+		return localVM{vm}, nil
+	}
+	c, err := shim.Launch(ctx, s.cfg.ShimBinary, spec.StateDir, spec)
+	if err != nil {
+		return nil, err
+	}
+	h, err := shim.NewHandle(c)
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	return h, nil
 }
 
 // StopContainer powers the VM down, killing it after the timeout. Unknown IDs succeed.
@@ -216,6 +237,7 @@ func (s *Service) StopContainer(ctx context.Context, r *runtimeapi.StopContainer
 		s.mu.Lock()
 		c.exit = st
 		c.state = runtimeapi.ContainerState_CONTAINER_EXITED
+		vm.Release()
 		_ = os.RemoveAll(c.vmDir)
 		s.saveContainer(c)
 		s.mu.Unlock()

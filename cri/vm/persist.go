@@ -14,6 +14,7 @@ import (
 
 	"github.com/unilet-dev/unilet/image"
 	"github.com/unilet-dev/unilet/runtime"
+	"github.com/unilet-dev/unilet/runtime/shim"
 )
 
 // ReasonVMLost is reported for a container whose VM was running when the
@@ -131,6 +132,23 @@ func (s *Service) Load() error {
 		c := &container{id: rec.ID, sandboxID: rec.SandboxID, config: cfg, image: img, imageRef: rec.ImageRef, logPath: rec.LogPath,
 			createdAt: rec.CreatedAt, startedAt: rec.StartedAt, state: runtimeapi.ContainerState(rec.State), exit: rec.Exit,
 			machine: rec.Machine, vmDir: rec.VMDir, warnings: rec.Warnings}
+		if c.state == runtimeapi.ContainerState_CONTAINER_RUNNING && s.cfg.ShimBinary != "" {
+			if h := reconnect(c.vmDir); h != nil {
+				c.vm = h
+				s.containers[rec.ID] = c
+				s.refresh(c)
+				logrus.WithFields(logrus.Fields{"sandbox": c.sandboxID, "container": c.id, "pid": h.Pid()}).Info("reconnected to running VM")
+				return nil
+			}
+			if st, ok := shim.ReadExit(c.vmDir); ok {
+				// The VM ended (and its shim went away) while the daemon was down.
+				c.state, c.exit = runtimeapi.ContainerState_CONTAINER_EXITED, st
+				_ = os.RemoveAll(c.vmDir)
+				s.containers[rec.ID] = c
+				lost = append(lost, c)
+				return nil
+			}
+		}
 		if c.state == runtimeapi.ContainerState_CONTAINER_RUNNING || c.state == runtimeapi.ContainerState_CONTAINER_UNKNOWN {
 			killOrphanQEMU(rec.Pid, rec.Machine.QMPSocket)
 			c.state = runtimeapi.ContainerState_CONTAINER_EXITED
@@ -147,10 +165,24 @@ func (s *Service) Load() error {
 	}
 	for _, c := range lost {
 		s.saveContainer(c)
-		logrus.WithFields(logrus.Fields{"sandbox": c.sandboxID, "container": c.id}).Warn("container's VM was lost across a daemon restart; reported as exited")
+		logrus.WithFields(logrus.Fields{"sandbox": c.sandboxID, "container": c.id, "reason": c.exit.Reason}).Warn("container's VM ended while the daemon was away; reported as exited")
 	}
 	logrus.WithFields(logrus.Fields{"sandboxes": len(s.sandboxes), "containers": len(s.containers)}).Debug("restored unikernel pod state")
 	return nil
+}
+
+// reconnect connects to the shim of a VM directory, or returns nil.
+func reconnect(vmDir string) vmHandle {
+	c, err := shim.Connect(vmDir)
+	if err != nil {
+		return nil
+	}
+	h, err := shim.NewHandle(c)
+	if err != nil {
+		c.Close()
+		return nil
+	}
+	return h
 }
 
 // killOrphanQEMU kills pid only if it is the QEMU that served qmpSocket.

@@ -5,9 +5,11 @@
 package vm
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -36,7 +38,32 @@ type Config struct {
 	StateDir  string // runtime sockets and per-VM state
 	Version   string
 	DefaultMB int // guest RAM when the container sets no limit
+	// ShimBinary runs each VM in its own unilet-shim so VMs outlive the
+	// daemon; empty runs QEMU inside the daemon (tests of the CRI surface).
+	ShimBinary string
 }
+
+// vmHandle is a running VM, in-process (runtime.VM) or behind a shim.
+type vmHandle interface {
+	Done() <-chan struct{}
+	Exit() runtime.ExitStatus
+	Stop(timeout time.Duration) runtime.ExitStatus
+	Kill()
+	ReopenLog() error
+	Pid() int
+	StartedAt() time.Time
+	Stats() (runtime.Stats, error)
+	Attach(ctx context.Context, in io.Reader, out io.Writer) error
+	// Release frees what supervises an ended VM (ends its shim).
+	Release()
+	// Close drops the daemon's connection; the VM goes on.
+	Close() error
+}
+
+type localVM struct{ *runtime.VM }
+
+func (localVM) Release()     {}
+func (localVM) Close() error { return nil }
 
 // Service serves CRI for unikernel pods.
 type Service struct {
@@ -74,7 +101,7 @@ type container struct {
 	exit      runtime.ExitStatus
 	machine   runtime.MachineConfig
 	vmDir     string
-	vm        *runtime.VM
+	vm        vmHandle
 	warnings  []string
 }
 
@@ -172,6 +199,7 @@ func (s *Service) refresh(c *container) {
 	case <-c.vm.Done():
 		c.exit = c.vm.Exit()
 		c.state = runtimeapi.ContainerState_CONTAINER_EXITED
+		c.vm.Release()
 		_ = os.RemoveAll(c.vmDir)
 		s.saveContainer(c)
 	default:
@@ -182,9 +210,9 @@ func errorf(code codes.Code, format string, a ...any) error {
 	return status.Error(code, fmt.Sprintf(format, a...))
 }
 
-// Shutdown kills every running VM. Until per-VM shims exist (issue 3) a VM
-// cannot outlive the daemon that owns its console, so it is not left behind
-// unmanaged; each one is logged.
+// Shutdown prepares for the daemon's exit. VMs behind shims keep running
+// (the next daemon reconnects); in-process VMs cannot outlive the daemon and
+// are stopped, each one logged.
 func (s *Service) Shutdown() {
 	s.mu.Lock()
 	var running []*container
@@ -196,7 +224,11 @@ func (s *Service) Shutdown() {
 	}
 	s.mu.Unlock()
 	for _, c := range running {
-		logrus.WithFields(logrus.Fields{"sandbox": c.sandboxID, "container": c.id}).Warn("daemon shutting down: stopping VM (VMs do not yet outlive the daemon)")
+		if _, local := c.vm.(localVM); !local {
+			_ = c.vm.Close()
+			continue
+		}
+		logrus.WithFields(logrus.Fields{"sandbox": c.sandboxID, "container": c.id}).Warn("daemon shutting down: stopping in-process VM")
 		st := c.vm.Stop(0)
 		s.mu.Lock()
 		c.exit, c.state = st, runtimeapi.ContainerState_CONTAINER_EXITED
@@ -207,7 +239,7 @@ func (s *Service) Shutdown() {
 }
 
 // runningVM returns the VM of a running container or a FailedPrecondition error.
-func (s *Service) runningVM(id string) (*runtime.VM, error) {
+func (s *Service) runningVM(id string) (vmHandle, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	c, err := s.containerLocked(id)

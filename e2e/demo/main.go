@@ -49,8 +49,8 @@ func run() error {
 	defer os.RemoveAll(dir)
 	bin := filepath.Join(dir, "bin")
 
-	step("building unilet and uniletctl")
-	if err := sh("go", "build", "-o", bin+"/", "./cmd/unilet", "./cmd/uniletctl"); err != nil {
+	step("building unilet, unilet-shim and uniletctl")
+	if err := sh("go", "build", "-o", bin+"/", "./cmd/unilet", "./cmd/uniletctl", "./cmd/unilet-shim"); err != nil {
 		return err
 	}
 	step("building the test unikernel (e2e/guest/testkernel)")

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -91,3 +92,12 @@ func Connect(dir string) (*Client, error) {
 
 // Close closes the connection (the shim and VM go on).
 func (c *Client) Close() error { return c.tc.Close() }
+
+// killIfQEMU kills pid only if it is the QEMU that serves qmpSocket.
+func killIfQEMU(pid int, qmpSocket string) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || !strings.Contains(string(b), qmpSocket) {
+		return
+	}
+	_ = syscall.Kill(pid, syscall.SIGKILL)
+}

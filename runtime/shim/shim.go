@@ -26,8 +26,11 @@ import (
 const (
 	SpecFile   = "spec.json"
 	SocketFile = "shim.sock"
-	ExitFile   = "exit.json"
-	LogFile    = "shim.log"
+	// ConsoleFile is a unix socket: each connection is one attach session
+	// (console output out, input in; Ctrl-] ends the session).
+	ConsoleFile = "console.sock"
+	ExitFile    = "exit.json"
+	LogFile     = "shim.log"
 )
 
 // Serve runs the shim for the VM directory dir until Shutdown (or the VM
@@ -60,6 +63,16 @@ func Serve(ctx context.Context, dir string) error {
 		vm.Kill()
 		return err
 	}
+	csock := filepath.Join(dir, ConsoleFile)
+	_ = os.Remove(csock)
+	cl, err := net.Listen("unix", csock)
+	if err != nil {
+		vm.Kill()
+		return err
+	}
+	defer os.Remove(csock)
+	defer cl.Close()
+	go serveConsole(cl, vm)
 	s := &service{vm: vm, dir: dir, shutdown: make(chan struct{})}
 	api.RegisterShimService(srv, s)
 	go func() { _ = srv.Serve(ctx, l) }()
@@ -154,4 +167,17 @@ func (s *service) Shutdown(ctx context.Context, _ *api.ShutdownRequest) (*api.Sh
 	}
 	s.once.Do(func() { close(s.shutdown) })
 	return &api.ShutdownResponse{}, nil
+}
+
+func serveConsole(l net.Listener, vm *runtime.VM) {
+	for {
+		conn, err := l.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer conn.Close()
+			_ = vm.Attach(context.Background(), conn, conn)
+		}()
+	}
 }
