@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -163,12 +164,40 @@ func (s *Service) Load() error {
 	if err != nil {
 		return fmt.Errorf("load containers: %w", err)
 	}
+	s.reapOrphanVMDirs()
 	for _, c := range lost {
 		s.saveContainer(c)
 		logrus.WithFields(logrus.Fields{"sandbox": c.sandboxID, "container": c.id, "reason": c.exit.Reason}).Warn("container's VM ended while the daemon was away; reported as exited")
 	}
 	logrus.WithFields(logrus.Fields{"sandboxes": len(s.sandboxes), "containers": len(s.containers)}).Debug("restored unikernel pod state")
 	return nil
+}
+
+// reapOrphanVMDirs ends VMs whose directory has no container record (a
+// crash between launching a shim and recording it): their shim is told to
+// kill the VM and exit, and the directory goes. Caller holds s.mu.
+func (s *Service) reapOrphanVMDirs() {
+	root := filepath.Join(s.cfg.StateDir, "vm")
+	ents, err := os.ReadDir(root)
+	if err != nil {
+		return
+	}
+	known := map[string]bool{}
+	for _, c := range s.containers {
+		known[filepath.Base(c.vmDir)] = true
+	}
+	for _, e := range ents {
+		if known[e.Name()] {
+			continue
+		}
+		dir := filepath.Join(root, e.Name())
+		if h := reconnect(dir); h != nil {
+			logrus.WithFields(logrus.Fields{"dir": dir, "pid": h.Pid()}).Warn("stopping a VM that has no container record")
+			h.Stop(0)
+			h.Release()
+		}
+		_ = os.RemoveAll(dir)
+	}
 }
 
 // reconnect connects to the shim of a VM directory, or returns nil.

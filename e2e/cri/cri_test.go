@@ -702,3 +702,48 @@ func TestShimKilledIsReported(t *testing.T) {
 	ents, _ := os.ReadDir(filepath.Join(d.stateDir, "vm"))
 	require.Empty(t, ents)
 }
+
+func TestFailedStartLeavesNothing(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "")
+	d.must("pull", image())
+	podCfg, _ := podConfig(t, "vm-start-fail", true)
+	pod := d.must("runp", podCfg)
+	// 16 TiB of guest RAM: QEMU refuses to start.
+	huge := writeJSON(t, map[string]any{"metadata": map[string]any{"name": "huge"}, "image": map[string]string{"image": image()},
+		"log_path": "huge/0.log", "linux": map[string]any{"resources": map[string]any{"memory_limit_in_bytes": int64(16) << 40}}})
+	ctr := d.must("create", pod, huge, podCfg)
+	_, err := d.crictl("start", ctr)
+	require.Error(t, err)
+	in := d.inspect(ctr)
+	require.Equal(t, "CONTAINER_EXITED", in.Status.State)
+	require.Equal(t, "StartError", in.Status.Reason)
+	require.NotEmpty(t, in.Status.Message)
+	require.Empty(t, qemuProcesses(t, d.stateDir))
+	out, _ := exec.Command("pgrep", "-f", "unilet-shim --dir "+d.stateDir).Output()
+	require.Empty(t, strings.TrimSpace(string(out)), "no shim may be left")
+	ents, _ := os.ReadDir(filepath.Join(d.stateDir, "vm"))
+	require.Empty(t, ents, "no VM directory may be left")
+	d.must("rmp", "-f", pod)
+}
+
+func TestOrphanVMDirIsReaped(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "")
+	d.must("pull", image())
+	podCfg, _ := podConfig(t, "vm-orphan", true)
+	pod := d.must("runp", podCfg)
+	ctr := d.must("create", pod, containerConfig(t, image(), []string{"tick=100"}, nil), podCfg)
+	d.must("start", ctr)
+	d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
+	// Simulate a record lost in a crash: the daemon stops, its database is
+	// replaced by an empty one, and a shim is left without a record.
+	d.stop()
+	require.NoError(t, os.Remove(filepath.Join(d.dir, "root", "meta.db")))
+	d.start()
+	require.Eventually(t, func() bool { return len(qemuProcesses(t, d.stateDir)) == 0 }, 10*time.Second, 50*time.Millisecond,
+		"a VM without a record must not run on unnoticed")
+	ents, _ := os.ReadDir(filepath.Join(d.stateDir, "vm"))
+	require.Empty(t, ents)
+	log, _ := os.ReadFile(d.logFile)
+	require.Contains(t, string(log), "no container record")
+	_ = pod
+}
