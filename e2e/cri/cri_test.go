@@ -747,3 +747,18 @@ func TestOrphanVMDirIsReaped(t *testing.T) {
 	require.Contains(t, string(log), "no container record")
 	_ = pod
 }
+
+func TestGuestPanicIsReported(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "")
+	d.must("pull", image())
+	podCfg, _ := podConfig(t, "vm-panic", true)
+	pod := d.must("runp", podCfg)
+	ctr := d.must("create", pod, containerConfig(t, image(), []string{"panic"}, nil), podCfg)
+	d.must("start", ctr)
+	in := d.waitState(ctr, "CONTAINER_EXITED", 20*time.Second)
+	require.NotZero(t, in.Status.ExitCode)
+	require.Equal(t, "GuestPanicked", in.Status.Reason)
+	require.Contains(t, in.Status.Message, "panicked")
+	require.Empty(t, qemuProcesses(t, d.stateDir))
+	d.must("rmp", "-f", pod)
+}
