@@ -53,7 +53,8 @@ type VM struct {
 	startedAt time.Time
 	done      chan struct{}
 	killed    bool
-	failure   *ExitStatus // set when unilet ended a VM it found broken
+	sentSig   syscall.Signal // signal unilet sent (QEMU exits 0 on SIGTERM/SIGINT)
+	failure   *ExitStatus    // set when unilet ended a VM it found broken
 	mu        sync.Mutex
 	exit      ExitStatus
 	stderr    *os.File
@@ -217,7 +218,7 @@ func (v *VM) finish(waitErr error) {
 	code := v.cmd.ProcessState.ExitCode()
 	ws, _ := v.cmd.ProcessState.Sys().(syscall.WaitStatus)
 	v.mu.Lock()
-	killed, failure := v.killed, v.failure
+	killed, failure, sentSig := v.killed, v.failure, v.sentSig
 	if v.mon != nil {
 		v.mon.close()
 	}
@@ -225,6 +226,10 @@ func (v *VM) finish(waitErr error) {
 	switch {
 	case failure != nil:
 		st.Code, st.Reason, st.Message = failure.Code, failure.Reason, failure.Message
+	case killed && sentSig != 0 && !ws.Signaled():
+		// QEMU catches SIGTERM/SIGINT and exits 0: still unilet's kill.
+		st.Code, st.Reason = 128+int32(sentSig), ReasonKilled
+		st.Message = fmt.Sprintf("QEMU terminated on %s sent by unilet", sentSig)
 	case ws.Signaled():
 		st.Code = 128 + int32(ws.Signal())
 		st.Reason = ReasonKilled
@@ -311,6 +316,15 @@ func (v *VM) Kill() {
 	v.killed = true
 	v.mu.Unlock()
 	_ = v.cmd.Process.Signal(syscall.SIGKILL)
+}
+
+// Signal sends sig to QEMU; the exit is reported as unilet's own kill
+// (reason Killed) because unilet sent it.
+func (v *VM) Signal(sig syscall.Signal) error {
+	v.mu.Lock()
+	v.killed, v.sentSig = true, sig
+	v.mu.Unlock()
+	return v.cmd.Process.Signal(sig)
 }
 
 // ReopenLog reopens the CRI log file after rotation.

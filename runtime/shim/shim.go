@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/containerd/ttrpc"
@@ -73,21 +74,27 @@ func Serve(ctx context.Context, dir string) error {
 	defer os.Remove(csock)
 	defer cl.Close()
 	go serveConsole(cl, vm)
-	s := &service{vm: vm, dir: dir, shutdown: make(chan struct{})}
-	api.RegisterShimService(srv, s)
-	go func() { _ = srv.Serve(ctx, l) }()
+	s := &service{vm: vm, dir: dir, shutdown: make(chan struct{}), exited: make(chan struct{})}
+	// Clients see the VM as ended only once its exit is on disk.
 	go func() {
 		<-vm.Done()
 		_ = writeExit(dir, vm.Exit())
+		close(s.exited)
 	}()
+	api.RegisterShimService(srv, s)
+	go func() { _ = srv.Serve(ctx, l) }()
 	select {
 	case <-s.shutdown:
 	case <-ctx.Done():
 		vm.Kill()
 	}
-	<-vm.Done()
-	_ = writeExit(dir, vm.Exit())
-	_ = srv.Close()
+	<-s.exited
+	// Let the Shutdown reply reach the client before the server goes.
+	sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		_ = srv.Close()
+	}
 	return nil
 }
 
@@ -115,12 +122,13 @@ type service struct {
 	dir      string
 	once     sync.Once
 	shutdown chan struct{}
+	exited   chan struct{} // closed after the exit is recorded
 }
 
 func (s *service) state() *api.StateResponse {
 	r := &api.StateResponse{Pid: int32(s.vm.Pid()), StartedAt: s.vm.StartedAt().UnixNano(), Running: true}
 	select {
-	case <-s.vm.Done():
+	case <-s.exited:
 		st := s.vm.Exit()
 		r.Running = false
 		r.FinishedAt, r.ExitCode, r.Reason, r.Message = st.FinishedAt.UnixNano(), st.Code, st.Reason, st.Message
@@ -134,13 +142,32 @@ func (s *service) State(ctx context.Context, _ *api.StateRequest) (*api.StateRes
 }
 
 func (s *service) Kill(ctx context.Context, r *api.KillRequest) (*api.StateResponse, error) {
+	if sig := r.GetSignal(); sig != 0 {
+		if sig < 1 || sig > 64 {
+			return nil, fmt.Errorf("invalid signal %d", sig)
+		}
+		if err := s.vm.Signal(syscall.Signal(sig)); err != nil {
+			return nil, err
+		}
+		select {
+		case <-s.exited:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		return s.state(), nil
+	}
 	s.vm.Stop(time.Duration(r.GetTimeoutMs()) * time.Millisecond)
+	select {
+	case <-s.exited:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 	return s.state(), nil
 }
 
 func (s *service) Wait(ctx context.Context, _ *api.WaitRequest) (*api.StateResponse, error) {
 	select {
-	case <-s.vm.Done():
+	case <-s.exited:
 		return s.state(), nil
 	case <-ctx.Done():
 		return nil, ctx.Err()
@@ -161,11 +188,13 @@ func (s *service) Stats(ctx context.Context, _ *api.StatsRequest) (*api.StatsRes
 
 func (s *service) Shutdown(ctx context.Context, _ *api.ShutdownRequest) (*api.ShutdownResponse, error) {
 	select {
-	case <-s.vm.Done():
+	case <-s.exited:
 	default:
 		return nil, errors.New("the VM is still running; kill it first")
 	}
-	s.once.Do(func() { close(s.shutdown) })
+	// End the server only after this reply has been written: ttrpc closes idle
+	// connections at once, which could swallow it.
+	time.AfterFunc(100*time.Millisecond, func() { s.once.Do(func() { close(s.shutdown) }) })
 	return &api.ShutdownResponse{}, nil
 }
 

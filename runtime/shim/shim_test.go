@@ -103,6 +103,24 @@ func TestShimRunsVMDetachedAndReconnects(t *testing.T) {
 		"the shim exits after Shutdown")
 }
 
+func TestShimKillWithSignal(t *testing.T) {
+	shimBin, kernel := build(t)
+	vmDir := filepath.Join(t.TempDir(), "vm")
+	ctx := context.Background()
+	c, err := Launch(ctx, shimBin, vmDir, spec(t, kernel, vmDir, "tick=50"))
+	require.NoError(t, err)
+	defer c.Close()
+	_, err = c.Kill(ctx, &api.KillRequest{Signal: 99})
+	require.ErrorContains(t, err, "invalid signal")
+	st, err := c.Kill(ctx, &api.KillRequest{Signal: int32(syscall.SIGTERM)})
+	require.NoError(t, err)
+	require.False(t, st.Running)
+	require.Equal(t, int32(128+15), st.ExitCode)
+	require.Equal(t, runtime.ReasonKilled, st.Reason)
+	_, err = c.Shutdown(ctx, &api.ShutdownRequest{})
+	require.NoError(t, err)
+}
+
 func TestShimReportsStartFailure(t *testing.T) {
 	shimBin, _ := build(t)
 	vmDir := filepath.Join(t.TempDir(), "vm")

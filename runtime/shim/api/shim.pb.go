@@ -155,6 +155,7 @@ func (x *StateResponse) GetMessage() string {
 type KillRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	TimeoutMs     int64                  `protobuf:"varint,1,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"`
+	Signal        int32                  `protobuf:"varint,2,opt,name=signal,proto3" json:"signal,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -192,6 +193,13 @@ func (*KillRequest) Descriptor() ([]byte, []int) {
 func (x *KillRequest) GetTimeoutMs() int64 {
 	if x != nil {
 		return x.TimeoutMs
+	}
+	return 0
+}
+
+func (x *KillRequest) GetSignal() int32 {
+	if x != nil {
+		return x.Signal
 	}
 	return 0
 }
@@ -488,10 +496,11 @@ const file_shim_proto_rawDesc = "" +
 	"finishedAt\x12\x1b\n" +
 	"\texit_code\x18\x05 \x01(\x05R\bexitCode\x12\x16\n" +
 	"\x06reason\x18\x06 \x01(\tR\x06reason\x12\x18\n" +
-	"\amessage\x18\a \x01(\tR\amessage\",\n" +
+	"\amessage\x18\a \x01(\tR\amessage\"D\n" +
 	"\vKillRequest\x12\x1d\n" +
 	"\n" +
-	"timeout_ms\x18\x01 \x01(\x03R\ttimeoutMs\"\r\n" +
+	"timeout_ms\x18\x01 \x01(\x03R\ttimeoutMs\x12\x16\n" +
+	"\x06signal\x18\x02 \x01(\x05R\x06signal\"\r\n" +
 	"\vWaitRequest\"\x12\n" +
 	"\x10ReopenLogRequest\"\x13\n" +
 	"\x11ReopenLogResponse\"\x0e\n" +
