@@ -256,6 +256,18 @@ func qemuProcesses(t *testing.T, marker string) []string {
 	return found
 }
 
+// runVM pulls the test image, runs an annotated pod and starts one container
+// with args; it returns the pod and container IDs.
+func (d *daemon) runVM(t *testing.T, podName string, args ...string) (pod, ctr string) {
+	t.Helper()
+	d.must("pull", image())
+	podCfg, _ := podConfig(t, podName, true)
+	pod = d.must("runp", podCfg)
+	ctr = d.must("create", pod, containerConfig(t, image(), args, nil), podCfg)
+	d.must("start", ctr)
+	return pod, ctr
+}
+
 func image() string { return regHost + "/unikraft/testkernel:latest" }
 
 func TestUnikernelPodLifecycle(t *testing.T) {
@@ -403,11 +415,7 @@ func TestBadInputs(t *testing.T) {
 
 func TestExecIsUnsupported(t *testing.T) {
 	d := startDaemon(t, "--upstream-endpoint", "")
-	d.must("pull", image())
-	podCfg, _ := podConfig(t, "vm-exec", true)
-	pod := d.must("runp", podCfg)
-	ctr := d.must("create", pod, containerConfig(t, image(), []string{"tick=100"}, nil), podCfg)
-	d.must("start", ctr)
+	pod, ctr := d.runVM(t, "vm-exec", "tick=100")
 	// Stats come from the VM's QEMU process.
 	var stats struct {
 		Stats []struct {
@@ -474,11 +482,7 @@ func TestDaemonBasics(t *testing.T) {
 
 	// SIGTERM with a VM running: clean exit, socket removed, the VM keeps running
 	// under its shim (it is not the daemon's to kill).
-	d.must("pull", image())
-	podCfg, _ := podConfig(t, "vm-sigterm", true)
-	pod := d.must("runp", podCfg)
-	ctr := d.must("create", pod, containerConfig(t, image(), []string{"tick=100"}, nil), podCfg)
-	d.must("start", ctr)
+	pod, ctr := d.runVM(t, "vm-sigterm", "tick=100")
 	require.Len(t, qemuProcesses(t, d.stateDir), 1)
 	require.NoError(t, d.cmd.Process.Signal(syscall.SIGTERM))
 	<-d.done
@@ -602,11 +606,7 @@ func TestPackOutputLayoutAndDigestRefs(t *testing.T) {
 
 func TestAttachEchoRoundTrip(t *testing.T) {
 	d := startDaemon(t, "--upstream-endpoint", "")
-	d.must("pull", image())
-	podCfg, _ := podConfig(t, "vm-attach", true)
-	pod := d.must("runp", podCfg)
-	ctr := d.must("create", pod, containerConfig(t, image(), []string{"echo"}, nil), podCfg)
-	d.must("start", ctr)
+	pod, ctr := d.runVM(t, "vm-attach", "echo")
 	in := d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
 	require.Eventually(t, func() bool {
 		b, _ := os.ReadFile(in.Status.LogPath)
@@ -662,11 +662,7 @@ func (s *syncBuf) String() string {
 
 func TestQEMUKilledIsReported(t *testing.T) {
 	d := startDaemon(t, "--upstream-endpoint", "")
-	d.must("pull", image())
-	podCfg, _ := podConfig(t, "vm-killed", true)
-	pod := d.must("runp", podCfg)
-	ctr := d.must("create", pod, containerConfig(t, image(), []string{"tick=100"}, nil), podCfg)
-	d.must("start", ctr)
+	pod, ctr := d.runVM(t, "vm-killed", "tick=100")
 	d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
 	procs := qemuProcesses(t, d.stateDir)
 	require.Len(t, procs, 1)
@@ -685,11 +681,7 @@ func TestQEMUKilledIsReported(t *testing.T) {
 
 func TestShimKilledIsReported(t *testing.T) {
 	d := startDaemon(t, "--upstream-endpoint", "")
-	d.must("pull", image())
-	podCfg, _ := podConfig(t, "vm-shim-killed", true)
-	pod := d.must("runp", podCfg)
-	ctr := d.must("create", pod, containerConfig(t, image(), []string{"tick=100"}, nil), podCfg)
-	d.must("start", ctr)
+	pod, ctr := d.runVM(t, "vm-shim-killed", "tick=100")
 	d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
 	require.NoError(t, exec.Command("pkill", "-9", "-f", "unilet-shim --dir "+d.stateDir).Run())
 	in := d.waitState(ctr, "CONTAINER_EXITED", 5*time.Second)
@@ -728,11 +720,7 @@ func TestFailedStartLeavesNothing(t *testing.T) {
 
 func TestOrphanVMDirIsReaped(t *testing.T) {
 	d := startDaemon(t, "--upstream-endpoint", "")
-	d.must("pull", image())
-	podCfg, _ := podConfig(t, "vm-orphan", true)
-	pod := d.must("runp", podCfg)
-	ctr := d.must("create", pod, containerConfig(t, image(), []string{"tick=100"}, nil), podCfg)
-	d.must("start", ctr)
+	pod, ctr := d.runVM(t, "vm-orphan", "tick=100")
 	d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
 	// Simulate a record lost in a crash: the daemon stops, its database is
 	// replaced by an empty one, and a shim is left without a record.
@@ -750,11 +738,7 @@ func TestOrphanVMDirIsReaped(t *testing.T) {
 
 func TestGuestPanicIsReported(t *testing.T) {
 	d := startDaemon(t, "--upstream-endpoint", "")
-	d.must("pull", image())
-	podCfg, _ := podConfig(t, "vm-panic", true)
-	pod := d.must("runp", podCfg)
-	ctr := d.must("create", pod, containerConfig(t, image(), []string{"panic"}, nil), podCfg)
-	d.must("start", ctr)
+	pod, ctr := d.runVM(t, "vm-panic", "panic")
 	in := d.waitState(ctr, "CONTAINER_EXITED", 20*time.Second)
 	require.NotZero(t, in.Status.ExitCode)
 	require.Equal(t, "GuestPanicked", in.Status.Reason)
