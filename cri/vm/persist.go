@@ -1,6 +1,7 @@
 package vm
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -16,6 +17,7 @@ import (
 	"github.com/unilet-dev/unilet/image"
 	"github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/shim"
+	"github.com/unilet-dev/unilet/runtime/shim/api"
 )
 
 // ReasonVMLost is reported for a container whose VM was running when the
@@ -208,6 +210,10 @@ func reconnect(vmDir string) vmHandle {
 	}
 	h, err := shim.NewHandle(c)
 	if err != nil {
+		// A shim that never started its VM (the daemon died mid-start): end it.
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_, _ = c.Shutdown(ctx, &api.ShutdownRequest{})
+		cancel()
 		c.Close()
 		return nil
 	}

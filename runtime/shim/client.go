@@ -57,6 +57,20 @@ func Launch(ctx context.Context, shimBinary, dir string, spec runtime.VMSpec) (*
 	for {
 		if c, err := Connect(dir); err == nil {
 			if _, err := c.State(ctx, &api.StateRequest{}); err == nil {
+				if _, err := c.Start(ctx, &api.StartRequest{}); err != nil {
+					c.Close()
+					// The shim ends itself after a failed start; make sure it is gone.
+					select {
+					case <-exited:
+					case <-time.After(5 * time.Second):
+						_ = cmd.Process.Kill()
+						<-exited
+					}
+					if st, ok := ReadExit(dir); ok {
+						return nil, fmt.Errorf("%s", st.Message)
+					}
+					return nil, fmt.Errorf("start VM: %w", err)
+				}
 				return c, nil
 			}
 			c.Close()

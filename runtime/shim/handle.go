@@ -3,6 +3,7 @@ package shim
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"path/filepath"
@@ -31,6 +32,9 @@ func NewHandle(c *Client) (*Handle, error) {
 	if err != nil {
 		return nil, err
 	}
+	if st.Pid == 0 {
+		return nil, fmt.Errorf("the shim in %s never started its VM", c.Dir)
+	}
 	h := &Handle{c: c, pid: int(st.Pid), startedAt: time.Unix(0, st.StartedAt), done: make(chan struct{})}
 	go h.watch()
 	return h, nil
@@ -44,7 +48,7 @@ func toExit(st *api.StateResponse) runtime.ExitStatus {
 // disk is used, else the VM is reported failed with a reason.
 func (h *Handle) watch() {
 	var ex runtime.ExitStatus
-	for {
+	for attempt := 0; ; attempt++ {
 		st, err := h.client().Wait(context.Background(), &api.WaitRequest{})
 		if err == nil {
 			ex = toExit(st)
@@ -56,7 +60,7 @@ func (h *Handle) watch() {
 		if closed {
 			return // the daemon let go; the VM goes on
 		}
-		if c, cerr := Connect(h.c.Dir); cerr == nil {
+		if c, cerr := Connect(h.c.Dir); cerr == nil && attempt < 3 {
 			h.mu.Lock()
 			h.c = c
 			h.mu.Unlock()

@@ -52,48 +52,32 @@ func Serve(ctx context.Context, dir string) error {
 		return err
 	}
 	defer os.Remove(sock)
-	vm, err := runtime.StartVM(spec)
-	if err != nil {
-		st := runtime.ExitStatus{Code: 128, Reason: runtime.ReasonStartFailed, Message: err.Error(), FinishedAt: time.Now()}
-		_ = writeExit(dir, st)
-		l.Close()
-		return err
-	}
 	srv, err := ttrpc.NewServer()
 	if err != nil {
-		vm.Kill()
 		return err
 	}
-	csock := filepath.Join(dir, ConsoleFile)
-	_ = os.Remove(csock)
-	cl, err := net.Listen("unix", csock)
-	if err != nil {
-		vm.Kill()
-		return err
-	}
-	defer os.Remove(csock)
-	defer cl.Close()
-	go serveConsole(cl, vm)
-	s := &service{vm: vm, dir: dir, shutdown: make(chan struct{}), exited: make(chan struct{})}
-	// Clients see the VM as ended only once its exit is on disk.
-	go func() {
-		<-vm.Done()
-		_ = writeExit(dir, vm.Exit())
-		close(s.exited)
-	}()
+	s := &service{spec: spec, dir: dir, shutdown: make(chan struct{}), exited: make(chan struct{})}
 	api.RegisterShimService(srv, s)
 	go func() { _ = srv.Serve(ctx, l) }()
 	select {
 	case <-s.shutdown:
 	case <-ctx.Done():
-		vm.Kill()
+		if vm := s.getVM(); vm != nil {
+			vm.Kill()
+		}
 	}
-	<-s.exited
-	// Let the Shutdown reply reach the client before the server goes.
+	if s.getVM() != nil {
+		<-s.exited
+	}
+	// Let the last reply reach the client before the server goes.
 	sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	if err := srv.Shutdown(sctx); err != nil {
 		_ = srv.Close()
+	}
+	if s.console != nil {
+		s.console.Close()
+		_ = os.Remove(filepath.Join(dir, ConsoleFile))
 	}
 	return nil
 }
@@ -118,18 +102,77 @@ func ReadExit(dir string) (runtime.ExitStatus, bool) {
 }
 
 type service struct {
+	spec     runtime.VMSpec
+	startMu  sync.Mutex
+	started  bool
+	vmMu     sync.Mutex
 	vm       *runtime.VM
+	console  net.Listener
 	dir      string
 	once     sync.Once
 	shutdown chan struct{}
 	exited   chan struct{} // closed after the exit is recorded
 }
 
+func (s *service) getVM() *runtime.VM {
+	s.vmMu.Lock()
+	defer s.vmMu.Unlock()
+	return s.vm
+}
+
+var errNotStarted = errors.New("the VM has not been started")
+
+// endSoon ends the shim shortly after the current reply has been written
+// (ttrpc closes idle connections at once, which could swallow it).
+func (s *service) endSoon() {
+	time.AfterFunc(100*time.Millisecond, func() { s.once.Do(func() { close(s.shutdown) }) })
+}
+
+func (s *service) Start(ctx context.Context, _ *api.StartRequest) (*api.StateResponse, error) {
+	s.startMu.Lock()
+	defer s.startMu.Unlock()
+	if s.started {
+		return nil, errors.New("the VM was already started")
+	}
+	s.started = true
+	vm, err := runtime.StartVM(s.spec)
+	if err != nil {
+		_ = writeExit(s.dir, runtime.ExitStatus{Code: 128, Reason: runtime.ReasonStartFailed, Message: err.Error(), FinishedAt: time.Now()})
+		s.endSoon()
+		return nil, err
+	}
+	csock := filepath.Join(s.dir, ConsoleFile)
+	_ = os.Remove(csock)
+	cl, err := net.Listen("unix", csock)
+	if err != nil {
+		vm.Kill()
+		<-vm.Done()
+		_ = writeExit(s.dir, vm.Exit())
+		s.endSoon()
+		return nil, err
+	}
+	go serveConsole(cl, vm)
+	s.vmMu.Lock()
+	s.vm, s.console = vm, cl
+	s.vmMu.Unlock()
+	// Clients see the VM as ended only once its exit is on disk.
+	go func() {
+		<-vm.Done()
+		_ = writeExit(s.dir, vm.Exit())
+		close(s.exited)
+	}()
+	return s.state(), nil
+}
+
 func (s *service) state() *api.StateResponse {
-	r := &api.StateResponse{Pid: int32(s.vm.Pid()), StartedAt: s.vm.StartedAt().UnixNano(), Running: true}
+	vm := s.getVM()
+	if vm == nil {
+		return &api.StateResponse{}
+	}
+	r := &api.StateResponse{Pid: int32(vm.Pid()), StartedAt: vm.StartedAt().UnixNano(), Running: true}
 	select {
 	case <-s.exited:
-		st := s.vm.Exit()
+		st := vm.Exit()
 		r.Running = false
 		r.FinishedAt, r.ExitCode, r.Reason, r.Message = st.FinishedAt.UnixNano(), st.Code, st.Reason, st.Message
 	default:
@@ -142,11 +185,14 @@ func (s *service) State(ctx context.Context, _ *api.StateRequest) (*api.StateRes
 }
 
 func (s *service) Kill(ctx context.Context, r *api.KillRequest) (*api.StateResponse, error) {
+	if s.getVM() == nil {
+		return nil, errNotStarted
+	}
 	if sig := r.GetSignal(); sig != 0 {
 		if sig < 1 || sig > 64 {
 			return nil, fmt.Errorf("invalid signal %d", sig)
 		}
-		if err := s.vm.Signal(syscall.Signal(sig)); err != nil {
+		if err := s.getVM().Signal(syscall.Signal(sig)); err != nil {
 			return nil, err
 		}
 		select {
@@ -156,7 +202,7 @@ func (s *service) Kill(ctx context.Context, r *api.KillRequest) (*api.StateRespo
 		}
 		return s.state(), nil
 	}
-	s.vm.Stop(time.Duration(r.GetTimeoutMs()) * time.Millisecond)
+	s.getVM().Stop(time.Duration(r.GetTimeoutMs()) * time.Millisecond)
 	select {
 	case <-s.exited:
 	case <-ctx.Done():
@@ -166,6 +212,9 @@ func (s *service) Kill(ctx context.Context, r *api.KillRequest) (*api.StateRespo
 }
 
 func (s *service) Wait(ctx context.Context, _ *api.WaitRequest) (*api.StateResponse, error) {
+	if s.getVM() == nil {
+		return nil, errNotStarted
+	}
 	select {
 	case <-s.exited:
 		return s.state(), nil
@@ -175,11 +224,17 @@ func (s *service) Wait(ctx context.Context, _ *api.WaitRequest) (*api.StateRespo
 }
 
 func (s *service) ReopenLog(ctx context.Context, _ *api.ReopenLogRequest) (*api.ReopenLogResponse, error) {
-	return &api.ReopenLogResponse{}, s.vm.ReopenLog()
+	if s.getVM() == nil {
+		return nil, errNotStarted
+	}
+	return &api.ReopenLogResponse{}, s.getVM().ReopenLog()
 }
 
 func (s *service) Stats(ctx context.Context, _ *api.StatsRequest) (*api.StatsResponse, error) {
-	st, err := s.vm.Stats()
+	if s.getVM() == nil {
+		return nil, errNotStarted
+	}
+	st, err := s.getVM().Stats()
 	if err != nil {
 		return nil, err
 	}
@@ -187,14 +242,14 @@ func (s *service) Stats(ctx context.Context, _ *api.StatsRequest) (*api.StatsRes
 }
 
 func (s *service) Shutdown(ctx context.Context, _ *api.ShutdownRequest) (*api.ShutdownResponse, error) {
-	select {
-	case <-s.exited:
-	default:
-		return nil, errors.New("the VM is still running; kill it first")
+	if s.getVM() != nil {
+		select {
+		case <-s.exited:
+		default:
+			return nil, errors.New("the VM is still running; kill it first")
+		}
 	}
-	// End the server only after this reply has been written: ttrpc closes idle
-	// connections at once, which could swallow it.
-	time.AfterFunc(100*time.Millisecond, func() { s.once.Do(func() { close(s.shutdown) }) })
+	s.endSoon()
 	return &api.ShutdownResponse{}, nil
 }
 

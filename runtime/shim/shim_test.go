@@ -2,6 +2,7 @@ package shim
 
 import (
 	"context"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -119,6 +120,53 @@ func TestShimKillWithSignal(t *testing.T) {
 	require.Equal(t, runtime.ReasonKilled, st.Reason)
 	_, err = c.Shutdown(ctx, &api.ShutdownRequest{})
 	require.NoError(t, err)
+}
+
+func TestShimCreateThenStart(t *testing.T) {
+	shimBin, kernel := build(t)
+	vmDir := filepath.Join(t.TempDir(), "vm")
+	sp := spec(t, kernel, vmDir, "tick=50")
+	require.NoError(t, os.MkdirAll(vmDir, 0o700))
+	b, _ := json.Marshal(sp)
+	require.NoError(t, os.WriteFile(filepath.Join(vmDir, SpecFile), b, 0o600))
+	cmd := exec.Command(shimBin, "--dir", vmDir)
+	require.NoError(t, cmd.Start())
+	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+	var c *Client
+	require.Eventually(t, func() bool {
+		var err error
+		c, err = Connect(vmDir)
+		return err == nil
+	}, 10*time.Second, 10*time.Millisecond)
+	defer c.Close()
+	ctx := context.Background()
+	st, err := c.State(ctx, &api.StateRequest{})
+	require.NoError(t, err)
+	require.Zero(t, st.Pid, "created: no QEMU yet")
+	_, err = c.Stats(ctx, &api.StatsRequest{})
+	require.ErrorContains(t, err, "not been started")
+	st, err = c.Start(ctx, &api.StartRequest{})
+	require.NoError(t, err)
+	require.True(t, st.Running)
+	_, err = c.Start(ctx, &api.StartRequest{})
+	require.ErrorContains(t, err, "already started")
+	require.Eventually(t, func() bool { // the guest must be up to hear the power button
+		b, _ := os.ReadFile(sp.LogPath)
+		return strings.Contains(string(b), "tick 2\n")
+	}, 10*time.Second, 20*time.Millisecond)
+	st, err = c.Kill(ctx, &api.KillRequest{TimeoutMs: 5000})
+	require.NoError(t, err)
+	require.Equal(t, runtime.ReasonCompleted, st.Reason)
+	_, err = c.Shutdown(ctx, &api.ShutdownRequest{})
+	require.NoError(t, err)
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		require.NoError(t, err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("shim did not exit after Shutdown")
+	}
 }
 
 func TestShimReportsStartFailure(t *testing.T) {

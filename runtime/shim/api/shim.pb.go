@@ -24,6 +24,42 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type StartRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StartRequest) Reset() {
+	*x = StartRequest{}
+	mi := &file_shim_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StartRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StartRequest) ProtoMessage() {}
+
+func (x *StartRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StartRequest.ProtoReflect.Descriptor instead.
+func (*StartRequest) Descriptor() ([]byte, []int) {
+	return file_shim_proto_rawDescGZIP(), []int{0}
+}
+
 type StateRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -32,7 +68,7 @@ type StateRequest struct {
 
 func (x *StateRequest) Reset() {
 	*x = StateRequest{}
-	mi := &file_shim_proto_msgTypes[0]
+	mi := &file_shim_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -44,7 +80,7 @@ func (x *StateRequest) String() string {
 func (*StateRequest) ProtoMessage() {}
 
 func (x *StateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[0]
+	mi := &file_shim_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -57,7 +93,7 @@ func (x *StateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StateRequest.ProtoReflect.Descriptor instead.
 func (*StateRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{0}
+	return file_shim_proto_rawDescGZIP(), []int{1}
 }
 
 type StateResponse struct {
@@ -75,7 +111,7 @@ type StateResponse struct {
 
 func (x *StateResponse) Reset() {
 	*x = StateResponse{}
-	mi := &file_shim_proto_msgTypes[1]
+	mi := &file_shim_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -87,7 +123,7 @@ func (x *StateResponse) String() string {
 func (*StateResponse) ProtoMessage() {}
 
 func (x *StateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[1]
+	mi := &file_shim_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -100,7 +136,7 @@ func (x *StateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StateResponse.ProtoReflect.Descriptor instead.
 func (*StateResponse) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{1}
+	return file_shim_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *StateResponse) GetPid() int32 {
@@ -162,7 +198,7 @@ type KillRequest struct {
 
 func (x *KillRequest) Reset() {
 	*x = KillRequest{}
-	mi := &file_shim_proto_msgTypes[2]
+	mi := &file_shim_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -174,7 +210,7 @@ func (x *KillRequest) String() string {
 func (*KillRequest) ProtoMessage() {}
 
 func (x *KillRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[2]
+	mi := &file_shim_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -187,7 +223,7 @@ func (x *KillRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillRequest.ProtoReflect.Descriptor instead.
 func (*KillRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{2}
+	return file_shim_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *KillRequest) GetTimeoutMs() int64 {
@@ -212,7 +248,7 @@ type WaitRequest struct {
 
 func (x *WaitRequest) Reset() {
 	*x = WaitRequest{}
-	mi := &file_shim_proto_msgTypes[3]
+	mi := &file_shim_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -224,7 +260,7 @@ func (x *WaitRequest) String() string {
 func (*WaitRequest) ProtoMessage() {}
 
 func (x *WaitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[3]
+	mi := &file_shim_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -237,7 +273,7 @@ func (x *WaitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitRequest.ProtoReflect.Descriptor instead.
 func (*WaitRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{3}
+	return file_shim_proto_rawDescGZIP(), []int{4}
 }
 
 type ReopenLogRequest struct {
@@ -248,7 +284,7 @@ type ReopenLogRequest struct {
 
 func (x *ReopenLogRequest) Reset() {
 	*x = ReopenLogRequest{}
-	mi := &file_shim_proto_msgTypes[4]
+	mi := &file_shim_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -260,7 +296,7 @@ func (x *ReopenLogRequest) String() string {
 func (*ReopenLogRequest) ProtoMessage() {}
 
 func (x *ReopenLogRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[4]
+	mi := &file_shim_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -273,7 +309,7 @@ func (x *ReopenLogRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReopenLogRequest.ProtoReflect.Descriptor instead.
 func (*ReopenLogRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{4}
+	return file_shim_proto_rawDescGZIP(), []int{5}
 }
 
 type ReopenLogResponse struct {
@@ -284,7 +320,7 @@ type ReopenLogResponse struct {
 
 func (x *ReopenLogResponse) Reset() {
 	*x = ReopenLogResponse{}
-	mi := &file_shim_proto_msgTypes[5]
+	mi := &file_shim_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -296,7 +332,7 @@ func (x *ReopenLogResponse) String() string {
 func (*ReopenLogResponse) ProtoMessage() {}
 
 func (x *ReopenLogResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[5]
+	mi := &file_shim_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -309,7 +345,7 @@ func (x *ReopenLogResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReopenLogResponse.ProtoReflect.Descriptor instead.
 func (*ReopenLogResponse) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{5}
+	return file_shim_proto_rawDescGZIP(), []int{6}
 }
 
 type StatsRequest struct {
@@ -320,7 +356,7 @@ type StatsRequest struct {
 
 func (x *StatsRequest) Reset() {
 	*x = StatsRequest{}
-	mi := &file_shim_proto_msgTypes[6]
+	mi := &file_shim_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -332,7 +368,7 @@ func (x *StatsRequest) String() string {
 func (*StatsRequest) ProtoMessage() {}
 
 func (x *StatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[6]
+	mi := &file_shim_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -345,7 +381,7 @@ func (x *StatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsRequest.ProtoReflect.Descriptor instead.
 func (*StatsRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{6}
+	return file_shim_proto_rawDescGZIP(), []int{7}
 }
 
 type StatsResponse struct {
@@ -359,7 +395,7 @@ type StatsResponse struct {
 
 func (x *StatsResponse) Reset() {
 	*x = StatsResponse{}
-	mi := &file_shim_proto_msgTypes[7]
+	mi := &file_shim_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -371,7 +407,7 @@ func (x *StatsResponse) String() string {
 func (*StatsResponse) ProtoMessage() {}
 
 func (x *StatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[7]
+	mi := &file_shim_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -384,7 +420,7 @@ func (x *StatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsResponse.ProtoReflect.Descriptor instead.
 func (*StatsResponse) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{7}
+	return file_shim_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *StatsResponse) GetTimestamp() int64 {
@@ -416,7 +452,7 @@ type ShutdownRequest struct {
 
 func (x *ShutdownRequest) Reset() {
 	*x = ShutdownRequest{}
-	mi := &file_shim_proto_msgTypes[8]
+	mi := &file_shim_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -428,7 +464,7 @@ func (x *ShutdownRequest) String() string {
 func (*ShutdownRequest) ProtoMessage() {}
 
 func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[8]
+	mi := &file_shim_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -441,7 +477,7 @@ func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownRequest.ProtoReflect.Descriptor instead.
 func (*ShutdownRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{8}
+	return file_shim_proto_rawDescGZIP(), []int{9}
 }
 
 type ShutdownResponse struct {
@@ -452,7 +488,7 @@ type ShutdownResponse struct {
 
 func (x *ShutdownResponse) Reset() {
 	*x = ShutdownResponse{}
-	mi := &file_shim_proto_msgTypes[9]
+	mi := &file_shim_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -464,7 +500,7 @@ func (x *ShutdownResponse) String() string {
 func (*ShutdownResponse) ProtoMessage() {}
 
 func (x *ShutdownResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[9]
+	mi := &file_shim_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -477,7 +513,7 @@ func (x *ShutdownResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownResponse.ProtoReflect.Descriptor instead.
 func (*ShutdownResponse) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{9}
+	return file_shim_proto_rawDescGZIP(), []int{10}
 }
 
 var File_shim_proto protoreflect.FileDescriptor
@@ -486,6 +522,7 @@ const file_shim_proto_rawDesc = "" +
 	"\n" +
 	"\n" +
 	"shim.proto\x12\x0eunilet.shim.v1\"\x0e\n" +
+	"\fStartRequest\"\x0e\n" +
 	"\fStateRequest\"\xca\x01\n" +
 	"\rStateResponse\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x18\n" +
@@ -510,8 +547,9 @@ const file_shim_proto_rawDesc = "" +
 	"\tcpu_nanos\x18\x02 \x01(\x04R\bcpuNanos\x12\x1b\n" +
 	"\trss_bytes\x18\x03 \x01(\x04R\brssBytes\"\x11\n" +
 	"\x0fShutdownRequest\"\x12\n" +
-	"\x10ShutdownResponse2\xbb\x03\n" +
+	"\x10ShutdownResponse2\x81\x04\n" +
 	"\x04Shim\x12D\n" +
+	"\x05Start\x12\x1c.unilet.shim.v1.StartRequest\x1a\x1d.unilet.shim.v1.StateResponse\x12D\n" +
 	"\x05State\x12\x1c.unilet.shim.v1.StateRequest\x1a\x1d.unilet.shim.v1.StateResponse\x12B\n" +
 	"\x04Kill\x12\x1b.unilet.shim.v1.KillRequest\x1a\x1d.unilet.shim.v1.StateResponse\x12B\n" +
 	"\x04Wait\x12\x1b.unilet.shim.v1.WaitRequest\x1a\x1d.unilet.shim.v1.StateResponse\x12P\n" +
@@ -531,37 +569,40 @@ func file_shim_proto_rawDescGZIP() []byte {
 	return file_shim_proto_rawDescData
 }
 
-var file_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_shim_proto_goTypes = []any{
-	(*StateRequest)(nil),      // 0: unilet.shim.v1.StateRequest
-	(*StateResponse)(nil),     // 1: unilet.shim.v1.StateResponse
-	(*KillRequest)(nil),       // 2: unilet.shim.v1.KillRequest
-	(*WaitRequest)(nil),       // 3: unilet.shim.v1.WaitRequest
-	(*ReopenLogRequest)(nil),  // 4: unilet.shim.v1.ReopenLogRequest
-	(*ReopenLogResponse)(nil), // 5: unilet.shim.v1.ReopenLogResponse
-	(*StatsRequest)(nil),      // 6: unilet.shim.v1.StatsRequest
-	(*StatsResponse)(nil),     // 7: unilet.shim.v1.StatsResponse
-	(*ShutdownRequest)(nil),   // 8: unilet.shim.v1.ShutdownRequest
-	(*ShutdownResponse)(nil),  // 9: unilet.shim.v1.ShutdownResponse
+	(*StartRequest)(nil),      // 0: unilet.shim.v1.StartRequest
+	(*StateRequest)(nil),      // 1: unilet.shim.v1.StateRequest
+	(*StateResponse)(nil),     // 2: unilet.shim.v1.StateResponse
+	(*KillRequest)(nil),       // 3: unilet.shim.v1.KillRequest
+	(*WaitRequest)(nil),       // 4: unilet.shim.v1.WaitRequest
+	(*ReopenLogRequest)(nil),  // 5: unilet.shim.v1.ReopenLogRequest
+	(*ReopenLogResponse)(nil), // 6: unilet.shim.v1.ReopenLogResponse
+	(*StatsRequest)(nil),      // 7: unilet.shim.v1.StatsRequest
+	(*StatsResponse)(nil),     // 8: unilet.shim.v1.StatsResponse
+	(*ShutdownRequest)(nil),   // 9: unilet.shim.v1.ShutdownRequest
+	(*ShutdownResponse)(nil),  // 10: unilet.shim.v1.ShutdownResponse
 }
 var file_shim_proto_depIdxs = []int32{
-	0, // 0: unilet.shim.v1.Shim.State:input_type -> unilet.shim.v1.StateRequest
-	2, // 1: unilet.shim.v1.Shim.Kill:input_type -> unilet.shim.v1.KillRequest
-	3, // 2: unilet.shim.v1.Shim.Wait:input_type -> unilet.shim.v1.WaitRequest
-	4, // 3: unilet.shim.v1.Shim.ReopenLog:input_type -> unilet.shim.v1.ReopenLogRequest
-	6, // 4: unilet.shim.v1.Shim.Stats:input_type -> unilet.shim.v1.StatsRequest
-	8, // 5: unilet.shim.v1.Shim.Shutdown:input_type -> unilet.shim.v1.ShutdownRequest
-	1, // 6: unilet.shim.v1.Shim.State:output_type -> unilet.shim.v1.StateResponse
-	1, // 7: unilet.shim.v1.Shim.Kill:output_type -> unilet.shim.v1.StateResponse
-	1, // 8: unilet.shim.v1.Shim.Wait:output_type -> unilet.shim.v1.StateResponse
-	5, // 9: unilet.shim.v1.Shim.ReopenLog:output_type -> unilet.shim.v1.ReopenLogResponse
-	7, // 10: unilet.shim.v1.Shim.Stats:output_type -> unilet.shim.v1.StatsResponse
-	9, // 11: unilet.shim.v1.Shim.Shutdown:output_type -> unilet.shim.v1.ShutdownResponse
-	6, // [6:12] is the sub-list for method output_type
-	0, // [0:6] is the sub-list for method input_type
-	0, // [0:0] is the sub-list for extension type_name
-	0, // [0:0] is the sub-list for extension extendee
-	0, // [0:0] is the sub-list for field type_name
+	0,  // 0: unilet.shim.v1.Shim.Start:input_type -> unilet.shim.v1.StartRequest
+	1,  // 1: unilet.shim.v1.Shim.State:input_type -> unilet.shim.v1.StateRequest
+	3,  // 2: unilet.shim.v1.Shim.Kill:input_type -> unilet.shim.v1.KillRequest
+	4,  // 3: unilet.shim.v1.Shim.Wait:input_type -> unilet.shim.v1.WaitRequest
+	5,  // 4: unilet.shim.v1.Shim.ReopenLog:input_type -> unilet.shim.v1.ReopenLogRequest
+	7,  // 5: unilet.shim.v1.Shim.Stats:input_type -> unilet.shim.v1.StatsRequest
+	9,  // 6: unilet.shim.v1.Shim.Shutdown:input_type -> unilet.shim.v1.ShutdownRequest
+	2,  // 7: unilet.shim.v1.Shim.Start:output_type -> unilet.shim.v1.StateResponse
+	2,  // 8: unilet.shim.v1.Shim.State:output_type -> unilet.shim.v1.StateResponse
+	2,  // 9: unilet.shim.v1.Shim.Kill:output_type -> unilet.shim.v1.StateResponse
+	2,  // 10: unilet.shim.v1.Shim.Wait:output_type -> unilet.shim.v1.StateResponse
+	6,  // 11: unilet.shim.v1.Shim.ReopenLog:output_type -> unilet.shim.v1.ReopenLogResponse
+	8,  // 12: unilet.shim.v1.Shim.Stats:output_type -> unilet.shim.v1.StatsResponse
+	10, // 13: unilet.shim.v1.Shim.Shutdown:output_type -> unilet.shim.v1.ShutdownResponse
+	7,  // [7:14] is the sub-list for method output_type
+	0,  // [0:7] is the sub-list for method input_type
+	0,  // [0:0] is the sub-list for extension type_name
+	0,  // [0:0] is the sub-list for extension extendee
+	0,  // [0:0] is the sub-list for field type_name
 }
 
 func init() { file_shim_proto_init() }
@@ -575,7 +616,7 @@ func file_shim_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shim_proto_rawDesc), len(file_shim_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   10,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

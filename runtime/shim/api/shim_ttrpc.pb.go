@@ -8,6 +8,7 @@ import (
 )
 
 type ShimService interface {
+	Start(context.Context, *StartRequest) (*StateResponse, error)
 	State(context.Context, *StateRequest) (*StateResponse, error)
 	Kill(context.Context, *KillRequest) (*StateResponse, error)
 	Wait(context.Context, *WaitRequest) (*StateResponse, error)
@@ -19,6 +20,13 @@ type ShimService interface {
 func RegisterShimService(srv *ttrpc.Server, svc ShimService) {
 	srv.RegisterService("unilet.shim.v1.Shim", &ttrpc.ServiceDesc{
 		Methods: map[string]ttrpc.Method{
+			"Start": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req StartRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.Start(ctx, &req)
+			},
 			"State": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
 				var req StateRequest
 				if err := unmarshal(&req); err != nil {
@@ -73,6 +81,14 @@ func NewShimClient(client *ttrpc.Client) ShimService {
 	return &shimClient{
 		client: client,
 	}
+}
+
+func (c *shimClient) Start(ctx context.Context, req *StartRequest) (*StateResponse, error) {
+	var resp StateResponse
+	if err := c.client.Call(ctx, "unilet.shim.v1.Shim", "Start", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
 }
 
 func (c *shimClient) State(ctx context.Context, req *StateRequest) (*StateResponse, error) {
