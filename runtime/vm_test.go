@@ -337,3 +337,19 @@ func TestVMGracefulStop(t *testing.T) {
 	b, _ := os.ReadFile(spec.LogPath)
 	require.Contains(t, string(b), "power button pressed")
 }
+
+// A QEMU that never answers on QMP (hung at start) must fail the start within
+// a bounded time and be killed, not wait forever.
+func TestVMWithoutQMPGreetingFails(t *testing.T) {
+	dir := t.TempDir()
+	fake := filepath.Join(dir, "hung-qemu")
+	require.NoError(t, os.WriteFile(fake, []byte("#!/bin/sh\nexec sleep 120\n"), 0o755))
+	spec := bootSpec(t, "/k")
+	spec.QEMU = fake
+	start := time.Now()
+	_, err := StartVM(spec)
+	require.ErrorContains(t, err, "no QMP greeting")
+	require.Less(t, time.Since(start), 15*time.Second)
+	out, _ := exec.Command("pgrep", "-f", "sleep 120").Output()
+	require.Empty(t, strings.TrimSpace(string(out)), "the hung process must be killed")
+}
