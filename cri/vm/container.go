@@ -172,6 +172,7 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 		return nil, errorf(codes.FailedPrecondition, "container %s is %s, only a created container can be started", c.id, c.state)
 	}
 	c.state = runtimeapi.ContainerState_CONTAINER_UNKNOWN // starting
+	s.saveContainer(c)                                    // a daemon restarting mid-start finds the shim
 	s.mu.Unlock()
 
 	vm, err := s.startVM(ctx, runtime.VMSpec{QEMU: s.cfg.QEMU, Machine: c.machine, StateDir: c.vmDir, LogPath: c.logPath})

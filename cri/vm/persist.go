@@ -135,9 +135,12 @@ func (s *Service) Load() error {
 		c := &container{id: rec.ID, sandboxID: rec.SandboxID, config: cfg, image: img, imageRef: rec.ImageRef, logPath: rec.LogPath,
 			createdAt: rec.CreatedAt, startedAt: rec.StartedAt, state: runtimeapi.ContainerState(rec.State), exit: rec.Exit,
 			machine: rec.Machine, vmDir: rec.VMDir, warnings: rec.Warnings}
-		if c.state == runtimeapi.ContainerState_CONTAINER_RUNNING && s.cfg.ShimBinary != "" {
+		inFlight := c.state == runtimeapi.ContainerState_CONTAINER_RUNNING || c.state == runtimeapi.ContainerState_CONTAINER_UNKNOWN
+		if inFlight && s.cfg.ShimBinary != "" {
 			if h := reconnect(c.vmDir); h != nil {
-				c.vm = h
+				// A StartContainer the earlier daemon did not finish ends here as RUNNING.
+				c.vm, c.state, c.startedAt = h, runtimeapi.ContainerState_CONTAINER_RUNNING, h.StartedAt()
+				s.saveContainer(c)
 				s.containers[rec.ID] = c
 				s.refresh(c)
 				logrus.WithFields(logrus.Fields{"sandbox": c.sandboxID, "container": c.id, "pid": h.Pid()}).Info("reconnected to running VM")

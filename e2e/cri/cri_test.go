@@ -746,3 +746,33 @@ func TestGuestPanicIsReported(t *testing.T) {
 	require.Empty(t, qemuProcesses(t, d.stateDir))
 	d.must("rmp", "-f", pod)
 }
+
+// The daemon dies while a StartContainer is booting the VM: the next daemon
+// adopts the VM its shim finished starting (RUNNING, one QEMU), nothing leaks.
+func TestRestartDuringStartContainer(t *testing.T) {
+	qemu, err := exec.LookPath("qemu-system-x86_64")
+	require.NoError(t, err)
+	slow := filepath.Join(t.TempDir(), "slow-qemu")
+	require.NoError(t, os.WriteFile(slow, []byte("#!/bin/sh\nsleep 2\nexec "+qemu+" \"$@\"\n"), 0o755))
+	d := startDaemon(t, "--upstream-endpoint", "", "--qemu", slow, "--accel", "tcg")
+	d.must("pull", image())
+	podCfg, _ := podConfig(t, "vm-midstart", true)
+	pod := d.must("runp", podCfg)
+	ctr := d.must("create", pod, containerConfig(t, image(), []string{"tick=100"}, nil), podCfg)
+	startCmd := exec.Command(crictl, "--runtime-endpoint", "unix://"+d.sock, "start", ctr)
+	require.NoError(t, startCmd.Start())
+	time.Sleep(700 * time.Millisecond)
+	d.crash()
+	require.Error(t, startCmd.Wait(), "the interrupted StartContainer fails for its client")
+	d.start()
+	in := d.waitState(ctr, "CONTAINER_RUNNING", 20*time.Second)
+	require.Len(t, qemuProcesses(t, d.stateDir), 1)
+	require.Eventually(t, func() bool {
+		b, _ := os.ReadFile(in.Status.LogPath)
+		return strings.Contains(string(b), "tick 3\n")
+	}, 20*time.Second, 50*time.Millisecond)
+	d.must("rmp", "-f", pod)
+	require.Empty(t, qemuProcesses(t, d.stateDir))
+	ents, _ := os.ReadDir(filepath.Join(d.stateDir, "vm"))
+	require.Empty(t, ents)
+}

@@ -32,6 +32,13 @@ func NewHandle(c *Client) (*Handle, error) {
 	if err != nil {
 		return nil, err
 	}
+	// A Start may be in flight (the daemon died during StartContainer): let it finish.
+	for deadline := time.Now().Add(20 * time.Second); st.Pid == 0 && st.Starting && time.Now().Before(deadline); {
+		time.Sleep(50 * time.Millisecond)
+		if st, err = c.State(context.Background(), &api.StateRequest{}); err != nil {
+			return nil, err
+		}
+	}
 	if st.Pid == 0 {
 		return nil, fmt.Errorf("the shim in %s never started its VM", c.Dir)
 	}

@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -105,6 +106,7 @@ type service struct {
 	spec     runtime.VMSpec
 	startMu  sync.Mutex
 	started  bool
+	starting atomic.Bool
 	vmMu     sync.Mutex
 	vm       *runtime.VM
 	console  net.Listener
@@ -135,6 +137,8 @@ func (s *service) Start(ctx context.Context, _ *api.StartRequest) (*api.StateRes
 		return nil, errors.New("the VM was already started")
 	}
 	s.started = true
+	s.starting.Store(true)
+	defer s.starting.Store(false)
 	vm, err := runtime.StartVM(s.spec)
 	if err != nil {
 		_ = writeExit(s.dir, runtime.ExitStatus{Code: 128, Reason: runtime.ReasonStartFailed, Message: err.Error(), FinishedAt: time.Now()})
@@ -167,7 +171,7 @@ func (s *service) Start(ctx context.Context, _ *api.StartRequest) (*api.StateRes
 func (s *service) state() *api.StateResponse {
 	vm := s.getVM()
 	if vm == nil {
-		return &api.StateResponse{}
+		return &api.StateResponse{Starting: s.starting.Load()}
 	}
 	r := &api.StateResponse{Pid: int32(vm.Pid()), StartedAt: vm.StartedAt().UnixNano(), Running: true}
 	select {
