@@ -20,7 +20,7 @@ import (
 
 // Client talks to one shim.
 type Client struct {
-	api.ShimService
+	api.ShimClient
 	conn net.Conn
 	tc   *ttrpc.Client
 	Dir  string
@@ -101,7 +101,7 @@ func Connect(dir string) (*Client, error) {
 		return nil, err
 	}
 	tc := ttrpc.NewClient(conn)
-	return &Client{ShimService: api.NewShimClient(tc), conn: conn, tc: tc, Dir: dir}, nil
+	return &Client{ShimClient: api.NewShimClient(tc), conn: conn, tc: tc, Dir: dir}, nil
 }
 
 // Close closes the connection (the shim and VM go on).

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"path/filepath"
 	"sync"
 	"time"
@@ -136,37 +135,54 @@ func (h *Handle) Stats() (runtime.Stats, error) {
 	return runtime.Stats{Timestamp: time.Unix(0, s.Timestamp), CPUNanos: s.CpuNanos, RSSBytes: s.RssBytes}, nil
 }
 
-// Attach connects to the shim's console socket for one session.
+// Attach runs one console session over the shim's ttrpc Attach stream.
 func (h *Handle) Attach(ctx context.Context, in io.Reader, out io.Writer) error {
 	select {
 	case <-h.done:
 		return runtime.ErrNotRunning
 	default:
 	}
-	conn, err := net.Dial("unix", filepath.Join(h.c.Dir, ConsoleFile))
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := h.client().Attach(ctx)
 	if err != nil {
 		return runtime.ErrNotRunning
 	}
-	defer conn.Close()
 	if in != nil {
-		go func() { _, _ = io.Copy(conn, in) }()
+		go func() {
+			buf := make([]byte, 4096)
+			for {
+				n, err := in.Read(buf)
+				if n > 0 {
+					if stream.Send(&api.ConsoleData{Data: append([]byte(nil), buf[:n]...)}) != nil {
+						return
+					}
+				}
+				if err != nil {
+					return
+				}
+			}
+		}()
 	}
-	copied := make(chan error, 1)
-	go func() {
-		if out == nil {
-			out = io.Discard
+	if out == nil {
+		out = io.Discard
+	}
+	for {
+		m, err := stream.Recv()
+		if err != nil {
+			if errors.Is(err, io.EOF) || ctx.Err() != nil {
+				return nil
+			}
+			select {
+			case <-h.done:
+				return nil
+			default:
+			}
+			return err
 		}
-		_, err := io.Copy(out, conn)
-		if errors.Is(err, net.ErrClosed) {
-			err = nil
+		if _, err := out.Write(m.GetData()); err != nil {
+			return err
 		}
-		copied <- err
-	}()
-	select {
-	case err := <-copied:
-		return err
-	case <-ctx.Done():
-		return nil
 	}
 }
 

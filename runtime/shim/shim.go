@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -28,11 +29,8 @@ import (
 const (
 	SpecFile   = "spec.json"
 	SocketFile = "shim.sock"
-	// ConsoleFile is a unix socket: each connection is one attach session
-	// (console output out, input in; Ctrl-] ends the session).
-	ConsoleFile = "console.sock"
-	ExitFile    = "exit.json"
-	LogFile     = "shim.log"
+	ExitFile   = "exit.json"
+	LogFile    = "shim.log"
 )
 
 // Serve runs the shim for the VM directory dir until Shutdown (or the VM
@@ -76,10 +74,6 @@ func Serve(ctx context.Context, dir string) error {
 	if err := srv.Shutdown(sctx); err != nil {
 		_ = srv.Close()
 	}
-	if s.console != nil {
-		s.console.Close()
-		_ = os.Remove(filepath.Join(dir, ConsoleFile))
-	}
 	return nil
 }
 
@@ -109,7 +103,6 @@ type service struct {
 	starting atomic.Bool
 	vmMu     sync.Mutex
 	vm       *runtime.VM
-	console  net.Listener
 	dir      string
 	once     sync.Once
 	shutdown chan struct{}
@@ -145,19 +138,8 @@ func (s *service) Start(ctx context.Context, _ *api.StartRequest) (*api.StateRes
 		s.endSoon()
 		return nil, err
 	}
-	csock := filepath.Join(s.dir, ConsoleFile)
-	_ = os.Remove(csock)
-	cl, err := net.Listen("unix", csock)
-	if err != nil {
-		vm.Kill()
-		<-vm.Done()
-		_ = writeExit(s.dir, vm.Exit())
-		s.endSoon()
-		return nil, err
-	}
-	go serveConsole(cl, vm)
 	s.vmMu.Lock()
-	s.vm, s.console = vm, cl
+	s.vm = vm
 	s.vmMu.Unlock()
 	// Clients see the VM as ended only once its exit is on disk.
 	go func() {
@@ -257,15 +239,37 @@ func (s *service) Shutdown(ctx context.Context, _ *api.ShutdownRequest) (*api.Sh
 	return &api.ShutdownResponse{}, nil
 }
 
-func serveConsole(l net.Listener, vm *runtime.VM) {
-	for {
-		conn, err := l.Accept()
-		if err != nil {
-			return
-		}
-		go func() {
-			defer conn.Close()
-			_ = vm.Attach(context.Background(), conn, conn)
-		}()
+// Attach serves one console session over a ttrpc stream: client messages
+// are input for the serial line, console output goes back as messages. A
+// Ctrl-] in the input ends the session (runtime.VM.Attach handles it).
+func (s *service) Attach(ctx context.Context, stream api.Shim_AttachServer) error {
+	vm := s.getVM()
+	if vm == nil {
+		return errNotStarted
 	}
+	pr, pw := io.Pipe()
+	defer pr.Close()
+	go func() {
+		for {
+			m, err := stream.Recv()
+			if err != nil {
+				pw.CloseWithError(err)
+				return
+			}
+			if _, err := pw.Write(m.GetData()); err != nil {
+				return
+			}
+		}
+	}()
+	out := writerFunc(func(p []byte) (int, error) {
+		if err := stream.Send(&api.ConsoleData{Data: append([]byte(nil), p...)}); err != nil {
+			return 0, err
+		}
+		return len(p), nil
+	})
+	return vm.Attach(ctx, pr, out)
 }
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }

@@ -453,6 +453,50 @@ func (x *StatsResponse) GetRssBytes() uint64 {
 	return 0
 }
 
+type ConsoleData struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Data          []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConsoleData) Reset() {
+	*x = ConsoleData{}
+	mi := &file_shim_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConsoleData) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConsoleData) ProtoMessage() {}
+
+func (x *ConsoleData) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConsoleData.ProtoReflect.Descriptor instead.
+func (*ConsoleData) Descriptor() ([]byte, []int) {
+	return file_shim_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *ConsoleData) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
 type ShutdownRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -461,7 +505,7 @@ type ShutdownRequest struct {
 
 func (x *ShutdownRequest) Reset() {
 	*x = ShutdownRequest{}
-	mi := &file_shim_proto_msgTypes[9]
+	mi := &file_shim_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -473,7 +517,7 @@ func (x *ShutdownRequest) String() string {
 func (*ShutdownRequest) ProtoMessage() {}
 
 func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[9]
+	mi := &file_shim_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -486,7 +530,7 @@ func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownRequest.ProtoReflect.Descriptor instead.
 func (*ShutdownRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{9}
+	return file_shim_proto_rawDescGZIP(), []int{10}
 }
 
 type ShutdownResponse struct {
@@ -497,7 +541,7 @@ type ShutdownResponse struct {
 
 func (x *ShutdownResponse) Reset() {
 	*x = ShutdownResponse{}
-	mi := &file_shim_proto_msgTypes[10]
+	mi := &file_shim_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -509,7 +553,7 @@ func (x *ShutdownResponse) String() string {
 func (*ShutdownResponse) ProtoMessage() {}
 
 func (x *ShutdownResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[10]
+	mi := &file_shim_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -522,7 +566,7 @@ func (x *ShutdownResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownResponse.ProtoReflect.Descriptor instead.
 func (*ShutdownResponse) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{10}
+	return file_shim_proto_rawDescGZIP(), []int{11}
 }
 
 var File_shim_proto protoreflect.FileDescriptor
@@ -555,16 +599,19 @@ const file_shim_proto_rawDesc = "" +
 	"\rStatsResponse\x12\x1c\n" +
 	"\ttimestamp\x18\x01 \x01(\x03R\ttimestamp\x12\x1b\n" +
 	"\tcpu_nanos\x18\x02 \x01(\x04R\bcpuNanos\x12\x1b\n" +
-	"\trss_bytes\x18\x03 \x01(\x04R\brssBytes\"\x11\n" +
+	"\trss_bytes\x18\x03 \x01(\x04R\brssBytes\"!\n" +
+	"\vConsoleData\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\"\x11\n" +
 	"\x0fShutdownRequest\"\x12\n" +
-	"\x10ShutdownResponse2\x81\x04\n" +
+	"\x10ShutdownResponse2\xc9\x04\n" +
 	"\x04Shim\x12D\n" +
 	"\x05Start\x12\x1c.unilet.shim.v1.StartRequest\x1a\x1d.unilet.shim.v1.StateResponse\x12D\n" +
 	"\x05State\x12\x1c.unilet.shim.v1.StateRequest\x1a\x1d.unilet.shim.v1.StateResponse\x12B\n" +
 	"\x04Kill\x12\x1b.unilet.shim.v1.KillRequest\x1a\x1d.unilet.shim.v1.StateResponse\x12B\n" +
 	"\x04Wait\x12\x1b.unilet.shim.v1.WaitRequest\x1a\x1d.unilet.shim.v1.StateResponse\x12P\n" +
 	"\tReopenLog\x12 .unilet.shim.v1.ReopenLogRequest\x1a!.unilet.shim.v1.ReopenLogResponse\x12D\n" +
-	"\x05Stats\x12\x1c.unilet.shim.v1.StatsRequest\x1a\x1d.unilet.shim.v1.StatsResponse\x12M\n" +
+	"\x05Stats\x12\x1c.unilet.shim.v1.StatsRequest\x1a\x1d.unilet.shim.v1.StatsResponse\x12F\n" +
+	"\x06Attach\x12\x1b.unilet.shim.v1.ConsoleData\x1a\x1b.unilet.shim.v1.ConsoleData(\x010\x01\x12M\n" +
 	"\bShutdown\x12\x1f.unilet.shim.v1.ShutdownRequest\x1a .unilet.shim.v1.ShutdownResponseB3Z1github.com/unilet-dev/unilet/runtime/shim/api;apib\x06proto3"
 
 var (
@@ -579,7 +626,7 @@ func file_shim_proto_rawDescGZIP() []byte {
 	return file_shim_proto_rawDescData
 }
 
-var file_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_shim_proto_goTypes = []any{
 	(*StartRequest)(nil),      // 0: unilet.shim.v1.StartRequest
 	(*StateRequest)(nil),      // 1: unilet.shim.v1.StateRequest
@@ -590,8 +637,9 @@ var file_shim_proto_goTypes = []any{
 	(*ReopenLogResponse)(nil), // 6: unilet.shim.v1.ReopenLogResponse
 	(*StatsRequest)(nil),      // 7: unilet.shim.v1.StatsRequest
 	(*StatsResponse)(nil),     // 8: unilet.shim.v1.StatsResponse
-	(*ShutdownRequest)(nil),   // 9: unilet.shim.v1.ShutdownRequest
-	(*ShutdownResponse)(nil),  // 10: unilet.shim.v1.ShutdownResponse
+	(*ConsoleData)(nil),       // 9: unilet.shim.v1.ConsoleData
+	(*ShutdownRequest)(nil),   // 10: unilet.shim.v1.ShutdownRequest
+	(*ShutdownResponse)(nil),  // 11: unilet.shim.v1.ShutdownResponse
 }
 var file_shim_proto_depIdxs = []int32{
 	0,  // 0: unilet.shim.v1.Shim.Start:input_type -> unilet.shim.v1.StartRequest
@@ -600,16 +648,18 @@ var file_shim_proto_depIdxs = []int32{
 	4,  // 3: unilet.shim.v1.Shim.Wait:input_type -> unilet.shim.v1.WaitRequest
 	5,  // 4: unilet.shim.v1.Shim.ReopenLog:input_type -> unilet.shim.v1.ReopenLogRequest
 	7,  // 5: unilet.shim.v1.Shim.Stats:input_type -> unilet.shim.v1.StatsRequest
-	9,  // 6: unilet.shim.v1.Shim.Shutdown:input_type -> unilet.shim.v1.ShutdownRequest
-	2,  // 7: unilet.shim.v1.Shim.Start:output_type -> unilet.shim.v1.StateResponse
-	2,  // 8: unilet.shim.v1.Shim.State:output_type -> unilet.shim.v1.StateResponse
-	2,  // 9: unilet.shim.v1.Shim.Kill:output_type -> unilet.shim.v1.StateResponse
-	2,  // 10: unilet.shim.v1.Shim.Wait:output_type -> unilet.shim.v1.StateResponse
-	6,  // 11: unilet.shim.v1.Shim.ReopenLog:output_type -> unilet.shim.v1.ReopenLogResponse
-	8,  // 12: unilet.shim.v1.Shim.Stats:output_type -> unilet.shim.v1.StatsResponse
-	10, // 13: unilet.shim.v1.Shim.Shutdown:output_type -> unilet.shim.v1.ShutdownResponse
-	7,  // [7:14] is the sub-list for method output_type
-	0,  // [0:7] is the sub-list for method input_type
+	9,  // 6: unilet.shim.v1.Shim.Attach:input_type -> unilet.shim.v1.ConsoleData
+	10, // 7: unilet.shim.v1.Shim.Shutdown:input_type -> unilet.shim.v1.ShutdownRequest
+	2,  // 8: unilet.shim.v1.Shim.Start:output_type -> unilet.shim.v1.StateResponse
+	2,  // 9: unilet.shim.v1.Shim.State:output_type -> unilet.shim.v1.StateResponse
+	2,  // 10: unilet.shim.v1.Shim.Kill:output_type -> unilet.shim.v1.StateResponse
+	2,  // 11: unilet.shim.v1.Shim.Wait:output_type -> unilet.shim.v1.StateResponse
+	6,  // 12: unilet.shim.v1.Shim.ReopenLog:output_type -> unilet.shim.v1.ReopenLogResponse
+	8,  // 13: unilet.shim.v1.Shim.Stats:output_type -> unilet.shim.v1.StatsResponse
+	9,  // 14: unilet.shim.v1.Shim.Attach:output_type -> unilet.shim.v1.ConsoleData
+	11, // 15: unilet.shim.v1.Shim.Shutdown:output_type -> unilet.shim.v1.ShutdownResponse
+	8,  // [8:16] is the sub-list for method output_type
+	0,  // [0:8] is the sub-list for method input_type
 	0,  // [0:0] is the sub-list for extension type_name
 	0,  // [0:0] is the sub-list for extension extendee
 	0,  // [0:0] is the sub-list for field type_name
@@ -626,7 +676,7 @@ func file_shim_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shim_proto_rawDesc), len(file_shim_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   11,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

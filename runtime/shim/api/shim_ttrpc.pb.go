@@ -14,7 +14,30 @@ type ShimService interface {
 	Wait(context.Context, *WaitRequest) (*StateResponse, error)
 	ReopenLog(context.Context, *ReopenLogRequest) (*ReopenLogResponse, error)
 	Stats(context.Context, *StatsRequest) (*StatsResponse, error)
+	Attach(context.Context, Shim_AttachServer) error
 	Shutdown(context.Context, *ShutdownRequest) (*ShutdownResponse, error)
+}
+
+type Shim_AttachServer interface {
+	Send(*ConsoleData) error
+	Recv() (*ConsoleData, error)
+	ttrpc.StreamServer
+}
+
+type shimAttachServer struct {
+	ttrpc.StreamServer
+}
+
+func (x *shimAttachServer) Send(m *ConsoleData) error {
+	return x.StreamServer.SendMsg(m)
+}
+
+func (x *shimAttachServer) Recv() (*ConsoleData, error) {
+	m := new(ConsoleData)
+	if err := x.StreamServer.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
 }
 
 func RegisterShimService(srv *ttrpc.Server, svc ShimService) {
@@ -70,14 +93,34 @@ func RegisterShimService(srv *ttrpc.Server, svc ShimService) {
 				return svc.Shutdown(ctx, &req)
 			},
 		},
+		Streams: map[string]ttrpc.Stream{
+			"Attach": {
+				Handler: func(ctx context.Context, stream ttrpc.StreamServer) (interface{}, error) {
+					return nil, svc.Attach(ctx, &shimAttachServer{stream})
+				},
+				StreamingClient: true,
+				StreamingServer: true,
+			},
+		},
 	})
+}
+
+type ShimClient interface {
+	Start(context.Context, *StartRequest) (*StateResponse, error)
+	State(context.Context, *StateRequest) (*StateResponse, error)
+	Kill(context.Context, *KillRequest) (*StateResponse, error)
+	Wait(context.Context, *WaitRequest) (*StateResponse, error)
+	ReopenLog(context.Context, *ReopenLogRequest) (*ReopenLogResponse, error)
+	Stats(context.Context, *StatsRequest) (*StatsResponse, error)
+	Attach(context.Context) (Shim_AttachClient, error)
+	Shutdown(context.Context, *ShutdownRequest) (*ShutdownResponse, error)
 }
 
 type shimClient struct {
 	client *ttrpc.Client
 }
 
-func NewShimClient(client *ttrpc.Client) ShimService {
+func NewShimClient(client *ttrpc.Client) ShimClient {
 	return &shimClient{
 		client: client,
 	}
@@ -129,6 +172,40 @@ func (c *shimClient) Stats(ctx context.Context, req *StatsRequest) (*StatsRespon
 		return nil, err
 	}
 	return &resp, nil
+}
+
+func (c *shimClient) Attach(ctx context.Context) (Shim_AttachClient, error) {
+	stream, err := c.client.NewStream(ctx, &ttrpc.StreamDesc{
+		StreamingClient: true,
+		StreamingServer: true,
+	}, "unilet.shim.v1.Shim", "Attach", nil)
+	if err != nil {
+		return nil, err
+	}
+	x := &shimAttachClient{stream}
+	return x, nil
+}
+
+type Shim_AttachClient interface {
+	Send(*ConsoleData) error
+	Recv() (*ConsoleData, error)
+	ttrpc.ClientStream
+}
+
+type shimAttachClient struct {
+	ttrpc.ClientStream
+}
+
+func (x *shimAttachClient) Send(m *ConsoleData) error {
+	return x.ClientStream.SendMsg(m)
+}
+
+func (x *shimAttachClient) Recv() (*ConsoleData, error) {
+	m := new(ConsoleData)
+	if err := x.ClientStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
 }
 
 func (c *shimClient) Shutdown(ctx context.Context, req *ShutdownRequest) (*ShutdownResponse, error) {
