@@ -776,3 +776,61 @@ func TestRestartDuringStartContainer(t *testing.T) {
 	ents, _ := os.ReadDir(filepath.Join(d.stateDir, "vm"))
 	require.Empty(t, ents)
 }
+
+// With the daemon down, the shim dies and leaves QEMU behind: the next daemon
+// finds neither a shim nor a recorded exit, stops that QEMU and reports VMLost.
+func TestShimDiedWhileDaemonDown(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "")
+	pod, ctr := d.runVM(t, "vm-shim-gone", "tick=100")
+	d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
+	d.crash()
+	require.NoError(t, exec.Command("pkill", "-9", "-f", "unilet-shim --dir "+d.stateDir).Run())
+	time.Sleep(200 * time.Millisecond)
+	require.Len(t, qemuProcesses(t, d.stateDir), 1, "QEMU outlives its killed shim")
+	d.start()
+	in := d.inspect(ctr)
+	require.Equal(t, "CONTAINER_EXITED", in.Status.State)
+	require.Equal(t, "VMLost", in.Status.Reason)
+	require.Equal(t, int32(255), in.Status.ExitCode)
+	require.Eventually(t, func() bool { return len(qemuProcesses(t, d.stateDir)) == 0 }, 5*time.Second, 50*time.Millisecond)
+	d.must("rmp", "-f", pod)
+}
+
+// Attach in tty mode, through a real pseudo-terminal (script(1)).
+func TestAttachTTY(t *testing.T) {
+	if _, err := exec.LookPath("script"); err != nil {
+		t.Fatalf("script(1) from util-linux is required: %v", err)
+	}
+	d := startDaemon(t, "--upstream-endpoint", "")
+	pod, ctr := d.runVM(t, "vm-attach-tty", "echo")
+	in := d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
+	require.Eventually(t, func() bool {
+		b, _ := os.ReadFile(in.Status.LogPath)
+		return strings.Contains(string(b), "echo: ready")
+	}, 20*time.Second, 20*time.Millisecond)
+	cmd := exec.Command("script", "-q", "-e", "-c", crictl+" --runtime-endpoint unix://"+d.sock+" attach -i -t "+ctr, "/dev/null")
+	stdin, err := cmd.StdinPipe()
+	require.NoError(t, err)
+	var out syncBuf
+	cmd.Stdout, cmd.Stderr = &out, &out
+	require.NoError(t, cmd.Start())
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	require.Eventually(t, func() bool {
+		_, _ = stdin.Write([]byte("tty-hello\r"))
+		time.Sleep(150 * time.Millisecond)
+		b, _ := os.ReadFile(in.Status.LogPath)
+		return strings.Contains(string(b), "stdout F tty-hello")
+	}, 15*time.Second, 50*time.Millisecond, "tty attach round trip; got %q", out.String())
+	_, err = stdin.Write([]byte{0x1d})
+	require.NoError(t, err)
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		_ = cmd.Process.Kill()
+		t.Fatalf("Ctrl-] did not end the tty session: %q", out.String())
+	}
+	require.Contains(t, out.String(), "tty-hello")
+	require.Equal(t, "CONTAINER_RUNNING", d.inspect(ctr).Status.State)
+	d.must("rmp", "-f", pod)
+}
