@@ -34,6 +34,8 @@ func build(t *testing.T) (shimBin, kernel string) {
 }
 
 func spec(t *testing.T, kernel, vmDir string, args ...string) runtime.VMSpec {
+	// Whatever a failing test leaves behind is ended.
+	t.Cleanup(func() { _ = exec.Command("pkill", "-9", "-f", "unilet-shim --dir "+vmDir).Run() })
 	qemu, err := exec.LookPath("qemu-system-x86_64")
 	require.NoError(t, err)
 	line, _, err := runtime.BuildCmdline(runtime.GuestConfig{KernelName: kernel, Args: args})
