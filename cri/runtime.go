@@ -77,14 +77,9 @@ func (r *Router) RunPodSandbox(ctx context.Context, req *runtimeapi.RunPodSandbo
 }
 
 // sandboxSide decides where a sandbox-ID call goes: true = VM.
-func (r *Router) sandboxSide(id string) (bool, error) {
-	if r.vm.OwnsSandbox(id) {
-		return true, nil
-	}
-	if r.upRT == nil {
-		return true, nil // let the VM side answer NotFound / idempotent success
-	}
-	return false, nil
+func (r *Router) sandboxSide(id string) bool {
+	// With no upstream the VM side answers (NotFound / idempotent success).
+	return r.vm.OwnsSandbox(id) || r.upRT == nil
 }
 
 func (r *Router) containerSide(id string) bool {
@@ -93,7 +88,7 @@ func (r *Router) containerSide(id string) bool {
 
 // StopPodSandbox routes by ID.
 func (r *Router) StopPodSandbox(ctx context.Context, req *runtimeapi.StopPodSandboxRequest) (*runtimeapi.StopPodSandboxResponse, error) {
-	if vmSide, _ := r.sandboxSide(req.GetPodSandboxId()); vmSide {
+	if r.sandboxSide(req.GetPodSandboxId()) {
 		return r.vm.StopPodSandbox(ctx, req)
 	}
 	resp, err := r.upRT.StopPodSandbox(ctx, req)
@@ -105,7 +100,7 @@ func (r *Router) StopPodSandbox(ctx context.Context, req *runtimeapi.StopPodSand
 
 // RemovePodSandbox routes by ID.
 func (r *Router) RemovePodSandbox(ctx context.Context, req *runtimeapi.RemovePodSandboxRequest) (*runtimeapi.RemovePodSandboxResponse, error) {
-	if vmSide, _ := r.sandboxSide(req.GetPodSandboxId()); vmSide {
+	if r.sandboxSide(req.GetPodSandboxId()) {
 		return r.vm.RemovePodSandbox(ctx, req)
 	}
 	resp, err := r.upRT.RemovePodSandbox(ctx, req)
@@ -117,7 +112,7 @@ func (r *Router) RemovePodSandbox(ctx context.Context, req *runtimeapi.RemovePod
 
 // PodSandboxStatus routes by ID.
 func (r *Router) PodSandboxStatus(ctx context.Context, req *runtimeapi.PodSandboxStatusRequest) (*runtimeapi.PodSandboxStatusResponse, error) {
-	if vmSide, _ := r.sandboxSide(req.GetPodSandboxId()); vmSide {
+	if r.sandboxSide(req.GetPodSandboxId()) {
 		return r.vm.PodSandboxStatus(ctx, req)
 	}
 	resp, err := r.upRT.PodSandboxStatus(ctx, req)
@@ -144,7 +139,7 @@ func (r *Router) ListPodSandbox(ctx context.Context, req *runtimeapi.ListPodSand
 
 // CreateContainer routes by the sandbox ID.
 func (r *Router) CreateContainer(ctx context.Context, req *runtimeapi.CreateContainerRequest) (*runtimeapi.CreateContainerResponse, error) {
-	if vmSide, _ := r.sandboxSide(req.GetPodSandboxId()); vmSide {
+	if r.sandboxSide(req.GetPodSandboxId()) {
 		return r.vm.CreateContainer(ctx, req)
 	}
 	resp, err := r.upRT.CreateContainer(ctx, req)
@@ -259,7 +254,7 @@ func (r *Router) Attach(ctx context.Context, req *runtimeapi.AttachRequest) (*ru
 
 // PortForward routes by sandbox ID.
 func (r *Router) PortForward(ctx context.Context, req *runtimeapi.PortForwardRequest) (*runtimeapi.PortForwardResponse, error) {
-	if vmSide, _ := r.sandboxSide(req.GetPodSandboxId()); vmSide {
+	if r.sandboxSide(req.GetPodSandboxId()) {
 		return r.vm.PortForward(ctx, req)
 	}
 	resp, err := r.upRT.PortForward(ctx, req)
@@ -296,7 +291,7 @@ func (r *Router) ListContainerStats(ctx context.Context, req *runtimeapi.ListCon
 
 // PodSandboxStats: passthrough.
 func (r *Router) PodSandboxStats(ctx context.Context, req *runtimeapi.PodSandboxStatsRequest) (*runtimeapi.PodSandboxStatsResponse, error) {
-	if vmSide, _ := r.sandboxSide(req.GetPodSandboxId()); vmSide {
+	if r.sandboxSide(req.GetPodSandboxId()) {
 		return nil, status.Error(codes.Unimplemented, "stats for unikernel pods are not supported by this unilet version yet")
 	}
 	resp, err := r.upRT.PodSandboxStats(ctx, req)

@@ -124,12 +124,12 @@ func StartVM(spec VMSpec) (*VM, error) {
 	}()
 	go func() {
 		<-copied
-		err := cmd.Wait()
+		_ = cmd.Wait() // the exit is read from ProcessState
 		v.inMu.Lock()
 		stdinW.Close()
 		v.stdin = nil
 		v.inMu.Unlock()
-		v.finish(err)
+		v.finish()
 	}()
 
 	if err := v.waitQMP(5 * time.Second); err != nil {
@@ -213,7 +213,7 @@ func (v *VM) fail(st ExitStatus) {
 	_ = v.cmd.Process.Signal(syscall.SIGKILL)
 }
 
-func (v *VM) finish(waitErr error) {
+func (v *VM) finish() {
 	st := ExitStatus{FinishedAt: time.Now()}
 	code := v.cmd.ProcessState.ExitCode()
 	ws, _ := v.cmd.ProcessState.Sys().(syscall.WaitStatus)
@@ -251,7 +251,6 @@ func (v *VM) finish(waitErr error) {
 	if tail := v.stderrTail(); tail != "" && st.Reason != ReasonCompleted && failure == nil {
 		st.Message += ": " + tail
 	}
-	_ = waitErr
 	v.closeLog()
 	if v.stderr != nil {
 		v.stderr.Close()

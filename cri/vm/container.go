@@ -11,6 +11,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/image"
@@ -195,11 +196,7 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 
 func (s *Service) startVM(ctx context.Context, spec runtime.VMSpec) (vmHandle, error) {
 	if s.cfg.ShimBinary == "" {
-		vm, err := runtime.StartVM(spec)
-		if err != nil {
-			return nil, err
-		}
-		return localVM{vm}, nil
+		return nil, errors.New("no unilet-shim configured")
 	}
 	c, err := shim.Launch(ctx, s.cfg.ShimBinary, spec.StateDir, spec)
 	if err != nil {
@@ -219,7 +216,7 @@ func (s *Service) StopContainer(ctx context.Context, r *runtimeapi.StopContainer
 	c, err := s.containerLocked(r.GetContainerId())
 	if err != nil {
 		s.mu.Unlock()
-		if strings.Contains(err.Error(), "not found") {
+		if status.Code(err) == codes.NotFound {
 			return &runtimeapi.StopContainerResponse{}, nil
 		}
 		return nil, err

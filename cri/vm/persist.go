@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
-	"syscall"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -136,7 +134,7 @@ func (s *Service) Load() error {
 			createdAt: rec.CreatedAt, startedAt: rec.StartedAt, state: runtimeapi.ContainerState(rec.State), exit: rec.Exit,
 			machine: rec.Machine, vmDir: rec.VMDir, warnings: rec.Warnings}
 		inFlight := c.state == runtimeapi.ContainerState_CONTAINER_RUNNING || c.state == runtimeapi.ContainerState_CONTAINER_UNKNOWN
-		if inFlight && s.cfg.ShimBinary != "" {
+		if inFlight {
 			if h := reconnect(c.vmDir); h != nil {
 				// A StartContainer the earlier daemon did not finish ends here as RUNNING.
 				c.vm, c.state, c.startedAt = h, runtimeapi.ContainerState_CONTAINER_RUNNING, h.StartedAt()
@@ -156,7 +154,10 @@ func (s *Service) Load() error {
 			}
 		}
 		if c.state == runtimeapi.ContainerState_CONTAINER_RUNNING || c.state == runtimeapi.ContainerState_CONTAINER_UNKNOWN {
-			killOrphanQEMU(rec.Pid, rec.Machine.QMPSocket)
+			if rec.Pid > 0 {
+				logrus.WithField("pid", rec.Pid).Warn("stopping a VM left running without its supervisor")
+				shim.KillIfQEMU(rec.Pid, rec.Machine.QMPSocket)
+			}
 			c.state = runtimeapi.ContainerState_CONTAINER_EXITED
 			c.exit = runtime.ExitStatus{Code: 255, Reason: ReasonVMLost, FinishedAt: time.Now(),
 				Message: "unilet restarted while this VM was running; this version cannot re-attach to VMs, so the VM was stopped"}
@@ -221,17 +222,4 @@ func reconnect(vmDir string) vmHandle {
 		return nil
 	}
 	return h
-}
-
-// killOrphanQEMU kills pid only if it is the QEMU that served qmpSocket.
-func killOrphanQEMU(pid int, qmpSocket string) {
-	if pid <= 0 || qmpSocket == "" {
-		return
-	}
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	if err != nil || !strings.Contains(string(b), qmpSocket) {
-		return
-	}
-	logrus.WithField("pid", pid).Warn("stopping a VM left running by an earlier unilet")
-	_ = syscall.Kill(pid, syscall.SIGKILL)
 }

@@ -7,6 +7,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
 
@@ -43,7 +44,7 @@ func (s *Service) StopPodSandbox(ctx context.Context, r *runtimeapi.StopPodSandb
 	sb, err := s.sandboxLocked(r.GetPodSandboxId())
 	if err != nil {
 		s.mu.Unlock()
-		if strings.Contains(err.Error(), "not found") {
+		if status.Code(err) == codes.NotFound {
 			return &runtimeapi.StopPodSandboxResponse{}, nil
 		}
 		return nil, err

@@ -16,7 +16,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/sirupsen/logrus"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -38,12 +37,13 @@ type Config struct {
 	StateDir  string // runtime sockets and per-VM state
 	Version   string
 	DefaultMB int // guest RAM when the container sets no limit
-	// ShimBinary runs each VM in its own unilet-shim so VMs outlive the
-	// daemon; empty runs QEMU inside the daemon (tests of the CRI surface).
+	// ShimBinary is unilet-shim: each VM runs under its own shim so VMs
+	// outlive the daemon. Required to start VMs.
 	ShimBinary string
 }
 
-// vmHandle is a running VM, in-process (runtime.VM) or behind a shim.
+// vmHandle is a running VM behind its shim (*shim.Handle); an interface so
+// the CRI service can be tested without processes.
 type vmHandle interface {
 	Done() <-chan struct{}
 	Exit() runtime.ExitStatus
@@ -59,11 +59,6 @@ type vmHandle interface {
 	// Close drops the daemon's connection; the VM goes on.
 	Close() error
 }
-
-type localVM struct{ *runtime.VM }
-
-func (localVM) Release()     {}
-func (localVM) Close() error { return nil }
 
 // Service serves CRI for unikernel pods.
 type Service struct {
@@ -210,31 +205,15 @@ func errorf(code codes.Code, format string, a ...any) error {
 	return status.Error(code, fmt.Sprintf(format, a...))
 }
 
-// Shutdown prepares for the daemon's exit. VMs behind shims keep running
-// (the next daemon reconnects); in-process VMs cannot outlive the daemon and
-// are stopped, each one logged.
+// Shutdown prepares for the daemon's exit: it lets go of every VM, which
+// keeps running under its shim (the next daemon reconnects).
 func (s *Service) Shutdown() {
 	s.mu.Lock()
-	var running []*container
+	defer s.mu.Unlock()
 	for _, c := range s.containers {
-		s.refresh(c)
-		if c.state == runtimeapi.ContainerState_CONTAINER_RUNNING && c.vm != nil {
-			running = append(running, c)
-		}
-	}
-	s.mu.Unlock()
-	for _, c := range running {
-		if _, local := c.vm.(localVM); !local {
+		if c.vm != nil {
 			_ = c.vm.Close()
-			continue
 		}
-		logrus.WithFields(logrus.Fields{"sandbox": c.sandboxID, "container": c.id}).Warn("daemon shutting down: stopping in-process VM")
-		st := c.vm.Stop(0)
-		s.mu.Lock()
-		c.exit, c.state = st, runtimeapi.ContainerState_CONTAINER_EXITED
-		_ = os.RemoveAll(c.vmDir)
-		s.saveContainer(c)
-		s.mu.Unlock()
 	}
 }
 

@@ -107,8 +107,9 @@ func Connect(dir string) (*Client, error) {
 // Close closes the connection (the shim and VM go on).
 func (c *Client) Close() error { return c.tc.Close() }
 
-// killIfQEMU kills pid only if it is the QEMU that serves qmpSocket.
-func killIfQEMU(pid int, qmpSocket string) {
+// KillIfQEMU kills pid only if it is the QEMU that serves qmpSocket (so a
+// recycled pid is never hit).
+func KillIfQEMU(pid int, qmpSocket string) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
 	if err != nil || !strings.Contains(string(b), qmpSocket) {
 		return

@@ -78,7 +78,7 @@ func (h *Handle) watch() {
 			ex = runtime.ExitStatus{Code: 255, Reason: "ShimDied", FinishedAt: time.Now(),
 				Message: "the VM's supervisor (unilet-shim) died: " + err.Error()}
 			// Never leave a VM running without its supervisor.
-			killIfQEMU(h.pid, filepath.Join(h.c.Dir, "qmp.sock"))
+			KillIfQEMU(h.pid, filepath.Join(h.c.Dir, "qmp.sock"))
 		}
 		break
 	}
