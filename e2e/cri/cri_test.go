@@ -331,10 +331,7 @@ func TestImageCmdAndLongRunningStop(t *testing.T) {
 		"image": map[string]string{"image": image()}, "args": []string{"tick=50"}, "log_path": "graceful/0.log"}), podCfg)
 	d.must("start", ctr)
 	in = d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
-	require.Eventually(t, func() bool {
-		b, _ := os.ReadFile(in.Status.LogPath)
-		return strings.Contains(string(b), "tick 3\n")
-	}, 20*time.Second, 50*time.Millisecond)
+	waitLog(t, in.Status.LogPath, "tick 3\n")
 	d.must("stop", "--timeout", "10", ctr)
 	in = d.inspect(ctr)
 	require.Equal(t, "CONTAINER_EXITED", in.Status.State)
@@ -347,10 +344,7 @@ func TestImageCmdAndLongRunningStop(t *testing.T) {
 	d.must("start", ctr)
 	in = d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
 	require.Len(t, qemuProcesses(t, d.stateDir), 1)
-	require.Eventually(t, func() bool {
-		b, _ := os.ReadFile(in.Status.LogPath)
-		return strings.Contains(string(b), "tick 5\n")
-	}, 20*time.Second, 50*time.Millisecond)
+	waitLog(t, in.Status.LogPath, "tick 5\n")
 	start := time.Now()
 	d.must("stop", "--timeout", "1", ctr)
 	require.Less(t, time.Since(start), 6*time.Second, "stop must honour its timeout")
@@ -525,10 +519,7 @@ func TestStateSurvivesDaemonRestart(t *testing.T) {
 	require.Equal(t, "Completed", in2.Status.Reason)
 	d.crash() // twice in a row
 	d.start()
-	require.Eventually(t, func() bool {
-		b, _ := os.ReadFile(in.Status.LogPath)
-		return strings.Contains(string(b), "tick 60\n")
-	}, 30*time.Second, 50*time.Millisecond)
+	waitLog(t, in.Status.LogPath, "tick 60\n")
 	d.must("stop", "--timeout", "10", running)
 	st := d.inspect(running)
 	require.Equal(t, int32(0), st.Status.ExitCode, st.Status.Message)
@@ -608,10 +599,7 @@ func TestAttachEchoRoundTrip(t *testing.T) {
 	d := startDaemon(t, "--upstream-endpoint", "")
 	pod, ctr := d.runVM(t, "vm-attach", "echo")
 	in := d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
-	require.Eventually(t, func() bool {
-		b, _ := os.ReadFile(in.Status.LogPath)
-		return strings.Contains(string(b), "echo: ready")
-	}, 20*time.Second, 20*time.Millisecond, "the guest must read its console before we type")
+	waitLog(t, in.Status.LogPath, "echo: ready")
 
 	cmd := exec.Command(crictl, "--runtime-endpoint", "unix://"+d.sock, "attach", "-i", ctr)
 	stdin, err := cmd.StdinPipe()
@@ -768,10 +756,7 @@ func TestRestartDuringStartContainer(t *testing.T) {
 	d.start()
 	in := d.waitState(ctr, "CONTAINER_RUNNING", 20*time.Second)
 	require.Len(t, qemuProcesses(t, d.stateDir), 1)
-	require.Eventually(t, func() bool {
-		b, _ := os.ReadFile(in.Status.LogPath)
-		return strings.Contains(string(b), "tick 3\n")
-	}, 20*time.Second, 50*time.Millisecond)
+	waitLog(t, in.Status.LogPath, "tick 3\n")
 	d.must("rmp", "-f", pod)
 	require.Empty(t, qemuProcesses(t, d.stateDir))
 	ents, _ := os.ReadDir(filepath.Join(d.stateDir, "vm"))
@@ -805,10 +790,7 @@ func TestAttachTTY(t *testing.T) {
 	d := startDaemon(t, "--upstream-endpoint", "")
 	pod, ctr := d.runVM(t, "vm-attach-tty", "echo")
 	in := d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
-	require.Eventually(t, func() bool {
-		b, _ := os.ReadFile(in.Status.LogPath)
-		return strings.Contains(string(b), "echo: ready")
-	}, 20*time.Second, 20*time.Millisecond)
+	waitLog(t, in.Status.LogPath, "echo: ready")
 	cmd := exec.Command("script", "-q", "-e", "-c", crictl+" --runtime-endpoint unix://"+d.sock+" attach -i -t "+ctr, "/dev/null")
 	stdin, err := cmd.StdinPipe()
 	require.NoError(t, err)
@@ -834,4 +816,14 @@ func TestAttachTTY(t *testing.T) {
 	require.Contains(t, out.String(), "tty-hello")
 	require.Equal(t, "CONTAINER_RUNNING", d.inspect(ctr).Status.State)
 	d.must("rmp", "-f", pod)
+}
+
+// waitLog waits until the file at path contains want (guest output reaching
+// the CRI log).
+func waitLog(t *testing.T, path, want string) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		b, _ := os.ReadFile(path)
+		return strings.Contains(string(b), want)
+	}, 30*time.Second, 20*time.Millisecond, "%s never showed %q", path, want)
 }
