@@ -27,9 +27,9 @@ func (r *Router) Status(ctx context.Context, req *runtimeapi.StatusRequest) (*ru
 	} else {
 		for _, c := range up.GetStatus().GetConditions() {
 			if c.GetType() == runtimeapi.NetworkReady && !c.GetStatus() {
-				// Pod networking is the upstream's (CNI) until unilet runs CNI itself.
+				// Plain pods use the upstream's network: both must be ready.
 				for _, mine := range resp.Status.Conditions {
-					if mine.Type == runtimeapi.NetworkReady {
+					if mine.Type == runtimeapi.NetworkReady && mine.Status {
 						mine.Status, mine.Reason, mine.Message = false, c.GetReason(), c.GetMessage()
 					}
 				}
@@ -207,10 +207,10 @@ func (r *Router) ListContainers(ctx context.Context, req *runtimeapi.ListContain
 	return resp, nil
 }
 
-// UpdateContainerResources: passthrough only for now.
+// UpdateContainerResources routes by ID.
 func (r *Router) UpdateContainerResources(ctx context.Context, req *runtimeapi.UpdateContainerResourcesRequest) (*runtimeapi.UpdateContainerResourcesResponse, error) {
 	if r.containerSide(req.GetContainerId()) {
-		return nil, status.Error(codes.Unimplemented, "updating the resources of a running unikernel VM is not supported by this unilet version")
+		return r.vm.UpdateContainerResources(ctx, req)
 	}
 	resp, err := r.upRT.UpdateContainerResources(ctx, req)
 	return resp, upstreamErr(err)
@@ -289,24 +289,29 @@ func (r *Router) ListContainerStats(ctx context.Context, req *runtimeapi.ListCon
 	return resp, nil
 }
 
-// PodSandboxStats: passthrough.
+// PodSandboxStats routes by ID.
 func (r *Router) PodSandboxStats(ctx context.Context, req *runtimeapi.PodSandboxStatsRequest) (*runtimeapi.PodSandboxStatsResponse, error) {
 	if r.sandboxSide(req.GetPodSandboxId()) {
-		return nil, status.Error(codes.Unimplemented, "stats for unikernel pods are not supported by this unilet version yet")
+		return r.vm.PodSandboxStats(ctx, req)
 	}
 	resp, err := r.upRT.PodSandboxStats(ctx, req)
 	return resp, upstreamErr(err)
 }
 
-// ListPodSandboxStats: upstream's list.
+// ListPodSandboxStats merges both sides.
 func (r *Router) ListPodSandboxStats(ctx context.Context, req *runtimeapi.ListPodSandboxStatsRequest) (*runtimeapi.ListPodSandboxStatsResponse, error) {
-	if r.upRT == nil {
-		return &runtimeapi.ListPodSandboxStatsResponse{}, nil
+	resp, err := r.vm.ListPodSandboxStats(ctx, req)
+	if err != nil || r.upRT == nil {
+		return resp, err
 	}
-	resp, err := r.upRT.ListPodSandboxStats(ctx, req)
+	if id := req.GetFilter().GetId(); id != "" && r.vm.OwnsSandbox(id) {
+		return resp, nil
+	}
+	up, err := r.upRT.ListPodSandboxStats(ctx, req)
 	if err != nil {
 		r.logUpstreamDown("ListPodSandboxStats", err)
-		return &runtimeapi.ListPodSandboxStatsResponse{}, nil
+		return resp, nil
 	}
+	resp.Stats = append(resp.Stats, up.GetStats()...)
 	return resp, nil
 }

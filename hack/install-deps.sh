@@ -6,6 +6,8 @@ need=""
 have() { command -v "$1" >/dev/null 2>&1; }
 have qemu-system-x86_64 || need="$need qemu-system-x86"
 have gcc || need="$need gcc"
+# static libc: the network test guest's init is a static binary
+[ -f /usr/lib/x86_64-linux-gnu/libc.a ] || need="$need libc6-dev"
 have ld || need="$need binutils"
 have ip || need="$need iproute2"
 have pgrep || need="$need procps"

@@ -40,6 +40,9 @@ type GuestConfig struct {
 	KernelName string
 	// Params are Unikraft library parameters, already "name=value" (netdev.ip=…, vfs.fstab=[…]).
 	Params []string
+	// Fstab is vfs.fstab entries ("tag:/path:9pfs:flags:opts:ukopts"), each
+	// emitted quoted inside vfs.fstab=[ … ].
+	Fstab []string
 	// Env is "K=V" entries delivered as env.vars=[ … ].
 	Env []string
 	// Args are the application arguments.
@@ -78,6 +81,16 @@ func QuoteToken(s string) string {
 	}
 	b.WriteByte('"')
 	return b.String()
+}
+
+// quoteAlways wraps s in double quotes ('"' and '\\' escaped), as kraftkit
+// writes vfs.fstab entries.
+func quoteAlways(s string) string {
+	q := QuoteToken(s)
+	if strings.HasPrefix(q, `"`) {
+		return q
+	}
+	return `"` + q + `"`
 }
 
 func checkValue(kind, v string) error {
@@ -119,6 +132,12 @@ func BuildCmdline(c GuestConfig) (string, []string, error) {
 			return "", nil, err
 		}
 	}
+	fstab := append([]string(nil), c.Fstab...)
+	for _, e := range fstab {
+		if err := checkValue("vfs.fstab entry", e); err != nil {
+			return "", nil, err
+		}
+	}
 	for _, e := range env {
 		if err := checkValue("environment variable", e); err != nil {
 			return "", nil, err
@@ -129,12 +148,12 @@ func BuildCmdline(c GuestConfig) (string, []string, error) {
 	}
 
 	if c.Features != nil && !c.Features.LibParam() {
-		if len(params) > 0 || len(env) > 0 {
+		if len(params) > 0 || len(env) > 0 || len(fstab) > 0 {
 			warnings = append(warnings, fmt.Sprintf(
 				"image lacks CONFIG_LIBUKLIBPARAM=y: dropped %d library parameter(s) and %d environment variable(s); only arguments are passed",
-				len(params), len(env)))
+				len(params)+len(fstab), len(env)))
 		}
-		params, env = nil, nil
+		params, env, fstab = nil, nil, nil
 	}
 	if len(env) > 0 && c.Features != nil && !c.Features.EnvironLibParam() {
 		warnings = append(warnings, fmt.Sprintf(
@@ -169,8 +188,13 @@ func BuildCmdline(c GuestConfig) (string, []string, error) {
 	}
 
 	var toks []string
-	for _, p := range params {
-		toks = append(toks, p)
+	toks = append(toks, params...)
+	if len(fstab) > 0 {
+		toks = append(toks, "vfs.fstab=[")
+		for _, e := range fstab {
+			toks = append(toks, quoteAlways(e))
+		}
+		toks = append(toks, "]")
 	}
 	if len(env) > 0 {
 		toks = append(toks, "env.vars=[")

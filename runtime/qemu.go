@@ -2,6 +2,8 @@ package runtime
 
 import (
 	"fmt"
+	"net"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -38,7 +40,35 @@ type MachineConfig struct {
 	// CPU overrides the CPU model (default: host under KVM, max under TCG).
 	// Operator/test setting only; validated against a fixed pattern.
 	CPU string
+	// NICs are the guest's network cards, each backed by a tap device that
+	// the VM's supervisor opens inside NetNS and passes to QEMU as an fd.
+	NICs []NIC `json:",omitempty"`
+	// Shares are host directories exported to the guest over virtio-9p.
+	Shares []Share `json:",omitempty"`
 }
+
+// NIC is one virtio-net card backed by a tap device in a network namespace.
+type NIC struct {
+	Tap   string // tap device name inside NetNS
+	NetNS string // path of the network namespace ("" = the shim's own)
+	MAC   string
+}
+
+// Share is one virtio-9p export: Tag is what the guest mounts (vfs.fstab source).
+type Share struct {
+	Tag      string
+	HostPath string
+	ReadOnly bool
+}
+
+// FirstTapFD is the file descriptor of the first NIC's tap in QEMU (stdin,
+// stdout and stderr come first; the taps follow in NIC order).
+const FirstTapFD = 3
+
+var (
+	shareTag = regexp.MustCompile(`^[A-Za-z0-9_]{1,31}$`)
+	tapName  = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,15}$`)
+)
 
 var cpuModel = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]*$`)
 
@@ -71,6 +101,24 @@ func (m MachineConfig) Validate() error {
 	}
 	if m.CPU != "" && !cpuModel.MatchString(m.CPU) {
 		return fmt.Errorf("invalid CPU model %q", m.CPU)
+	}
+	for i, n := range m.NICs {
+		if !tapName.MatchString(n.Tap) {
+			return fmt.Errorf("NIC %d: invalid tap name %q", i, n.Tap)
+		}
+		if _, err := net.ParseMAC(n.MAC); err != nil || len(n.MAC) != 17 {
+			return fmt.Errorf("NIC %d: invalid MAC %q", i, n.MAC)
+		}
+	}
+	tags := map[string]bool{}
+	for i, sh := range m.Shares {
+		if !shareTag.MatchString(sh.Tag) || tags[sh.Tag] {
+			return fmt.Errorf("share %d: invalid or duplicate tag %q", i, sh.Tag)
+		}
+		tags[sh.Tag] = true
+		if !filepath.IsAbs(sh.HostPath) || strings.ContainsAny(sh.HostPath, "\x00\n") {
+			return fmt.Errorf("share %s: host path %q is not absolute", sh.Tag, sh.HostPath)
+		}
 	}
 	return nil
 }
@@ -112,6 +160,23 @@ func BuildArgv(m MachineConfig) ([]string, error) {
 		"-chardev", "socket,id=qmp0,path="+EscapeOpt(m.QMPSocket)+",server=on,wait=off",
 		"-mon", "chardev=qmp0,mode=control",
 	)
+	bus := "pci"
+	if m.Machine == MachineMicroVM {
+		bus = "device" // virtio-mmio
+	}
+	for i, n := range m.NICs {
+		id := "n" + strconv.Itoa(i)
+		a = append(a,
+			"-netdev", "tap,id="+id+",fd="+strconv.Itoa(FirstTapFD+i),
+			"-device", "virtio-net-"+bus+",netdev="+id+",mac="+n.MAC)
+	}
+	for _, sh := range m.Shares {
+		fs := "local,id=" + sh.Tag + ",path=" + EscapeOpt(sh.HostPath) + ",security_model=passthrough"
+		if sh.ReadOnly {
+			fs += ",readonly=on"
+		}
+		a = append(a, "-fsdev", fs, "-device", "virtio-9p-"+bus+",fsdev="+sh.Tag+",mount_tag="+sh.Tag)
+	}
 	switch m.Machine {
 	case MachinePC:
 		// Keep SeaBIOS off the serial console so the log is the guest's own.

@@ -18,6 +18,11 @@ func TestBuildArgvGolden(t *testing.T) {
 			Kernel: "/k", Initrd: "/i", QMPSocket: "/run/q.sock"}},
 		{"hostile-values", MachineConfig{Name: "x,file=/etc/passwd", Accel: AccelTCG, Machine: MachinePC, MemoryMiB: 64, VCPUs: 1,
 			Kernel: "/k", Cmdline: "-- a,b -device foo", QMPSocket: "/run/a,server=off/q.sock"}},
+		{"pc-nic-shares", MachineConfig{Accel: AccelTCG, Machine: MachinePC, MemoryMiB: 128, VCPUs: 2, Kernel: "/k", QMPSocket: "/q",
+			NICs: []NIC{{Tap: "tap0", NetNS: "/var/run/netns/unilet-abc", MAC: "0a:58:c6:12:00:05"}},
+			Shares: []Share{{Tag: "fs1", HostPath: "/var/lib/kubelet/pods/u/volumes/x,readonly=off,path=/"}, {Tag: "fs2", HostPath: "/ro", ReadOnly: true}}}},
+		{"microvm-nic-share", MachineConfig{Accel: AccelKVM, Machine: MachineMicroVM, MemoryMiB: 64, VCPUs: 1, Kernel: "/k", QMPSocket: "/q",
+			NICs: []NIC{{Tap: "tap0", MAC: "0a:58:c6:12:00:05"}}, Shares: []Share{{Tag: "fs1", HostPath: "/data"}}}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -36,6 +41,11 @@ func TestBuildArgvRejects(t *testing.T) {
 		"memory":  func(m *MachineConfig) { m.MemoryMiB = 0 },
 		"vcpus":   func(m *MachineConfig) { m.VCPUs = 0 },
 		"kernel":  func(m *MachineConfig) { m.Kernel = "" },
+		"mac":     func(m *MachineConfig) { m.NICs = []NIC{{Tap: "tap0", MAC: "0a:58:c6:12:00:05,id=x"}} },
+		"tap":     func(m *MachineConfig) { m.NICs = []NIC{{Tap: "tap0,fd=0", MAC: "0a:58:c6:12:00:05"}} },
+		"tag":     func(m *MachineConfig) { m.Shares = []Share{{Tag: "fs1,x", HostPath: "/a"}} },
+		"dup-tag": func(m *MachineConfig) { m.Shares = []Share{{Tag: "fs1", HostPath: "/a"}, {Tag: "fs1", HostPath: "/b"}} },
+		"relpath": func(m *MachineConfig) { m.Shares = []Share{{Tag: "fs1", HostPath: "a/b"}} },
 	} {
 		m := ok
 		mut(&m)

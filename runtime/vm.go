@@ -100,7 +100,17 @@ func StartVM(spec VMSpec) (*VM, error) {
 		return nil, err
 	}
 	cmd.Stdin = stdinR
-	if err := cmd.Start(); err != nil {
+	taps, err := openTaps(spec.Machine.NICs)
+	if err != nil {
+		stdinR.Close()
+		stdinW.Close()
+		v.cleanupFiles()
+		return nil, err
+	}
+	cmd.ExtraFiles = taps
+	err = cmd.Start()
+	closeAll(taps) // QEMU holds its own copies
+	if err != nil {
 		stdinR.Close()
 		stdinW.Close()
 		v.cleanupFiles()

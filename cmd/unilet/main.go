@@ -25,6 +25,7 @@ import (
 	"github.com/unilet-dev/unilet/cri"
 	"github.com/unilet-dev/unilet/cri/vm"
 	"github.com/unilet-dev/unilet/image"
+	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/pkg/metadata"
 	"github.com/unilet-dev/unilet/pkg/version"
 	vmruntime "github.com/unilet-dev/unilet/runtime"
@@ -49,6 +50,9 @@ func run() error {
 		annotation, annotationValue, handler                    string
 		insecureRegs, registries                                multi
 		showVersion                                             bool
+		cniConf, cniCache, netnsDir, cgroupRoot                 string
+		cniBins, allowParams                                    multi
+		limits                                                  vm.Limits
 	)
 	flag.StringVar(&listen, "listen", "unix:///run/unilet/unilet.sock", "CRI socket to serve")
 	flag.StringVar(&root, "root", "/var/lib/unilet", "persistent state (images, metadata)")
@@ -64,6 +68,16 @@ func run() error {
 	flag.StringVar(&annotation, "annotation", cri.DefaultAnnotation, "pod annotation that selects the unikernel runtime")
 	flag.StringVar(&annotationValue, "annotation-value", cri.DefaultAnnotationValue, "value of that annotation")
 	flag.StringVar(&handler, "runtime-handler", cri.DefaultHandler, "RuntimeClass handler that selects the unikernel runtime")
+	flag.StringVar(&cniConf, "cni-conf-dir", "/etc/cni/net.d", "CNI network configuration directory (the first file is used)")
+	flag.Var(&cniBins, "cni-bin-dir", "directory of CNI plugins (repeatable; default /opt/cni/bin)")
+	flag.StringVar(&cniCache, "cni-cache-dir", "", "CNI results cache (default <root>/cni)")
+	flag.StringVar(&netnsDir, "netns-dir", "/var/run/netns", "where pod network namespaces are bound")
+	flag.StringVar(&cgroupRoot, "cgroup-root", "/unilet", "cgroup parent for VMs of pods that name none (\"\" disables cgroups)")
+	flag.IntVar(&limits.OverheadMiB, "vmm-overhead", vm.DefaultOverheadMiB, "MiB of a container's memory limit kept for QEMU itself; guest RAM = limit - overhead")
+	flag.IntVar(&limits.DefaultMemMiB, "default-memory", vm.DefaultMemMiB, "guest RAM (MiB) of containers without a memory limit")
+	flag.IntVar(&limits.MaxMemMiB, "max-memory", vm.DefaultMaxMemMiB, "most guest RAM (MiB) a pod may ask for")
+	flag.IntVar(&limits.MaxVCPUs, "max-vcpus", vm.DefaultMaxVCPUs, "most vCPUs a pod may ask for")
+	flag.Var(&allowParams, "allow-lib-param", "Unikraft library parameter pods may set with "+vm.AnnotationLibParams+" (name or prefix.*; repeatable)")
 	flag.BoolVar(&showVersion, "version", false, "print the version and exit")
 	flag.Parse()
 	if showVersion {
@@ -101,7 +115,19 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	svc := vm.New(vm.Config{QEMU: qemuPath, Accel: resolved, StateDir: stateDir, Version: version.Version, ShimBinary: shimPath}, images, meta)
+	if len(cniBins) == 0 {
+		cniBins = multi{"/opt/cni/bin"}
+	}
+	if cniCache == "" {
+		cniCache = filepath.Join(root, "cni")
+	}
+	limits.AllowLibParams = allowParams
+	network := cni.New(cni.Config{ConfDir: cniConf, BinDirs: cniBins, CacheDir: cniCache})
+	if err := network.Status(); err != nil {
+		logrus.WithError(err).Warn("no pod network yet: unikernel pods wait for a CNI configuration (NetworkReady=false)")
+	}
+	svc := vm.New(vm.Config{QEMU: qemuPath, Accel: resolved, StateDir: stateDir, Version: version.Version, ShimBinary: shimPath,
+		Limits: limits, Network: network, NetNSDir: netnsDir, CgroupRoot: cgroupRoot}, images, meta)
 	if err := svc.Load(); err != nil {
 		return fmt.Errorf("restore state from %s: %w", root, err)
 	}

@@ -4,6 +4,9 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
+	"strconv"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -55,6 +58,38 @@ func (sr streamRuntime) Attach(ctx context.Context, id string, in io.Reader, out
 	return v.Attach(ctx, in, w)
 }
 
+// PortForward connects one stream to port on the pod IP: the guest owns that
+// address, and the CNI network routes it from the host.
 func (sr streamRuntime) PortForward(ctx context.Context, id string, port int32, stream io.ReadWriteCloser) error {
-	return fmt.Errorf("port-forward to unikernel pods is not supported by this unilet version yet")
+	defer stream.Close()
+	ip, err := sr.s.podIP(id)
+	if err != nil {
+		return err
+	}
+	if port <= 0 || port > 65535 {
+		return fmt.Errorf("invalid port %d", port)
+	}
+	var d net.Dialer
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	conn, err := d.DialContext(dctx, "tcp", net.JoinHostPort(ip, strconv.Itoa(int(port))))
+	cancel()
+	if err != nil {
+		return fmt.Errorf("connect to port %d of the unikernel pod (%s): %w", port, ip, err)
+	}
+	defer conn.Close()
+	done := make(chan struct{}, 2)
+	go func() { _, _ = io.Copy(conn, stream); closeWrite(conn); done <- struct{}{} }()
+	go func() { _, _ = io.Copy(stream, conn); done <- struct{}{} }()
+	select {
+	case <-done:
+		<-done
+	case <-ctx.Done():
+	}
+	return nil
+}
+
+func closeWrite(c net.Conn) {
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.CloseWrite()
+	}
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -15,14 +16,9 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/image"
+	"github.com/unilet-dev/unilet/pkg/cgroups"
 	"github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/shim"
-)
-
-// Guest memory bounds (MiB).
-const (
-	MinMemoryMiB = 16
-	MaxVCPUs     = 64
 )
 
 // CreateContainer turns the container config into a VM spec (kernel command
@@ -59,7 +55,29 @@ func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateConta
 			return nil, errorf(codes.AlreadyExists, "container %q (attempt %d) already exists in pod %s as %s", m.GetName(), m.GetAttempt(), sb.id, c.id)
 		}
 	}
+	if other := s.runningInLocked(sb.id, ""); other != nil {
+		s.mu.Unlock()
+		return nil, errOneVM(sb.id, cfg.GetMetadata().GetName(), other)
+	}
 	s.mu.Unlock()
+	name := cfg.GetMetadata().GetName()
+	log := logrus.WithFields(logrus.Fields{"sandbox": sb.id, "image": cfg.GetImage().GetImage()})
+
+	tuning, err := ParseTuning(sb.config.GetAnnotations(), s.cfg.Limits)
+	if err != nil {
+		return nil, errorf(codes.InvalidArgument, "container %q: %v", name, err)
+	}
+	minMiB := 0
+	if v := img.Labels[LabelMinMemory]; v != "" {
+		if minMiB, err = strconv.Atoi(v); err != nil {
+			log.WithField("label", v).Warn("image label " + LabelMinMemory + " is not a number of MiB; ignored")
+			minMiB = 0
+		}
+	}
+	size, err := Size(cfg.GetLinux().GetResources(), tuning, minMiB, s.cfg.Limits)
+	if err != nil {
+		return nil, errorf(codes.InvalidArgument, "container %q: %v", name, err)
+	}
 
 	args := append(append([]string{}, cfg.GetCommand()...), cfg.GetArgs()...)
 	if len(args) == 0 {
@@ -73,35 +91,43 @@ func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateConta
 		env = append(env, kv.GetKey()+"="+string(kv.GetValue()))
 	}
 	env = dedupEnv(env)
-	var skipped []string
-	for _, m := range cfg.GetMounts() {
-		// kubelet's own housekeeping files; a unikernel has no use for them.
-		if m.GetContainerPath() == "/etc/hosts" || m.GetContainerPath() == "/dev/termination-log" {
-			skipped = append(skipped, m.GetContainerPath())
-			continue
-		}
-		return nil, errorf(codes.InvalidArgument, "container %q mounts %q; volumes for unikernel pods are not supported by this unilet version yet",
-			cfg.GetMetadata().GetName(), m.GetContainerPath())
+	features := runtime.NewFeatures(img.Features)
+	vols, err := PlanVolumes(cfg.GetMounts(), features, img.Initrd != "", statDir, s.cfg.Limits)
+	if err != nil {
+		return nil, errorf(codes.InvalidArgument, "container %q: %v", name, err)
 	}
-	line, warnings, err := runtime.BuildCmdline(runtime.GuestConfig{KernelName: img.Kernel, Env: env, Args: args,
-		Features: runtime.NewFeatures(img.Features)})
+	params := append([]string{}, tuning.LibParams...)
+	var warnings []string
+	var nics []runtime.NIC
+	if sb.net != nil {
+		nics = []runtime.NIC{{Tap: TapName, NetNS: sb.netns, MAC: sb.mac}}
+		if features.Has(FeatureNetdev) {
+			p, err := NetdevParam(sb.net, sb.config.GetHostname(), sb.config.GetDnsConfig())
+			if err != nil {
+				return nil, errorf(codes.InvalidArgument, "container %q: %v", name, err)
+			}
+			params = append([]string{p}, params...)
+		} else {
+			warnings = append(warnings, "image lacks "+FeatureNetdev+"=y (no network stack): the guest is not told its pod IP")
+		}
+	}
+	line, cmdWarnings, err := runtime.BuildCmdline(runtime.GuestConfig{KernelName: img.Kernel, Params: params, Fstab: vols.Fstab,
+		Env: env, Args: args, Features: features})
 	var ce *runtime.CmdlineError
 	if errors.As(err, &ce) {
-		return nil, errorf(codes.InvalidArgument, "container %q: %v", cfg.GetMetadata().GetName(), err)
+		return nil, errorf(codes.InvalidArgument, "container %q: %v", name, err)
 	}
 	if err != nil {
 		return nil, errorf(codes.Internal, "build guest command line: %v", err)
 	}
-	if len(skipped) > 0 {
-		warnings = append(warnings, "kubelet-managed mounts not passed to the guest: "+strings.Join(skipped, ", "))
-	}
-	mem, vcpus, err := s.resources(cfg.GetLinux().GetResources())
-	if err != nil {
-		return nil, errorf(codes.InvalidArgument, "container %q: %v", cfg.GetMetadata().GetName(), err)
+	warnings = append(append(warnings, cmdWarnings...), vols.Warnings...)
+	machine := runtime.MachinePC
+	if tuning.Machine != "" {
+		machine = tuning.Machine
 	}
 	c := &container{
 		id: newID(), sandboxID: sb.id, config: cfg, image: img, imageRef: cfg.GetImage().GetImage(),
-		createdAt: time.Now(), state: runtimeapi.ContainerState_CONTAINER_CREATED, warnings: warnings,
+		createdAt: time.Now(), state: runtimeapi.ContainerState_CONTAINER_CREATED, warnings: warnings, sizing: size,
 	}
 	if sb.config.GetLogDirectory() != "" && cfg.GetLogPath() != "" {
 		c.logPath = filepath.Join(sb.config.GetLogDirectory(), cfg.GetLogPath())
@@ -109,11 +135,20 @@ func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateConta
 	c.vmDir = s.vmDir(c.id)
 	md := sb.config.GetMetadata()
 	c.machine = runtime.MachineConfig{
-		Name:  fmt.Sprintf("%s_%s_%s", md.GetNamespace(), md.GetName(), cfg.GetMetadata().GetName()),
-		Accel: s.cfg.Accel, Machine: runtime.MachinePC, MemoryMiB: mem, VCPUs: vcpus,
+		Name:  fmt.Sprintf("%s_%s_%s", md.GetNamespace(), md.GetName(), name),
+		Accel: s.cfg.Accel, Machine: machine, MemoryMiB: size.MemoryMiB, VCPUs: size.VCPUs,
 		Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: line, QMPSocket: filepath.Join(c.vmDir, "qmp.sock"),
+		NICs: nics, Shares: vols.Shares,
 	}
-	log := logrus.WithFields(logrus.Fields{"sandbox": sb.id, "container": c.id, "image": c.imageRef})
+	if err := c.machine.Validate(); err != nil {
+		return nil, errorf(codes.InvalidArgument, "container %q: %v", name, err)
+	}
+	if s.cfg.CgroupRoot != "" {
+		if c.cgroup, err = cgroups.Path(sb.config.GetLinux().GetCgroupParent(), s.cfg.CgroupRoot, c.id); err != nil {
+			return nil, errorf(codes.InvalidArgument, "container %q: %v", name, err)
+		}
+	}
+	log = log.WithField("container", c.id)
 	for _, w := range warnings {
 		log.Warn(w)
 	}
@@ -123,6 +158,38 @@ func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateConta
 	s.mu.Unlock()
 	log.Debug("unikernel container created")
 	return &runtimeapi.CreateContainerResponse{ContainerId: c.id}, nil
+}
+
+// statDir reports whether a host path is a directory (following symlinks).
+func statDir(p string) (bool, error) {
+	fi, err := os.Stat(p)
+	if err != nil {
+		return false, err
+	}
+	return fi.IsDir(), nil
+}
+
+// runningInLocked returns a container of the sandbox (other than except)
+// whose VM runs or is starting. Caller holds s.mu.
+func (s *Service) runningInLocked(sandboxID, except string) *container {
+	for _, c := range s.containers {
+		if c.sandboxID != sandboxID || c.id == except {
+			continue
+		}
+		s.refresh(c)
+		if c.state == runtimeapi.ContainerState_CONTAINER_RUNNING || c.state == runtimeapi.ContainerState_CONTAINER_UNKNOWN {
+			return c
+		}
+	}
+	return nil
+}
+
+// errOneVM explains the one-VM-per-pod rule (docs/annotations.md).
+func errOneVM(sandboxID, name string, running *container) error {
+	return errorf(codes.FailedPrecondition,
+		"container %q cannot run: unikernel pod %s already runs container %q (%s) and a unikernel pod runs one VM at a time, "+
+			"because the pod IP belongs to that VM's NIC. Init containers run one after another; run sidecars in a separate pod",
+		name, sandboxID, running.config.GetMetadata().GetName(), running.id)
 }
 
 func dedupEnv(env []string) []string {
@@ -139,26 +206,6 @@ func dedupEnv(env []string) []string {
 	return out
 }
 
-// resources maps CRI resources to guest RAM (the memory limit, default
-// DefaultMB) and vCPUs (ceil(quota/period), default 1).
-func (s *Service) resources(res *runtimeapi.LinuxContainerResources) (int, int, error) {
-	mem := s.cfg.DefaultMB
-	if l := res.GetMemoryLimitInBytes(); l > 0 {
-		mem = int((l + (1<<20 - 1)) >> 20)
-		if mem < MinMemoryMiB {
-			return 0, 0, fmt.Errorf("memory limit %d bytes is below the %d MiB a unikernel VM needs", l, MinMemoryMiB)
-		}
-	}
-	vcpus := 1
-	if q, p := res.GetCpuQuota(), res.GetCpuPeriod(); q > 0 && p > 0 {
-		vcpus = int((q + p - 1) / p)
-		if vcpus > MaxVCPUs {
-			return 0, 0, fmt.Errorf("CPU limit asks for %d vCPUs; at most %d are supported", vcpus, MaxVCPUs)
-		}
-	}
-	return mem, vcpus, nil
-}
-
 // StartContainer boots the VM. A VM that cannot start leaves nothing running
 // and the container EXITED with reason StartError.
 func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContainerRequest) (*runtimeapi.StartContainerResponse, error) {
@@ -172,14 +219,31 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 		s.mu.Unlock()
 		return nil, errorf(codes.FailedPrecondition, "container %s is %s, only a created container can be started", c.id, c.state)
 	}
+	if other := s.runningInLocked(c.sandboxID, c.id); other != nil {
+		s.mu.Unlock()
+		return nil, errOneVM(c.sandboxID, c.config.GetMetadata().GetName(), other)
+	}
 	c.state = runtimeapi.ContainerState_CONTAINER_UNKNOWN // starting
 	s.saveContainer(c)                                    // a daemon restarting mid-start finds the shim
 	s.mu.Unlock()
 
-	vm, err := s.startVM(ctx, runtime.VMSpec{QEMU: s.cfg.QEMU, Machine: c.machine, StateDir: c.vmDir, LogPath: c.logPath})
+	var cg cgroups.Cgroup
+	var err2 error
+	if c.cgroup != "" {
+		cg, err2 = cgroups.Create(c.cgroup, cgroups.Resources{MemoryLimit: c.sizing.MemoryLimit, CPUQuota: c.sizing.CPUQuota,
+			CPUPeriod: uint64(max(c.sizing.CPUPeriod, 0)), CPUShares: uint64(max(c.sizing.CPUShares, 0))})
+	}
+	var vm vmHandle
+	if err2 == nil {
+		vm, err2 = s.startVM(ctx, runtime.VMSpec{QEMU: s.cfg.QEMU, Machine: c.machine, StateDir: c.vmDir, LogPath: c.logPath}, cg)
+	}
+	err = err2
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err != nil {
+		if cg != nil {
+			go dropCgroup(c.id, cg)
+		}
 		_ = os.RemoveAll(c.vmDir)
 		c.state = runtimeapi.ContainerState_CONTAINER_EXITED
 		c.exit = runtime.ExitStatus{Code: 128, Reason: runtime.ReasonStartFailed, Message: err.Error(), FinishedAt: time.Now()}
@@ -194,11 +258,20 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 	return &runtimeapi.StartContainerResponse{}, nil
 }
 
-func (s *Service) startVM(ctx context.Context, spec runtime.VMSpec) (vmHandle, error) {
+func (s *Service) startVM(ctx context.Context, spec runtime.VMSpec, cg cgroups.Cgroup) (vmHandle, error) {
 	if s.cfg.ShimBinary == "" {
 		return nil, errors.New("no unilet-shim configured")
 	}
-	c, err := shim.Launch(ctx, s.cfg.ShimBinary, spec.StateDir, spec)
+	var join func(int) error
+	if cg != nil {
+		join = func(pid int) error {
+			if err := cg.Add(pid); err != nil {
+				return fmt.Errorf("place the VM in cgroup %s: %w", cg.Path(), err)
+			}
+			return nil
+		}
+	}
+	c, err := shim.Launch(ctx, s.cfg.ShimBinary, spec.StateDir, spec, join)
 	if err != nil {
 		return nil, err
 	}
@@ -208,6 +281,23 @@ func (s *Service) startVM(ctx context.Context, spec runtime.VMSpec) (vmHandle, e
 		return nil, err
 	}
 	return h, nil
+}
+
+// releaseCgroup removes the cgroup of an ended VM once its shim has gone
+// (in the background: the shim leaves shortly after its VM).
+func (s *Service) releaseCgroup(c *container) {
+	if c.cgroup == "" {
+		return
+	}
+	if cg, err := cgroups.Load(c.cgroup); err == nil {
+		go dropCgroup(c.id, cg)
+	}
+}
+
+func dropCgroup(id string, cg cgroups.Cgroup) {
+	if err := cg.Delete(); err != nil {
+		logrus.WithError(err).WithField("container", id).Warn("remove the VM's cgroup")
+	}
 }
 
 // StopContainer powers the VM down, killing it after the timeout. Unknown IDs succeed.
@@ -239,6 +329,7 @@ func (s *Service) StopContainer(ctx context.Context, r *runtimeapi.StopContainer
 		_ = os.RemoveAll(c.vmDir)
 		s.saveContainer(c)
 		s.mu.Unlock()
+		s.releaseCgroup(c)
 		logrus.WithFields(logrus.Fields{"container": c.id, "exitCode": st.Code, "reason": st.Reason}).Info("unikernel VM stopped")
 	}
 	return &runtimeapi.StopContainerResponse{}, nil
@@ -256,6 +347,13 @@ func (s *Service) RemoveContainer(ctx context.Context, r *runtimeapi.RemoveConta
 		return &runtimeapi.RemoveContainerResponse{}, nil
 	}
 	_ = os.RemoveAll(c.vmDir)
+	if c.cgroup != "" {
+		if cg, err := cgroups.Load(c.cgroup); err == nil {
+			if err := cg.Delete(); err != nil {
+				logrus.WithError(err).WithField("container", c.id).Warn("remove the VM's cgroup")
+			}
+		}
+	}
 	delete(s.containers, c.id)
 	s.forgetContainer(c.id)
 	return &runtimeapi.RemoveContainerResponse{}, nil
@@ -365,7 +463,36 @@ func (s *Service) Exec(ctx context.Context, r *runtimeapi.ExecRequest) (*runtime
 	return nil, errorf(codes.Unimplemented, noExec, "exec")
 }
 
-// PortForward is not served yet for unikernel pods.
+// PortForward returns a streaming URL that forwards to the pod IP.
 func (s *Service) PortForward(ctx context.Context, r *runtimeapi.PortForwardRequest) (*runtimeapi.PortForwardResponse, error) {
-	return nil, errorf(codes.Unimplemented, "port-forward to unikernel pods is not supported by this unilet version yet (it needs pod networking)")
+	if _, err := s.podIP(r.GetPodSandboxId()); err != nil {
+		return nil, err
+	}
+	if s.stream == nil {
+		return nil, errorf(codes.Unavailable, "the streaming server is not running")
+	}
+	for _, p := range r.GetPort() {
+		if p <= 0 || p > 65535 {
+			return nil, errorf(codes.InvalidArgument, "invalid port %d", p)
+		}
+	}
+	return s.stream.GetPortForward(r)
+}
+
+// podIP returns the IP of a ready unikernel pod.
+func (s *Service) podIP(id string) (string, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sb, err := s.sandboxLocked(id)
+	if err != nil {
+		return "", err
+	}
+	if sb.state != runtimeapi.PodSandboxState_SANDBOX_READY {
+		return "", errorf(codes.FailedPrecondition, "pod %s is not ready", sb.id)
+	}
+	ip := sb.primaryIP()
+	if ip == "" {
+		return "", errorf(codes.FailedPrecondition, "pod %s has no IP address (no pod network)", sb.id)
+	}
+	return ip, nil
 }

@@ -13,6 +13,7 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/image"
+	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/shim"
 	"github.com/unilet-dev/unilet/runtime/shim/api"
@@ -23,11 +24,15 @@ import (
 const ReasonVMLost = "VMLost"
 
 type sandboxRecord struct {
-	ID        string    `json:"id"`
-	Config    []byte    `json:"config"`
-	Handler   string    `json:"handler,omitempty"`
-	CreatedAt time.Time `json:"createdAt"`
-	State     int32     `json:"state"`
+	ID         string      `json:"id"`
+	Config     []byte      `json:"config"`
+	Handler    string      `json:"handler,omitempty"`
+	CreatedAt  time.Time   `json:"createdAt"`
+	State      int32       `json:"state"`
+	NetNS      string      `json:"netns,omitempty"`
+	Net        *cni.Result `json:"net,omitempty"`
+	MAC        string      `json:"mac,omitempty"`
+	NetPending bool        `json:"netPending,omitempty"`
 }
 
 type containerRecord struct {
@@ -45,6 +50,8 @@ type containerRecord struct {
 	VMDir     string                `json:"vmDir"`
 	Warnings  []string              `json:"warnings,omitempty"`
 	Pid       int                   `json:"pid,omitempty"`
+	Sizing    Sizing                `json:"sizing"`
+	Cgroup    string                `json:"cgroup,omitempty"`
 }
 
 // saveSandbox persists sb; caller holds s.mu.
@@ -53,7 +60,8 @@ func (s *Service) saveSandbox(sb *sandbox) {
 		return
 	}
 	cfg, _ := proto.Marshal(sb.config)
-	rec := sandboxRecord{ID: sb.id, Config: cfg, Handler: sb.handler, CreatedAt: sb.createdAt, State: int32(sb.state)}
+	rec := sandboxRecord{ID: sb.id, Config: cfg, Handler: sb.handler, CreatedAt: sb.createdAt, State: int32(sb.state),
+		NetNS: sb.netns, Net: sb.net, MAC: sb.mac, NetPending: sb.netPending}
 	if err := s.meta.PutSandbox(sb.id, rec); err != nil {
 		logrus.WithError(err).WithField("sandbox", sb.id).Error("persist sandbox")
 	}
@@ -66,7 +74,8 @@ func (s *Service) saveContainer(c *container) {
 	}
 	cfg, _ := proto.Marshal(c.config)
 	rec := containerRecord{ID: c.id, SandboxID: c.sandboxID, Config: cfg, ImageID: c.image.ID, ImageRef: c.imageRef, LogPath: c.logPath,
-		CreatedAt: c.createdAt, StartedAt: c.startedAt, State: int32(c.state), Exit: c.exit, Machine: c.machine, VMDir: c.vmDir, Warnings: c.warnings}
+		CreatedAt: c.createdAt, StartedAt: c.startedAt, State: int32(c.state), Exit: c.exit, Machine: c.machine, VMDir: c.vmDir, Warnings: c.warnings,
+		Sizing: c.sizing, Cgroup: c.cgroup}
 	if c.vm != nil {
 		rec.Pid = c.vm.Pid()
 	}
@@ -110,70 +119,44 @@ func (s *Service) Load() error {
 			return fmt.Errorf("sandbox %s: %w", rec.ID, err)
 		}
 		s.sandboxes[rec.ID] = &sandbox{id: rec.ID, config: cfg, handler: rec.Handler, createdAt: rec.CreatedAt,
-			state: runtimeapi.PodSandboxState(rec.State)}
+			state: runtimeapi.PodSandboxState(rec.State), netns: rec.NetNS, net: rec.Net, mac: rec.MAC, netPending: rec.NetPending}
 		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("load sandboxes: %w", err)
 	}
-	var lost []*container
-	err = s.meta.EachContainer(func(v []byte) error {
-		var rec containerRecord
-		if err := json.Unmarshal(v, &rec); err != nil {
-			return err
-		}
-		cfg := &runtimeapi.ContainerConfig{}
-		if err := proto.Unmarshal(rec.Config, cfg); err != nil {
-			return fmt.Errorf("container %s: %w", rec.ID, err)
-		}
-		img, err := s.images.Get(rec.ImageID)
-		if err != nil {
-			img = &image.Image{ID: rec.ImageID}
-		}
-		c := &container{id: rec.ID, sandboxID: rec.SandboxID, config: cfg, image: img, imageRef: rec.ImageRef, logPath: rec.LogPath,
-			createdAt: rec.CreatedAt, startedAt: rec.StartedAt, state: runtimeapi.ContainerState(rec.State), exit: rec.Exit,
-			machine: rec.Machine, vmDir: rec.VMDir, warnings: rec.Warnings}
-		inFlight := c.state == runtimeapi.ContainerState_CONTAINER_RUNNING || c.state == runtimeapi.ContainerState_CONTAINER_UNKNOWN
-		if inFlight {
-			if h := reconnect(c.vmDir); h != nil {
-				// A StartContainer the earlier daemon did not finish ends here as RUNNING.
-				c.vm, c.state, c.startedAt = h, runtimeapi.ContainerState_CONTAINER_RUNNING, h.StartedAt()
-				s.saveContainer(c)
-				s.containers[rec.ID] = c
-				s.refresh(c)
-				logrus.WithFields(logrus.Fields{"sandbox": c.sandboxID, "container": c.id, "pid": h.Pid()}).Info("reconnected to running VM")
-				return nil
-			}
-			if st, ok := shim.ReadExit(c.vmDir); ok {
-				// The VM ended (and its shim went away) while the daemon was down.
-				c.state, c.exit = runtimeapi.ContainerState_CONTAINER_EXITED, st
-				_ = os.RemoveAll(c.vmDir)
-				s.containers[rec.ID] = c
-				lost = append(lost, c)
-				return nil
-			}
-		}
-		if c.state == runtimeapi.ContainerState_CONTAINER_RUNNING || c.state == runtimeapi.ContainerState_CONTAINER_UNKNOWN {
-			if rec.Pid > 0 {
-				logrus.WithField("pid", rec.Pid).Warn("stopping a VM left running without its supervisor")
-				shim.KillIfQEMU(rec.Pid, rec.Machine.QMPSocket)
-			}
-			c.state = runtimeapi.ContainerState_CONTAINER_EXITED
-			c.exit = runtime.ExitStatus{Code: 255, Reason: ReasonVMLost, FinishedAt: time.Now(),
-				Message: "unilet restarted while this VM was running; this version cannot re-attach to VMs, so the VM was stopped"}
-			_ = os.RemoveAll(c.vmDir)
-			lost = append(lost, c)
-		}
-		s.containers[rec.ID] = c
+	// Read every record first: writing to the store from inside its read
+	// transaction deadlocks once the file has to grow.
+	var raws [][]byte
+	if err := s.meta.EachContainer(func(v []byte) error {
+		raws = append(raws, append([]byte(nil), v...))
 		return nil
-	})
-	if err != nil {
+	}); err != nil {
 		return fmt.Errorf("load containers: %w", err)
+	}
+	var lost []*container
+	for _, v := range raws {
+		if err := s.loadContainer(v, &lost); err != nil {
+			return fmt.Errorf("load containers: %w", err)
+		}
 	}
 	s.reapOrphanVMDirs()
 	for _, c := range lost {
+		s.releaseCgroup(c)
 		s.saveContainer(c)
 		logrus.WithFields(logrus.Fields{"sandbox": c.sandboxID, "container": c.id, "reason": c.exit.Reason}).Warn("container's VM ended while the daemon was away; reported as exited")
+	}
+	// A stop the earlier daemon did not finish: retry its CNI DEL now.
+	for _, sb := range s.sandboxes {
+		if sb.state == runtimeapi.PodSandboxState_SANDBOX_READY || !sb.netPending {
+			continue
+		}
+		if err := s.teardownNetwork(context.Background(), sb); err != nil {
+			logrus.WithError(err).WithField("sandbox", sb.id).Warn("retrying the network teardown of a stopped pod failed; StopPodSandbox retries it")
+			continue
+		}
+		s.saveSandbox(sb)
+		logrus.WithField("sandbox", sb.id).Info("finished the network teardown of a pod stopped before the restart")
 	}
 	logrus.WithFields(logrus.Fields{"sandboxes": len(s.sandboxes), "containers": len(s.containers)}).Debug("restored unikernel pod state")
 	return nil
@@ -222,4 +205,56 @@ func reconnect(vmDir string) vmHandle {
 		return nil
 	}
 	return h
+}
+
+// loadContainer restores one container record; caller holds s.mu.
+func (s *Service) loadContainer(v []byte, lostOut *[]*container) error {
+	var rec containerRecord
+	if err := json.Unmarshal(v, &rec); err != nil {
+		return err
+	}
+	cfg := &runtimeapi.ContainerConfig{}
+	if err := proto.Unmarshal(rec.Config, cfg); err != nil {
+		return fmt.Errorf("container %s: %w", rec.ID, err)
+	}
+	img, err := s.images.Get(rec.ImageID)
+	if err != nil {
+		img = &image.Image{ID: rec.ImageID}
+	}
+	c := &container{id: rec.ID, sandboxID: rec.SandboxID, config: cfg, image: img, imageRef: rec.ImageRef, logPath: rec.LogPath,
+		createdAt: rec.CreatedAt, startedAt: rec.StartedAt, state: runtimeapi.ContainerState(rec.State), exit: rec.Exit,
+		machine: rec.Machine, vmDir: rec.VMDir, warnings: rec.Warnings, sizing: rec.Sizing, cgroup: rec.Cgroup}
+	inFlight := c.state == runtimeapi.ContainerState_CONTAINER_RUNNING || c.state == runtimeapi.ContainerState_CONTAINER_UNKNOWN
+	if inFlight {
+		if h := reconnect(c.vmDir); h != nil {
+			// A StartContainer the earlier daemon did not finish ends here as RUNNING.
+			c.vm, c.state, c.startedAt = h, runtimeapi.ContainerState_CONTAINER_RUNNING, h.StartedAt()
+			s.saveContainer(c)
+			s.containers[rec.ID] = c
+			s.refresh(c)
+			logrus.WithFields(logrus.Fields{"sandbox": c.sandboxID, "container": c.id, "pid": h.Pid()}).Info("reconnected to running VM")
+			return nil
+		}
+		if st, ok := shim.ReadExit(c.vmDir); ok {
+			// The VM ended (and its shim went away) while the daemon was down.
+			c.state, c.exit = runtimeapi.ContainerState_CONTAINER_EXITED, st
+			_ = os.RemoveAll(c.vmDir)
+			s.containers[rec.ID] = c
+			*lostOut = append(*lostOut, c)
+			return nil
+		}
+	}
+	if c.state == runtimeapi.ContainerState_CONTAINER_RUNNING || c.state == runtimeapi.ContainerState_CONTAINER_UNKNOWN {
+		if rec.Pid > 0 {
+			logrus.WithField("pid", rec.Pid).Warn("stopping a VM left running without its supervisor")
+			shim.KillIfQEMU(rec.Pid, rec.Machine.QMPSocket)
+		}
+		c.state = runtimeapi.ContainerState_CONTAINER_EXITED
+		c.exit = runtime.ExitStatus{Code: 255, Reason: ReasonVMLost, FinishedAt: time.Now(),
+			Message: "unilet restarted while this VM was running; this version cannot re-attach to VMs, so the VM was stopped"}
+		_ = os.RemoveAll(c.vmDir)
+		*lostOut = append(*lostOut, c)
+	}
+	s.containers[rec.ID] = c
+	return nil
 }

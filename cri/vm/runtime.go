@@ -16,9 +16,14 @@ func (s *Service) Version(ctx context.Context, r *runtimeapi.VersionRequest) (*r
 
 // Status reports runtime and network readiness of the VM side.
 func (s *Service) Status(ctx context.Context, r *runtimeapi.StatusRequest) (*runtimeapi.StatusResponse, error) {
+	netCond := &runtimeapi.RuntimeCondition{Type: runtimeapi.NetworkReady, Status: true}
+	if s.cfg.Network != nil {
+		if err := s.cfg.Network.Status(); err != nil {
+			netCond.Status, netCond.Reason, netCond.Message = false, "NetworkPluginNotReady", "unilet: "+err.Error()
+		}
+	}
 	resp := &runtimeapi.StatusResponse{Status: &runtimeapi.RuntimeStatus{Conditions: []*runtimeapi.RuntimeCondition{
-		{Type: runtimeapi.RuntimeReady, Status: true},
-		{Type: runtimeapi.NetworkReady, Status: true},
+		{Type: runtimeapi.RuntimeReady, Status: true}, netCond,
 	}}}
 	if r.GetVerbose() {
 		resp.Info = map[string]string{"accel": s.cfg.Accel, "qemu": s.cfg.QEMU}

@@ -2,6 +2,8 @@ package vm
 
 import (
 	"context"
+	"errors"
+	"net"
 	"strings"
 	"time"
 
@@ -9,9 +11,17 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/unilet-dev/unilet/pkg/cni"
+	"github.com/unilet-dev/unilet/pkg/netns"
+	"github.com/unilet-dev/unilet/pkg/vmnet"
 )
 
-// RunPodSandbox records a unikernel pod. There is no pause process.
+// TapName is the tap device of a pod's VM NIC inside the pod namespace.
+const TapName = "tap0"
+
+// RunPodSandbox creates the pod's network namespace, runs CNI ADD in it and
+// prepares the tap the VM's NIC will use. There is no pause process.
 func (s *Service) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandboxRequest) (*runtimeapi.RunPodSandboxResponse, error) {
 	cfg := r.GetConfig()
 	if cfg == nil || cfg.GetMetadata() == nil {
@@ -21,24 +31,150 @@ func (s *Service) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandbox
 	if md.GetName() == "" || md.GetNamespace() == "" {
 		return nil, errorf(codes.InvalidArgument, "sandbox metadata needs a name and a namespace")
 	}
+	if _, err := ParseTuning(cfg.GetAnnotations(), s.cfg.Limits); err != nil {
+		return nil, errorf(codes.InvalidArgument, "pod %s/%s: %v", md.GetNamespace(), md.GetName(), err)
+	}
+	if cfg.GetLinux().GetSecurityContext().GetNamespaceOptions().GetNetwork() == runtimeapi.NamespaceMode_NODE {
+		return nil, errorf(codes.InvalidArgument, "pod %s/%s asks for the host network; a unikernel VM owns its own NIC, so hostNetwork is not supported for unikernel pods",
+			md.GetNamespace(), md.GetName())
+	}
+	if err := checkHostname(cfg.GetHostname()); err != nil {
+		return nil, errorf(codes.InvalidArgument, "pod %s/%s: %v", md.GetNamespace(), md.GetName(), err)
+	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	for _, sb := range s.sandboxes {
-		m := sb.config.GetMetadata()
-		if m.GetName() == md.GetName() && m.GetNamespace() == md.GetNamespace() && m.GetUid() == md.GetUid() && m.GetAttempt() == md.GetAttempt() {
-			return nil, errorf(codes.AlreadyExists, "pod sandbox %s/%s (uid %q, attempt %d) already exists as %s",
-				md.GetNamespace(), md.GetName(), md.GetUid(), md.GetAttempt(), sb.id)
-		}
+	if err := s.checkUniqueLocked(md); err != nil {
+		s.mu.Unlock()
+		return nil, err
 	}
 	sb := &sandbox{id: newID(), config: cfg, handler: r.GetRuntimeHandler(), createdAt: time.Now(),
-		state: runtimeapi.PodSandboxState_SANDBOX_READY}
+		state: runtimeapi.PodSandboxState_SANDBOX_NOTREADY}
+	s.mu.Unlock()
+	log := logrus.WithFields(logrus.Fields{"sandbox": sb.id, "pod": md.GetNamespace() + "/" + md.GetName()})
+
+	if s.cfg.Network != nil {
+		if err := s.setupNetwork(ctx, sb); err != nil {
+			return nil, err
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.checkUniqueLocked(md); err != nil { // a twin request won the race
+		go s.dropFailedSandbox(sb)
+		return nil, err
+	}
+	sb.state = runtimeapi.PodSandboxState_SANDBOX_READY
 	s.sandboxes[sb.id] = sb
 	s.saveSandbox(sb)
-	logrus.WithFields(logrus.Fields{"sandbox": sb.id, "pod": md.GetNamespace() + "/" + md.GetName()}).Info("unikernel pod sandbox created")
+	log.WithField("ip", sb.primaryIP()).Info("unikernel pod sandbox created")
 	return &runtimeapi.RunPodSandboxResponse{PodSandboxId: sb.id}, nil
 }
 
-// StopPodSandbox stops every VM of the pod. Unknown IDs succeed (idempotent).
+func (s *Service) checkUniqueLocked(md *runtimeapi.PodSandboxMetadata) error {
+	for _, sb := range s.sandboxes {
+		m := sb.config.GetMetadata()
+		if m.GetName() == md.GetName() && m.GetNamespace() == md.GetNamespace() && m.GetUid() == md.GetUid() && m.GetAttempt() == md.GetAttempt() {
+			return errorf(codes.AlreadyExists, "pod sandbox %s/%s (uid %q, attempt %d) already exists as %s",
+				md.GetNamespace(), md.GetName(), md.GetUid(), md.GetAttempt(), sb.id)
+		}
+	}
+	return nil
+}
+
+func checkHostname(h string) error {
+	if h == "" || dnsLabel.MatchString(h) {
+		return nil
+	}
+	return errors.New("hostname " + quote(h) + " is not a DNS label (lower-case letters, digits and '-')")
+}
+
+func quote(s string) string { return "\"" + strings.ReplaceAll(s, "\"", "\\\"") + "\"" }
+
+func (sb *sandbox) podInfo() cni.PodInfo {
+	md := sb.config.GetMetadata()
+	p := cni.PodInfo{ID: sb.id, Name: md.GetName(), Namespace: md.GetNamespace(), UID: md.GetUid()}
+	for _, pm := range sb.config.GetPortMappings() {
+		if pm.GetHostPort() <= 0 {
+			continue
+		}
+		proto := strings.ToLower(pm.GetProtocol().String())
+		p.PortMappings = append(p.PortMappings, cni.PortMapping{HostPort: pm.GetHostPort(), ContainerPort: pm.GetContainerPort(),
+			Protocol: proto, HostIP: pm.GetHostIp()})
+	}
+	return p
+}
+
+// setupNetwork: netns, CNI ADD, tap. On failure nothing is left behind.
+func (s *Service) setupNetwork(ctx context.Context, sb *sandbox) error {
+	if err := s.cfg.Network.Status(); err != nil {
+		return errorf(codes.FailedPrecondition, "pod network is not ready: %v", err)
+	}
+	path, err := netns.Create(s.cfg.NetNSDir, "unilet-"+sb.id)
+	if err != nil {
+		return errorf(codes.Internal, "create network namespace: %v", err)
+	}
+	sb.netns = path
+	// Recorded before ADD: a daemon dying mid-ADD leaves a record whose DEL
+	// the next daemon retries.
+	sb.netPending = true
+	s.mu.Lock()
+	s.saveSandbox(sb)
+	s.mu.Unlock()
+	fail := func(code codes.Code, format string, a ...any) error {
+		s.dropFailedSandbox(sb)
+		return errorf(code, format, a...)
+	}
+	res, err := s.cfg.Network.Setup(ctx, sb.podInfo(), path)
+	if err != nil {
+		return fail(codes.Unknown, "set up pod network: %v", err)
+	}
+	sb.net = res
+	link, err := vmnet.SetupTap(path, cni.IfName, TapName)
+	if err != nil {
+		return fail(codes.Internal, "prepare the VM's tap device: %v", err)
+	}
+	sb.mac = link.MAC
+	return nil
+}
+
+// dropFailedSandbox undoes a half-made sandbox. If its network cannot be torn
+// down now, the sandbox stays listed as NOTREADY so that kubelet's removal
+// (or the next daemon) retries the CNI DEL.
+func (s *Service) dropFailedSandbox(sb *sandbox) {
+	sb.netMu.Lock()
+	err := s.teardownNetwork(context.Background(), sb)
+	sb.netMu.Unlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err != nil {
+		logrus.WithError(err).WithField("sandbox", sb.id).Warn("could not tear down the network of a failed pod sandbox; it stays NOTREADY until removed")
+		sb.state = runtimeapi.PodSandboxState_SANDBOX_NOTREADY
+		s.sandboxes[sb.id] = sb
+		s.saveSandbox(sb)
+		return
+	}
+	s.forgetSandbox(sb.id)
+}
+
+// teardownNetwork runs CNI DEL and removes the namespace; both are
+// idempotent. It returns the first error, leaving the sandbox marked for a retry.
+func (s *Service) teardownNetwork(ctx context.Context, sb *sandbox) error {
+	if s.cfg.Network == nil || !sb.netPending {
+		return nil
+	}
+	if err := s.cfg.Network.Teardown(ctx, sb.podInfo(), sb.netns); err != nil {
+		return err
+	}
+	if sb.netns != "" {
+		if err := netns.Remove(sb.netns); err != nil {
+			return err
+		}
+	}
+	sb.netPending = false
+	return nil
+}
+
+// StopPodSandbox stops every VM of the pod and tears its network down.
+// Unknown IDs succeed (idempotent).
 func (s *Service) StopPodSandbox(ctx context.Context, r *runtimeapi.StopPodSandboxRequest) (*runtimeapi.StopPodSandboxResponse, error) {
 	s.mu.Lock()
 	sb, err := s.sandboxLocked(r.GetPodSandboxId())
@@ -60,6 +196,15 @@ func (s *Service) StopPodSandbox(ctx context.Context, r *runtimeapi.StopPodSandb
 	sb.state = runtimeapi.PodSandboxState_SANDBOX_NOTREADY
 	s.saveSandbox(sb)
 	s.mu.Unlock()
+	sb.netMu.Lock()
+	err = s.teardownNetwork(ctx, sb)
+	sb.netMu.Unlock()
+	s.mu.Lock()
+	s.saveSandbox(sb)
+	s.mu.Unlock()
+	if err != nil {
+		return nil, errorf(codes.Unknown, "tear down the network of pod %s: %v (kubelet retries)", sb.id, err)
+	}
 	return &runtimeapi.StopPodSandboxResponse{}, nil
 }
 
@@ -96,7 +241,28 @@ func (sb *sandbox) toAPI() *runtimeapi.PodSandbox {
 	}
 }
 
-// PodSandboxStatus reports the pod. (Pod networking arrives with CNI support.)
+// ips returns the pod's addresses without prefix length, primary first.
+func (sb *sandbox) ips() []string {
+	if sb.net == nil {
+		return nil
+	}
+	var out []string
+	for _, c := range sb.net.IPs {
+		if ip, _, err := net.ParseCIDR(c); err == nil {
+			out = append(out, ip.String())
+		}
+	}
+	return out
+}
+
+func (sb *sandbox) primaryIP() string {
+	if ips := sb.ips(); len(ips) > 0 {
+		return ips[0]
+	}
+	return ""
+}
+
+// PodSandboxStatus reports the pod and its IP addresses.
 func (s *Service) PodSandboxStatus(ctx context.Context, r *runtimeapi.PodSandboxStatusRequest) (*runtimeapi.PodSandboxStatusResponse, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -104,15 +270,22 @@ func (s *Service) PodSandboxStatus(ctx context.Context, r *runtimeapi.PodSandbox
 	if err != nil {
 		return nil, err
 	}
+	netStatus := &runtimeapi.PodSandboxNetworkStatus{}
+	if ips := sb.ips(); len(ips) > 0 && sb.state == runtimeapi.PodSandboxState_SANDBOX_READY {
+		netStatus.Ip = ips[0]
+		for _, ip := range ips[1:] {
+			netStatus.AdditionalIps = append(netStatus.AdditionalIps, &runtimeapi.PodIP{Ip: ip})
+		}
+	}
 	st := &runtimeapi.PodSandboxStatus{
 		Id: sb.id, Metadata: sb.config.GetMetadata(), State: sb.state, CreatedAt: sb.createdAt.UnixNano(),
-		Network: &runtimeapi.PodSandboxNetworkStatus{},
+		Network: netStatus,
 		Linux:   &runtimeapi.LinuxPodSandboxStatus{Namespaces: &runtimeapi.Namespace{Options: sb.config.GetLinux().GetSecurityContext().GetNamespaceOptions()}},
 		Labels:  sb.config.GetLabels(), Annotations: sb.config.GetAnnotations(), RuntimeHandler: sb.handler,
 	}
 	resp := &runtimeapi.PodSandboxStatusResponse{Status: st}
 	if r.GetVerbose() {
-		resp.Info = map[string]string{"runtime": "unilet-vm", "logDirectory": sb.config.GetLogDirectory()}
+		resp.Info = map[string]string{"runtime": "unilet-vm", "logDirectory": sb.config.GetLogDirectory(), "netns": sb.netns, "mac": sb.mac}
 	}
 	return resp, nil
 }

@@ -23,7 +23,9 @@ import (
 	"k8s.io/cri-streaming/pkg/streaming"
 
 	"github.com/unilet-dev/unilet/image"
+	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/pkg/metadata"
+	"github.com/unilet-dev/unilet/pkg/netns"
 	"github.com/unilet-dev/unilet/runtime"
 )
 
@@ -32,14 +34,29 @@ const RuntimeName = "unilet"
 
 // Config is what the VM service needs from the daemon.
 type Config struct {
-	QEMU      string
-	Accel     string // resolved: kvm or tcg
-	StateDir  string // runtime sockets and per-VM state
-	Version   string
-	DefaultMB int // guest RAM when the container sets no limit
+	QEMU     string
+	Accel    string // resolved: kvm or tcg
+	StateDir string // runtime sockets and per-VM state
+	Version  string
 	// ShimBinary is unilet-shim: each VM runs under its own shim so VMs
 	// outlive the daemon. Required to start VMs.
 	ShimBinary string
+	// Limits bound what pods may ask for (memory, vCPUs, library parameters).
+	Limits Limits
+	// Network runs CNI for pods; nil gives pods no network (unit tests).
+	Network Network
+	// NetNSDir holds the pods' named network namespaces.
+	NetNSDir string
+	// CgroupRoot is the cgroup parent of VMs whose pod names none;
+	// "" disables cgroups (unit tests).
+	CgroupRoot string
+}
+
+// Network is the pod network (package cni in production).
+type Network interface {
+	Status() error
+	Setup(ctx context.Context, p cni.PodInfo, netnsPath string) (*cni.Result, error)
+	Teardown(ctx context.Context, p cni.PodInfo, netnsPath string) error
 }
 
 // vmHandle is a running VM behind its shim (*shim.Handle); an interface so
@@ -81,6 +98,13 @@ type sandbox struct {
 	handler   string
 	createdAt time.Time
 	state     runtimeapi.PodSandboxState
+	// Pod network: the namespace, the CNI result and the MAC the VM's NIC
+	// takes over. netPending is true from before CNI ADD until DEL succeeded.
+	netns      string
+	net        *cni.Result
+	mac        string
+	netPending bool
+	netMu      sync.Mutex // serialises teardown
 }
 
 type container struct {
@@ -95,6 +119,8 @@ type container struct {
 	state     runtimeapi.ContainerState
 	exit      runtime.ExitStatus
 	machine   runtime.MachineConfig
+	sizing    Sizing
+	cgroup    string // cgroup path of the VM ("" = none)
 	vmDir     string
 	vm        vmHandle
 	warnings  []string
@@ -103,8 +129,9 @@ type container struct {
 // New returns a Service; meta may be nil (no persistence). Call Load to
 // restore state recorded by an earlier daemon.
 func New(cfg Config, images *image.Store, meta *metadata.Store) *Service {
-	if cfg.DefaultMB == 0 {
-		cfg.DefaultMB = 64
+	cfg.Limits = cfg.Limits.withDefaults()
+	if cfg.NetNSDir == "" {
+		cfg.NetNSDir = netns.DefaultDir
 	}
 	return &Service{cfg: cfg, images: images, meta: meta, sandboxes: map[string]*sandbox{}, containers: map[string]*container{}}
 }
@@ -197,6 +224,7 @@ func (s *Service) refresh(c *container) {
 		c.vm.Release()
 		_ = os.RemoveAll(c.vmDir)
 		s.saveContainer(c)
+		s.releaseCgroup(c)
 	default:
 	}
 }

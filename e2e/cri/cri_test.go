@@ -99,6 +99,57 @@ type daemon struct {
 	done     chan struct{}
 	args     []string
 	logFile  string
+	// Per-daemon pod network and cgroup parent.
+	cniConf, bridge, subnet, netnsDir, cgroupRoot string
+}
+
+// removeCgroupTree removes a test's cgroup parent in every v1 hierarchy.
+func removeCgroupTree(p string) {
+	ents, _ := os.ReadDir("/sys/fs/cgroup")
+	for _, h := range ents {
+		root := filepath.Join("/sys/fs/cgroup", h.Name(), p)
+		var dirs []string
+		_ = filepath.WalkDir(root, func(path string, de os.DirEntry, err error) error {
+			if err == nil && de.IsDir() {
+				dirs = append(dirs, path)
+			}
+			return nil
+		})
+		for i := len(dirs) - 1; i >= 0; i-- {
+			_ = os.Remove(dirs[i])
+		}
+		_ = os.Remove(filepath.Dir(root)) // /unilet-e2e once empty
+	}
+}
+
+// netSeq numbers the test networks: daemon N gets bridge ulbN and
+// 198.18.N.0/24 (a benchmarking range that collides with nothing).
+var netSeq = 0
+
+// cniBinDir is where Debian's containernetworking-plugins live.
+func cniBinDir() string {
+	for _, d := range []string{"/usr/lib/cni", "/opt/cni/bin"} {
+		if _, err := os.Stat(filepath.Join(d, "bridge")); err == nil {
+			return d
+		}
+	}
+	return "/usr/lib/cni"
+}
+
+// writeCNIConf writes a bridge + host-local network for one daemon and
+// returns its directory, bridge name and subnet prefix ("198.18.N").
+func writeCNIConf(t *testing.T, dir string) (confDir, bridge, prefix string) {
+	netSeq++
+	bridge = fmt.Sprintf("ulb%d", netSeq)
+	prefix = fmt.Sprintf("198.18.%d", netSeq)
+	confDir = filepath.Join(dir, "cni")
+	require.NoError(t, os.MkdirAll(confDir, 0o755))
+	conf := fmt.Sprintf(`{"cniVersion": "1.0.0", "name": "unilet-e2e-%d", "plugins": [{"type": "bridge", "bridge": %q,
+  "isGateway": true, "ipMasq": false, "ipam": {"type": "host-local", "dataDir": %q,
+  "ranges": [[{"subnet": "%s.0/24", "gateway": "%s.1"}]], "routes": [{"dst": "0.0.0.0/0"}]}}]}`,
+		netSeq, bridge, filepath.Join(dir, "ipam"), prefix, prefix)
+	require.NoError(t, os.WriteFile(filepath.Join(confDir, "10-unilet-e2e.conflist"), []byte(conf), 0o644))
+	return confDir, bridge, prefix
 }
 
 func startDaemon(t *testing.T, extra ...string) *daemon {
@@ -106,8 +157,12 @@ func startDaemon(t *testing.T, extra ...string) *daemon {
 	dir, err := os.MkdirTemp("", "unilet-d-")
 	require.NoError(t, err)
 	d := &daemon{t: t, dir: dir, sock: filepath.Join(dir, "unilet.sock"), stateDir: filepath.Join(dir, "run"), logFile: filepath.Join(dir, "unilet.log")}
+	d.cniConf, d.bridge, d.subnet = writeCNIConf(t, dir)
+	d.netnsDir = filepath.Join(dir, "netns")
+	d.cgroupRoot = "/unilet-e2e/" + filepath.Base(dir)
 	d.args = append([]string{"--listen", "unix://" + d.sock, "--root", filepath.Join(dir, "root"), "--state-dir", d.stateDir,
-		"--insecure-registry", regHost, "--accel", "auto", "--log-level", "debug"}, extra...)
+		"--insecure-registry", regHost, "--accel", "auto", "--log-level", "debug",
+		"--cni-conf-dir", d.cniConf, "--cni-bin-dir", cniBinDir(), "--netns-dir", d.netnsDir, "--cgroup-root", d.cgroupRoot}, extra...)
 	t.Cleanup(func() {
 		d.stop()
 		// VMs outlive the daemon by design: end whatever a test left behind.
@@ -117,6 +172,13 @@ func startDaemon(t *testing.T, extra ...string) *daemon {
 			b, _ := os.ReadFile(d.logFile)
 			t.Logf("unilet log:\n%s", b)
 		}
+		// Whatever a failed test left: namespaces, the bridge, cgroups.
+		ents, _ := os.ReadDir(d.netnsDir)
+		for _, e := range ents {
+			_ = syscall.Unmount(filepath.Join(d.netnsDir, e.Name()), syscall.MNT_DETACH)
+		}
+		_ = exec.Command("ip", "link", "del", d.bridge).Run()
+		removeCgroupTree(d.cgroupRoot)
 		os.RemoveAll(dir)
 	})
 	d.start()
@@ -134,13 +196,19 @@ func (d *daemon) start() {
 	require.NoError(t, d.cmd.Start())
 	d.done = make(chan struct{})
 	go func(cmd *exec.Cmd, done chan struct{}) { _ = cmd.Wait(); lf.Close(); close(done) }(d.cmd, d.done)
-	require.Eventually(t, func() bool {
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 		conn, err := net.Dial("unix", d.sock)
 		if err == nil {
 			conn.Close()
+			return
 		}
-		return err == nil
-	}, 15*time.Second, 20*time.Millisecond, "unilet did not serve its socket")
+		if time.Now().After(deadline) {
+			// Leave a goroutine dump in the daemon's log (printed on failure).
+			_ = d.cmd.Process.Signal(syscall.SIGQUIT)
+			time.Sleep(time.Second)
+			t.Fatal("unilet did not serve its socket within 15s")
+		}
+	}
 }
 
 // stop sends SIGTERM and waits (kills after 10 s).
@@ -685,7 +753,8 @@ func TestShimKilledIsReported(t *testing.T) {
 }
 
 func TestFailedStartLeavesNothing(t *testing.T) {
-	d := startDaemon(t, "--upstream-endpoint", "")
+	// The operator bound lets a 16 TiB VM through CreateContainer; QEMU refuses it.
+	d := startDaemon(t, "--upstream-endpoint", "", "--max-memory", "33554432")
 	d.must("pull", image())
 	podCfg, _ := podConfig(t, "vm-start-fail", true)
 	pod := d.must("runp", podCfg)

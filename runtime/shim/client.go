@@ -29,7 +29,9 @@ type Client struct {
 // Launch writes spec into dir, starts `shimBinary --dir dir` detached (own
 // session, so it survives the daemon) and connects once the VM runs. A VM
 // that fails to start is reported with the shim's recorded reason.
-func Launch(ctx context.Context, shimBinary, dir string, spec runtime.VMSpec) (*Client, error) {
+// beforeStart (optional) runs with the shim's pid before the VM boots, e.g.
+// to place the shim, and so QEMU, in a cgroup.
+func Launch(ctx context.Context, shimBinary, dir string, spec runtime.VMSpec, beforeStart func(pid int) error) (*Client, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -53,6 +55,13 @@ func Launch(ctx context.Context, shimBinary, dir string, spec runtime.VMSpec) (*
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }() // reap; the shim outlives us only if we die
+	if beforeStart != nil {
+		if err := beforeStart(cmd.Process.Pid); err != nil {
+			_ = cmd.Process.Kill()
+			<-exited
+			return nil, err
+		}
+	}
 	deadline := time.Now().Add(15 * time.Second)
 	for {
 		if c, err := Connect(dir); err == nil {

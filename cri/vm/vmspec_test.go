@@ -1,0 +1,161 @@
+package vm
+
+import (
+	"errors"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/unilet-dev/unilet/pkg/cni"
+	"github.com/unilet-dev/unilet/runtime"
+)
+
+func TestParseTuning(t *testing.T) {
+	lim := Limits{AllowLibParams: []string{"lwip.*", "ukalloc.pages"}, MaxVCPUs: 8, MaxMemMiB: 2048}
+	tu, err := ParseTuning(map[string]string{AnnotationVCPUs: "2", AnnotationMemory: "1Gi", AnnotationMachine: "microvm",
+		AnnotationLibParams: "lwip.dhcp=0  ukalloc.pages=12"}, lim)
+	require.NoError(t, err)
+	require.Equal(t, PodTuning{VCPUs: 2, MemoryMiB: 1024, Machine: "microvm", LibParams: []string{"lwip.dhcp=0", "ukalloc.pages=12"}}, tu)
+	tu, err = ParseTuning(map[string]string{AnnotationMemory: "96"}, lim)
+	require.NoError(t, err)
+	require.Equal(t, 96, tu.MemoryMiB)
+
+	for ann, want := range map[[2]string]string{
+		{AnnotationVCPUs, "0"}:                       "from 1 to 8",
+		{AnnotationVCPUs, "9"}:                       "from 1 to 8",
+		{AnnotationVCPUs, "2,id=x"}:                  "whole number",
+		{AnnotationMemory, "4Gi"}:                    "from 16 to 2048",
+		{AnnotationMemory, "8"}:                      "from 16 to 2048",
+		{AnnotationMemory, "64Mi -device foo"}:       "quantity",
+		{AnnotationMachine, "q35"}:                   "want pc or microvm",
+		{AnnotationMachine, "pc,accel=kvm"}:          "want pc or microvm",
+		{AnnotationLibParams, "vfs.fstab=[x]"}:       "set by unilet itself",
+		{AnnotationLibParams, "netdev.ip=1.2.3.4/8"}: "set by unilet itself",
+		{AnnotationLibParams, "uksched.stack=1"}:     "not allowed on this node",
+		{AnnotationLibParams, "-device"}:             "not a library parameter",
+		{AnnotationLibParams, `lwip.x="a"`}:          "cannot carry",
+		{AnnotationLibParams, "lwip.x=a\x01"}:        "cannot carry",
+	} {
+		_, err := ParseTuning(map[string]string{ann[0]: ann[1]}, lim)
+		require.ErrorContains(t, err, want, "%s=%q", ann[0], ann[1])
+	}
+	_, err = ParseTuning(map[string]string{AnnotationLibParams: "lwip.dhcp=0"}, Limits{})
+	require.ErrorContains(t, err, "none; see --allow-lib-param")
+}
+
+func TestSize(t *testing.T) {
+	lim := Limits{OverheadMiB: 64}
+	s, err := Size(nil, PodTuning{}, 0, lim)
+	require.NoError(t, err)
+	require.Equal(t, Sizing{MemoryMiB: 64, VCPUs: 1}, s)
+
+	// Limit 256Mi → 192 MiB guest RAM after the 64 MiB overhead; 1.5 CPUs → 2 vCPUs.
+	s, err = Size(&runtimeapi.LinuxContainerResources{MemoryLimitInBytes: 256 << 20, CpuQuota: 150000, CpuPeriod: 100000, CpuShares: 1536}, PodTuning{}, 0, lim)
+	require.NoError(t, err)
+	require.Equal(t, Sizing{MemoryMiB: 192, VCPUs: 2, MemoryLimit: 256 << 20, CPUQuota: 150000, CPUPeriod: 100000, CPUShares: 1536}, s)
+
+	// Annotations win within the limit.
+	s, err = Size(&runtimeapi.LinuxContainerResources{MemoryLimitInBytes: 256 << 20}, PodTuning{MemoryMiB: 128, VCPUs: 3}, 0, lim)
+	require.NoError(t, err)
+	require.Equal(t, 128, s.MemoryMiB)
+	require.Equal(t, 3, s.VCPUs)
+	_, err = Size(&runtimeapi.LinuxContainerResources{MemoryLimitInBytes: 256 << 20}, PodTuning{MemoryMiB: 200}, 0, lim)
+	require.ErrorContains(t, err, "raise the limit to at least 264Mi")
+
+	// The image's floor.
+	_, err = Size(&runtimeapi.LinuxContainerResources{MemoryLimitInBytes: 128 << 20}, PodTuning{}, 128, lim)
+	require.ErrorContains(t, err, "this image needs at least 128 MiB: raise the limit to at least 192Mi")
+	_, err = Size(nil, PodTuning{}, 128, lim)
+	require.ErrorContains(t, err, "below the 128 MiB this image needs")
+	s, err = Size(nil, PodTuning{MemoryMiB: 160}, 128, lim)
+	require.NoError(t, err)
+	require.Equal(t, 160, s.MemoryMiB)
+	_, err = Size(&runtimeapi.LinuxContainerResources{MemoryLimitInBytes: 70 << 20}, PodTuning{}, 0, lim)
+	require.ErrorContains(t, err, "leaves 6 MiB of guest RAM")
+
+	_, err = Size(&runtimeapi.LinuxContainerResources{CpuQuota: 100 * 100000, CpuPeriod: 100000}, PodTuning{}, 0, lim)
+	require.ErrorContains(t, err, "at most 64")
+}
+
+func TestNetdevParam(t *testing.T) {
+	res := &cni.Result{IPs: []string{"fd00::5/64", "198.18.0.5/24"}, Gateway: "198.18.0.1", DNS: []string{"198.18.0.53"}}
+	p, err := NetdevParam(res, "web-0", nil)
+	require.NoError(t, err)
+	require.Equal(t, "netdev.ip=198.18.0.5/24:198.18.0.1:198.18.0.53::web-0:", p)
+	p, err = NetdevParam(res, "web-0", &runtimeapi.DNSConfig{Servers: []string{"10.96.0.10", "fd00::10", "10.96.0.11"}, Searches: []string{"ns.svc.cluster.local", "svc.cluster.local"}})
+	require.NoError(t, err)
+	require.Equal(t, "netdev.ip=198.18.0.5/24:198.18.0.1:10.96.0.10:10.96.0.11:web-0:ns.svc.cluster.local", p)
+	_, err = NetdevParam(res, "bad:host", nil)
+	require.ErrorContains(t, err, "not a DNS label")
+	_, err = NetdevParam(res, "h", &runtimeapi.DNSConfig{Searches: []string{"a b:c"}})
+	require.ErrorContains(t, err, "not a DNS name")
+	_, err = NetdevParam(&cni.Result{IPs: []string{"fd00::5/64"}}, "h", nil)
+	require.ErrorContains(t, err, "IPv4 only")
+}
+
+func dirStat(dirs ...string) StatFunc {
+	return func(p string) (bool, error) {
+		for _, d := range dirs {
+			if d == p {
+				return true, nil
+			}
+		}
+		if p == "/host/file" {
+			return false, nil
+		}
+		return false, errors.New("no such file or directory")
+	}
+}
+
+func TestPlanVolumes(t *testing.T) {
+	mounts := []*runtimeapi.Mount{
+		{ContainerPath: "/etc/hosts", HostPath: "/host/file"},
+		{ContainerPath: "/data", HostPath: "/host/data"},
+		{ContainerPath: "/etc/config", HostPath: "/host/cfg,readonly=off", Readonly: true},
+		{ContainerPath: ServiceAccountDir, HostPath: "/host/sa", Readonly: true},
+		{ContainerPath: "/dev/termination-log", HostPath: "/host/file"},
+	}
+	stat := dirStat("/host/data", "/host/cfg,readonly=off", "/host/sa")
+	v, err := PlanVolumes(mounts, nil, false, stat, Limits{})
+	require.NoError(t, err)
+	require.Equal(t, []runtime.Share{{Tag: "fs1", HostPath: "/host/data"}, {Tag: "fs2", HostPath: "/host/cfg,readonly=off", ReadOnly: true},
+		{Tag: "fs3", HostPath: "/host/sa", ReadOnly: true}}, v.Shares)
+	require.Equal(t, []string{"fs1:/data:9pfs:::mkmp", "fs2:/etc/config:9pfs:1::mkmp", "fs3:" + ServiceAccountDir + ":9pfs:1::mkmp"}, v.Fstab)
+	require.Equal(t, []string{"mounts not passed to the guest: /etc/hosts, /dev/termination-log"}, v.Warnings)
+
+	// An initrd is extracted as / first when the image's vfscore automounts.
+	f := runtime.NewFeatures([]string{"CONFIG_LIBVFSCORE_AUTOMOUNT=y", "CONFIG_LIBVFSCORE_AUTOMOUNT_UP=y", "CONFIG_LIB9PFS=y"})
+	v, err = PlanVolumes(mounts[1:2], f, true, stat, Limits{})
+	require.NoError(t, err)
+	require.Equal(t, []string{"initrd0:/:extract::ramfs=1:", "fs1:/data:9pfs:::mkmp"}, v.Fstab)
+
+	// An image that cannot mount: the token is skipped with a warning, a real volume is an error.
+	no9p := runtime.NewFeatures([]string{"CONFIG_LIBUKLIBPARAM=y"})
+	v, err = PlanVolumes([]*runtimeapi.Mount{mounts[3]}, no9p, false, stat, Limits{})
+	require.NoError(t, err)
+	require.Empty(t, v.Shares)
+	require.Contains(t, v.Warnings[0], ServiceAccountDir)
+	_, err = PlanVolumes(mounts[1:2], no9p, false, stat, Limits{})
+	require.ErrorContains(t, err, "cannot mount volumes")
+
+	for target, want := range map[string]string{
+		"relative": "clean absolute path", "/a:b": "clean absolute path", "/a/../etc": "clean absolute path", "/a//b": "clean absolute path",
+		"/": "clean absolute path", "/a b": "clean absolute path", "/a/.": "clean absolute path", "/x\"y": "clean absolute path",
+	} {
+		_, err := PlanVolumes([]*runtimeapi.Mount{{ContainerPath: target, HostPath: "/host/data"}}, nil, false, stat, Limits{})
+		require.ErrorContains(t, err, want, target)
+	}
+	_, err = PlanVolumes([]*runtimeapi.Mount{{ContainerPath: "/f", HostPath: "/host/file"}}, nil, false, stat, Limits{})
+	require.ErrorContains(t, err, "directories only")
+	_, err = PlanVolumes([]*runtimeapi.Mount{{ContainerPath: "/f", HostPath: "/missing"}}, nil, false, stat, Limits{})
+	require.ErrorContains(t, err, "no such file")
+	_, err = PlanVolumes([]*runtimeapi.Mount{{ContainerPath: "/a", HostPath: "/host/data"}, {ContainerPath: "/a", HostPath: "/host/data"}}, nil, false, stat, Limits{})
+	require.ErrorContains(t, err, "two volumes")
+	var many []*runtimeapi.Mount
+	for i := 0; i < 13; i++ {
+		many = append(many, &runtimeapi.Mount{ContainerPath: "/v" + string(rune('a'+i)), HostPath: "/host/data"})
+	}
+	_, err = PlanVolumes(many, nil, false, stat, Limits{})
+	require.ErrorContains(t, err, "at most 12")
+}

@@ -1,0 +1,264 @@
+// Package cgroups places a VM (its unilet-shim and QEMU) in a cgroup under the
+// pod's cgroup_parent, applies the container's CPU and memory limits to it,
+// reads its usage for CRI stats, and removes it. cgroup v1 (cgroupfs, as on
+// these nodes) and v2 are handled by github.com/containerd/cgroups; systemd
+// style parents ("kubepods-burstable-pod….slice") are expanded to their
+// cgroupfs path the way runc does.
+package cgroups
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path"
+	"strings"
+	"syscall"
+	"time"
+
+	cg "github.com/containerd/cgroups/v3"
+	"github.com/containerd/cgroups/v3/cgroup1"
+	"github.com/containerd/cgroups/v3/cgroup2"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+)
+
+// Resources are the limits unilet sets on a VM's cgroup.
+type Resources struct {
+	MemoryLimit int64  // bytes; 0 = none
+	CPUQuota    int64  // µs per period; 0 = none
+	CPUPeriod   uint64 // µs
+	CPUShares   uint64 // v1 shares (converted to weight on v2); 0 = default
+}
+
+// Stats is a cgroup's usage.
+type Stats struct {
+	Timestamp   time.Time
+	CPUNanos    uint64
+	MemoryUsage uint64
+	WorkingSet  uint64 // usage minus inactive file cache (what kubelet evicts on)
+	RSS         uint64
+	MemoryLimit uint64
+}
+
+// Cgroup is one VM's cgroup.
+type Cgroup interface {
+	Path() string
+	Add(pid int) error
+	Update(Resources) error
+	Stats() (Stats, error)
+	Delete() error
+}
+
+// Path returns the cgroup path of a VM: <parent>/<name> for cgroupfs parents,
+// <expanded slice path>/unilet-<name>.scope for systemd slices. An empty
+// parent means defaultParent.
+func Path(parent, defaultParent, name string) (string, error) {
+	if parent == "" {
+		parent = defaultParent
+	}
+	if strings.HasSuffix(parent, ".slice") && !strings.Contains(parent, "/") {
+		p, err := ExpandSlice(parent)
+		if err != nil {
+			return "", err
+		}
+		return path.Join(p, "unilet-"+name+".scope"), nil
+	}
+	if !path.IsAbs(parent) || path.Clean(parent) != parent || strings.Contains(parent, "..") {
+		return "", fmt.Errorf("cgroup parent %q is not a clean absolute path", parent)
+	}
+	return path.Join(parent, name), nil
+}
+
+// ExpandSlice turns a systemd slice name into its path: "a-b-c.slice" →
+// "/a.slice/a-b.slice/a-b-c.slice" (runc's rule).
+func ExpandSlice(slice string) (string, error) {
+	name := strings.TrimSuffix(slice, ".slice")
+	if name == slice || name == "" || strings.Contains(name, "/") {
+		return "", fmt.Errorf("invalid systemd slice %q", slice)
+	}
+	if name == "-" {
+		return "/", nil
+	}
+	var b strings.Builder
+	prefix := ""
+	for _, part := range strings.Split(name, "-") {
+		if part == "" {
+			return "", fmt.Errorf("invalid systemd slice %q", slice)
+		}
+		b.WriteString("/" + prefix + part + ".slice")
+		prefix += part + "-"
+	}
+	return b.String(), nil
+}
+
+func unified() bool { return cg.Mode() == cg.Unified }
+
+func spec(r Resources) *specs.LinuxResources {
+	out := &specs.LinuxResources{}
+	if r.MemoryLimit > 0 {
+		l := r.MemoryLimit
+		out.Memory = &specs.LinuxMemory{Limit: &l}
+	}
+	if r.CPUQuota > 0 || r.CPUShares > 0 {
+		out.CPU = &specs.LinuxCPU{}
+		if r.CPUQuota > 0 {
+			q, p := r.CPUQuota, r.CPUPeriod
+			if p == 0 {
+				p = 100000
+			}
+			out.CPU.Quota, out.CPU.Period = &q, &p
+		}
+		if r.CPUShares > 0 {
+			s := r.CPUShares
+			out.CPU.Shares = &s
+		}
+	}
+	return out
+}
+
+// Create makes the cgroup at p with limits r.
+func Create(p string, r Resources) (Cgroup, error) {
+	if unified() {
+		m, err := cgroup2.NewManager("/sys/fs/cgroup", p, cgroup2.ToResources(spec(r)))
+		if err != nil {
+			return nil, fmt.Errorf("create cgroup %s: %w", p, err)
+		}
+		return &v2{p: p, m: m}, nil
+	}
+	c, err := cgroup1.New(cgroup1.StaticPath(p), spec(r), cgroup1.WithHierarchy(hierarchy))
+	if err != nil {
+		return nil, fmt.Errorf("create cgroup %s: %w", p, err)
+	}
+	return &v1{p: p, c: c}, nil
+}
+
+// Load opens an existing cgroup.
+func Load(p string) (Cgroup, error) {
+	if unified() {
+		m, err := cgroup2.Load(p)
+		if err != nil {
+			return nil, err
+		}
+		return &v2{p: p, m: m}, nil
+	}
+	c, err := cgroup1.Load(cgroup1.StaticPath(p), cgroup1.WithHierarchy(hierarchy))
+	if err != nil {
+		return nil, err
+	}
+	return &v1{p: p, c: c}, nil
+}
+
+// hierarchy is the v1 controllers unilet manages (others stay with the parent).
+func hierarchy() ([]cgroup1.Subsystem, error) {
+	all, err := cgroup1.Default()
+	if err != nil {
+		return nil, err
+	}
+	var out []cgroup1.Subsystem
+	for _, s := range all {
+		switch s.Name() {
+		case cgroup1.Memory, cgroup1.Cpu, cgroup1.Cpuacct, cgroup1.Pids:
+			out = append(out, s)
+		}
+	}
+	return out, nil
+}
+
+// deleteRetry removes a cgroup whose last processes may still be exiting;
+// after a second it kills what is left (a VM's cgroup outliving its VM holds
+// nothing anyone needs).
+func deleteRetry(del func() error, exists func() bool, pids func() []int) error {
+	var err error
+	for i := 0; i < 60; i++ {
+		if err = del(); err == nil || !exists() {
+			return nil
+		}
+		if i >= 20 {
+			for _, pid := range pids() {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return err
+}
+
+type v1 struct {
+	p string
+	c cgroup1.Cgroup
+}
+
+func (c *v1) Path() string             { return c.p }
+func (c *v1) Add(pid int) error        { return c.c.Add(cgroup1.Process{Pid: pid}) }
+func (c *v1) Update(r Resources) error { return c.c.Update(spec(r)) }
+func (c *v1) Delete() error {
+	return deleteRetry(c.c.Delete, func() bool { return c.c.State() != cgroup1.Deleted }, func() []int {
+		ps, _ := c.c.Processes(cgroup1.Memory, true)
+		var out []int
+		for _, p := range ps {
+			out = append(out, p.Pid)
+		}
+		return out
+	})
+}
+
+func (c *v1) Stats() (Stats, error) {
+	m, err := c.c.Stat(cgroup1.IgnoreNotExist)
+	if err != nil {
+		return Stats{}, err
+	}
+	st := Stats{Timestamp: time.Now()}
+	if m.CPU != nil && m.CPU.Usage != nil {
+		st.CPUNanos = m.CPU.Usage.Total
+	}
+	if m.Memory != nil && m.Memory.Usage != nil {
+		st.MemoryUsage = m.Memory.Usage.Usage
+		st.MemoryLimit = m.Memory.Usage.Limit
+		st.RSS = m.Memory.TotalRSS
+		st.WorkingSet = st.MemoryUsage
+		if m.Memory.TotalInactiveFile < st.WorkingSet {
+			st.WorkingSet -= m.Memory.TotalInactiveFile
+		}
+	}
+	return st, nil
+}
+
+type v2 struct {
+	p string
+	m *cgroup2.Manager
+}
+
+func (c *v2) Path() string             { return c.p }
+func (c *v2) Add(pid int) error        { return c.m.AddProc(uint64(pid)) }
+func (c *v2) Update(r Resources) error { return c.m.Update(cgroup2.ToResources(spec(r))) }
+func (c *v2) Delete() error {
+	return deleteRetry(c.m.Delete, func() bool {
+		_, err := os.Stat(path.Join("/sys/fs/cgroup", c.p))
+		return !errors.Is(err, os.ErrNotExist)
+	}, func() []int {
+		ps, _ := c.m.Procs(true)
+		var out []int
+		for _, p := range ps {
+			out = append(out, int(p))
+		}
+		return out
+	})
+}
+
+func (c *v2) Stats() (Stats, error) {
+	m, err := c.m.Stat()
+	if err != nil {
+		return Stats{}, err
+	}
+	st := Stats{Timestamp: time.Now()}
+	if m.CPU != nil {
+		st.CPUNanos = m.CPU.UsageUsec * 1000
+	}
+	if m.Memory != nil {
+		st.MemoryUsage, st.MemoryLimit, st.RSS = m.Memory.Usage, m.Memory.UsageLimit, m.Memory.Anon
+		st.WorkingSet = st.MemoryUsage
+		if m.Memory.InactiveFile < st.WorkingSet {
+			st.WorkingSet -= m.Memory.InactiveFile
+		}
+	}
+	return st, nil
+}

@@ -1,0 +1,71 @@
+package cgroups
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+func TestPath(t *testing.T) {
+	for _, tc := range []struct{ parent, want, err string }{
+		{"", "/unilet/c1", ""},
+		{"/kubepods/burstable/pod123", "/kubepods/burstable/pod123/c1", ""},
+		{"kubepods-burstable-pod123.slice", "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod123.slice/unilet-c1.scope", ""},
+		{"-.slice", "/unilet-c1.scope", ""},
+		{"/kubepods/../etc", "", "not a clean absolute path"},
+		{"relative/path", "", "not a clean absolute path"},
+		{"a--b.slice", "", "invalid systemd slice"},
+	} {
+		got, err := Path(tc.parent, "/unilet", "c1")
+		if tc.err != "" {
+			require.ErrorContains(t, err, tc.err, tc.parent)
+			continue
+		}
+		require.NoError(t, err, tc.parent)
+		require.Equal(t, tc.want, got, tc.parent)
+	}
+}
+
+// TestRealCgroup creates a cgroup with limits, moves a process into it, reads
+// its stats and removes it (needs root and a writable cgroup hierarchy).
+func TestRealCgroup(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("this test needs root (cgroups)")
+	}
+	p := "/unilet-test/" + strconv.Itoa(os.Getpid())
+	c, err := Create(p, Resources{MemoryLimit: 96 << 20, CPUQuota: 50000, CPUPeriod: 100000, CPUShares: 512})
+	require.NoError(t, err)
+	defer func() { _ = c.Delete(); _ = os.Remove("/sys/fs/cgroup/memory/unilet-test") }()
+	if !unified() {
+		b, err := os.ReadFile(filepath.Join("/sys/fs/cgroup/memory", p, "memory.limit_in_bytes"))
+		require.NoError(t, err)
+		require.Equal(t, strconv.Itoa(96<<20), strings.TrimSpace(string(b)))
+		b, err = os.ReadFile(filepath.Join("/sys/fs/cgroup/cpu", p, "cpu.cfs_quota_us"))
+		require.NoError(t, err)
+		require.Equal(t, "50000", strings.TrimSpace(string(b)))
+	}
+	cmd := exec.Command("sh", "-c", "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; sleep 30")
+	require.NoError(t, cmd.Start())
+	require.NoError(t, c.Add(cmd.Process.Pid))
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(cmd.Process.Pid) + "/cgroup")
+	require.NoError(t, err)
+	require.Contains(t, string(b), p)
+	require.Eventually(t, func() bool {
+		st, err := c.Stats()
+		return err == nil && st.CPUNanos > 0 && st.MemoryUsage > 0
+	}, 10e9, 50e6)
+	require.NoError(t, c.Update(Resources{MemoryLimit: 128 << 20}))
+	st, err := c.Stats()
+	require.NoError(t, err)
+	require.Equal(t, uint64(128<<20), st.MemoryLimit)
+	// Delete ends what is left in the cgroup (here the shell's sleep child).
+	go func() { _ = cmd.Wait() }()
+	require.NoError(t, c.Delete())
+	_, err = os.Stat(filepath.Join("/sys/fs/cgroup/memory", p))
+	require.True(t, os.IsNotExist(err))
+}

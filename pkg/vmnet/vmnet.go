@@ -1,0 +1,92 @@
+// Package vmnet joins a VM's tap device to the pod's CNI interface inside
+// the pod network namespace: tc ingress qdiscs with mirred redirects both
+// ways, so the guest NIC (carrying the CNI interface's MAC) owns the pod IP.
+package vmnet
+
+import (
+	"fmt"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/unilet-dev/unilet/pkg/netns"
+	"golang.org/x/sys/unix"
+)
+
+// Link describes the CNI interface a VM NIC takes over.
+type Link struct {
+	MAC string
+	MTU int
+}
+
+// SetupTap creates the persistent tap device tapName in the namespace at
+// path and joins it to the CNI interface ifName with tc ingress + mirred
+// redirects both ways, so the VM's NIC (given ifName's MAC) owns the pod's
+// address. It returns ifName's MAC and MTU. Calling it again is harmless.
+func SetupTap(path, ifName, tapName string) (Link, error) {
+	var out Link
+	err := netns.Do(path, func() error {
+		eth, err := netlink.LinkByName(ifName)
+		if err != nil {
+			return fmt.Errorf("CNI interface %s: %w", ifName, err)
+		}
+		out.MAC, out.MTU = eth.Attrs().HardwareAddr.String(), eth.Attrs().MTU
+		tap, err := netlink.LinkByName(tapName)
+		if err != nil {
+			t := &netlink.Tuntap{LinkAttrs: netlink.LinkAttrs{Name: tapName, MTU: out.MTU},
+				Mode: netlink.TUNTAP_MODE_TAP, Flags: netlink.TUNTAP_NO_PI | netlink.TUNTAP_VNET_HDR | netlink.TUNTAP_ONE_QUEUE}
+			if err := netlink.LinkAdd(t); err != nil {
+				return fmt.Errorf("create %s: %w", tapName, err)
+			}
+			if tap, err = netlink.LinkByName(tapName); err != nil {
+				return err
+			}
+		}
+		if err := netlink.LinkSetMTU(tap, out.MTU); err != nil {
+			return fmt.Errorf("set %s MTU: %w", tapName, err)
+		}
+		if err := netlink.LinkSetUp(tap); err != nil {
+			return fmt.Errorf("bring %s up: %w", tapName, err)
+		}
+		if err := redirect(eth, tap); err != nil {
+			return err
+		}
+		return redirect(tap, eth)
+	})
+	return out, err
+}
+
+// redirect sends every frame arriving on from out of to (tc ingress qdisc,
+// u32 match-all filter, mirred egress redirect).
+func redirect(from, to netlink.Link) error {
+	q := &netlink.Ingress{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: from.Attrs().Index, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_INGRESS}}
+	if err := netlink.QdiscReplace(q); err != nil {
+		return fmt.Errorf("ingress qdisc on %s: %w", from.Attrs().Name, err)
+	}
+	filters, err := netlink.FilterList(from, netlink.MakeHandle(0xffff, 0))
+	if err == nil && len(filters) > 0 {
+		return nil // already redirected
+	}
+	f := &netlink.U32{
+		FilterAttrs: netlink.FilterAttrs{LinkIndex: from.Attrs().Index, Parent: netlink.MakeHandle(0xffff, 0), Protocol: unix.ETH_P_ALL},
+		Actions: []netlink.Action{&netlink.MirredAction{ActionAttrs: netlink.ActionAttrs{Action: netlink.TC_ACT_STOLEN},
+			MirredAction: netlink.TCA_EGRESS_REDIR, Ifindex: to.Attrs().Index}},
+	}
+	if err := netlink.FilterAdd(f); err != nil {
+		return fmt.Errorf("redirect %s → %s: %w", from.Attrs().Name, to.Attrs().Name, err)
+	}
+	return nil
+}
+
+// InterfaceStats returns rx/tx byte and error counters of ifName inside the namespace.
+func InterfaceStats(path, ifName string) (*netlink.LinkStatistics, error) {
+	var st *netlink.LinkStatistics
+	err := netns.Do(path, func() error {
+		l, err := netlink.LinkByName(ifName)
+		if err != nil {
+			return err
+		}
+		st = l.Attrs().Statistics
+		return nil
+	})
+	return st, err
+}

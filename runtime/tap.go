@@ -1,0 +1,55 @@
+package runtime
+
+import (
+	"fmt"
+	"os"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/unilet-dev/unilet/pkg/netns"
+)
+
+// openTaps attaches to the persistent tap device of each NIC inside its
+// network namespace; the files are handed to QEMU (fd FirstTapFD+i).
+func openTaps(nics []NIC) ([]*os.File, error) {
+	var files []*os.File
+	for _, n := range nics {
+		var f *os.File
+		open := func() error {
+			fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
+			if err != nil {
+				return fmt.Errorf("open /dev/net/tun: %w", err)
+			}
+			ifr, err := unix.NewIfreq(n.Tap)
+			if err != nil {
+				unix.Close(fd)
+				return err
+			}
+			ifr.SetUint16(unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR)
+			if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
+				unix.Close(fd)
+				return fmt.Errorf("attach to tap %s: %w", n.Tap, err)
+			}
+			f = os.NewFile(uintptr(fd), "tap:"+n.Tap)
+			return nil
+		}
+		var err error
+		if n.NetNS != "" {
+			err = netns.Do(n.NetNS, open)
+		} else {
+			err = open()
+		}
+		if err != nil {
+			closeAll(files)
+			return nil, err
+		}
+		files = append(files, f)
+	}
+	return files, nil
+}
+
+func closeAll(files []*os.File) {
+	for _, f := range files {
+		f.Close()
+	}
+}
