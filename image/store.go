@@ -300,11 +300,17 @@ func checkKernel(path string) error {
 		return err
 	}
 	defer f.Close()
-	hdr := make([]byte, 4)
-	if _, err := io.ReadFull(f, hdr); err != nil || !bytes.Equal(hdr, []byte("\x7fELF")) {
-		return fmt.Errorf("the kernel (%s) is not an ELF binary: corrupt or not a Unikraft kernel", PathKernel)
+	// An ELF (Unikraft, multiboot) or a Linux bzImage ("HdrS" boot-protocol
+	// magic at 0x202), which QEMU's -kernel also boots.
+	hdr := make([]byte, 0x206)
+	n, _ := io.ReadFull(f, hdr)
+	if n >= 4 && bytes.Equal(hdr[:4], []byte("\x7fELF")) {
+		return nil
 	}
-	return nil
+	if n >= 0x206 && bytes.Equal(hdr[0x202:0x206], []byte("HdrS")) {
+		return nil
+	}
+	return fmt.Errorf("the kernel (%s) is neither an ELF binary nor a Linux bzImage: corrupt or not a kernel", PathKernel)
 }
 
 func (s *Store) unpackLayer(l v1.Layer, ann map[string]string, out *Image) error {

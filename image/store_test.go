@@ -144,7 +144,7 @@ func TestPullRejectsNonUnikernelImages(t *testing.T) {
 	require.NoError(t, err)
 	pushIndex(t, host+"/corrupt:1", idx)
 	_, err = s.Pull(context.Background(), host+"/corrupt:1", nil)
-	require.ErrorContains(t, err, "not an ELF binary")
+	require.ErrorContains(t, err, "neither an ELF binary nor a Linux bzImage")
 
 	_, err = s.Pull(context.Background(), host+"/missing:1", nil)
 	require.ErrorContains(t, err, "fetch")

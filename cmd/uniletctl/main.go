@@ -58,7 +58,7 @@ func main() {
 func pack(args []string) error {
 	fs := flag.NewFlagSet("pack", flag.ContinueOnError)
 	var opts image.PackOptions
-	var argv, env multi
+	var argv, env, labels multi
 	var kconfig, push, output string
 	var insecure bool
 	fs.StringVar(&opts.Kernel, "kernel", "", "kernel binary (required)")
@@ -67,6 +67,7 @@ func pack(args []string) error {
 	fs.StringVar(&opts.KernelVersion, "kernel-version", "", "Unikraft version, recorded as org.unikraft.kernel.version")
 	fs.Var(&argv, "arg", "default argument (repeatable; image Cmd)")
 	fs.Var(&env, "env", "default environment variable K=V (repeatable; image Env)")
+	fs.Var(&labels, "label", "image label K=V (repeatable), e.g. dev.unilet.min-memory=128 (least guest RAM in MiB)")
 	fs.StringVar(&push, "push", "", "push to this reference")
 	fs.BoolVar(&insecure, "insecure", false, "allow plain HTTP for --push")
 	fs.StringVar(&output, "output", "", "write an OCI image layout to this directory")
@@ -87,6 +88,16 @@ func pack(args []string) error {
 		opts.KConfig = image.ParseKConfig(b)
 	}
 	opts.Args, opts.Env, opts.Version = argv, env, "uniletctl-"+version.Version
+	for _, l := range labels {
+		k, v, ok := strings.Cut(l, "=")
+		if !ok || k == "" {
+			return fmt.Errorf("pack: --label %q: want KEY=VALUE", l)
+		}
+		if opts.Labels == nil {
+			opts.Labels = map[string]string{}
+		}
+		opts.Labels[k] = v
+	}
 	idx, err := image.Pack(opts)
 	if err != nil {
 		return err

@@ -205,7 +205,7 @@ func Size(res *runtimeapi.LinuxContainerResources, t PodTuning, imageMinMiB int,
 			}
 		}
 	} else {
-		s.MemoryMiB = lim.DefaultMemMiB
+		s.MemoryMiB = max(lim.DefaultMemMiB, floor) // no limit: the image's floor raises the default
 		if t.MemoryMiB > 0 {
 			s.MemoryMiB = t.MemoryMiB
 		}

@@ -66,7 +66,10 @@ func TestSize(t *testing.T) {
 	// The image's floor.
 	_, err = Size(&runtimeapi.LinuxContainerResources{MemoryLimitInBytes: 128 << 20}, PodTuning{}, 128, lim)
 	require.ErrorContains(t, err, "this image needs at least 128 MiB: raise the limit to at least 192Mi")
-	_, err = Size(nil, PodTuning{}, 128, lim)
+	s, err = Size(nil, PodTuning{}, 128, lim)
+	require.NoError(t, err)
+	require.Equal(t, 128, s.MemoryMiB, "without a limit the image's floor raises the default")
+	_, err = Size(nil, PodTuning{MemoryMiB: 100}, 128, lim)
 	require.ErrorContains(t, err, "below the 128 MiB this image needs")
 	s, err = Size(nil, PodTuning{MemoryMiB: 160}, 128, lim)
 	require.NoError(t, err)

@@ -86,7 +86,37 @@ func setup(m *testing.M) (int, error) {
 		"--env", "IMAGE_ENV=from image", "--push", regHost+"/unikraft/testkernel:latest", "--insecure"); err != nil {
 		return 0, err
 	}
+	if err := buildNetGuest(); err != nil {
+		return 0, err
+	}
 	return m.Run(), nil
+}
+
+// netGuestFeatures is the KConfig the network guest's init honours (a
+// Unikraft image with lwip, 9pfs, vfscore automount and posix-environ).
+const netGuestFeatures = `CONFIG_LIBUKLIBPARAM=y
+CONFIG_LIBPOSIX_ENVIRON_LIBPARAM=y
+CONFIG_LIBUKNETDEV=y
+CONFIG_LIBVFSCORE_AUTOMOUNT=y
+CONFIG_LIBVFSCORE_AUTOMOUNT_UP=y
+CONFIG_LIB9PFS=y
+CONFIG_LIBUKCPIO=y
+`
+
+// buildNetGuest builds the Debian kernel + busybox guest (cached under
+// _output/netguest) and pushes it as netguest:latest.
+func buildNetGuest() error {
+	out := filepath.Join(repoRoot, "_output", "netguest")
+	if err := run(repoRoot, nil, "./e2e/guest/netguest/build.sh", out); err != nil {
+		return err
+	}
+	kc := filepath.Join(out, "kconfig")
+	if err := os.WriteFile(kc, []byte(netGuestFeatures), 0o644); err != nil {
+		return err
+	}
+	return run(repoRoot, nil, filepath.Join(binDir, "uniletctl"), "pack", "--kernel", filepath.Join(out, "vmlinuz"),
+		"--initrd", filepath.Join(out, "initrd.gz"), "--kconfig", kc, "--label", "dev.unilet.min-memory=128",
+		"--push", regHost+"/unikraft/netguest:latest", "--insecure")
 }
 
 // daemon is one running unilet.

@@ -1,0 +1,343 @@
+package cri_test
+
+// Pod networking, volumes, cgroups and port-forward of unikernel pods, with
+// real CNI plugins (bridge + host-local) on a bridge the test makes, and the
+// network guest (Debian's kernel + busybox initramfs, e2e/guest/netguest)
+// whose init honours netdev.ip, vfs.fstab 9p entries and env.vars.
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+func netImage() string { return regHost + "/unikraft/netguest:latest" }
+
+func (d *daemon) podIP(pod string) string {
+	d.t.Helper()
+	var in struct {
+		Status struct {
+			Network struct {
+				IP string `json:"ip"`
+			} `json:"network"`
+		} `json:"status"`
+	}
+	require.NoError(d.t, json.Unmarshal([]byte(d.must("inspectp", "-o", "json", pod)), &in))
+	return in.Status.Network.IP
+}
+
+// httpGet fetches url, retrying until timeout (the guest may still be booting).
+func httpGet(t *testing.T, url string, timeout time.Duration) string {
+	t.Helper()
+	c := http.Client{Timeout: 2 * time.Second}
+	var last error
+	for deadline := time.Now().Add(timeout); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		resp, err := c.Get(url)
+		if err != nil {
+			last = err
+			continue
+		}
+		b, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err == nil && resp.StatusCode == 200 {
+			return string(b)
+		}
+		last = fmt.Errorf("status %d, %v", resp.StatusCode, err)
+	}
+	t.Fatalf("GET %s: %v", url, last)
+	return ""
+}
+
+// cgroupValue reads a cgroup v1 control file of a VM's cgroup.
+func cgroupValue(t *testing.T, controller, cgPath, file string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("/sys/fs/cgroup", controller, cgPath, file))
+	require.NoError(t, err)
+	return strings.TrimSpace(string(b))
+}
+
+func freePort(t *testing.T) int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func TestNetworkGuestHTTPVolumesCgroupsPortForward(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "")
+	d.must("pull", netImage())
+	host := t.TempDir()
+	data, cfgDir := filepath.Join(host, "data"), filepath.Join(host, "config")
+	require.NoError(t, os.MkdirAll(data, 0o755))
+	require.NoError(t, os.MkdirAll(cfgDir, 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(data, "hello.txt"), []byte("written on the host\n"), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(cfgDir, "app.conf"), []byte("mode=ro\n"), 0o644))
+
+	cgParent := d.cgroupRoot + "/pod-net"
+	logDir := filepath.Join(t.TempDir(), "pods")
+	pod := d.must("runp", writeJSON(t, map[string]any{
+		"metadata":      map[string]any{"name": "web", "namespace": "e2e", "uid": "web-uid"},
+		"hostname":      "web-0",
+		"log_directory": logDir,
+		"annotations":   map[string]string{"kubernetes.io/target-runtime": "unikraft"},
+		"dns_config":    map[string]any{"servers": []string{d.subnet + ".53"}, "searches": []string{"e2e.svc.cluster.local"}},
+		"linux":         map[string]any{"cgroup_parent": cgParent},
+	}))
+	ip := d.podIP(pod)
+	require.True(t, strings.HasPrefix(ip, d.subnet+"."), "pod IP %s from the test's CNI range", ip)
+	nsPath := filepath.Join(d.netnsDir, "unilet-"+pod)
+	require.FileExists(t, nsPath)
+
+	ctr := d.must("create", pod, writeJSON(t, map[string]any{
+		"metadata": map[string]any{"name": "web"}, "image": map[string]string{"image": netImage()}, "log_path": "web/0.log",
+		"command": []string{"/bin/sh", "-c", "cat /data/hello.txt; ls /config; echo x > /config/w && echo RO-WRITABLE || echo RO-REFUSED; " +
+			"echo guest-wrote > /data/out.txt; echo FOO=$FOO; exec httpd -f -p 8080 -h /data"},
+		"envs":   []map[string]string{{"key": "FOO", "value": "bar baz"}},
+		"mounts": []map[string]any{{"container_path": "/data", "host_path": data}, {"container_path": "/config", "host_path": cfgDir, "readonly": true}},
+		"linux": map[string]any{"resources": map[string]any{"memory_limit_in_bytes": 256 << 20, "cpu_quota": 150000, "cpu_period": 100000,
+			"cpu_shares": 1536}},
+	}), "")
+	d.must("start", ctr)
+	logPath := filepath.Join(logDir, "web/0.log")
+
+	// HTTP from the host to the pod IP: the guest's busybox httpd serves the
+	// hostPath volume over 9p.
+	require.Equal(t, "written on the host\n", httpGet(t, "http://"+net.JoinHostPort(ip, "8080")+"/hello.txt", 60*time.Second))
+	waitLog(t, logPath, "FOO=bar baz")
+	b, err := os.ReadFile(logPath)
+	require.NoError(t, err)
+	log := string(b)
+	for _, want := range []string{
+		fmt.Sprintf("stdout F net: ip=%s/24 gw=%s.1 dns=%s.53, hostname=web-0 domain=e2e.svc.cluster.local", ip, d.subnet, d.subnet),
+		"stdout F net: eth0 up",
+		"stdout F fstab: initrd0:/:extract::ramfs=1: (initramfs already extracted",
+		"stdout F fstab: fs1:/data:9pfs:::mkmp mounted",
+		"stdout F fstab: fs2:/config:9pfs:1::mkmp mounted read-only",
+		"stdout F written on the host", "stdout F app.conf", "Read-only file system", "stdout F RO-REFUSED", "stdout F env: FOO=bar baz",
+	} {
+		require.Contains(t, log, want)
+	}
+	require.NotContains(t, log, "stdout F RO-WRITABLE")
+	require.Less(t, strings.Index(log, "fstab: initrd0"), strings.Index(log, "fstab: fs1"), "the initrd is extracted as / first")
+	out, err := os.ReadFile(filepath.Join(data, "out.txt"))
+	require.NoError(t, err)
+	require.Equal(t, "guest-wrote\n", string(out), "a write in the guest reaches the host directory")
+	_, err = os.Stat(filepath.Join(cfgDir, "w"))
+	require.True(t, os.IsNotExist(err), "the read-only volume refused the write")
+
+	// Resources: guest RAM = limit - 64 MiB overhead, vCPUs = ceil(1.5);
+	// QEMU and its shim live in a cgroup under the pod's cgroup_parent.
+	var verbose map[string]any
+	raw := d.must("inspect", "-o", "json", ctr)
+	require.NoError(t, json.Unmarshal([]byte(raw), &verbose))
+	info := verbose // crictl puts the verbose info keys at the top level
+	require.Equal(t, "192", fmt.Sprint(info["memoryMiB"]), raw)
+	require.Equal(t, "2", fmt.Sprint(info["vcpus"]), raw)
+	cg := cgParent + "/" + ctr
+	require.Equal(t, strconv.Itoa(256<<20), cgroupValue(t, "memory", cg, "memory.limit_in_bytes"))
+	require.Equal(t, "150000", cgroupValue(t, "cpu", cg, "cpu.cfs_quota_us"))
+	require.Equal(t, "1536", cgroupValue(t, "cpu", cg, "cpu.shares"))
+	procs := strings.Fields(cgroupValue(t, "memory", cg, "cgroup.procs"))
+	require.Len(t, procs, 2, "the shim and QEMU")
+	qemu := qemuProcesses(t, d.stateDir)
+	require.Len(t, qemu, 1)
+	require.Contains(t, procs, strings.Fields(qemu[0])[0])
+
+	// Stats come from that cgroup; the pod's NIC counters from its netns.
+	var stats struct {
+		Stats []struct {
+			Memory struct {
+				WorkingSetBytes struct{ Value string } `json:"workingSetBytes"`
+			} `json:"memory"`
+		} `json:"stats"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(d.must("stats", "-o", "json", ctr)), &stats))
+	ws, _ := strconv.ParseUint(stats.Stats[0].Memory.WorkingSetBytes.Value, 10, 64)
+	usage, _ := strconv.ParseUint(cgroupValue(t, "memory", cg, "memory.usage_in_bytes"), 10, 64)
+	require.Greater(t, ws, uint64(20<<20))
+	require.LessOrEqual(t, ws, usage)
+	podStats := d.must("statsp", "-o", "json", pod)
+	require.Contains(t, podStats, `"rxBytes"`)
+	require.Contains(t, podStats, `"workingSetBytes"`)
+
+	// UpdateContainerResources: cgroup limits change live; a limit the
+	// guest's fixed RAM cannot fit in is refused.
+	d.must("update", "--memory", strconv.Itoa(320<<20), "--cpu-quota", "200000", ctr)
+	require.Equal(t, strconv.Itoa(320<<20), cgroupValue(t, "memory", cg, "memory.limit_in_bytes"))
+	require.Equal(t, "200000", cgroupValue(t, "cpu", cg, "cpu.cfs_quota_us"))
+	_, err = d.crictl("update", "--memory", strconv.Itoa(128<<20), ctr)
+	require.ErrorContains(t, err, "guest RAM is fixed at boot")
+
+	// crictl port-forward through the streaming server to the pod IP.
+	port := freePort(t)
+	pf := exec.Command(crictl, "--runtime-endpoint", "unix://"+d.sock, "port-forward", pod, fmt.Sprintf("%d:8080", port))
+	var pfOut syncBuf
+	pf.Stdout, pf.Stderr = &pfOut, &pfOut
+	require.NoError(t, pf.Start())
+	defer func() { _ = pf.Process.Kill(); _ = pf.Wait() }()
+	require.Equal(t, "written on the host\n", httpGet(t, fmt.Sprintf("http://127.0.0.1:%d/hello.txt", port), 20*time.Second), pfOut.String())
+	require.Equal(t, "guest-wrote\n", httpGet(t, fmt.Sprintf("http://127.0.0.1:%d/out.txt", port), 5*time.Second))
+
+	// Graceful stop: the ACPI power button reaches the guest's init, which
+	// ends the app and powers off: exit 0.
+	d.must("stop", "--timeout", "20", ctr)
+	in := d.inspect(ctr)
+	require.Equal(t, "Completed", in.Status.Reason, in.Status.Message)
+	waitLog(t, logPath, "power button: stopping the application")
+
+	d.must("rmp", "-f", pod)
+	require.NoFileExists(t, nsPath)
+	require.Eventually(t, func() bool {
+		_, err := os.Stat(filepath.Join("/sys/fs/cgroup/memory", cg))
+		return os.IsNotExist(err)
+	}, 5*time.Second, 50*time.Millisecond, "the VM's cgroup is removed")
+	links, _ := exec.Command("ip", "-o", "link", "show", "master", d.bridge).Output()
+	require.Empty(t, strings.TrimSpace(string(links)), "no veth left on the bridge")
+}
+
+// TestNoLeaksAfterManyPodCycles runs 50 networked pods through create and
+// delete: no namespace, tap, veth, IP lease, cgroup, shim or QEMU may remain.
+func TestNoLeaksAfterManyPodCycles(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "")
+	d.must("pull", image())
+	ctrCfg := containerConfig(t, image(), []string{"tick=50"}, nil)
+	const cycles = 50
+	for i := 0; i < cycles; i++ {
+		podCfg := writeJSON(t, map[string]any{
+			"metadata":      map[string]any{"name": fmt.Sprintf("cycle-%d", i), "namespace": "e2e", "uid": fmt.Sprintf("cycle-%d", i)},
+			"log_directory": filepath.Join(t.TempDir(), "pods"),
+			"annotations":   map[string]string{"kubernetes.io/target-runtime": "unikraft"},
+			"linux":         map[string]any{"cgroup_parent": d.cgroupRoot + "/cycles"},
+		})
+		ctr := d.must("run", ctrCfg, podCfg)
+		if i%10 == 0 { // now and then, check the VM really ran networked
+			d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
+			require.Len(t, listDir(t, d.netnsDir), 1)
+		}
+		pods := d.must("pods", "-q")
+		d.must("rmp", "-f", pods)
+	}
+	require.Empty(t, d.must("pods", "-q"))
+	require.Empty(t, listDir(t, d.netnsDir), "network namespaces left")
+	links, _ := exec.Command("ip", "-o", "link", "show", "master", d.bridge).Output()
+	require.Empty(t, strings.TrimSpace(string(links)), "veths left on the bridge")
+	taps, _ := exec.Command("ip", "-o", "link", "show", "type", "tun").Output()
+	require.NotContains(t, string(taps), "tap0", "no tap may leak into the host namespace")
+	ipamDir := filepath.Join(d.dir, "ipam", "unilet-e2e-"+strings.TrimPrefix(d.bridge, "ulb"))
+	require.DirExists(t, ipamDir, "host-local kept its leases here")
+	leases := listDir(t, ipamDir)
+	for _, l := range leases {
+		require.False(t, strings.HasPrefix(l, d.subnet), "IP lease %s left", l)
+	}
+	require.Eventually(t, func() bool { return len(listDir(t, "/sys/fs/cgroup/memory"+d.cgroupRoot+"/cycles")) == 0 },
+		10*time.Second, 100*time.Millisecond, "VM cgroups left: %v", listDir(t, "/sys/fs/cgroup/memory"+d.cgroupRoot+"/cycles"))
+	require.Empty(t, qemuProcesses(t, d.stateDir))
+	out, _ := exec.Command("pgrep", "-f", "unilet-shim --dir "+d.stateDir).Output()
+	require.Empty(t, strings.TrimSpace(string(out)), "shims left")
+}
+
+// listDir lists the entries of dir (none if it does not exist), cgroup
+// control files left out.
+func listDir(t *testing.T, dir string) []string {
+	ents, err := os.ReadDir(dir)
+	if err != nil && !os.IsNotExist(err) {
+		require.NoError(t, err)
+	}
+	var out []string
+	for _, e := range ents {
+		if strings.HasPrefix(dir, "/sys/fs/cgroup") && !e.IsDir() {
+			continue
+		}
+		out = append(out, e.Name())
+	}
+	return out
+}
+
+// TestInitContainersAnnotationsAndOneVMRule: init containers run to
+// completion one after another, then the app; a second running VM in the
+// pod is refused with a clear error; per-pod annotations size the VM and
+// bad ones fail the pod.
+func TestInitContainersAnnotationsAndOneVMRule(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "", "--allow-lib-param", "uk.*")
+	d.must("pull", image())
+	logDir := filepath.Join(t.TempDir(), "pods")
+	podCfg := writeJSON(t, map[string]any{
+		"metadata":      map[string]any{"name": "init", "namespace": "e2e", "uid": "init-uid"},
+		"log_directory": logDir,
+		"annotations": map[string]string{"kubernetes.io/target-runtime": "unikraft", "unilet.dev/vcpus": "2",
+			"unilet.dev/memory": "96Mi", "unilet.dev/lib-params": "uk.test=1"},
+	})
+	pod := d.must("runp", podCfg)
+	ctr := func(name string, args ...string) string {
+		return writeJSON(t, map[string]any{"metadata": map[string]any{"name": name}, "image": map[string]string{"image": image()},
+			"args": args, "log_path": name + "/0.log"})
+	}
+	// Two init containers, in order (kubelet starts each once the one before it has exited 0).
+	for _, name := range []string{"init-1", "init-2"} {
+		id := d.must("create", pod, ctr(name, "count=3", "tick=10", name), podCfg)
+		d.must("start", id)
+		in := d.waitState(id, "CONTAINER_EXITED", 30*time.Second)
+		require.Equal(t, int32(0), in.Status.ExitCode)
+		require.Equal(t, "Completed", in.Status.Reason)
+		waitLog(t, in.Status.LogPath, "argv[3]: "+name)
+	}
+	app := d.must("create", pod, ctr("app", "tick=100"), podCfg)
+	d.must("start", app)
+	d.waitState(app, "CONTAINER_RUNNING", 10*time.Second)
+	var verbose map[string]any
+	require.NoError(t, json.Unmarshal([]byte(d.must("inspect", "-o", "json", app)), &verbose))
+	require.Equal(t, "2", fmt.Sprint(verbose["vcpus"]))
+	require.Equal(t, "96", fmt.Sprint(verbose["memoryMiB"]))
+	require.Contains(t, fmt.Sprint(verbose["cmdline"]), "uk.test=1 ")
+	q := qemuProcesses(t, d.stateDir)
+	require.Len(t, q, 1)
+	require.Contains(t, q[0], "-m 96 -smp 2")
+	waitLog(t, filepath.Join(logDir, "app/0.log"), "param: uk.test=1")
+
+	// A second VM while the app runs: refused, with the rule in the message.
+	_, err := d.crictl("create", pod, ctr("sidecar", "tick=100"), podCfg)
+	require.ErrorContains(t, err, "runs one VM at a time")
+	require.Len(t, qemuProcesses(t, d.stateDir), 1)
+	d.must("rmp", "-f", pod)
+
+	// Bad annotations fail the pod with InvalidArgument and a clear message.
+	for ann, want := range map[string]string{
+		"unilet.dev/vcpus":      "whole number of vCPUs",
+		"unilet.dev/machine":    "want pc or microvm",
+		"unilet.dev/lib-params": "not allowed on this node",
+	} {
+		bad := writeJSON(t, map[string]any{
+			"metadata":    map[string]any{"name": "bad", "namespace": "e2e", "uid": "bad-uid"},
+			"annotations": map[string]string{"kubernetes.io/target-runtime": "unikraft", ann: map[string]string{"unilet.dev/vcpus": "lots", "unilet.dev/machine": "q35,accel=kvm", "unilet.dev/lib-params": "lwip.dhcp=1"}[ann]},
+		})
+		_, err := d.crictl("runp", bad)
+		require.ErrorContains(t, err, want)
+		require.ErrorContains(t, err, "InvalidArgument")
+	}
+	require.Empty(t, d.must("pods", "-q"))
+	require.Empty(t, listDir(t, d.netnsDir), "a refused pod leaves no namespace")
+
+	// microvm machine type: the VM exits through isa-debug-exit, reported Completed.
+	mvm := writeJSON(t, map[string]any{
+		"metadata":      map[string]any{"name": "mvm", "namespace": "e2e", "uid": "mvm-uid"},
+		"log_directory": logDir,
+		"annotations":   map[string]string{"kubernetes.io/target-runtime": "unikraft", "unilet.dev/machine": "microvm"},
+	})
+	mpod := d.must("runp", mvm)
+	m := d.must("create", mpod, ctr("m", "hello"), mvm)
+	d.must("start", m)
+	in := d.waitState(m, "CONTAINER_EXITED", 30*time.Second)
+	require.Equal(t, "Completed", in.Status.Reason, in.Status.Message)
+	d.must("rmp", "-f", mpod)
+}
