@@ -39,7 +39,7 @@ func TestBuildCmdlineGolden(t *testing.T) {
 		{"no-environ", GuestConfig{Features: NewFeatures([]string{"CONFIG_LIBUKLIBPARAM=y"}), Env: []string{"A=1"}, Args: []string{"x"}}},
 		{"net-fstab-env-args", GuestConfig{Params: []string{"netdev.ip=198.18.0.5/24:198.18.0.1:198.18.0.53::web-0:svc.cluster.local"},
 			Fstab: []string{"initrd0:/:extract::ramfs=1:", "fs1:/data:9pfs:::mkmp", "fs2:/etc/config:9pfs:1::mkmp"},
-			Env: []string{"A=1"}, Args: []string{"/bin/httpd", "-f"}}},
+			Env:   []string{"A=1"}, Args: []string{"/bin/httpd", "-f"}}},
 		{"service-links-dropped", GuestConfig{Limits: GuestLimits{MaxEnv: 3}, Env: []string{
 			"KUBERNETES_SERVICE_HOST=10.0.0.1", "KUBERNETES_SERVICE_PORT=443", "APP=1", "KUBERNETES_PORT=tcp://10.0.0.1:443",
 			"KUBERNETES_PORT_443_TCP_ADDR=10.0.0.1", "MODE=fast"}}},

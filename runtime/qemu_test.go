@@ -19,7 +19,7 @@ func TestBuildArgvGolden(t *testing.T) {
 		{"hostile-values", MachineConfig{Name: "x,file=/etc/passwd", Accel: AccelTCG, Machine: MachinePC, MemoryMiB: 64, VCPUs: 1,
 			Kernel: "/k", Cmdline: "-- a,b -device foo", QMPSocket: "/run/a,server=off/q.sock"}},
 		{"pc-nic-shares", MachineConfig{Accel: AccelTCG, Machine: MachinePC, MemoryMiB: 128, VCPUs: 2, Kernel: "/k", QMPSocket: "/q",
-			NICs: []NIC{{Tap: "tap0", NetNS: "/var/run/netns/unilet-abc", MAC: "0a:58:c6:12:00:05"}},
+			NICs:   []NIC{{Tap: "tap0", NetNS: "/var/run/netns/unilet-abc", MAC: "0a:58:c6:12:00:05"}},
 			Shares: []Share{{Tag: "fs1", HostPath: "/var/lib/kubelet/pods/u/volumes/x,readonly=off,path=/"}, {Tag: "fs2", HostPath: "/ro", ReadOnly: true}}}},
 		{"microvm-nic-share", MachineConfig{Accel: AccelKVM, Machine: MachineMicroVM, MemoryMiB: 64, VCPUs: 1, Kernel: "/k", QMPSocket: "/q",
 			NICs: []NIC{{Tap: "tap0", MAC: "0a:58:c6:12:00:05"}}, Shares: []Share{{Tag: "fs1", HostPath: "/data"}}}},
