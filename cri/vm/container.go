@@ -385,6 +385,8 @@ func (s *Service) ContainerStatus(ctx context.Context, r *runtimeapi.ContainerSt
 		Id: c.id, Metadata: c.config.GetMetadata(), State: c.state, CreatedAt: c.createdAt.UnixNano(),
 		Image: c.config.GetImage(), ImageRef: c.image.ID, ImageId: c.image.ID,
 		Labels: c.config.GetLabels(), Annotations: c.config.GetAnnotations(), LogPath: c.logPath,
+		Resources: &runtimeapi.ContainerResources{Linux: &runtimeapi.LinuxContainerResources{
+			CpuQuota: c.sizing.CPUQuota, CpuPeriod: c.sizing.CPUPeriod, CpuShares: c.sizing.CPUShares, MemoryLimitInBytes: c.sizing.MemoryLimit}},
 	}
 	if st.State == runtimeapi.ContainerState_CONTAINER_UNKNOWN {
 		st.State = runtimeapi.ContainerState_CONTAINER_CREATED // start in progress

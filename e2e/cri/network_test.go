@@ -341,3 +341,92 @@ func TestInitContainersAnnotationsAndOneVMRule(t *testing.T) {
 	require.Equal(t, "Completed", in.Status.Reason, in.Status.Message)
 	d.must("rmp", "-f", mpod)
 }
+
+// TestCNIReadinessAndTeardownRetry: without a CNI configuration the runtime
+// reports NetworkReady=false and refuses unikernel pods; a configuration
+// written later is used without a restart. A CNI DEL that fails is retried
+// by the next daemon; a namespace that is already gone is not an error.
+func TestCNIReadinessAndTeardownRetry(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "")
+	conf := filepath.Join(d.cniConf, "10-unilet-e2e.conflist")
+	saved, err := os.ReadFile(conf)
+	require.NoError(t, err)
+	require.NoError(t, os.Remove(conf))
+
+	var info struct {
+		Status struct {
+			Conditions []struct {
+				Type    string `json:"type"`
+				Status  bool   `json:"status"`
+				Reason  string `json:"reason"`
+				Message string `json:"message"`
+			} `json:"conditions"`
+		} `json:"status"`
+	}
+	networkReady := func() (bool, string) {
+		require.NoError(t, json.Unmarshal([]byte(d.must("info", "-o", "json")), &info))
+		for _, c := range info.Status.Conditions {
+			if c.Type == "NetworkReady" {
+				return c.Status, c.Reason + ": " + c.Message
+			}
+		}
+		t.Fatal("no NetworkReady condition")
+		return false, ""
+	}
+	ready, why := networkReady()
+	require.False(t, ready)
+	require.Contains(t, why, "NetworkPluginNotReady: unilet: no CNI network configuration in "+d.cniConf)
+	podCfg, _ := podConfig(t, "cni-retry", true)
+	_, err = d.crictl("runp", podCfg)
+	require.ErrorContains(t, err, "FailedPrecondition")
+	require.ErrorContains(t, err, "pod network is not ready")
+	require.Empty(t, listDir(t, d.netnsDir))
+
+	require.NoError(t, os.WriteFile(conf, saved, 0o644))
+	ready, _ = networkReady()
+	require.True(t, ready, "a configuration written later is picked up without a restart")
+	pod := d.must("runp", podCfg)
+	ns := filepath.Join(d.netnsDir, "unilet-"+pod)
+	require.FileExists(t, ns)
+
+	// DEL fails (the configuration is gone): the stop fails and says so,
+	// the sandbox keeps its namespace for a retry.
+	require.NoError(t, os.Remove(conf))
+	_, err = d.crictl("stopp", pod)
+	require.ErrorContains(t, err, "tear down the network")
+	require.FileExists(t, ns)
+	// The next daemon, with the configuration back, finishes the teardown.
+	d.stop()
+	require.NoError(t, os.WriteFile(conf, saved, 0o644))
+	d.start()
+	require.Eventually(t, func() bool { return len(listDir(t, d.netnsDir)) == 0 }, 5*time.Second, 50*time.Millisecond,
+		"the restarted daemon retries the CNI DEL")
+	links, _ := exec.Command("ip", "-o", "link", "show", "master", d.bridge).Output()
+	require.Empty(t, strings.TrimSpace(string(links)), "the pod's veth is gone")
+	d.must("rmp", pod)
+
+	// A namespace that vanished behind unilet's back does not fail the stop.
+	pod = d.must("runp", podCfg)
+	ns = filepath.Join(d.netnsDir, "unilet-"+pod)
+	require.NoError(t, exec.Command("umount", ns).Run())
+	require.NoError(t, os.Remove(ns))
+	d.must("stopp", pod)
+	d.must("rmp", pod)
+	require.Empty(t, d.must("pods", "-q"))
+
+	// A systemd-style cgroup parent is expanded to its slice path.
+	const slice = "unilete2e-pod1.slice"
+	t.Cleanup(func() { removeCgroupTree("/unilete2e.slice") })
+	d.must("pull", image())
+	sp := writeJSON(t, map[string]any{
+		"metadata":    map[string]any{"name": "slice", "namespace": "e2e", "uid": "slice-uid"},
+		"annotations": map[string]string{"kubernetes.io/target-runtime": "unikraft"},
+		"linux":       map[string]any{"cgroup_parent": slice},
+	})
+	spod := d.must("runp", sp)
+	sctr := d.must("create", spod, containerConfig(t, image(), []string{"tick=100"}, nil), sp)
+	d.must("start", sctr)
+	d.waitState(sctr, "CONTAINER_RUNNING", 10*time.Second)
+	require.DirExists(t, "/sys/fs/cgroup/memory/unilete2e.slice/unilete2e-pod1.slice/unilet-"+sctr+".scope")
+	d.must("rmp", "-f", spod)
+}
