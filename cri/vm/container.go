@@ -376,11 +376,10 @@ func (c *container) toAPI() *runtimeapi.Container {
 func (s *Service) ContainerStatus(ctx context.Context, r *runtimeapi.ContainerStatusRequest) (*runtimeapi.ContainerStatusResponse, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	c, err := s.containerLocked(r.GetContainerId())
+	c, err := s.currentLocked(r.GetContainerId())
 	if err != nil {
 		return nil, err
 	}
-	s.refresh(c)
 	st := &runtimeapi.ContainerStatus{
 		Id: c.id, Metadata: c.config.GetMetadata(), State: c.state, CreatedAt: c.createdAt.UnixNano(),
 		Image: c.config.GetImage(), ImageRef: c.image.ID, ImageId: c.image.ID,
@@ -438,11 +437,10 @@ func (s *Service) ListContainers(ctx context.Context, r *runtimeapi.ListContaine
 func (s *Service) ReopenContainerLog(ctx context.Context, r *runtimeapi.ReopenContainerLogRequest) (*runtimeapi.ReopenContainerLogResponse, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	c, err := s.containerLocked(r.GetContainerId())
+	c, err := s.currentLocked(r.GetContainerId())
 	if err != nil {
 		return nil, err
 	}
-	s.refresh(c)
 	if c.state != runtimeapi.ContainerState_CONTAINER_RUNNING {
 		return nil, errorf(codes.FailedPrecondition, "container %s is not running; its log cannot be reopened", c.id)
 	}

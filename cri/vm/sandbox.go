@@ -297,20 +297,17 @@ func (s *Service) ListPodSandbox(ctx context.Context, r *runtimeapi.ListPodSandb
 	defer s.mu.Unlock()
 	var out []*runtimeapi.PodSandbox
 	for _, sb := range s.sandboxes {
-		if f != nil {
-			if f.GetId() != "" && !strings.HasPrefix(sb.id, f.GetId()) {
-				continue
-			}
-			if f.GetState() != nil && f.GetState().GetState() != sb.state {
-				continue
-			}
-			if !labelsMatch(sb.config.GetLabels(), f.GetLabelSelector()) {
-				continue
-			}
+		if !sb.matches(f.GetId(), f.GetLabelSelector()) || (f.GetState() != nil && f.GetState().GetState() != sb.state) {
+			continue
 		}
 		out = append(out, sb.toAPI())
 	}
 	return &runtimeapi.ListPodSandboxResponse{Items: out}, nil
+}
+
+// matches applies the ID-prefix and label filters of CRI lists.
+func (sb *sandbox) matches(idPrefix string, selector map[string]string) bool {
+	return strings.HasPrefix(sb.id, idPrefix) && labelsMatch(sb.config.GetLabels(), selector)
 }
 
 func labelsMatch(labels, selector map[string]string) bool {

@@ -201,6 +201,17 @@ func (s *Service) containerLocked(id string) (*container, error) {
 	return lookupID(s.containers, id, "container")
 }
 
+// currentLocked looks a container up and brings its state up to date (a VM
+// that ended becomes EXITED). Caller holds s.mu.
+func (s *Service) currentLocked(id string) (*container, error) {
+	c, err := s.containerLocked(id)
+	if err != nil {
+		return nil, err
+	}
+	s.refresh(c)
+	return c, nil
+}
+
 // containerIDsOf lists the containers of a sandbox; callers hold s.mu.
 func (s *Service) containerIDsOf(sandboxID string) []string {
 	var ids []string
@@ -249,11 +260,10 @@ func (s *Service) Shutdown() {
 func (s *Service) runningVM(id string) (vmHandle, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	c, err := s.containerLocked(id)
+	c, err := s.currentLocked(id)
 	if err != nil {
 		return nil, err
 	}
-	s.refresh(c)
 	if c.state != runtimeapi.ContainerState_CONTAINER_RUNNING || c.vm == nil {
 		return nil, errorf(codes.FailedPrecondition, "container %s is not running (%s); only a running VM's console can be attached", c.id, c.state)
 	}

@@ -69,11 +69,10 @@ func (s *Service) statsOf(c *container) *runtimeapi.ContainerStats {
 func (s *Service) ContainerStats(ctx context.Context, r *runtimeapi.ContainerStatsRequest) (*runtimeapi.ContainerStatsResponse, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	c, err := s.containerLocked(r.GetContainerId())
+	c, err := s.currentLocked(r.GetContainerId())
 	if err != nil {
 		return nil, err
 	}
-	s.refresh(c)
 	return &runtimeapi.ContainerStatsResponse{Stats: s.statsOf(c)}, nil
 }
 
@@ -151,13 +150,9 @@ func (s *Service) ListPodSandboxStats(ctx context.Context, r *runtimeapi.ListPod
 	defer s.mu.Unlock()
 	var out []*runtimeapi.PodSandboxStats
 	for _, sb := range s.sandboxes {
-		if f.GetId() != "" && sb.id != f.GetId() {
-			continue
+		if sb.matches(f.GetId(), f.GetLabelSelector()) {
+			out = append(out, s.podStatsLocked(sb))
 		}
-		if !labelsMatch(sb.config.GetLabels(), f.GetLabelSelector()) {
-			continue
-		}
-		out = append(out, s.podStatsLocked(sb))
 	}
 	return &runtimeapi.ListPodSandboxStatsResponse{Stats: out}, nil
 }
@@ -169,11 +164,10 @@ func (s *Service) ListPodSandboxStats(ctx context.Context, r *runtimeapi.ListPod
 func (s *Service) UpdateContainerResources(ctx context.Context, r *runtimeapi.UpdateContainerResourcesRequest) (*runtimeapi.UpdateContainerResourcesResponse, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	c, err := s.containerLocked(r.GetContainerId())
+	c, err := s.currentLocked(r.GetContainerId())
 	if err != nil {
 		return nil, err
 	}
-	s.refresh(c)
 	res := r.GetLinux()
 	if res == nil {
 		return nil, errorf(codes.InvalidArgument, "only Linux resources can be updated")
