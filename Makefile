@@ -5,7 +5,7 @@ OUT := _output
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/unilet-dev/unilet/pkg/version.Version=$(VERSION)
 
-.PHONY: all deps proto build test test-unit test-e2e vet demo guest clean
+.PHONY: all deps proto build test test-unit test-e2e test-kube vet demo guest clean kube-bins cluster-up cluster-down
 
 all: build
 
@@ -33,11 +33,33 @@ test-unit: deps
 	$(GO) test -count=1 $$($(GO) list ./... | grep -v /e2e/)
 
 # End-to-end: the real daemon driven by a real crictl (built from cri-tools),
-# real QEMU, a loopback registry, and a real containerd for passthrough pods.
+# real QEMU, real CNI plugins, a loopback registry, and a real containerd for
+# passthrough pods.
 test-e2e: deps
-	$(GO) test -count=1 ./e2e/...
+	$(GO) test -count=1 -timeout 20m ./e2e/cri/...
 
-test: deps vet test-unit test-e2e
+# Kubernetes end-to-end: a real kubelet, kube-apiserver, controller-manager,
+# scheduler and etcd (built from Go modules; cold ~10 min, then cached) with
+# unilet as the kubelet's runtime, driven with kubectl.
+test-kube: deps kube-bins
+	$(GO) test -count=1 -timeout 40m ./e2e/kube/...
+
+test: deps vet test-unit test-e2e test-kube
+
+KUBE_BIN := $(OUT)/kube/bin
+kube-bins:
+	./e2e/kube/build.sh $(KUBE_BIN)
+
+# A single-node cluster on 127.0.0.1 with unilet in front of containerd.
+# Extra unilet flags: UNILET_ARGS="--insecure-registry 127.0.0.1:5000 ...".
+cluster-up: deps build kube-bins
+	$(GO) build -o $(OUT)/bin/cluster ./e2e/kube/cluster
+	$(OUT)/bin/cluster up --kube-bin $(KUBE_BIN) --unilet-bin bin
+	@echo "kubectl: $(KUBE_BIN)/kubectl --kubeconfig $(OUT)/cluster/kubeconfig"
+
+cluster-down:
+	$(GO) build -o $(OUT)/bin/cluster ./e2e/kube/cluster
+	$(OUT)/bin/cluster down
 
 demo: deps
 	$(GO) run ./e2e/demo

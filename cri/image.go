@@ -9,8 +9,11 @@ import (
 // PullImage routes by sandbox config, ImageSpec.runtime_handler, then the
 // configured unikernel registries; the rest goes upstream.
 func (r *Router) PullImage(ctx context.Context, req *runtimeapi.PullImageRequest) (*runtimeapi.PullImageResponse, error) {
+	// kubelet's PullImage carries the pod's sandbox config but not its
+	// RuntimeClass handler: a pod unilet already runs as a VM sandbox (kubelet
+	// runs the sandbox before pulling) is recognised by its metadata.
 	toVM := r.IsUnikernelPod(req.GetSandboxConfig(), req.GetImage().GetRuntimeHandler()) ||
-		r.isVMImageRef(req.GetImage().GetImage()) || r.upImage == nil
+		r.vm.OwnsPod(req.GetSandboxConfig().GetMetadata()) || r.isVMImageRef(req.GetImage().GetImage()) || r.upImage == nil
 	if toVM {
 		return r.vm.PullImage(ctx, req)
 	}

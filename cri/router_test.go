@@ -153,6 +153,13 @@ func TestRoutingTable(t *testing.T) {
 		require.Contains(t, err.Error(), "pull unikernel image")
 	}
 	require.Equal(t, []string{"PullImage:busybox"}, up.calls)
+	// kubelet pulls for a RuntimeClass pod with its sandbox config but no
+	// handler: the pod's VM sandbox (run first) routes the pull.
+	_, err = r.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: podCfg("rc", nil), RuntimeHandler: "unikraft"})
+	require.NoError(t, err)
+	_, err = r.PullImage(ctx, &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: "127.0.0.1:1/x:1"}, SandboxConfig: podCfg("rc", nil)})
+	require.ErrorContains(t, err, "pull unikernel image")
+	require.Equal(t, []string{"PullImage:busybox"}, up.calls)
 	// Refs under the unikernel registries go to the VM store (checked without
 	// pulling: tests never reach outside loopback).
 	require.True(t, r.isVMImageRef("unikraft.org/helloworld:latest"))

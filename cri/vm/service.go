@@ -144,6 +144,23 @@ func (s *Service) OwnsSandbox(id string) bool {
 	return ok
 }
 
+// OwnsPod reports whether a unikernel sandbox exists for the pod md names
+// (namespace, name and UID; any attempt).
+func (s *Service) OwnsPod(md *runtimeapi.PodSandboxMetadata) bool {
+	if md == nil || md.GetUid() == "" {
+		return false
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, sb := range s.sandboxes {
+		m := sb.config.GetMetadata()
+		if m.GetUid() == md.GetUid() && m.GetNamespace() == md.GetNamespace() && m.GetName() == md.GetName() {
+			return true
+		}
+	}
+	return false
+}
+
 // OwnsContainer reports whether id is a unikernel container (for routing).
 func (s *Service) OwnsContainer(id string) bool {
 	s.mu.Lock()

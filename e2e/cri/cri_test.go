@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -24,6 +25,8 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/registry"
 	"github.com/stretchr/testify/require"
+
+	"github.com/unilet-dev/unilet/pkg/cgroups"
 )
 
 var (
@@ -133,25 +136,6 @@ type daemon struct {
 	cniConf, bridge, subnet, netnsDir, cgroupRoot string
 }
 
-// removeCgroupTree removes a test's cgroup parent in every v1 hierarchy.
-func removeCgroupTree(p string) {
-	ents, _ := os.ReadDir("/sys/fs/cgroup")
-	for _, h := range ents {
-		root := filepath.Join("/sys/fs/cgroup", h.Name(), p)
-		var dirs []string
-		_ = filepath.WalkDir(root, func(path string, de os.DirEntry, err error) error {
-			if err == nil && de.IsDir() {
-				dirs = append(dirs, path)
-			}
-			return nil
-		})
-		for i := len(dirs) - 1; i >= 0; i-- {
-			_ = os.Remove(dirs[i])
-		}
-		_ = os.Remove(filepath.Dir(root)) // /unilet-e2e once empty
-	}
-}
-
 // netSeq numbers the test networks: daemon N gets bridge ulbN and
 // 198.18.N.0/24 (a benchmarking range that collides with nothing).
 var netSeq = 0
@@ -208,7 +192,8 @@ func startDaemon(t *testing.T, extra ...string) *daemon {
 			_ = syscall.Unmount(filepath.Join(d.netnsDir, e.Name()), syscall.MNT_DETACH)
 		}
 		_ = exec.Command("ip", "link", "del", d.bridge).Run()
-		removeCgroupTree(d.cgroupRoot)
+		cgroups.RemoveTree(d.cgroupRoot)
+		cgroups.RemoveTree(path.Dir(d.cgroupRoot)) // /unilet-e2e once empty
 		os.RemoveAll(dir)
 	})
 	d.start()

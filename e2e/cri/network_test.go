@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/unilet-dev/unilet/pkg/cgroups"
 )
 
 func netImage() string { return regHost + "/unikraft/netguest:latest" }
@@ -416,7 +418,7 @@ func TestCNIReadinessAndTeardownRetry(t *testing.T) {
 
 	// A systemd-style cgroup parent is expanded to its slice path.
 	const slice = "unilete2e-pod1.slice"
-	t.Cleanup(func() { removeCgroupTree("/unilete2e.slice") })
+	t.Cleanup(func() { cgroups.RemoveTree("/unilete2e.slice") })
 	d.must("pull", image())
 	sp := writeJSON(t, map[string]any{
 		"metadata":    map[string]any{"name": "slice", "namespace": "e2e", "uid": "slice-uid"},

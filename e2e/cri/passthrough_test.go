@@ -1,8 +1,6 @@
 package cri_test
 
 import (
-	"archive/tar"
-	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
@@ -12,60 +10,15 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/name"
-	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	"github.com/stretchr/testify/require"
+
+	"github.com/unilet-dev/unilet/e2e/internal/testimages"
 )
 
 const (
-	pauseImage   = "unilet.test/pause:1"
-	busyboxImage = "unilet.test/busybox:1"
+	pauseImage   = testimages.Pause
+	busyboxImage = testimages.Busybox
 )
-
-// buildImage builds a linux/amd64 image from files (path → content) and
-// symlinks (path → target).
-func buildImage(t *testing.T, files map[string][]byte, links map[string]string, cmd []string) v1.Image {
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	seen := map[string]bool{}
-	var mkdirs func(string)
-	mkdirs = func(d string) {
-		if d == "." || d == "/" || seen[d] {
-			return
-		}
-		mkdirs(filepath.Dir(d))
-		seen[d] = true
-		require.NoError(t, tw.WriteHeader(&tar.Header{Name: d + "/", Typeflag: tar.TypeDir, Mode: 0o755}))
-	}
-	for p, b := range files {
-		mkdirs(filepath.Dir(p))
-		require.NoError(t, tw.WriteHeader(&tar.Header{Name: p, Typeflag: tar.TypeReg, Mode: 0o755, Size: int64(len(b))}))
-		_, err := tw.Write(b)
-		require.NoError(t, err)
-	}
-	for p, target := range links {
-		mkdirs(filepath.Dir(p))
-		require.NoError(t, tw.WriteHeader(&tar.Header{Name: p, Typeflag: tar.TypeSymlink, Linkname: target, Mode: 0o777}))
-	}
-	require.NoError(t, tw.Close())
-	data := buf.Bytes()
-	layer, err := tarball.LayerFromReader(bytes.NewReader(data))
-	require.NoError(t, err)
-	img, err := mutate.AppendLayers(empty.Image, layer)
-	require.NoError(t, err)
-	cf, err := img.ConfigFile()
-	require.NoError(t, err)
-	cf = cf.DeepCopy()
-	cf.OS, cf.Architecture = "linux", "amd64"
-	cf.Config.Cmd = cmd
-	cf.Config.Env = []string{"PATH=/bin"}
-	img, err = mutate.ConfigFile(img, cf)
-	require.NoError(t, err)
-	return img
-}
 
 // containerd is a real containerd (Debian) on private directories.
 type containerd struct {
@@ -138,26 +91,7 @@ state = %q
 	}, 20*time.Second, 50*time.Millisecond, "containerd did not start")
 
 	// Offline images: a static pause and Debian's static busybox.
-	pauseBin := filepath.Join(dir, "pause")
-	out, err := exec.Command("go", "build", "-o", pauseBin, filepath.Join(repoRoot, "e2e", "images", "pause")).CombinedOutput()
-	require.NoError(t, err, string(out))
-	pb, err := os.ReadFile(pauseBin)
-	require.NoError(t, err)
-	bb, err := os.ReadFile("/bin/busybox")
-	require.NoError(t, err, "Debian busybox-static is required (make deps installs it)")
-	links := map[string]string{}
-	for _, a := range []string{"sh", "echo", "sleep", "cat", "ls", "true"} {
-		links["bin/"+a] = "busybox"
-	}
-	imgs := map[name.Tag]v1.Image{}
-	pt, _ := name.NewTag(pauseImage)
-	bt, _ := name.NewTag(busyboxImage)
-	imgs[pt] = buildImage(t, map[string][]byte{"pause": pb}, nil, []string{"/pause"})
-	imgs[bt] = buildImage(t, map[string][]byte{"bin/busybox": bb}, links, []string{"/bin/sh"})
-	archive := filepath.Join(dir, "images.tar")
-	require.NoError(t, tarball.MultiWriteToFile(archive, imgs))
-	out, err = exec.Command("ctr", "-a", c.sock, "-n", "k8s.io", "images", "import", archive).CombinedOutput()
-	require.NoError(t, err, string(out))
+	require.NoError(t, testimages.ImportBase(repoRoot, dir, c.sock))
 	return c
 }
 

@@ -24,6 +24,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/unilet-dev/unilet/pkg/cgroups"
 )
 
 func main() {
@@ -80,7 +82,10 @@ func run() error {
 	if err := os.WriteFile(filepath.Join(cniDir, "10-demo.conflist"), []byte(conf), 0o644); err != nil {
 		return err
 	}
-	defer func() { _ = exec.Command("ip", "link", "del", "unilet-demo0").Run() }()
+	defer func() {
+		_ = exec.Command("ip", "link", "del", "unilet-demo0").Run()
+		cgroups.RemoveTree("/unilet-demo")
+	}()
 	cniBin := "/usr/lib/cni"
 	if _, err := os.Stat(filepath.Join(cniBin, "bridge")); err != nil {
 		cniBin = "/opt/cni/bin"

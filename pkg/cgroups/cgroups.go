@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"os"
 	"path"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -261,4 +262,24 @@ func (c *v2) Stats() (Stats, error) {
 		}
 	}
 	return st, nil
+}
+
+// RemoveTree removes the cgroup p and everything below it in every mounted
+// hierarchy, deepest first (cleanup of test and demo parents). Cgroups that
+// still hold processes stay.
+func RemoveTree(p string) {
+	ents, _ := os.ReadDir("/sys/fs/cgroup")
+	for _, h := range ents {
+		root := path.Join("/sys/fs/cgroup", h.Name(), p)
+		var dirs []string
+		_ = filepath.WalkDir(root, func(p string, de os.DirEntry, err error) error {
+			if err == nil && de.IsDir() {
+				dirs = append(dirs, p)
+			}
+			return nil
+		})
+		for i := len(dirs) - 1; i >= 0; i-- {
+			_ = os.Remove(dirs[i])
+		}
+	}
 }

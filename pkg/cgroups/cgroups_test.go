@@ -40,7 +40,7 @@ func TestRealCgroup(t *testing.T) {
 	p := "/unilet-test/" + strconv.Itoa(os.Getpid())
 	c, err := Create(p, Resources{MemoryLimit: 96 << 20, CPUQuota: 50000, CPUPeriod: 100000, CPUShares: 512})
 	require.NoError(t, err)
-	defer func() { _ = c.Delete(); _ = os.Remove("/sys/fs/cgroup/memory/unilet-test") }()
+	defer RemoveTree("/unilet-test")
 	if !unified() {
 		b, err := os.ReadFile(filepath.Join("/sys/fs/cgroup/memory", p, "memory.limit_in_bytes"))
 		require.NoError(t, err)
