@@ -5,7 +5,7 @@ OUT := _output
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/unilet-dev/unilet/pkg/version.Version=$(VERSION)
 
-.PHONY: all deps proto build test test-unit test-e2e test-kube vet demo guest clean kube-bins cluster-up cluster-down
+.PHONY: all deps proto build test test-unit test-e2e test-kube vet demo demo-down demo-cri guest clean kube-bins cluster-up cluster-down
 
 all: build
 
@@ -61,7 +61,15 @@ cluster-down:
 	$(GO) build -o $(OUT)/bin/cluster ./e2e/kube/cluster
 	$(OUT)/bin/cluster down
 
+# The main job: a single-node Kubernetes cluster with unilet, a unikernel pod
+# and a plain pod (hack/demo.sh). `make demo-down` tears it down.
 demo: deps
+	./hack/demo.sh
+
+demo-down: cluster-down
+
+# The CRI-level demo: one unikernel pod through the daemon with a CRI client (~5 s).
+demo-cri: deps
 	$(GO) run ./e2e/demo
 
 clean:
