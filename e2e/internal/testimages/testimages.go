@@ -112,13 +112,29 @@ func ImportBase(repoRoot, work, sock string) error {
 	if err != nil {
 		return err
 	}
-	pt, _ := name.NewTag(Pause)
-	bt, _ := name.NewTag(Busybox)
-	archive := filepath.Join(work, "images.tar")
-	if err := tarball.MultiWriteToFile(archive, map[name.Tag]v1.Image{pt: pause, bt: busybox}); err != nil {
+	return Import(work, sock, map[string]v1.Image{Pause: pause, Busybox: busybox})
+}
+
+// Import imports images (by tag) into the containerd at sock (namespace k8s.io).
+func Import(work, sock string, imgs map[string]v1.Image) error {
+	byTag := map[name.Tag]v1.Image{}
+	for ref, img := range imgs {
+		tag, err := name.NewTag(ref)
+		if err != nil {
+			return err
+		}
+		byTag[tag] = img
+	}
+	archive, err := os.CreateTemp(work, "images-*.tar")
+	if err != nil {
 		return err
 	}
-	if out, err := exec.Command("ctr", "-a", sock, "-n", "k8s.io", "images", "import", archive).CombinedOutput(); err != nil {
+	archive.Close()
+	defer os.Remove(archive.Name())
+	if err := tarball.MultiWriteToFile(archive.Name(), byTag); err != nil {
+		return err
+	}
+	if out, err := exec.Command("ctr", "-a", sock, "-n", "k8s.io", "images", "import", archive.Name()).CombinedOutput(); err != nil {
 		return fmt.Errorf("import images into containerd: %v\n%s", err, out)
 	}
 	return nil

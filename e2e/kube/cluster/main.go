@@ -144,6 +144,7 @@ func (c *cluster) up() error {
 	if err := c.down(); err != nil { // leftovers of an earlier run
 		return err
 	}
+	_ = os.RemoveAll(c.p("logs")) // each run's logs are its own
 	for _, d := range []string{"logs", "pids", "pki", "etcd", "containerd", "kubelet", "unilet", "cni/net.d", "cni/ipam", "netns", "work"} {
 		if err := os.MkdirAll(c.p(d), 0o755); err != nil {
 			return err
@@ -327,7 +328,8 @@ imageGCHighThresholdPercent: 100
 evictionHard: {"memory.available": "100Mi", "nodefs.available": "1%%", "imagefs.available": "1%%", "nodefs.inodesFree": "1%%"}
 maxPods: 150
 syncFrequency: 10s
-`, KubeletPort, pki("kubelet.crt"), pki("kubelet.key"), pki("ca.crt"), c.p("unilet", "unilet.sock"))
+podLogsDir: %s
+`, KubeletPort, pki("kubelet.crt"), pki("kubelet.key"), pki("ca.crt"), c.p("unilet", "unilet.sock"), c.p("pod-logs"))
 	if err := os.WriteFile(c.p("kubelet", "config.yaml"), []byte(cfg), 0o644); err != nil {
 		return err
 	}
@@ -358,7 +360,7 @@ func (c *cluster) down() error {
 	for _, cg := range []string{"/kubepods", "/unilet"} {
 		cgroups.RemoveTree(cg)
 	}
-	for _, d := range []string{"etcd", "containerd", "kubelet", "unilet", "cni", "netns", "work", "pki", "pids",
+	for _, d := range []string{"etcd", "containerd", "kubelet", "unilet", "cni", "netns", "work", "pki", "pids", "host-bin", "pod-logs",
 		"kubeconfig", "kubelet.kubeconfig", "controller-manager.kubeconfig", "scheduler.kubeconfig"} {
 		if err := os.RemoveAll(c.p(d)); err != nil {
 			return fmt.Errorf("remove %s: %w", c.p(d), err)

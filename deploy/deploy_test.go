@@ -1,0 +1,75 @@
+// Package deploy holds the manifests and the Helm chart; this test keeps the
+// chart's defaults and the plain manifests the same content.
+package deploy
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"text/template"
+
+	"github.com/stretchr/testify/require"
+	"go.yaml.in/yaml/v3"
+)
+
+// render renders one chart template with values the way Helm does for the
+// features the chart uses (.Values, quote).
+func render(t *testing.T, file string, values map[string]any) string {
+	tpl, err := template.New(filepath.Base(file)).Funcs(template.FuncMap{
+		"quote": func(v any) string { return strconv.Quote(fmt.Sprint(v)) },
+	}).ParseFiles(file)
+	require.NoError(t, err)
+	var b strings.Builder
+	require.NoError(t, tpl.Execute(&b, map[string]any{"Values": values}))
+	return b.String()
+}
+
+func TestHelmChartMatchesManifests(t *testing.T) {
+	raw, err := os.ReadFile("helm/unilet/values.yaml")
+	require.NoError(t, err)
+	values := map[string]any{}
+	require.NoError(t, yaml.Unmarshal(raw, &values))
+	var rendered []string
+	for _, f := range []string{"namespace.yaml", "serviceaccount.yaml", "daemonset.yaml"} {
+		rendered = append(rendered, render(t, filepath.Join("helm/unilet/templates", f), values))
+	}
+	plain, err := os.ReadFile("unilet.yaml")
+	require.NoError(t, err)
+	docs := strings.Split(string(plain), "---\n")
+	require.Len(t, docs, 3)
+	for i := range docs {
+		require.Equal(t, normalize(docs[i]), normalize(rendered[i]), "document %d", i)
+	}
+	rc := render(t, "helm/unilet/templates/runtimeclass.yaml", values)
+	want, err := os.ReadFile("runtimeclass.yaml")
+	require.NoError(t, err)
+	require.Equal(t, normalize(string(want)), normalize(rc))
+	// Every manifest parses.
+	for _, f := range []string{"unilet.yaml", "runtimeclass.yaml", "examples/pod-annotation.yaml", "examples/pod-runtimeclass.yaml",
+		"examples/demo.yaml", "examples/web.yaml", "examples/pod-pvc.yaml"} {
+		b, err := os.ReadFile(f)
+		require.NoError(t, err, f)
+		dec := yaml.NewDecoder(strings.NewReader(string(b)))
+		for {
+			var v map[string]any
+			if err := dec.Decode(&v); err != nil {
+				require.EqualError(t, err, "EOF", f)
+				break
+			}
+			require.NotEmpty(t, v["kind"], f)
+		}
+	}
+}
+
+// normalize parses YAML and re-encodes it (comments and quoting style aside).
+func normalize(s string) string {
+	var v any
+	if err := yaml.Unmarshal([]byte(s), &v); err != nil {
+		return "invalid YAML: " + err.Error()
+	}
+	b, _ := yaml.Marshal(v)
+	return string(b)
+}

@@ -1,0 +1,136 @@
+package kube_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/unilet-dev/unilet/e2e/internal/testimages"
+)
+
+// buildUniletImage builds the DaemonSet's image the way the Dockerfile does
+// (static binaries under /unilet/bin, nsenter on PATH), stamped with ver.
+func buildUniletImage(t *testing.T, ver string) string {
+	dir := filepath.Join(t.TempDir(), ver)
+	cmd := exec.Command("go", "build", "-trimpath", "-ldflags", "-X github.com/unilet-dev/unilet/pkg/version.Version="+ver, "-o", dir+"/",
+		"./cmd/unilet", "./cmd/unilet-shim", "./cmd/uniletctl", "./cmd/unilet-install")
+	cmd.Dir = repoRoot
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	out, err := cmd.CombinedOutput()
+	require.NoError(t, err, string(out))
+	files := map[string][]byte{}
+	for _, b := range []string{"unilet", "unilet-shim", "uniletctl", "unilet-install"} {
+		files["unilet/bin/"+b], err = os.ReadFile(filepath.Join(dir, b))
+		require.NoError(t, err)
+	}
+	files["bin/busybox"], err = os.ReadFile("/bin/busybox")
+	require.NoError(t, err)
+	img, err := testimages.Build(files, map[string]string{"bin/nsenter": "busybox", "bin/sh": "busybox"}, []string{"/unilet/bin/unilet-install"})
+	require.NoError(t, err)
+	ref := "unilet.test/unilet:" + ver
+	require.NoError(t, testimages.Import(t.TempDir(), filepath.Join(clusterDir, "containerd", "containerd.sock"), map[string]v1.Image{ref: img}))
+	return ref
+}
+
+// runtimeVersion asks the daemon behind the cluster's CRI socket for its version.
+func runtimeVersion() (string, error) {
+	conn, err := grpc.NewClient("unix://"+filepath.Join(clusterDir, "unilet", "unilet.sock"), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return "", err
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	v, err := runtimeapi.NewRuntimeServiceClient(conn).Version(ctx, &runtimeapi.VersionRequest{})
+	if err != nil {
+		return "", err
+	}
+	return v.GetRuntimeVersion(), nil
+}
+
+// daemonManifest is deploy/unilet.yaml pointed at this cluster: its image,
+// and the host paths the cluster's daemon uses (pid file, log, binaries).
+func daemonManifest(t *testing.T, image string) string {
+	b, err := os.ReadFile(filepath.Join(repoRoot, "deploy", "unilet.yaml"))
+	require.NoError(t, err)
+	s := string(b)
+	for old, new := range map[string]string{
+		"image: unilet/unilet:0.1.0":      "image: " + image,
+		`value: "/opt/unilet/bin"`:        fmt.Sprintf("value: %q", filepath.Join(clusterDir, "host-bin")),
+		`value: "/run/unilet/unilet.pid"`: fmt.Sprintf("value: %q", filepath.Join(clusterDir, "pids", "unilet.pid")),
+		`value: "/var/log/unilet.log"`:    fmt.Sprintf("value: %q", filepath.Join(clusterDir, "logs", "unilet.log")),
+	} {
+		require.Contains(t, s, old)
+		s = strings.ReplaceAll(s, old, new)
+	}
+	f := filepath.Join(t.TempDir(), "unilet.yaml")
+	require.NoError(t, os.WriteFile(f, []byte(s), 0o644))
+	return f
+}
+
+// TestDaemonSetRollout: the DaemonSet's installer takes over the node's
+// daemon (adopting its flags), installs its binaries on the host and
+// restarts it there; rolling the DaemonSet to a new version replaces the
+// binaries and restarts the daemon again; a VM started before runs on
+// untouched throughout, and kubelet keeps starting pods.
+func TestDaemonSetRollout(t *testing.T) {
+	apply(t, vmPod("vm-rollout", `"tick=200"`))
+	waitRunning(t, "vm-rollout")
+	vms := qemuFor(t)
+	require.Len(t, vms, 1)
+
+	img1 := buildUniletImage(t, "e2e-v1")
+	img2 := buildUniletImage(t, "e2e-v2")
+	manifest := daemonManifest(t, img1)
+	must(t, "apply", "-f", manifest)
+	t.Cleanup(func() {
+		_, _ = kubectl("delete", "-f", manifest, "--wait=true", "--timeout=60s", "--ignore-not-found")
+	})
+	waitVersion := func(want string) {
+		var got string
+		var err error
+		for deadline := time.Now().Add(120 * time.Second); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
+			if got, err = runtimeVersion(); got == want {
+				return
+			}
+		}
+		t.Fatalf("daemon version %q (%v), want %q\ninstaller:\n%s", got, err, want, installerLogs())
+	}
+	waitVersion("e2e-v1")
+	require.FileExists(t, filepath.Join(clusterDir, "host-bin", "unilet"), "binaries installed on the host")
+	require.Equal(t, vms, qemuFor(t), "the VM runs on through the takeover")
+	apply(t, vmPod("vm-after-v1", `"tick=200"`))
+	waitRunning(t, "vm-after-v1")
+
+	// Roll to v2.
+	must(t, "-n", "unilet-system", "set", "image", "daemonset/unilet", "installer="+img2)
+	waitVersion("e2e-v2")
+	require.Equal(t, vms[0], qemuFor(t)[0], "the first VM runs on through the rollout")
+	waitPod(t, "vm-rollout", "{.status.containerStatuses[0].restartCount}", "0", 5*time.Second)
+	waitLogs(t, "vm-rollout", "tick 5")
+	apply(t, vmPod("vm-after-v2", `"tick=200"`))
+	waitRunning(t, "vm-after-v2")
+
+	// Deleting the DaemonSet leaves the daemon on the host.
+	must(t, "delete", "-f", manifest, "--wait=true", "--timeout=60s")
+	time.Sleep(2 * time.Second)
+	v, err := runtimeVersion()
+	require.NoError(t, err)
+	require.Equal(t, "e2e-v2", v)
+}
+
+func installerLogs() string {
+	out, _ := kubectl("-n", "unilet-system", "logs", "daemonset/unilet", "--tail", "30")
+	return out
+}
