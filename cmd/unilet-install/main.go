@@ -171,10 +171,14 @@ Delegate=yes
 WantedBy=multi-user.target
 `
 
+// renderUnit is the systemd unit running binDir/unilet with args.
+func renderUnit(binDir, args string) string {
+	return fmt.Sprintf(unit, filepath.Join(binDir, "unilet"), strings.Join(strings.Fields(args), " "))
+}
+
 func (c config) systemd(changed bool) error {
-	args := c.daemonArgs
 	path := c.host("/etc/systemd/system/unilet.service")
-	content := fmt.Sprintf(unit, filepath.Join(c.binDir, "unilet"), args)
+	content := renderUnit(c.binDir, c.daemonArgs)
 	old, _ := os.ReadFile(path)
 	if !bytes.Equal(old, []byte(content)) {
 		if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
@@ -208,21 +212,11 @@ func (c config) switchKubelet(systemd bool) error {
 	if err != nil {
 		return fmt.Errorf("kubelet config: %w", err)
 	}
-	var out []string
-	found := false
-	for _, l := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(l, "containerRuntimeEndpoint:") {
-			if strings.TrimSpace(strings.TrimPrefix(l, "containerRuntimeEndpoint:")) == c.socket {
-				return nil // already
-			}
-			l, found = "containerRuntimeEndpoint: "+c.socket, true
-		}
-		out = append(out, l)
+	updated, changed := pointKubeletAt(b, c.socket)
+	if !changed {
+		return nil
 	}
-	if !found {
-		out = append(out, "containerRuntimeEndpoint: "+c.socket)
-	}
-	if err := os.WriteFile(p, []byte(strings.Join(out, "\n")), 0o644); err != nil {
+	if err := os.WriteFile(p, updated, 0o644); err != nil {
 		return err
 	}
 	if !systemd {
@@ -234,6 +228,29 @@ func (c config) switchKubelet(systemd bool) error {
 	}
 	logrus.Info("kubelet now uses unilet")
 	return nil
+}
+
+// pointKubeletAt sets containerRuntimeEndpoint in a KubeletConfiguration
+// file (YAML, top level) to socket; it reports whether anything changed.
+func pointKubeletAt(config []byte, socket string) ([]byte, bool) {
+	var out []string
+	found := false
+	for _, l := range strings.Split(string(config), "\n") {
+		if strings.HasPrefix(l, "containerRuntimeEndpoint:") {
+			if strings.Trim(strings.TrimSpace(strings.TrimPrefix(l, "containerRuntimeEndpoint:")), `"'`) == socket {
+				return config, false
+			}
+			l, found = "containerRuntimeEndpoint: "+socket, true
+		}
+		out = append(out, l)
+	}
+	if !found {
+		if len(out) > 0 && out[len(out)-1] == "" {
+			out = out[:len(out)-1]
+		}
+		out = append(out, "containerRuntimeEndpoint: "+socket, "")
+	}
+	return []byte(strings.Join(out, "\n")), true
 }
 
 // daemonPid returns the pid of the running daemon recorded in the pid file.
