@@ -5,7 +5,7 @@ OUT := _output
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/unilet-dev/unilet/pkg/version.Version=$(VERSION)
 
-.PHONY: all deps proto build test test-unit test-e2e test-kube vet demo demo-down demo-cri guest clean kube-bins cluster-up cluster-down
+.PHONY: all deps proto build test test-unit test-e2e test-kube vet demo demo-down demo-cri guest clean kube-bins bench bench-quick cluster-up cluster-down
 
 all: build
 
@@ -49,6 +49,14 @@ test: deps vet test-unit test-e2e test-kube
 KUBE_BIN := $(OUT)/kube/bin
 kube-bins:
 	./e2e/kube/build.sh $(KUBE_BIN)
+
+# Benchmarks: unilet vs a bare QEMU of the same VM and vs containerd + runc,
+# interleaved A/B; writes bench/results.json and docs/benchmarks.md.
+bench: deps
+	$(GO) run ./bench
+
+bench-quick: deps
+	$(GO) run ./bench --quick
 
 # A single-node cluster on 127.0.0.1 with unilet in front of containerd.
 # Extra unilet flags: UNILET_ARGS="--insecure-registry 127.0.0.1:5000 ...".

@@ -56,7 +56,8 @@ func dialMonitor(ctx context.Context, path string, onEvent func(string)) (*monit
 	_ = conn.SetReadDeadline(time.Time{})
 	m := &monitor{conn: conn, replies: make(chan qmpReply, 1), onEvent: onEvent, closed: make(chan struct{})}
 	go m.read(r)
-	if _, err := m.execute("qmp_capabilities", 2*time.Second); err != nil {
+	// Generous: QEMU answers slowly while a node boots many VMs at once.
+	if _, err := m.execute("qmp_capabilities", 10*time.Second); err != nil {
 		conn.Close()
 		return nil, err
 	}
@@ -110,7 +111,7 @@ func (m *monitor) execute(cmd string, timeout time.Duration) (json.RawMessage, e
 }
 
 func (m *monitor) status() (string, error) {
-	raw, err := m.execute("query-status", 2*time.Second)
+	raw, err := m.execute("query-status", 10*time.Second)
 	if err != nil {
 		return "", err
 	}

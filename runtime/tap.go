@@ -53,3 +53,7 @@ func closeAll(files []*os.File) {
 		f.Close()
 	}
 }
+
+// OpenTaps attaches to the tap devices of nics the way a VM's supervisor
+// does (for benchmarks that run QEMU directly with the same NIC).
+func OpenTaps(nics []NIC) ([]*os.File, error) { return openTaps(nics) }

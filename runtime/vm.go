@@ -43,7 +43,13 @@ type VMSpec struct {
 	Machine  MachineConfig
 	StateDir string // per-VM directory for sockets and QEMU's stderr
 	LogPath  string // CRI log file ("" = discard)
+	// StartTimeout bounds how long QEMU may take to answer on QMP
+	// (default DefaultStartTimeout: a busy node starts many VMs at once).
+	StartTimeout time.Duration `json:",omitempty"`
 }
+
+// DefaultStartTimeout is how long a VM may take to come up on QMP.
+const DefaultStartTimeout = 30 * time.Second
 
 // VM supervises one QEMU process: console → CRI log, exit status, stop.
 type VM struct {
@@ -142,7 +148,11 @@ func StartVM(spec VMSpec) (*VM, error) {
 		v.finish()
 	}()
 
-	if err := v.waitQMP(5 * time.Second); err != nil {
+	timeout := spec.StartTimeout
+	if timeout <= 0 {
+		timeout = DefaultStartTimeout
+	}
+	if err := v.waitQMP(timeout); err != nil {
 		v.Kill()
 		<-v.done
 		st := v.Exit()

@@ -346,9 +346,10 @@ func TestVMWithoutQMPGreetingFails(t *testing.T) {
 	require.NoError(t, os.WriteFile(fake, []byte("#!/bin/sh\nexec sleep 120\n"), 0o755))
 	spec := bootSpec(t, "/k")
 	spec.QEMU = fake
+	spec.StartTimeout = 3 * time.Second
 	start := time.Now()
 	_, err := StartVM(spec)
-	require.ErrorContains(t, err, "no QMP greeting")
+	require.ErrorContains(t, err, "no QMP greeting within 3s")
 	require.Less(t, time.Since(start), 15*time.Second)
 	out, _ := exec.Command("pgrep", "-f", "sleep 120").Output()
 	require.Empty(t, strings.TrimSpace(string(out)), "the hung process must be killed")

@@ -12,7 +12,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/unilet-dev/unilet/e2e/internal/testimages"
+	"github.com/unilet-dev/unilet/internal/testimages"
 )
 
 const (

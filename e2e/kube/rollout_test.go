@@ -16,7 +16,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
-	"github.com/unilet-dev/unilet/e2e/internal/testimages"
+	"github.com/unilet-dev/unilet/internal/testimages"
 )
 
 // buildUniletImage builds the DaemonSet's image the way the Dockerfile does

@@ -1,0 +1,227 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/registry"
+	"github.com/vishvananda/netlink"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/unilet-dev/unilet/internal/testimages"
+	"github.com/unilet-dev/unilet/pkg/cgroups"
+	"github.com/unilet-dev/unilet/pkg/netns"
+	"github.com/unilet-dev/unilet/pkg/vmnet"
+)
+
+const (
+	bridge    = "ubench0"
+	subnet    = "198.18.200" // .0/22: room for 200+ pods
+	benchCgrp = "/unilet-bench"
+)
+
+type env struct {
+	dir, bin, image, accel string
+	reg                    *httptest.Server
+	daemon, ctrd           *exec.Cmd
+	rt, ctrdRT             runtimeapi.RuntimeServiceClient
+	img                    runtimeapi.ImageServiceClient
+	conns                  []*grpc.ClientConn
+	bareNS                 string
+	logDir                 string
+	argv                   []string // the QEMU argv of a unilet VM (for bare runs)
+}
+
+func sh(dir string, name string, args ...string) error {
+	cmd := exec.Command(name, args...)
+	cmd.Dir = dir
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return nil
+}
+
+func waitSock(p string) error {
+	for i := 0; i < 600; i++ {
+		if c, err := net.Dial("unix", p); err == nil {
+			c.Close()
+			return nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return fmt.Errorf("%s did not come up", p)
+}
+
+func dialCRI(sock string) (*grpc.ClientConn, error) {
+	return grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+}
+
+func cniBinDir() string {
+	for _, d := range []string{"/usr/lib/cni", "/opt/cni/bin"} {
+		if _, err := os.Stat(filepath.Join(d, "bridge")); err == nil {
+			return d
+		}
+	}
+	return "/opt/cni/bin"
+}
+
+func setup() (*env, error) {
+	repo, _ := os.Getwd()
+	dir, err := os.MkdirTemp("", "unilet-bench-")
+	if err != nil {
+		return nil, err
+	}
+	e := &env{dir: dir, bin: filepath.Join(dir, "bin"), logDir: filepath.Join(dir, "logs")}
+	log.Printf("building unilet and the test kernel")
+	if err := sh(repo, "go", "build", "-o", e.bin+"/", "./cmd/unilet", "./cmd/unilet-shim", "./cmd/uniletctl"); err != nil {
+		return nil, err
+	}
+	kernel := filepath.Join(dir, "testkernel.elf")
+	if err := sh(repo, "./e2e/guest/testkernel/build.sh", kernel); err != nil {
+		return nil, err
+	}
+	e.reg = httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
+	u, _ := url.Parse(e.reg.URL)
+	e.image = u.Host + "/unikraft/testkernel:bench"
+	if err := sh(repo, filepath.Join(e.bin, "uniletctl"), "pack", "--kernel", kernel, "--push", e.image, "--insecure"); err != nil {
+		return nil, err
+	}
+
+	// containerd (Debian) for the passthrough comparison, with offline images.
+	ctrdSock := filepath.Join(dir, "containerd.sock")
+	cfg := fmt.Sprintf("version = 2\nroot = %q\nstate = %q\n[grpc]\n  address = %q\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = %q\n  restrict_oom_score_adj = true\n",
+		filepath.Join(dir, "ctrd-root"), filepath.Join(dir, "ctrd-state"), ctrdSock, testimages.Pause)
+	if err := os.WriteFile(filepath.Join(dir, "containerd.toml"), []byte(cfg), 0o644); err != nil {
+		return nil, err
+	}
+	e.ctrd = exec.Command("containerd", "--config", filepath.Join(dir, "containerd.toml"))
+	e.ctrd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := e.ctrd.Start(); err != nil {
+		return nil, err
+	}
+	if err := waitSock(ctrdSock); err != nil {
+		return e, err
+	}
+	if err := testimages.ImportBase(repo, dir, ctrdSock); err != nil {
+		return e, err
+	}
+
+	// The pod network: a bridge in 198.18.200.0/22 (a benchmarking range).
+	cniDir := filepath.Join(dir, "cni")
+	_ = os.MkdirAll(cniDir, 0o755)
+	conf := fmt.Sprintf(`{"cniVersion": "1.0.0", "name": "unilet-bench", "plugins": [{"type": "bridge", "bridge": %q, "isGateway": true,
+  "ipam": {"type": "host-local", "dataDir": %q, "ranges": [[{"subnet": "%s.0/22"}]], "routes": [{"dst": "0.0.0.0/0"}]}}]}`,
+		bridge, filepath.Join(dir, "ipam"), subnet)
+	if err := os.WriteFile(filepath.Join(cniDir, "10-bench.conflist"), []byte(conf), 0o644); err != nil {
+		return e, err
+	}
+	sock := filepath.Join(dir, "unilet.sock")
+	e.daemon = exec.Command(filepath.Join(e.bin, "unilet"), "--listen", "unix://"+sock, "--root", filepath.Join(dir, "root"),
+		"--state-dir", filepath.Join(dir, "run"), "--upstream-endpoint", "unix://"+ctrdSock, "--insecure-registry", u.Host,
+		"--cni-conf-dir", cniDir, "--cni-bin-dir", cniBinDir(), "--netns-dir", filepath.Join(dir, "netns"),
+		"--cgroup-root", benchCgrp, "--log-level", "warn")
+	lf, _ := os.Create(filepath.Join(dir, "unilet.log"))
+	e.daemon.Stdout, e.daemon.Stderr = lf, lf
+	if err := e.daemon.Start(); err != nil {
+		return e, err
+	}
+	if err := waitSock(sock); err != nil {
+		return e, err
+	}
+	for _, s := range []string{sock, ctrdSock} {
+		c, err := dialCRI(s)
+		if err != nil {
+			return e, err
+		}
+		e.conns = append(e.conns, c)
+	}
+	e.rt = runtimeapi.NewRuntimeServiceClient(e.conns[0])
+	e.img = runtimeapi.NewImageServiceClient(e.conns[0])
+	e.ctrdRT = runtimeapi.NewRuntimeServiceClient(e.conns[1])
+	if st, err := e.rt.Status(bg, &runtimeapi.StatusRequest{Verbose: true}); err == nil {
+		e.accel = st.GetInfo()["accel"]
+	}
+	if _, err := e.img.PullImage(bg, &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: e.image},
+		SandboxConfig: e.podConfig("pull")}); err != nil {
+		return e, err
+	}
+	// A namespace with a CNI-like eth0 and a tap joined to it, so bare QEMU
+	// gets the same NIC (tap fd 3) as a unilet VM.
+	if e.bareNS, err = netns.Create(filepath.Join(dir, "netns"), "bare"); err != nil {
+		return e, err
+	}
+	if err := netns.Do(e.bareNS, func() error {
+		return netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "eth0"}, PeerName: "eth0p"})
+	}); err != nil {
+		return e, err
+	}
+	if _, err := vmnet.SetupTap(e.bareNS, "eth0", "tap0"); err != nil {
+		return e, err
+	}
+	return e, nil
+}
+
+func (e *env) teardown() {
+	if e.rt != nil {
+		if l, err := e.rt.ListPodSandbox(bg, &runtimeapi.ListPodSandboxRequest{}); err == nil {
+			for _, p := range l.GetItems() {
+				_, _ = e.rt.RemovePodSandbox(bg, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: p.GetId()})
+			}
+		}
+	}
+	for _, c := range e.conns {
+		c.Close()
+	}
+	for _, c := range []*exec.Cmd{e.daemon, e.ctrd} {
+		if c != nil && c.Process != nil {
+			_ = c.Process.Signal(syscall.SIGTERM)
+			done := make(chan struct{})
+			go func() { _ = c.Wait(); close(done) }()
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
+				_ = c.Process.Kill()
+			}
+		}
+	}
+	_ = exec.Command("pkill", "-9", "-f", "unilet-shim --dir "+e.dir).Run()
+	_ = exec.Command("pkill", "-9", "-f", "qemu-system-x86_64 .*"+e.dir).Run()
+	_ = exec.Command("pkill", "-9", "-f", "containerd-shim-runc-v2 .*"+e.dir).Run()
+	if e.bareNS != "" {
+		_ = netns.Remove(e.bareNS)
+	}
+	if b, err := os.ReadFile("/proc/mounts"); err == nil {
+		lines := strings.Split(string(b), "\n")
+		for i := len(lines) - 1; i >= 0; i-- {
+			if f := strings.Fields(lines[i]); len(f) > 1 && strings.HasPrefix(f[1], e.dir+"/") {
+				_ = syscall.Unmount(f[1], syscall.MNT_DETACH)
+			}
+		}
+	}
+	_ = exec.Command("ip", "link", "del", bridge).Run()
+	cgroups.RemoveTree(benchCgrp)
+	if e.reg != nil {
+		e.reg.Close()
+	}
+	os.RemoveAll(e.dir)
+}
+
+func (e *env) podConfig(name string) *runtimeapi.PodSandboxConfig {
+	return &runtimeapi.PodSandboxConfig{
+		Metadata:     &runtimeapi.PodSandboxMetadata{Name: name, Namespace: "bench", Uid: name},
+		Annotations:  map[string]string{"kubernetes.io/target-runtime": "unikraft"},
+		LogDirectory: filepath.Join(e.logDir, name),
+	}
+}

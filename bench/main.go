@@ -1,0 +1,266 @@
+// Command bench measures unilet side by side with the physical floor — a bare
+// QEMU running the same VM with the same argv — and with the alternative,
+// containerd + runc, in one run with interleaved A/B runs. It writes
+// bench/results.json and regenerates docs/benchmarks.md and
+// docs/benchmarks-start.svg. Performance is reported, never asserted.
+//
+//	go run ./bench [--quick]
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"log"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strings"
+	"syscall"
+	"time"
+)
+
+type options struct {
+	quick                           bool
+	startRuns, concurrency          []int
+	startPairs, listCalls, floodN   int
+	passthroughRuns, crossPodCounts int
+}
+
+// Results is bench/results.json: the headline keys a script compares, then
+// the details they come from.
+type Results struct {
+	Accel                    string  `json:"accel"`
+	StartRatioP50            float64 `json:"start_ratio_p50"`
+	StartOverheadMsP50       float64 `json:"start_overhead_ms_p50"`
+	ConcurrencyRatio100      float64 `json:"concurrency_ratio_100"`
+	ShimRSSMB                float64 `json:"shim_rss_mb"`
+	DaemonRSSMB100           float64 `json:"daemon_rss_mb_100"`
+	ListP99Ms200             float64 `json:"list_p99_ms_200"`
+	PassthroughOverheadMsP50 float64 `json:"passthrough_overhead_ms_p50"`
+	LogThroughputRatio       float64 `json:"log_throughput_ratio"`
+	LogLostLines             int     `json:"log_lost_lines"`
+
+	Machine Machine `json:"machine"`
+	Details Details `json:"details"`
+}
+
+// Machine records what the figures were measured on.
+type Machine struct {
+	Date, Commit, QEMU, Kernel, Mode string
+	CPUs                             int
+	MemGiB                           float64
+}
+
+// Details are the distributions behind the headline numbers.
+type Details struct {
+	StartUniletMs, StartBareMs []float64
+	Start                      map[string]Summary
+	Concurrency                []ConcurrencyRow
+	Memory                     MemoryRow
+	CRI                        []CRIRow
+	Passthrough                map[string]Summary
+	Console                    ConsoleRow
+}
+
+// Summary is a distribution's median, p95, p99 and count.
+type Summary struct {
+	P50, P95, P99 float64
+	N             int
+}
+
+func summarize(xs []float64) Summary {
+	if len(xs) == 0 {
+		return Summary{}
+	}
+	s := append([]float64(nil), xs...)
+	sort.Float64s(s)
+	q := func(p float64) float64 { return s[min(len(s)-1, int(p*float64(len(s))))] }
+	return Summary{P50: q(0.5), P95: q(0.95), P99: q(0.99), N: len(s)}
+}
+
+// ConcurrencyRow is N VMs started at once.
+type ConcurrencyRow struct {
+	N                      int
+	UniletMs, BareMs       float64
+	Ratio                  float64 // bare / unilet (1 = as fast as bare QEMU)
+	UniletPerVMMs, BarePer float64
+}
+
+// MemoryRow is resident memory.
+type MemoryRow struct {
+	DaemonIdleMB, DaemonAt100MB, ShimMB, QEMUMB, BareQEMUMB float64
+	Pods                                                    int
+}
+
+// CRIRow is one CRI call's latency at a number of pods.
+type CRIRow struct {
+	Call string
+	Pods int
+	Summary
+}
+
+// ConsoleRow is console throughput.
+type ConsoleRow struct {
+	Lines                   int
+	UniletBps, BareBps      float64
+	Ratio                   float64
+	Lost, Reordered, Bytes  int
+	UniletSeconds, BareSecs float64
+}
+
+func main() {
+	log.SetFlags(0)
+	log.SetPrefix(">> ")
+	var o options
+	flag.BoolVar(&o.quick, "quick", false, "the ≤ 3 minute run (fewer repetitions)")
+	out := flag.String("out", "bench/results.json", "results file")
+	doc := flag.String("doc", "docs/benchmarks.md", "report to regenerate")
+	flag.Parse()
+	o.startPairs, o.listCalls, o.floodN, o.passthroughRuns = 40, 300, 100000, 8
+	o.concurrency = []int{1, 10, 50, 100}
+	if o.quick {
+		o.startPairs, o.listCalls, o.floodN, o.passthroughRuns = 15, 200, 20000, 3
+		o.concurrency = []int{1, 10, 100}
+	}
+	if err := run(o, *out, *doc); err != nil {
+		log.Fatal(err)
+	}
+}
+
+func run(o options, out, doc string) error {
+	t0 := time.Now()
+	env, err := setup()
+	if err != nil {
+		return err
+	}
+	defer env.teardown()
+	res := &Results{Accel: env.accel, Machine: machine(o)}
+	res.Details.Start = map[string]Summary{}
+	res.Details.Passthrough = map[string]Summary{}
+
+	log.Printf("start latency: %d interleaved pairs (unilet CRI run→create→start→first console line vs bare QEMU spawn→first line)", o.startPairs)
+	if err := env.measureStart(o, res); err != nil {
+		return fmt.Errorf("start: %w", err)
+	}
+	log.Printf("concurrency: %v VMs at once", o.concurrency)
+	if err := env.measureConcurrency(o, res); err != nil {
+		return fmt.Errorf("concurrency: %w", err)
+	}
+	log.Printf("CRI call latency at 0/100/200 pods")
+	if err := env.measureCRI(o, res); err != nil {
+		return fmt.Errorf("CRI latency: %w", err)
+	}
+	log.Printf("passthrough to containerd")
+	if err := env.measurePassthrough(o, res); err != nil {
+		return fmt.Errorf("passthrough: %w", err)
+	}
+	log.Printf("console throughput: %d lines", o.floodN)
+	if err := env.measureConsole(o, res); err != nil {
+		return fmt.Errorf("console: %w", err)
+	}
+	b, _ := json.MarshalIndent(res, "", "  ")
+	if err := os.WriteFile(out, append(b, '\n'), 0o644); err != nil {
+		return err
+	}
+	if err := writeReport(res, doc); err != nil {
+		return err
+	}
+	log.Printf("done in %s: %s, %s", time.Since(t0).Round(time.Second), out, doc)
+	return nil
+}
+
+func machine(o options) Machine {
+	m := Machine{Date: time.Now().UTC().Format(time.RFC3339), CPUs: runtime.NumCPU(), Mode: "full"}
+	if o.quick {
+		m.Mode = "quick"
+	}
+	if b, err := exec.Command("git", "rev-parse", "--short", "HEAD").Output(); err == nil {
+		m.Commit = strings.TrimSpace(string(b))
+		if d, _ := exec.Command("git", "status", "--porcelain", "--untracked-files=no").Output(); len(d) > 0 {
+			m.Commit += "-dirty"
+		}
+	}
+	if b, err := exec.Command("qemu-system-x86_64", "--version").Output(); err == nil {
+		m.QEMU = strings.TrimSpace(strings.SplitN(string(b), "\n", 2)[0])
+	}
+	var u syscall.Utsname
+	if syscall.Uname(&u) == nil {
+		m.Kernel = charsToString(u.Release[:])
+	}
+	var si syscall.Sysinfo_t
+	if syscall.Sysinfo(&si) == nil {
+		m.MemGiB = float64(si.Totalram) * float64(si.Unit) / (1 << 30)
+	}
+	return m
+}
+
+func charsToString(ca []int8) string {
+	var b strings.Builder
+	for _, c := range ca {
+		if c == 0 {
+			break
+		}
+		b.WriteByte(byte(c))
+	}
+	return b.String()
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// rssMB reads a process's resident set in MB.
+func rssMB(pid int) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, "VmRSS:") {
+			var kb float64
+			fmt.Sscanf(strings.TrimSpace(strings.TrimPrefix(l, "VmRSS:")), "%f", &kb)
+			return kb / 1024
+		}
+	}
+	return 0
+}
+
+// pidsMatching returns processes whose command line contains all of parts.
+func pidsMatching(parts ...string) []int {
+	ents, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range ents {
+		var pid int
+		if _, err := fmt.Sscan(e.Name(), &pid); err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		cmd := string(b)
+		ok := true
+		for _, p := range parts {
+			ok = ok && strings.Contains(cmd, p)
+		}
+		if ok {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+func mean(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := 0.0
+	for _, x := range xs {
+		s += x
+	}
+	return s / float64(len(xs))
+}
+
+var bg = context.Background()

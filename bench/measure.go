@@ -1,0 +1,568 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"io"
+	"log"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/unilet-dev/unilet/internal/testimages"
+	"github.com/unilet-dev/unilet/pkg/netns"
+	vmruntime "github.com/unilet-dev/unilet/runtime"
+)
+
+var seq atomic.Int64
+
+// vm is one unikernel pod started through CRI.
+type vm struct{ pod, ctr, log string }
+
+// startVM runs a pod and a container with args through unilet's CRI and
+// returns once the first console line is in the CRI log.
+func (e *env) startVM(args []string) (time.Duration, vm, error) {
+	name := fmt.Sprintf("b%d", seq.Add(1))
+	pc := e.podConfig(name)
+	t0 := time.Now()
+	pod, err := e.rt.RunPodSandbox(bg, &runtimeapi.RunPodSandboxRequest{Config: pc})
+	if err != nil {
+		return 0, vm{}, err
+	}
+	v := vm{pod: pod.GetPodSandboxId(), log: filepath.Join(pc.LogDirectory, "app", "0.log")}
+	ctr, err := e.rt.CreateContainer(bg, &runtimeapi.CreateContainerRequest{PodSandboxId: v.pod, SandboxConfig: pc,
+		Config: &runtimeapi.ContainerConfig{Metadata: &runtimeapi.ContainerMetadata{Name: "app"}, Image: &runtimeapi.ImageSpec{Image: e.image},
+			Args: args, LogPath: "app/0.log"}})
+	if err != nil {
+		return 0, v, err
+	}
+	v.ctr = ctr.GetContainerId()
+	if _, err := e.rt.StartContainer(bg, &runtimeapi.StartContainerRequest{ContainerId: v.ctr}); err != nil {
+		return 0, v, err
+	}
+	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Microsecond) {
+		if b, err := os.ReadFile(v.log); err == nil && bytes.IndexByte(b, '\n') >= 0 {
+			return time.Since(t0), v, nil
+		}
+	}
+	return 0, v, fmt.Errorf("no console line from %s", v.ctr)
+}
+
+func (e *env) remove(v vm) {
+	_, _ = e.rt.RemovePodSandbox(bg, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: v.pod})
+}
+
+// captureArgv returns the QEMU argv unilet used for a VM (from /proc).
+func (e *env) captureArgv(v vm) ([]string, error) {
+	st, err := e.rt.ContainerStatus(bg, &runtimeapi.ContainerStatusRequest{ContainerId: v.ctr, Verbose: true})
+	if err != nil {
+		return nil, err
+	}
+	b, err := os.ReadFile("/proc/" + st.GetInfo()["pid"] + "/cmdline")
+	if err != nil {
+		return nil, err
+	}
+	argv := strings.Split(strings.TrimRight(string(b), "\x00"), "\x00")
+	return argv[1:], nil
+}
+
+// bareArgv adapts a captured argv: its own QMP socket, and appArg in place of oldArg.
+func (e *env) bareArgv(argv []string, i int, oldArg, appArg string) []string {
+	out := append([]string(nil), argv...)
+	for j, a := range out {
+		if strings.HasPrefix(a, "socket,id=qmp0,path=") {
+			out[j] = "socket,id=qmp0,path=" + filepath.Join(e.dir, fmt.Sprintf("bare-%d.sock", i)) + ",server=on,wait=off"
+		}
+		if j > 0 && out[j-1] == "-append" && oldArg != "" {
+			out[j] = strings.Replace(a, oldArg, appArg, 1)
+		}
+	}
+	return out
+}
+
+// ensureTaps creates taps tap0..tap(n-1) in the bare namespace.
+func (e *env) ensureTaps(n int) error {
+	return netns.Do(e.bareNS, func() error {
+		for i := 0; i < n; i++ {
+			name := "tap" + strconv.Itoa(i)
+			if _, err := netlink.LinkByName(name); err == nil {
+				continue
+			}
+			t := &netlink.Tuntap{LinkAttrs: netlink.LinkAttrs{Name: name}, Mode: netlink.TUNTAP_MODE_TAP,
+				Flags: netlink.TUNTAP_NO_PI | netlink.TUNTAP_VNET_HDR | netlink.TUNTAP_ONE_QUEUE}
+			if err := netlink.LinkAdd(t); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// bare is a QEMU started directly, the same way unilet's shim starts it.
+type bare struct {
+	cmd   *exec.Cmd
+	out   io.ReadCloser
+	stdin *os.File
+}
+
+// startBare spawns QEMU with argv and tap i; it returns when the first
+// console line arrived on its stdout.
+func (e *env) startBare(argv []string, tap int) (time.Duration, *bare, error) {
+	taps, err := vmruntime.OpenTaps([]vmruntime.NIC{{Tap: "tap" + strconv.Itoa(tap), NetNS: e.bareNS}})
+	if err != nil {
+		return 0, nil, err
+	}
+	cmd := exec.Command("qemu-system-x86_64", argv...)
+	cmd.ExtraFiles = taps
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return 0, nil, err
+	}
+	inR, inW, err := os.Pipe()
+	if err != nil {
+		return 0, nil, err
+	}
+	cmd.Stdin = inR
+	t0 := time.Now()
+	err = cmd.Start()
+	inR.Close()
+	for _, f := range taps {
+		f.Close()
+	}
+	if err != nil {
+		inW.Close()
+		return 0, nil, err
+	}
+	b := &bare{cmd: cmd, out: out, stdin: inW}
+	r := bufio.NewReader(out)
+	if _, err := r.ReadString('\n'); err != nil {
+		b.kill()
+		return 0, nil, fmt.Errorf("bare QEMU: %v", err)
+	}
+	d := time.Since(t0)
+	go func() { _, _ = io.Copy(io.Discard, r) }()
+	return d, b, nil
+}
+
+func (b *bare) kill() {
+	_ = b.cmd.Process.Kill()
+	_ = b.cmd.Wait()
+	b.stdin.Close()
+}
+
+const tickArg = "tick=600000"
+
+func (e *env) measureStart(o options, res *Results) error {
+	// Warm-up (page cache, image, CNI) and the argv of a unilet VM.
+	_, w, err := e.startVM([]string{tickArg})
+	if err != nil {
+		return err
+	}
+	argv, err := e.captureArgv(w)
+	e.remove(w)
+	if err != nil {
+		return err
+	}
+	if err := e.ensureTaps(1); err != nil {
+		return err
+	}
+	var u, b []float64
+	for i := 0; i < o.startPairs; i++ {
+		d, v, err := e.startVM([]string{tickArg})
+		if err != nil {
+			return err
+		}
+		e.remove(v)
+		u = append(u, ms(d))
+		d, q, err := e.startBare(e.bareArgv(argv, i, "", ""), 0)
+		if err != nil {
+			return err
+		}
+		q.kill()
+		b = append(b, ms(d))
+	}
+	res.Details.StartUniletMs, res.Details.StartBareMs = u, b
+	su, sb := summarize(u), summarize(b)
+	res.Details.Start["unilet"], res.Details.Start["bare"] = su, sb
+	res.StartRatioP50 = round(su.P50/sb.P50, 3)
+	res.StartOverheadMsP50 = round(su.P50-sb.P50, 1)
+	e.argv = argv
+	return nil
+}
+
+func round(x float64, d int) float64 {
+	p := 1.0
+	for i := 0; i < d; i++ {
+		p *= 10
+	}
+	return float64(int64(x*p+0.5)) / p
+}
+
+func (e *env) measureConcurrency(o options, res *Results) error {
+	maxN := o.concurrency[len(o.concurrency)-1]
+	if err := e.ensureTaps(maxN); err != nil {
+		return err
+	}
+	res.Details.Memory.DaemonIdleMB = round(rssMB(e.daemon.Process.Pid), 1)
+	for _, n := range o.concurrency {
+		// unilet: n pods started at once; time until every console printed.
+		var wg sync.WaitGroup
+		vms := make([]vm, n)
+		errs := make([]error, n)
+		t0 := time.Now()
+		for i := 0; i < n; i++ {
+			wg.Add(1)
+			go func(i int) {
+				defer wg.Done()
+				_, vms[i], errs[i] = e.startVM([]string{tickArg})
+			}(i)
+		}
+		wg.Wait()
+		ud := time.Since(t0)
+		for _, err := range errs {
+			if err != nil {
+				return err
+			}
+		}
+		if n == maxN {
+			m := &res.Details.Memory
+			m.Pods = n
+			m.DaemonAt100MB = round(rssMB(e.daemon.Process.Pid), 1)
+			var shims, qemus []float64
+			for _, p := range pidsMatching("unilet-shim", e.dir) {
+				shims = append(shims, rssMB(p))
+			}
+			for _, p := range pidsMatching("qemu-system", filepath.Join(e.dir, "run")) {
+				qemus = append(qemus, rssMB(p))
+			}
+			m.ShimMB, m.QEMUMB = round(mean(shims), 1), round(mean(qemus), 1)
+			res.ShimRSSMB, res.DaemonRSSMB100 = m.ShimMB, m.DaemonAt100MB
+		}
+		parallel(vms, 8, e.remove)
+
+		// bare: n QEMUs at once.
+		bares := make([]*bare, n)
+		t0 = time.Now()
+		for i := 0; i < n; i++ {
+			wg.Add(1)
+			go func(i int) {
+				defer wg.Done()
+				_, bares[i], errs[i] = e.startBare(e.bareArgv(e.argv, 1000+i, "", ""), i)
+			}(i)
+		}
+		wg.Wait()
+		bd := time.Since(t0)
+		var bareRSS []float64
+		for i, b := range bares {
+			if errs[i] != nil {
+				return errs[i]
+			}
+			bareRSS = append(bareRSS, rssMB(b.cmd.Process.Pid))
+		}
+		if n == maxN {
+			res.Details.Memory.BareQEMUMB = round(mean(bareRSS), 1)
+		}
+		parallel(bares, 8, (*bare).kill)
+		row := ConcurrencyRow{N: n, UniletMs: ms(ud), BareMs: ms(bd), Ratio: round(ms(bd)/ms(ud), 3),
+			UniletPerVMMs: round(ms(ud)/float64(n), 1), BarePer: round(ms(bd)/float64(n), 1)}
+		res.Details.Concurrency = append(res.Details.Concurrency, row)
+		log.Printf("  N=%d: unilet %.0f ms, bare %.0f ms", n, row.UniletMs, row.BareMs)
+		if n == 100 {
+			res.ConcurrencyRatio100 = row.Ratio
+		}
+	}
+	return nil
+}
+
+// parallel runs f over items with w workers.
+func parallel[T any](items []T, w int, f func(T)) {
+	ch := make(chan T)
+	var wg sync.WaitGroup
+	for i := 0; i < w; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for it := range ch {
+				f(it)
+			}
+		}()
+	}
+	for _, it := range items {
+		ch <- it
+	}
+	close(ch)
+	wg.Wait()
+}
+
+func timeCalls(n int, f func() error) ([]float64, error) {
+	var out []float64
+	for i := 0; i < n; i++ {
+		t := time.Now()
+		if err := f(); err != nil {
+			return nil, err
+		}
+		out = append(out, ms(time.Since(t)))
+	}
+	return out, nil
+}
+
+func (e *env) measureCRI(o options, res *Results) error {
+	var pods []string
+	var firstCtr string
+	for _, target := range []int{0, 100, 200} {
+		for len(pods) < target {
+			name := fmt.Sprintf("l%d", seq.Add(1))
+			pc := e.podConfig(name)
+			p, err := e.rt.RunPodSandbox(bg, &runtimeapi.RunPodSandboxRequest{Config: pc})
+			if err != nil {
+				return err
+			}
+			c, err := e.rt.CreateContainer(bg, &runtimeapi.CreateContainerRequest{PodSandboxId: p.GetPodSandboxId(), SandboxConfig: pc,
+				Config: &runtimeapi.ContainerConfig{Metadata: &runtimeapi.ContainerMetadata{Name: "app"}, Image: &runtimeapi.ImageSpec{Image: e.image}, LogPath: "app/0.log"}})
+			if err != nil {
+				return err
+			}
+			if firstCtr == "" {
+				firstCtr = c.GetContainerId()
+			}
+			pods = append(pods, p.GetPodSandboxId())
+		}
+		calls := map[string]func() error{
+			"ListPodSandbox": func() error { _, err := e.rt.ListPodSandbox(bg, &runtimeapi.ListPodSandboxRequest{}); return err },
+			"ListContainers": func() error { _, err := e.rt.ListContainers(bg, &runtimeapi.ListContainersRequest{}); return err },
+		}
+		if firstCtr != "" {
+			calls["ContainerStatus"] = func() error {
+				_, err := e.rt.ContainerStatus(bg, &runtimeapi.ContainerStatusRequest{ContainerId: firstCtr})
+				return err
+			}
+		}
+		for _, name := range []string{"ListPodSandbox", "ListContainers", "ContainerStatus"} {
+			f, ok := calls[name]
+			if !ok {
+				continue
+			}
+			xs, err := timeCalls(o.listCalls, f)
+			if err != nil {
+				return fmt.Errorf("%s: %w", name, err)
+			}
+			s := summarize(xs)
+			res.Details.CRI = append(res.Details.CRI, CRIRow{Call: name, Pods: target, Summary: s})
+			if target == 200 && s.P99 > res.ListP99Ms200 && strings.HasPrefix(name, "List") {
+				res.ListP99Ms200 = round(s.P99, 3)
+			}
+		}
+	}
+	parallel(pods, 8, func(id string) {
+		_, _ = e.rt.RemovePodSandbox(bg, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: id})
+	})
+	return nil
+}
+
+// busybox starts a host-network busybox pod on rt (unilet or containerd directly)
+// and returns the time until its container runs.
+func busybox(rt runtimeapi.RuntimeServiceClient, name string) (time.Duration, string, error) {
+	pc := &runtimeapi.PodSandboxConfig{Metadata: &runtimeapi.PodSandboxMetadata{Name: name, Namespace: "bench", Uid: name},
+		Linux: &runtimeapi.LinuxPodSandboxConfig{SecurityContext: &runtimeapi.LinuxSandboxSecurityContext{
+			NamespaceOptions: &runtimeapi.NamespaceOption{Network: runtimeapi.NamespaceMode_NODE}}}}
+	t0 := time.Now()
+	p, err := rt.RunPodSandbox(bg, &runtimeapi.RunPodSandboxRequest{Config: pc})
+	if err != nil {
+		return 0, "", err
+	}
+	c, err := rt.CreateContainer(bg, &runtimeapi.CreateContainerRequest{PodSandboxId: p.GetPodSandboxId(), SandboxConfig: pc,
+		Config: &runtimeapi.ContainerConfig{Metadata: &runtimeapi.ContainerMetadata{Name: "sh"}, Image: &runtimeapi.ImageSpec{Image: testimages.Busybox},
+			Command: []string{"/bin/sleep", "3600"}}})
+	if err != nil {
+		return 0, p.GetPodSandboxId(), err
+	}
+	if _, err := rt.StartContainer(bg, &runtimeapi.StartContainerRequest{ContainerId: c.GetContainerId()}); err != nil {
+		return 0, p.GetPodSandboxId(), err
+	}
+	return time.Since(t0), p.GetPodSandboxId(), nil
+}
+
+func removePod(rt runtimeapi.RuntimeServiceClient, id string) {
+	_, _ = rt.StopPodSandbox(bg, &runtimeapi.StopPodSandboxRequest{PodSandboxId: id})
+	_, _ = rt.RemovePodSandbox(bg, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: id})
+}
+
+func (e *env) measurePassthrough(o options, res *Results) error {
+	var via, direct []float64
+	for i := 0; i < o.passthroughRuns; i++ {
+		d, id, err := busybox(e.rt, fmt.Sprintf("pt-u%d", i))
+		if err != nil {
+			return err
+		}
+		removePod(e.rt, id)
+		via = append(via, ms(d))
+		d, id, err = busybox(e.ctrdRT, fmt.Sprintf("pt-d%d", i))
+		if err != nil {
+			return err
+		}
+		removePod(e.ctrdRT, id)
+		direct = append(direct, ms(d))
+	}
+	res.Details.Passthrough["podStartViaUnilet"], res.Details.Passthrough["podStartDirect"] = summarize(via), summarize(direct)
+	// One call: PodSandboxStatus of a containerd pod, through unilet vs straight.
+	_, id, err := busybox(e.rt, "pt-call")
+	if err != nil {
+		return err
+	}
+	defer removePod(e.rt, id)
+	var cu, cd []float64
+	for i := 0; i < o.listCalls; i++ {
+		t := time.Now()
+		if _, err := e.rt.PodSandboxStatus(bg, &runtimeapi.PodSandboxStatusRequest{PodSandboxId: id}); err != nil {
+			return err
+		}
+		cu = append(cu, ms(time.Since(t)))
+		t = time.Now()
+		if _, err := e.ctrdRT.PodSandboxStatus(bg, &runtimeapi.PodSandboxStatusRequest{PodSandboxId: id}); err != nil {
+			return err
+		}
+		cd = append(cd, ms(time.Since(t)))
+	}
+	su, sd := summarize(cu), summarize(cd)
+	res.Details.Passthrough["statusViaUnilet"], res.Details.Passthrough["statusDirect"] = su, sd
+	res.PassthroughOverheadMsP50 = round(su.P50-sd.P50, 3)
+	return nil
+}
+
+// countLines checks "line <i>" numbering: lines seen, lost (never seen) and
+// reordered (arrived after a higher number).
+func countLines(text string, n int) (seen, lost, reordered int) {
+	highest := 0
+	for _, l := range strings.Split(text, "\n") {
+		i := strings.Index(l, "line ")
+		if i < 0 {
+			continue
+		}
+		v, err := strconv.Atoi(strings.TrimSpace(l[i+5:]))
+		if err != nil {
+			continue
+		}
+		seen++
+		if v < highest {
+			reordered++
+		}
+		highest = max(highest, v)
+	}
+	return seen, n - seen, reordered
+}
+
+func (e *env) measureConsole(o options, res *Results) error {
+	flood := "flood=" + strconv.Itoa(o.floodN)
+	// unilet: the guest floods the console; bytes/s from the CRI log's own timestamps.
+	_, v, err := e.startVM([]string{flood})
+	if err != nil {
+		return err
+	}
+	var st *runtimeapi.ContainerStatusResponse
+	for deadline := time.Now().Add(10 * time.Minute); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if st, err = e.rt.ContainerStatus(bg, &runtimeapi.ContainerStatusRequest{ContainerId: v.ctr}); err == nil &&
+			st.GetStatus().GetState() == runtimeapi.ContainerState_CONTAINER_EXITED {
+			break
+		}
+	}
+	b, err := os.ReadFile(v.log)
+	e.remove(v)
+	if err != nil {
+		return err
+	}
+	var first, last time.Time
+	var payload int
+	var text strings.Builder
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.SplitN(l, " ", 4)
+		if len(f) < 4 || !strings.HasPrefix(f[3], "line ") {
+			continue
+		}
+		ts, err := time.Parse(time.RFC3339Nano, f[0])
+		if err != nil {
+			continue
+		}
+		if first.IsZero() {
+			first = ts
+		}
+		last = ts
+		payload += len(f[3]) + 1
+		text.WriteString(f[3] + "\n")
+	}
+	seen, lost, reordered := countLines(text.String(), o.floodN)
+	c := ConsoleRow{Lines: o.floodN, Lost: lost, Reordered: reordered, Bytes: payload, UniletSeconds: last.Sub(first).Seconds()}
+	if c.UniletSeconds > 0 {
+		c.UniletBps = round(float64(payload)/c.UniletSeconds, 0)
+	}
+	_ = seen
+	// bare: the same VM's serial straight to a file.
+	q, err := e.bareFlood(flood, &c)
+	if err != nil {
+		return err
+	}
+	_ = q
+	if c.BareBps > 0 {
+		c.Ratio = round(c.UniletBps/c.BareBps, 3)
+	}
+	res.Details.Console = c
+	res.LogThroughputRatio, res.LogLostLines = c.Ratio, c.Lost+c.Reordered
+	return nil
+}
+
+// bareFlood runs the flood in a bare QEMU with its serial written to a file.
+func (e *env) bareFlood(flood string, c *ConsoleRow) (bool, error) {
+	argv := e.bareArgv(e.argv, 9999, tickArg, flood)
+	taps, err := vmruntime.OpenTaps([]vmruntime.NIC{{Tap: "tap0", NetNS: e.bareNS}})
+	if err != nil {
+		return false, err
+	}
+	cmd := exec.Command("qemu-system-x86_64", argv...)
+	cmd.ExtraFiles = taps
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return false, err
+	}
+	f, err := os.Create(filepath.Join(e.dir, "bare-serial.txt"))
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	if err := cmd.Start(); err != nil {
+		return false, err
+	}
+	for _, t := range taps {
+		t.Close()
+	}
+	var first, last time.Time
+	n := 0
+	buf := make([]byte, 32<<10)
+	for {
+		k, err := out.Read(buf)
+		if k > 0 {
+			if first.IsZero() {
+				first = time.Now()
+			}
+			last = time.Now()
+			n += k
+			_, _ = f.Write(buf[:k])
+		}
+		if err != nil {
+			break
+		}
+	}
+	_ = cmd.Wait()
+	c.BareSecs = last.Sub(first).Seconds()
+	if c.BareSecs > 0 {
+		c.BareBps = round(float64(n)/c.BareSecs, 0)
+	}
+	return true, nil
+}
