@@ -59,11 +59,18 @@ type Machine struct {
 type Details struct {
 	StartUniletMs, StartBareMs []float64
 	Start                      map[string]Summary
+	StartPhases                []Phase
 	Concurrency                []ConcurrencyRow
 	Memory                     MemoryRow
 	CRI                        []CRIRow
 	Passthrough                map[string]Summary
 	Console                    ConsoleRow
+}
+
+// Phase is one step of unilet's start path.
+type Phase struct {
+	Name string
+	Summary
 }
 
 // Summary is a distribution's median, p95, p99 and count.

@@ -25,8 +25,13 @@ import (
 
 var seq atomic.Int64
 
-// vm is one unikernel pod started through CRI.
-type vm struct{ pod, ctr, log string }
+// vm is one unikernel pod started through CRI, with the time each phase took.
+type vm struct {
+	pod, ctr, log string
+	phases        [4]time.Duration // RunPodSandbox, CreateContainer, StartContainer, first line in the log
+}
+
+var phaseNames = [4]string{"RunPodSandbox (netns, CNI ADD, tap)", "CreateContainer", "StartContainer (cgroup, shim, QEMU, QMP)", "first console line → CRI log"}
 
 // startVM runs a pod and a container with args through unilet's CRI and
 // returns once the first console line is in the CRI log.
@@ -39,6 +44,9 @@ func (e *env) startVM(args []string) (time.Duration, vm, error) {
 		return 0, vm{}, err
 	}
 	v := vm{pod: pod.GetPodSandboxId(), log: filepath.Join(pc.LogDirectory, "app", "0.log")}
+	mark := t0
+	phase := func(i int) { now := time.Now(); v.phases[i] = now.Sub(mark); mark = now }
+	phase(0)
 	ctr, err := e.rt.CreateContainer(bg, &runtimeapi.CreateContainerRequest{PodSandboxId: v.pod, SandboxConfig: pc,
 		Config: &runtimeapi.ContainerConfig{Metadata: &runtimeapi.ContainerMetadata{Name: "app"}, Image: &runtimeapi.ImageSpec{Image: e.image},
 			Args: args, LogPath: "app/0.log"}})
@@ -46,11 +54,14 @@ func (e *env) startVM(args []string) (time.Duration, vm, error) {
 		return 0, v, err
 	}
 	v.ctr = ctr.GetContainerId()
+	phase(1)
 	if _, err := e.rt.StartContainer(bg, &runtimeapi.StartContainerRequest{ContainerId: v.ctr}); err != nil {
 		return 0, v, err
 	}
+	phase(2)
 	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Microsecond) {
 		if b, err := os.ReadFile(v.log); err == nil && bytes.IndexByte(b, '\n') >= 0 {
+			phase(3)
 			return time.Since(t0), v, nil
 		}
 	}
@@ -176,6 +187,7 @@ func (e *env) measureStart(o options, res *Results) error {
 		return err
 	}
 	var u, b []float64
+	phases := make([][]float64, len(phaseNames))
 	for i := 0; i < o.startPairs; i++ {
 		d, v, err := e.startVM([]string{tickArg})
 		if err != nil {
@@ -183,6 +195,9 @@ func (e *env) measureStart(o options, res *Results) error {
 		}
 		e.remove(v)
 		u = append(u, ms(d))
+		for j, p := range v.phases {
+			phases[j] = append(phases[j], ms(p))
+		}
 		d, q, err := e.startBare(e.bareArgv(argv, i, "", ""), 0)
 		if err != nil {
 			return err
@@ -193,6 +208,9 @@ func (e *env) measureStart(o options, res *Results) error {
 	res.Details.StartUniletMs, res.Details.StartBareMs = u, b
 	su, sb := summarize(u), summarize(b)
 	res.Details.Start["unilet"], res.Details.Start["bare"] = su, sb
+	for j, n := range phaseNames {
+		res.Details.StartPhases = append(res.Details.StartPhases, Phase{Name: n, Summary: summarize(phases[j])})
+	}
 	res.StartRatioP50 = round(su.P50/sb.P50, 3)
 	res.StartOverheadMsP50 = round(su.P50-sb.P50, 1)
 	e.argv = argv

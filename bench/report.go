@@ -54,6 +54,12 @@ func writeReport(r *Results, doc string) error {
 		"| | p50 ms | p95 ms | runs |\n|---|---|---|---|\n| unilet | %.1f | %.1f | %d |\n| bare QEMU | %.1f | %.1f | %d |\n"+
 		"| ratio (p50) | %.2f× | %.2f× | |\n\n![start latency CDF](benchmarks-start.svg)\n",
 		su.P50, su.P95, su.N, sb.P50, sb.P95, sb.N, su.P50/nz(sb.P50), su.P95/nz(sb.P95))
+	if len(d.StartPhases) > 0 {
+		b.WriteString("\nunilet's start path by phase (each CRI call as kubelet makes them):\n\n| phase | p50 ms | p95 ms |\n|---|---|---|\n")
+		for _, ph := range d.StartPhases {
+			fmt.Fprintf(&b, "| %s | %.1f | %.1f |\n", ph.Name, ph.P50, ph.P95)
+		}
+	}
 	b.WriteString("\n## Concurrency\n\nN VMs started at once; time until every one has printed its first console line.\n\n" +
 		"| N | unilet ms | bare ms | per VM unilet / bare ms | throughput ratio (bare/unilet time) |\n|---|---|---|---|---|\n")
 	for _, c := range d.Concurrency {
