@@ -21,6 +21,7 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/internal/testimages"
+	"github.com/unilet-dev/unilet/internal/testutil"
 	"github.com/unilet-dev/unilet/pkg/cgroups"
 	"github.com/unilet-dev/unilet/pkg/netns"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
@@ -66,15 +67,6 @@ func waitSock(p string) error {
 
 func dialCRI(sock string) (*grpc.ClientConn, error) {
 	return grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
-}
-
-func cniBinDir() string {
-	for _, d := range []string{"/usr/lib/cni", "/opt/cni/bin"} {
-		if _, err := os.Stat(filepath.Join(d, "bridge")); err == nil {
-			return d
-		}
-	}
-	return "/opt/cni/bin"
 }
 
 func setup() (*env, error) {
@@ -130,7 +122,7 @@ func setup() (*env, error) {
 	sock := filepath.Join(dir, "unilet.sock")
 	e.daemon = exec.Command(filepath.Join(e.bin, "unilet"), "--listen", "unix://"+sock, "--root", filepath.Join(dir, "root"),
 		"--state-dir", filepath.Join(dir, "run"), "--upstream-endpoint", "unix://"+ctrdSock, "--insecure-registry", u.Host,
-		"--cni-conf-dir", cniDir, "--cni-bin-dir", cniBinDir(), "--netns-dir", filepath.Join(dir, "netns"),
+		"--cni-conf-dir", cniDir, "--cni-bin-dir", testutil.CNIBinDir(), "--netns-dir", filepath.Join(dir, "netns"),
 		"--cgroup-root", benchCgrp, "--log-level", "warn")
 	lf, _ := os.Create(filepath.Join(dir, "unilet.log"))
 	e.daemon.Stdout, e.daemon.Stderr = lf, lf
@@ -202,14 +194,7 @@ func (e *env) teardown() {
 	if e.bareNS != "" {
 		_ = netns.Remove(e.bareNS)
 	}
-	if b, err := os.ReadFile("/proc/mounts"); err == nil {
-		lines := strings.Split(string(b), "\n")
-		for i := len(lines) - 1; i >= 0; i-- {
-			if f := strings.Fields(lines[i]); len(f) > 1 && strings.HasPrefix(f[1], e.dir+"/") {
-				_ = syscall.Unmount(f[1], syscall.MNT_DETACH)
-			}
-		}
-	}
+	testutil.UnmountUnder(e.dir)
 	_ = exec.Command("ip", "link", "del", bridge).Run()
 	cgroups.RemoveTree(benchCgrp)
 	if e.reg != nil {

@@ -8,11 +8,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/unilet-dev/unilet/internal/testutil"
 )
 
 // These tests boot the repository's test kernel under real QEMU.
@@ -303,22 +304,7 @@ func TestVMAttachEchoAndDetach(t *testing.T) {
 	require.ErrorIs(t, vm.Attach(context.Background(), nil, io.Discard), ErrNotRunning)
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+type syncBuffer = testutil.SyncBuf
 
 func TestVMGracefulStop(t *testing.T) {
 	k := testKernel(t)

@@ -18,7 +18,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -26,6 +25,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/registry"
 	"github.com/stretchr/testify/require"
 
+	"github.com/unilet-dev/unilet/internal/testutil"
 	"github.com/unilet-dev/unilet/pkg/cgroups"
 )
 
@@ -140,16 +140,6 @@ type daemon struct {
 // 198.18.N.0/24 (a benchmarking range that collides with nothing).
 var netSeq = 0
 
-// cniBinDir is where Debian's containernetworking-plugins live.
-func cniBinDir() string {
-	for _, d := range []string{"/usr/lib/cni", "/opt/cni/bin"} {
-		if _, err := os.Stat(filepath.Join(d, "bridge")); err == nil {
-			return d
-		}
-	}
-	return "/usr/lib/cni"
-}
-
 // writeCNIConf writes a bridge + host-local network for one daemon and
 // returns its directory, bridge name and subnet prefix ("198.18.N").
 func writeCNIConf(t *testing.T, dir string) (confDir, bridge, prefix string) {
@@ -176,7 +166,7 @@ func startDaemon(t *testing.T, extra ...string) *daemon {
 	d.cgroupRoot = "/unilet-e2e/" + filepath.Base(dir)
 	d.args = append([]string{"--listen", "unix://" + d.sock, "--root", filepath.Join(dir, "root"), "--state-dir", d.stateDir,
 		"--insecure-registry", regHost, "--accel", "auto", "--log-level", "debug",
-		"--cni-conf-dir", d.cniConf, "--cni-bin-dir", cniBinDir(), "--netns-dir", d.netnsDir, "--cgroup-root", d.cgroupRoot}, extra...)
+		"--cni-conf-dir", d.cniConf, "--cni-bin-dir", testutil.CNIBinDir(), "--netns-dir", d.netnsDir, "--cgroup-root", d.cgroupRoot}, extra...)
 	t.Cleanup(func() {
 		d.stop()
 		// VMs outlive the daemon by design: end whatever a test left behind.
@@ -712,23 +702,6 @@ func TestAttachEchoRoundTrip(t *testing.T) {
 	require.Contains(t, string(b), "stdout F hello-attach")
 	d.must("rmp", "-f", pod)
 	require.Empty(t, qemuProcesses(t, d.stateDir))
-}
-
-type syncBuf struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func TestQEMUKilledIsReported(t *testing.T) {

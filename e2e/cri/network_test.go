@@ -8,9 +8,7 @@ package cri_test
 import (
 	"encoding/json"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -21,6 +19,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/unilet-dev/unilet/internal/testutil"
 	"github.com/unilet-dev/unilet/pkg/cgroups"
 )
 
@@ -39,41 +38,12 @@ func (d *daemon) podIP(pod string) string {
 	return in.Status.Network.IP
 }
 
-// httpGet fetches url, retrying until timeout (the guest may still be booting).
-func httpGet(t *testing.T, url string, timeout time.Duration) string {
-	t.Helper()
-	c := http.Client{Timeout: 2 * time.Second}
-	var last error
-	for deadline := time.Now().Add(timeout); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
-		resp, err := c.Get(url)
-		if err != nil {
-			last = err
-			continue
-		}
-		b, err := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if err == nil && resp.StatusCode == 200 {
-			return string(b)
-		}
-		last = fmt.Errorf("status %d, %v", resp.StatusCode, err)
-	}
-	t.Fatalf("GET %s: %v", url, last)
-	return ""
-}
-
 // cgroupValue reads a cgroup v1 control file of a VM's cgroup.
 func cgroupValue(t *testing.T, controller, cgPath, file string) string {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join("/sys/fs/cgroup", controller, cgPath, file))
 	require.NoError(t, err)
 	return strings.TrimSpace(string(b))
-}
-
-func freePort(t *testing.T) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
 
 func TestNetworkGuestHTTPVolumesCgroupsPortForward(t *testing.T) {
@@ -115,7 +85,7 @@ func TestNetworkGuestHTTPVolumesCgroupsPortForward(t *testing.T) {
 
 	// HTTP from the host to the pod IP: the guest's busybox httpd serves the
 	// hostPath volume over 9p.
-	require.Equal(t, "written on the host\n", httpGet(t, "http://"+net.JoinHostPort(ip, "8080")+"/hello.txt", 60*time.Second))
+	require.Equal(t, "written on the host\n", testutil.MustHTTPGet(t, "http://"+net.JoinHostPort(ip, "8080")+"/hello.txt", 60*time.Second))
 	waitLog(t, logPath, "FOO=bar baz")
 	b, err := os.ReadFile(logPath)
 	require.NoError(t, err)
@@ -182,14 +152,14 @@ func TestNetworkGuestHTTPVolumesCgroupsPortForward(t *testing.T) {
 	require.ErrorContains(t, err, "guest RAM is fixed at boot")
 
 	// crictl port-forward through the streaming server to the pod IP.
-	port := freePort(t)
+	port := testutil.MustFreePort(t)
 	pf := exec.Command(crictl, "--runtime-endpoint", "unix://"+d.sock, "port-forward", pod, fmt.Sprintf("%d:8080", port))
 	var pfOut syncBuf
 	pf.Stdout, pf.Stderr = &pfOut, &pfOut
 	require.NoError(t, pf.Start())
 	defer func() { _ = pf.Process.Kill(); _ = pf.Wait() }()
-	require.Equal(t, "written on the host\n", httpGet(t, fmt.Sprintf("http://127.0.0.1:%d/hello.txt", port), 20*time.Second), pfOut.String())
-	require.Equal(t, "guest-wrote\n", httpGet(t, fmt.Sprintf("http://127.0.0.1:%d/out.txt", port), 5*time.Second))
+	require.Equal(t, "written on the host\n", testutil.MustHTTPGet(t, fmt.Sprintf("http://127.0.0.1:%d/hello.txt", port), 20*time.Second), pfOut.String())
+	require.Equal(t, "guest-wrote\n", testutil.MustHTTPGet(t, fmt.Sprintf("http://127.0.0.1:%d/out.txt", port), 5*time.Second))
 
 	// Graceful stop: the ACPI power button reaches the guest's init, which
 	// ends the app and powers off: exit 0.
@@ -432,3 +402,5 @@ func TestCNIReadinessAndTeardownRetry(t *testing.T) {
 	require.DirExists(t, "/sys/fs/cgroup/memory/unilete2e.slice/unilete2e-pod1.slice/unilet-"+sctr+".scope")
 	d.must("rmp", "-f", spod)
 }
+
+type syncBuf = testutil.SyncBuf

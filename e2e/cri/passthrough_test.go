@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/unilet-dev/unilet/internal/testimages"
+	"github.com/unilet-dev/unilet/internal/testutil"
 )
 
 const (
@@ -82,7 +83,7 @@ state = %q
 			t.Logf("containerd log (tail):\n%s", tail(string(b), 40))
 		}
 		_ = exec.Command("pkill", "-9", "-f", "containerd-shim-runc-v2 .*"+dir).Run()
-		unmountUnder(dir)
+		testutil.UnmountUnder(dir)
 		os.RemoveAll(dir)
 	})
 	require.Eventually(t, func() bool {
@@ -93,24 +94,6 @@ state = %q
 	// Offline images: a static pause and Debian's static busybox.
 	require.NoError(t, testimages.ImportBase(repoRoot, dir, c.sock))
 	return c
-}
-
-// unmountUnder unmounts every mount below dir, deepest first.
-func unmountUnder(dir string) {
-	b, err := os.ReadFile("/proc/mounts")
-	if err != nil {
-		return
-	}
-	var mps []string
-	for _, l := range strings.Split(string(b), "\n") {
-		f := strings.Fields(l)
-		if len(f) > 1 && strings.HasPrefix(f[1], dir+"/") {
-			mps = append(mps, f[1])
-		}
-	}
-	for i := len(mps) - 1; i >= 0; i-- {
-		_ = syscall.Unmount(mps[i], syscall.MNT_DETACH)
-	}
 }
 
 func tail(s string, n int) string {

@@ -7,19 +7,17 @@ package kube_test
 import (
 	"bufio"
 	"fmt"
-	"io"
-	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/unilet-dev/unilet/internal/testutil"
 )
 
 var (
@@ -303,51 +301,6 @@ func TestAttachEchoAndDetach(t *testing.T) {
 	waitLogs(t, "vm-attach", "kube-hello")
 }
 
-type syncBuf struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuf) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-func freePort(t *testing.T) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
-func httpGet(t *testing.T, url string, timeout time.Duration) string {
-	t.Helper()
-	c := http.Client{Timeout: 2 * time.Second}
-	var last error
-	for deadline := time.Now().Add(timeout); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
-		resp, err := c.Get(url)
-		if err != nil {
-			last = err
-			continue
-		}
-		b, err := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if err == nil && resp.StatusCode == 200 {
-			return string(b)
-		}
-		last = fmt.Errorf("status %d", resp.StatusCode)
-	}
-	t.Fatalf("GET %s: %v", url, last)
-	return ""
-}
-
 // TestNetworkGuestProbePortForwardVolumes: a network guest with an init
 // container, ConfigMap, emptyDir and hostPath volumes and a tcpSocket
 // readiness probe; kubectl port-forward reaches its web server.
@@ -403,15 +356,15 @@ spec:
 	}
 	ip := must(t, "get", "pod", "vm-web", "-o", "jsonpath={.status.podIP}")
 	require.True(t, strings.HasPrefix(ip, "198.19.0."), "pod IP %q", ip)
-	require.Equal(t, "from-hostpath\n", httpGet(t, "http://"+ip+":8080/host.txt", 30*time.Second))
+	require.Equal(t, "from-hostpath\n", testutil.MustHTTPGet(t, "http://"+ip+":8080/host.txt", 30*time.Second))
 
-	port := freePort(t)
+	port := testutil.MustFreePort(t)
 	pf := kubectlCmd("port-forward", "pod/vm-web", fmt.Sprintf("%d:8080", port))
 	var pfOut syncBuf
 	pf.Stdout, pf.Stderr = &pfOut, &pfOut
 	require.NoError(t, pf.Start())
 	defer func() { _ = pf.Process.Kill(); _ = pf.Wait() }()
-	require.Equal(t, "from-hostpath\n", httpGet(t, fmt.Sprintf("http://127.0.0.1:%d/host.txt", port), 30*time.Second), pfOut.String())
+	require.Equal(t, "from-hostpath\n", testutil.MustHTTPGet(t, fmt.Sprintf("http://127.0.0.1:%d/host.txt", port), 30*time.Second), pfOut.String())
 }
 
 func TestPlainPodPassesThrough(t *testing.T) {
@@ -514,3 +467,5 @@ func TestDaemonKilled(t *testing.T) {
 	waitRunning(t, "vm-after")
 	waitPod(t, "vm-survive", "{.status.containerStatuses[0].restartCount}", "0", 5*time.Second)
 }
+
+type syncBuf = testutil.SyncBuf

@@ -33,6 +33,7 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/internal/testimages"
+	"github.com/unilet-dev/unilet/internal/testutil"
 	"github.com/unilet-dev/unilet/pkg/cgroups"
 )
 
@@ -246,15 +247,6 @@ func (c *cluster) fail(err error, component string) error {
 	return fmt.Errorf("%w\n--- %s log (tail) ---\n%s", err, component, strings.Join(lines, "\n"))
 }
 
-func cniBinDir() string {
-	for _, d := range []string{"/usr/lib/cni", "/opt/cni/bin"} {
-		if _, err := os.Stat(filepath.Join(d, "bridge")); err == nil {
-			return d
-		}
-	}
-	return "/opt/cni/bin"
-}
-
 func (c *cluster) containerd() error {
 	conf := fmt.Sprintf(`{"cniVersion": "1.0.0", "name": "unilet-e2e", "plugins": [
   {"type": "bridge", "bridge": %q, "isGateway": true, "ipMasq": false, "hairpinMode": true,
@@ -275,7 +267,7 @@ state = %q
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = %q
     conf_dir = %q
-`, c.p("containerd", "root"), c.p("containerd", "state"), sock, testimages.Pause, cniBinDir(), c.p("cni", "net.d"))
+`, c.p("containerd", "root"), c.p("containerd", "state"), sock, testimages.Pause, testutil.CNIBinDir(), c.p("cni", "net.d"))
 	if err := os.WriteFile(c.p("containerd", "config.toml"), []byte(cfg), 0o644); err != nil {
 		return err
 	}
@@ -292,7 +284,7 @@ func (c *cluster) unilet() error {
 	sock := c.p("unilet", "unilet.sock")
 	args := []string{"--listen", "unix://" + sock, "--root", c.p("unilet", "root"), "--state-dir", c.p("unilet", "run"),
 		"--upstream-endpoint", "unix://" + c.p("containerd", "containerd.sock"), "--insecure-registry", RegistryAddr,
-		"--cni-conf-dir", c.p("cni", "net.d"), "--cni-bin-dir", cniBinDir(), "--netns-dir", c.p("netns"),
+		"--cni-conf-dir", c.p("cni", "net.d"), "--cni-bin-dir", testutil.CNIBinDir(), "--netns-dir", c.p("netns"),
 		"--stream-address", "127.0.0.1:0"}
 	args = append(args, strings.Fields(os.Getenv("UNILET_ARGS"))...)
 	if err := c.start("unilet", filepath.Join(c.unileBin, "unilet"), args...); err != nil {
@@ -355,7 +347,7 @@ func (c *cluster) down() error {
 	_ = exec.Command("pkill", "-9", "-f", "unilet-shim --dir "+c.dir).Run()
 	_ = exec.Command("pkill", "-9", "-f", "qemu-system-x86_64 .*"+c.dir).Run()
 	_ = exec.Command("pkill", "-9", "-f", "containerd-shim-runc-v2 .*"+c.p("containerd")).Run()
-	unmountUnder(c.dir)
+	testutil.UnmountUnder(c.dir)
 	_ = exec.Command("ip", "link", "del", Bridge).Run()
 	for _, cg := range []string{"/kubepods", "/unilet"} {
 		cgroups.RemoveTree(cg)
@@ -425,23 +417,5 @@ func (c *cluster) stop(name string) {
 		for j := 0; j < 50 && alive(); j++ {
 			time.Sleep(100 * time.Millisecond)
 		}
-	}
-}
-
-// unmountUnder unmounts every mount below dir (and network namespaces), deepest first.
-func unmountUnder(dir string) {
-	b, err := os.ReadFile("/proc/mounts")
-	if err != nil {
-		return
-	}
-	var mps []string
-	for _, l := range strings.Split(string(b), "\n") {
-		f := strings.Fields(l)
-		if len(f) > 1 && strings.HasPrefix(f[1], dir+"/") {
-			mps = append(mps, f[1])
-		}
-	}
-	for i := len(mps) - 1; i >= 0; i-- {
-		_ = syscall.Unmount(mps[i], syscall.MNT_DETACH)
 	}
 }

@@ -1,0 +1,116 @@
+// Package testutil holds helpers shared by the end-to-end tests, the e2e
+// cluster and the benchmarks: a goroutine-safe output buffer, a free loopback
+// port, an HTTP GET that waits for a guest to come up, unmounting a test's
+// directory tree, and where the CNI plugins live.
+package testutil
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// SyncBuf is a bytes buffer safe for concurrent writers and readers.
+type SyncBuf struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *SyncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *SyncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// FreePort returns a loopback TCP port nobody listens on (now).
+func FreePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// HTTPGet fetches url until it answers 200 or timeout passes (a guest may still be booting).
+func HTTPGet(url string, timeout time.Duration) (string, error) {
+	c := http.Client{Timeout: 2 * time.Second}
+	var last error
+	for deadline := time.Now().Add(timeout); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		resp, err := c.Get(url)
+		if err != nil {
+			last = err
+			continue
+		}
+		b, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err == nil && resp.StatusCode == 200 {
+			return string(b), nil
+		}
+		last = fmt.Errorf("status %d, %v", resp.StatusCode, err)
+	}
+	return "", fmt.Errorf("GET %s: %v", url, last)
+}
+
+// UnmountUnder unmounts every mount below dir, deepest first.
+func UnmountUnder(dir string) {
+	b, err := os.ReadFile("/proc/mounts")
+	if err != nil {
+		return
+	}
+	var mps []string
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) > 1 && strings.HasPrefix(f[1], dir+"/") {
+			mps = append(mps, f[1])
+		}
+	}
+	for i := len(mps) - 1; i >= 0; i-- {
+		_ = syscall.Unmount(mps[i], syscall.MNT_DETACH)
+	}
+}
+
+// CNIBinDir is where the CNI plugins are: Debian's containernetworking-plugins
+// (/usr/lib/cni) or the usual /opt/cni/bin.
+func CNIBinDir() string {
+	for _, d := range []string{"/usr/lib/cni", "/opt/cni/bin"} {
+		if _, err := os.Stat(filepath.Join(d, "bridge")); err == nil {
+			return d
+		}
+	}
+	return "/opt/cni/bin"
+}
+
+// MustHTTPGet is HTTPGet failing the test on error.
+func MustHTTPGet(t testing.TB, url string, timeout time.Duration) string {
+	t.Helper()
+	body, err := HTTPGet(url, timeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return body
+}
+
+// MustFreePort is FreePort failing the test on error.
+func MustFreePort(t testing.TB) int {
+	t.Helper()
+	p, err := FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
