@@ -123,7 +123,7 @@ func setup() (*env, error) {
 	e.daemon = exec.Command(filepath.Join(e.bin, "unilet"), "--listen", "unix://"+sock, "--root", filepath.Join(dir, "root"),
 		"--state-dir", filepath.Join(dir, "run"), "--upstream-endpoint", "unix://"+ctrdSock, "--insecure-registry", u.Host,
 		"--cni-conf-dir", cniDir, "--cni-bin-dir", testutil.CNIBinDir(), "--netns-dir", filepath.Join(dir, "netns"),
-		"--cgroup-root", benchCgrp, "--log-level", "warn")
+		"--cgroup-root", benchCgrp, "--log-level", "info")
 	lf, _ := os.Create(filepath.Join(dir, "unilet.log"))
 	e.daemon.Stdout, e.daemon.Stderr = lf, lf
 	if err := e.daemon.Start(); err != nil {

@@ -186,6 +186,7 @@ func (e *env) measureStart(o options, res *Results) error {
 	if err := e.ensureTaps(1); err != nil {
 		return err
 	}
+	logStart := fileSize(filepath.Join(e.dir, "unilet.log"))
 	var u, b []float64
 	phases := make([][]float64, len(phaseNames))
 	for i := 0; i < o.startPairs; i++ {
@@ -210,6 +211,13 @@ func (e *env) measureStart(o options, res *Results) error {
 	res.Details.Start["unilet"], res.Details.Start["bare"] = su, sb
 	for j, n := range phaseNames {
 		res.Details.StartPhases = append(res.Details.StartPhases, Phase{Name: n, Summary: summarize(phases[j])})
+		if j == 2 { // StartContainer's own steps, as the daemon logged them
+			steps := startSteps(filepath.Join(e.dir, "unilet.log"), logStart)
+			for _, k := range []struct{ key, name string }{{"cgroupMs", "… cgroup created"}, {"shimMs", "… unilet-shim spawned until it answers"},
+				{"bootMs", "… Start RPC: QEMU spawn to QMP ready"}} {
+				res.Details.StartPhases = append(res.Details.StartPhases, Phase{Name: k.name, Summary: summarize(steps[k.key])})
+			}
+		}
 	}
 	res.StartRatioP50 = round(su.P50/sb.P50, 3)
 	res.StartOverheadMsP50 = round(su.P50-sb.P50, 1)
@@ -583,4 +591,36 @@ func (e *env) bareFlood(flood string, c *ConsoleRow) (bool, error) {
 		c.BareBps = round(float64(n)/c.BareSecs, 0)
 	}
 	return true, nil
+}
+
+func fileSize(p string) int64 {
+	fi, err := os.Stat(p)
+	if err != nil {
+		return 0
+	}
+	return fi.Size()
+}
+
+// startSteps reads the timings of "unikernel VM started" lines logged after offset.
+func startSteps(path string, offset int64) map[string][]float64 {
+	out := map[string][]float64{}
+	b, err := os.ReadFile(path)
+	if err != nil || int64(len(b)) < offset {
+		return out
+	}
+	for _, l := range strings.Split(string(b[offset:]), "\n") {
+		if !strings.Contains(l, `msg="unikernel VM started"`) {
+			continue
+		}
+		for _, f := range strings.Fields(l) {
+			k, v, ok := strings.Cut(f, "=")
+			if !ok || !strings.HasSuffix(k, "Ms") {
+				continue
+			}
+			if x, err := strconv.ParseFloat(v, 64); err == nil {
+				out[k] = append(out[k], x)
+			}
+		}
+	}
+	return out
 }

@@ -227,15 +227,18 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 	s.saveContainer(c)                                    // a daemon restarting mid-start finds the shim
 	s.mu.Unlock()
 
+	t0 := time.Now()
 	var cg cgroups.Cgroup
 	var err2 error
 	if c.cgroup != "" {
 		cg, err2 = cgroups.Create(c.cgroup, cgroups.Resources{MemoryLimit: c.sizing.MemoryLimit, CPUQuota: c.sizing.CPUQuota,
 			CPUPeriod: uint64(max(c.sizing.CPUPeriod, 0)), CPUShares: uint64(max(c.sizing.CPUShares, 0))})
 	}
+	cgroupTime := time.Since(t0)
 	var vm vmHandle
+	var launch startTimes
 	if err2 == nil {
-		vm, err2 = s.startVM(ctx, runtime.VMSpec{QEMU: s.cfg.QEMU, Machine: c.machine, StateDir: c.vmDir, LogPath: c.logPath}, cg)
+		vm, launch, err2 = s.startVM(ctx, runtime.VMSpec{QEMU: s.cfg.QEMU, Machine: c.machine, StateDir: c.vmDir, LogPath: c.logPath}, cg)
 	}
 	err = err2
 	s.mu.Lock()
@@ -254,13 +257,20 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 	c.startedAt = vm.StartedAt()
 	c.state = runtimeapi.ContainerState_CONTAINER_RUNNING
 	s.saveContainer(c)
-	logrus.WithFields(logrus.Fields{"sandbox": c.sandboxID, "container": c.id, "pid": vm.Pid(), "accel": s.cfg.Accel}).Info("unikernel VM started")
+	logrus.WithFields(logrus.Fields{"sandbox": c.sandboxID, "container": c.id, "pid": vm.Pid(), "accel": s.cfg.Accel,
+		"cgroupMs": msec(cgroupTime), "shimMs": msec(launch.spawn), "bootMs": msec(launch.boot), "totalMs": msec(time.Since(t0))}).Info("unikernel VM started")
 	return &runtimeapi.StartContainerResponse{}, nil
 }
 
-func (s *Service) startVM(ctx context.Context, spec runtime.VMSpec, cg cgroups.Cgroup) (vmHandle, error) {
+// startTimes is where a VM start spent its time: the shim's spawn until it
+// answered, and its Start RPC (QEMU spawn to QMP ready).
+type startTimes struct{ spawn, boot time.Duration }
+
+func msec(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+func (s *Service) startVM(ctx context.Context, spec runtime.VMSpec, cg cgroups.Cgroup) (vmHandle, startTimes, error) {
 	if s.cfg.ShimBinary == "" {
-		return nil, errors.New("no unilet-shim configured")
+		return nil, startTimes{}, errors.New("no unilet-shim configured")
 	}
 	var join func(int) error
 	if cg != nil {
@@ -273,14 +283,14 @@ func (s *Service) startVM(ctx context.Context, spec runtime.VMSpec, cg cgroups.C
 	}
 	c, err := shim.Launch(ctx, s.cfg.ShimBinary, spec.StateDir, spec, join)
 	if err != nil {
-		return nil, err
+		return nil, startTimes{}, err
 	}
 	h, err := shim.NewHandle(c)
 	if err != nil {
 		c.Close()
-		return nil, err
+		return nil, startTimes{}, err
 	}
-	return h, nil
+	return h, startTimes{spawn: c.Spawn, boot: c.Boot}, nil
 }
 
 // releaseCgroup removes the cgroup of an ended VM once its shim has gone

@@ -24,6 +24,9 @@ type Client struct {
 	conn net.Conn
 	tc   *ttrpc.Client
 	Dir  string
+	// Spawn is how long Launch waited from exec to the shim's first answer,
+	// Boot how long its Start RPC took (QEMU spawn to QMP ready).
+	Spawn, Boot time.Duration
 }
 
 // Launch writes spec into dir, starts `shimBinary --dir dir` detached (own
@@ -53,6 +56,7 @@ func Launch(ctx context.Context, shimBinary, dir string, spec runtime.VMSpec, be
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start %s: %w", shimBinary, err)
 	}
+	t0 := time.Now()
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }() // reap; the shim outlives us only if we die
 	if beforeStart != nil {
@@ -66,6 +70,7 @@ func Launch(ctx context.Context, shimBinary, dir string, spec runtime.VMSpec, be
 	for {
 		if c, err := Connect(dir); err == nil {
 			if _, err := c.State(ctx, &api.StateRequest{}); err == nil {
+				c.Spawn = time.Since(t0)
 				if _, err := c.Start(ctx, &api.StartRequest{}); err != nil {
 					c.Close()
 					// The shim ends itself after a failed start; make sure it is gone.
@@ -80,6 +85,7 @@ func Launch(ctx context.Context, shimBinary, dir string, spec runtime.VMSpec, be
 					}
 					return nil, fmt.Errorf("start VM: %w", err)
 				}
+				c.Boot = time.Since(t0) - c.Spawn
 				return c, nil
 			}
 			c.Close()
