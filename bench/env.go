@@ -188,7 +188,7 @@ func (e *env) teardown() {
 			}
 		}
 	}
-	_ = exec.Command("pkill", "-9", "-f", "unilet-shim --dir "+e.dir).Run()
+	_ = exec.Command("pkill", "-9", "-f", "unilet-shim .*"+e.dir).Run()
 	_ = exec.Command("pkill", "-9", "-f", "qemu-system-x86_64 .*"+e.dir).Run()
 	_ = exec.Command("pkill", "-9", "-f", "containerd-shim-runc-v2 .*"+e.dir).Run()
 	if e.bareNS != "" {

@@ -16,21 +16,26 @@ import (
 
 func main() {
 	dir := flag.String("dir", "", "VM directory holding spec.json")
+	poolDir := flag.String("pool-dir", "", "run as an idle pre-forked shim serving here until adopted")
 	showVersion := flag.Bool("version", false, "print the version")
 	flag.Parse()
 	if *showVersion {
 		fmt.Println("unilet-shim", version.Version)
 		return
 	}
-	if *dir == "" {
-		fmt.Fprintln(os.Stderr, "unilet-shim: --dir is required")
+	if (*dir == "") == (*poolDir == "") {
+		fmt.Fprintln(os.Stderr, "unilet-shim: exactly one of --dir or --pool-dir is required")
 		os.Exit(2)
 	}
 	// The daemon may die or restart: only SIGTERM/SIGINT end the VM.
 	signal.Ignore(syscall.SIGHUP, syscall.SIGPIPE)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	if err := shim.Serve(ctx, *dir); err != nil {
+	serve := func() error { return shim.Serve(ctx, *dir) }
+	if *poolDir != "" {
+		serve = func() error { return shim.ServePool(ctx, *poolDir) }
+	}
+	if err := serve(); err != nil {
 		fmt.Fprintln(os.Stderr, "unilet-shim:", err)
 		os.Exit(1)
 	}

@@ -29,6 +29,7 @@ import (
 	"github.com/unilet-dev/unilet/pkg/metadata"
 	"github.com/unilet-dev/unilet/pkg/version"
 	vmruntime "github.com/unilet-dev/unilet/runtime"
+	"github.com/unilet-dev/unilet/runtime/shim"
 )
 
 type multi []string
@@ -53,6 +54,7 @@ func run() error {
 		cniConf, cniCache, netnsDir, cgroupRoot                 string
 		cniBins, allowParams                                    multi
 		limits                                                  vm.Limits
+		shimPool                                                int
 	)
 	flag.StringVar(&listen, "listen", "unix:///run/unilet/unilet.sock", "CRI socket to serve")
 	flag.StringVar(&root, "root", "/var/lib/unilet", "persistent state (images, metadata)")
@@ -78,6 +80,7 @@ func run() error {
 	flag.IntVar(&limits.MaxMemMiB, "max-memory", vm.DefaultMaxMemMiB, "most guest RAM (MiB) a pod may ask for")
 	flag.IntVar(&limits.MaxVCPUs, "max-vcpus", vm.DefaultMaxVCPUs, "most vCPUs a pod may ask for")
 	flag.Var(&allowParams, "allow-lib-param", "Unikraft library parameter pods may set with "+vm.AnnotationLibParams+" (name or prefix.*; repeatable)")
+	flag.IntVar(&shimPool, "shim-pool", 2, "idle pre-forked unilet-shims kept ready, so a VM start does not wait for one to exec (0: none)")
 	flag.BoolVar(&showVersion, "version", false, "print the version and exit")
 	flag.Parse()
 	if showVersion {
@@ -126,8 +129,15 @@ func run() error {
 	if err := network.Status(); err != nil {
 		logrus.WithError(err).Warn("no pod network yet: unikernel pods wait for a CNI configuration (NetworkReady=false)")
 	}
+	var pool *shim.Pool
+	if shimPool > 0 {
+		if pool, err = shim.NewPool(shimPath, filepath.Join(stateDir, "pool"), shimPool); err != nil {
+			return fmt.Errorf("shim pool: %w", err)
+		}
+		defer pool.Close()
+	}
 	svc := vm.New(vm.Config{QEMU: qemuPath, Accel: resolved, StateDir: stateDir, Version: version.Version, ShimBinary: shimPath,
-		Limits: limits, Network: network, NetNSDir: netnsDir, CgroupRoot: cgroupRoot}, images, meta)
+		Limits: limits, Network: network, NetNSDir: netnsDir, CgroupRoot: cgroupRoot, ShimPool: pool}, images, meta)
 	if err := svc.Load(); err != nil {
 		return fmt.Errorf("restore state from %s: %w", root, err)
 	}

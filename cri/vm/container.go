@@ -281,7 +281,13 @@ func (s *Service) startVM(ctx context.Context, spec runtime.VMSpec, cg cgroups.C
 			return nil
 		}
 	}
-	c, err := shim.Launch(ctx, s.cfg.ShimBinary, spec.StateDir, spec, join)
+	var c *shim.Client
+	var err error
+	if s.cfg.ShimPool != nil {
+		c, err = s.cfg.ShimPool.Launch(ctx, spec.StateDir, spec, join)
+	} else {
+		c, err = shim.Launch(ctx, s.cfg.ShimBinary, spec.StateDir, spec, join)
+	}
 	if err != nil {
 		return nil, startTimes{}, err
 	}

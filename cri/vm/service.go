@@ -27,6 +27,7 @@ import (
 	"github.com/unilet-dev/unilet/pkg/metadata"
 	"github.com/unilet-dev/unilet/pkg/netns"
 	"github.com/unilet-dev/unilet/runtime"
+	"github.com/unilet-dev/unilet/runtime/shim"
 )
 
 // RuntimeName is reported by Version.
@@ -50,6 +51,8 @@ type Config struct {
 	// CgroupRoot is the cgroup parent of VMs whose pod names none;
 	// "" disables cgroups (unit tests).
 	CgroupRoot string
+	// ShimPool hands out pre-forked shims (nil: every VM spawns its own).
+	ShimPool *shim.Pool
 }
 
 // Network is the pod network (package cni in production).

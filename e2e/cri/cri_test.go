@@ -166,11 +166,13 @@ func startDaemon(t *testing.T, extra ...string) *daemon {
 	d.cgroupRoot = "/unilet-e2e/" + filepath.Base(dir)
 	d.args = append([]string{"--listen", "unix://" + d.sock, "--root", filepath.Join(dir, "root"), "--state-dir", d.stateDir,
 		"--insecure-registry", regHost, "--accel", "auto", "--log-level", "debug",
-		"--cni-conf-dir", d.cniConf, "--cni-bin-dir", testutil.CNIBinDir(), "--netns-dir", d.netnsDir, "--cgroup-root", d.cgroupRoot}, extra...)
+		"--cni-conf-dir", d.cniConf, "--cni-bin-dir", testutil.CNIBinDir(), "--netns-dir", d.netnsDir, "--cgroup-root", d.cgroupRoot,
+		// No idle shims: these tests count shim processes exactly (TestShimPool covers the pool).
+		"--shim-pool", "0"}, extra...)
 	t.Cleanup(func() {
 		d.stop()
 		// VMs outlive the daemon by design: end whatever a test left behind.
-		_ = exec.Command("pkill", "-9", "-f", "unilet-shim --dir "+dir).Run()
+		_ = exec.Command("pkill", "-9", "-f", "unilet-shim .*"+dir).Run()
 		_ = exec.Command("pkill", "-9", "-f", "qemu-system-x86_64 .*"+dir).Run()
 		if t.Failed() {
 			b, _ := os.ReadFile(d.logFile)

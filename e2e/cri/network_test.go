@@ -404,3 +404,39 @@ func TestCNIReadinessAndTeardownRetry(t *testing.T) {
 }
 
 type syncBuf = testutil.SyncBuf
+
+// TestShimPool: with --shim-pool the daemon keeps idle pre-forked shims; a VM
+// runs under one of them, the pool refills, and a restarted daemon ends the
+// idle shims of the old one and reconnects the running VM.
+func TestShimPool(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "", "--shim-pool", "2")
+	poolPattern := "unilet-shim --pool-dir " + filepath.Join(d.stateDir, "pool")
+	pgrep := func() []string {
+		out, _ := exec.Command("pgrep", "-f", poolPattern).Output()
+		return strings.Fields(string(out))
+	}
+	require.Eventually(t, func() bool { return len(pgrep()) == 2 }, 15*time.Second, 20*time.Millisecond, "two idle shims")
+	idle := pgrep()
+	_, ctr := d.runVM(t, "vm-pool", "tick=100")
+	in := d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
+	waitLog(t, in.Status.LogPath, "tick 2")
+	var verbose map[string]any
+	require.NoError(t, json.Unmarshal([]byte(d.must("inspect", "-o", "json", ctr)), &verbose))
+	qemuPid := fmt.Sprint(verbose["pid"])
+	ppid, err := os.ReadFile("/proc/" + qemuPid + "/stat")
+	require.NoError(t, err)
+	shimPid := strings.Fields(string(ppid[strings.LastIndexByte(string(ppid), ')')+1:]))[1]
+	require.Contains(t, idle, shimPid, "QEMU's supervisor is a shim that was idle in the pool")
+	require.Eventually(t, func() bool { return len(pgrep()) == 3 }, 15*time.Second, 20*time.Millisecond, "refilled: 2 idle + the adopted one")
+
+	d.crash()
+	d.start()
+	require.Eventually(t, func() bool { return len(pgrep()) == 3 }, 15*time.Second, 20*time.Millisecond,
+		"the new daemon ended the old idle shims and made its own")
+	require.Contains(t, pgrep(), shimPid, "the VM's shim lives on")
+	require.Equal(t, "CONTAINER_RUNNING", d.inspect(ctr).Status.State)
+	d.must("stop", "--timeout", "10", ctr)
+	require.Equal(t, "Completed", d.inspect(ctr).Status.Reason)
+	d.stop()
+	require.Eventually(t, func() bool { return len(pgrep()) == 0 }, 10*time.Second, 20*time.Millisecond, "SIGTERM ends the idle shims")
+}

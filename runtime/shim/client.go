@@ -35,14 +35,7 @@ type Client struct {
 // beforeStart (optional) runs with the shim's pid before the VM boots, e.g.
 // to place the shim, and so QEMU, in a cgroup.
 func Launch(ctx context.Context, shimBinary, dir string, spec runtime.VMSpec, beforeStart func(pid int) error) (*Client, error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, err
-	}
-	b, err := json.Marshal(spec)
-	if err != nil {
-		return nil, err
-	}
-	if err := os.WriteFile(filepath.Join(dir, SpecFile), b, 0o600); err != nil {
+	if err := writeSpec(dir, spec); err != nil {
 		return nil, err
 	}
 	logf, err := os.OpenFile(filepath.Join(dir, LogFile), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
@@ -71,22 +64,7 @@ func Launch(ctx context.Context, shimBinary, dir string, spec runtime.VMSpec, be
 		if c, err := Connect(dir); err == nil {
 			if _, err := c.State(ctx, &api.StateRequest{}); err == nil {
 				c.Spawn = time.Since(t0)
-				if _, err := c.Start(ctx, &api.StartRequest{}); err != nil {
-					c.Close()
-					// The shim ends itself after a failed start; make sure it is gone.
-					select {
-					case <-exited:
-					case <-time.After(5 * time.Second):
-						_ = cmd.Process.Kill()
-						<-exited
-					}
-					if st, ok := ReadExit(dir); ok {
-						return nil, fmt.Errorf("%s", st.Message)
-					}
-					return nil, fmt.Errorf("start VM: %w", err)
-				}
-				c.Boot = time.Since(t0) - c.Spawn
-				return c, nil
+				return startVM(ctx, c, dir, exited, func() { _ = cmd.Process.Kill() }, t0)
 			}
 			c.Close()
 		}
@@ -107,6 +85,39 @@ func Launch(ctx context.Context, shimBinary, dir string, spec runtime.VMSpec, be
 			return nil, fmt.Errorf("unilet-shim did not serve %s within 15s", filepath.Join(dir, SocketFile))
 		}
 	}
+}
+
+// writeSpec records the VM to run in its directory.
+func writeSpec(dir string, spec runtime.VMSpec) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	b, err := json.Marshal(spec)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, SpecFile), b, 0o600)
+}
+
+// startVM sends Start to a connected shim. A VM that fails to start is
+// reported with the reason the shim recorded; the shim ends itself then
+// (kill makes sure).
+func startVM(ctx context.Context, c *Client, dir string, exited <-chan error, kill func(), t0 time.Time) (*Client, error) {
+	if _, err := c.Start(ctx, &api.StartRequest{}); err != nil {
+		c.Close()
+		select {
+		case <-exited:
+		case <-time.After(5 * time.Second):
+			kill()
+			<-exited
+		}
+		if st, ok := ReadExit(dir); ok {
+			return nil, fmt.Errorf("%s", st.Message)
+		}
+		return nil, fmt.Errorf("start VM: %w", err)
+	}
+	c.Boot = time.Since(t0) - c.Spawn
+	return c, nil
 }
 
 // Connect dials the shim of dir.

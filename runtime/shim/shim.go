@@ -36,15 +36,35 @@ const (
 // Serve runs the shim for the VM directory dir until Shutdown (or the VM
 // ended and nobody asked for a minute). It returns after QEMU is gone.
 func Serve(ctx context.Context, dir string) error {
+	spec, err := readSpec(dir)
+	if err != nil {
+		return err
+	}
+	s := &service{spec: spec, dir: dir, shutdown: make(chan struct{}), exited: make(chan struct{})}
+	return s.run(ctx, dir)
+}
+
+// ServePool runs an idle, pre-forked shim serving on poolDir/shim.sock until
+// Adopt gives it a VM directory (then it is that VM's shim) or Shutdown.
+func ServePool(ctx context.Context, poolDir string) error {
+	s := &service{pool: true, shutdown: make(chan struct{}), exited: make(chan struct{})}
+	return s.run(ctx, poolDir)
+}
+
+func readSpec(dir string) (runtime.VMSpec, error) {
+	var spec runtime.VMSpec
 	b, err := os.ReadFile(filepath.Join(dir, SpecFile))
 	if err != nil {
-		return fmt.Errorf("read VM spec: %w", err)
+		return spec, fmt.Errorf("read VM spec: %w", err)
 	}
-	var spec runtime.VMSpec
 	if err := json.Unmarshal(b, &spec); err != nil {
-		return fmt.Errorf("parse VM spec: %w", err)
+		return spec, fmt.Errorf("parse VM spec: %w", err)
 	}
-	sock := filepath.Join(dir, SocketFile)
+	return spec, nil
+}
+
+func (s *service) run(ctx context.Context, sockDir string) error {
+	sock := filepath.Join(sockDir, SocketFile)
 	_ = os.Remove(sock)
 	l, err := net.Listen("unix", sock)
 	if err != nil {
@@ -55,7 +75,7 @@ func Serve(ctx context.Context, dir string) error {
 	if err != nil {
 		return err
 	}
-	s := &service{spec: spec, dir: dir, shutdown: make(chan struct{}), exited: make(chan struct{})}
+	s.srv, s.listener = srv, l
 	api.RegisterShimService(srv, s)
 	go func() { _ = srv.Serve(ctx, l) }()
 	select {
@@ -68,6 +88,9 @@ func Serve(ctx context.Context, dir string) error {
 	if s.getVM() != nil {
 		<-s.exited
 	}
+	if d := s.vmDir(); d != "" && d != sockDir {
+		defer os.Remove(filepath.Join(d, SocketFile))
+	}
 	// Let the last reply reach the client before the server goes.
 	sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
@@ -75,6 +98,52 @@ func Serve(ctx context.Context, dir string) error {
 		_ = srv.Close()
 	}
 	return nil
+}
+
+// Adopt makes an idle pool shim the shim of the VM directory r.Dir.
+func (s *service) Adopt(ctx context.Context, r *api.AdoptRequest) (*api.AdoptResponse, error) {
+	s.vmMu.Lock()
+	defer s.vmMu.Unlock()
+	if !s.pool || s.dir != "" {
+		return nil, errors.New("this shim already serves a VM")
+	}
+	spec, err := readSpec(r.GetDir())
+	if err != nil {
+		return nil, err
+	}
+	sock := filepath.Join(r.GetDir(), SocketFile)
+	_ = os.Remove(sock)
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		return nil, err
+	}
+	s.spec, s.dir = spec, r.GetDir()
+	go func() { _ = s.srv.Serve(context.Background(), l) }()
+	// From now on this shim's own log is the VM directory's.
+	if f, err := os.OpenFile(filepath.Join(r.GetDir(), LogFile), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600); err == nil {
+		_ = syscall.Dup2(int(f.Fd()), 1)
+		_ = syscall.Dup2(int(f.Fd()), 2)
+		f.Close()
+	}
+	// The pool socket goes once this reply is out.
+	pool := s.listener
+	time.AfterFunc(100*time.Millisecond, func() {
+		_ = os.Remove(pool.Addr().String())
+		_ = pool.Close()
+	})
+	return &api.AdoptResponse{Pid: int32(os.Getpid())}, nil
+}
+
+func (s *service) vmDir() string {
+	s.vmMu.Lock()
+	defer s.vmMu.Unlock()
+	return s.dir
+}
+
+func (s *service) vmSpec() runtime.VMSpec {
+	s.vmMu.Lock()
+	defer s.vmMu.Unlock()
+	return s.spec
 }
 
 func writeExit(dir string, st runtime.ExitStatus) error {
@@ -97,6 +166,9 @@ func ReadExit(dir string) (runtime.ExitStatus, bool) {
 }
 
 type service struct {
+	pool     bool // started pre-forked, waiting for Adopt
+	srv      *ttrpc.Server
+	listener net.Listener
 	spec     runtime.VMSpec
 	startMu  sync.Mutex
 	started  bool
@@ -129,12 +201,16 @@ func (s *service) Start(ctx context.Context, _ *api.StartRequest) (*api.StateRes
 	if s.started {
 		return nil, errors.New("the VM was already started")
 	}
+	dir := s.vmDir()
+	if dir == "" {
+		return nil, errors.New("no VM directory: an idle pool shim must be adopted first")
+	}
 	s.started = true
 	s.starting.Store(true)
 	defer s.starting.Store(false)
-	vm, err := runtime.StartVM(s.spec)
+	vm, err := runtime.StartVM(s.vmSpec())
 	if err != nil {
-		_ = writeExit(s.dir, runtime.ExitStatus{Code: 128, Reason: runtime.ReasonStartFailed, Message: err.Error(), FinishedAt: time.Now()})
+		_ = writeExit(dir, runtime.ExitStatus{Code: 128, Reason: runtime.ReasonStartFailed, Message: err.Error(), FinishedAt: time.Now()})
 		s.endSoon()
 		return nil, err
 	}
@@ -144,7 +220,7 @@ func (s *service) Start(ctx context.Context, _ *api.StartRequest) (*api.StateRes
 	// Clients see the VM as ended only once its exit is on disk.
 	go func() {
 		<-vm.Done()
-		_ = writeExit(s.dir, vm.Exit())
+		_ = writeExit(dir, vm.Exit())
 		close(s.exited)
 	}()
 	return s.state(), nil

@@ -200,3 +200,67 @@ func isZombie(pid int) bool {
 
 func itoa(i int) string { return strconv.Itoa(i) }
 func atoi(s string) int { n, _ := strconv.Atoi(s); return n }
+
+// TestPoolAdoptsIdleShims: a VM started through the pool runs under a
+// pre-forked shim (the one that was idle), logs to its VM directory,
+// survives as an ordinary shim (reconnect by directory), and the pool
+// refills; a new pool ends idle shims an earlier one left.
+func TestPoolAdoptsIdleShims(t *testing.T) {
+	shimBin, kernel := build(t)
+	root := t.TempDir()
+	poolDir := filepath.Join(root, "pool")
+	t.Cleanup(func() { _ = exec.Command("pkill", "-9", "-f", "unilet-shim --pool-dir "+poolDir).Run() })
+	p, err := NewPool(shimBin, poolDir, 2)
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return p.Idle() == 2 }, 15*time.Second, 10*time.Millisecond)
+	idle := pids(t, "unilet-shim --pool-dir "+poolDir)
+	require.Len(t, idle, 2)
+
+	vmDir := filepath.Join(root, "vm")
+	sp := spec(t, kernel, vmDir, "tick=50")
+	var joined int
+	c, err := p.Launch(context.Background(), vmDir, sp, func(pid int) error { joined = pid; return nil })
+	require.NoError(t, err)
+	t.Logf("pooled start: spawn/adopt %s, boot %s", c.Spawn, c.Boot)
+	require.Contains(t, idle, joined, "the VM runs under a shim that was idle")
+	require.Less(t, c.Spawn, 5*time.Millisecond, "adopting an idle shim is no process start")
+	st, err := c.State(context.Background(), &api.StateRequest{})
+	require.NoError(t, err)
+	require.True(t, st.Running)
+	c.Close()
+	// An ordinary shim now: found by its VM directory.
+	c2, err := Connect(vmDir)
+	require.NoError(t, err)
+	h, err := NewHandle(c2)
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return p.Idle() == 2 }, 15*time.Second, 10*time.Millisecond, "the pool refills")
+	// A second pool on the same directory (a restarted daemon) ends the idle ones.
+	p.mu.Lock()
+	p.closed = true // let the old pool go without closing its shims
+	p.mu.Unlock()
+	p2, err := NewPool(shimBin, poolDir, 1)
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		left := pids(t, "unilet-shim --pool-dir "+poolDir)
+		return len(left) == 2 // the adopted VM shim and the new idle one
+	}, 15*time.Second, 20*time.Millisecond)
+	require.Equal(t, int32(137), h.Stop(0).Code, "killed at once")
+	h.Release()
+	p2.Close()
+	require.Eventually(t, func() bool { return len(pids(t, "unilet-shim --pool-dir "+poolDir)) == 0 }, 10*time.Second, 20*time.Millisecond)
+	b, err := os.ReadFile(filepath.Join(vmDir, LogFile))
+	if err == nil {
+		require.NotContains(t, string(b), "panic")
+	}
+}
+
+func pids(t *testing.T, pattern string) []int {
+	out, _ := exec.Command("pgrep", "-f", pattern).Output()
+	var ps []int
+	for _, f := range strings.Fields(string(out)) {
+		n, err := strconv.Atoi(f)
+		require.NoError(t, err)
+		ps = append(ps, n)
+	}
+	return ps
+}

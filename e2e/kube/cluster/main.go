@@ -344,7 +344,7 @@ func (c *cluster) down() error {
 		c.stop(n)
 	}
 	// VMs and runc containers that outlived their runtimes.
-	_ = exec.Command("pkill", "-9", "-f", "unilet-shim --dir "+c.dir).Run()
+	_ = exec.Command("pkill", "-9", "-f", "unilet-shim .*"+c.dir).Run()
 	_ = exec.Command("pkill", "-9", "-f", "qemu-system-x86_64 .*"+c.dir).Run()
 	_ = exec.Command("pkill", "-9", "-f", "containerd-shim-runc-v2 .*"+c.p("containerd")).Run()
 	testutil.UnmountUnder(c.dir)

@@ -24,6 +24,94 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type AdoptRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Dir           string                 `protobuf:"bytes,1,opt,name=dir,proto3" json:"dir,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AdoptRequest) Reset() {
+	*x = AdoptRequest{}
+	mi := &file_shim_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AdoptRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AdoptRequest) ProtoMessage() {}
+
+func (x *AdoptRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AdoptRequest.ProtoReflect.Descriptor instead.
+func (*AdoptRequest) Descriptor() ([]byte, []int) {
+	return file_shim_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *AdoptRequest) GetDir() string {
+	if x != nil {
+		return x.Dir
+	}
+	return ""
+}
+
+type AdoptResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pid           int32                  `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AdoptResponse) Reset() {
+	*x = AdoptResponse{}
+	mi := &file_shim_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AdoptResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AdoptResponse) ProtoMessage() {}
+
+func (x *AdoptResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AdoptResponse.ProtoReflect.Descriptor instead.
+func (*AdoptResponse) Descriptor() ([]byte, []int) {
+	return file_shim_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *AdoptResponse) GetPid() int32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
 type StartRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -32,7 +120,7 @@ type StartRequest struct {
 
 func (x *StartRequest) Reset() {
 	*x = StartRequest{}
-	mi := &file_shim_proto_msgTypes[0]
+	mi := &file_shim_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -44,7 +132,7 @@ func (x *StartRequest) String() string {
 func (*StartRequest) ProtoMessage() {}
 
 func (x *StartRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[0]
+	mi := &file_shim_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -57,7 +145,7 @@ func (x *StartRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartRequest.ProtoReflect.Descriptor instead.
 func (*StartRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{0}
+	return file_shim_proto_rawDescGZIP(), []int{2}
 }
 
 type StateRequest struct {
@@ -68,7 +156,7 @@ type StateRequest struct {
 
 func (x *StateRequest) Reset() {
 	*x = StateRequest{}
-	mi := &file_shim_proto_msgTypes[1]
+	mi := &file_shim_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -80,7 +168,7 @@ func (x *StateRequest) String() string {
 func (*StateRequest) ProtoMessage() {}
 
 func (x *StateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[1]
+	mi := &file_shim_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -93,7 +181,7 @@ func (x *StateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StateRequest.ProtoReflect.Descriptor instead.
 func (*StateRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{1}
+	return file_shim_proto_rawDescGZIP(), []int{3}
 }
 
 type StateResponse struct {
@@ -113,7 +201,7 @@ type StateResponse struct {
 
 func (x *StateResponse) Reset() {
 	*x = StateResponse{}
-	mi := &file_shim_proto_msgTypes[2]
+	mi := &file_shim_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -125,7 +213,7 @@ func (x *StateResponse) String() string {
 func (*StateResponse) ProtoMessage() {}
 
 func (x *StateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[2]
+	mi := &file_shim_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -138,7 +226,7 @@ func (x *StateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StateResponse.ProtoReflect.Descriptor instead.
 func (*StateResponse) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{2}
+	return file_shim_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *StateResponse) GetPid() int32 {
@@ -207,7 +295,7 @@ type KillRequest struct {
 
 func (x *KillRequest) Reset() {
 	*x = KillRequest{}
-	mi := &file_shim_proto_msgTypes[3]
+	mi := &file_shim_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -219,7 +307,7 @@ func (x *KillRequest) String() string {
 func (*KillRequest) ProtoMessage() {}
 
 func (x *KillRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[3]
+	mi := &file_shim_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -232,7 +320,7 @@ func (x *KillRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillRequest.ProtoReflect.Descriptor instead.
 func (*KillRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{3}
+	return file_shim_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *KillRequest) GetTimeoutMs() int64 {
@@ -257,7 +345,7 @@ type WaitRequest struct {
 
 func (x *WaitRequest) Reset() {
 	*x = WaitRequest{}
-	mi := &file_shim_proto_msgTypes[4]
+	mi := &file_shim_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -269,7 +357,7 @@ func (x *WaitRequest) String() string {
 func (*WaitRequest) ProtoMessage() {}
 
 func (x *WaitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[4]
+	mi := &file_shim_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -282,7 +370,7 @@ func (x *WaitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitRequest.ProtoReflect.Descriptor instead.
 func (*WaitRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{4}
+	return file_shim_proto_rawDescGZIP(), []int{6}
 }
 
 type ReopenLogRequest struct {
@@ -293,7 +381,7 @@ type ReopenLogRequest struct {
 
 func (x *ReopenLogRequest) Reset() {
 	*x = ReopenLogRequest{}
-	mi := &file_shim_proto_msgTypes[5]
+	mi := &file_shim_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -305,7 +393,7 @@ func (x *ReopenLogRequest) String() string {
 func (*ReopenLogRequest) ProtoMessage() {}
 
 func (x *ReopenLogRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[5]
+	mi := &file_shim_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -318,7 +406,7 @@ func (x *ReopenLogRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReopenLogRequest.ProtoReflect.Descriptor instead.
 func (*ReopenLogRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{5}
+	return file_shim_proto_rawDescGZIP(), []int{7}
 }
 
 type ReopenLogResponse struct {
@@ -329,7 +417,7 @@ type ReopenLogResponse struct {
 
 func (x *ReopenLogResponse) Reset() {
 	*x = ReopenLogResponse{}
-	mi := &file_shim_proto_msgTypes[6]
+	mi := &file_shim_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -341,7 +429,7 @@ func (x *ReopenLogResponse) String() string {
 func (*ReopenLogResponse) ProtoMessage() {}
 
 func (x *ReopenLogResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[6]
+	mi := &file_shim_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -354,7 +442,7 @@ func (x *ReopenLogResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReopenLogResponse.ProtoReflect.Descriptor instead.
 func (*ReopenLogResponse) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{6}
+	return file_shim_proto_rawDescGZIP(), []int{8}
 }
 
 type StatsRequest struct {
@@ -365,7 +453,7 @@ type StatsRequest struct {
 
 func (x *StatsRequest) Reset() {
 	*x = StatsRequest{}
-	mi := &file_shim_proto_msgTypes[7]
+	mi := &file_shim_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -377,7 +465,7 @@ func (x *StatsRequest) String() string {
 func (*StatsRequest) ProtoMessage() {}
 
 func (x *StatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[7]
+	mi := &file_shim_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -390,7 +478,7 @@ func (x *StatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsRequest.ProtoReflect.Descriptor instead.
 func (*StatsRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{7}
+	return file_shim_proto_rawDescGZIP(), []int{9}
 }
 
 type StatsResponse struct {
@@ -404,7 +492,7 @@ type StatsResponse struct {
 
 func (x *StatsResponse) Reset() {
 	*x = StatsResponse{}
-	mi := &file_shim_proto_msgTypes[8]
+	mi := &file_shim_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -416,7 +504,7 @@ func (x *StatsResponse) String() string {
 func (*StatsResponse) ProtoMessage() {}
 
 func (x *StatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[8]
+	mi := &file_shim_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -429,7 +517,7 @@ func (x *StatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsResponse.ProtoReflect.Descriptor instead.
 func (*StatsResponse) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{8}
+	return file_shim_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *StatsResponse) GetTimestamp() int64 {
@@ -462,7 +550,7 @@ type ConsoleData struct {
 
 func (x *ConsoleData) Reset() {
 	*x = ConsoleData{}
-	mi := &file_shim_proto_msgTypes[9]
+	mi := &file_shim_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -474,7 +562,7 @@ func (x *ConsoleData) String() string {
 func (*ConsoleData) ProtoMessage() {}
 
 func (x *ConsoleData) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[9]
+	mi := &file_shim_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -487,7 +575,7 @@ func (x *ConsoleData) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConsoleData.ProtoReflect.Descriptor instead.
 func (*ConsoleData) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{9}
+	return file_shim_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ConsoleData) GetData() []byte {
@@ -505,7 +593,7 @@ type ShutdownRequest struct {
 
 func (x *ShutdownRequest) Reset() {
 	*x = ShutdownRequest{}
-	mi := &file_shim_proto_msgTypes[10]
+	mi := &file_shim_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -517,7 +605,7 @@ func (x *ShutdownRequest) String() string {
 func (*ShutdownRequest) ProtoMessage() {}
 
 func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[10]
+	mi := &file_shim_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -530,7 +618,7 @@ func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownRequest.ProtoReflect.Descriptor instead.
 func (*ShutdownRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{10}
+	return file_shim_proto_rawDescGZIP(), []int{12}
 }
 
 type ShutdownResponse struct {
@@ -541,7 +629,7 @@ type ShutdownResponse struct {
 
 func (x *ShutdownResponse) Reset() {
 	*x = ShutdownResponse{}
-	mi := &file_shim_proto_msgTypes[11]
+	mi := &file_shim_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -553,7 +641,7 @@ func (x *ShutdownResponse) String() string {
 func (*ShutdownResponse) ProtoMessage() {}
 
 func (x *ShutdownResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[11]
+	mi := &file_shim_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -566,7 +654,7 @@ func (x *ShutdownResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownResponse.ProtoReflect.Descriptor instead.
 func (*ShutdownResponse) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{11}
+	return file_shim_proto_rawDescGZIP(), []int{13}
 }
 
 var File_shim_proto protoreflect.FileDescriptor
@@ -574,7 +662,11 @@ var File_shim_proto protoreflect.FileDescriptor
 const file_shim_proto_rawDesc = "" +
 	"\n" +
 	"\n" +
-	"shim.proto\x12\x0eunilet.shim.v1\"\x0e\n" +
+	"shim.proto\x12\x0eunilet.shim.v1\" \n" +
+	"\fAdoptRequest\x12\x10\n" +
+	"\x03dir\x18\x01 \x01(\tR\x03dir\"!\n" +
+	"\rAdoptResponse\x12\x10\n" +
+	"\x03pid\x18\x01 \x01(\x05R\x03pid\"\x0e\n" +
 	"\fStartRequest\"\x0e\n" +
 	"\fStateRequest\"\xe6\x01\n" +
 	"\rStateResponse\x12\x10\n" +
@@ -603,7 +695,7 @@ const file_shim_proto_rawDesc = "" +
 	"\vConsoleData\x12\x12\n" +
 	"\x04data\x18\x01 \x01(\fR\x04data\"\x11\n" +
 	"\x0fShutdownRequest\"\x12\n" +
-	"\x10ShutdownResponse2\xc9\x04\n" +
+	"\x10ShutdownResponse2\x8f\x05\n" +
 	"\x04Shim\x12D\n" +
 	"\x05Start\x12\x1c.unilet.shim.v1.StartRequest\x1a\x1d.unilet.shim.v1.StateResponse\x12D\n" +
 	"\x05State\x12\x1c.unilet.shim.v1.StateRequest\x1a\x1d.unilet.shim.v1.StateResponse\x12B\n" +
@@ -612,7 +704,8 @@ const file_shim_proto_rawDesc = "" +
 	"\tReopenLog\x12 .unilet.shim.v1.ReopenLogRequest\x1a!.unilet.shim.v1.ReopenLogResponse\x12D\n" +
 	"\x05Stats\x12\x1c.unilet.shim.v1.StatsRequest\x1a\x1d.unilet.shim.v1.StatsResponse\x12F\n" +
 	"\x06Attach\x12\x1b.unilet.shim.v1.ConsoleData\x1a\x1b.unilet.shim.v1.ConsoleData(\x010\x01\x12M\n" +
-	"\bShutdown\x12\x1f.unilet.shim.v1.ShutdownRequest\x1a .unilet.shim.v1.ShutdownResponseB3Z1github.com/unilet-dev/unilet/runtime/shim/api;apib\x06proto3"
+	"\bShutdown\x12\x1f.unilet.shim.v1.ShutdownRequest\x1a .unilet.shim.v1.ShutdownResponse\x12D\n" +
+	"\x05Adopt\x12\x1c.unilet.shim.v1.AdoptRequest\x1a\x1d.unilet.shim.v1.AdoptResponseB3Z1github.com/unilet-dev/unilet/runtime/shim/api;apib\x06proto3"
 
 var (
 	file_shim_proto_rawDescOnce sync.Once
@@ -626,40 +719,44 @@ func file_shim_proto_rawDescGZIP() []byte {
 	return file_shim_proto_rawDescData
 }
 
-var file_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
 var file_shim_proto_goTypes = []any{
-	(*StartRequest)(nil),      // 0: unilet.shim.v1.StartRequest
-	(*StateRequest)(nil),      // 1: unilet.shim.v1.StateRequest
-	(*StateResponse)(nil),     // 2: unilet.shim.v1.StateResponse
-	(*KillRequest)(nil),       // 3: unilet.shim.v1.KillRequest
-	(*WaitRequest)(nil),       // 4: unilet.shim.v1.WaitRequest
-	(*ReopenLogRequest)(nil),  // 5: unilet.shim.v1.ReopenLogRequest
-	(*ReopenLogResponse)(nil), // 6: unilet.shim.v1.ReopenLogResponse
-	(*StatsRequest)(nil),      // 7: unilet.shim.v1.StatsRequest
-	(*StatsResponse)(nil),     // 8: unilet.shim.v1.StatsResponse
-	(*ConsoleData)(nil),       // 9: unilet.shim.v1.ConsoleData
-	(*ShutdownRequest)(nil),   // 10: unilet.shim.v1.ShutdownRequest
-	(*ShutdownResponse)(nil),  // 11: unilet.shim.v1.ShutdownResponse
+	(*AdoptRequest)(nil),      // 0: unilet.shim.v1.AdoptRequest
+	(*AdoptResponse)(nil),     // 1: unilet.shim.v1.AdoptResponse
+	(*StartRequest)(nil),      // 2: unilet.shim.v1.StartRequest
+	(*StateRequest)(nil),      // 3: unilet.shim.v1.StateRequest
+	(*StateResponse)(nil),     // 4: unilet.shim.v1.StateResponse
+	(*KillRequest)(nil),       // 5: unilet.shim.v1.KillRequest
+	(*WaitRequest)(nil),       // 6: unilet.shim.v1.WaitRequest
+	(*ReopenLogRequest)(nil),  // 7: unilet.shim.v1.ReopenLogRequest
+	(*ReopenLogResponse)(nil), // 8: unilet.shim.v1.ReopenLogResponse
+	(*StatsRequest)(nil),      // 9: unilet.shim.v1.StatsRequest
+	(*StatsResponse)(nil),     // 10: unilet.shim.v1.StatsResponse
+	(*ConsoleData)(nil),       // 11: unilet.shim.v1.ConsoleData
+	(*ShutdownRequest)(nil),   // 12: unilet.shim.v1.ShutdownRequest
+	(*ShutdownResponse)(nil),  // 13: unilet.shim.v1.ShutdownResponse
 }
 var file_shim_proto_depIdxs = []int32{
-	0,  // 0: unilet.shim.v1.Shim.Start:input_type -> unilet.shim.v1.StartRequest
-	1,  // 1: unilet.shim.v1.Shim.State:input_type -> unilet.shim.v1.StateRequest
-	3,  // 2: unilet.shim.v1.Shim.Kill:input_type -> unilet.shim.v1.KillRequest
-	4,  // 3: unilet.shim.v1.Shim.Wait:input_type -> unilet.shim.v1.WaitRequest
-	5,  // 4: unilet.shim.v1.Shim.ReopenLog:input_type -> unilet.shim.v1.ReopenLogRequest
-	7,  // 5: unilet.shim.v1.Shim.Stats:input_type -> unilet.shim.v1.StatsRequest
-	9,  // 6: unilet.shim.v1.Shim.Attach:input_type -> unilet.shim.v1.ConsoleData
-	10, // 7: unilet.shim.v1.Shim.Shutdown:input_type -> unilet.shim.v1.ShutdownRequest
-	2,  // 8: unilet.shim.v1.Shim.Start:output_type -> unilet.shim.v1.StateResponse
-	2,  // 9: unilet.shim.v1.Shim.State:output_type -> unilet.shim.v1.StateResponse
-	2,  // 10: unilet.shim.v1.Shim.Kill:output_type -> unilet.shim.v1.StateResponse
-	2,  // 11: unilet.shim.v1.Shim.Wait:output_type -> unilet.shim.v1.StateResponse
-	6,  // 12: unilet.shim.v1.Shim.ReopenLog:output_type -> unilet.shim.v1.ReopenLogResponse
-	8,  // 13: unilet.shim.v1.Shim.Stats:output_type -> unilet.shim.v1.StatsResponse
-	9,  // 14: unilet.shim.v1.Shim.Attach:output_type -> unilet.shim.v1.ConsoleData
-	11, // 15: unilet.shim.v1.Shim.Shutdown:output_type -> unilet.shim.v1.ShutdownResponse
-	8,  // [8:16] is the sub-list for method output_type
-	0,  // [0:8] is the sub-list for method input_type
+	2,  // 0: unilet.shim.v1.Shim.Start:input_type -> unilet.shim.v1.StartRequest
+	3,  // 1: unilet.shim.v1.Shim.State:input_type -> unilet.shim.v1.StateRequest
+	5,  // 2: unilet.shim.v1.Shim.Kill:input_type -> unilet.shim.v1.KillRequest
+	6,  // 3: unilet.shim.v1.Shim.Wait:input_type -> unilet.shim.v1.WaitRequest
+	7,  // 4: unilet.shim.v1.Shim.ReopenLog:input_type -> unilet.shim.v1.ReopenLogRequest
+	9,  // 5: unilet.shim.v1.Shim.Stats:input_type -> unilet.shim.v1.StatsRequest
+	11, // 6: unilet.shim.v1.Shim.Attach:input_type -> unilet.shim.v1.ConsoleData
+	12, // 7: unilet.shim.v1.Shim.Shutdown:input_type -> unilet.shim.v1.ShutdownRequest
+	0,  // 8: unilet.shim.v1.Shim.Adopt:input_type -> unilet.shim.v1.AdoptRequest
+	4,  // 9: unilet.shim.v1.Shim.Start:output_type -> unilet.shim.v1.StateResponse
+	4,  // 10: unilet.shim.v1.Shim.State:output_type -> unilet.shim.v1.StateResponse
+	4,  // 11: unilet.shim.v1.Shim.Kill:output_type -> unilet.shim.v1.StateResponse
+	4,  // 12: unilet.shim.v1.Shim.Wait:output_type -> unilet.shim.v1.StateResponse
+	8,  // 13: unilet.shim.v1.Shim.ReopenLog:output_type -> unilet.shim.v1.ReopenLogResponse
+	10, // 14: unilet.shim.v1.Shim.Stats:output_type -> unilet.shim.v1.StatsResponse
+	11, // 15: unilet.shim.v1.Shim.Attach:output_type -> unilet.shim.v1.ConsoleData
+	13, // 16: unilet.shim.v1.Shim.Shutdown:output_type -> unilet.shim.v1.ShutdownResponse
+	1,  // 17: unilet.shim.v1.Shim.Adopt:output_type -> unilet.shim.v1.AdoptResponse
+	9,  // [9:18] is the sub-list for method output_type
+	0,  // [0:9] is the sub-list for method input_type
 	0,  // [0:0] is the sub-list for extension type_name
 	0,  // [0:0] is the sub-list for extension extendee
 	0,  // [0:0] is the sub-list for field type_name
@@ -676,7 +773,7 @@ func file_shim_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shim_proto_rawDesc), len(file_shim_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   12,
+			NumMessages:   14,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -16,6 +16,7 @@ type ShimService interface {
 	Stats(context.Context, *StatsRequest) (*StatsResponse, error)
 	Attach(context.Context, Shim_AttachServer) error
 	Shutdown(context.Context, *ShutdownRequest) (*ShutdownResponse, error)
+	Adopt(context.Context, *AdoptRequest) (*AdoptResponse, error)
 }
 
 type Shim_AttachServer interface {
@@ -92,6 +93,13 @@ func RegisterShimService(srv *ttrpc.Server, svc ShimService) {
 				}
 				return svc.Shutdown(ctx, &req)
 			},
+			"Adopt": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req AdoptRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.Adopt(ctx, &req)
+			},
 		},
 		Streams: map[string]ttrpc.Stream{
 			"Attach": {
@@ -114,6 +122,7 @@ type ShimClient interface {
 	Stats(context.Context, *StatsRequest) (*StatsResponse, error)
 	Attach(context.Context) (Shim_AttachClient, error)
 	Shutdown(context.Context, *ShutdownRequest) (*ShutdownResponse, error)
+	Adopt(context.Context, *AdoptRequest) (*AdoptResponse, error)
 }
 
 type shimClient struct {
@@ -211,6 +220,14 @@ func (x *shimAttachClient) Recv() (*ConsoleData, error) {
 func (c *shimClient) Shutdown(ctx context.Context, req *ShutdownRequest) (*ShutdownResponse, error) {
 	var resp ShutdownResponse
 	if err := c.client.Call(ctx, "unilet.shim.v1.Shim", "Shutdown", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *shimClient) Adopt(ctx context.Context, req *AdoptRequest) (*AdoptResponse, error) {
+	var resp AdoptResponse
+	if err := c.client.Call(ctx, "unilet.shim.v1.Shim", "Adopt", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil

@@ -1,0 +1,238 @@
+package shim
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/unilet-dev/unilet/runtime"
+	"github.com/unilet-dev/unilet/runtime/shim/api"
+)
+
+// Pool keeps idle, pre-forked shims (`unilet-shim --pool-dir`), so starting a
+// VM does not wait for a shim process to exec and initialise (8–10 ms under
+// TCG here, docs/benchmarks.md). A VM start takes one (Adopt) and the pool
+// refills in the background; with none ready, a shim is spawned as before.
+type Pool struct {
+	binary, dir string
+	size        int
+	mu          sync.Mutex
+	idle        []*idleShim
+	seq         int
+	closed      bool
+	refill      chan struct{}
+	done        chan struct{}
+}
+
+type idleShim struct {
+	dir    string
+	pid    int
+	exited chan error
+}
+
+// NewPool starts a pool of size idle shims under dir. Idle shims an earlier
+// daemon left there are shut down first.
+func NewPool(binary, dir string, size int) (*Pool, error) {
+	if ents, err := os.ReadDir(dir); err == nil {
+		for _, e := range ents {
+			sub := filepath.Join(dir, e.Name())
+			if c, err := Connect(sub); err == nil {
+				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+				_, _ = c.Shutdown(ctx, &api.ShutdownRequest{})
+				cancel()
+				c.Close()
+			}
+			_ = os.RemoveAll(sub)
+		}
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	p := &Pool{binary: binary, dir: dir, size: size, refill: make(chan struct{}, 1), done: make(chan struct{})}
+	go p.filler()
+	p.kick()
+	return p, nil
+}
+
+func (p *Pool) kick() {
+	select {
+	case p.refill <- struct{}{}:
+	default:
+	}
+}
+
+func (p *Pool) filler() {
+	for {
+		select {
+		case <-p.done:
+			return
+		case <-p.refill:
+		}
+		for {
+			p.mu.Lock()
+			full := p.closed || len(p.idle) >= p.size
+			p.mu.Unlock()
+			if full {
+				break
+			}
+			s, err := p.spawn()
+			if err != nil {
+				logrus.WithError(err).Warn("pre-forking a unilet-shim failed; VMs start with a fresh shim")
+				break
+			}
+			p.mu.Lock()
+			if p.closed {
+				p.mu.Unlock()
+				p.discard(s)
+				return
+			}
+			p.idle = append(p.idle, s)
+			p.mu.Unlock()
+		}
+	}
+}
+
+func (p *Pool) spawn() (*idleShim, error) {
+	p.mu.Lock()
+	p.seq++
+	dir := filepath.Join(p.dir, strconv.Itoa(p.seq))
+	p.mu.Unlock()
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	logf, err := os.OpenFile(filepath.Join(dir, LogFile), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close()
+	cmd := exec.Command(p.binary, "--pool-dir", dir)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	s := &idleShim{dir: dir, pid: cmd.Process.Pid, exited: make(chan error, 1)}
+	go func() { s.exited <- cmd.Wait() }()
+	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline); time.Sleep(2 * time.Millisecond) {
+		if c, err := Connect(dir); err == nil {
+			_, err := c.State(context.Background(), &api.StateRequest{})
+			c.Close()
+			if err == nil {
+				return s, nil
+			}
+		}
+		select {
+		case err := <-s.exited:
+			return nil, fmt.Errorf("pool shim exited: %v", err)
+		default:
+		}
+	}
+	p.discard(s)
+	return nil, fmt.Errorf("pool shim did not serve %s", dir)
+}
+
+// discard ends an idle shim and removes its directory.
+func (p *Pool) discard(s *idleShim) {
+	_ = syscall.Kill(s.pid, syscall.SIGKILL)
+	select {
+	case <-s.exited:
+	case <-time.After(5 * time.Second):
+	}
+	_ = os.RemoveAll(s.dir)
+}
+
+func (p *Pool) take() *idleShim {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.idle) == 0 {
+		return nil
+	}
+	s := p.idle[0]
+	p.idle = p.idle[1:]
+	return s
+}
+
+// Idle reports how many shims are ready.
+func (p *Pool) Idle() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.idle)
+}
+
+// Launch starts the VM of spec in dir like the package's Launch, with an idle
+// shim when one is ready.
+func (p *Pool) Launch(ctx context.Context, dir string, spec runtime.VMSpec, beforeStart func(pid int) error) (*Client, error) {
+	t0 := time.Now()
+	s := p.take()
+	defer p.kick()
+	if s == nil {
+		return Launch(ctx, p.binary, dir, spec, beforeStart)
+	}
+	if err := writeSpec(dir, spec); err != nil {
+		p.discard(s)
+		return nil, err
+	}
+	pc, err := Connect(s.dir)
+	if err == nil {
+		_, err = pc.Adopt(ctx, &api.AdoptRequest{Dir: dir})
+		pc.Close()
+	}
+	if err != nil {
+		logrus.WithError(err).Warn("an idle unilet-shim could not be adopted; starting a fresh one")
+		p.discard(s)
+		return Launch(ctx, p.binary, dir, spec, beforeStart)
+	}
+	kill := func() { _ = syscall.Kill(s.pid, syscall.SIGKILL) }
+	if beforeStart != nil {
+		if err := beforeStart(s.pid); err != nil {
+			kill()
+			<-s.exited
+			return nil, err
+		}
+	}
+	c, err := Connect(dir)
+	if err != nil {
+		kill()
+		<-s.exited
+		return nil, fmt.Errorf("connect to the adopted shim: %w", err)
+	}
+	_ = os.RemoveAll(s.dir) // its log now goes to the VM directory
+	c.Spawn = time.Since(t0)
+	return startVM(ctx, c, dir, s.exited, kill, t0)
+}
+
+// Close ends the idle shims (shims serving VMs go on).
+func (p *Pool) Close() {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return
+	}
+	p.closed = true
+	idle := p.idle
+	p.idle = nil
+	p.mu.Unlock()
+	close(p.done)
+	for _, s := range idle {
+		if c, err := Connect(s.dir); err == nil {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			_, _ = c.Shutdown(ctx, &api.ShutdownRequest{})
+			cancel()
+			c.Close()
+		}
+		select {
+		case <-s.exited:
+		case <-time.After(3 * time.Second):
+			_ = syscall.Kill(s.pid, syscall.SIGKILL)
+		}
+		_ = os.RemoveAll(s.dir)
+	}
+}
