@@ -27,6 +27,7 @@ type options struct {
 	quick                           bool
 	startRuns, concurrency          []int
 	startPairs, listCalls, floodN   int
+	consoleRuns                     int
 	passthroughRuns, crossPodCounts int
 }
 
@@ -112,7 +113,7 @@ type CRIRow struct {
 
 // ConsoleRow is console throughput.
 type ConsoleRow struct {
-	Lines                   int
+	Lines, Runs             int
 	UniletBps, BareBps      float64
 	Ratio                   float64
 	Lost, Reordered, Bytes  int
@@ -127,10 +128,10 @@ func main() {
 	out := flag.String("out", "bench/results.json", "results file")
 	doc := flag.String("doc", "docs/benchmarks.md", "report to regenerate")
 	flag.Parse()
-	o.startPairs, o.listCalls, o.floodN, o.passthroughRuns = 40, 300, 100000, 8
+	o.startPairs, o.listCalls, o.floodN, o.passthroughRuns, o.consoleRuns = 40, 300, 100000, 8, 3
 	o.concurrency = []int{1, 10, 50, 100}
 	if o.quick {
-		o.startPairs, o.listCalls, o.floodN, o.passthroughRuns = 15, 200, 20000, 3
+		o.startPairs, o.listCalls, o.floodN, o.passthroughRuns, o.consoleRuns = 15, 200, 20000, 3, 2
 		o.concurrency = []int{1, 10, 100}
 	}
 	if err := run(o, *out, *doc); err != nil {

@@ -488,25 +488,51 @@ func countLines(text string, n int) (seen, lost, reordered int) {
 
 func (e *env) measureConsole(o options, res *Results) error {
 	flood := "flood=" + strconv.Itoa(o.floodN)
-	// unilet: the guest floods the console; bytes/s from the CRI log's own timestamps.
+	c := ConsoleRow{Lines: o.floodN, Runs: o.consoleRuns}
+	var ub, bb, us, bs []float64
+	for i := 0; i < o.consoleRuns; i++ { // interleaved A/B; medians
+		r, err := e.uniletFlood(flood, o.floodN)
+		if err != nil {
+			return err
+		}
+		c.Lost += r.Lost
+		c.Reordered += r.Reordered
+		c.Bytes = r.Bytes
+		ub, us = append(ub, r.UniletBps), append(us, r.UniletSeconds)
+		if err := e.bareFlood(flood, &r); err != nil {
+			return err
+		}
+		bb, bs = append(bb, r.BareBps), append(bs, r.BareSecs)
+	}
+	c.UniletBps, c.BareBps = summarize(ub).P50, summarize(bb).P50
+	c.UniletSeconds, c.BareSecs = summarize(us).P50, summarize(bs).P50
+	if c.BareBps > 0 {
+		c.Ratio = round(c.UniletBps/c.BareBps, 3)
+	}
+	res.Details.Console = c
+	res.LogThroughputRatio, res.LogLostLines = c.Ratio, c.Lost+c.Reordered
+	return nil
+}
+
+// uniletFlood runs one flood through unilet: bytes/s from the CRI log's own timestamps.
+func (e *env) uniletFlood(flood string, n int) (ConsoleRow, error) {
+	var c ConsoleRow
 	_, v, err := e.startVM([]string{flood})
 	if err != nil {
-		return err
+		return c, err
 	}
-	var st *runtimeapi.ContainerStatusResponse
+	defer e.remove(v)
 	for deadline := time.Now().Add(10 * time.Minute); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
-		if st, err = e.rt.ContainerStatus(bg, &runtimeapi.ContainerStatusRequest{ContainerId: v.ctr}); err == nil &&
-			st.GetStatus().GetState() == runtimeapi.ContainerState_CONTAINER_EXITED {
+		st, err := e.rt.ContainerStatus(bg, &runtimeapi.ContainerStatusRequest{ContainerId: v.ctr})
+		if err == nil && st.GetStatus().GetState() == runtimeapi.ContainerState_CONTAINER_EXITED {
 			break
 		}
 	}
 	b, err := os.ReadFile(v.log)
-	e.remove(v)
 	if err != nil {
-		return err
+		return c, err
 	}
 	var first, last time.Time
-	var payload int
 	var text strings.Builder
 	for _, l := range strings.Split(string(b), "\n") {
 		f := strings.SplitN(l, " ", 4)
@@ -521,49 +547,37 @@ func (e *env) measureConsole(o options, res *Results) error {
 			first = ts
 		}
 		last = ts
-		payload += len(f[3]) + 1
+		c.Bytes += len(f[3]) + 1
 		text.WriteString(f[3] + "\n")
 	}
-	seen, lost, reordered := countLines(text.String(), o.floodN)
-	c := ConsoleRow{Lines: o.floodN, Lost: lost, Reordered: reordered, Bytes: payload, UniletSeconds: last.Sub(first).Seconds()}
+	_, c.Lost, c.Reordered = countLines(text.String(), n)
+	c.UniletSeconds = last.Sub(first).Seconds()
 	if c.UniletSeconds > 0 {
-		c.UniletBps = round(float64(payload)/c.UniletSeconds, 0)
+		c.UniletBps = round(float64(c.Bytes)/c.UniletSeconds, 0)
 	}
-	_ = seen
-	// bare: the same VM's serial straight to a file.
-	q, err := e.bareFlood(flood, &c)
-	if err != nil {
-		return err
-	}
-	_ = q
-	if c.BareBps > 0 {
-		c.Ratio = round(c.UniletBps/c.BareBps, 3)
-	}
-	res.Details.Console = c
-	res.LogThroughputRatio, res.LogLostLines = c.Ratio, c.Lost+c.Reordered
-	return nil
+	return c, nil
 }
 
 // bareFlood runs the flood in a bare QEMU with its serial written to a file.
-func (e *env) bareFlood(flood string, c *ConsoleRow) (bool, error) {
+func (e *env) bareFlood(flood string, c *ConsoleRow) error {
 	argv := e.bareArgv(e.argv, 9999, tickArg, flood)
 	taps, err := vmruntime.OpenTaps([]vmruntime.NIC{{Tap: "tap0", NetNS: e.bareNS}})
 	if err != nil {
-		return false, err
+		return err
 	}
 	cmd := exec.Command("qemu-system-x86_64", argv...)
 	cmd.ExtraFiles = taps
 	out, err := cmd.StdoutPipe()
 	if err != nil {
-		return false, err
+		return err
 	}
 	f, err := os.Create(filepath.Join(e.dir, "bare-serial.txt"))
 	if err != nil {
-		return false, err
+		return err
 	}
 	defer f.Close()
 	if err := cmd.Start(); err != nil {
-		return false, err
+		return err
 	}
 	for _, t := range taps {
 		t.Close()
@@ -590,7 +604,7 @@ func (e *env) bareFlood(flood string, c *ConsoleRow) (bool, error) {
 	if c.BareSecs > 0 {
 		c.BareBps = round(float64(n)/c.BareSecs, 0)
 	}
-	return true, nil
+	return nil
 }
 
 func fileSize(p string) int64 {

@@ -79,10 +79,10 @@ func writeReport(r *Results, doc string) error {
 		p["podStartViaUnilet"].P50, p["podStartDirect"].P50, p["podStartViaUnilet"].P50-p["podStartDirect"].P50,
 		p["statusViaUnilet"].P50, p["statusDirect"].P50, p["statusViaUnilet"].P50-p["statusDirect"].P50)
 	c := d.Console
-	fmt.Fprintf(&b, "\n## Console throughput\n\nThe guest writes %d numbered lines flat out. unilet: bytes/s into the CRI log (its own timestamps);\n"+
-		"bare: QEMU's serial (stdout) into a file.\n\n| | bytes/s | seconds |\n|---|---|---|\n| unilet → CRI log | %.0f | %.2f |\n"+
-		"| bare QEMU → file | %.0f | %.2f |\n| ratio | %.2f× | |\n\nLost lines: %d; out of order: %d.\n",
-		c.Lines, c.UniletBps, c.UniletSeconds, c.BareBps, c.BareSecs, c.Ratio, c.Lost, c.Reordered)
+	fmt.Fprintf(&b, "\n## Console throughput\n\nThe guest writes %d numbered lines flat out, %d interleaved runs per side (medians). unilet: bytes/s into the\n"+
+		"CRI log (its own timestamps); bare: QEMU's serial (stdout) into a file.\n\n| | bytes/s | seconds |\n|---|---|---|\n| unilet → CRI log | %.0f | %.2f |\n"+
+		"| bare QEMU → file | %.0f | %.2f |\n| ratio | %.2f× | |\n\nLost lines (all runs): %d; out of order: %d.\n",
+		c.Lines, c.Runs, c.UniletBps, c.UniletSeconds, c.BareBps, c.BareSecs, c.Ratio, c.Lost, c.Reordered)
 	b.WriteString(analysis)
 	if err := os.WriteFile(doc, []byte(b.String()), 0o644); err != nil {
 		return err
