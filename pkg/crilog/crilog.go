@@ -35,7 +35,19 @@ type Writer struct {
 	maxLine int
 	pending []byte
 	now     func() time.Time
+	// Write-through when idle, batched when busy: output after a quiet
+	// flushDelay goes to the file at once; a flood is written every
+	// flushDelay or flushSize bytes, saving a write(2) per console chunk.
+	buf       []byte
+	lastFlush time.Time
+	timer     *time.Timer
+	werr      error // a failed background flush, returned by the next call
 }
+
+const (
+	flushDelay = 5 * time.Millisecond
+	flushSize  = 64 << 10
+)
 
 // Option configures a Writer.
 type Option func(*Writer)
@@ -130,8 +142,43 @@ func (w *Writer) writeOut(b []byte) error {
 	if w.f == nil {
 		return fmt.Errorf("container log %s is closed", w.path)
 	}
-	_, err := w.f.Write(b)
+	if err := w.werr; err != nil {
+		w.werr = nil
+		return err
+	}
+	w.buf = append(w.buf, b...)
+	if len(w.buf) >= flushSize || time.Since(w.lastFlush) >= flushDelay {
+		return w.flushLocked()
+	}
+	if w.timer == nil {
+		w.timer = time.AfterFunc(flushDelay, func() {
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			w.timer = nil
+			if err := w.flushLocked(); err != nil {
+				w.werr = err
+			}
+		})
+	}
+	return nil
+}
+
+// flushLocked writes the batched lines; caller holds w.mu.
+func (w *Writer) flushLocked() error {
+	w.lastFlush = time.Now()
+	if len(w.buf) == 0 || w.f == nil {
+		return nil
+	}
+	_, err := w.f.Write(w.buf)
+	w.buf = w.buf[:0]
 	return err
+}
+
+// Flush writes batched lines now.
+func (w *Writer) Flush() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.flushLocked()
 }
 
 // FlushPartial writes a pending incomplete line as a P part (used when the
@@ -157,6 +204,7 @@ func (w *Writer) Reopen() error {
 		return err
 	}
 	if w.f != nil {
+		_ = w.flushLocked() // what was batched belongs to the rotated file
 		_ = w.f.Close()
 	}
 	w.f = f
@@ -176,6 +224,13 @@ func (w *Writer) Close() error {
 		w.format(&out, w.now().UTC().Format(time.RFC3339Nano), TagFull, bytes.TrimSuffix(w.pending, []byte{'\r'}))
 		w.pending = w.pending[:0]
 		err = w.writeOut(out.Bytes())
+	}
+	if w.timer != nil {
+		w.timer.Stop()
+		w.timer = nil
+	}
+	if ferr := w.flushLocked(); err == nil {
+		err = ferr
 	}
 	if cerr := w.f.Close(); err == nil {
 		err = cerr

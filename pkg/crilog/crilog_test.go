@@ -1,6 +1,7 @@
 package crilog
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -45,6 +46,7 @@ func TestWriterSplitsLongLines(t *testing.T) {
 	require.NoError(t, err)
 	_, err = w.Write([]byte("zw12"))
 	require.NoError(t, err)
+	require.NoError(t, w.Flush())
 	require.Equal(t, ts+" stdout P abcd\n"+ts+" stdout P efgh\n"+ts+" stdout F ij\n"+ts+" stdout P xyzw\n", read(t, p))
 	require.NoError(t, w.FlushPartial())
 	require.NoError(t, w.Close())
@@ -64,4 +66,27 @@ func TestWriterReopen(t *testing.T) {
 	require.Equal(t, ts+" stdout F two\n", read(t, p))
 	_, err = w.Write([]byte("three\n"))
 	require.Error(t, err, "writing after Close must fail, not vanish")
+}
+
+// Output after a quiet moment reaches the file at once; a flood is batched
+// and still reaches it within the flush delay, in order.
+func TestWriterBatchesFloods(t *testing.T) {
+	w, p := open(t)
+	time.Sleep(2 * flushDelay)
+	_, err := w.Write([]byte("first\n"))
+	require.NoError(t, err)
+	require.Equal(t, ts+" stdout F first\n", read(t, p), "write-through when idle")
+	want := ts + " stdout F first\n"
+	for i := 0; i < 1000; i++ {
+		line := fmt.Sprintf("line %d", i)
+		_, err := w.Write([]byte(line + "\n"))
+		require.NoError(t, err)
+		want += ts + " stdout F " + line + "\n"
+	}
+	require.Less(t, len(read(t, p)), len(want), "a flood is batched")
+	require.Eventually(t, func() bool { return read(t, p) == want }, time.Second, time.Millisecond, "batched lines arrive within the flush delay")
+	_, err = w.Write([]byte("last\n"))
+	require.NoError(t, err)
+	require.NoError(t, w.Close())
+	require.Equal(t, want+ts+" stdout F last\n", read(t, p), "Close flushes")
 }
