@@ -43,6 +43,7 @@ type env struct {
 	bareNS                 string
 	logDir                 string
 	argv                   []string // the QEMU argv of a unilet VM (for bare runs)
+	done                   bool
 }
 
 func sh(dir string, name string, args ...string) error {
@@ -166,6 +167,10 @@ func setup() (*env, error) {
 }
 
 func (e *env) teardown() {
+	if e.done {
+		return
+	}
+	e.done = true
 	if e.rt != nil {
 		if l, err := e.rt.ListPodSandbox(bg, &runtimeapi.ListPodSandboxRequest{}); err == nil {
 			for _, p := range l.GetItems() {

@@ -66,6 +66,7 @@ type Details struct {
 	CRI                        []CRIRow
 	Passthrough                map[string]Summary
 	Console                    ConsoleRow
+	Kube                       *KubeRow `json:",omitempty"`
 }
 
 // Phase is one step of unilet's start path.
@@ -169,6 +170,11 @@ func run(o options, out, doc string) error {
 	log.Printf("console throughput: %d lines", o.floodN)
 	if err := env.measureConsole(o, res); err != nil {
 		return fmt.Errorf("console: %w", err)
+	}
+	env.teardown() // the cluster below runs its own unilet and containerd
+	log.Printf("through kubelet: pod create → Running (e2e cluster), unikernel vs plain pod")
+	if err := measureKube(o, res); err != nil {
+		return fmt.Errorf("kubelet: %w", err)
 	}
 	b, _ := json.MarshalIndent(res, "", "  ")
 	if err := os.WriteFile(out, append(b, '\n'), 0o644); err != nil {

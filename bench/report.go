@@ -83,6 +83,15 @@ func writeReport(r *Results, doc string) error {
 		"CRI log (its own timestamps); bare: QEMU's serial (stdout) into a file.\n\n| | bytes/s | seconds |\n|---|---|---|\n| unilet → CRI log | %.0f | %.2f |\n"+
 		"| bare QEMU → file | %.0f | %.2f |\n| ratio | %.2f× | |\n\nLost lines (all runs): %d; out of order: %d.\n",
 		c.Lines, c.Runs, c.UniletBps, c.UniletSeconds, c.BareBps, c.BareSecs, c.Ratio, c.Lost, c.Reordered)
+	if k := d.Kube; k != nil {
+		b.WriteString("\n## Through kubelet\n\n`kubectl create` → pod phase Running on the e2e cluster (real kubelet, apiserver, etcd; unilet in front of\ncontainerd), interleaved; 20 ms polling resolution.\n\n")
+		if k.Note != "" {
+			fmt.Fprintf(&b, "%s\n", k.Note)
+		} else {
+			fmt.Fprintf(&b, "| pod | p50 ms | p95 ms | runs |\n|---|---|---|---|\n| unikernel (QEMU VM) | %.0f | %.0f | %d |\n| plain busybox (containerd + runc) | %.0f | %.0f | %d |\n| ratio (p50) | %.2f× | | |\n",
+				k.Unikernel.P50, k.Unikernel.P95, k.Unikernel.N, k.Plain.P50, k.Plain.P95, k.Plain.N, k.Unikernel.P50/nz(k.Plain.P50))
+		}
+	}
 	b.WriteString(analysis)
 	if err := os.WriteFile(doc, []byte(b.String()), 0o644); err != nil {
 		return err
