@@ -153,6 +153,21 @@ func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateConta
 		log.Warn(w)
 	}
 	s.mu.Lock()
+	st := sb.staged
+	sb.staged = nil
+	s.mu.Unlock()
+	if st != nil && c.cgroup != "" {
+		// The staged shim's cgroup becomes this container's: no migration later.
+		if err := cgroups.Rename(st.cgroup, c.cgroup); err == nil {
+			c.staged = st.idle
+		} else {
+			log.WithError(err).Debug("using the staged shim failed; the VM starts without")
+			dropStaged(st)
+		}
+	} else {
+		dropStaged(st)
+	}
+	s.mu.Lock()
 	s.containers[c.id] = c
 	s.saveContainer(c)
 	s.mu.Unlock()
@@ -237,8 +252,12 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 	cgroupTime := time.Since(t0)
 	var vm vmHandle
 	var launch startTimes
+	staged := c.staged
+	c.staged = nil
 	if err2 == nil {
-		vm, launch, err2 = s.startVM(ctx, runtime.VMSpec{QEMU: s.cfg.QEMU, Machine: c.machine, StateDir: c.vmDir, LogPath: c.logPath}, cg)
+		vm, launch, err2 = s.startVM(ctx, runtime.VMSpec{QEMU: s.cfg.QEMU, Machine: c.machine, StateDir: c.vmDir, LogPath: c.logPath}, cg, staged)
+	} else if staged != nil {
+		staged.Discard()
 	}
 	err = err2
 	s.mu.Lock()
@@ -268,9 +287,19 @@ type startTimes struct{ spawn, boot time.Duration }
 
 func msec(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
-func (s *Service) startVM(ctx context.Context, spec runtime.VMSpec, cg cgroups.Cgroup) (vmHandle, startTimes, error) {
+func (s *Service) startVM(ctx context.Context, spec runtime.VMSpec, cg cgroups.Cgroup, staged *shim.Idle) (vmHandle, startTimes, error) {
 	if s.cfg.ShimBinary == "" {
 		return nil, startTimes{}, errors.New("no unilet-shim configured")
+	}
+	if staged != nil { // already in its cgroup
+		c, err := staged.Start(ctx, spec.StateDir, spec, nil)
+		if err == nil {
+			return s.handle(c)
+		}
+		if !shim.IsAdoptError(err) {
+			return nil, startTimes{}, err
+		}
+		logrus.WithError(err).Warn("the staged shim could not be adopted; starting another")
 	}
 	var join func(int) error
 	if cg != nil {
@@ -291,6 +320,10 @@ func (s *Service) startVM(ctx context.Context, spec runtime.VMSpec, cg cgroups.C
 	if err != nil {
 		return nil, startTimes{}, err
 	}
+	return s.handle(c)
+}
+
+func (s *Service) handle(c *shim.Client) (vmHandle, startTimes, error) {
 	h, err := shim.NewHandle(c)
 	if err != nil {
 		c.Close()
@@ -363,6 +396,10 @@ func (s *Service) RemoveContainer(ctx context.Context, r *runtimeapi.RemoveConta
 		return &runtimeapi.RemoveContainerResponse{}, nil
 	}
 	_ = os.RemoveAll(c.vmDir)
+	if c.staged != nil { // created, never started
+		c.staged.Discard()
+		c.staged = nil
+	}
 	if c.cgroup != "" {
 		if cg, err := cgroups.Load(c.cgroup); err == nil {
 			if err := cg.Delete(); err != nil {

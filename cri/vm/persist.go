@@ -13,6 +13,7 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/image"
+	"github.com/unilet-dev/unilet/pkg/cgroups"
 	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/shim"
@@ -145,6 +146,17 @@ func (s *Service) Load() error {
 		s.releaseCgroup(c)
 		s.saveContainer(c)
 		logrus.WithFields(logrus.Fields{"sandbox": c.sandboxID, "container": c.id, "reason": c.exit.Reason}).Warn("container's VM ended while the daemon was away; reported as exited")
+	}
+	// Staged shims did not survive the earlier daemon (the pool reaps idle
+	// shims): remove their staging cgroups.
+	if s.cfg.CgroupRoot != "" {
+		for _, sb := range s.sandboxes {
+			if p, err := cgroups.Path(sb.config.GetLinux().GetCgroupParent(), s.cfg.CgroupRoot, stageName(sb.id)); err == nil {
+				if cg, err := cgroups.Load(p); err == nil {
+					_ = cg.Delete()
+				}
+			}
+		}
 	}
 	// A stop the earlier daemon did not finish: retry its CNI DEL now.
 	for _, sb := range s.sandboxes {

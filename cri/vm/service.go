@@ -108,6 +108,16 @@ type sandbox struct {
 	mac        string
 	netPending bool
 	netMu      sync.Mutex // serialises teardown
+	// staged is an idle shim already placed in a staging cgroup for the
+	// pod's next VM (not persisted: a restarted daemon reaps idle shims).
+	staged *stagedShim
+}
+
+// stagedShim is a pre-forked shim waiting in a staging cgroup that becomes
+// the container's cgroup by a rename (no migration on the start path).
+type stagedShim struct {
+	idle   *shim.Idle
+	cgroup string
 }
 
 type container struct {
@@ -124,6 +134,7 @@ type container struct {
 	machine   runtime.MachineConfig
 	sizing    Sizing
 	cgroup    string // cgroup path of the VM ("" = none)
+	staged    *shim.Idle // a shim already in cgroup, waiting for StartContainer
 	vmDir     string
 	vm        vmHandle
 	warnings  []string

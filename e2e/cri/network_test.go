@@ -417,7 +417,24 @@ func TestShimPool(t *testing.T) {
 	}
 	require.Eventually(t, func() bool { return len(pgrep()) == 2 }, 15*time.Second, 20*time.Millisecond, "two idle shims")
 	idle := pgrep()
-	_, ctr := d.runVM(t, "vm-pool", "tick=100")
+	// RunPodSandbox stages an idle shim in the pod's staging cgroup (while CNI
+	// runs); CreateContainer renames that cgroup to the container's; the VM
+	// then boots under that very shim — no cgroup migration on the start path.
+	d.must("pull", image())
+	podCfg, _ := podConfig(t, "vm-pool", true)
+	pod := d.must("runp", podCfg)
+	procs := func(cg string) []string {
+		b, _ := os.ReadFile(filepath.Join("/sys/fs/cgroup/memory", cg, "cgroup.procs"))
+		return strings.Fields(string(b))
+	}
+	stage := d.cgroupRoot + "/stage-" + pod[:12]
+	staged := procs(stage)
+	require.Len(t, staged, 1, "one shim staged for the pod")
+	require.Contains(t, idle, staged[0])
+	ctr := d.must("create", pod, containerConfig(t, image(), []string{"tick=100"}, nil), podCfg)
+	require.NoDirExists(t, filepath.Join("/sys/fs/cgroup/memory", stage), "renamed")
+	require.Equal(t, staged, procs(d.cgroupRoot+"/"+ctr), "the staged shim is in the container's cgroup")
+	d.must("start", ctr)
 	in := d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
 	waitLog(t, in.Status.LogPath, "tick 2")
 	var verbose map[string]any
@@ -426,7 +443,7 @@ func TestShimPool(t *testing.T) {
 	ppid, err := os.ReadFile("/proc/" + qemuPid + "/stat")
 	require.NoError(t, err)
 	shimPid := strings.Fields(string(ppid[strings.LastIndexByte(string(ppid), ')')+1:]))[1]
-	require.Contains(t, idle, shimPid, "QEMU's supervisor is a shim that was idle in the pool")
+	require.Equal(t, staged[0], shimPid, "QEMU's supervisor is the staged shim")
 	require.Eventually(t, func() bool { return len(pgrep()) == 3 }, 15*time.Second, 20*time.Millisecond, "refilled: 2 idle + the adopted one")
 
 	d.crash()

@@ -283,3 +283,37 @@ func RemoveTree(p string) {
 		}
 	}
 }
+
+// Unified reports whether the host runs cgroup v2 only.
+func Unified() bool { return unified() }
+
+// Rename moves the cgroup from to to (same parent) in every v1 hierarchy that
+// has it, processes included: a process placed in from ahead of time ends up
+// in to without a migration. cgroup v2 does not allow it.
+func Rename(from, to string) error {
+	if unified() {
+		return errors.New("cgroup v2: renaming a cgroup is not supported")
+	}
+	if path.Dir(from) != path.Dir(to) {
+		return fmt.Errorf("rename %s to %s: not the same parent", from, to)
+	}
+	ents, err := os.ReadDir("/sys/fs/cgroup")
+	if err != nil {
+		return err
+	}
+	done := 0
+	for _, h := range ents {
+		src := filepath.Join("/sys/fs/cgroup", h.Name(), from)
+		if _, err := os.Stat(src); err != nil {
+			continue
+		}
+		if err := os.Rename(src, filepath.Join("/sys/fs/cgroup", h.Name(), to)); err != nil {
+			return fmt.Errorf("rename cgroup %s in %s: %w", from, h.Name(), err)
+		}
+		done++
+	}
+	if done == 0 {
+		return fmt.Errorf("cgroup %s not found", from)
+	}
+	return nil
+}

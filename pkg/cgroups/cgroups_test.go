@@ -69,3 +69,37 @@ func TestRealCgroup(t *testing.T) {
 	_, err = os.Stat(filepath.Join("/sys/fs/cgroup/memory", p))
 	require.True(t, os.IsNotExist(err))
 }
+
+// TestRenameKeepsProcesses: a process placed in a cgroup ahead of time ends up
+// in the renamed one, limits applied after the rename hold.
+func TestRenameKeepsProcesses(t *testing.T) {
+	if unified() {
+		t.Skip("cgroup v2 has no rename; unilet migrates instead")
+	}
+	base := "/unilet-test/rename-" + strconv.Itoa(os.Getpid())
+	defer RemoveTree("/unilet-test")
+	c, err := Create(base+"/stage", Resources{})
+	require.NoError(t, err)
+	cmd := exec.Command("sleep", "30")
+	require.NoError(t, cmd.Start())
+	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+	require.NoError(t, c.Add(cmd.Process.Pid))
+	require.NoError(t, Rename(base+"/stage", base+"/ctr"))
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(cmd.Process.Pid) + "/cgroup")
+	require.NoError(t, err)
+	require.Contains(t, string(b), base+"/ctr")
+	c2, err := Create(base+"/ctr", Resources{MemoryLimit: 64 << 20})
+	require.NoError(t, err)
+	require.Equal(t, strconv.Itoa(64<<20), strings.TrimSpace(string(must(os.ReadFile(filepath.Join("/sys/fs/cgroup/memory", base, "ctr", "memory.limit_in_bytes"))))))
+	require.Error(t, Rename(base+"/ctr", "/elsewhere/ctr"), "only within a parent")
+	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
+	require.NoError(t, c2.Delete())
+}
+
+func must(b []byte, err error) []byte {
+	if err != nil {
+		panic(err)
+	}
+	return b
+}

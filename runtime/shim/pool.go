@@ -167,17 +167,46 @@ func (p *Pool) Idle() int {
 	return len(p.idle)
 }
 
-// Launch starts the VM of spec in dir like the package's Launch, with an idle
-// shim when one is ready.
-func (p *Pool) Launch(ctx context.Context, dir string, spec runtime.VMSpec, beforeStart func(pid int) error) (*Client, error) {
-	t0 := time.Now()
+// Idle is a pre-forked shim taken out of the pool: it can be placed (for
+// example in a cgroup) ahead of time and started later.
+type Idle struct {
+	s *idleShim
+	p *Pool
+}
+
+// Take returns an idle shim, or nil when none is ready; the pool refills.
+func (p *Pool) Take() *Idle {
 	s := p.take()
-	defer p.kick()
+	p.kick()
 	if s == nil {
-		return Launch(ctx, p.binary, dir, spec, beforeStart)
+		return nil
 	}
+	return &Idle{s: s, p: p}
+}
+
+// Pid is the shim's process ID.
+func (i *Idle) Pid() int { return i.s.pid }
+
+// Discard ends the idle shim.
+func (i *Idle) Discard() { i.p.discard(i.s) }
+
+// errAdopt marks a shim that could not be adopted (the caller may spawn one).
+type errAdopt struct{ error }
+
+// IsAdoptError reports whether Start failed before the VM was started
+// because the idle shim could not be adopted (spawning another is safe).
+func IsAdoptError(err error) bool {
+	_, ok := err.(errAdopt)
+	return ok
+}
+
+// Start adopts the shim for the VM directory dir, runs beforeStart (may be
+// nil) with its pid and boots the VM of spec.
+func (i *Idle) Start(ctx context.Context, dir string, spec runtime.VMSpec, beforeStart func(pid int) error) (*Client, error) {
+	t0 := time.Now()
+	s := i.s
 	if err := writeSpec(dir, spec); err != nil {
-		p.discard(s)
+		i.Discard()
 		return nil, err
 	}
 	pc, err := Connect(s.dir)
@@ -186,9 +215,8 @@ func (p *Pool) Launch(ctx context.Context, dir string, spec runtime.VMSpec, befo
 		pc.Close()
 	}
 	if err != nil {
-		logrus.WithError(err).Warn("an idle unilet-shim could not be adopted; starting a fresh one")
-		p.discard(s)
-		return Launch(ctx, p.binary, dir, spec, beforeStart)
+		i.Discard()
+		return nil, errAdopt{fmt.Errorf("adopt an idle unilet-shim: %w", err)}
 	}
 	kill := func() { _ = syscall.Kill(s.pid, syscall.SIGKILL) }
 	if beforeStart != nil {
@@ -207,6 +235,19 @@ func (p *Pool) Launch(ctx context.Context, dir string, spec runtime.VMSpec, befo
 	_ = os.RemoveAll(s.dir) // its log now goes to the VM directory
 	c.Spawn = time.Since(t0)
 	return startVM(ctx, c, dir, s.exited, kill, t0)
+}
+
+// Launch starts the VM of spec in dir like the package's Launch, with an idle
+// shim when one is ready.
+func (p *Pool) Launch(ctx context.Context, dir string, spec runtime.VMSpec, beforeStart func(pid int) error) (*Client, error) {
+	if i := p.Take(); i != nil {
+		c, err := i.Start(ctx, dir, spec, beforeStart)
+		if _, adopt := err.(errAdopt); !adopt {
+			return c, err
+		}
+		logrus.WithError(err).Warn("starting with a fresh unilet-shim")
+	}
+	return Launch(ctx, p.binary, dir, spec, beforeStart)
 }
 
 // Close ends the idle shims (shims serving VMs go on).

@@ -223,7 +223,6 @@ func TestPoolAdoptsIdleShims(t *testing.T) {
 	require.NoError(t, err)
 	t.Logf("pooled start: spawn/adopt %s, boot %s", c.Spawn, c.Boot)
 	require.Contains(t, idle, joined, "the VM runs under a shim that was idle")
-	require.Less(t, c.Spawn, 5*time.Millisecond, "adopting an idle shim is no process start")
 	st, err := c.State(context.Background(), &api.StateRequest{})
 	require.NoError(t, err)
 	require.True(t, st.Running)
