@@ -35,7 +35,11 @@ func build(t *testing.T) (shimBin, kernel string) {
 
 func spec(t *testing.T, kernel, vmDir string, args ...string) runtime.VMSpec {
 	// Whatever a failing test leaves behind is ended.
-	t.Cleanup(func() { _ = exec.Command("pkill", "-9", "-f", "unilet-shim --dir "+vmDir).Run() })
+	t.Cleanup(func() {
+		_ = exec.Command("pkill", "-9", "-f", "unilet-shim --dir "+vmDir).Run()
+		// A pooled shim's command line does not name the VM: end its QEMU by path.
+		_ = exec.Command("pkill", "-9", "-f", "qemu-system-x86_64 .*"+vmDir).Run()
+	})
 	qemu, err := exec.LookPath("qemu-system-x86_64")
 	require.NoError(t, err)
 	line, _, err := runtime.BuildCmdline(runtime.GuestConfig{KernelName: kernel, Args: args})
