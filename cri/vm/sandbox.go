@@ -16,6 +16,7 @@ import (
 	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/pkg/netns"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
+	"github.com/unilet-dev/unilet/runtime/shim"
 )
 
 // TapName is the tap device of a pod's VM NIC inside the pod namespace.
@@ -158,8 +159,13 @@ func (s *Service) stageShim(sb *sandbox) *stagedShim {
 	if err != nil {
 		return nil
 	}
+	if s.staged.Add(1) > maxStaged {
+		s.staged.Add(-1)
+		return nil
+	}
 	idle := s.cfg.ShimPool.Take()
 	if idle == nil {
+		s.staged.Add(-1)
 		return nil
 	}
 	cg, err := cgroups.Create(path, cgroups.Resources{})
@@ -171,9 +177,15 @@ func (s *Service) stageShim(sb *sandbox) *stagedShim {
 	if err != nil {
 		logrus.WithError(err).WithField("sandbox", sb.id).Debug("staging a shim failed; the VM starts without")
 		idle.Discard()
+		s.staged.Add(-1)
 		return nil
 	}
-	return &stagedShim{idle: idle, cgroup: path}
+	return &stagedShim{idle: s.countedIdle(idle), cgroup: path}
+}
+
+// countedIdle wraps a staged shim so that using or discarding it frees its slot.
+func (s *Service) countedIdle(i *shim.Idle) *shim.Idle {
+	return i.OnRelease(func() { s.staged.Add(-1) })
 }
 
 // dropStaged ends a staged shim and removes its cgroup.

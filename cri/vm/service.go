@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -90,6 +91,7 @@ type Service struct {
 	meta   *metadata.Store // nil: state is not persisted (unit tests)
 	stream streaming.Server
 
+	staged     atomic.Int32 // staged shims alive (≤ maxStaged)
 	mu         sync.Mutex
 	sandboxes  map[string]*sandbox
 	containers map[string]*container
@@ -120,6 +122,10 @@ type stagedShim struct {
 	cgroup string
 }
 
+// maxStaged bounds the shims waiting staged for pods whose container is not
+// started yet (memory, and a burst of refills when many pods are created).
+const maxStaged = 8
+
 type container struct {
 	id        string
 	sandboxID string
@@ -133,7 +139,7 @@ type container struct {
 	exit      runtime.ExitStatus
 	machine   runtime.MachineConfig
 	sizing    Sizing
-	cgroup    string // cgroup path of the VM ("" = none)
+	cgroup    string     // cgroup path of the VM ("" = none)
 	staged    *shim.Idle // a shim already in cgroup, waiting for StartContainer
 	vmDir     string
 	vm        vmHandle

@@ -170,8 +170,24 @@ func (p *Pool) Idle() int {
 // Idle is a pre-forked shim taken out of the pool: it can be placed (for
 // example in a cgroup) ahead of time and started later.
 type Idle struct {
-	s *idleShim
-	p *Pool
+	s         *idleShim
+	p         *Pool
+	onRelease func()
+	once      sync.Once
+}
+
+// OnRelease sets f to run once when the shim is started or discarded.
+func (i *Idle) OnRelease(f func()) *Idle {
+	i.onRelease = f
+	return i
+}
+
+func (i *Idle) release() {
+	i.once.Do(func() {
+		if i.onRelease != nil {
+			i.onRelease()
+		}
+	})
 }
 
 // Take returns an idle shim, or nil when none is ready; the pool refills.
@@ -188,7 +204,10 @@ func (p *Pool) Take() *Idle {
 func (i *Idle) Pid() int { return i.s.pid }
 
 // Discard ends the idle shim.
-func (i *Idle) Discard() { i.p.discard(i.s) }
+func (i *Idle) Discard() {
+	i.release()
+	i.p.discard(i.s)
+}
 
 // errAdopt marks a shim that could not be adopted (the caller may spawn one).
 type errAdopt struct{ error }
@@ -203,6 +222,7 @@ func IsAdoptError(err error) bool {
 // Start adopts the shim for the VM directory dir, runs beforeStart (may be
 // nil) with its pid and boots the VM of spec.
 func (i *Idle) Start(ctx context.Context, dir string, spec runtime.VMSpec, beforeStart func(pid int) error) (*Client, error) {
+	i.release()
 	t0 := time.Now()
 	s := i.s
 	if err := writeSpec(dir, spec); err != nil {
