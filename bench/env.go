@@ -94,8 +94,7 @@ func setup() (*env, error) {
 
 	// containerd (Debian) for the passthrough comparison, with offline images.
 	ctrdSock := filepath.Join(dir, "containerd.sock")
-	cfg := fmt.Sprintf("version = 2\nroot = %q\nstate = %q\n[grpc]\n  address = %q\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = %q\n  restrict_oom_score_adj = true\n",
-		filepath.Join(dir, "ctrd-root"), filepath.Join(dir, "ctrd-state"), ctrdSock, testimages.Pause)
+	cfg := testimages.ContainerdConfig(filepath.Join(dir, "ctrd-root"), filepath.Join(dir, "ctrd-state"), ctrdSock, "", "")
 	if err := os.WriteFile(filepath.Join(dir, "containerd.toml"), []byte(cfg), 0o644); err != nil {
 		return nil, err
 	}

@@ -1,7 +1,6 @@
 package cri_test
 
 import (
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -38,18 +37,7 @@ func startContainerd(t *testing.T) *containerd {
 	c := &containerd{dir: dir, sock: filepath.Join(dir, "containerd.sock")}
 	cniDir := filepath.Join(dir, "cni")
 	require.NoError(t, os.MkdirAll(cniDir, 0o755))
-	cfg := fmt.Sprintf(`version = 2
-root = %q
-state = %q
-[grpc]
-  address = %q
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = %q
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = %q
-`, filepath.Join(dir, "root"), filepath.Join(dir, "state"), c.sock, pauseImage, cniDir)
+	cfg := testimages.ContainerdConfig(filepath.Join(dir, "root"), filepath.Join(dir, "state"), c.sock, testutil.CNIBinDir(), cniDir)
 	cfgPath := filepath.Join(dir, "config.toml")
 	require.NoError(t, os.WriteFile(cfgPath, []byte(cfg), 0o644))
 	lf, err := os.Create(filepath.Join(dir, "containerd.log"))

@@ -139,3 +139,22 @@ func Import(work, sock string, imgs map[string]v1.Image) error {
 	}
 	return nil
 }
+
+// ContainerdConfig is a containerd 1.6 config for the tests: private root,
+// state and socket, the offline pause image, restrict_oom_score_adj (root
+// lacks CAP_SYS_RESOURCE here), and CNI from cniBin/cniConf when given.
+func ContainerdConfig(root, state, sock, cniBin, cniConf string) string {
+	cfg := fmt.Sprintf(`version = 2
+root = %q
+state = %q
+[grpc]
+  address = %q
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = %q
+  restrict_oom_score_adj = true
+`, root, state, sock, Pause)
+	if cniBin != "" {
+		cfg += fmt.Sprintf("  [plugins.\"io.containerd.grpc.v1.cri\".cni]\n    bin_dir = %q\n    conf_dir = %q\n", cniBin, cniConf)
+	}
+	return cfg
+}

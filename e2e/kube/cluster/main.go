@@ -256,18 +256,7 @@ func (c *cluster) containerd() error {
 		return err
 	}
 	sock := c.p("containerd", "containerd.sock")
-	cfg := fmt.Sprintf(`version = 2
-root = %q
-state = %q
-[grpc]
-  address = %q
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = %q
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = %q
-    conf_dir = %q
-`, c.p("containerd", "root"), c.p("containerd", "state"), sock, testimages.Pause, testutil.CNIBinDir(), c.p("cni", "net.d"))
+	cfg := testimages.ContainerdConfig(c.p("containerd", "root"), c.p("containerd", "state"), sock, testutil.CNIBinDir(), c.p("cni", "net.d"))
 	if err := os.WriteFile(c.p("containerd", "config.toml"), []byte(cfg), 0o644); err != nil {
 		return err
 	}
