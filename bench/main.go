@@ -25,6 +25,7 @@ import (
 
 type options struct {
 	quick                           bool
+	only                            map[string]bool // sections to run (--only); nil = all
 	startRuns, concurrency          []int
 	startPairs, listCalls, floodN   int
 	consoleRuns                     int
@@ -119,6 +120,8 @@ type ConsoleRow struct {
 	Ratio                   float64
 	Lost, Reordered, Bytes  int
 	UniletSeconds, BareSecs float64
+	// BarePipe*: bare QEMU's stdout through a pipe a plain Go reader drains.
+	BarePipeBps, BarePipeSecs float64
 }
 
 func main() {
@@ -128,7 +131,18 @@ func main() {
 	flag.BoolVar(&o.quick, "quick", false, "the ≤ 3 minute run (fewer repetitions)")
 	out := flag.String("out", "bench/results.json", "results file")
 	doc := flag.String("doc", "docs/benchmarks.md", "report to regenerate")
+	only := flag.String("only", "", "comma-separated sections to run ("+strings.Join(sections, ",")+
+		"); prints the results instead of writing the report (for iterating on one figure)")
 	flag.Parse()
+	if *only != "" {
+		o.only = map[string]bool{}
+		for _, s := range strings.Split(*only, ",") {
+			if !contains(sections, s) {
+				log.Fatalf("--only: unknown section %q (want some of %s)", s, strings.Join(sections, ","))
+			}
+			o.only[s] = true
+		}
+	}
 	o.startPairs, o.listCalls, o.floodN, o.passthroughRuns, o.consoleRuns = 40, 300, 100000, 8, 3
 	o.concurrency = []int{1, 10, 50, 100}
 	if o.quick {
@@ -151,30 +165,42 @@ func run(o options, out, doc string) error {
 	res.Details.Start = map[string]Summary{}
 	res.Details.Passthrough = map[string]Summary{}
 
-	log.Printf("start latency: %d interleaved pairs (unilet CRI run→create→start→first console line vs bare QEMU spawn→first line)", o.startPairs)
-	if err := env.measureStart(o, res); err != nil {
-		return fmt.Errorf("start: %w", err)
+	steps := []struct {
+		name, what string
+		f          func(options, *Results) error
+	}{
+		{"start", fmt.Sprintf("start latency: %d interleaved pairs (unilet CRI run→create→start→first console line vs bare QEMU spawn→first line)", o.startPairs), env.measureStart},
+		{"concurrency", fmt.Sprintf("concurrency: %v VMs at once", o.concurrency), env.measureConcurrency},
+		{"cri", "CRI call latency at 0/100/200 pods", env.measureCRI},
+		{"passthrough", "passthrough to containerd", env.measurePassthrough},
+		{"console", fmt.Sprintf("console throughput: %d lines", o.floodN), env.measureConsole},
 	}
-	log.Printf("concurrency: %v VMs at once", o.concurrency)
-	if err := env.measureConcurrency(o, res); err != nil {
-		return fmt.Errorf("concurrency: %w", err)
+	if o.runs("start") || o.runs("concurrency") || o.runs("console") {
+		log.Print("warm-up: one unilet VM; its QEMU argv is every bare QEMU's")
+		if err := env.warmUp(); err != nil {
+			return fmt.Errorf("warm-up: %w", err)
+		}
 	}
-	log.Printf("CRI call latency at 0/100/200 pods")
-	if err := env.measureCRI(o, res); err != nil {
-		return fmt.Errorf("CRI latency: %w", err)
-	}
-	log.Printf("passthrough to containerd")
-	if err := env.measurePassthrough(o, res); err != nil {
-		return fmt.Errorf("passthrough: %w", err)
-	}
-	log.Printf("console throughput: %d lines", o.floodN)
-	if err := env.measureConsole(o, res); err != nil {
-		return fmt.Errorf("console: %w", err)
+	for _, st := range steps {
+		if o.runs(st.name) {
+			log.Print(st.what)
+			if err := st.f(o, res); err != nil {
+				return fmt.Errorf("%s: %w", st.name, err)
+			}
+		}
 	}
 	env.teardown() // the cluster below runs its own unilet and containerd
-	log.Printf("through kubelet: pod create → Running (e2e cluster), unikernel vs plain pod")
-	if err := measureKube(o, res); err != nil {
-		return fmt.Errorf("kubelet: %w", err)
+	if o.runs("kube") {
+		log.Printf("through kubelet: pod create → Running (e2e cluster), unikernel vs plain pod")
+		if err := measureKube(o, res); err != nil {
+			return fmt.Errorf("kubelet: %w", err)
+		}
+	}
+	if o.only != nil {
+		b, _ := json.MarshalIndent(res, "", "  ")
+		fmt.Println(string(b))
+		log.Printf("done in %s (--only: %s and %s left as they were)", time.Since(t0).Round(time.Second), out, doc)
+		return nil
 	}
 	b, _ := json.MarshalIndent(res, "", "  ")
 	if err := os.WriteFile(out, append(b, '\n'), 0o644); err != nil {
@@ -185,6 +211,20 @@ func run(o options, out, doc string) error {
 	}
 	log.Printf("done in %s: %s, %s", time.Since(t0).Round(time.Second), out, doc)
 	return nil
+}
+
+// sections are the parts of a run, in order (names for --only).
+var sections = []string{"start", "concurrency", "cri", "passthrough", "console", "kube"}
+
+func (o options) runs(section string) bool { return o.only == nil || o.only[section] }
+
+func contains(xs []string, x string) bool {
+	for _, y := range xs {
+		if y == x {
+			return true
+		}
+	}
+	return false
 }
 
 func machine(o options) Machine {

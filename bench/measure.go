@@ -172,8 +172,9 @@ func (b *bare) kill() {
 
 const tickArg = "tick=600000"
 
-func (e *env) measureStart(o options, res *Results) error {
-	// Warm-up (page cache, image, CNI) and the argv of a unilet VM.
+// warmUp starts and removes one unilet VM (page cache, image, CNI) and keeps
+// its QEMU argv in e.argv: every bare QEMU of the run uses that argv.
+func (e *env) warmUp() error {
 	_, w, err := e.startVM([]string{tickArg})
 	if err != nil {
 		return err
@@ -183,9 +184,12 @@ func (e *env) measureStart(o options, res *Results) error {
 	if err != nil {
 		return err
 	}
-	if err := e.ensureTaps(1); err != nil {
-		return err
-	}
+	e.argv = argv
+	return e.ensureTaps(1)
+}
+
+func (e *env) measureStart(o options, res *Results) error {
+	argv := e.argv
 	logStart := fileSize(filepath.Join(e.dir, "unilet.log"))
 	var u, b []float64
 	phases := make([][]float64, len(phaseNames))
@@ -221,7 +225,6 @@ func (e *env) measureStart(o options, res *Results) error {
 	}
 	res.StartRatioP50 = round(su.P50/sb.P50, 3)
 	res.StartOverheadMsP50 = round(su.P50-sb.P50, 1)
-	e.argv = argv
 	return nil
 }
 
@@ -489,7 +492,7 @@ func countLines(text string, n int) (seen, lost, reordered int) {
 func (e *env) measureConsole(o options, res *Results) error {
 	flood := "flood=" + strconv.Itoa(o.floodN)
 	c := ConsoleRow{Lines: o.floodN, Runs: o.consoleRuns}
-	var ub, bb, us, bs []float64
+	var ub, bb, pb, us, bs, ps []float64
 	for i := 0; i < o.consoleRuns; i++ { // interleaved A/B; medians
 		r, err := e.uniletFlood(flood, o.floodN)
 		if err != nil {
@@ -499,13 +502,18 @@ func (e *env) measureConsole(o options, res *Results) error {
 		c.Reordered += r.Reordered
 		c.Bytes = r.Bytes
 		ub, us = append(ub, r.UniletBps), append(us, r.UniletSeconds)
-		if err := e.bareFlood(flood, &r); err != nil {
+		secs, bps, err := e.bareFlood(flood, o.floodN, false)
+		if err != nil {
 			return err
 		}
-		bb, bs = append(bb, r.BareBps), append(bs, r.BareSecs)
+		bb, bs = append(bb, bps), append(bs, secs)
+		if secs, bps, err = e.bareFlood(flood, o.floodN, true); err != nil {
+			return err
+		}
+		pb, ps = append(pb, bps), append(ps, secs)
 	}
-	c.UniletBps, c.BareBps = summarize(ub).P50, summarize(bb).P50
-	c.UniletSeconds, c.BareSecs = summarize(us).P50, summarize(bs).P50
+	c.UniletBps, c.BareBps, c.BarePipeBps = summarize(ub).P50, summarize(bb).P50, summarize(pb).P50
+	c.UniletSeconds, c.BareSecs, c.BarePipeSecs = summarize(us).P50, summarize(bs).P50, summarize(ps).P50
 	if c.BareBps > 0 {
 		c.Ratio = round(c.UniletBps/c.BareBps, 3)
 	}
@@ -558,53 +566,91 @@ func (e *env) uniletFlood(flood string, n int) (ConsoleRow, error) {
 	return c, nil
 }
 
-// bareFlood runs the flood in a bare QEMU with its serial written to a file.
-func (e *env) bareFlood(flood string, c *ConsoleRow) error {
+// bareFlood runs the flood in a bare QEMU whose serial (stdout) goes to a
+// file: written by QEMU itself (viaPipe false: the floor), or through
+// a pipe that a plain Go reader (os/exec StdoutPipe, io.Copy) drains into the
+// file — what a naive shim would do. The file's size is sampled every
+// millisecond; afterwards the samples place the first and the last flood line
+// in time (the same span unilet's log timestamps measure). It returns seconds
+// and bytes/s.
+func (e *env) bareFlood(flood string, n int, viaPipe bool) (secs, bps float64, err error) {
 	argv := e.bareArgv(e.argv, 9999, tickArg, flood)
 	taps, err := vmruntime.OpenTaps([]vmruntime.NIC{{Tap: "tap0", NetNS: e.bareNS}})
 	if err != nil {
-		return err
+		return 0, 0, err
 	}
-	cmd := exec.Command("qemu-system-x86_64", argv...)
-	cmd.ExtraFiles = taps
-	out, err := cmd.StdoutPipe()
+	path := filepath.Join(e.dir, "bare-serial.txt")
+	f, err := os.Create(path)
 	if err != nil {
-		return err
-	}
-	f, err := os.Create(filepath.Join(e.dir, "bare-serial.txt"))
-	if err != nil {
-		return err
+		return 0, 0, err
 	}
 	defer f.Close()
-	if err := cmd.Start(); err != nil {
-		return err
+	cmd := exec.Command("qemu-system-x86_64", argv...)
+	cmd.ExtraFiles = taps
+	var copied chan struct{}
+	if viaPipe {
+		out, err := cmd.StdoutPipe()
+		if err != nil {
+			return 0, 0, err
+		}
+		copied = make(chan struct{})
+		go func() { _, _ = io.Copy(f, out); close(copied) }()
+	} else {
+		cmd.Stdout = f
 	}
+	err = cmd.Start()
 	for _, t := range taps {
 		t.Close()
 	}
-	var first, last time.Time
-	n := 0
-	buf := make([]byte, 32<<10)
-	for {
-		k, err := out.Read(buf)
-		if k > 0 {
-			if first.IsZero() {
-				first = time.Now()
-			}
-			last = time.Now()
-			n += k
-			_, _ = f.Write(buf[:k])
+	if err != nil {
+		return 0, 0, err
+	}
+	done := make(chan struct{})
+	go func() {
+		if copied != nil {
+			<-copied // Wait closes the pipe: drain it first
 		}
-		if err != nil {
-			break
+		_ = cmd.Wait()
+		close(done)
+	}()
+	type sample struct {
+		t    time.Time
+		size int64
+	}
+	var samples []sample
+	tick := time.NewTicker(time.Millisecond)
+	defer tick.Stop()
+	for exited := false; !exited; {
+		select {
+		case <-done:
+			exited = true
+		case <-tick.C:
+		}
+		samples = append(samples, sample{time.Now(), fileSize(path)})
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, 0, err
+	}
+	last := fmt.Sprintf("line %d\n", n)
+	from, to := bytes.Index(b, []byte("line 1\n")), bytes.Index(b, []byte(last))
+	if from < 0 || to < 0 {
+		return 0, 0, fmt.Errorf("bare flood: lines 1 and %d not both in %s", n, path)
+	}
+	to += len(last)
+	var t0, t1 time.Time
+	for _, x := range samples {
+		if t0.IsZero() && x.size > int64(from) {
+			t0 = x.t
+		}
+		if t1.IsZero() && x.size >= int64(to) {
+			t1 = x.t
 		}
 	}
-	_ = cmd.Wait()
-	c.BareSecs = last.Sub(first).Seconds()
-	if c.BareSecs > 0 {
-		c.BareBps = round(float64(n)/c.BareSecs, 0)
+	if secs = t1.Sub(t0).Seconds(); secs > 0 {
+		bps = round(float64(to-from)/secs, 0)
 	}
-	return nil
+	return secs, bps, nil
 }
 
 func fileSize(p string) int64 {

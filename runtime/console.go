@@ -5,7 +5,11 @@ import (
 	"context"
 	"errors"
 	"io"
+	"os"
 	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // DetachByte (Ctrl-]) ends an attach session; the VM keeps running.
@@ -13,6 +17,50 @@ const DetachByte = 0x1d
 
 // ErrNotRunning is returned when attaching to a VM that has exited.
 var ErrNotRunning = errors.New("the VM is not running")
+
+// Console reading. QEMU's emulated UART writes every guest byte with its own
+// write(2). A reader that sleeps in epoll (Go's poller) is woken for each of
+// them — a pipe registered with epoll wakes its waiters on every write — and
+// both QEMU and the shim pay for it. So the console pipe stays blocking and
+// out of the poller: a write into a pipe that already holds data wakes no
+// one, and after a short read the reader waits consoleGather before reading
+// again, letting a flood collect into large reads. A lone line reaches the log
+// at most consoleGather later; a flood costs a read per consoleGather instead
+// of a wake-up per byte.
+const (
+	consoleGather = 500 * time.Microsecond
+	consoleBuf    = 64 << 10
+)
+
+// consolePipe returns a blocking pipe (close-on-exec), not registered with
+// Go's poller, for QEMU's stdout.
+func consolePipe() (r, w *os.File, err error) {
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		return nil, nil, err
+	}
+	return os.NewFile(uintptr(p[0]), "console-r"), os.NewFile(uintptr(p[1]), "console-w"), nil
+}
+
+// copyConsole copies the console pipe to dst until QEMU closes it (see above).
+// It blocks its OS thread in read(2) and nanosleep(2), which is why it runs on
+// a goroutine of its own.
+func copyConsole(dst io.Writer, r *os.File) {
+	buf := make([]byte, consoleBuf)
+	for {
+		n, err := r.Read(buf)
+		if n > 0 {
+			_, _ = dst.Write(buf[:n])
+		}
+		if err != nil {
+			return
+		}
+		if n < consoleBuf/2 {
+			ts := unix.NsecToTimespec(int64(consoleGather))
+			_ = unix.Nanosleep(&ts, nil)
+		}
+	}
+}
 
 // consoleHub fans console output out to attach sessions. The CRI log is
 // written before any session sees a chunk and never waits for a session: a

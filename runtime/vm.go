@@ -94,11 +94,12 @@ func StartVM(spec VMSpec) (*VM, error) {
 	cmd := exec.Command(spec.QEMU, argv...)
 	cmd.Stderr = v.stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	stdout, err := cmd.StdoutPipe()
+	stdout, stdoutW, err := consolePipe()
 	if err != nil {
 		v.cleanupFiles()
 		return nil, err
 	}
+	cmd.Stdout = stdoutW
 	// The console input stays open (and empty) so QEMU does not see EOF.
 	stdinR, stdinW, err := os.Pipe()
 	if err != nil {
@@ -108,8 +109,7 @@ func StartVM(spec VMSpec) (*VM, error) {
 	cmd.Stdin = stdinR
 	taps, err := openTaps(spec.Machine.NICs)
 	if err != nil {
-		stdinR.Close()
-		stdinW.Close()
+		closeAll([]*os.File{stdinR, stdinW, stdout, stdoutW})
 		v.cleanupFiles()
 		return nil, err
 	}
@@ -117,12 +117,12 @@ func StartVM(spec VMSpec) (*VM, error) {
 	err = cmd.Start()
 	closeAll(taps) // QEMU holds its own copies
 	if err != nil {
-		stdinR.Close()
-		stdinW.Close()
+		closeAll([]*os.File{stdinR, stdinW, stdout, stdoutW})
 		v.cleanupFiles()
 		return nil, fmt.Errorf("start %s: %w", spec.QEMU, err)
 	}
 	stdinR.Close()
+	stdoutW.Close()
 	v.stdin = stdinW
 	v.cmd = cmd
 	v.startedAt = time.Now()
@@ -135,7 +135,8 @@ func StartVM(spec VMSpec) (*VM, error) {
 		if v.log != nil {
 			dst = v.log
 		}
-		_, _ = io.Copy(teeWriter{log: dst, hub: &v.hub}, stdout)
+		copyConsole(teeWriter{log: dst, hub: &v.hub}, stdout)
+		stdout.Close()
 		v.hub.close()
 	}()
 	go func() {
