@@ -124,6 +124,9 @@ func setup() (*env, error) {
 		"--state-dir", filepath.Join(dir, "run"), "--upstream-endpoint", "unix://"+ctrdSock, "--insecure-registry", u.Host,
 		"--cni-conf-dir", cniDir, "--cni-bin-dir", testutil.CNIBinDir(), "--netns-dir", filepath.Join(dir, "netns"),
 		"--cgroup-root", benchCgrp, "--log-level", "info")
+	if a := os.Getenv("UNILET_BENCH_PPROF"); a != "" { // profile the daemon during a run
+		e.daemon.Args = append(e.daemon.Args, "--pprof-address", a)
+	}
 	lf, _ := os.Create(filepath.Join(dir, "unilet.log"))
 	e.daemon.Stdout, e.daemon.Stderr = lf, lf
 	if err := e.daemon.Start(); err != nil {

@@ -98,6 +98,9 @@ type ConcurrencyRow struct {
 	UniletMs, BareMs       float64
 	Ratio                  float64 // bare / unilet (1 = as fast as bare QEMU)
 	UniletPerVMMs, BarePer float64
+	// CPU seconds spent while the N VMs started, by process class (a
+	// profile of where the time goes; the host total includes kernel threads).
+	UniletCPU, BareCPU map[string]float64 `json:",omitempty"`
 }
 
 // MemoryRow is resident memory.
@@ -304,6 +307,63 @@ func pidsMatching(parts ...string) []int {
 		}
 	}
 	return out
+}
+
+// procCPU returns a process's own CPU seconds and those of its reaped children.
+func procCPU(pid int) (self, children float64) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, 0
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:]) // fields from 3 (state) on
+	if len(f) < 15 {
+		return 0, 0
+	}
+	var t [4]float64
+	for i := range t {
+		fmt.Sscan(f[11+i], &t[i]) // utime, stime, cutime, cstime
+	}
+	return (t[0] + t[1]) / clockTicks, (t[2] + t[3]) / clockTicks
+}
+
+// clockTicks is USER_HZ, 100 on every Linux x86 build.
+const clockTicks = 100
+
+// hostBusy returns the host's busy CPU seconds (all CPUs, all but idle and iowait).
+func hostBusy() float64 {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(strings.SplitN(string(b), "\n", 2)[0])
+	var busy float64
+	for i, v := range f[1:] {
+		var x float64
+		fmt.Sscan(v, &x)
+		if i != 3 && i != 4 && i < 8 { // idle, iowait; guest times are inside user
+			busy += x
+		}
+	}
+	return busy / clockTicks
+}
+
+// cpuOf sums the own CPU seconds of pids, less what before recorded for them.
+func cpuOf(pids []int, before map[int]float64) float64 {
+	var sum float64
+	for _, p := range pids {
+		c, _ := procCPU(p)
+		sum += c - before[p]
+	}
+	return sum
+}
+
+func cpuMap(pids []int) map[int]float64 {
+	m := map[int]float64{}
+	for _, p := range pids {
+		m[p], _ = procCPU(p)
+	}
+	return m
 }
 
 func mean(xs []float64) float64 {

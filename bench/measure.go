@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/internal/testimages"
@@ -59,13 +60,46 @@ func (e *env) startVM(args []string) (time.Duration, vm, error) {
 		return 0, v, err
 	}
 	phase(2)
-	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Microsecond) {
-		if b, err := os.ReadFile(v.log); err == nil && bytes.IndexByte(b, '\n') >= 0 {
-			phase(3)
-			return time.Since(t0), v, nil
+	if err := waitLine(v.log, 60*time.Second); err != nil {
+		return 0, v, fmt.Errorf("%s: %w", v.ctr, err)
+	}
+	phase(3)
+	return time.Since(t0), v, nil
+}
+
+// waitLine returns once the file at path holds a complete line. It sleeps in
+// inotify, not in a polling loop: a hundred waiters polling would take the
+// CPU the VMs they wait for need.
+func waitLine(path string, timeout time.Duration) error {
+	fd, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if _, err := unix.InotifyAddWatch(fd, path, unix.IN_MODIFY); err != nil {
+			time.Sleep(time.Millisecond) // not created yet
+			continue
+		}
+		break
+	}
+	buf := make([]byte, 4096)
+	for time.Now().Before(deadline) {
+		if b, err := os.ReadFile(path); err == nil && bytes.IndexByte(b, '\n') >= 0 {
+			return nil
+		}
+		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		if _, err := unix.Poll(pfd, int(time.Until(deadline)/time.Millisecond)+1); err != nil && err != unix.EINTR {
+			return err
+		}
+		for {
+			if _, err := unix.Read(fd, buf); err != nil {
+				break // drained (EAGAIN)
+			}
 		}
 	}
-	return 0, v, fmt.Errorf("no console line from %s", v.ctr)
+	return fmt.Errorf("no console line in %s after %s", path, timeout)
 }
 
 func (e *env) remove(v vm) {
@@ -228,6 +262,13 @@ func (e *env) measureStart(o options, res *Results) error {
 	return nil
 }
 
+func roundMap(m map[string]float64) map[string]float64 {
+	for k, v := range m {
+		m[k] = round(v, 2)
+	}
+	return m
+}
+
 func round(x float64, d int) float64 {
 	p := 1.0
 	for i := 0; i < d; i++ {
@@ -247,6 +288,10 @@ func (e *env) measureConcurrency(o options, res *Results) error {
 		var wg sync.WaitGroup
 		vms := make([]vm, n)
 		errs := make([]error, n)
+		shims0 := cpuMap(pidsMatching("unilet-shim", e.dir))
+		dSelf0, dKids0 := procCPU(e.daemon.Process.Pid)
+		host0 := hostBusy()
+		me0, _ := procCPU(os.Getpid())
 		t0 := time.Now()
 		for i := 0; i < n; i++ {
 			wg.Add(1)
@@ -257,6 +302,12 @@ func (e *env) measureConcurrency(o options, res *Results) error {
 		}
 		wg.Wait()
 		ud := time.Since(t0)
+		dSelf, dKids := procCPU(e.daemon.Process.Pid)
+		ucpu := map[string]float64{"daemon": dSelf - dSelf0, "daemon's exited children (CNI plugins)": dKids - dKids0,
+			"shims": cpuOf(pidsMatching("unilet-shim", e.dir), shims0), "QEMU": cpuOf(pidsMatching("qemu-system", filepath.Join(e.dir, "run")), nil)}
+		ucpu["host total"] = hostBusy() - host0
+		me, _ := procCPU(os.Getpid())
+		ucpu["bench (CRI client)"] = me - me0
 		for _, err := range errs {
 			if err != nil {
 				return err
@@ -280,6 +331,8 @@ func (e *env) measureConcurrency(o options, res *Results) error {
 
 		// bare: n QEMUs at once.
 		bares := make([]*bare, n)
+		host0 = hostBusy()
+		me0, _ = procCPU(os.Getpid())
 		t0 = time.Now()
 		for i := 0; i < n; i++ {
 			wg.Add(1)
@@ -290,21 +343,25 @@ func (e *env) measureConcurrency(o options, res *Results) error {
 		}
 		wg.Wait()
 		bd := time.Since(t0)
+		me, _ = procCPU(os.Getpid())
+		bcpu := map[string]float64{"host total": hostBusy() - host0, "bench (QEMU parent)": me - me0}
 		var bareRSS []float64
 		for i, b := range bares {
 			if errs[i] != nil {
 				return errs[i]
 			}
 			bareRSS = append(bareRSS, rssMB(b.cmd.Process.Pid))
+			c, _ := procCPU(b.cmd.Process.Pid)
+			bcpu["QEMU"] += c
 		}
 		if n == maxN {
 			res.Details.Memory.BareQEMUMB = round(mean(bareRSS), 1)
 		}
 		parallel(bares, 8, (*bare).kill)
 		row := ConcurrencyRow{N: n, UniletMs: ms(ud), BareMs: ms(bd), Ratio: round(ms(bd)/ms(ud), 3),
-			UniletPerVMMs: round(ms(ud)/float64(n), 1), BarePer: round(ms(bd)/float64(n), 1)}
+			UniletPerVMMs: round(ms(ud)/float64(n), 1), BarePer: round(ms(bd)/float64(n), 1), UniletCPU: roundMap(ucpu), BareCPU: roundMap(bcpu)}
 		res.Details.Concurrency = append(res.Details.Concurrency, row)
-		log.Printf("  N=%d: unilet %.0f ms, bare %.0f ms", n, row.UniletMs, row.BareMs)
+		log.Printf("  N=%d: unilet %.0f ms, bare %.0f ms; CPU s unilet %v bare %v", n, row.UniletMs, row.BareMs, row.UniletCPU, row.BareCPU)
 		if n == 100 {
 			res.ConcurrencyRatio100 = row.Ratio
 		}

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -44,10 +45,31 @@ func main() {
 	}
 }
 
+// servePprof serves the Go profiles (for `go tool pprof`) on addr, which
+// must be a loopback address: profiles expose the daemon's memory.
+func servePprof(addr string) error {
+	host, _, err := net.SplitHostPort(addr)
+	if ip := net.ParseIP(host); err != nil || ip == nil || !ip.IsLoopback() {
+		return fmt.Errorf("--pprof-address %q: want a loopback HOST:PORT such as 127.0.0.1:6060", addr)
+	}
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("--pprof-address: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	logrus.WithField("address", lis.Addr().String()).Info("serving pprof")
+	go func() { _ = http.Serve(lis, mux) }()
+	return nil
+}
+
 func run() error {
 	var (
 		listen, root, stateDir, upstream, accel, qemu, logLevel string
-		streamAddr, shimBin                                     string
+		streamAddr, shimBin, pprofAddr                          string
 		annotation, annotationValue, handler                    string
 		insecureRegs, registries                                multi
 		showVersion                                             bool
@@ -81,6 +103,7 @@ func run() error {
 	flag.IntVar(&limits.MaxVCPUs, "max-vcpus", vm.DefaultMaxVCPUs, "most vCPUs a pod may ask for")
 	flag.Var(&allowParams, "allow-lib-param", "Unikraft library parameter pods may set with "+vm.AnnotationLibParams+" (name or prefix.*; repeatable)")
 	flag.IntVar(&shimPool, "shim-pool", 2, "idle pre-forked unilet-shims kept ready, so a VM start does not wait for one to exec (0: none)")
+	flag.StringVar(&pprofAddr, "pprof-address", "", "serve Go's net/http/pprof profiles on this loopback HOST:PORT (empty: off)")
 	flag.BoolVar(&showVersion, "version", false, "print the version and exit")
 	flag.Parse()
 	if showVersion {
@@ -140,6 +163,11 @@ func run() error {
 		Limits: limits, Network: network, NetNSDir: netnsDir, CgroupRoot: cgroupRoot, ShimPool: pool}, images, meta)
 	if err := svc.Load(); err != nil {
 		return fmt.Errorf("restore state from %s: %w", root, err)
+	}
+	if pprofAddr != "" {
+		if err := servePprof(pprofAddr); err != nil {
+			return err
+		}
 	}
 	scfg := streaming.DefaultConfig
 	scfg.Addr = streamAddr

@@ -22,12 +22,39 @@ stack_top:
 _start:
 	cli
 	mov $stack_top, %esp
+	/* Our own flat GDT: the loader's may not outlive it, and interrupt
+	 * gates (see kernel.c) need a known code selector. */
+	lgdt gdt_ptr
+	ljmp $0x08, $1f
+1:	mov $0x10, %cx
+	mov %cx, %ds
+	mov %cx, %es
+	mov %cx, %fs
+	mov %cx, %gs
+	mov %cx, %ss
 	push %ebx /* multiboot info */
 	push %eax /* multiboot magic */
 	call kmain
 	/* kmain never returns; halt forever if it does. */
 1:	hlt
 	jmp 1b
+
+/* Hardware interrupts (PIC vectors 32-47; only the PIT and COM1 are
+ * unmasked): count timer ticks, acknowledge the PIC, return. Waiting is
+ * "sti; hlt", so an idle guest costs its host next to nothing. */
+.global irq_stub
+irq_stub:
+	push %eax
+	incl ticks
+	mov $0x20, %al
+	outb %al, $0x20
+	pop %eax
+	iret
+
+/* CPU exceptions: nothing sensible to do in a test kernel; reset. */
+.global exc_stub
+exc_stub:
+	jmp triple_fault
 
 .global triple_fault
 triple_fault:
@@ -37,6 +64,13 @@ triple_fault:
 
 .section .rodata
 .align 8
+gdt:
+.quad 0
+.quad 0x00cf9a000000ffff /* 0x08: code, flat 4 GiB, 32-bit */
+.quad 0x00cf92000000ffff /* 0x10: data, flat 4 GiB */
+gdt_ptr:
+.word gdt_ptr - gdt - 1
+.long gdt
 idt_null:
 .word 0
 .long 0

@@ -20,6 +20,9 @@
  *  - and powers the machine off (ACPI, isa-debug-exit, then triple fault).
  *  - While it waits (tick, echo) it polls the ACPI power button, so QMP
  *    system_powerdown shuts it down cleanly, as a graceful stop should.
+ *  - It waits idle, like Unikraft's scheduler: "sti; hlt" until the next
+ *    interrupt (the PIT at 100 Hz, COM1 input in echo mode), so a waiting
+ *    VM does not burn a host CPU.
  */
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -111,19 +114,66 @@ static u32 slen(const char *s)
 
 static void check_power_button(void);
 
-/* Busy-wait one millisecond on PIT channel 2 (gate through port 0x61). */
+/* Interrupts: an IDT whose exception gates reset the machine and whose
+ * PIC gates (32-47) count ticks (boot.S); the PIC remapped to 32-47 with all
+ * but the PIT (IRQ0) masked; the PIT at HZ. */
+#define HZ 100
+#define PIT_HZ 1193182
+
+volatile u32 ticks;
+void irq_stub(void);
+void exc_stub(void);
+
+static struct {
+	u16 off_lo, sel;
+	u8 zero, type;
+	u16 off_hi;
+} __attribute__((packed)) idt[48];
+
+static struct {
+	u16 limit;
+	u32 base;
+} __attribute__((packed)) idt_ptr;
+
+static void interrupts_init(void)
+{
+	for (int i = 0; i < 48; i++) {
+		u32 h = (u32)(i < 32 ? exc_stub : irq_stub);
+		idt[i].off_lo = (u16)h;
+		idt[i].off_hi = (u16)(h >> 16);
+		idt[i].sel = 0x08;
+		idt[i].type = 0x8e; /* present, ring 0, 32-bit interrupt gate */
+	}
+	idt_ptr.limit = sizeof(idt) - 1;
+	idt_ptr.base = (u32)idt;
+	__asm__ volatile("lidt %0" : : "m"(idt_ptr));
+	/* 8259 PICs: ICW1-4, master at 32, slave at 40; then mask all but IRQ0. */
+	outb(0x20, 0x11);
+	outb(0xa0, 0x11);
+	outb(0x21, 32);
+	outb(0xa1, 40);
+	outb(0x21, 4);
+	outb(0xa1, 2);
+	outb(0x21, 1);
+	outb(0xa1, 1);
+	outb(0x21, 0xfe);
+	outb(0xa1, 0xff);
+	/* PIT channel 0, mode 2 (rate generator). */
+	outb(0x43, 0x34);
+	outb(0x40, (u8)((PIT_HZ / HZ) & 0xff));
+	outb(0x40, (u8)((PIT_HZ / HZ) >> 8));
+}
+
+/* idle halts until the next interrupt. */
+static void idle(void) { __asm__ volatile("sti; hlt; cli" ::: "memory"); }
+
+/* sleep_ms waits at least ms milliseconds (in 1/HZ steps), idle. */
 static void sleep_ms(u32 ms)
 {
-	while (ms--) {
+	u32 until = ticks + (ms * HZ + 999) / 1000;
+	while ((int)(until - ticks) > 0) {
 		check_power_button();
-		u8 gate = inb(0x61);
-		outb(0x61, (u8)((gate & 0xfd) | 0x01)); /* gate on, speaker off */
-		outb(0x43, 0xb0); /* ch2, lobyte/hibyte, mode 0 */
-		outb(0x42, 1193 & 0xff);
-		outb(0x42, 1193 >> 8);
-		while (!(inb(0x61) & 0x20))
-			;
-		outb(0x61, gate);
+		idle();
 	}
 }
 
@@ -137,7 +187,9 @@ static int ignore_acpi;
 
 static void check_power_button(void)
 {
-	if (!ignore_acpi && (inw(PM1_STS) & PWRBTN)) {
+	u16 sts = inw(PM1_STS);
+	/* 0xffff: no PIIX4 PM block (microvm): nothing to poll. */
+	if (!ignore_acpi && sts != 0xffff && (sts & PWRBTN)) {
 		outw(PM1_STS, PWRBTN); /* write-1-to-clear */
 		puts("unilet-testkernel: power button pressed, powering off\n");
 		poweroff();
@@ -210,10 +262,14 @@ static int tokenize(char *s, char **out, int max)
 
 static void echo_mode(void)
 {
+	outb(COM1 + 1, 0x01);   /* interrupt on received data... */
+	outb(0x21, 0xfe & ~0x10); /* ...through IRQ4: input wakes idle() at once */
 	puts("echo: ready\n");
 	for (;;) {
-		while (!(inb(COM1 + 5) & 0x01))
+		while (!(inb(COM1 + 5) & 0x01)) {
 			check_power_button();
+			idle();
+		}
 		char c = (char)inb(COM1);
 		if (c == '\r')
 			c = '\n';
@@ -231,6 +287,7 @@ struct mb_info {
 void kmain(u32 magic, struct mb_info *mbi)
 {
 	serial_init();
+	interrupts_init();
 	outw(PM1_EN, PWRBTN); /* let QEMU report the ACPI power button */
 	puts("unilet-testkernel: booted\n");
 
