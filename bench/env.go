@@ -43,6 +43,7 @@ type env struct {
 	bareNS                 string
 	logDir                 string
 	argv                   []string // the QEMU argv of a unilet VM (for bare runs)
+	machine                string   // unilet.dev/machine of new pods ("": the default)
 	done                   bool
 }
 
@@ -211,9 +212,13 @@ func (e *env) teardown() {
 }
 
 func (e *env) podConfig(name string) *runtimeapi.PodSandboxConfig {
+	ann := map[string]string{"kubernetes.io/target-runtime": "unikraft"}
+	if e.machine != "" {
+		ann["unilet.dev/machine"] = e.machine
+	}
 	return &runtimeapi.PodSandboxConfig{
 		Metadata:     &runtimeapi.PodSandboxMetadata{Name: name, Namespace: "bench", Uid: name},
-		Annotations:  map[string]string{"kubernetes.io/target-runtime": "unikraft"},
+		Annotations:  ann,
 		LogDirectory: filepath.Join(e.logDir, name),
 	}
 }

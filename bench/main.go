@@ -28,7 +28,7 @@ type options struct {
 	only                            map[string]bool // sections to run (--only); nil = all
 	startRuns, concurrency          []int
 	startPairs, listCalls, floodN   int
-	consoleRuns                     int
+	consoleRuns, floorRuns          int
 	passthroughRuns, crossPodCounts int
 }
 
@@ -67,7 +67,8 @@ type Details struct {
 	CRI                        []CRIRow
 	Passthrough                map[string]Summary
 	Console                    ConsoleRow
-	Kube                       *KubeRow `json:",omitempty"`
+	Floor                      []FloorRow `json:",omitempty"`
+	Kube                       *KubeRow   `json:",omitempty"`
 }
 
 // Phase is one step of unilet's start path.
@@ -148,7 +149,9 @@ func main() {
 	}
 	o.startPairs, o.listCalls, o.floodN, o.passthroughRuns, o.consoleRuns = 40, 300, 100000, 8, 3
 	o.concurrency = []int{1, 10, 50, 100}
+	o.floorRuns = 15
 	if o.quick {
+		o.floorRuns = 6
 		o.startPairs, o.listCalls, o.floodN, o.passthroughRuns, o.consoleRuns = 15, 200, 20000, 3, 2
 		o.concurrency = []int{1, 10, 100}
 	}
@@ -174,11 +177,12 @@ func run(o options, out, doc string) error {
 	}{
 		{"start", fmt.Sprintf("start latency: %d interleaved pairs (unilet CRI run→create→start→first console line vs bare QEMU spawn→first line)", o.startPairs), env.measureStart},
 		{"concurrency", fmt.Sprintf("concurrency: %v VMs at once", o.concurrency), env.measureConcurrency},
+		{"floor", fmt.Sprintf("the floor: machine types and guest RAM, bare and through unilet (%d interleaved runs, then %d at once)", o.floorRuns, o.concurrency[len(o.concurrency)-1]), env.measureFloor},
 		{"cri", "CRI call latency at 0/100/200 pods", env.measureCRI},
 		{"passthrough", "passthrough to containerd", env.measurePassthrough},
 		{"console", fmt.Sprintf("console throughput: %d lines", o.floodN), env.measureConsole},
 	}
-	if o.runs("start") || o.runs("concurrency") || o.runs("console") {
+	if o.runs("start") || o.runs("concurrency") || o.runs("floor") || o.runs("console") {
 		log.Print("warm-up: one unilet VM; its QEMU argv is every bare QEMU's")
 		if err := env.warmUp(); err != nil {
 			return fmt.Errorf("warm-up: %w", err)
@@ -217,7 +221,7 @@ func run(o options, out, doc string) error {
 }
 
 // sections are the parts of a run, in order (names for --only).
-var sections = []string{"start", "concurrency", "cri", "passthrough", "console", "kube"}
+var sections = []string{"start", "concurrency", "floor", "cri", "passthrough", "console", "kube"}
 
 func (o options) runs(section string) bool { return o.only == nil || o.only[section] }
 

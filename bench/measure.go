@@ -285,34 +285,20 @@ func (e *env) measureConcurrency(o options, res *Results) error {
 	res.Details.Memory.DaemonIdleMB = round(rssMB(e.daemon.Process.Pid), 1)
 	for _, n := range o.concurrency {
 		// unilet: n pods started at once; time until every console printed.
-		var wg sync.WaitGroup
-		vms := make([]vm, n)
-		errs := make([]error, n)
 		shims0 := cpuMap(pidsMatching("unilet-shim", e.dir))
 		dSelf0, dKids0 := procCPU(e.daemon.Process.Pid)
 		host0 := hostBusy()
 		me0, _ := procCPU(os.Getpid())
-		t0 := time.Now()
-		for i := 0; i < n; i++ {
-			wg.Add(1)
-			go func(i int) {
-				defer wg.Done()
-				_, vms[i], errs[i] = e.startVM([]string{tickArg})
-			}(i)
+		ud, vms, err := e.uniletBurst(n)
+		if err != nil {
+			return err
 		}
-		wg.Wait()
-		ud := time.Since(t0)
 		dSelf, dKids := procCPU(e.daemon.Process.Pid)
 		ucpu := map[string]float64{"daemon": dSelf - dSelf0, "daemon's exited children (CNI plugins)": dKids - dKids0,
 			"shims": cpuOf(pidsMatching("unilet-shim", e.dir), shims0), "QEMU": cpuOf(pidsMatching("qemu-system", filepath.Join(e.dir, "run")), nil)}
 		ucpu["host total"] = hostBusy() - host0
 		me, _ := procCPU(os.Getpid())
 		ucpu["bench (CRI client)"] = me - me0
-		for _, err := range errs {
-			if err != nil {
-				return err
-			}
-		}
 		if n == maxN {
 			m := &res.Details.Memory
 			m.Pods = n
@@ -330,26 +316,16 @@ func (e *env) measureConcurrency(o options, res *Results) error {
 		parallel(vms, 8, e.remove)
 
 		// bare: n QEMUs at once.
-		bares := make([]*bare, n)
 		host0 = hostBusy()
 		me0, _ = procCPU(os.Getpid())
-		t0 = time.Now()
-		for i := 0; i < n; i++ {
-			wg.Add(1)
-			go func(i int) {
-				defer wg.Done()
-				_, bares[i], errs[i] = e.startBare(e.bareArgv(e.argv, 1000+i, "", ""), i)
-			}(i)
+		bd, bares, err := e.bareBurst(e.argv, n)
+		if err != nil {
+			return err
 		}
-		wg.Wait()
-		bd := time.Since(t0)
 		me, _ = procCPU(os.Getpid())
 		bcpu := map[string]float64{"host total": hostBusy() - host0, "bench (QEMU parent)": me - me0}
 		var bareRSS []float64
-		for i, b := range bares {
-			if errs[i] != nil {
-				return errs[i]
-			}
+		for _, b := range bares {
 			bareRSS = append(bareRSS, rssMB(b.cmd.Process.Pid))
 			c, _ := procCPU(b.cmd.Process.Pid)
 			bcpu["QEMU"] += c

@@ -65,6 +65,39 @@ func writeReport(r *Results, doc string) error {
 	for _, c := range d.Concurrency {
 		fmt.Fprintf(&b, "| %d | %.0f | %.0f | %.1f / %.1f | %.2f |\n", c.N, c.UniletMs, c.BareMs, c.UniletPerVMMs, c.BarePer, c.Ratio)
 	}
+	if last := len(d.Concurrency) - 1; last >= 0 && len(d.Concurrency[last].UniletCPU) > 0 {
+		c := d.Concurrency[last]
+		fmt.Fprintf(&b, "\nWhere the CPU went while %d VMs started (seconds, both cores together; the host total includes kernel threads):\n\n"+
+			"| process class | unilet | bare |\n|---|---|---|\n", c.N)
+		var keys []string
+		for k := range c.UniletCPU {
+			keys = append(keys, k)
+		}
+		for k := range c.BareCPU {
+			if _, ok := c.UniletCPU[k]; !ok {
+				keys = append(keys, k)
+			}
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			u, okU := c.UniletCPU[k]
+			bb, okB := c.BareCPU[k]
+			fmt.Fprintf(&b, "| %s | %s | %s |\n", k, cell(u, okU), cell(bb, okB))
+		}
+	}
+	if len(d.Floor) > 0 {
+		b.WriteString("\n## The floor: machine type and guest RAM\n\nThe same guest run several ways, interleaved. Bare rows are QEMU alone " +
+			"(argv captured from unilet, then varied); unilet rows are the whole CRI path of the start section. " +
+			"\"at once\": that many VMs started together, until all printed.\n\n" +
+			"| variant | start p50 ms | p95 ms | QEMU RSS MB | at once | ms until all printed |\n|---|---|---|---|---|---|\n")
+		for _, f := range d.Floor {
+			burst := "(concurrency section)"
+			if f.BurstN > 0 {
+				burst = fmt.Sprintf("%.0f", f.BurstMs)
+			}
+			fmt.Fprintf(&b, "| %s | %.1f | %.1f | %.1f | %d | %s |\n", f.Variant, f.Start.P50, f.Start.P95, f.QEMUMB, f.BurstN, burst)
+		}
+	}
 	mm := d.Memory
 	fmt.Fprintf(&b, "\n## Memory (resident)\n\n| | MB |\n|---|---|\n| daemon, idle | %.1f |\n| daemon, %d pods | %.1f |\n"+
 		"| unilet-shim, each (mean) | %.1f |\n| QEMU under unilet, each (mean) | %.1f |\n| bare QEMU, each (mean) | %.1f |\n"+
@@ -106,6 +139,13 @@ func nz(x float64) float64 {
 		return math.NaN()
 	}
 	return x
+}
+
+func cell(v float64, ok bool) string {
+	if !ok {
+		return "–"
+	}
+	return fmt.Sprintf("%.2f", v)
 }
 
 // analysis is the part of the report a human writes: where targets are

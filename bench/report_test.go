@@ -51,3 +51,15 @@ func TestReportAndTargets(t *testing.T) {
 	require.True(t, strings.HasPrefix(string(svg), "<svg"))
 	require.Equal(t, 2, strings.Count(string(svg), "<polyline"))
 }
+
+func TestAnonRAM(t *testing.T) {
+	in := []string{"-name", "guest=x", "-object", "memory-backend-memfd,id=ram0,size=64M", "-machine", "pc,accel=tcg,memory-backend=ram0", "-m", "64"}
+	got := anonRAM(in)
+	want := []string{"-name", "guest=x", "-machine", "pc,accel=tcg", "-m", "64"}
+	if strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Fatalf("anonRAM = %q, want %q", got, want)
+	}
+	if strings.Join(anonRAM(want), " ") != strings.Join(want, " ") {
+		t.Fatal("anonRAM changed an argv without a memfd backend")
+	}
+}

@@ -1,0 +1,189 @@
+package main
+
+import (
+	"fmt"
+	"log"
+	"strings"
+	"sync"
+	"time"
+
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	vmruntime "github.com/unilet-dev/unilet/runtime"
+)
+
+// FloorRow is one way of running the same guest: a bare QEMU variant, or
+// unilet's full CRI path with a machine type.
+type FloorRow struct {
+	Variant string
+	Start   Summary // ms, spawn (or RunPodSandbox) → first console line
+	QEMUMB  float64 // RSS of the QEMU after its first line (mean)
+	// BurstN VMs started at once: ms until every one printed (0: not run).
+	BurstN  int
+	BurstMs float64
+}
+
+// uniletBurst starts n unilet VMs at once and returns when all have printed.
+func (e *env) uniletBurst(n int) (time.Duration, []vm, error) {
+	var wg sync.WaitGroup
+	vms := make([]vm, n)
+	errs := make([]error, n)
+	t0 := time.Now()
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			_, vms[i], errs[i] = e.startVM([]string{tickArg})
+		}(i)
+	}
+	wg.Wait()
+	d := time.Since(t0)
+	for _, err := range errs {
+		if err != nil {
+			parallel(vms, 8, e.remove)
+			return 0, nil, err
+		}
+	}
+	return d, vms, nil
+}
+
+// bareBurst starts n bare QEMUs with argv at once (taps tap0..) and returns
+// when all have printed.
+func (e *env) bareBurst(argv []string, n int) (time.Duration, []*bare, error) {
+	var wg sync.WaitGroup
+	bares := make([]*bare, n)
+	errs := make([]error, n)
+	t0 := time.Now()
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			_, bares[i], errs[i] = e.startBare(e.bareArgv(argv, 1000+i, "", ""), i)
+		}(i)
+	}
+	wg.Wait()
+	d := time.Since(t0)
+	for i, err := range errs {
+		if err != nil {
+			for _, b := range bares {
+				if b != nil {
+					b.kill()
+				}
+			}
+			return 0, nil, fmt.Errorf("bare QEMU %d: %w", i, err)
+		}
+	}
+	return d, bares, nil
+}
+
+// anonRAM turns unilet's TCG argv (guest RAM from a memfd) into QEMU's
+// default: anonymous guest RAM, which QEMU asks to back with huge pages.
+func anonRAM(argv []string) []string {
+	var out []string
+	for i := 0; i < len(argv); i++ {
+		if argv[i] == "-object" && i+1 < len(argv) && strings.HasPrefix(argv[i+1], "memory-backend-memfd,") {
+			i++
+			continue
+		}
+		out = append(out, strings.Replace(argv[i], ",memory-backend="+vmruntime.RAMBackendID, "", 1))
+	}
+	return out
+}
+
+// qemuPID returns the pid of a unilet VM's QEMU.
+func (e *env) qemuPID(v vm) int {
+	st, err := e.rt.ContainerStatus(bg, &runtimeapi.ContainerStatusRequest{ContainerId: v.ctr, Verbose: true})
+	if err != nil {
+		return 0
+	}
+	var pid int
+	fmt.Sscan(st.GetInfo()["pid"], &pid)
+	return pid
+}
+
+// measureFloor runs the same guest several ways, interleaved: what the
+// machine type and the guest-RAM backing cost, bare and through unilet.
+func (e *env) measureFloor(o options, res *Results) error {
+	e.machine = vmruntime.MachineMicroVM
+	_, w, err := e.startVM([]string{tickArg})
+	if err != nil {
+		e.machine = ""
+		return fmt.Errorf("a microvm pod: %w", err)
+	}
+	micro, err := e.captureArgv(w)
+	e.remove(w)
+	e.machine = ""
+	if err != nil {
+		return err
+	}
+	type variant struct {
+		name    string
+		argv    []string // bare QEMU; nil: unilet
+		machine string
+	}
+	vs := []variant{
+		{name: "bare QEMU, pc, anonymous RAM (QEMU's default)", argv: anonRAM(e.argv)},
+		{name: "bare QEMU, pc, memfd RAM (unilet's argv)", argv: e.argv},
+		{name: "bare QEMU, microvm, anonymous RAM", argv: anonRAM(micro)},
+		{name: "bare QEMU, microvm, memfd RAM (unilet's argv)", argv: micro},
+		{name: "unilet, pc (CRI run → create → start → log line)", machine: vmruntime.MachinePC},
+		{name: "unilet, microvm (unilet.dev/machine: microvm)", machine: vmruntime.MachineMicroVM},
+	}
+	starts := make([][]float64, len(vs))
+	rss := make([][]float64, len(vs))
+	defer func() { e.machine = "" }()
+	for i := 0; i < o.floorRuns; i++ {
+		for j, v := range vs {
+			if v.argv != nil {
+				d, b, err := e.startBare(e.bareArgv(v.argv, i, "", ""), 0)
+				if err != nil {
+					return fmt.Errorf("%s: %w", v.name, err)
+				}
+				time.Sleep(20 * time.Millisecond) // let the first line's work settle before reading RSS
+				rss[j] = append(rss[j], rssMB(b.cmd.Process.Pid))
+				b.kill()
+				starts[j] = append(starts[j], ms(d))
+				continue
+			}
+			e.machine = v.machine
+			d, u, err := e.startVM([]string{tickArg})
+			if err != nil {
+				return fmt.Errorf("%s: %w", v.name, err)
+			}
+			time.Sleep(20 * time.Millisecond)
+			rss[j] = append(rss[j], rssMB(e.qemuPID(u)))
+			e.remove(u)
+			starts[j] = append(starts[j], ms(d))
+		}
+	}
+	n := o.concurrency[len(o.concurrency)-1]
+	if err := e.ensureTaps(n); err != nil {
+		return err
+	}
+	for j, v := range vs {
+		row := FloorRow{Variant: v.name, Start: summarize(starts[j]), QEMUMB: round(mean(rss[j]), 1)}
+		if v.machine != vmruntime.MachinePC { // unilet on pc: the concurrency section
+			row.BurstN = n
+			if v.argv != nil {
+				d, bares, err := e.bareBurst(v.argv, n)
+				if err != nil {
+					return fmt.Errorf("%s: %w", v.name, err)
+				}
+				parallel(bares, 8, (*bare).kill)
+				row.BurstMs = ms(d)
+			} else {
+				e.machine = v.machine
+				d, vms, err := e.uniletBurst(n)
+				e.machine = ""
+				if err != nil {
+					return fmt.Errorf("%s: %w", v.name, err)
+				}
+				parallel(vms, 8, e.remove)
+				row.BurstMs = ms(d)
+			}
+		}
+		log.Printf("  %s: start p50 %.1f ms, QEMU %.1f MB, %d at once %.0f ms", v.name, row.Start.P50, row.QEMUMB, n, row.BurstMs)
+		res.Details.Floor = append(res.Details.Floor, row)
+	}
+	return nil
+}
