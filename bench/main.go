@@ -137,7 +137,22 @@ func main() {
 	doc := flag.String("doc", "docs/benchmarks.md", "report to regenerate")
 	only := flag.String("only", "", "comma-separated sections to run ("+strings.Join(sections, ",")+
 		"); prints the results instead of writing the report (for iterating on one figure)")
+	reportOnly := flag.Bool("report", false, "only regenerate the report from the results file (after editing bench/analysis.md)")
 	flag.Parse()
+	if *reportOnly {
+		var res Results
+		b, err := os.ReadFile(*out)
+		if err == nil {
+			err = json.Unmarshal(b, &res)
+		}
+		if err == nil {
+			err = writeReport(&res, *doc)
+		}
+		if err != nil {
+			log.Fatal(err)
+		}
+		return
+	}
 	if *only != "" {
 		o.only = map[string]bool{}
 		for _, s := range strings.Split(*only, ",") {
