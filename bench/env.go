@@ -208,6 +208,9 @@ func (e *env) teardown() {
 	if e.reg != nil {
 		e.reg.Close()
 	}
+	if os.Getenv("UNILET_BENCH_KEEP") != "" { // logs for a post-mortem
+		_ = os.Rename(filepath.Join(e.dir, "unilet.log"), os.Getenv("UNILET_BENCH_KEEP"))
+	}
 	os.RemoveAll(e.dir)
 }
 

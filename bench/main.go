@@ -67,8 +67,9 @@ type Details struct {
 	CRI                        []CRIRow
 	Passthrough                map[string]Summary
 	Console                    ConsoleRow
-	Floor                      []FloorRow `json:",omitempty"`
-	Kube                       *KubeRow   `json:",omitempty"`
+	Floor                      []FloorRow   `json:",omitempty"`
+	Snapshot                   *SnapshotRow `json:",omitempty"`
+	Kube                       *KubeRow     `json:",omitempty"`
 }
 
 // Phase is one step of unilet's start path.
@@ -193,11 +194,12 @@ func run(o options, out, doc string) error {
 		{"start", fmt.Sprintf("start latency: %d interleaved pairs (unilet CRI run→create→start→first console line vs bare QEMU spawn→first line)", o.startPairs), env.measureStart},
 		{"concurrency", fmt.Sprintf("concurrency: %v VMs at once", o.concurrency), env.measureConcurrency},
 		{"floor", fmt.Sprintf("the floor: machine types and guest RAM, bare and through unilet (%d interleaved runs, then %d at once)", o.floorRuns, o.concurrency[len(o.concurrency)-1]), env.measureFloor},
+		{"snapshot", fmt.Sprintf("snapshot template: restore vs boot (%d runs)", o.floorRuns), env.measureSnapshot},
 		{"cri", "CRI call latency at 0/100/200 pods", env.measureCRI},
 		{"passthrough", "passthrough to containerd", env.measurePassthrough},
 		{"console", fmt.Sprintf("console throughput: %d lines", o.floodN), env.measureConsole},
 	}
-	if o.runs("start") || o.runs("concurrency") || o.runs("floor") || o.runs("console") {
+	if o.runs("start") || o.runs("concurrency") || o.runs("floor") || o.runs("snapshot") || o.runs("console") {
 		log.Print("warm-up: one unilet VM; its QEMU argv is every bare QEMU's")
 		if err := env.warmUp(); err != nil {
 			return fmt.Errorf("warm-up: %w", err)
@@ -236,7 +238,7 @@ func run(o options, out, doc string) error {
 }
 
 // sections are the parts of a run, in order (names for --only).
-var sections = []string{"start", "concurrency", "floor", "cri", "passthrough", "console", "kube"}
+var sections = []string{"start", "concurrency", "floor", "snapshot", "cri", "passthrough", "console", "kube"}
 
 func (o options) runs(section string) bool { return o.only == nil || o.only[section] }
 

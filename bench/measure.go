@@ -159,36 +159,47 @@ type bare struct {
 	stdin *os.File
 }
 
-// startBare spawns QEMU with argv and tap i; it returns when the first
-// console line arrived on its stdout.
-func (e *env) startBare(argv []string, tap int) (time.Duration, *bare, error) {
+// spawnBare starts QEMU with argv and tap i of the bare namespace, its
+// console on pipes; started is when the process was spawned.
+func (e *env) spawnBare(argv []string, tap int) (b *bare, out *bufio.Reader, started time.Time, err error) {
 	taps, err := vmruntime.OpenTaps([]vmruntime.NIC{{Tap: "tap" + strconv.Itoa(tap), NetNS: e.bareNS}})
 	if err != nil {
-		return 0, nil, err
+		return nil, nil, started, err
 	}
+	defer closeAll(taps) // QEMU holds its own copies
 	cmd := exec.Command("qemu-system-x86_64", argv...)
 	cmd.ExtraFiles = taps
-	out, err := cmd.StdoutPipe()
+	stdout, err := cmd.StdoutPipe()
 	if err != nil {
-		return 0, nil, err
+		return nil, nil, started, err
 	}
 	inR, inW, err := os.Pipe()
 	if err != nil {
-		return 0, nil, err
+		return nil, nil, started, err
 	}
+	defer inR.Close()
 	cmd.Stdin = inR
-	t0 := time.Now()
-	err = cmd.Start()
-	inR.Close()
-	for _, f := range taps {
+	started = time.Now()
+	if err := cmd.Start(); err != nil {
+		inW.Close()
+		return nil, nil, started, err
+	}
+	return &bare{cmd: cmd, out: stdout, stdin: inW}, bufio.NewReader(stdout), started, nil
+}
+
+func closeAll(fs []*os.File) {
+	for _, f := range fs {
 		f.Close()
 	}
+}
+
+// startBare spawns QEMU with argv and tap i; it returns when the first
+// console line arrived on its stdout.
+func (e *env) startBare(argv []string, tap int) (time.Duration, *bare, error) {
+	b, r, t0, err := e.spawnBare(argv, tap)
 	if err != nil {
-		inW.Close()
 		return 0, nil, err
 	}
-	b := &bare{cmd: cmd, out: out, stdin: inW}
-	r := bufio.NewReader(out)
 	if _, err := r.ReadString('\n'); err != nil {
 		b.kill()
 		return 0, nil, fmt.Errorf("bare QEMU: %v", err)

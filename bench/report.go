@@ -98,6 +98,13 @@ func writeReport(r *Results, doc string) error {
 			fmt.Fprintf(&b, "| %s | %.1f | %.1f | %.1f | %d | %s |\n", f.Variant, f.Start.P50, f.Start.P95, f.QEMUMB, f.BurstN, burst)
 		}
 	}
+	if sn := d.Snapshot; sn != nil {
+		fmt.Fprintf(&b, "\n### Snapshot templates\n\nThe guest booted once (bare QEMU, pc, unilet's argv) into its echo loop, saved with QMP `migrate` to a file "+
+			"(%.1f MB), then restored with `-incoming` and a byte typed into its console: time until the guest echoes it; "+
+			"interleaved with fresh boots of the same guest until it prints \"echo: ready\".\n\n"+
+			"| | p50 ms | p95 ms | QEMU RSS MB |\n|---|---|---|---|\n| restore from the template | %.1f | %.1f | %.1f |\n| boot | %.1f | %.1f | |\n",
+			sn.SnapshotMB, sn.Restore.P50, sn.Restore.P95, sn.QEMUMB, sn.BootEcho.P50, sn.BootEcho.P95)
+	}
 	mm := d.Memory
 	fmt.Fprintf(&b, "\n## Memory (resident)\n\n| | MB |\n|---|---|\n| daemon, idle | %.1f |\n| daemon, %d pods | %.1f |\n"+
 		"| unilet-shim, each (mean) | %.1f |\n| QEMU under unilet, each (mean) | %.1f |\n| bare QEMU, each (mean) | %.1f |\n"+

@@ -1,13 +1,22 @@
 package runtime
 
 import (
+	"errors"
 	"fmt"
 	"os"
+	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/unilet-dev/unilet/pkg/netns"
 )
+
+// tapBusyWait bounds how long openTaps waits for a tap another file still
+// holds. The daemon creates each tap with a file it closes at once, but a
+// process forked meanwhile (a CNI plugin, a shim) holds a copy of that file
+// until it execs — on a loaded node that can be milliseconds, and a VM
+// started right then would find its tap busy (EBUSY).
+var tapBusyWait = 3 * time.Second
 
 // openTaps attaches to the persistent tap device of each NIC inside its
 // network namespace; the files are handed to QEMU (fd FirstTapFD+i).
@@ -34,10 +43,15 @@ func openTaps(nics []NIC) ([]*os.File, error) {
 			return nil
 		}
 		var err error
-		if n.NetNS != "" {
-			err = netns.Do(n.NetNS, open)
-		} else {
-			err = open()
+		for deadline := time.Now().Add(tapBusyWait); ; time.Sleep(5 * time.Millisecond) {
+			if n.NetNS != "" {
+				err = netns.Do(n.NetNS, open)
+			} else {
+				err = open()
+			}
+			if !errors.Is(err, unix.EBUSY) || time.Now().After(deadline) {
+				break
+			}
 		}
 		if err != nil {
 			closeAll(files)
