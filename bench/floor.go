@@ -23,57 +23,52 @@ type FloorRow struct {
 	BurstMs float64
 }
 
-// uniletBurst starts n unilet VMs at once and returns when all have printed.
-func (e *env) uniletBurst(n int) (time.Duration, []vm, error) {
+// burst calls start(0) … start(n-1) at once and returns when all have
+// returned; if any failed, it ends the started ones with stop.
+func burst[T any](n int, start func(i int) (T, error), stop func(T)) (time.Duration, []T, error) {
 	var wg sync.WaitGroup
-	vms := make([]vm, n)
+	items := make([]T, n)
 	errs := make([]error, n)
 	t0 := time.Now()
 	for i := 0; i < n; i++ {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			_, vms[i], errs[i] = e.startVM([]string{tickArg})
-		}(i)
-	}
-	wg.Wait()
-	d := time.Since(t0)
-	for _, err := range errs {
-		if err != nil {
-			parallel(vms, 8, e.remove)
-			return 0, nil, err
-		}
-	}
-	return d, vms, nil
-}
-
-// bareBurst starts n bare QEMUs with argv at once (taps tap0..) and returns
-// when all have printed.
-func (e *env) bareBurst(argv []string, n int) (time.Duration, []*bare, error) {
-	var wg sync.WaitGroup
-	bares := make([]*bare, n)
-	errs := make([]error, n)
-	t0 := time.Now()
-	for i := 0; i < n; i++ {
-		wg.Add(1)
-		go func(i int) {
-			defer wg.Done()
-			_, bares[i], errs[i] = e.startBare(e.bareArgv(argv, 1000+i, "", ""), i)
+			items[i], errs[i] = start(i)
 		}(i)
 	}
 	wg.Wait()
 	d := time.Since(t0)
 	for i, err := range errs {
 		if err != nil {
-			for _, b := range bares {
-				if b != nil {
-					b.kill()
+			var started []T
+			for j := range items {
+				if errs[j] == nil {
+					started = append(started, items[j])
 				}
 			}
-			return 0, nil, fmt.Errorf("bare QEMU %d: %w", i, err)
+			parallel(started, 8, stop)
+			return 0, nil, fmt.Errorf("%d of %d: %w", i, n, err)
 		}
 	}
-	return d, bares, nil
+	return d, items, nil
+}
+
+// uniletBurst starts n unilet VMs at once and returns when all have printed.
+func (e *env) uniletBurst(n int) (time.Duration, []vm, error) {
+	return burst(n, func(int) (vm, error) {
+		_, v, err := e.startVM([]string{tickArg})
+		return v, err
+	}, e.remove)
+}
+
+// bareBurst starts n bare QEMUs with argv at once (taps tap0..) and returns
+// when all have printed.
+func (e *env) bareBurst(argv []string, n int) (time.Duration, []*bare, error) {
+	return burst(n, func(i int) (*bare, error) {
+		_, b, err := e.startBare(e.bareArgv(argv, 1000+i, "", ""), i)
+		return b, err
+	}, (*bare).kill)
 }
 
 // anonRAM turns unilet's TCG argv (guest RAM from a memfd) into QEMU's
@@ -104,15 +99,14 @@ func (e *env) qemuPID(v vm) int {
 // measureFloor runs the same guest several ways, interleaved: what the
 // machine type and the guest-RAM backing cost, bare and through unilet.
 func (e *env) measureFloor(o options, res *Results) error {
+	defer func() { e.machine = "" }() // unilet rows set the machine of their pods
 	e.machine = vmruntime.MachineMicroVM
 	_, w, err := e.startVM([]string{tickArg})
 	if err != nil {
-		e.machine = ""
 		return fmt.Errorf("a microvm pod: %w", err)
 	}
 	micro, err := e.captureArgv(w)
 	e.remove(w)
-	e.machine = ""
 	if err != nil {
 		return err
 	}
@@ -131,7 +125,6 @@ func (e *env) measureFloor(o options, res *Results) error {
 	}
 	starts := make([][]float64, len(vs))
 	rss := make([][]float64, len(vs))
-	defer func() { e.machine = "" }()
 	for i := 0; i < o.floorRuns; i++ {
 		for j, v := range vs {
 			if v.argv != nil {
@@ -174,7 +167,6 @@ func (e *env) measureFloor(o options, res *Results) error {
 			} else {
 				e.machine = v.machine
 				d, vms, err := e.uniletBurst(n)
-				e.machine = ""
 				if err != nil {
 					return fmt.Errorf("%s: %w", v.name, err)
 				}

@@ -643,9 +643,7 @@ func (e *env) bareFlood(flood string, n int, viaPipe bool) (secs, bps float64, e
 		cmd.Stdout = f
 	}
 	err = cmd.Start()
-	for _, t := range taps {
-		t.Close()
-	}
+	closeAll(taps)
 	if err != nil {
 		return 0, 0, err
 	}
