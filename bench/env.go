@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -124,7 +125,7 @@ func setup() (*env, error) {
 	e.daemon = exec.Command(filepath.Join(e.bin, "unilet"), "--listen", "unix://"+sock, "--root", filepath.Join(dir, "root"),
 		"--state-dir", filepath.Join(dir, "run"), "--upstream-endpoint", "unix://"+ctrdSock, "--insecure-registry", u.Host,
 		"--cni-conf-dir", cniDir, "--cni-bin-dir", testutil.CNIBinDir(), "--netns-dir", filepath.Join(dir, "netns"),
-		"--cgroup-root", benchCgrp, "--log-level", "info")
+		"--cgroup-root", benchCgrp, "--shim-pool", strconv.Itoa(shimPool), "--log-level", "info")
 	if a := os.Getenv("UNILET_BENCH_PPROF"); a != "" { // profile the daemon during a run
 		e.daemon.Args = append(e.daemon.Args, "--pprof-address", a)
 	}
@@ -168,6 +169,9 @@ func setup() (*env, error) {
 	}
 	return e, nil
 }
+
+// shimPool is the daemon's --shim-pool (its default).
+const shimPool = 2
 
 func (e *env) teardown() {
 	if e.done {

@@ -127,6 +127,7 @@ func (e *env) measureFloor(o options, res *Results) error {
 	rss := make([][]float64, len(vs))
 	for i := 0; i < o.floorRuns; i++ {
 		for j, v := range vs {
+			e.settle()
 			if v.argv != nil {
 				d, b, err := e.startBare(e.bareArgv(v.argv, i, "", ""), 0)
 				if err != nil {
@@ -157,6 +158,7 @@ func (e *env) measureFloor(o options, res *Results) error {
 		row := FloorRow{Variant: v.name, Start: summarize(starts[j]), QEMUMB: round(mean(rss[j]), 1)}
 		if v.machine != vmruntime.MachinePC { // unilet on pc: the concurrency section
 			row.BurstN = n
+			e.settle()
 			if v.argv != nil {
 				d, bares, err := e.bareBurst(v.argv, n)
 				if err != nil {

@@ -138,6 +138,7 @@ func main() {
 	doc := flag.String("doc", "docs/benchmarks.md", "report to regenerate")
 	only := flag.String("only", "", "comma-separated sections to run ("+strings.Join(sections, ",")+
 		"); prints the results instead of writing the report (for iterating on one figure)")
+	pairs := flag.Int("pairs", 0, "start pairs to run (0: the mode's default)")
 	reportOnly := flag.Bool("report", false, "only regenerate the report from the results file (after editing bench/analysis.md)")
 	flag.Parse()
 	if *reportOnly {
@@ -170,6 +171,9 @@ func main() {
 		o.floorRuns = 6
 		o.startPairs, o.listCalls, o.floodN, o.passthroughRuns, o.consoleRuns = 15, 200, 20000, 3, 2
 		o.concurrency = []int{1, 10, 100}
+	}
+	if *pairs > 0 {
+		o.startPairs = *pairs
 	}
 	if err := run(o, *out, *doc); err != nil {
 		log.Fatal(err)

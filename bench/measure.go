@@ -102,6 +102,27 @@ func waitLine(path string, timeout time.Duration) error {
 	return fmt.Errorf("no console line in %s after %s", path, timeout)
 }
 
+// settle waits (at most 5 s) until the node is quiet before a sample: the
+// daemon's shim pool full again (it refills once starts pause) and the CPUs
+// idle for 100 ms, so no sample pays for work an earlier one left behind
+// (pool refills, QEMU and shim exits, cgroup and netns teardown).
+func (e *env) settle() {
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		if st, err := e.rt.Status(bg, &runtimeapi.StatusRequest{Verbose: true}); err == nil {
+			if n := st.GetInfo()["shimPoolIdle"]; n != "" && n != strconv.Itoa(shimPool) {
+				time.Sleep(20 * time.Millisecond)
+				continue
+			}
+		}
+		b0 := hostBusy()
+		time.Sleep(100 * time.Millisecond)
+		if hostBusy()-b0 <= 0.02 { // ≤ 2 ticks of USER_HZ on all CPUs together
+			return
+		}
+	}
+}
+
 func (e *env) remove(v vm) {
 	_, _ = e.rt.RemovePodSandbox(bg, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: v.pod})
 }
@@ -239,6 +260,7 @@ func (e *env) measureStart(o options, res *Results) error {
 	var u, b []float64
 	phases := make([][]float64, len(phaseNames))
 	for i := 0; i < o.startPairs; i++ {
+		e.settle()
 		d, v, err := e.startVM([]string{tickArg})
 		if err != nil {
 			return err
@@ -248,6 +270,7 @@ func (e *env) measureStart(o options, res *Results) error {
 		for j, p := range v.phases {
 			phases[j] = append(phases[j], ms(p))
 		}
+		e.settle()
 		d, q, err := e.startBare(e.bareArgv(argv, i, "", ""), 0)
 		if err != nil {
 			return err
@@ -300,6 +323,7 @@ func (e *env) measureConcurrency(o options, res *Results) error {
 		dSelf0, dKids0 := procCPU(e.daemon.Process.Pid)
 		host0 := hostBusy()
 		me0, _ := procCPU(os.Getpid())
+		e.settle()
 		ud, vms, err := e.uniletBurst(n)
 		if err != nil {
 			return err
@@ -327,6 +351,7 @@ func (e *env) measureConcurrency(o options, res *Results) error {
 		parallel(vms, 8, e.remove)
 
 		// bare: n QEMUs at once.
+		e.settle()
 		host0 = hostBusy()
 		me0, _ = procCPU(os.Getpid())
 		bd, bares, err := e.bareBurst(e.argv, n)

@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/sirupsen/logrus"
 	"google.golang.org/grpc"
@@ -77,6 +78,7 @@ func run() error {
 		cniBins, allowParams                                    multi
 		limits                                                  vm.Limits
 		shimPool                                                int
+		shimPoolQuiet                                           time.Duration
 	)
 	flag.StringVar(&listen, "listen", "unix:///run/unilet/unilet.sock", "CRI socket to serve")
 	flag.StringVar(&root, "root", "/var/lib/unilet", "persistent state (images, metadata)")
@@ -103,6 +105,7 @@ func run() error {
 	flag.IntVar(&limits.MaxVCPUs, "max-vcpus", vm.DefaultMaxVCPUs, "most vCPUs a pod may ask for")
 	flag.Var(&allowParams, "allow-lib-param", "Unikraft library parameter pods may set with "+vm.AnnotationLibParams+" (name or prefix.*; repeatable)")
 	flag.IntVar(&shimPool, "shim-pool", 2, "idle pre-forked unilet-shims kept ready, so a VM start does not wait for one to exec (0: none)")
+	flag.DurationVar(&shimPoolQuiet, "shim-pool-quiet", shim.RefillQuiet, "the shim pool refills once no VM started for this long, off the path of the VM just started (0: at once; an empty pool refills at once)")
 	flag.StringVar(&pprofAddr, "pprof-address", "", "serve Go's net/http/pprof profiles on this loopback HOST:PORT (empty: off)")
 	flag.BoolVar(&showVersion, "version", false, "print the version and exit")
 	flag.Parse()
@@ -154,7 +157,7 @@ func run() error {
 	}
 	var pool *shim.Pool
 	if shimPool > 0 {
-		if pool, err = shim.NewPool(shimPath, filepath.Join(stateDir, "pool"), shimPool); err != nil {
+		if pool, err = shim.NewPool(shimPath, filepath.Join(stateDir, "pool"), shimPool, shimPoolQuiet); err != nil {
 			return fmt.Errorf("shim pool: %w", err)
 		}
 		defer pool.Close()

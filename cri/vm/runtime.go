@@ -2,6 +2,7 @@ package vm
 
 import (
 	"context"
+	"strconv"
 	"time"
 
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -27,6 +28,9 @@ func (s *Service) Status(ctx context.Context, r *runtimeapi.StatusRequest) (*run
 	}}}
 	if r.GetVerbose() {
 		resp.Info = map[string]string{"accel": s.cfg.Accel, "qemu": s.cfg.QEMU}
+		if s.cfg.ShimPool != nil { // idle pre-forked shims (refilled once starts pause)
+			resp.Info["shimPoolIdle"] = strconv.Itoa(s.cfg.ShimPool.Idle())
+		}
 	}
 	return resp, nil
 }

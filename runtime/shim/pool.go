@@ -20,17 +20,28 @@ import (
 // Pool keeps idle, pre-forked shims (`unilet-shim --pool-dir`), so starting a
 // VM does not wait for a shim process to exec and initialise (8–10 ms under
 // TCG here, docs/benchmarks.md). A VM start takes one (Adopt) and the pool
-// refills in the background; with none ready, a shim is spawned as before.
+// refills in the background once the node has been quiet for a while (see
+// RefillQuiet); with none ready, a shim is spawned as before.
 type Pool struct {
 	binary, dir string
 	size        int
+	quiet       time.Duration
 	mu          sync.Mutex
 	idle        []*idleShim
 	seq         int
 	closed      bool
+	lastTake    time.Time
 	refill      chan struct{}
 	done        chan struct{}
 }
+
+// RefillQuiet is the default for how long after the last Take the pool waits before it
+// spawns replacements, unless it ran empty. Spawning a shim costs about
+// 10 ms of CPU; done at once it competed with the QEMU that had just been
+// started (and, on a 2-core TCG node, delayed that VM's first console line
+// by as much). A pod start takes its shim in RunPodSandbox and boots the VM
+// well within this window.
+const RefillQuiet = 300 * time.Millisecond
 
 type idleShim struct {
 	dir    string
@@ -38,9 +49,10 @@ type idleShim struct {
 	exited chan error
 }
 
-// NewPool starts a pool of size idle shims under dir. Idle shims an earlier
-// daemon left there are shut down first.
-func NewPool(binary, dir string, size int) (*Pool, error) {
+// NewPool starts a pool of size idle shims under dir that refills once no
+// shim was taken for quiet (0: at once). Idle shims an earlier daemon left
+// there are shut down first.
+func NewPool(binary, dir string, size int, quiet time.Duration) (*Pool, error) {
 	if ents, err := os.ReadDir(dir); err == nil {
 		for _, e := range ents {
 			sub := filepath.Join(dir, e.Name())
@@ -56,7 +68,7 @@ func NewPool(binary, dir string, size int) (*Pool, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	p := &Pool{binary: binary, dir: dir, size: size, refill: make(chan struct{}, 1), done: make(chan struct{})}
+	p := &Pool{binary: binary, dir: dir, size: size, quiet: quiet, refill: make(chan struct{}, 1), done: make(chan struct{})}
 	go p.filler()
 	p.kick()
 	return p, nil
@@ -77,6 +89,9 @@ func (p *Pool) filler() {
 		case <-p.refill:
 		}
 		for {
+			if !p.waitQuiet() { // before each spawn: a start may have come meanwhile
+				return
+			}
 			p.mu.Lock()
 			full := p.closed || len(p.idle) >= p.size
 			p.mu.Unlock()
@@ -97,6 +112,30 @@ func (p *Pool) filler() {
 			p.idle = append(p.idle, s)
 			p.mu.Unlock()
 		}
+	}
+}
+
+// waitQuiet returns once no shim was taken for p.quiet, or at once when the
+// pool ran empty (the next start would otherwise spawn its own); false when
+// the pool closed meanwhile.
+func (p *Pool) waitQuiet() bool {
+	for {
+		p.mu.Lock()
+		wait := time.Until(p.lastTake.Add(p.quiet))
+		empty := len(p.idle) == 0
+		p.mu.Unlock()
+		if wait <= 0 || empty {
+			return true
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-p.done:
+			t.Stop()
+			return false
+		case <-p.refill: // taken again: look anew
+		case <-t.C:
+		}
+		t.Stop()
 	}
 }
 
@@ -157,6 +196,7 @@ func (p *Pool) take() *idleShim {
 	}
 	s := p.idle[0]
 	p.idle = p.idle[1:]
+	p.lastTake = time.Now()
 	return s
 }
 

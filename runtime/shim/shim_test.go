@@ -214,7 +214,7 @@ func TestPoolAdoptsIdleShims(t *testing.T) {
 	root := t.TempDir()
 	poolDir := filepath.Join(root, "pool")
 	t.Cleanup(func() { _ = exec.Command("pkill", "-9", "-f", "unilet-shim --pool-dir "+poolDir).Run() })
-	p, err := NewPool(shimBin, poolDir, 2)
+	p, err := NewPool(shimBin, poolDir, 2, RefillQuiet)
 	require.NoError(t, err)
 	require.Eventually(t, func() bool { return p.Idle() == 2 }, 15*time.Second, 10*time.Millisecond)
 	idle := pids(t, "unilet-shim --pool-dir "+poolDir)
@@ -241,7 +241,7 @@ func TestPoolAdoptsIdleShims(t *testing.T) {
 	p.mu.Lock()
 	p.closed = true // let the old pool go without closing its shims
 	p.mu.Unlock()
-	p2, err := NewPool(shimBin, poolDir, 1)
+	p2, err := NewPool(shimBin, poolDir, 1, RefillQuiet)
 	require.NoError(t, err)
 	require.Eventually(t, func() bool {
 		left := pids(t, "unilet-shim --pool-dir "+poolDir)
@@ -266,4 +266,39 @@ func pids(t *testing.T, pattern string) []int {
 		ps = append(ps, n)
 	}
 	return ps
+}
+
+// TestPoolRefillWaitsForQuiet: a take does not spawn a replacement while
+// starts keep coming (it would compete with the VM just started), but a
+// pool that ran empty spawns one at once.
+func TestPoolRefillWaitsForQuiet(t *testing.T) {
+	shimBin, _ := build(t)
+	poolDir := filepath.Join(t.TempDir(), "pool")
+	t.Cleanup(func() { _ = exec.Command("pkill", "-9", "-f", "unilet-shim --pool-dir "+poolDir).Run() })
+	p, err := NewPool(shimBin, poolDir, 2, RefillQuiet)
+	require.NoError(t, err)
+	defer p.Close()
+	require.Eventually(t, func() bool { return p.Idle() == 2 }, 15*time.Second, 10*time.Millisecond)
+	p.mu.Lock()
+	p.quiet = time.Hour // never quiet for this test
+	p.mu.Unlock()
+
+	a := p.Take()
+	require.NotNil(t, a)
+	defer a.Discard()
+	time.Sleep(500 * time.Millisecond) // a spawn takes ~10 ms
+	require.Equal(t, 1, p.Idle(), "no refill before the node is quiet")
+
+	b := p.Take()
+	require.NotNil(t, b)
+	defer b.Discard()
+	require.Eventually(t, func() bool { return p.Idle() == 1 }, 15*time.Second, 10*time.Millisecond, "an empty pool refills at once")
+	time.Sleep(300 * time.Millisecond)
+	require.Equal(t, 1, p.Idle(), "and only to one while starts keep coming")
+
+	p.mu.Lock()
+	p.quiet = 50 * time.Millisecond
+	p.mu.Unlock()
+	p.kick()
+	require.Eventually(t, func() bool { return p.Idle() == 2 }, 15*time.Second, 10*time.Millisecond, "quiet: full again")
 }
