@@ -281,12 +281,19 @@ func (e *env) measureStart(o options, res *Results) error {
 	res.Details.StartUniletMs, res.Details.StartBareMs = u, b
 	su, sb := summarize(u), summarize(b)
 	res.Details.Start["unilet"], res.Details.Start["bare"] = su, sb
+	// The daemon's own steps of RunPodSandbox and StartContainer, as it logged them.
+	steps := startSteps(filepath.Join(e.dir, "unilet.log"), logStart)
+	sub := [][]struct{ key, name string }{
+		0: {{"unikernel pod sandbox created/netnsMs", "… network namespace created (and recorded)"},
+			{"unikernel pod sandbox created/cniMs", "… CNI ADD (bridge, host-local executables)"},
+			{"unikernel pod sandbox created/tapMs", "… tap joined to the pod's eth0"}},
+		2: {{"unikernel VM started/cgroupMs", "… cgroup created"}, {"unikernel VM started/shimMs", "… unilet-shim spawned until it answers"},
+			{"unikernel VM started/bootMs", "… Start RPC: QEMU spawn to QMP ready"}},
+	}
 	for j, n := range phaseNames {
 		res.Details.StartPhases = append(res.Details.StartPhases, Phase{Name: n, Summary: summarize(phases[j])})
-		if j == 2 { // StartContainer's own steps, as the daemon logged them
-			steps := startSteps(filepath.Join(e.dir, "unilet.log"), logStart)
-			for _, k := range []struct{ key, name string }{{"cgroupMs", "… cgroup created"}, {"shimMs", "… unilet-shim spawned until it answers"},
-				{"bootMs", "… Start RPC: QEMU spawn to QMP ready"}} {
+		if j < len(sub) {
+			for _, k := range sub[j] {
 				res.Details.StartPhases = append(res.Details.StartPhases, Phase{Name: k.name, Summary: summarize(steps[k.key])})
 			}
 		}
@@ -729,6 +736,8 @@ func fileSize(p string) int64 {
 }
 
 // startSteps reads the timings of "unikernel VM started" lines logged after offset.
+// startSteps collects the daemon's logged step times of the starts after
+// offset in its log, keyed "<message>/<field>".
 func startSteps(path string, offset int64) map[string][]float64 {
 	out := map[string][]float64{}
 	b, err := os.ReadFile(path)
@@ -736,7 +745,13 @@ func startSteps(path string, offset int64) map[string][]float64 {
 		return out
 	}
 	for _, l := range strings.Split(string(b[offset:]), "\n") {
-		if !strings.Contains(l, `msg="unikernel VM started"`) {
+		var msg string
+		for _, m := range []string{"unikernel VM started", "unikernel pod sandbox created"} {
+			if strings.Contains(l, `msg="`+m+`"`) {
+				msg = m
+			}
+		}
+		if msg == "" {
 			continue
 		}
 		for _, f := range strings.Fields(l) {
@@ -745,7 +760,7 @@ func startSteps(path string, offset int64) map[string][]float64 {
 				continue
 			}
 			if x, err := strconv.ParseFloat(v, 64); err == nil {
-				out[k] = append(out[k], x)
+				out[msg+"/"+k] = append(out[msg+"/"+k], x)
 			}
 		}
 	}

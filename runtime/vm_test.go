@@ -340,3 +340,44 @@ func TestVMWithoutQMPGreetingFails(t *testing.T) {
 	out, _ := exec.Command("pgrep", "-f", "sleep 120").Output()
 	require.Empty(t, strings.TrimSpace(string(out)), "the hung process must be killed")
 }
+
+// TestVMMicrovmTimerAndConsoleInterrupts: on microvm the firmware leaves the
+// local APIC's LINT0 masked; the guest must still get timer interrupts
+// (tick=N … count=N returns and exits) and COM1 input (echo). Before the test
+// kernel set LINT0 itself, both hung after their first line there.
+func TestVMMicrovmTimerAndConsoleInterrupts(t *testing.T) {
+	k := testKernel(t)
+	spec := bootSpec(t, k, "tick=30", "count=3")
+	spec.Machine.Machine = MachineMicroVM
+	vm, err := StartVM(spec)
+	require.NoError(t, err)
+	defer vm.Kill()
+	select {
+	case <-vm.Done():
+	case <-time.After(30 * time.Second):
+		t.Fatal("the microvm guest never woke from its first sleep")
+	}
+	b, _ := os.ReadFile(spec.LogPath)
+	require.Contains(t, string(b), "stdout F tick 3\n")
+	require.Contains(t, string(b), "stdout F unilet-testkernel: exit 0\n")
+
+	spec = bootSpec(t, k, "echo")
+	spec.Machine.Machine = MachineMicroVM
+	vm2, err := StartVM(spec)
+	require.NoError(t, err)
+	defer vm2.Kill()
+	require.Eventually(t, func() bool {
+		b, _ := os.ReadFile(spec.LogPath)
+		return strings.Contains(string(b), "echo: ready")
+	}, 20*time.Second, 20*time.Millisecond)
+	var out syncBuffer
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	inR, inW := io.Pipe()
+	go func() { _ = vm2.Attach(ctx, inR, &out) }()
+	time.Sleep(100 * time.Millisecond)
+	_, err = inW.Write([]byte("pong-456\n"))
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return strings.Contains(out.String(), "pong-456") }, 10*time.Second, 20*time.Millisecond,
+		"console input must wake the microvm guest")
+}

@@ -56,15 +56,20 @@ func (s *Service) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandbox
 	// Stage a shim in the pod's next cgroup while CNI runs: moving a process
 	// into a cgroup costs a kernel RCU grace period (measured 8–20 ms here),
 	// which this takes off the start path.
+	t0 := time.Now()
 	staged := make(chan *stagedShim, 1)
 	go func() { staged <- s.stageShim(sb) }()
+	var steps netSteps
 	if s.cfg.Network != nil {
-		if err := s.setupNetwork(ctx, sb); err != nil {
+		var err error
+		if steps, err = s.setupNetwork(ctx, sb); err != nil {
 			dropStaged(<-staged)
 			return nil, err
 		}
 	}
+	tNet := time.Now()
 	sb.staged = <-staged
+	stageWait := time.Since(tNet)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.checkUniqueLocked(md); err != nil { // a twin request won the race
@@ -75,7 +80,8 @@ func (s *Service) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandbox
 	sb.state = runtimeapi.PodSandboxState_SANDBOX_READY
 	s.sandboxes[sb.id] = sb
 	s.saveSandbox(sb)
-	log.WithField("ip", sb.primaryIP()).Info("unikernel pod sandbox created")
+	log.WithFields(logrus.Fields{"ip": sb.primaryIP(), "netnsMs": msec(steps.netns), "cniMs": msec(steps.cni), "tapMs": msec(steps.tap),
+		"stageWaitMs": msec(stageWait), "totalMs": msec(time.Since(t0))}).Info("unikernel pod sandbox created")
 	return &runtimeapi.RunPodSandboxResponse{PodSandboxId: sb.id}, nil
 }
 
@@ -113,14 +119,20 @@ func (sb *sandbox) podInfo() cni.PodInfo {
 	return p
 }
 
+// netSteps is where a pod's network set-up spent its time (logged).
+type netSteps struct{ netns, cni, tap time.Duration }
+
 // setupNetwork: netns, CNI ADD, tap. On failure nothing is left behind.
-func (s *Service) setupNetwork(ctx context.Context, sb *sandbox) error {
+func (s *Service) setupNetwork(ctx context.Context, sb *sandbox) (netSteps, error) {
+	var st netSteps
 	if err := s.cfg.Network.Status(); err != nil {
-		return errorf(codes.FailedPrecondition, "pod network is not ready: %v", err)
+		return st, errorf(codes.FailedPrecondition, "pod network is not ready: %v", err)
 	}
+	t := time.Now()
+	lap := func(d *time.Duration) { now := time.Now(); *d = now.Sub(t); t = now }
 	path, err := netns.Create(s.cfg.NetNSDir, "unilet-"+sb.id)
 	if err != nil {
-		return errorf(codes.Internal, "create network namespace: %v", err)
+		return st, errorf(codes.Internal, "create network namespace: %v", err)
 	}
 	sb.netns = path
 	// Recorded before ADD: a daemon dying mid-ADD leaves a record whose DEL
@@ -129,21 +141,24 @@ func (s *Service) setupNetwork(ctx context.Context, sb *sandbox) error {
 	s.mu.Lock()
 	s.saveSandbox(sb)
 	s.mu.Unlock()
+	lap(&st.netns)
 	fail := func(code codes.Code, format string, a ...any) error {
 		s.dropFailedSandbox(sb)
 		return errorf(code, format, a...)
 	}
 	res, err := s.cfg.Network.Setup(ctx, sb.podInfo(), path)
 	if err != nil {
-		return fail(codes.Unknown, "set up pod network: %v", err)
+		return st, fail(codes.Unknown, "set up pod network: %v", err)
 	}
+	lap(&st.cni)
 	sb.net = res
 	link, err := vmnet.SetupTap(path, cni.IfName, TapName)
 	if err != nil {
-		return fail(codes.Internal, "prepare the VM's tap device: %v", err)
+		return st, fail(codes.Internal, "prepare the VM's tap device: %v", err)
 	}
+	lap(&st.tap)
 	sb.mac = link.MAC
-	return nil
+	return st, nil
 }
 
 // stageName names a pod's staging cgroup (a sibling of its VMs' cgroups).

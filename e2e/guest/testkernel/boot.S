@@ -40,8 +40,9 @@ _start:
 	jmp 1b
 
 /* Hardware interrupts (PIC vectors 32-47; only the PIT and COM1 are
- * unmasked): count timer ticks, acknowledge the PIC, return. Waiting is
- * "sti; hlt", so an idle guest costs its host next to nothing. */
+ * unmasked): count them in ticks, acknowledge the PIC, return. Waiting is
+ * "sti; hlt" with the PIT armed one-shot, so an idle guest costs its host
+ * next to nothing. */
 .global irq_stub
 irq_stub:
 	push %eax
