@@ -28,6 +28,7 @@ type options struct {
 	only                            map[string]bool // sections to run (--only); nil = all
 	startRuns, concurrency          []int
 	startPairs, listCalls, floodN   int
+	profileSecs                     int // daemon CPU profile window of the largest burst
 	consoleRuns, floorRuns          int
 	passthroughRuns, crossPodCounts int
 }
@@ -166,7 +167,7 @@ func main() {
 	}
 	o.startPairs, o.listCalls, o.floodN, o.passthroughRuns, o.consoleRuns = 40, 300, 100000, 8, 3
 	o.concurrency = []int{1, 10, 50, 100}
-	o.floorRuns = 15
+	o.floorRuns, o.profileSecs = 15, 8
 	if o.quick {
 		o.floorRuns = 6
 		o.startPairs, o.listCalls, o.floodN, o.passthroughRuns, o.consoleRuns = 15, 200, 20000, 3, 2

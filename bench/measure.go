@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -331,7 +332,14 @@ func (e *env) measureConcurrency(o options, res *Results) error {
 		host0 := hostBusy()
 		me0, _ := procCPU(os.Getpid())
 		e.settle()
+		var profiled chan struct{}
+		if n == maxN {
+			profiled = e.profileDaemon(o.profileSecs)
+		}
 		ud, vms, err := e.uniletBurst(n)
+		if profiled != nil {
+			<-profiled
+		}
 		if err != nil {
 			return err
 		}
@@ -765,4 +773,39 @@ func startSteps(path string, offset int64) map[string][]float64 {
 		}
 	}
 	return out
+}
+
+// profileDaemon records the daemon's CPU profile for secs seconds into
+// $UNILET_BENCH_PROFILE, when that and UNILET_BENCH_PPROF are set (for the
+// 100-pod burst: go tool pprof -top bin/unilet FILE). The channel closes when done.
+func (e *env) profileDaemon(secs int) chan struct{} {
+	done := make(chan struct{})
+	addr, out := os.Getenv("UNILET_BENCH_PPROF"), os.Getenv("UNILET_BENCH_PROFILE")
+	if addr == "" || out == "" {
+		close(done)
+		return done
+	}
+	started := make(chan struct{})
+	go func() {
+		defer close(done)
+		req, err := http.NewRequest(http.MethodGet, fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", addr, secs), nil)
+		if err != nil {
+			close(started)
+			return
+		}
+		close(started)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			log.Printf("daemon profile: %v", err)
+			return
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		if err := os.WriteFile(out, b, 0o644); err == nil {
+			log.Printf("daemon CPU profile of the %ds burst window: %s", secs, out)
+		}
+	}()
+	<-started
+	time.Sleep(50 * time.Millisecond) // the request reaches the daemon before the burst
+	return done
 }
