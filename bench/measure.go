@@ -777,8 +777,16 @@ func startSteps(path string, offset int64) map[string][]float64 {
 
 // profileDaemon records the daemon's CPU profile for secs seconds into
 // $UNILET_BENCH_PROFILE, when that and UNILET_BENCH_PPROF are set (for the
-// 100-pod burst: go tool pprof -top bin/unilet FILE). The channel closes when done.
+// 100-pod burst: go tool pprof -top bin/unilet FILE), and a host-wide perf
+// profile into $UNILET_BENCH_PERF. The channel closes when the Go profile is done.
 func (e *env) profileDaemon(secs int) chan struct{} {
+	if out := os.Getenv("UNILET_BENCH_PERF"); out != "" { // the whole host: perf report -i FILE --sort comm
+		perf := exec.Command("perf", "record", "-a", "-g", "-o", out, "--", "sleep", strconv.Itoa(secs))
+		if err := perf.Start(); err == nil {
+			time.Sleep(200 * time.Millisecond)
+			defer func() { go func() { _ = perf.Wait(); log.Printf("host perf profile of the burst: %s", out) }() }()
+		}
+	}
 	done := make(chan struct{})
 	addr, out := os.Getenv("UNILET_BENCH_PPROF"), os.Getenv("UNILET_BENCH_PROFILE")
 	if addr == "" || out == "" {

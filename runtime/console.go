@@ -195,3 +195,42 @@ func (v *VM) writeConsole(p []byte) (int, error) {
 	}
 	return v.stdin.Write(p)
 }
+
+// dirWatch reports files created in a directory (inotify); a nil watch (no
+// inotify) makes wait a short sleep.
+type dirWatch struct{ fd int }
+
+func watchDir(dir string) *dirWatch {
+	fd, err := unix.InotifyInit1(unix.IN_CLOEXEC | unix.IN_NONBLOCK)
+	if err != nil {
+		return nil
+	}
+	if _, err := unix.InotifyAddWatch(fd, dir, unix.IN_CREATE); err != nil {
+		unix.Close(fd)
+		return nil
+	}
+	return &dirWatch{fd: fd}
+}
+
+// wait returns once something was created in the directory (since the last
+// wait) or after d.
+func (w *dirWatch) wait(d time.Duration) {
+	if w == nil {
+		time.Sleep(min(d, 5*time.Millisecond))
+		return
+	}
+	pfd := []unix.PollFd{{Fd: int32(w.fd), Events: unix.POLLIN}}
+	_, _ = unix.Poll(pfd, int(d/time.Millisecond)+1)
+	var buf [4096]byte
+	for {
+		if _, err := unix.Read(w.fd, buf[:]); err != nil {
+			return // drained (EAGAIN)
+		}
+	}
+}
+
+func (w *dirWatch) close() {
+	if w != nil {
+		unix.Close(w.fd)
+	}
+}
