@@ -43,6 +43,7 @@ type env struct {
 	conns                  []*grpc.ClientConn
 	bareNS                 string
 	logDir                 string
+	run                    string   // tmpfs, as /run on a node
 	argv                   []string // the QEMU argv of a unilet VM (for bare runs)
 	machine                string   // unilet.dev/machine of new pods ("": the default)
 	done                   bool
@@ -78,32 +79,43 @@ func setup() (*env, error) {
 	if err != nil {
 		return nil, err
 	}
-	e := &env{dir: dir, bin: filepath.Join(dir, "bin"), logDir: filepath.Join(dir, "logs")}
+	e := &env{dir: dir, bin: filepath.Join(dir, "bin"), logDir: filepath.Join(dir, "logs"), run: filepath.Join(dir, "run")}
+	// Runtime state (sockets, pid files) lives on tmpfs on a real node (/run):
+	// creating a socket on this machine's ext4 costs a journalled inode, which
+	// showed in the 100-VM burst. So the daemon's and containerd's state and
+	// the bare QEMUs' QMP sockets go to a tmpfs here as well.
+	if err := os.MkdirAll(e.run, 0o755); err != nil {
+		return e, err
+	}
+	if err := syscall.Mount("tmpfs", e.run, "tmpfs", 0, "mode=0755"); err != nil {
+		return e, fmt.Errorf("mount a tmpfs for runtime state: %w", err)
+	}
+	_ = os.MkdirAll(filepath.Join(e.run, "bare"), 0o755)
 	log.Printf("building unilet and the test kernel")
 	if err := sh(repo, "go", "build", "-o", e.bin+"/", "./cmd/unilet", "./cmd/unilet-shim", "./cmd/uniletctl"); err != nil {
-		return nil, err
+		return e, err
 	}
 	kernel := filepath.Join(dir, "testkernel.elf")
 	if err := sh(repo, "./e2e/guest/testkernel/build.sh", kernel); err != nil {
-		return nil, err
+		return e, err
 	}
 	e.reg = httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
 	u, _ := url.Parse(e.reg.URL)
 	e.image = u.Host + "/unikraft/testkernel:bench"
 	if err := sh(repo, filepath.Join(e.bin, "uniletctl"), "pack", "--kernel", kernel, "--push", e.image, "--insecure"); err != nil {
-		return nil, err
+		return e, err
 	}
 
 	// containerd (Debian) for the passthrough comparison, with offline images.
 	ctrdSock := filepath.Join(dir, "containerd.sock")
-	cfg := testimages.ContainerdConfig(filepath.Join(dir, "ctrd-root"), filepath.Join(dir, "ctrd-state"), ctrdSock, "", "")
+	cfg := testimages.ContainerdConfig(filepath.Join(dir, "ctrd-root"), filepath.Join(e.run, "containerd"), ctrdSock, "", "")
 	if err := os.WriteFile(filepath.Join(dir, "containerd.toml"), []byte(cfg), 0o644); err != nil {
-		return nil, err
+		return e, err
 	}
 	e.ctrd = exec.Command("containerd", "--config", filepath.Join(dir, "containerd.toml"))
 	e.ctrd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := e.ctrd.Start(); err != nil {
-		return nil, err
+		return e, err
 	}
 	if err := waitSock(ctrdSock); err != nil {
 		return e, err
@@ -123,7 +135,7 @@ func setup() (*env, error) {
 	}
 	sock := filepath.Join(dir, "unilet.sock")
 	e.daemon = exec.Command(filepath.Join(e.bin, "unilet"), "--listen", "unix://"+sock, "--root", filepath.Join(dir, "root"),
-		"--state-dir", filepath.Join(dir, "run"), "--upstream-endpoint", "unix://"+ctrdSock, "--insecure-registry", u.Host,
+		"--state-dir", e.stateDir(), "--upstream-endpoint", "unix://"+ctrdSock, "--insecure-registry", u.Host,
 		"--cni-conf-dir", cniDir, "--cni-bin-dir", testutil.CNIBinDir(), "--netns-dir", filepath.Join(dir, "netns"),
 		"--cgroup-root", benchCgrp, "--shim-pool", strconv.Itoa(shimPool), "--log-level", "info")
 	if a := os.Getenv("UNILET_BENCH_PPROF"); a != "" { // profile the daemon during a run
@@ -169,6 +181,9 @@ func setup() (*env, error) {
 	}
 	return e, nil
 }
+
+// stateDir is the daemon's --state-dir (its VMs' QEMU argv holds it).
+func (e *env) stateDir() string { return filepath.Join(e.run, "unilet") }
 
 // shimPool is the daemon's --shim-pool (its default).
 const shimPool = 2

@@ -29,6 +29,7 @@ type options struct {
 	startRuns, concurrency          []int
 	startPairs, listCalls, floodN   int
 	profileSecs                     int // daemon CPU profile window of the largest burst
+	bigBursts                       int // interleaved burst pairs at the largest N
 	consoleRuns, floorRuns          int
 	passthroughRuns, crossPodCounts int
 }
@@ -99,7 +100,9 @@ func summarize(xs []float64) Summary {
 type ConcurrencyRow struct {
 	N                      int
 	UniletMs, BareMs       float64
-	Ratio                  float64 // bare / unilet (1 = as fast as bare QEMU)
+	Ratio                  float64 // bare / unilet (1 = as fast as bare QEMU), of the medians
+	Runs                   int     // interleaved burst pairs (medians above)
+	RatioMin, RatioMax     float64 `json:",omitempty"` // over the pairs, when Runs > 1
 	UniletPerVMMs, BarePer float64
 	// CPU seconds spent while the N VMs started, by process class (a
 	// profile of where the time goes; the host total includes kernel threads).
@@ -167,8 +170,9 @@ func main() {
 	}
 	o.startPairs, o.listCalls, o.floodN, o.passthroughRuns, o.consoleRuns = 40, 300, 100000, 8, 3
 	o.concurrency = []int{1, 10, 50, 100}
-	o.floorRuns, o.profileSecs = 15, 8
+	o.floorRuns, o.profileSecs, o.bigBursts = 15, 8, 3
 	if o.quick {
+		o.bigBursts = 1
 		o.floorRuns = 6
 		o.startPairs, o.listCalls, o.floodN, o.passthroughRuns, o.consoleRuns = 15, 200, 20000, 3, 2
 		o.concurrency = []int{1, 10, 100}
@@ -184,10 +188,12 @@ func main() {
 func run(o options, out, doc string) error {
 	t0 := time.Now()
 	env, err := setup()
+	if env != nil {
+		defer env.teardown() // also after a failed set-up: mounts, processes
+	}
 	if err != nil {
 		return err
 	}
-	defer env.teardown()
 	res := &Results{Accel: env.accel, Machine: machine(o)}
 	res.Details.Start = map[string]Summary{}
 	res.Details.Passthrough = map[string]Summary{}

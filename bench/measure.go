@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -147,7 +148,7 @@ func (e *env) bareArgv(argv []string, i int, oldArg, appArg string) []string {
 	out := append([]string(nil), argv...)
 	for j, a := range out {
 		if strings.HasPrefix(a, "socket,id=qmp0,path=") {
-			out[j] = "socket,id=qmp0,path=" + filepath.Join(e.dir, fmt.Sprintf("bare-%d.sock", i)) + ",server=on,wait=off"
+			out[j] = "socket,id=qmp0,path=" + filepath.Join(e.run, "bare", fmt.Sprintf("%d.sock", i)) + ",server=on,wait=off"
 		}
 		if j > 0 && out[j-1] == "-append" && oldArg != "" {
 			out[j] = strings.Replace(a, oldArg, appArg, 1)
@@ -326,74 +327,105 @@ func (e *env) measureConcurrency(o options, res *Results) error {
 	}
 	res.Details.Memory.DaemonIdleMB = round(rssMB(e.daemon.Process.Pid), 1)
 	for _, n := range o.concurrency {
-		// unilet: n pods started at once; time until every console printed.
-		shims0 := cpuMap(pidsMatching("unilet-shim", e.dir))
-		dSelf0, dKids0 := procCPU(e.daemon.Process.Pid)
-		host0 := hostBusy()
-		me0, _ := procCPU(os.Getpid())
-		e.settle()
-		var profiled chan struct{}
+		runs := 1
 		if n == maxN {
-			profiled = e.profileDaemon(o.profileSecs)
+			runs = o.bigBursts // one burst of 100 varies by ±15 % on this machine
 		}
-		ud, vms, err := e.uniletBurst(n)
-		if profiled != nil {
-			<-profiled
-		}
-		if err != nil {
-			return err
-		}
-		dSelf, dKids := procCPU(e.daemon.Process.Pid)
-		ucpu := map[string]float64{"daemon": dSelf - dSelf0, "daemon's exited children (CNI plugins)": dKids - dKids0,
-			"shims": cpuOf(pidsMatching("unilet-shim", e.dir), shims0), "QEMU": cpuOf(pidsMatching("qemu-system", filepath.Join(e.dir, "run")), nil)}
-		ucpu["host total"] = hostBusy() - host0
-		me, _ := procCPU(os.Getpid())
-		ucpu["bench (CRI client)"] = me - me0
-		if n == maxN {
-			m := &res.Details.Memory
-			m.Pods = n
-			m.DaemonAt100MB = round(rssMB(e.daemon.Process.Pid), 1)
-			var shims, qemus []float64
-			for _, p := range pidsMatching("unilet-shim", e.dir) {
-				shims = append(shims, rssMB(p))
+		var us, bs, ratios []float64
+		ucpu, bcpu := map[string]float64{}, map[string]float64{}
+		for r := 0; r < runs; r++ {
+			ud, bd, uc, bc, err := e.burstPair(o, res, n, n == maxN && r == 0)
+			if err != nil {
+				return err
 			}
-			for _, p := range pidsMatching("qemu-system", filepath.Join(e.dir, "run")) {
-				qemus = append(qemus, rssMB(p))
+			us, bs, ratios = append(us, ms(ud)), append(bs, ms(bd)), append(ratios, ms(bd)/ms(ud))
+			for k, v := range uc {
+				ucpu[k] += v / float64(runs)
 			}
-			m.ShimMB, m.QEMUMB = round(mean(shims), 1), round(mean(qemus), 1)
-			res.ShimRSSMB, res.DaemonRSSMB100 = m.ShimMB, m.DaemonAt100MB
+			for k, v := range bc {
+				bcpu[k] += v / float64(runs)
+			}
 		}
-		parallel(vms, 8, e.remove)
-
-		// bare: n QEMUs at once.
-		e.settle()
-		host0 = hostBusy()
-		me0, _ = procCPU(os.Getpid())
-		bd, bares, err := e.bareBurst(e.argv, n)
-		if err != nil {
-			return err
+		um, bm := round(summarize(us).P50, 1), round(summarize(bs).P50, 1)
+		row := ConcurrencyRow{N: n, UniletMs: um, BareMs: bm, Ratio: round(bm/um, 3), Runs: runs,
+			UniletPerVMMs: round(um/float64(n), 1), BarePer: round(bm/float64(n), 1), UniletCPU: roundMap(ucpu), BareCPU: roundMap(bcpu)}
+		if runs > 1 {
+			sort.Float64s(ratios)
+			row.RatioMin, row.RatioMax = round(ratios[0], 3), round(ratios[len(ratios)-1], 3)
 		}
-		me, _ = procCPU(os.Getpid())
-		bcpu := map[string]float64{"host total": hostBusy() - host0, "bench (QEMU parent)": me - me0}
-		var bareRSS []float64
-		for _, b := range bares {
-			bareRSS = append(bareRSS, rssMB(b.cmd.Process.Pid))
-			c, _ := procCPU(b.cmd.Process.Pid)
-			bcpu["QEMU"] += c
-		}
-		if n == maxN {
-			res.Details.Memory.BareQEMUMB = round(mean(bareRSS), 1)
-		}
-		parallel(bares, 8, (*bare).kill)
-		row := ConcurrencyRow{N: n, UniletMs: ms(ud), BareMs: ms(bd), Ratio: round(ms(bd)/ms(ud), 3),
-			UniletPerVMMs: round(ms(ud)/float64(n), 1), BarePer: round(ms(bd)/float64(n), 1), UniletCPU: roundMap(ucpu), BareCPU: roundMap(bcpu)}
 		res.Details.Concurrency = append(res.Details.Concurrency, row)
-		log.Printf("  N=%d: unilet %.0f ms, bare %.0f ms; CPU s unilet %v bare %v", n, row.UniletMs, row.BareMs, row.UniletCPU, row.BareCPU)
+		log.Printf("  N=%d (%d runs): unilet %.0f ms, bare %.0f ms; CPU s unilet %v bare %v", n, runs, row.UniletMs, row.BareMs, row.UniletCPU, row.BareCPU)
 		if n == 100 {
 			res.ConcurrencyRatio100 = row.Ratio
 		}
 	}
 	return nil
+}
+
+// burstPair starts n VMs at once through unilet, then n bare QEMUs, each
+// after the node settled; it returns both times and the CPU each side used
+// by process class. first: profile the daemon and record memory.
+func (e *env) burstPair(o options, res *Results, n int, first bool) (ud, bd time.Duration, ucpu, bcpu map[string]float64, err error) {
+	// unilet: n pods started at once; time until every console printed.
+	e.settle()
+	shims0 := cpuMap(pidsMatching("unilet-shim", e.dir))
+	dSelf0, dKids0 := procCPU(e.daemon.Process.Pid)
+	host0 := hostBusy()
+	me0, _ := procCPU(os.Getpid())
+	var profiled chan struct{}
+	if first {
+		profiled = e.profileDaemon(o.profileSecs)
+	}
+	ud, vms, err := e.uniletBurst(n)
+	if profiled != nil {
+		<-profiled
+	}
+	if err != nil {
+		return 0, 0, nil, nil, err
+	}
+	dSelf, dKids := procCPU(e.daemon.Process.Pid)
+	ucpu = map[string]float64{"daemon": dSelf - dSelf0, "daemon's exited children (CNI plugins)": dKids - dKids0,
+		"shims": cpuOf(pidsMatching("unilet-shim", e.dir), shims0), "QEMU": cpuOf(pidsMatching("qemu-system", e.stateDir()), nil)}
+	ucpu["host total"] = hostBusy() - host0
+	me, _ := procCPU(os.Getpid())
+	ucpu["bench (CRI client)"] = me - me0
+	if first {
+		m := &res.Details.Memory
+		m.Pods = n
+		m.DaemonAt100MB = round(rssMB(e.daemon.Process.Pid), 1)
+		var shims, qemus []float64
+		for _, p := range pidsMatching("unilet-shim", e.dir) {
+			shims = append(shims, rssMB(p))
+		}
+		for _, p := range pidsMatching("qemu-system", e.stateDir()) {
+			qemus = append(qemus, rssMB(p))
+		}
+		m.ShimMB, m.QEMUMB = round(mean(shims), 1), round(mean(qemus), 1)
+		res.ShimRSSMB, res.DaemonRSSMB100 = m.ShimMB, m.DaemonAt100MB
+	}
+	parallel(vms, 8, e.remove)
+
+	// bare: n QEMUs at once.
+	e.settle()
+	host0 = hostBusy()
+	me0, _ = procCPU(os.Getpid())
+	bd, bares, err := e.bareBurst(e.argv, n)
+	if err != nil {
+		return 0, 0, nil, nil, err
+	}
+	me, _ = procCPU(os.Getpid())
+	bcpu = map[string]float64{"host total": hostBusy() - host0, "bench (QEMU parent)": me - me0}
+	var bareRSS []float64
+	for _, b := range bares {
+		bareRSS = append(bareRSS, rssMB(b.cmd.Process.Pid))
+		c, _ := procCPU(b.cmd.Process.Pid)
+		bcpu["QEMU"] += c
+	}
+	if first {
+		res.Details.Memory.BareQEMUMB = round(mean(bareRSS), 1)
+	}
+	parallel(bares, 8, (*bare).kill)
+	return ud, bd, ucpu, bcpu, nil
 }
 
 // parallel runs f over items with w workers.

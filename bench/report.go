@@ -60,14 +60,19 @@ func writeReport(r *Results, doc string) error {
 			fmt.Fprintf(&b, "| %s | %.1f | %.1f |\n", ph.Name, ph.P50, ph.P95)
 		}
 	}
-	b.WriteString("\n## Concurrency\n\nN VMs started at once; time until every one has printed its first console line.\n\n" +
-		"| N | unilet ms | bare ms | per VM unilet / bare ms | throughput ratio (bare/unilet time) |\n|---|---|---|---|---|\n")
+	b.WriteString("\n## Concurrency\n\nN VMs started at once; time until every one has printed its first console line. " +
+		"Each side starts after the node settled; with several runs (interleaved pairs) the times are medians and the ratio's range is shown.\n\n" +
+		"| N | runs | unilet ms | bare ms | per VM unilet / bare ms | throughput ratio (bare/unilet time) |\n|---|---|---|---|---|---|\n")
 	for _, c := range d.Concurrency {
-		fmt.Fprintf(&b, "| %d | %.0f | %.0f | %.1f / %.1f | %.2f |\n", c.N, c.UniletMs, c.BareMs, c.UniletPerVMMs, c.BarePer, c.Ratio)
+		ratio := fmt.Sprintf("%.2f", c.Ratio)
+		if c.Runs > 1 {
+			ratio += fmt.Sprintf(" (%.2f … %.2f)", c.RatioMin, c.RatioMax)
+		}
+		fmt.Fprintf(&b, "| %d | %d | %.0f | %.0f | %.1f / %.1f | %s |\n", c.N, max(c.Runs, 1), c.UniletMs, c.BareMs, c.UniletPerVMMs, c.BarePer, ratio)
 	}
 	if last := len(d.Concurrency) - 1; last >= 0 && len(d.Concurrency[last].UniletCPU) > 0 {
 		c := d.Concurrency[last]
-		fmt.Fprintf(&b, "\nWhere the CPU went while %d VMs started (seconds, both cores together; the host total includes kernel threads):\n\n"+
+		fmt.Fprintf(&b, "\nWhere the CPU went while %d VMs started (seconds, both cores together, mean over the runs; the host total includes kernel threads):\n\n"+
 			"| process class | unilet | bare |\n|---|---|---|\n", c.N)
 		var keys []string
 		for k := range c.UniletCPU {

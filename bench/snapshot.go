@@ -58,7 +58,7 @@ func qmp(sock string, cmds ...string) (map[string]any, error) {
 // a file, then restores it runs times (interleaved with fresh boots).
 func (e *env) measureSnapshot(o options, res *Results) error {
 	argv := e.bareArgv(e.argv, 7000, tickArg, "echo")
-	sock := filepath.Join(e.dir, "bare-7000.sock")
+	sock := filepath.Join(e.run, "bare", "7000.sock")
 	snap := filepath.Join(e.dir, "template.snap")
 	src, out, _, err := e.spawnBare(argv, 0)
 	if err != nil {
