@@ -2,7 +2,6 @@ package runtime
 
 import (
 	"bufio"
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -30,17 +29,11 @@ type qmpReply struct {
 	Event string `json:"event"`
 }
 
-// dialMonitor connects, negotiates capabilities and starts reading.
-func dialMonitor(ctx context.Context, path string, onEvent func(string)) (*monitor, error) {
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "unix", path)
-	if err != nil {
-		return nil, err
-	}
+// newMonitor reads QEMU's greeting on conn (until deadline), negotiates
+// capabilities and starts reading.
+func newMonitor(conn net.Conn, deadline time.Time, onEvent func(string)) (*monitor, error) {
 	r := bufio.NewReader(conn)
-	if dl, ok := ctx.Deadline(); ok {
-		_ = conn.SetReadDeadline(dl)
-	}
+	_ = conn.SetReadDeadline(deadline)
 	line, err := r.ReadBytes('\n')
 	if err != nil {
 		conn.Close()

@@ -171,7 +171,9 @@ func BuildArgv(m MachineConfig) ([]string, error) {
 	a = append(a,
 		"-chardev", "stdio,id=con0,signal=off",
 		"-serial", "chardev:con0",
-		"-chardev", "socket,id=qmp0,path="+EscapeOpt(m.QMPSocket)+",server=on,wait=off",
+		// QEMU connects its monitor to the supervisor, which listens there
+		// before QEMU starts (no polling for a socket QEMU has yet to create).
+		"-chardev", "socket,id=qmp0,path="+EscapeOpt(m.QMPSocket),
 		"-mon", "chardev=qmp0,mode=control",
 	)
 	bus := "pci"

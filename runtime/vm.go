@@ -2,10 +2,10 @@ package runtime
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -68,7 +68,6 @@ type VM struct {
 	hub       consoleHub
 	inMu      sync.Mutex
 	stdin     *os.File // console input (write end of QEMU's stdin)
-	qmpDials  int      // connection attempts until QMP answered
 }
 
 // StartVM launches QEMU for spec and returns once the process runs and its
@@ -115,12 +114,17 @@ func StartVM(spec VMSpec) (*VM, error) {
 		return nil, err
 	}
 	cmd.ExtraFiles = taps
-	// Watch for QEMU's QMP socket before QEMU can create it.
-	watch := watchDir(filepath.Dir(spec.Machine.QMPSocket))
-	defer watch.close()
+	// QEMU connects its QMP monitor to this listener (see waitQMP).
+	qmp, err := listenQMP(spec.Machine.QMPSocket)
+	if err != nil {
+		closeAll(append(taps, stdinR, stdinW, stdout, stdoutW))
+		v.cleanupFiles()
+		return nil, err
+	}
 	err = cmd.Start()
 	closeAll(taps) // QEMU holds its own copies
 	if err != nil {
+		qmp.Close()
 		closeAll([]*os.File{stdinR, stdinW, stdout, stdoutW})
 		v.cleanupFiles()
 		return nil, fmt.Errorf("start %s: %w", spec.QEMU, err)
@@ -157,7 +161,7 @@ func StartVM(spec VMSpec) (*VM, error) {
 	if timeout <= 0 {
 		timeout = DefaultStartTimeout
 	}
-	if err := v.waitQMP(timeout, watch); err != nil {
+	if err := v.waitQMP(timeout, qmp); err != nil {
 		v.Kill()
 		<-v.done
 		st := v.Exit()
@@ -166,46 +170,64 @@ func StartVM(spec VMSpec) (*VM, error) {
 	return v, nil
 }
 
-// waitQMP connects the VM's monitor once QEMU has created its socket (watch
-// reports files created in the socket's directory) and checks the VM
-// actually runs. It dials again when something was created there, after 1 ms
-// when the socket exists but does not listen yet, and every 50 ms in any case
-// (QEMU may have exited). Dialling every few milliseconds instead cost ~4 ms
-// of shim CPU per VM while 100 VMs started at once (docs/benchmarks.md).
-func (v *VM) waitQMP(timeout time.Duration, watch *dirWatch) error {
+// listenQMP listens where the VM's QMP monitor will connect. QEMU is the
+// client (its chardev has no server=on): the shim accepts QEMU's connection
+// as soon as QEMU opens its monitor, instead of dialling a socket QEMU has
+// yet to create — which under a 100-VM burst meant thousands of failed
+// dials (≈ 2.4 % of all CPU, docs/benchmarks.md).
+func listenQMP(path string) (*net.UnixListener, error) {
+	_ = os.Remove(path) // a stale socket of an earlier attempt
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("listen for the VM's QMP monitor: %w", err)
+	}
+	return l, nil
+}
+
+// waitQMP accepts QEMU's monitor connection on l (closing l, which removes
+// the socket file), negotiates QMP and checks the VM actually runs.
+func (v *VM) waitQMP(timeout time.Duration, l *net.UnixListener) error {
 	deadline := time.Now().Add(timeout)
-	for {
+	defer l.Close()
+	_ = l.SetDeadline(deadline)
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() { // a QEMU that dies before connecting ends the wait
+		select {
+		case <-v.done:
+			l.Close()
+		case <-stop:
+		}
+	}()
+	conn, err := l.Accept()
+	if err != nil {
 		select {
 		case <-v.done:
 			return errors.New("QEMU exited during start-up")
 		default:
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		v.qmpDials++
-		mon, err := dialMonitor(ctx, v.spec.Machine.QMPSocket, v.onEvent)
-		cancel()
-		if err == nil {
-			v.mu.Lock()
-			v.mon = mon
-			v.mu.Unlock()
-			st, err := mon.status()
-			if err != nil {
-				return err
-			}
-			if st == "internal-error" || st == "guest-panicked" {
-				return fmt.Errorf("VM is in state %s right after start", st)
-			}
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("no QMP greeting within %s: %w", timeout, err)
-		}
-		if errors.Is(err, syscall.ENOENT) {
-			watch.wait(50 * time.Millisecond)
-		} else { // bound, not listening yet (ECONNREFUSED), or a slow greeting
-			time.Sleep(time.Millisecond)
-		}
+		return fmt.Errorf("no QMP greeting within %s: QEMU did not connect its monitor (%v)", timeout, err)
 	}
+	mon, err := newMonitor(conn, deadline, v.onEvent)
+	if err != nil {
+		select { // a closed connection is usually QEMU exiting: give its exit a moment to show
+		case <-v.done:
+			return errors.New("QEMU exited during start-up")
+		case <-time.After(time.Second):
+		}
+		return fmt.Errorf("no QMP greeting within %s: %w", timeout, err)
+	}
+	v.mu.Lock()
+	v.mon = mon
+	v.mu.Unlock()
+	st, err := mon.status()
+	if err != nil {
+		return err
+	}
+	if st == "internal-error" || st == "guest-panicked" {
+		return fmt.Errorf("VM is in state %s right after start", st)
+	}
+	return nil
 }
 
 // onEvent turns QMP events about a broken guest into a failed container:
