@@ -149,7 +149,11 @@ func apply(t *testing.T, yaml string) {
 	f := filepath.Join(t.TempDir(), "obj.yaml")
 	require.NoError(t, os.WriteFile(f, []byte(yaml), 0o644))
 	must(t, "apply", "-f", f)
-	t.Cleanup(func() { _, _ = kubectl("delete", "-f", f, "--wait=true", "--timeout=60s", "--ignore-not-found") })
+	// Foreground: a Deployment's pods are gone (their VMs stopped) before
+	// the next test starts, not garbage-collected behind its back.
+	t.Cleanup(func() {
+		_, _ = kubectl("delete", "-f", f, "--cascade=foreground", "--wait=true", "--timeout=60s", "--ignore-not-found")
+	})
 }
 
 func waitPod(t *testing.T, pod, jsonpath, want string, timeout time.Duration) {
@@ -196,6 +200,17 @@ spec:
     stdin: true
     tty: true
 `, name, registry, args)
+}
+
+// qemuOf is the QEMU of one pod's (default namespace) container (by its -name).
+func qemuOf(t *testing.T, pod string) []string {
+	var found []string
+	for _, l := range qemuFor(t) {
+		if strings.Contains(l, "guest=default_"+pod+"_") {
+			found = append(found, l)
+		}
+	}
+	return found
 }
 
 func qemuFor(t *testing.T) []string {
@@ -438,7 +453,7 @@ spec:
 func TestDaemonKilled(t *testing.T) {
 	apply(t, vmPod("vm-survive", `"tick=100"`))
 	waitRunning(t, "vm-survive")
-	before := qemuFor(t)
+	before := qemuOf(t, "vm-survive")
 	require.Len(t, before, 1)
 	pidFile := filepath.Join(clusterDir, "pids", "unilet.pid")
 	b, err := os.ReadFile(pidFile)
@@ -450,7 +465,7 @@ func TestDaemonKilled(t *testing.T) {
 	args := strings.Split(strings.TrimRight(string(cmdline), "\x00"), "\x00")
 	require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
 	time.Sleep(3 * time.Second)
-	require.Equal(t, before, qemuFor(t), "the VM survives the daemon")
+	require.Equal(t, before, qemuOf(t, "vm-survive"), "the VM survives the daemon")
 	require.Equal(t, "Running", must(t, "get", "pod", "vm-survive", "-o", "jsonpath={.status.phase}"))
 
 	lf, err := os.OpenFile(filepath.Join(clusterDir, "logs", "unilet.log"), os.O_APPEND|os.O_WRONLY, 0o644)
