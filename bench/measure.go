@@ -486,13 +486,23 @@ func (e *env) measureCRI(o options, res *Results) error {
 			"ListPodSandbox": func() error { _, err := e.rt.ListPodSandbox(bg, &runtimeapi.ListPodSandboxRequest{}); return err },
 			"ListContainers": func() error { _, err := e.rt.ListContainers(bg, &runtimeapi.ListContainersRequest{}); return err },
 		}
+		// The same lists straight to containerd (it holds no pods here): the
+		// upstream round trip every merged list includes.
+		calls["ListPodSandbox, containerd directly"] = func() error {
+			_, err := e.ctrdRT.ListPodSandbox(bg, &runtimeapi.ListPodSandboxRequest{})
+			return err
+		}
+		calls["ListContainers, containerd directly"] = func() error {
+			_, err := e.ctrdRT.ListContainers(bg, &runtimeapi.ListContainersRequest{})
+			return err
+		}
 		if firstCtr != "" {
 			calls["ContainerStatus"] = func() error {
 				_, err := e.rt.ContainerStatus(bg, &runtimeapi.ContainerStatusRequest{ContainerId: firstCtr})
 				return err
 			}
 		}
-		for _, name := range []string{"ListPodSandbox", "ListContainers", "ContainerStatus"} {
+		for _, name := range []string{"ListPodSandbox", "ListContainers", "ContainerStatus", "ListPodSandbox, containerd directly", "ListContainers, containerd directly"} {
 			f, ok := calls[name]
 			if !ok {
 				continue
@@ -503,7 +513,7 @@ func (e *env) measureCRI(o options, res *Results) error {
 			}
 			s := summarize(xs)
 			res.Details.CRI = append(res.Details.CRI, CRIRow{Call: name, Pods: target, Summary: s})
-			if target == 200 && s.P99 > res.ListP99Ms200 && strings.HasPrefix(name, "List") {
+			if target == 200 && s.P99 > res.ListP99Ms200 && strings.HasPrefix(name, "List") && !strings.Contains(name, "containerd") {
 				res.ListP99Ms200 = round(s.P99, 3)
 			}
 		}
