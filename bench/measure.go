@@ -385,8 +385,9 @@ func (e *env) burstPair(o options, res *Results, n int, first bool) (ud, bd time
 		return 0, 0, nil, nil, err
 	}
 	dSelf, dKids := procCPU(e.daemon.Process.Pid)
+	shimPIDs, qemuPIDs := pidsMatching("unilet-shim", e.dir), pidsMatching("qemu-system", e.stateDir())
 	ucpu = map[string]float64{"daemon": dSelf - dSelf0, "daemon's exited children (CNI plugins)": dKids - dKids0,
-		"shims": cpuOf(pidsMatching("unilet-shim", e.dir), shims0), "QEMU": cpuOf(pidsMatching("qemu-system", e.stateDir()), nil)}
+		"shims": cpuOf(shimPIDs, shims0), "QEMU": cpuOf(qemuPIDs, nil)}
 	ucpu["host total"] = hostBusy() - host0
 	me, _ := procCPU(os.Getpid())
 	ucpu["bench (CRI client)"] = me - me0
@@ -395,10 +396,10 @@ func (e *env) burstPair(o options, res *Results, n int, first bool) (ud, bd time
 		m.Pods = n
 		m.DaemonAt100MB = round(rssMB(e.daemon.Process.Pid), 1)
 		var shims, qemus []float64
-		for _, p := range pidsMatching("unilet-shim", e.dir) {
+		for _, p := range shimPIDs {
 			shims = append(shims, rssMB(p))
 		}
-		for _, p := range pidsMatching("qemu-system", e.stateDir()) {
+		for _, p := range qemuPIDs {
 			qemus = append(qemus, rssMB(p))
 		}
 		m.ShimMB, m.QEMUMB = round(mean(shims), 1), round(mean(qemus), 1)
@@ -482,38 +483,39 @@ func (e *env) measureCRI(o options, res *Results) error {
 			}
 			pods = append(pods, p.GetPodSandboxId())
 		}
-		calls := map[string]func() error{
-			"ListPodSandbox": func() error { _, err := e.rt.ListPodSandbox(bg, &runtimeapi.ListPodSandboxRequest{}); return err },
-			"ListContainers": func() error { _, err := e.rt.ListContainers(bg, &runtimeapi.ListContainersRequest{}); return err },
+		type call struct {
+			name     string
+			upstream bool // straight to containerd, which holds no pods here: the round trip every merged list includes
+			f        func() error
 		}
-		// The same lists straight to containerd (it holds no pods here): the
-		// upstream round trip every merged list includes.
-		calls["ListPodSandbox, containerd directly"] = func() error {
-			_, err := e.ctrdRT.ListPodSandbox(bg, &runtimeapi.ListPodSandboxRequest{})
-			return err
-		}
-		calls["ListContainers, containerd directly"] = func() error {
-			_, err := e.ctrdRT.ListContainers(bg, &runtimeapi.ListContainersRequest{})
-			return err
+		calls := []call{
+			{"ListPodSandbox", false, func() error { _, err := e.rt.ListPodSandbox(bg, &runtimeapi.ListPodSandboxRequest{}); return err }},
+			{"ListContainers", false, func() error { _, err := e.rt.ListContainers(bg, &runtimeapi.ListContainersRequest{}); return err }},
 		}
 		if firstCtr != "" {
-			calls["ContainerStatus"] = func() error {
+			calls = append(calls, call{"ContainerStatus", false, func() error {
 				_, err := e.rt.ContainerStatus(bg, &runtimeapi.ContainerStatusRequest{ContainerId: firstCtr})
 				return err
-			}
+			}})
 		}
-		for _, name := range []string{"ListPodSandbox", "ListContainers", "ContainerStatus", "ListPodSandbox, containerd directly", "ListContainers, containerd directly"} {
-			f, ok := calls[name]
-			if !ok {
-				continue
-			}
-			xs, err := timeCalls(o.listCalls, f)
+		calls = append(calls,
+			call{"ListPodSandbox, containerd directly", true, func() error {
+				_, err := e.ctrdRT.ListPodSandbox(bg, &runtimeapi.ListPodSandboxRequest{})
+				return err
+			}},
+			call{"ListContainers, containerd directly", true, func() error {
+				_, err := e.ctrdRT.ListContainers(bg, &runtimeapi.ListContainersRequest{})
+				return err
+			}})
+		for _, c := range calls {
+			name := c.name
+			xs, err := timeCalls(o.listCalls, c.f)
 			if err != nil {
 				return fmt.Errorf("%s: %w", name, err)
 			}
 			s := summarize(xs)
 			res.Details.CRI = append(res.Details.CRI, CRIRow{Call: name, Pods: target, Summary: s})
-			if target == 200 && s.P99 > res.ListP99Ms200 && strings.HasPrefix(name, "List") && !strings.Contains(name, "containerd") {
+			if target == 200 && s.P99 > res.ListP99Ms200 && strings.HasPrefix(name, "List") && !c.upstream {
 				res.ListP99Ms200 = round(s.P99, 3)
 			}
 		}
@@ -786,7 +788,6 @@ func fileSize(p string) int64 {
 	return fi.Size()
 }
 
-// startSteps reads the timings of "unikernel VM started" lines logged after offset.
 // startSteps collects the daemon's logged step times of the starts after
 // offset in its log, keyed "<message>/<field>".
 func startSteps(path string, offset int64) map[string][]float64 {
@@ -826,8 +827,8 @@ func (e *env) profileDaemon(secs int) chan struct{} {
 	if out := os.Getenv("UNILET_BENCH_PERF"); out != "" { // the whole host: perf report -i FILE --sort comm
 		perf := exec.Command("perf", "record", "-a", "-g", "-o", out, "--", "sleep", strconv.Itoa(secs))
 		if err := perf.Start(); err == nil {
-			time.Sleep(200 * time.Millisecond)
-			defer func() { go func() { _ = perf.Wait(); log.Printf("host perf profile of the burst: %s", out) }() }()
+			go func() { _ = perf.Wait(); log.Printf("host perf profile of the burst: %s", out) }()
+			time.Sleep(200 * time.Millisecond) // perf is recording before the burst
 		}
 	}
 	done := make(chan struct{})
@@ -836,16 +837,9 @@ func (e *env) profileDaemon(secs int) chan struct{} {
 		close(done)
 		return done
 	}
-	started := make(chan struct{})
 	go func() {
 		defer close(done)
-		req, err := http.NewRequest(http.MethodGet, fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", addr, secs), nil)
-		if err != nil {
-			close(started)
-			return
-		}
-		close(started)
-		resp, err := http.DefaultClient.Do(req)
+		resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", addr, secs))
 		if err != nil {
 			log.Printf("daemon profile: %v", err)
 			return
@@ -856,7 +850,6 @@ func (e *env) profileDaemon(secs int) chan struct{} {
 			log.Printf("daemon CPU profile of the %ds burst window: %s", secs, out)
 		}
 	}()
-	<-started
 	time.Sleep(50 * time.Millisecond) // the request reaches the daemon before the burst
 	return done
 }

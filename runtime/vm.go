@@ -117,7 +117,8 @@ func StartVM(spec VMSpec) (*VM, error) {
 	// QEMU connects its QMP monitor to this listener (see waitQMP).
 	qmp, err := listenQMP(spec.Machine.QMPSocket)
 	if err != nil {
-		closeAll(append(taps, stdinR, stdinW, stdout, stdoutW))
+		closeAll(taps)
+		closeAll([]*os.File{stdinR, stdinW, stdout, stdoutW})
 		v.cleanupFiles()
 		return nil, err
 	}

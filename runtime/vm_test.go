@@ -46,6 +46,15 @@ func bootSpec(t *testing.T, kernel string, args ...string) VMSpec {
 	}
 }
 
+// waitLog waits (up to 20 s) until the log at path holds want.
+func waitLog(t *testing.T, path, want string, msgAndArgs ...any) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		b, _ := os.ReadFile(path)
+		return strings.Contains(string(b), want)
+	}, 20*time.Second, 20*time.Millisecond, msgAndArgs...)
+}
+
 func TestVMBootsAndLogsConsole(t *testing.T) {
 	k := testKernel(t)
 	spec := bootSpec(t, k, "hello", "big world")
@@ -75,10 +84,7 @@ func TestVMStopKillsAfterTimeout(t *testing.T) {
 	spec := bootSpec(t, k, "tick=20", "ignore-acpi")
 	vm, err := StartVM(spec)
 	require.NoError(t, err)
-	require.Eventually(t, func() bool {
-		b, _ := os.ReadFile(spec.LogPath)
-		return strings.Contains(string(b), "tick 3\n")
-	}, 20*time.Second, 20*time.Millisecond)
+	waitLog(t, spec.LogPath, "tick 3\n")
 	start := time.Now()
 	st := vm.Stop(300 * time.Millisecond)
 	require.Less(t, time.Since(start), 5*time.Second)
@@ -234,16 +240,10 @@ func TestVMReopenLog(t *testing.T) {
 	vm, err := StartVM(spec)
 	require.NoError(t, err)
 	defer vm.Kill()
-	require.Eventually(t, func() bool {
-		b, _ := os.ReadFile(spec.LogPath)
-		return strings.Contains(string(b), "tick 3\n")
-	}, 20*time.Second, 20*time.Millisecond)
+	waitLog(t, spec.LogPath, "tick 3\n")
 	require.NoError(t, os.Rename(spec.LogPath, spec.LogPath+".1"))
 	require.NoError(t, vm.ReopenLog())
-	require.Eventually(t, func() bool {
-		b, _ := os.ReadFile(spec.LogPath)
-		return strings.Contains(string(b), "stdout F tick")
-	}, 20*time.Second, 20*time.Millisecond, "new console lines must go to the reopened file")
+	waitLog(t, spec.LogPath, "stdout F tick", "new console lines must go to the reopened file")
 	vm.Stop(0)
 	old, _ := os.ReadFile(spec.LogPath + ".1")
 	cur, _ := os.ReadFile(spec.LogPath)
@@ -264,10 +264,7 @@ func TestVMAttachEchoAndDetach(t *testing.T) {
 	vm, err := StartVM(spec)
 	require.NoError(t, err)
 	defer vm.Kill()
-	require.Eventually(t, func() bool {
-		b, _ := os.ReadFile(spec.LogPath)
-		return strings.Contains(string(b), "echo: ready")
-	}, 20*time.Second, 20*time.Millisecond, "the guest must be reading its console before we type")
+	waitLog(t, spec.LogPath, "echo: ready", "the guest must be reading its console before we type")
 
 	// Two sessions watch; the first types, then detaches with Ctrl-].
 	inR, inW := io.Pipe()
@@ -314,10 +311,7 @@ func TestVMGracefulStop(t *testing.T) {
 	spec := bootSpec(t, k, "tick=50")
 	vm, err := StartVM(spec)
 	require.NoError(t, err)
-	require.Eventually(t, func() bool {
-		b, _ := os.ReadFile(spec.LogPath)
-		return strings.Contains(string(b), "tick 2\n")
-	}, 20*time.Second, 20*time.Millisecond)
+	waitLog(t, spec.LogPath, "tick 2\n")
 	start := time.Now()
 	st := vm.Stop(10 * time.Second)
 	require.Less(t, time.Since(start), 5*time.Second, "a guest that honours ACPI power-off must not wait for the timeout")
@@ -369,10 +363,7 @@ func TestVMMicrovmTimerAndConsoleInterrupts(t *testing.T) {
 	vm2, err := StartVM(spec)
 	require.NoError(t, err)
 	defer vm2.Kill()
-	require.Eventually(t, func() bool {
-		b, _ := os.ReadFile(spec.LogPath)
-		return strings.Contains(string(b), "echo: ready")
-	}, 20*time.Second, 20*time.Millisecond)
+	waitLog(t, spec.LogPath, "echo: ready")
 	var out syncBuffer
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
