@@ -62,7 +62,8 @@ func newTestRouter(t *testing.T, withUpstream bool) (*Router, *fakeUpstream) {
 	store, err := image.Open(t.TempDir(), nil)
 	require.NoError(t, err)
 	t.Cleanup(func() { store.Close() })
-	svc := vm.New(vm.Config{QEMU: "/bin/false", Accel: "tcg", StateDir: t.TempDir()}, store, nil)
+	svc, err := vm.New(vm.Config{QEMU: "/bin/false", Accel: "tcg", StateDir: t.TempDir()}, store, nil)
+	require.NoError(t, err)
 	cfg := Config{Registries: []string{"unikraft.org"}}
 	var up *fakeUpstream
 	if withUpstream {
@@ -179,5 +180,5 @@ func TestNoUpstream(t *testing.T) {
 	_, err = r.StopContainer(context.Background(), &runtimeapi.StopContainerRequest{ContainerId: "nope"})
 	require.NoError(t, err)
 	_, err = r.ContainerStatus(context.Background(), &runtimeapi.ContainerStatusRequest{ContainerId: "nope"})
-	require.Equal(t, codes.NotFound, status.Code(err))
+	require.Equal(t, codes.NotFound, status.Code(ToGRPC(err)), "converted at the gRPC boundary (UnaryErrors)")
 }

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -41,6 +42,9 @@ func ProbeKVM(ctx context.Context, qemu string) error {
 	cmd := exec.CommandContext(ctx, qemu, "-machine", "pc,accel=kvm", "-cpu", "host", "-m", "16",
 		"-nographic", "-nodefaults", "-no-user-config", "-no-reboot", "-kernel", kernel,
 		"-serial", "stdio", "-fw_cfg", "name=etc/sercon-port,string=0")
+	// The probe's QEMU dies with the daemon (killed during start-up, it
+	// would otherwise run forever, paused in internal-error).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	var out, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &stderr
 	err = cmd.Run()

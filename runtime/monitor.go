@@ -12,10 +12,16 @@ import (
 
 // monitor owns a VM's single QMP connection (a QMP chardev serves one client
 // at a time): commands are serialised, and events are handed to onEvent.
+//
+// Every command carries an id and its reply is handed only to the caller
+// that sent that id: a reply arriving after its caller gave up is dropped,
+// never taken for the answer to the next command.
 type monitor struct {
 	conn    net.Conn
+	writeMu sync.Mutex
 	mu      sync.Mutex
-	replies chan qmpReply
+	seq     uint64
+	waiting map[uint64]chan qmpReply
 	onEvent func(name string)
 	closed  chan struct{}
 }
@@ -26,7 +32,8 @@ type qmpReply struct {
 		Class string `json:"class"`
 		Desc  string `json:"desc"`
 	} `json:"error"`
-	Event string `json:"event"`
+	Event string          `json:"event"`
+	ID    json.RawMessage `json:"id"`
 }
 
 // newMonitor reads QEMU's greeting on conn (until deadline), negotiates
@@ -47,7 +54,7 @@ func newMonitor(conn net.Conn, deadline time.Time, onEvent func(string)) (*monit
 		return nil, fmt.Errorf("unexpected QMP greeting %q", line)
 	}
 	_ = conn.SetReadDeadline(time.Time{})
-	m := &monitor{conn: conn, replies: make(chan qmpReply, 1), onEvent: onEvent, closed: make(chan struct{})}
+	m := &monitor{conn: conn, waiting: map[uint64]chan qmpReply{}, onEvent: onEvent, closed: make(chan struct{})}
 	go m.read(r)
 	// Generous: QEMU answers slowly while a node boots many VMs at once.
 	if _, err := m.execute("qmp_capabilities", 10*time.Second); err != nil {
@@ -74,9 +81,16 @@ func (m *monitor) read(r *bufio.Reader) {
 			}
 			continue
 		}
-		select {
-		case m.replies <- msg:
-		default: // nobody waits (timed out earlier): drop
+		var id uint64
+		if json.Unmarshal(msg.ID, &id) != nil {
+			continue // not an answer to one of ours
+		}
+		m.mu.Lock()
+		ch := m.waiting[id]
+		delete(m.waiting, id)
+		m.mu.Unlock()
+		if ch != nil { // nil: its caller gave up; the reply is dropped
+			ch <- msg
 		}
 	}
 }
@@ -84,21 +98,42 @@ func (m *monitor) read(r *bufio.Reader) {
 var errMonitorClosed = errors.New("QMP connection closed")
 
 func (m *monitor) execute(cmd string, timeout time.Duration) (json.RawMessage, error) {
+	ch := make(chan qmpReply, 1)
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	b, _ := json.Marshal(map[string]string{"execute": cmd})
-	if _, err := m.conn.Write(append(b, '\n')); err != nil {
+	m.seq++
+	id := m.seq
+	m.waiting[id] = ch
+	m.mu.Unlock()
+	forget := func() {
+		m.mu.Lock()
+		delete(m.waiting, id)
+		m.mu.Unlock()
+	}
+	b, _ := json.Marshal(struct {
+		Execute string `json:"execute"`
+		ID      uint64 `json:"id"`
+	}{cmd, id})
+	m.writeMu.Lock()
+	_ = m.conn.SetWriteDeadline(time.Now().Add(timeout))
+	_, err := m.conn.Write(append(b, '\n'))
+	m.writeMu.Unlock()
+	if err != nil {
+		forget()
 		return nil, fmt.Errorf("QMP %s: %w", cmd, err)
 	}
+	t := time.NewTimer(timeout)
+	defer t.Stop()
 	select {
-	case r := <-m.replies:
+	case r := <-ch:
 		if r.Error != nil {
 			return nil, fmt.Errorf("QMP %s: %s: %s", cmd, r.Error.Class, r.Error.Desc)
 		}
 		return r.Return, nil
 	case <-m.closed:
+		forget()
 		return nil, errMonitorClosed
-	case <-time.After(timeout):
+	case <-t.C:
+		forget()
 		return nil, fmt.Errorf("QMP %s: no reply within %s", cmd, timeout)
 	}
 }

@@ -93,7 +93,9 @@ func StartVM(spec VMSpec) (*VM, error) {
 	}
 	cmd := exec.Command(spec.QEMU, argv...)
 	cmd.Stderr = v.stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// QEMU never outlives its shim: a shim that dies (or is killed while a
+	// start is cancelled) takes its VM with it, so no VM runs unsupervised.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	stdout, stdoutW, err := consolePipe()
 	if err != nil {
 		v.cleanupFiles()

@@ -162,8 +162,11 @@ func run() error {
 		}
 		defer pool.Close()
 	}
-	svc := vm.New(vm.Config{QEMU: qemuPath, Accel: resolved, StateDir: stateDir, Version: version.Version, ShimBinary: shimPath,
+	svc, err := vm.New(vm.Config{QEMU: qemuPath, Accel: resolved, StateDir: stateDir, Version: version.Version, ShimBinary: shimPath,
 		Limits: limits, Network: network, NetNSDir: netnsDir, CgroupRoot: cgroupRoot, ShimPool: pool}, images, meta)
+	if err != nil {
+		return err
+	}
 	if err := svc.Load(); err != nil {
 		return fmt.Errorf("restore state from %s: %w", root, err)
 	}
@@ -206,7 +209,7 @@ func run() error {
 	if err := os.Chmod(sock, 0o600); err != nil {
 		return err
 	}
-	srv := grpc.NewServer(grpc.MaxRecvMsgSize(16 << 20))
+	srv := grpc.NewServer(grpc.MaxRecvMsgSize(16<<20), grpc.ChainUnaryInterceptor(cri.UnaryErrors))
 	runtimeapi.RegisterRuntimeServiceServer(srv, router)
 	runtimeapi.RegisterImageServiceServer(srv, router)
 

@@ -47,10 +47,12 @@ func (sr streamRuntime) Attach(ctx context.Context, id string, in io.Reader, out
 	if err != nil {
 		return err
 	}
-	go func() {
-		for range resize { // a serial console has no window size
-		}
-	}()
+	if resize != nil { // a serial console has no window size: drain
+		go func() {
+			for range resize {
+			}
+		}()
+	}
 	var w io.Writer
 	if out != nil {
 		w = out

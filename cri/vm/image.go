@@ -78,14 +78,13 @@ func (s *Service) ListImages(ctx context.Context, r *runtimeapi.ListImagesReques
 // RemoveImage removes a unikernel image; a missing image is not an error.
 func (s *Service) RemoveImage(ctx context.Context, r *runtimeapi.RemoveImageRequest) (*runtimeapi.RemoveImageResponse, error) {
 	ref := r.GetImage().GetImage()
-	s.mu.Lock()
-	for _, c := range s.containers {
-		if img, err := s.images.Get(ref); err == nil && c.image.ID == img.ID {
-			s.mu.Unlock()
-			return nil, errorf(codes.FailedPrecondition, "image %s is used by container %s; remove the container first", ref, c.id)
+	if img, err := s.images.Get(ref); err == nil {
+		for _, c := range s.containers.List() {
+			if c.Meta().Image.ID == img.ID {
+				return nil, errorf(codes.FailedPrecondition, "image %s is used by container %s; remove the container first", ref, c.ID())
+			}
 		}
 	}
-	s.mu.Unlock()
 	if _, err := s.images.Remove(ref); err != nil {
 		return nil, errorf(codes.Internal, "remove image: %v", err)
 	}

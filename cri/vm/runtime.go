@@ -28,8 +28,8 @@ func (s *Service) Status(ctx context.Context, r *runtimeapi.StatusRequest) (*run
 	}}}
 	if r.GetVerbose() {
 		resp.Info = map[string]string{"accel": s.cfg.Accel, "qemu": s.cfg.QEMU}
-		if s.cfg.ShimPool != nil { // idle pre-forked shims (refilled once starts pause)
-			resp.Info["shimPoolIdle"] = strconv.Itoa(s.cfg.ShimPool.Idle())
+		if n := s.vms.PoolIdle(); n >= 0 { // idle pre-forked shims (refilled once starts pause)
+			resp.Info["shimPoolIdle"] = strconv.Itoa(n)
 		}
 	}
 	return resp, nil

@@ -2,15 +2,18 @@ package vm
 
 import (
 	"context"
+	"sync"
 	"time"
 
 	"github.com/sirupsen/logrus"
 	"google.golang.org/grpc/codes"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/pkg/cgroups"
 	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
+	"github.com/unilet-dev/unilet/runtime/manager"
 )
 
 // usage is a VM's CPU and memory, from its cgroup (shim and QEMU together)
@@ -21,12 +24,15 @@ type usage struct {
 	memUsage, availableHint uint64
 }
 
-func (s *Service) usageOf(c *container) (usage, bool) {
-	if c.state != runtimeapi.ContainerState_CONTAINER_RUNNING || c.vm == nil {
+// usageOf reads c's usage: from its cgroup, else from its shim within
+// manager.StatsTimeout (a stuck shim gives no numbers, not a stuck call).
+func (s *Service) usageOf(ctx context.Context, c *container) (usage, bool) {
+	st := c.Status()
+	if st.State != store.ContainerRunning || st.vm == nil {
 		return usage{}, false
 	}
-	if c.cgroup != "" {
-		if cg, err := cgroups.Load(c.cgroup); err == nil {
+	if cgp := c.Meta().Cgroup; cgp != "" {
+		if cg, err := cgroups.Load(cgp); err == nil {
 			if st, err := cg.Stats(); err == nil {
 				u := usage{ts: st.Timestamp, cpu: st.CPUNanos, workingSet: st.WorkingSet, rss: st.RSS, memUsage: st.MemoryUsage}
 				if st.MemoryLimit > 0 && st.MemoryLimit < 1<<62 && st.MemoryLimit > st.WorkingSet {
@@ -36,11 +42,13 @@ func (s *Service) usageOf(c *container) (usage, bool) {
 			}
 		}
 	}
-	st, err := c.vm.Stats()
+	ctx, cancel := context.WithTimeout(ctx, manager.StatsTimeout)
+	defer cancel()
+	vs, err := st.vm.Stats(ctx)
 	if err != nil {
 		return usage{}, false
 	}
-	return usage{ts: st.Timestamp, cpu: st.CPUNanos, workingSet: st.RSSBytes, rss: st.RSSBytes, memUsage: st.RSSBytes}, true
+	return usage{ts: vs.Timestamp, cpu: vs.CPUNanos, workingSet: vs.RSSBytes, rss: vs.RSSBytes, memUsage: vs.RSSBytes}, true
 }
 
 func (u usage) cpuAPI() *runtimeapi.CpuUsage {
@@ -56,102 +64,109 @@ func (u usage) memAPI() *runtimeapi.MemoryUsage {
 	return m
 }
 
-func (s *Service) statsOf(c *container) *runtimeapi.ContainerStats {
-	out := &runtimeapi.ContainerStats{Attributes: &runtimeapi.ContainerAttributes{Id: c.id, Metadata: c.config.GetMetadata(),
-		Labels: c.config.GetLabels(), Annotations: c.config.GetAnnotations()}}
-	if u, ok := s.usageOf(c); ok {
+func (s *Service) statsOf(ctx context.Context, c *container) (*runtimeapi.ContainerStats, usage, bool) {
+	cfg := c.Meta().Config
+	out := &runtimeapi.ContainerStats{Attributes: &runtimeapi.ContainerAttributes{Id: c.ID(), Metadata: cfg.GetMetadata(),
+		Labels: cfg.GetLabels(), Annotations: cfg.GetAnnotations()}}
+	u, ok := s.usageOf(ctx, c)
+	if ok {
 		out.Cpu, out.Memory = u.cpuAPI(), u.memAPI()
 	}
-	return out
+	return out, u, ok
+}
+
+// statsAll reads the stats of cs concurrently (one slow shim delays a list
+// by at most manager.StatsTimeout).
+func (s *Service) statsAll(ctx context.Context, cs []*container) ([]*runtimeapi.ContainerStats, []usage, []bool) {
+	out, us, oks := make([]*runtimeapi.ContainerStats, len(cs)), make([]usage, len(cs)), make([]bool, len(cs))
+	var wg sync.WaitGroup
+	for i, c := range cs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			out[i], us[i], oks[i] = s.statsOf(ctx, c)
+		}()
+	}
+	wg.Wait()
+	return out, us, oks
 }
 
 // ContainerStats reports the CPU time and memory of the VM (its cgroup).
 func (s *Service) ContainerStats(ctx context.Context, r *runtimeapi.ContainerStatsRequest) (*runtimeapi.ContainerStatsResponse, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	c, err := s.currentLocked(r.GetContainerId())
+	c, err := s.getContainer(r.GetContainerId())
 	if err != nil {
 		return nil, err
 	}
-	return &runtimeapi.ContainerStatsResponse{Stats: s.statsOf(c)}, nil
+	st, _, _ := s.statsOf(ctx, c)
+	return &runtimeapi.ContainerStatsResponse{Stats: st}, nil
 }
 
 // ListContainerStats reports stats of the unikernel containers matching the filter.
 func (s *Service) ListContainerStats(ctx context.Context, r *runtimeapi.ListContainerStatsRequest) (*runtimeapi.ListContainerStatsResponse, error) {
 	f := r.GetFilter()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var out []*runtimeapi.ContainerStats
-	for _, c := range s.containers {
-		s.refresh(c)
-		if !c.matches(f.GetId(), f.GetPodSandboxId(), f.GetLabelSelector()) {
-			continue
+	var cs []*container
+	for _, c := range s.containers.List() {
+		if containerMatches(c, f.GetId(), f.GetPodSandboxId(), f.GetLabelSelector()) {
+			cs = append(cs, c)
 		}
-		out = append(out, s.statsOf(c))
 	}
+	out, _, _ := s.statsAll(ctx, cs)
 	return &runtimeapi.ListContainerStatsResponse{Stats: out}, nil
 }
 
-// podStatsLocked sums the pod's VMs and reads its NIC counters. Caller holds s.mu.
-func (s *Service) podStatsLocked(sb *sandbox) *runtimeapi.PodSandboxStats {
+// podStats sums the pod's VMs and reads its NIC counters.
+func (s *Service) podStats(ctx context.Context, sb *sandbox) *runtimeapi.PodSandboxStats {
 	now := time.Now()
 	linux := &runtimeapi.LinuxPodSandboxStats{}
 	var total usage
 	any := false
-	for _, c := range s.containers {
-		if c.sandboxID != sb.id {
-			continue
-		}
-		s.refresh(c)
-		st := s.statsOf(c)
+	stats, us, oks := s.statsAll(ctx, s.containersOf(sb.ID()))
+	for i, st := range stats {
 		linux.Containers = append(linux.Containers, st)
-		if u, ok := s.usageOf(c); ok {
+		if oks[i] {
 			any = true
-			total.cpu += u.cpu
-			total.workingSet += u.workingSet
-			total.rss += u.rss
-			total.memUsage += u.memUsage
+			total.cpu += us[i].cpu
+			total.workingSet += us[i].workingSet
+			total.rss += us[i].rss
+			total.memUsage += us[i].memUsage
 		}
 	}
 	total.ts = now
 	if any {
 		linux.Cpu, linux.Memory = total.cpuAPI(), total.memAPI()
 	}
-	if sb.netns != "" && sb.state == runtimeapi.PodSandboxState_SANDBOX_READY {
-		if ns, err := vmnet.InterfaceStats(sb.netns, cni.IfName); err == nil && ns != nil {
+	cfg, netnsPath := sb.Meta().Config, sb.Meta().NetNS
+	if netnsPath != "" && sb.Status().State == store.SandboxReady {
+		if ns, err := vmnet.InterfaceStats(netnsPath, cni.IfName); err == nil && ns != nil {
 			linux.Network = &runtimeapi.NetworkUsage{Timestamp: now.UnixNano(), DefaultInterface: &runtimeapi.NetworkInterfaceUsage{
 				Name: cni.IfName, RxBytes: &runtimeapi.UInt64Value{Value: ns.RxBytes}, RxErrors: &runtimeapi.UInt64Value{Value: ns.RxErrors},
 				TxBytes: &runtimeapi.UInt64Value{Value: ns.TxBytes}, TxErrors: &runtimeapi.UInt64Value{Value: ns.TxErrors}}}
 		} else if err != nil {
-			logrus.WithError(err).WithField("sandbox", sb.id).Debug("read pod NIC counters")
+			logrus.WithError(err).WithField("sandbox", sb.ID()).Debug("read pod NIC counters")
 		}
 	}
 	return &runtimeapi.PodSandboxStats{
-		Attributes: &runtimeapi.PodSandboxAttributes{Id: sb.id, Metadata: sb.config.GetMetadata(), Labels: sb.config.GetLabels(), Annotations: sb.config.GetAnnotations()},
+		Attributes: &runtimeapi.PodSandboxAttributes{Id: sb.ID(), Metadata: cfg.GetMetadata(), Labels: cfg.GetLabels(), Annotations: cfg.GetAnnotations()},
 		Linux:      linux,
 	}
 }
 
 // PodSandboxStats reports a unikernel pod's usage: the sum of its VMs' cgroups and its NIC.
 func (s *Service) PodSandboxStats(ctx context.Context, r *runtimeapi.PodSandboxStatsRequest) (*runtimeapi.PodSandboxStatsResponse, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	sb, err := s.sandboxLocked(r.GetPodSandboxId())
+	sb, err := s.getSandbox(r.GetPodSandboxId())
 	if err != nil {
 		return nil, err
 	}
-	return &runtimeapi.PodSandboxStatsResponse{Stats: s.podStatsLocked(sb)}, nil
+	return &runtimeapi.PodSandboxStatsResponse{Stats: s.podStats(ctx, sb)}, nil
 }
 
 // ListPodSandboxStats reports stats of the unikernel pods matching the filter.
 func (s *Service) ListPodSandboxStats(ctx context.Context, r *runtimeapi.ListPodSandboxStatsRequest) (*runtimeapi.ListPodSandboxStatsResponse, error) {
 	f := r.GetFilter()
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	var out []*runtimeapi.PodSandboxStats
-	for _, sb := range s.sandboxes {
-		if sb.matches(f.GetId(), f.GetLabelSelector()) {
-			out = append(out, s.podStatsLocked(sb))
+	for _, sb := range s.sandboxes.List() {
+		if sandboxMatches(sb, f.GetId(), f.GetLabelSelector()) {
+			out = append(out, s.podStats(ctx, sb))
 		}
 	}
 	return &runtimeapi.ListPodSandboxStatsResponse{Stats: out}, nil
@@ -162,9 +177,7 @@ func (s *Service) ListPodSandboxStats(ctx context.Context, r *runtimeapi.ListPod
 // limit that would no longer hold the guest is refused, and what cannot
 // change live is said in the log and the container's verbose status.
 func (s *Service) UpdateContainerResources(ctx context.Context, r *runtimeapi.UpdateContainerResourcesRequest) (*runtimeapi.UpdateContainerResourcesResponse, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	c, err := s.currentLocked(r.GetContainerId())
+	c, err := s.getContainer(r.GetContainerId())
 	if err != nil {
 		return nil, err
 	}
@@ -172,35 +185,46 @@ func (s *Service) UpdateContainerResources(ctx context.Context, r *runtimeapi.Up
 	if res == nil {
 		return nil, errorf(codes.InvalidArgument, "only Linux resources can be updated")
 	}
-	if l := res.GetMemoryLimitInBytes(); l > 0 && int(l>>20) < c.machine.MemoryMiB+s.cfg.Limits.OverheadMiB {
+	m := c.Meta()
+	if l := res.GetMemoryLimitInBytes(); l > 0 && int(l>>20) < m.Machine.MemoryMiB+s.cfg.Limits.OverheadMiB {
 		return nil, errorf(codes.FailedPrecondition,
 			"memory limit %d MiB is below the VM's %d MiB of guest RAM plus %d MiB VMM overhead; guest RAM is fixed at boot, so the limit cannot go below %dMi",
-			l>>20, c.machine.MemoryMiB, s.cfg.Limits.OverheadMiB, c.machine.MemoryMiB+s.cfg.Limits.OverheadMiB)
+			l>>20, m.Machine.MemoryMiB, s.cfg.Limits.OverheadMiB, m.Machine.MemoryMiB+s.cfg.Limits.OverheadMiB)
 	}
-	c.sizing.MemoryLimit, c.sizing.CPUQuota, c.sizing.CPUPeriod, c.sizing.CPUShares =
-		res.GetMemoryLimitInBytes(), res.GetCpuQuota(), res.GetCpuPeriod(), res.GetCpuShares()
-	if c.cgroup != "" && c.state == runtimeapi.ContainerState_CONTAINER_RUNNING {
-		cg, err := cgroups.Load(c.cgroup)
+	c.Lifecycle.Lock()
+	defer c.Lifecycle.Unlock()
+	sz := Sizing{MemoryMiB: m.Machine.MemoryMiB, VCPUs: m.Machine.VCPUs, MemoryLimit: res.GetMemoryLimitInBytes(),
+		CPUQuota: res.GetCpuQuota(), CPUPeriod: res.GetCpuPeriod(), CPUShares: res.GetCpuShares()}
+	// The cgroup first: the recorded sizes are only ever ones that hold.
+	if m.Cgroup != "" && c.Status().State == store.ContainerRunning {
+		cg, err := cgroups.Load(m.Cgroup)
 		if err != nil {
-			return nil, errorf(codes.Internal, "open the VM's cgroup %s: %v", c.cgroup, err)
+			return nil, errorf(codes.Internal, "open the VM's cgroup %s: %v", m.Cgroup, err)
 		}
-		if err := cg.Update(cgroups.Resources{MemoryLimit: c.sizing.MemoryLimit, CPUQuota: c.sizing.CPUQuota,
-			CPUPeriod: uint64(max(c.sizing.CPUPeriod, 0)), CPUShares: uint64(max(c.sizing.CPUShares, 0))}); err != nil {
-			return nil, errorf(codes.Internal, "update the VM's cgroup %s: %v", c.cgroup, err)
+		if err := cg.Update(cgroups.Resources{MemoryLimit: sz.MemoryLimit, CPUQuota: sz.CPUQuota,
+			CPUPeriod: uint64(max(sz.CPUPeriod, 0)), CPUShares: uint64(max(sz.CPUShares, 0))}); err != nil {
+			return nil, errorf(codes.Internal, "update the VM's cgroup %s: %v", m.Cgroup, err)
 		}
 	}
 	note := "cgroup limits updated; the VM keeps its boot-time guest RAM and vCPUs (a restart applies new sizes)"
-	c.warnings = appendOnce(c.warnings, note)
-	s.saveContainer(c)
-	logrus.WithFields(logrus.Fields{"sandbox": c.sandboxID, "container": c.id}).Info(note)
+	if err := c.Update(func(st containerStatus) (containerStatus, error) {
+		st.Sizing.MemoryLimit, st.Sizing.CPUQuota, st.Sizing.CPUPeriod, st.Sizing.CPUShares = sz.MemoryLimit, sz.CPUQuota, sz.CPUPeriod, sz.CPUShares
+		st.Warnings = appendOnce(st.Warnings, note)
+		return st, nil
+	}); err != nil {
+		return nil, err
+	}
+	logrus.WithFields(logrus.Fields{"sandbox": m.SandboxID, "container": c.ID()}).Info(note)
 	return &runtimeapi.UpdateContainerResourcesResponse{}, nil
 }
 
+// appendOnce returns list with s added unless present (a new slice: the
+// old one may be shared by a status copy).
 func appendOnce(list []string, s string) []string {
 	for _, v := range list {
 		if v == s {
 			return list
 		}
 	}
-	return append(list, s)
+	return append(append([]string(nil), list...), s)
 }

@@ -830,8 +830,8 @@ func TestShimDiedWhileDaemonDown(t *testing.T) {
 	d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
 	d.crash()
 	require.NoError(t, exec.Command("pkill", "-9", "-f", "unilet-shim --dir "+d.stateDir).Run())
-	time.Sleep(200 * time.Millisecond)
-	require.Len(t, qemuProcesses(t, d.stateDir), 1, "QEMU outlives its killed shim")
+	require.Eventually(t, func() bool { return len(qemuProcesses(t, d.stateDir)) == 0 }, 5*time.Second, 20*time.Millisecond,
+		"QEMU dies with its killed shim (parent-death signal): no VM runs unsupervised, even while the daemon is down")
 	d.start()
 	in := d.inspect(ctr)
 	require.Equal(t, "CONTAINER_EXITED", in.Status.State)

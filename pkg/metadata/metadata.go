@@ -2,25 +2,41 @@
 // containers (bbolt under --root). Records are JSON; CRI configs inside them
 // are kept as protobuf bytes by the caller. It is what lets ID-only CRI calls
 // be routed, and exit statuses be reported, across daemon restarts.
+//
+// The file is never trusted to be intact: a database bbolt cannot read (a
+// torn or corrupted page, a zero-length file) is moved aside with a loud
+// error and a fresh one is started (Recovered says so, and the caller
+// rebuilds what it can); a record the caller cannot decode is moved to a
+// quarantine bucket, kept for the operator, and skipped.
 package metadata
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"time"
 
+	"github.com/sirupsen/logrus"
 	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
 )
 
 var (
 	bucketSandboxes  = []byte("sandboxes")
 	bucketContainers = []byte("containers")
+	bucketQuarantine = []byte("quarantine")
 )
 
+// FileName is the database's name in its directory.
+const FileName = "meta.db"
+
 // Store is the metadata database.
-type Store struct{ db *bolt.DB }
+type Store struct {
+	db        *bolt.DB
+	recovered string
+}
 
 // Open opens (creating) the database in dir.
 func Open(dir string) (*Store, error) { return open(dir, 5*time.Second) }
@@ -32,12 +48,55 @@ func open(dir string, lockTimeout time.Duration) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	db, err := bolt.Open(filepath.Join(dir, "meta.db"), 0o600, &bolt.Options{Timeout: lockTimeout})
+	path := filepath.Join(dir, FileName)
+	reason := ""
+	if fi, err := os.Stat(path); err == nil && fi.Size() == 0 {
+		reason = "the file is empty (zero length)"
+	}
+	if reason == "" {
+		db, err := openChecked(path, lockTimeout)
+		if errors.Is(err, bolterrors.ErrTimeout) {
+			return nil, fmt.Errorf("open metadata store (is another unilet running on this --root?): %w", err)
+		}
+		if err == nil {
+			return &Store{db: db}, nil
+		}
+		reason = err.Error()
+	}
+	aside := fmt.Sprintf("%s.corrupt-%s", path, time.Now().UTC().Format("20060102T150405Z"))
+	if err := os.Rename(path, aside); err != nil {
+		return nil, fmt.Errorf("metadata store %s is corrupted (%s) and cannot be moved aside: %w", path, reason, err)
+	}
+	logrus.WithFields(logrus.Fields{"path": path, "movedTo": aside, "problem": reason}).Error(
+		"the metadata store is corrupted: moved it aside and starting a new one; unilet rebuilds what it can from the running VMs. " +
+			"Pods whose VMs were not running are no longer known to this node (kubelet recreates them)")
+	db, err := openChecked(path, lockTimeout)
 	if err != nil {
-		return nil, fmt.Errorf("open metadata store (is another unilet running on this --root?): %w", err)
+		return nil, fmt.Errorf("open a new metadata store: %w", err)
+	}
+	return &Store{db: db, recovered: fmt.Sprintf("%s (old file kept as %s)", reason, aside)}, nil
+}
+
+// openChecked opens the file and proves every page readable: bbolt panics
+// on some corruptions, which is turned into an error here.
+func openChecked(path string, lockTimeout time.Duration) (db *bolt.DB, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			if db != nil {
+				_ = db.Close()
+			}
+			db, err = nil, fmt.Errorf("unreadable database: %v", p)
+		}
+	}()
+	db, err = bolt.Open(path, 0o600, &bolt.Options{Timeout: lockTimeout})
+	if err != nil {
+		return nil, err
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketSandboxes, bucketContainers} {
+		for e := range tx.Check() {
+			return fmt.Errorf("consistency check: %w", e)
+		}
+		for _, b := range [][]byte{bucketSandboxes, bucketContainers, bucketQuarantine} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -45,11 +104,15 @@ func open(dir string, lockTimeout time.Duration) (*Store, error) {
 		return nil
 	})
 	if err != nil {
-		db.Close()
+		_ = db.Close()
 		return nil, err
 	}
-	return &Store{db: db}, nil
+	return db, nil
 }
+
+// Recovered is non-empty when Open found the database corrupted and started
+// a new one; it says what was wrong and where the old file went.
+func (s *Store) Recovered() string { return s.recovered }
 
 // Close closes the database.
 func (s *Store) Close() error { return s.db.Close() }
@@ -66,10 +129,76 @@ func (s *Store) del(bucket []byte, id string) error {
 	return s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucket).Delete([]byte(id)) })
 }
 
-func (s *Store) each(bucket []byte, fn func(v []byte) error) error {
-	return s.db.View(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucket).ForEach(func(k, v []byte) error { return fn(v) })
+// each calls fn with copies of every key and value (fn may write to the
+// store). A page bbolt cannot read ends the walk with an error.
+func (s *Store) each(bucket []byte, fn func(k, v []byte) error) (err error) {
+	type kv struct{ k, v []byte }
+	var all []kv
+	func() {
+		defer func() {
+			if p := recover(); p != nil {
+				err = fmt.Errorf("read %s: unreadable page: %v", bucket, p)
+			}
+		}()
+		err = s.db.View(func(tx *bolt.Tx) error {
+			return tx.Bucket(bucket).ForEach(func(k, v []byte) error {
+				all = append(all, kv{append([]byte(nil), k...), append([]byte(nil), v...)})
+				return nil
+			})
+		})
+	}()
+	if err != nil {
+		return err
+	}
+	for _, e := range all {
+		if err := fn(e.k, e.v); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Quarantined is a record moved out of the way because it could not be used.
+type Quarantined struct {
+	Bucket string          `json:"bucket"`
+	Key    string          `json:"key"`
+	Reason string          `json:"reason"`
+	At     time.Time       `json:"at"`
+	Raw    json.RawMessage `json:"raw,omitempty"`
+	Bytes  []byte          `json:"bytes,omitempty"` // the record when it is not JSON
+}
+
+func (s *Store) quarantine(bucket []byte, key, raw []byte, reason string) error {
+	q := Quarantined{Bucket: string(bucket), Key: string(key), Reason: reason, At: time.Now().UTC()}
+	if json.Valid(raw) {
+		q.Raw = raw
+	} else {
+		q.Bytes = raw
+	}
+	b, err := json.Marshal(q)
+	if err != nil {
+		return err
+	}
+	qkey := fmt.Sprintf("%s/%s/%d", bucket, key, time.Now().UnixNano())
+	return s.db.Update(func(tx *bolt.Tx) error {
+		if err := tx.Bucket(bucketQuarantine).Put([]byte(qkey), b); err != nil {
+			return err
+		}
+		return tx.Bucket(bucket).Delete(key)
 	})
+}
+
+// Quarantine lists the quarantined records.
+func (s *Store) Quarantine() ([]Quarantined, error) {
+	var out []Quarantined
+	err := s.each(bucketQuarantine, func(_, v []byte) error {
+		var q Quarantined
+		if json.Unmarshal(v, &q) == nil {
+			out = append(out, q)
+		}
+		return nil
+	})
+	return out, err
 }
 
 // PutSandbox stores a sandbox record under id.
@@ -78,8 +207,13 @@ func (s *Store) PutSandbox(id string, v any) error { return s.put(bucketSandboxe
 // DeleteSandbox removes a sandbox record.
 func (s *Store) DeleteSandbox(id string) error { return s.del(bucketSandboxes, id) }
 
-// EachSandbox calls fn with every sandbox record.
-func (s *Store) EachSandbox(fn func(v []byte) error) error { return s.each(bucketSandboxes, fn) }
+// EachSandbox calls fn with every sandbox record and its key.
+func (s *Store) EachSandbox(fn func(k, v []byte) error) error { return s.each(bucketSandboxes, fn) }
+
+// QuarantineSandbox moves the sandbox record under key to the quarantine.
+func (s *Store) QuarantineSandbox(key, raw []byte, reason string) error {
+	return s.quarantine(bucketSandboxes, key, raw, reason)
+}
 
 // PutContainer stores a container record under id.
 func (s *Store) PutContainer(id string, v any) error { return s.put(bucketContainers, id, v) }
@@ -87,5 +221,10 @@ func (s *Store) PutContainer(id string, v any) error { return s.put(bucketContai
 // DeleteContainer removes a container record.
 func (s *Store) DeleteContainer(id string) error { return s.del(bucketContainers, id) }
 
-// EachContainer calls fn with every container record.
-func (s *Store) EachContainer(fn func(v []byte) error) error { return s.each(bucketContainers, fn) }
+// EachContainer calls fn with every container record and its key.
+func (s *Store) EachContainer(fn func(k, v []byte) error) error { return s.each(bucketContainers, fn) }
+
+// QuarantineContainer moves the container record under key to the quarantine.
+func (s *Store) QuarantineContainer(key, raw []byte, reason string) error {
+	return s.quarantine(bucketContainers, key, raw, reason)
+}

@@ -2,6 +2,9 @@ package metadata
 
 import (
 	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -12,9 +15,9 @@ type rec struct {
 	State int    `json:"state"`
 }
 
-func collect(t *testing.T, each func(func([]byte) error) error) []rec {
+func collect(t *testing.T, each func(func(k, v []byte) error) error) []rec {
 	var out []rec
-	require.NoError(t, each(func(v []byte) error {
+	require.NoError(t, each(func(_, v []byte) error {
 		var r rec
 		require.NoError(t, json.Unmarshal(v, &r))
 		out = append(out, r)
@@ -44,4 +47,65 @@ func TestStorePersistsAcrossReopen(t *testing.T) {
 	// A second daemon on the same root is refused with a clear error, not a hang.
 	_, err = openWithTimeout(dir)
 	require.ErrorContains(t, err, "another unilet")
+}
+
+// corruptions a node can meet: a zero-length file, garbage over the data
+// pages (bbolt panics reading them: "invalid freelist page" and the like),
+// garbage over both meta pages.
+func TestCorruptedDatabaseIsMovedAside(t *testing.T) {
+	for name, damage := range map[string]func(path string){
+		"empty":      func(p string) { require.NoError(t, os.Truncate(p, 0)) },
+		"data pages": func(p string) { scribble(t, p, 2*4096, 6*4096) },
+		"meta pages": func(p string) { scribble(t, p, 0, 2*4096) },
+		"every page": func(p string) { fi, _ := os.Stat(p); scribble(t, p, 0, int(fi.Size())) },
+	} {
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			s, err := Open(dir)
+			require.NoError(t, err)
+			for i := 0; i < 200; i++ {
+				require.NoError(t, s.PutContainer(fmt.Sprintf("c%03d", i), rec{ID: fmt.Sprint(i), State: i}))
+			}
+			require.Empty(t, s.Recovered())
+			require.NoError(t, s.Close())
+			damage(filepath.Join(dir, FileName))
+
+			s, err = Open(dir)
+			require.NoError(t, err, "a corrupted database must not stop the daemon")
+			defer s.Close()
+			require.NotEmpty(t, s.Recovered())
+			aside, _ := filepath.Glob(filepath.Join(dir, FileName+".corrupt-*"))
+			require.Len(t, aside, 1, "the damaged file is kept for the operator")
+			require.Empty(t, collect(t, s.EachContainer))
+			require.NoError(t, s.PutContainer("new", rec{ID: "new"}), "the new store works")
+		})
+	}
+}
+
+func scribble(t *testing.T, path string, from, to int) {
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	require.NoError(t, err)
+	defer f.Close()
+	b := make([]byte, to-from)
+	for i := range b {
+		b[i] = byte(i*7 + 3)
+	}
+	_, err = f.WriteAt(b, int64(from))
+	require.NoError(t, err)
+}
+
+func TestQuarantineMovesARecordAside(t *testing.T) {
+	s, err := Open(t.TempDir())
+	require.NoError(t, err)
+	defer s.Close()
+	require.NoError(t, s.PutContainer("good", rec{ID: "good"}))
+	require.NoError(t, s.PutContainer("bad", rec{ID: "bad"}))
+	require.NoError(t, s.QuarantineContainer([]byte("bad"), []byte("{not json"), "undecodable"))
+	require.Equal(t, []rec{{ID: "good"}}, collect(t, s.EachContainer))
+	q, err := s.Quarantine()
+	require.NoError(t, err)
+	require.Len(t, q, 1)
+	require.Equal(t, "containers", q[0].Bucket)
+	require.Equal(t, "bad", q[0].Key)
+	require.Equal(t, []byte("{not json"), q[0].Bytes)
 }

@@ -3,16 +3,18 @@ package shim
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
+	"sync"
 	"syscall"
 	"time"
 
 	"github.com/containerd/ttrpc"
+	"golang.org/x/sys/unix"
 
 	"github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/shim/api"
@@ -27,6 +29,10 @@ type Client struct {
 	// Spawn is how long Launch waited from exec to the shim's first answer,
 	// Boot how long its Start RPC took (QEMU spawn to QMP ready).
 	Spawn, Boot time.Duration
+
+	pidMu   sync.Mutex
+	pidfd   int // pins the shim process (-1: none)
+	peerPid int
 }
 
 // Launch writes spec into dir, starts `shimBinary --dir dir` detached (own
@@ -120,25 +126,51 @@ func startVM(ctx context.Context, c *Client, dir string, exited <-chan error, ki
 	return c, nil
 }
 
-// Connect dials the shim of dir.
+// Connect dials the shim of dir. The shim's process is pinned (a pidfd
+// of the socket's peer), so KillShim can never hit a recycled PID.
 func Connect(dir string) (*Client, error) {
 	conn, err := net.Dial("unix", filepath.Join(dir, SocketFile))
 	if err != nil {
 		return nil, err
 	}
 	tc := ttrpc.NewClient(conn)
-	return &Client{ShimClient: api.NewShimClient(tc), conn: conn, tc: tc, Dir: dir}, nil
+	c := &Client{ShimClient: api.NewShimClient(tc), conn: conn, tc: tc, Dir: dir, pidfd: -1}
+	if uc, ok := conn.(*net.UnixConn); ok {
+		if raw, err := uc.SyscallConn(); err == nil {
+			_ = raw.Control(func(fd uintptr) {
+				if cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil && cred.Pid > 1 {
+					if pfd, err := unix.PidfdOpen(int(cred.Pid), 0); err == nil {
+						c.pidfd, c.peerPid = pfd, int(cred.Pid)
+					}
+				}
+			})
+		}
+	}
+	return c, nil
 }
 
 // Close closes the connection (the shim and VM go on).
-func (c *Client) Close() error { return c.tc.Close() }
-
-// KillIfQEMU kills pid only if it is the QEMU that serves qmpSocket (so a
-// recycled pid is never hit).
-func KillIfQEMU(pid int, qmpSocket string) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	if err != nil || !strings.Contains(string(b), qmpSocket) {
-		return
+func (c *Client) Close() error {
+	c.pidMu.Lock()
+	if c.pidfd >= 0 {
+		_ = unix.Close(c.pidfd)
+		c.pidfd = -1
 	}
-	_ = syscall.Kill(pid, syscall.SIGKILL)
+	c.pidMu.Unlock()
+	return c.tc.Close()
 }
+
+// ShimPid is the PID of the shim serving this connection (0: unknown).
+func (c *Client) ShimPid() int { return c.peerPid }
+
+// KillShim sends SIGKILL to the shim process serving this connection (a
+// stuck shim that answers nothing); its QEMU dies with it.
+func (c *Client) KillShim() error {
+	c.pidMu.Lock()
+	defer c.pidMu.Unlock()
+	if c.pidfd < 0 {
+		return errors.New("the shim's process is not known")
+	}
+	return unix.PidfdSendSignal(c.pidfd, unix.SIGKILL, nil, 0)
+}
+

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"path/filepath"
 	"sync"
 	"time"
 
@@ -13,45 +12,62 @@ import (
 	"github.com/unilet-dev/unilet/runtime/shim/api"
 )
 
-// Handle is the daemon's view of a VM run by a shim; it offers the same
-// surface as runtime.VM so the CRI service does not care where QEMU lives.
+// Handle is the daemon's view of a VM run by a shim. Every call takes a
+// context: the caller gives each one a deadline, so a stuck shim fails its
+// own calls with DeadlineExceeded and holds up nothing else.
 type Handle struct {
-	c         *Client
 	pid       int
 	startedAt time.Time
+	dir       string
 	done      chan struct{}
 	mu        sync.Mutex
+	c         *Client
 	exit      runtime.ExitStatus
 	closed    bool
 }
 
+// startPollInterval is how often NewHandle asks a shim whose Start is in
+// flight whether the VM runs yet.
+const startPollInterval = 50 * time.Millisecond
+
 // NewHandle wraps a connected client and starts watching for the VM's end.
-func NewHandle(c *Client) (*Handle, error) {
-	st, err := c.State(context.Background(), &api.StateRequest{})
+// A Start in flight (the daemon died during StartContainer) is waited for
+// until ctx ends.
+func NewHandle(ctx context.Context, c *Client) (*Handle, error) {
+	st, err := c.State(ctx, &api.StateRequest{})
+	for err == nil && st.Pid == 0 && st.Starting {
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("the shim in %s is still starting its VM: %w", c.Dir, ctx.Err())
+		case <-time.After(startPollInterval):
+		}
+		st, err = c.State(ctx, &api.StateRequest{})
+	}
 	if err != nil {
 		return nil, err
 	}
-	// A Start may be in flight (the daemon died during StartContainer): let it finish.
-	for deadline := time.Now().Add(20 * time.Second); st.Pid == 0 && st.Starting && time.Now().Before(deadline); {
-		time.Sleep(50 * time.Millisecond)
-		if st, err = c.State(context.Background(), &api.StateRequest{}); err != nil {
-			return nil, err
-		}
-	}
 	if st.Pid == 0 {
-		return nil, fmt.Errorf("the shim in %s never started its VM", c.Dir)
+		return nil, fmt.Errorf("the shim in %s never started its VM: %w", c.Dir, ErrNeverStarted)
 	}
-	h := &Handle{c: c, pid: int(st.Pid), startedAt: time.Unix(0, st.StartedAt), done: make(chan struct{})}
+	h := &Handle{c: c, dir: c.Dir, pid: int(st.Pid), startedAt: time.Unix(0, st.StartedAt), done: make(chan struct{})}
 	go h.watch()
 	return h, nil
 }
+
+// ErrNeverStarted marks a shim that is alive but never booted its VM.
+var ErrNeverStarted = errors.New("VM never started")
 
 func toExit(st *api.StateResponse) runtime.ExitStatus {
 	return runtime.ExitStatus{Code: st.ExitCode, Reason: st.Reason, Message: st.Message, FinishedAt: time.Unix(0, st.FinishedAt)}
 }
 
-// watch waits for the VM's end. If the shim itself dies, the exit recorded on
-// disk is used, else the VM is reported failed with a reason.
+// Reconnection attempts after the Wait stream broke (a shim that closed
+// its connection but lives on).
+const maxReconnects = 3
+
+// watch waits for the VM's end (a long poll without deadline: it holds no
+// lock). If the shim itself dies, the exit recorded on disk is used, else
+// the VM is reported failed with a reason.
 func (h *Handle) watch() {
 	var ex runtime.ExitStatus
 	for attempt := 0; ; attempt++ {
@@ -66,19 +82,28 @@ func (h *Handle) watch() {
 		if closed {
 			return // the daemon let go; the VM goes on
 		}
-		if c, cerr := Connect(h.c.Dir); cerr == nil && attempt < 3 {
-			h.mu.Lock()
-			h.c = c
-			h.mu.Unlock()
-			continue
+		if attempt < maxReconnects {
+			if c, cerr := Connect(h.dir); cerr == nil {
+				h.mu.Lock()
+				old := h.c
+				h.c = c
+				closedNow := h.closed
+				h.mu.Unlock()
+				_ = old.Close()
+				if closedNow {
+					_ = c.Close()
+					return
+				}
+				continue
+			}
 		}
-		if rec, ok := ReadExit(h.c.Dir); ok {
+		if rec, ok := ReadExit(h.dir); ok {
 			ex = rec
 		} else {
 			ex = runtime.ExitStatus{Code: 255, Reason: "ShimDied", FinishedAt: time.Now(),
 				Message: "the VM's supervisor (unilet-shim) died: " + err.Error()}
-			// Never leave a VM running without its supervisor.
-			KillIfQEMU(h.pid, filepath.Join(h.c.Dir, "qmp.sock"))
+			// QEMU dies with its shim (parent-death signal); make sure.
+			KillQEMU(h.pid, h.dir)
 		}
 		break
 	}
@@ -110,32 +135,52 @@ func (h *Handle) Pid() int { return h.pid }
 // StartedAt is when QEMU started.
 func (h *Handle) StartedAt() time.Time { return h.startedAt }
 
-// Stop powers the guest down, killing it after timeout.
-func (h *Handle) Stop(timeout time.Duration) runtime.ExitStatus {
-	_, _ = h.client().Kill(context.Background(), &api.KillRequest{TimeoutMs: timeout.Milliseconds()})
-	<-h.done
-	return h.Exit()
+// Stop powers the guest down, killing it after timeout, and returns its
+// exit. ctx bounds the whole call (give it more than timeout).
+func (h *Handle) Stop(ctx context.Context, timeout time.Duration) (runtime.ExitStatus, error) {
+	select {
+	case <-h.done:
+		return h.Exit(), nil
+	default:
+	}
+	if _, err := h.client().Kill(ctx, &api.KillRequest{TimeoutMs: timeout.Milliseconds()}); err != nil {
+		select {
+		case <-h.done: // the VM ended meanwhile (the shim may have gone with it)
+			return h.Exit(), nil
+		default:
+		}
+		return runtime.ExitStatus{}, fmt.Errorf("stop the VM: %w", err)
+	}
+	select {
+	case <-h.done:
+		return h.Exit(), nil
+	case <-ctx.Done():
+		return runtime.ExitStatus{}, fmt.Errorf("stop the VM: %w", ctx.Err())
+	}
 }
 
-// Kill ends the VM at once.
-func (h *Handle) Kill() { _, _ = h.client().Kill(context.Background(), &api.KillRequest{}) }
+// KillShim ends a shim that does not answer (SIGKILL to the process
+// pinned when it was connected); its QEMU dies with it, and the handle
+// reports the VM as ended once it notices.
+func (h *Handle) KillShim() error { return h.client().KillShim() }
 
 // ReopenLog asks the shim to reopen the CRI log.
-func (h *Handle) ReopenLog() error {
-	_, err := h.client().ReopenLog(context.Background(), &api.ReopenLogRequest{})
+func (h *Handle) ReopenLog(ctx context.Context) error {
+	_, err := h.client().ReopenLog(ctx, &api.ReopenLogRequest{})
 	return err
 }
 
 // Stats reports QEMU's usage.
-func (h *Handle) Stats() (runtime.Stats, error) {
-	s, err := h.client().Stats(context.Background(), &api.StatsRequest{})
+func (h *Handle) Stats(ctx context.Context) (runtime.Stats, error) {
+	s, err := h.client().Stats(ctx, &api.StatsRequest{})
 	if err != nil {
 		return runtime.Stats{}, err
 	}
 	return runtime.Stats{Timestamp: time.Unix(0, s.Timestamp), CPUNanos: s.CpuNanos, RSSBytes: s.RssBytes}, nil
 }
 
-// Attach runs one console session over the shim's ttrpc Attach stream.
+// Attach runs one console session over the shim's ttrpc Attach stream
+// until ctx ends, the client detaches or the VM ends.
 func (h *Handle) Attach(ctx context.Context, in io.Reader, out io.Writer) error {
 	select {
 	case <-h.done:
@@ -187,15 +232,17 @@ func (h *Handle) Attach(ctx context.Context, in io.Reader, out io.Writer) error 
 }
 
 // Release ends the shim of an exited VM and closes the connection.
-func (h *Handle) Release() {
-	_, _ = h.client().Shutdown(context.Background(), &api.ShutdownRequest{})
+func (h *Handle) Release(ctx context.Context) error {
+	_, err := h.client().Shutdown(ctx, &api.ShutdownRequest{})
 	_ = h.Close()
+	return err
 }
 
 // Close drops the connection; the shim and VM go on.
 func (h *Handle) Close() error {
 	h.mu.Lock()
 	h.closed = true
+	c := h.c
 	h.mu.Unlock()
-	return h.client().Close()
+	return c.Close()
 }

@@ -243,8 +243,11 @@ func (p *Pool) Take() *Idle {
 // Pid is the shim's process ID.
 func (i *Idle) Pid() int { return i.s.pid }
 
-// Discard ends the idle shim.
+// Discard ends the idle shim (nil: nothing to do).
 func (i *Idle) Discard() {
+	if i == nil {
+		return
+	}
 	i.release()
 	i.p.discard(i.s)
 }

@@ -234,7 +234,7 @@ func TestPoolAdoptsIdleShims(t *testing.T) {
 	// An ordinary shim now: found by its VM directory.
 	c2, err := Connect(vmDir)
 	require.NoError(t, err)
-	h, err := NewHandle(c2)
+	h, err := NewHandle(context.Background(), c2)
 	require.NoError(t, err)
 	require.Eventually(t, func() bool { return p.Idle() == 2 }, 15*time.Second, 10*time.Millisecond, "the pool refills")
 	// A second pool on the same directory (a restarted daemon) ends the idle ones.
@@ -247,8 +247,10 @@ func TestPoolAdoptsIdleShims(t *testing.T) {
 		left := pids(t, "unilet-shim --pool-dir "+poolDir)
 		return len(left) == 2 // the adopted VM shim and the new idle one
 	}, 15*time.Second, 20*time.Millisecond)
-	require.Equal(t, int32(137), h.Stop(0).Code, "killed at once")
-	h.Release()
+	ex, err := h.Stop(context.Background(), 0)
+	require.NoError(t, err)
+	require.Equal(t, int32(137), ex.Code, "killed at once")
+	require.NoError(t, h.Release(context.Background()))
 	p2.Close()
 	require.Eventually(t, func() bool { return len(pids(t, "unilet-shim --pool-dir "+poolDir)) == 0 }, 10*time.Second, 20*time.Millisecond)
 	b, err := os.ReadFile(filepath.Join(vmDir, LogFile))

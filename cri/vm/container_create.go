@@ -1,0 +1,228 @@
+package vm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"google.golang.org/grpc/codes"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/unilet-dev/unilet/cri/store"
+	"github.com/unilet-dev/unilet/image"
+	"github.com/unilet-dev/unilet/runtime"
+)
+
+// CreateContainer turns the container config into a VM spec (kernel command
+// line validated now, so a bad pod fails here with InvalidArgument). The
+// checks against the pod (ready, name unique, one VM) and the insertion
+// happen under the sandbox's lock, so two creates cannot both pass them.
+func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateContainerRequest) (*runtimeapi.CreateContainerResponse, error) {
+	cfg := r.GetConfig()
+	if cfg == nil || cfg.GetMetadata() == nil || cfg.GetMetadata().GetName() == "" {
+		return nil, errorf(codes.InvalidArgument, "container config with a metadata name is required")
+	}
+	if cfg.GetImage().GetImage() == "" {
+		return nil, errorf(codes.InvalidArgument, "container %q has no image", cfg.GetMetadata().GetName())
+	}
+	img, err := s.images.Get(cfg.GetImage().GetImage())
+	if errors.Is(err, image.ErrNotFound) {
+		return nil, errorf(codes.NotFound, "unikernel image %q is not present on this node; pull it first", cfg.GetImage().GetImage())
+	}
+	if err != nil {
+		return nil, errorf(codes.Internal, "look up image: %v", err)
+	}
+	sb, err := s.getSandbox(r.GetPodSandboxId())
+	if err != nil {
+		return nil, err
+	}
+	id := newID()
+	meta, size, warnings, err := s.containerSpec(id, sb, cfg, img)
+	if err != nil {
+		return nil, err
+	}
+	log := logrus.WithFields(logrus.Fields{"sandbox": sb.ID(), "container": id, "image": cfg.GetImage().GetImage()})
+	for _, w := range warnings {
+		log.Warn(w)
+	}
+
+	sb.Lifecycle.Lock()
+	defer sb.Lifecycle.Unlock()
+	if sb.Status().State != store.SandboxReady {
+		return nil, errorf(codes.FailedPrecondition, "pod sandbox %s is not ready", sb.ID())
+	}
+	name := cfg.GetMetadata().GetName()
+	for _, c := range s.containersOf(sb.ID()) {
+		m := c.Meta().Config.GetMetadata()
+		if m.GetName() == name && m.GetAttempt() == cfg.GetMetadata().GetAttempt() {
+			return nil, errorf(codes.AlreadyExists, "container %q (attempt %d) already exists in pod %s as %s", m.GetName(), m.GetAttempt(), sb.ID(), c.ID())
+		}
+	}
+	if other := s.liveIn(sb.ID(), ""); other != nil {
+		return nil, errOneVM(sb.ID(), name, other)
+	}
+	// The staged shim's cgroup becomes this container's: no migration later.
+	staged := s.vms.Claim(sb.Meta().rt.staged, meta.Cgroup)
+	sb.Meta().rt.staged = nil
+	if _, err := s.containers.Add(id, meta, containerStatus{State: store.ContainerCreated, Sizing: size, Warnings: warnings, staged: staged}); err != nil {
+		staged.Discard()
+		s.vms.Cleanup(id, meta.Cgroup)
+		return nil, err
+	}
+	log.Debug("unikernel container created")
+	return &runtimeapi.CreateContainerResponse{ContainerId: id}, nil
+}
+
+// containerSpec builds the VM of a new container (pure but for the image
+// label and the host paths of volumes).
+func (s *Service) containerSpec(id string, sb *sandbox, cfg *runtimeapi.ContainerConfig, img *image.Image) (containerMeta, Sizing, []string, error) {
+	name := cfg.GetMetadata().GetName()
+	sbCfg := sb.Meta().Config
+	invalid := func(err error) (containerMeta, Sizing, []string, error) {
+		return containerMeta{}, Sizing{}, nil, errorf(codes.InvalidArgument, "container %q: %v", name, err)
+	}
+	tuning, err := ParseTuning(sbCfg.GetAnnotations(), s.cfg.Limits)
+	if err != nil {
+		return invalid(err)
+	}
+	minMiB := 0
+	if v := img.Labels[LabelMinMemory]; v != "" {
+		if minMiB, err = strconv.Atoi(v); err != nil {
+			logrus.WithFields(logrus.Fields{"image": img.ID, "label": v}).Warn("image label " + LabelMinMemory + " is not a number of MiB; ignored")
+			minMiB = 0
+		}
+	}
+	size, err := Size(cfg.GetLinux().GetResources(), tuning, minMiB, s.cfg.Limits)
+	if err != nil {
+		return invalid(err)
+	}
+	logPath, err := containerLogPath(sbCfg.GetLogDirectory(), cfg.GetLogPath())
+	if err != nil {
+		return invalid(err)
+	}
+	args := append(append([]string{}, cfg.GetCommand()...), cfg.GetArgs()...)
+	if len(args) == 0 {
+		args = img.Cmd
+	}
+	env := append([]string{}, img.Env...)
+	for _, kv := range cfg.GetEnvs() {
+		if kv.GetKey() == "" {
+			return invalid(errors.New("environment variable with an empty name"))
+		}
+		env = append(env, kv.GetKey()+"="+string(kv.GetValue()))
+	}
+	env = dedupEnv(env)
+	features := runtime.NewFeatures(img.Features)
+	vols, err := PlanVolumes(cfg.GetMounts(), features, img.Initrd != "", statDir, s.cfg.Limits)
+	if err != nil {
+		return invalid(err)
+	}
+	params := append([]string{}, tuning.LibParams...)
+	var warnings []string
+	var nics []runtime.NIC
+	if net := sb.Status().Net; net != nil {
+		nics = []runtime.NIC{{Tap: TapName, NetNS: sb.Meta().NetNS, MAC: sb.Status().MAC}}
+		if features.Has(FeatureNetdev) {
+			p, err := NetdevParam(net, sbCfg.GetHostname(), sbCfg.GetDnsConfig())
+			if err != nil {
+				return invalid(err)
+			}
+			params = append([]string{p}, params...)
+		} else {
+			warnings = append(warnings, "image lacks "+FeatureNetdev+"=y (no network stack): the guest is not told its pod IP")
+		}
+	}
+	line, cmdWarnings, err := runtime.BuildCmdline(runtime.GuestConfig{KernelName: img.Kernel, Params: params, Fstab: vols.Fstab,
+		Env: env, Args: args, Features: features})
+	var ce *runtime.CmdlineError
+	if errors.As(err, &ce) {
+		return invalid(err)
+	}
+	if err != nil {
+		return containerMeta{}, Sizing{}, nil, errorf(codes.Internal, "build guest command line: %v", err)
+	}
+	warnings = append(append(warnings, cmdWarnings...), vols.Warnings...)
+	machine := runtime.MachinePC
+	if tuning.Machine != "" {
+		machine = tuning.Machine
+	}
+	dir, err := s.vms.Dir(id)
+	if err != nil {
+		return containerMeta{}, Sizing{}, nil, err
+	}
+	md := sbCfg.GetMetadata()
+	meta := containerMeta{SandboxID: sb.ID(), Config: cfg, Image: img, ImageRef: cfg.GetImage().GetImage(), LogPath: logPath, CreatedAt: time.Now(),
+		Machine: runtime.MachineConfig{
+			Name:  fmt.Sprintf("%s_%s_%s", md.GetNamespace(), md.GetName(), name),
+			Accel: s.cfg.Accel, Machine: machine, MemoryMiB: size.MemoryMiB, VCPUs: size.VCPUs,
+			Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: line, QMPSocket: filepath.Join(dir, "qmp.sock"),
+			NICs: nics, Shares: vols.Shares,
+		}}
+	if err := meta.Machine.Validate(); err != nil {
+		return invalid(err)
+	}
+	if meta.Cgroup, err = s.vms.CgroupPath(sbCfg.GetLinux().GetCgroupParent(), id); err != nil {
+		return invalid(err)
+	}
+	return meta, size, warnings, nil
+}
+
+// containerLogPath is the CRI log file: the pod's log directory joined
+// with the container's relative log path, which may not leave it.
+func containerLogPath(dir, rel string) (string, error) {
+	if dir == "" || rel == "" {
+		return "", nil
+	}
+	if filepath.IsAbs(rel) || !insideDir(filepath.Join(dir, rel), dir) || filepath.Clean(filepath.Join(dir, rel)) == filepath.Clean(dir) {
+		return "", fmt.Errorf("log path %q must be a file below the pod's log directory", rel)
+	}
+	return filepath.Join(dir, rel), nil
+}
+
+// statDir reports whether a host path is a directory (following symlinks).
+func statDir(p string) (bool, error) {
+	fi, err := os.Stat(p)
+	if err != nil {
+		return false, err
+	}
+	return fi.IsDir(), nil
+}
+
+// liveIn returns a container of the sandbox (other than except) whose VM
+// runs or is starting; the caller holds the sandbox's lock.
+func (s *Service) liveIn(sandboxID, except string) *container {
+	for _, c := range s.containersOf(sandboxID) {
+		if c.ID() != except && c.Status().State.Live() {
+			return c
+		}
+	}
+	return nil
+}
+
+// errOneVM explains the one-VM-per-pod rule (docs/annotations.md).
+func errOneVM(sandboxID, name string, running *container) error {
+	return errorf(codes.FailedPrecondition,
+		"container %q cannot run: unikernel pod %s already runs container %q (%s) and a unikernel pod runs one VM at a time, "+
+			"because the pod IP belongs to that VM's NIC. Init containers run one after another; run sidecars in a separate pod",
+		name, sandboxID, running.Meta().Config.GetMetadata().GetName(), running.ID())
+}
+
+func dedupEnv(env []string) []string {
+	last := map[string]int{}
+	for i, kv := range env {
+		last[strings.SplitN(kv, "=", 2)[0]] = i
+	}
+	var out []string
+	for i, kv := range env {
+		if last[strings.SplitN(kv, "=", 2)[0]] == i {
+			out = append(out, kv)
+		}
+	}
+	return out
+}

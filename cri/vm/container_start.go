@@ -1,0 +1,164 @@
+package vm
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"google.golang.org/grpc/codes"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/unilet-dev/unilet/cri/store"
+	"github.com/unilet-dev/unilet/pkg/cgroups"
+	"github.com/unilet-dev/unilet/runtime"
+	"github.com/unilet-dev/unilet/runtime/manager"
+)
+
+// StartContainer boots the VM. Starting is recorded before the shim is
+// launched; a stop or remove meanwhile cancels the start and waits for it.
+// A VM that cannot start leaves nothing running and the container EXITED
+// with reason StartError.
+func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContainerRequest) (*runtimeapi.StartContainerResponse, error) {
+	c, err := s.getContainer(r.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	c.Lifecycle.Lock()
+	defer c.Lifecycle.Unlock()
+	m := c.Meta()
+	sb, err := s.sandboxes.Get(m.SandboxID)
+	if err != nil {
+		return nil, errorf(codes.FailedPrecondition, "container %s has no pod sandbox %s", c.ID(), m.SandboxID)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var staged = c.Status().staged
+	// The pod's checks and the transition to Starting are one step under
+	// the sandbox's lock (two containers of a pod cannot both start).
+	sb.Lifecycle.Lock()
+	err = func() error {
+		if sb.Status().State != store.SandboxReady {
+			return errorf(codes.FailedPrecondition, "pod sandbox %s is not ready", sb.ID())
+		}
+		if other := s.liveIn(sb.ID(), c.ID()); other != nil {
+			return errOneVM(sb.ID(), m.Config.GetMetadata().GetName(), other)
+		}
+		return c.Update(func(st containerStatus) (containerStatus, error) {
+			if st.State != store.ContainerCreated {
+				return st, errorf(codes.FailedPrecondition, "container %s is %s, only a created container can be started", c.ID(), st.State)
+			}
+			st.State, st.cancelStart, st.staged = store.ContainerStarting, cancel, nil
+			return st, nil
+		})
+	}()
+	sb.Lifecycle.Unlock()
+	if err != nil {
+		return nil, err
+	}
+
+	t0 := time.Now()
+	sz := c.Status().Sizing
+	vm, tm, err := s.vms.Start(ctx, manager.StartSpec{ID: c.ID(), Machine: m.Machine, LogPath: m.LogPath, Cgroup: m.Cgroup, Staged: staged,
+		Resources: cgroups.Resources{MemoryLimit: sz.MemoryLimit, CPUQuota: sz.CPUQuota,
+			CPUPeriod: uint64(max(sz.CPUPeriod, 0)), CPUShares: uint64(max(sz.CPUShares, 0))}})
+	if err != nil {
+		msg := err.Error()
+		if ctx.Err() != nil {
+			msg = "the start was cancelled (the container was stopped or removed, or the client gave up): " + msg
+		}
+		uerr := c.Update(func(st containerStatus) (containerStatus, error) {
+			st.State, st.cancelStart = store.ContainerExited, nil
+			st.Exit = runtime.ExitStatus{Code: 128, Reason: runtime.ReasonStartFailed, Message: msg, FinishedAt: time.Now()}
+			return st, nil
+		})
+		if uerr != nil {
+			logrus.WithError(uerr).WithField("container", c.ID()).Error("record a failed start")
+		}
+		if ctx.Err() != nil {
+			return nil, errorf(codes.Canceled, "start VM for container %s: %s", c.ID(), msg)
+		}
+		return nil, errorf(codes.Unknown, "start VM for container %s: %v", c.ID(), err)
+	}
+	s.writeOwner(c, sb)
+	err = c.Update(func(st containerStatus) (containerStatus, error) {
+		st.State, st.cancelStart = store.ContainerRunning, nil
+		st.vm, st.Pid, st.StartedAt = vm, vm.Pid(), vm.StartedAt()
+		return st, nil
+	})
+	if err != nil {
+		// A VM that cannot be recorded must not run: nobody would know of it.
+		sctx, scancel := context.WithTimeout(context.Background(), manager.StopGrace)
+		_, _ = vm.Stop(sctx, 0)
+		scancel()
+		s.vms.Release(c.ID(), vm, m.Cgroup)
+		return nil, errorf(codes.Internal, "record the started VM of container %s (it was stopped): %v", c.ID(), err)
+	}
+	go s.watchExit(c, vm)
+	logrus.WithFields(logrus.Fields{"sandbox": m.SandboxID, "container": c.ID(), "pid": vm.Pid(), "accel": s.cfg.Accel,
+		"cgroupMs": msec(tm.Cgroup), "shimMs": msec(tm.Spawn), "bootMs": msec(tm.Boot), "totalMs": msec(time.Since(t0))}).Info("unikernel VM started")
+	return &runtimeapi.StartContainerResponse{}, nil
+}
+
+func msec(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// writeOwner leaves a copy of the pod's and container's records in the VM
+// directory: a daemon that finds meta.db corrupted rebuilds them from it.
+func (s *Service) writeOwner(c *container, sb *sandbox) {
+	dir, err := s.vms.Dir(c.ID())
+	if err != nil {
+		return
+	}
+	srec, err1 := sandboxToRecord(sb.ID(), sb.Meta(), sb.Status())
+	st := c.Status()
+	st.State = store.ContainerRunning
+	crec, err2 := containerToRecord(c.ID(), c.Meta(), st)
+	if err := errors.Join(err1, err2); err != nil {
+		return
+	}
+	sj, _ := json.Marshal(srec)
+	cj, _ := json.Marshal(crec)
+	b, _ := json.Marshal(ownerRecord{Sandbox: sj, Container: cj})
+	tmp := filepath.Join(dir, ownerFile+".tmp")
+	if os.WriteFile(tmp, b, 0o600) == nil {
+		_ = os.Rename(tmp, filepath.Join(dir, ownerFile))
+	}
+}
+
+// watchExit records the end of a VM nobody stopped (it powered off,
+// crashed or was killed) and releases what it held.
+func (s *Service) watchExit(c *container, vm manager.VM) {
+	<-vm.Done()
+	c.Lifecycle.Lock()
+	defer c.Lifecycle.Unlock()
+	s.finishExit(c, vm, vm.Exit())
+}
+
+// finishExit records that vm ended with ex (disk first), then ends its
+// shim and removes its directory and cgroup. If the exit cannot be
+// recorded, the VM directory (with the shim's exit.json) stays, so the next
+// daemon still reports the true exit code. The caller holds c.Lifecycle.
+func (s *Service) finishExit(c *container, vm manager.VM, ex runtime.ExitStatus) {
+	err := c.Update(func(st containerStatus) (containerStatus, error) {
+		if st.vm != vm || !st.State.Live() {
+			return st, errAlreadyDone
+		}
+		st.State, st.Exit, st.vm = store.ContainerExited, ex, nil
+		return st, nil
+	})
+	if errors.Is(err, errAlreadyDone) || errors.Is(err, store.ErrDeleted) {
+		return
+	}
+	log := logrus.WithFields(logrus.Fields{"sandbox": c.Meta().SandboxID, "container": c.ID(), "exitCode": ex.Code, "reason": ex.Reason})
+	if err != nil {
+		log.WithError(err).Error("could not record the VM's exit; its directory is kept for the next daemon")
+		return
+	}
+	s.vms.Release(c.ID(), vm, c.Meta().Cgroup)
+	log.Info("unikernel VM ended")
+}
+
+var errAlreadyDone = errors.New("already recorded")

@@ -1,0 +1,148 @@
+package vm
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"google.golang.org/grpc/codes"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/unilet-dev/unilet/cri/store"
+	"github.com/unilet-dev/unilet/runtime/manager"
+)
+
+// containerMatches applies the ID-prefix, pod-prefix and label filters of CRI lists.
+func containerMatches(c *container, idPrefix, podPrefix string, selector map[string]string) bool {
+	return strings.HasPrefix(c.ID(), idPrefix) && strings.HasPrefix(c.Meta().SandboxID, podPrefix) && labelsMatch(c.Meta().Config.GetLabels(), selector)
+}
+
+func containerToAPI(c *container, st containerStatus) *runtimeapi.Container {
+	m := c.Meta()
+	return &runtimeapi.Container{
+		Id: c.ID(), PodSandboxId: m.SandboxID, Metadata: m.Config.GetMetadata(),
+		Image: m.Config.GetImage(), ImageRef: m.Image.ID, ImageId: m.Image.ID, State: st.State.CRI(), CreatedAt: m.CreatedAt.UnixNano(),
+		Labels: m.Config.GetLabels(), Annotations: m.Config.GetAnnotations(),
+	}
+}
+
+// ContainerStatus reports state, timestamps, exit code and reason. It
+// reads the recorded status only: it answers while a stop or start of the
+// same container is in progress.
+func (s *Service) ContainerStatus(ctx context.Context, r *runtimeapi.ContainerStatusRequest) (*runtimeapi.ContainerStatusResponse, error) {
+	c, err := s.getContainer(r.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	m, cur := c.Meta(), c.Status()
+	st := &runtimeapi.ContainerStatus{
+		Id: c.ID(), Metadata: m.Config.GetMetadata(), State: cur.State.CRI(), CreatedAt: m.CreatedAt.UnixNano(),
+		Image: m.Config.GetImage(), ImageRef: m.Image.ID, ImageId: m.Image.ID,
+		Labels: m.Config.GetLabels(), Annotations: m.Config.GetAnnotations(), LogPath: m.LogPath,
+		Resources: &runtimeapi.ContainerResources{Linux: &runtimeapi.LinuxContainerResources{
+			CpuQuota: cur.Sizing.CPUQuota, CpuPeriod: cur.Sizing.CPUPeriod, CpuShares: cur.Sizing.CPUShares, MemoryLimitInBytes: cur.Sizing.MemoryLimit}},
+	}
+	if !cur.StartedAt.IsZero() {
+		st.StartedAt = cur.StartedAt.UnixNano()
+	}
+	if st.State == runtimeapi.ContainerState_CONTAINER_EXITED {
+		st.FinishedAt = cur.Exit.FinishedAt.UnixNano()
+		st.ExitCode = cur.Exit.Code
+		st.Reason = cur.Exit.Reason
+		st.Message = cur.Exit.Message
+	}
+	resp := &runtimeapi.ContainerStatusResponse{Status: st}
+	if r.GetVerbose() {
+		info := map[string]string{"state": string(cur.State), "accel": m.Machine.Accel, "cmdline": m.Machine.Cmdline,
+			"memoryMiB": fmt.Sprint(m.Machine.MemoryMiB), "vcpus": fmt.Sprint(m.Machine.VCPUs)}
+		if cur.Pid != 0 && cur.State.Live() {
+			info["pid"] = fmt.Sprint(cur.Pid)
+		}
+		if len(cur.Warnings) > 0 {
+			info["warnings"] = strings.Join(cur.Warnings, "; ")
+		}
+		resp.Info = info
+	}
+	return resp, nil
+}
+
+// ListContainers lists unikernel containers matching the filter.
+func (s *Service) ListContainers(ctx context.Context, r *runtimeapi.ListContainersRequest) (*runtimeapi.ListContainersResponse, error) {
+	f := r.GetFilter()
+	var out []*runtimeapi.Container
+	for _, c := range s.containers.List() {
+		if !containerMatches(c, f.GetId(), f.GetPodSandboxId(), f.GetLabelSelector()) {
+			continue
+		}
+		api := containerToAPI(c, c.Status())
+		if f.GetState() != nil && f.GetState().GetState() != api.State {
+			continue
+		}
+		out = append(out, api)
+	}
+	return &runtimeapi.ListContainersResponse{Containers: out}, nil
+}
+
+// ReopenContainerLog reopens the CRI log after kubelet rotated it.
+func (s *Service) ReopenContainerLog(ctx context.Context, r *runtimeapi.ReopenContainerLogRequest) (*runtimeapi.ReopenContainerLogResponse, error) {
+	c, err := s.getContainer(r.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	st := c.Status()
+	if st.State != store.ContainerRunning || st.vm == nil {
+		return nil, errorf(codes.FailedPrecondition, "container %s is not running; its log cannot be reopened", c.ID())
+	}
+	ctx, cancel := context.WithTimeout(ctx, manager.CallTimeout)
+	defer cancel()
+	if err := st.vm.ReopenLog(ctx); err != nil {
+		return nil, fmt.Errorf("reopen the log of container %s: %w", c.ID(), err)
+	}
+	return &runtimeapi.ReopenContainerLogResponse{}, nil
+}
+
+const noExec = "unikernel pods run a single application in a VM with no shell or process model: %s is not possible. " +
+	"Use the console (kubectl logs) instead"
+
+// ExecSync is impossible in a unikernel.
+func (s *Service) ExecSync(ctx context.Context, r *runtimeapi.ExecSyncRequest) (*runtimeapi.ExecSyncResponse, error) {
+	return nil, errorf(codes.Unimplemented, noExec, "exec")
+}
+
+// Exec is impossible in a unikernel.
+func (s *Service) Exec(ctx context.Context, r *runtimeapi.ExecRequest) (*runtimeapi.ExecResponse, error) {
+	return nil, errorf(codes.Unimplemented, noExec, "exec")
+}
+
+// PortForward returns a streaming URL that forwards to the pod IP.
+func (s *Service) PortForward(ctx context.Context, r *runtimeapi.PortForwardRequest) (*runtimeapi.PortForwardResponse, error) {
+	if _, err := s.podIP(r.GetPodSandboxId()); err != nil {
+		return nil, err
+	}
+	if s.stream == nil {
+		return nil, errorf(codes.Unavailable, "the streaming server is not running")
+	}
+	for _, p := range r.GetPort() {
+		if p <= 0 || p > 65535 {
+			return nil, errorf(codes.InvalidArgument, "invalid port %d", p)
+		}
+	}
+	return s.stream.GetPortForward(r)
+}
+
+// podIP returns the IP of a ready unikernel pod.
+func (s *Service) podIP(id string) (string, error) {
+	sb, err := s.getSandbox(id)
+	if err != nil {
+		return "", err
+	}
+	st := sb.Status()
+	if st.State != store.SandboxReady {
+		return "", errorf(codes.FailedPrecondition, "pod %s is not ready", sb.ID())
+	}
+	ip := primaryIP(st.Net)
+	if ip == "" {
+		return "", errorf(codes.FailedPrecondition, "pod %s has no IP address (no pod network)", sb.ID())
+	}
+	return ip, nil
+}

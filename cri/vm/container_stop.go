@@ -1,0 +1,101 @@
+package vm
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"google.golang.org/grpc/codes"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/unilet-dev/unilet/cri/store"
+	"github.com/unilet-dev/unilet/runtime"
+	"github.com/unilet-dev/unilet/runtime/manager"
+)
+
+// StopContainer powers the VM down, killing it after the timeout. A start
+// in flight is cancelled first. Unknown IDs succeed. A shim that does not
+// answer fails the call with DeadlineExceeded and leaves the VM RUNNING.
+func (s *Service) StopContainer(ctx context.Context, r *runtimeapi.StopContainerRequest) (*runtimeapi.StopContainerResponse, error) {
+	c, err := s.getContainer(r.GetContainerId())
+	if errors.Is(err, store.ErrNotFound) {
+		return &runtimeapi.StopContainerResponse{}, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := s.stopContainer(ctx, c, time.Duration(r.GetTimeout())*time.Second); err != nil {
+		return nil, err
+	}
+	return &runtimeapi.StopContainerResponse{}, nil
+}
+
+// cancelStart cancels a start in flight (it then ends as StartError).
+func cancelStart(c *container) {
+	if cancel := c.Status().cancelStart; cancel != nil {
+		cancel()
+	}
+}
+
+func (s *Service) stopContainer(ctx context.Context, c *container, timeout time.Duration) error {
+	cancelStart(c)
+	c.Lifecycle.Lock()
+	defer c.Lifecycle.Unlock()
+	return s.stopLocked(ctx, c, timeout)
+}
+
+// stopLocked stops c; the caller holds c.Lifecycle.
+func (s *Service) stopLocked(ctx context.Context, c *container, timeout time.Duration) error {
+	st := c.Status()
+	switch st.State {
+	case store.ContainerCreated:
+		err := c.Update(func(cur containerStatus) (containerStatus, error) {
+			if err := cur.State.Check(store.ContainerExited); err != nil {
+				return cur, err
+			}
+			cur.State, cur.staged = store.ContainerExited, nil
+			cur.Exit = runtime.ExitStatus{Reason: "NeverStarted", FinishedAt: time.Now()}
+			return cur, nil
+		})
+		if err == nil {
+			st.staged.Discard()
+			s.vms.Cleanup(c.ID(), c.Meta().Cgroup)
+		}
+		return err
+	case store.ContainerRunning:
+	default:
+		return nil
+	}
+	vm := st.vm
+	if err := c.Update(func(cur containerStatus) (containerStatus, error) {
+		if err := cur.State.Check(store.ContainerStopping); err != nil {
+			return cur, err
+		}
+		cur.State = store.ContainerStopping
+		return cur, nil
+	}); err != nil {
+		return err
+	}
+	sctx, cancel := context.WithTimeout(ctx, timeout+manager.StopGrace)
+	ex, err := vm.Stop(sctx, timeout)
+	cancel()
+	if err != nil {
+		// The shim did not answer: the VM may still run, so say so.
+		_ = c.Update(func(cur containerStatus) (containerStatus, error) {
+			if cur.State == store.ContainerStopping {
+				cur.State = store.ContainerRunning
+			}
+			return cur, nil
+		})
+		code := codes.Unknown
+		if errors.Is(err, context.DeadlineExceeded) {
+			code = codes.DeadlineExceeded
+		}
+		return errorf(code, "stop container %s: its unilet-shim did not answer within %s (%v); the VM is still reported running",
+			c.ID(), timeout+manager.StopGrace, err)
+	}
+	s.finishExit(c, vm, ex)
+	logrus.WithFields(logrus.Fields{"container": c.ID(), "exitCode": ex.Code, "reason": ex.Reason}).Info("unikernel VM stopped")
+	return nil
+}

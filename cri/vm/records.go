@@ -1,0 +1,160 @@
+package vm
+
+import (
+	"context"
+	"encoding/json"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/unilet-dev/unilet/cri/store"
+	"github.com/unilet-dev/unilet/image"
+	"github.com/unilet-dev/unilet/pkg/cni"
+	"github.com/unilet-dev/unilet/pkg/metadata"
+	"github.com/unilet-dev/unilet/runtime"
+	"github.com/unilet-dev/unilet/runtime/manager"
+	"github.com/unilet-dev/unilet/runtime/shim"
+)
+
+// containerMeta is what a container is made of; it never changes.
+type containerMeta struct {
+	SandboxID string
+	Config    *runtimeapi.ContainerConfig
+	Image     *image.Image
+	ImageRef  string
+	LogPath   string
+	CreatedAt time.Time
+	Machine   runtime.MachineConfig
+	Cgroup    string // "" = none
+}
+
+// containerStatus changes only through store.Object.Update.
+type containerStatus struct {
+	State     store.ContainerState
+	StartedAt time.Time
+	Exit      runtime.ExitStatus
+	Pid       int
+	Sizing    Sizing
+	Warnings  []string // replaced, never appended to in place
+	// Not persisted: the VM while one runs, a staged shim waiting for the
+	// start, and how to cancel a start in flight.
+	vm          manager.VM
+	staged      *shim.Idle
+	cancelStart context.CancelFunc
+}
+
+type container = store.Object[containerMeta, containerStatus]
+
+// sandboxMeta is what a pod sandbox is made of; it never changes.
+type sandboxMeta struct {
+	Config    *runtimeapi.PodSandboxConfig
+	Handler   string
+	CreatedAt time.Time
+	NetNS     string // the pod's network namespace ("" = no pod network)
+	// rt holds what lives only as long as this daemon.
+	rt *sandboxRuntime
+}
+
+// sandboxRuntime is a sandbox's not-persisted state.
+type sandboxRuntime struct {
+	staged *manager.Staged // guarded by the sandbox's Lifecycle lock
+}
+
+type sandboxStatus struct {
+	State store.SandboxState
+	Net   *cni.Result
+	MAC   string
+	// NetPending is true from before CNI ADD until DEL succeeded.
+	NetPending bool
+}
+
+type sandbox = store.Object[sandboxMeta, sandboxStatus]
+
+// Records as stored in meta.db. State is the CRI state (what versions
+// before the explicit state machine wrote and read); Phase is the state.
+type sandboxRecord struct {
+	ID         string      `json:"id"`
+	Config     []byte      `json:"config"`
+	Handler    string      `json:"handler,omitempty"`
+	CreatedAt  time.Time   `json:"createdAt"`
+	State      int32       `json:"state"`
+	Phase      string      `json:"phase,omitempty"`
+	NetNS      string      `json:"netns,omitempty"`
+	Net        *cni.Result `json:"net,omitempty"`
+	MAC        string      `json:"mac,omitempty"`
+	NetPending bool        `json:"netPending,omitempty"`
+}
+
+type containerRecord struct {
+	ID        string                `json:"id"`
+	SandboxID string                `json:"sandboxId"`
+	Config    []byte                `json:"config"`
+	ImageID   string                `json:"imageId"`
+	ImageRef  string                `json:"imageRef"`
+	LogPath   string                `json:"logPath,omitempty"`
+	CreatedAt time.Time             `json:"createdAt"`
+	StartedAt time.Time             `json:"startedAt,omitempty"`
+	State     int32                 `json:"state"`
+	Phase     string                `json:"phase,omitempty"`
+	Exit      runtime.ExitStatus    `json:"exit"`
+	Machine   runtime.MachineConfig `json:"machine"`
+	VMDir     string                `json:"vmDir,omitempty"` // informational; the directory follows from the ID
+	Warnings  []string              `json:"warnings,omitempty"`
+	Pid       int                   `json:"pid,omitempty"`
+	Sizing    Sizing                `json:"sizing"`
+	Cgroup    string                `json:"cgroup,omitempty"`
+}
+
+func sandboxToRecord(id string, m sandboxMeta, st sandboxStatus) (sandboxRecord, error) {
+	cfg, err := proto.Marshal(m.Config)
+	if err != nil {
+		return sandboxRecord{}, err
+	}
+	return sandboxRecord{ID: id, Config: cfg, Handler: m.Handler, CreatedAt: m.CreatedAt, State: int32(st.State.CRI()),
+		Phase: string(st.State), NetNS: m.NetNS, Net: st.Net, MAC: st.MAC, NetPending: st.NetPending}, nil
+}
+
+func containerToRecord(id string, m containerMeta, st containerStatus) (containerRecord, error) {
+	cfg, err := proto.Marshal(m.Config)
+	if err != nil {
+		return containerRecord{}, err
+	}
+	return containerRecord{ID: id, SandboxID: m.SandboxID, Config: cfg, ImageID: m.Image.ID, ImageRef: m.ImageRef, LogPath: m.LogPath,
+		CreatedAt: m.CreatedAt, StartedAt: st.StartedAt, State: int32(st.State.CRI()), Phase: string(st.State), Exit: st.Exit,
+		Machine: m.Machine, Warnings: st.Warnings, Pid: st.Pid, Sizing: st.Sizing, Cgroup: m.Cgroup}, nil
+}
+
+// sandboxSaver and containerSaver write records to meta.db.
+type sandboxSaver struct{ db *metadata.Store }
+
+func (s sandboxSaver) Save(id string, m sandboxMeta, st sandboxStatus) error {
+	rec, err := sandboxToRecord(id, m, st)
+	if err != nil {
+		return err
+	}
+	return s.db.PutSandbox(id, rec)
+}
+
+func (s sandboxSaver) Delete(id string) error { return s.db.DeleteSandbox(id) }
+
+type containerSaver struct{ db *metadata.Store }
+
+func (s containerSaver) Save(id string, m containerMeta, st containerStatus) error {
+	rec, err := containerToRecord(id, m, st)
+	if err != nil {
+		return err
+	}
+	return s.db.PutContainer(id, rec)
+}
+
+func (s containerSaver) Delete(id string) error { return s.db.DeleteContainer(id) }
+
+// ownerFile is a copy of a running VM's records in its directory: what a
+// daemon whose meta.db was corrupted rebuilds the pod and container from.
+const ownerFile = "owner.json"
+
+type ownerRecord struct {
+	Sandbox   json.RawMessage `json:"sandbox"`
+	Container json.RawMessage `json:"container"`
+}

@@ -1,0 +1,57 @@
+package vm
+
+import (
+	"context"
+	"errors"
+
+	"google.golang.org/grpc/codes"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/unilet-dev/unilet/cri/store"
+)
+
+// StopPodSandbox stops every VM of the pod and tears its network down.
+// Unknown IDs succeed (idempotent).
+func (s *Service) StopPodSandbox(ctx context.Context, r *runtimeapi.StopPodSandboxRequest) (*runtimeapi.StopPodSandboxResponse, error) {
+	sb, err := s.getSandbox(r.GetPodSandboxId())
+	if errors.Is(err, store.ErrNotFound) {
+		return &runtimeapi.StopPodSandboxResponse{}, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := s.stopSandbox(ctx, sb); err != nil {
+		return nil, err
+	}
+	return &runtimeapi.StopPodSandboxResponse{}, nil
+}
+
+// stopSandbox: no new containers (NotReady), every VM stopped, the network
+// torn down. The sandbox lock is never held while a container's is taken.
+func (s *Service) stopSandbox(ctx context.Context, sb *sandbox) error {
+	sb.Lifecycle.Lock()
+	err := sb.Update(func(cur sandboxStatus) (sandboxStatus, error) {
+		if cur.State == store.SandboxReady || cur.State == store.SandboxCreating {
+			cur.State = store.SandboxNotReady
+		}
+		return cur, nil
+	})
+	staged := sb.Meta().rt.staged
+	sb.Meta().rt.staged = nil
+	sb.Lifecycle.Unlock()
+	staged.Drop()
+	if err != nil {
+		return err
+	}
+	for _, c := range s.containersOf(sb.ID()) {
+		if err := s.stopContainer(ctx, c, 0); err != nil {
+			return err
+		}
+	}
+	sb.Lifecycle.Lock()
+	defer sb.Lifecycle.Unlock()
+	if err := s.teardownNetwork(ctx, sb); err != nil {
+		return errorf(codes.Unknown, "tear down the network of pod %s: %v (kubelet retries)", sb.ID(), err)
+	}
+	return nil
+}

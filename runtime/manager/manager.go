@@ -1,0 +1,352 @@
+// Package manager owns the lifecycle of VMs beneath the CRI translation
+// (cri/vm): the per-VM directories under the state directory, pre-forked
+// shims and the ones staged in a pod's cgroup, the VMs' cgroups, launching
+// a VM under its shim, reconnecting to live shims after a daemon restart,
+// and reaping what no record claims. Every call to a shim carries a context
+// with one of the named deadlines below, so a stuck shim only fails its own
+// VM's calls. Paths and PIDs that come from disk are used only once proven
+// to be unilet's own (IDs of the right form, directories inside the state
+// directory, PIDs checked by executable and command line).
+package manager
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/unilet-dev/unilet/pkg/cgroups"
+	"github.com/unilet-dev/unilet/runtime"
+	"github.com/unilet-dev/unilet/runtime/shim"
+	"github.com/unilet-dev/unilet/runtime/shim/api"
+)
+
+// Deadlines of shim calls.
+const (
+	// CallTimeout bounds a short shim call (state, reopen-log, shutdown).
+	CallTimeout = 5 * time.Second
+	// StatsTimeout bounds a stats call (kubelet polls stats often).
+	StatsTimeout = 2 * time.Second
+	// StopGrace is how long a stop may take beyond the guest's power-down
+	// timeout: the shim kills QEMU and reports the exit within it.
+	StopGrace = 10 * time.Second
+	// ReconnectTimeout bounds reconnecting to a shim, including waiting for
+	// a Start the previous daemon left in flight.
+	ReconnectTimeout = 25 * time.Second
+	// LaunchTimeout bounds a VM start: a shim to exec and QEMU to come up
+	// on QMP (a busy node starts many VMs at once).
+	LaunchTimeout = runtime.DefaultStartTimeout + 15*time.Second
+)
+
+// MaxStaged bounds the shims waiting staged for pods whose container is
+// not started yet (memory, and a burst of refills when many pods are made).
+const MaxStaged = 8
+
+// VM is a running VM behind its shim (*shim.Handle); an interface so the
+// CRI translation can be tested without processes.
+type VM interface {
+	Done() <-chan struct{}
+	Exit() runtime.ExitStatus
+	Stop(ctx context.Context, timeout time.Duration) (runtime.ExitStatus, error)
+	ReopenLog(ctx context.Context) error
+	Pid() int
+	StartedAt() time.Time
+	Stats(ctx context.Context) (runtime.Stats, error)
+	Attach(ctx context.Context, in io.Reader, out io.Writer) error
+	// KillShim ends a shim that does not answer (its QEMU dies with it).
+	KillShim() error
+	// Release ends the shim of an ended VM and drops the connection.
+	Release(ctx context.Context) error
+	// Close drops the daemon's connection; the VM goes on.
+	Close() error
+}
+
+// Config is what the manager needs from the daemon.
+type Config struct {
+	QEMU       string
+	StateDir   string // VM directories live in StateDir/vm
+	ShimBinary string
+	// CgroupRoot is the cgroup parent of VMs whose pod names none; ""
+	// disables cgroups.
+	CgroupRoot string
+	// Pool hands out pre-forked shims (nil: every VM spawns its own).
+	Pool *shim.Pool
+}
+
+// Manager runs VMs.
+type Manager struct {
+	cfg    Config
+	vmRoot string
+	staged atomic.Int32 // staged shims alive (≤ MaxStaged)
+}
+
+// New returns a manager; StateDir must be an absolute path.
+func New(cfg Config) (*Manager, error) {
+	if !filepath.IsAbs(cfg.StateDir) {
+		return nil, fmt.Errorf("state directory %q is not an absolute path", cfg.StateDir)
+	}
+	cfg.StateDir = filepath.Clean(cfg.StateDir)
+	return &Manager{cfg: cfg, vmRoot: filepath.Join(cfg.StateDir, "vm")}, nil
+}
+
+// Cgroups reports whether VMs get cgroups.
+func (m *Manager) Cgroups() bool { return m.cfg.CgroupRoot != "" }
+
+// PoolIdle reports the idle pre-forked shims (-1: no pool).
+func (m *Manager) PoolIdle() int {
+	if m.cfg.Pool == nil {
+		return -1
+	}
+	return m.cfg.Pool.Idle()
+}
+
+// dirName is the name of a VM directory: unix socket paths are limited to
+// 108 bytes, so it is the ID's first 16 characters.
+func dirName(id string) string { return id[:16] }
+
+// Dir returns the VM directory of container id. Only IDs of unilet's own
+// form (64 hex digits) have one, so a record can never point it elsewhere.
+func (m *Manager) Dir(id string) (string, error) {
+	if !validID(id) {
+		return "", fmt.Errorf("container ID %q is not a unilet ID: %w", id, ErrUntrusted)
+	}
+	return filepath.Join(m.vmRoot, dirName(id)), nil
+}
+
+// ErrUntrusted marks data from disk that does not prove to be unilet's own.
+var ErrUntrusted = errors.New("not one of unilet's own")
+
+func validID(id string) bool {
+	if len(id) != 64 {
+		return false
+	}
+	for _, c := range id {
+		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+// CgroupPath is the cgroup of container id in a pod whose cgroup parent is
+// parent (empty: the configured root); "" when cgroups are off.
+func (m *Manager) CgroupPath(parent, id string) (string, error) {
+	if m.cfg.CgroupRoot == "" {
+		return "", nil
+	}
+	return cgroups.Path(parent, m.cfg.CgroupRoot, id)
+}
+
+// StartSpec is one VM to start.
+type StartSpec struct {
+	ID        string
+	Machine   runtime.MachineConfig
+	LogPath   string
+	Cgroup    string // "" = none
+	Resources cgroups.Resources
+	// Staged is a shim already in Cgroup (from Stage + Claim), or nil.
+	Staged *shim.Idle
+}
+
+// Timings is where a VM start spent its time.
+type Timings struct{ Cgroup, Spawn, Boot time.Duration }
+
+// Start boots a VM under its shim. On error nothing is left: no shim, no
+// QEMU, no directory; the cgroup is removed in the background once empty.
+// Cancelling ctx aborts the start the same way.
+func (m *Manager) Start(ctx context.Context, s StartSpec) (VM, Timings, error) {
+	var tm Timings
+	dir, err := m.Dir(s.ID)
+	if err != nil {
+		s.Staged.Discard()
+		return nil, tm, err
+	}
+	if m.cfg.ShimBinary == "" {
+		s.Staged.Discard()
+		return nil, tm, errors.New("no unilet-shim configured")
+	}
+	ctx, cancel := context.WithTimeout(ctx, LaunchTimeout)
+	defer cancel()
+	t0 := time.Now()
+	var cg cgroups.Cgroup
+	if s.Cgroup != "" {
+		if cg, err = cgroups.Create(s.Cgroup, s.Resources); err != nil {
+			s.Staged.Discard()
+			return nil, tm, err
+		}
+	}
+	tm.Cgroup = time.Since(t0)
+	spec := runtime.VMSpec{QEMU: m.cfg.QEMU, Machine: s.Machine, StateDir: dir, LogPath: s.LogPath}
+	c, err := m.launch(ctx, dir, spec, cg, s.Staged)
+	if err == nil {
+		var h *shim.Handle
+		if h, err = shim.NewHandle(ctx, c); err == nil {
+			tm.Spawn, tm.Boot = c.Spawn, c.Boot
+			return h, tm, nil
+		}
+		// Connected but unusable: end the shim (QEMU dies with it).
+		m.endShim(c)
+	}
+	_ = os.RemoveAll(dir)
+	if cg != nil {
+		go dropCgroup(s.ID, cg)
+	}
+	return nil, tm, err
+}
+
+func (m *Manager) launch(ctx context.Context, dir string, spec runtime.VMSpec, cg cgroups.Cgroup, staged *shim.Idle) (*shim.Client, error) {
+	if staged != nil { // already in its cgroup
+		c, err := staged.Start(ctx, dir, spec, nil)
+		if err == nil || !shim.IsAdoptError(err) {
+			return c, err
+		}
+		logrus.WithError(err).Warn("the staged shim could not be adopted; starting another")
+	}
+	var join func(int) error
+	if cg != nil {
+		join = func(pid int) error {
+			if err := cg.Add(pid); err != nil {
+				return fmt.Errorf("place the VM in cgroup %s: %w", cg.Path(), err)
+			}
+			return nil
+		}
+	}
+	if m.cfg.Pool != nil {
+		return m.cfg.Pool.Launch(ctx, dir, spec, join)
+	}
+	return shim.Launch(ctx, m.cfg.ShimBinary, dir, spec, join)
+}
+
+// endShim ends a shim and its VM, if any: asked first, killed (the process
+// pinned when connecting; QEMU dies with it) if it does not answer.
+func (m *Manager) endShim(c *shim.Client) {
+	ctx, cancel := context.WithTimeout(context.Background(), CallTimeout)
+	defer cancel()
+	_, kerr := c.Kill(ctx, &api.KillRequest{})
+	_, serr := c.Shutdown(ctx, &api.ShutdownRequest{})
+	if kerr != nil && serr != nil {
+		if err := c.KillShim(); err == nil {
+			logrus.WithField("dir", c.Dir).Warn("a unilet-shim did not answer; killed it")
+		}
+	}
+	c.Close()
+}
+
+// Reconnect connects to the live shim of container id. It returns
+// ErrNoShim when nothing serves the VM directory, and ends (and reports
+// shim.ErrNeverStarted for) a shim that never started its VM.
+func (m *Manager) Reconnect(ctx context.Context, id string) (VM, error) {
+	dir, err := m.Dir(id)
+	if err != nil {
+		return nil, err
+	}
+	c, err := shim.Connect(dir)
+	if err != nil {
+		return nil, ErrNoShim
+	}
+	ctx, cancel := context.WithTimeout(ctx, ReconnectTimeout)
+	defer cancel()
+	h, err := shim.NewHandle(ctx, c)
+	if err != nil {
+		m.endShim(c)
+		return nil, err
+	}
+	return h, nil
+}
+
+// ErrNoShim: no shim serves the VM directory.
+var ErrNoShim = errors.New("no shim serves this VM")
+
+// ReadExit returns the exit a shim recorded for container id.
+func (m *Manager) ReadExit(id string) (runtime.ExitStatus, bool) {
+	dir, err := m.Dir(id)
+	if err != nil {
+		return runtime.ExitStatus{}, false
+	}
+	return shim.ReadExit(dir)
+}
+
+// KillStray ends the QEMU of container id whose PID an earlier daemon
+// recorded, only if that PID is proven to be this VM's QEMU.
+func (m *Manager) KillStray(id string, pid int) bool {
+	dir, err := m.Dir(id)
+	if err != nil {
+		return false
+	}
+	return shim.KillQEMU(pid, dir)
+}
+
+// Release ends the shim of an ended VM and removes the VM directory and
+// cgroup (best effort, logged). Call it only after the exit was recorded:
+// it deletes the shim's exit.json.
+func (m *Manager) Release(id string, vm VM, cgroup string) {
+	log := logrus.WithField("container", id)
+	if vm != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), CallTimeout)
+		if err := vm.Release(ctx); err != nil {
+			log.WithError(err).Debug("ending the shim of an ended VM")
+		}
+		cancel()
+	}
+	m.Cleanup(id, cgroup)
+}
+
+// Cleanup removes the VM directory of id and its cgroup (in the background:
+// the shim leaves shortly after its VM).
+func (m *Manager) Cleanup(id, cgroup string) {
+	if dir, err := m.Dir(id); err == nil {
+		_ = os.RemoveAll(dir)
+	}
+	if cgroup == "" {
+		return
+	}
+	if cg, err := cgroups.Load(cgroup); err == nil {
+		go dropCgroup(id, cg)
+	}
+}
+
+func dropCgroup(id string, cg cgroups.Cgroup) {
+	if err := cg.Delete(); err != nil {
+		logrus.WithError(err).WithField("container", id).Warn("remove the VM's cgroup")
+	}
+}
+
+// Sweep ends and removes every VM directory that no live container claims
+// (keep reports the directory names to keep): a crash between launching a
+// shim and recording it, or between recording an exit and removing the
+// directory. Anything in the VM root that is not a directory of unilet's
+// form is left alone and reported.
+func (m *Manager) Sweep(keep func(dirName string) bool) {
+	ents, err := os.ReadDir(m.vmRoot)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		name := e.Name()
+		if keep(name) {
+			continue
+		}
+		dir := filepath.Join(m.vmRoot, name)
+		if !e.IsDir() || len(name) != 16 || !validID(name+strings.Repeat("0", 48)) {
+			logrus.WithField("path", dir).Warn("unexpected entry in the VM state directory; left alone")
+			continue
+		}
+		if c, err := shim.Connect(dir); err == nil {
+			ctx, cancel := context.WithTimeout(context.Background(), CallTimeout)
+			st, err := c.State(ctx, &api.StateRequest{})
+			cancel()
+			if err == nil && st.Running {
+				logrus.WithFields(logrus.Fields{"dir": dir, "pid": st.Pid}).Warn("stopping a VM that no container record claims")
+			}
+			m.endShim(c)
+		}
+		_ = os.RemoveAll(dir)
+	}
+}

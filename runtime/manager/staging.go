@@ -1,0 +1,98 @@
+package manager
+
+import (
+	"github.com/sirupsen/logrus"
+
+	"github.com/unilet-dev/unilet/pkg/cgroups"
+	"github.com/unilet-dev/unilet/runtime/shim"
+)
+
+// Staged is a pre-forked shim waiting in a pod's staging cgroup; the
+// staging cgroup becomes the container's cgroup by a rename, so no process
+// migration (a kernel RCU grace period, 8–20 ms here) sits on the start path.
+type Staged struct {
+	idle   *shim.Idle
+	cgroup string
+}
+
+// stageName names a pod's staging cgroup (a sibling of its VMs' cgroups).
+func stageName(sandboxID string) string { return "stage-" + sandboxID[:12] }
+
+// Stage takes an idle shim and places it in the staging cgroup of pod
+// sandboxID (cgroup parent parent); nil when there is no pool, no cgroups,
+// cgroup v2 (no rename), no idle shim or MaxStaged are waiting already.
+func (m *Manager) Stage(sandboxID, parent string) *Staged {
+	if m.cfg.Pool == nil || m.cfg.CgroupRoot == "" || cgroups.Unified() || len(sandboxID) < 12 {
+		return nil
+	}
+	path, err := cgroups.Path(parent, m.cfg.CgroupRoot, stageName(sandboxID))
+	if err != nil {
+		return nil
+	}
+	if m.staged.Add(1) > MaxStaged {
+		m.staged.Add(-1)
+		return nil
+	}
+	idle := m.cfg.Pool.Take()
+	if idle == nil {
+		m.staged.Add(-1)
+		return nil
+	}
+	cg, err := cgroups.Create(path, cgroups.Resources{})
+	if err == nil {
+		if err = cg.Add(idle.Pid()); err != nil {
+			_ = cg.Delete()
+		}
+	}
+	if err != nil {
+		logrus.WithError(err).WithField("sandbox", sandboxID).Debug("staging a shim failed; the VM starts without")
+		idle.Discard()
+		m.staged.Add(-1)
+		return nil
+	}
+	// Using or discarding it frees its slot.
+	return &Staged{idle: idle.OnRelease(func() { m.staged.Add(-1) }), cgroup: path}
+}
+
+// Claim turns a staged shim's cgroup into cgroup (the container's) and
+// returns the shim for StartSpec.Staged; nil (and the staged shim ended)
+// when that fails or st is nil.
+func (m *Manager) Claim(st *Staged, cgroup string) *shim.Idle {
+	if st == nil {
+		return nil
+	}
+	if cgroup == "" {
+		st.Drop()
+		return nil
+	}
+	if err := cgroups.Rename(st.cgroup, cgroup); err != nil {
+		logrus.WithError(err).Debug("using the staged shim failed; the VM starts without")
+		st.Drop()
+		return nil
+	}
+	return st.idle
+}
+
+// Drop ends a staged shim and removes its cgroup (nil: nothing to do).
+func (st *Staged) Drop() {
+	if st == nil {
+		return
+	}
+	st.idle.Discard()
+	if cg, err := cgroups.Load(st.cgroup); err == nil {
+		_ = cg.Delete()
+	}
+}
+
+// DropStaging removes the staging cgroup of pod sandboxID left by an
+// earlier daemon (its idle shim did not survive: the pool ends idle shims).
+func (m *Manager) DropStaging(sandboxID, parent string) {
+	if m.cfg.CgroupRoot == "" || len(sandboxID) < 12 {
+		return
+	}
+	if p, err := cgroups.Path(parent, m.cfg.CgroupRoot, stageName(sandboxID)); err == nil {
+		if cg, err := cgroups.Load(p); err == nil {
+			_ = cg.Delete()
+		}
+	}
+}

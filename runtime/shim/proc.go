@@ -1,0 +1,58 @@
+package shim
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// IsQEMUOf reports whether pid is a QEMU that serves the VM directory dir:
+// its executable is a qemu-system binary and one of its arguments names a
+// file inside dir (its sockets and files live there). A PID read from disk
+// is signalled only after this proof; dir must be an absolute, clean path
+// other than "/".
+func IsQEMUOf(pid int, dir string) bool {
+	if pid <= 1 || !filepath.IsAbs(dir) || filepath.Clean(dir) != dir || dir == "/" {
+		return false
+	}
+	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+	if err != nil {
+		return false
+	}
+	// An upgraded QEMU package leaves running VMs on a "(deleted)" binary.
+	exe = strings.TrimSuffix(exe, " (deleted)")
+	if !strings.HasPrefix(filepath.Base(exe), "qemu-system-") {
+		return false
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		return false
+	}
+	for _, arg := range strings.Split(string(b), "\x00") {
+		if strings.Contains(arg, dir+"/") {
+			return true
+		}
+	}
+	return false
+}
+
+// KillQEMU sends SIGKILL to pid only if it is proven to be the QEMU of dir
+// (IsQEMUOf). The process is pinned with a pidfd before the proof, so a PID
+// recycled in between is never hit. It reports whether it signalled.
+func KillQEMU(pid int, dir string) bool {
+	if pid <= 1 {
+		return false
+	}
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return false
+	}
+	defer unix.Close(fd)
+	if !IsQEMUOf(pid, dir) {
+		return false
+	}
+	return unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0) == nil
+}
