@@ -173,4 +173,3 @@ func (c *Client) KillShim() error {
 	}
 	return unix.PidfdSendSignal(c.pidfd, unix.SIGKILL, nil, 0)
 }
-
