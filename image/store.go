@@ -16,6 +16,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -23,6 +24,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/sirupsen/logrus"
 	bolt "go.etcd.io/bbolt"
+
+	"github.com/unilet-dev/unilet/pkg/metadata"
 )
 
 // ErrNotFound is returned when no stored image matches a reference.
@@ -66,13 +69,10 @@ func Open(root string, insecure []string) (*Store, error) {
 	if err := os.MkdirAll(filepath.Join(root, "blobs", "sha256"), 0o755); err != nil {
 		return nil, err
 	}
-	db, err := bolt.Open(filepath.Join(root, "images.db"), 0o600, &bolt.Options{Timeout: 5e9})
+	// A corrupted images.db is moved aside (images can be pulled again).
+	db, _, err := metadata.OpenDB(filepath.Join(root, "images.db"), 5*time.Second, bucketImages)
 	if err != nil {
 		return nil, fmt.Errorf("open image metadata: %w", err)
-	}
-	if err := db.Update(func(tx *bolt.Tx) error { _, err := tx.CreateBucketIfNotExists(bucketImages); return err }); err != nil {
-		db.Close()
-		return nil, err
 	}
 	s := &Store{root: root, db: db, insecure: map[string]bool{}}
 	for _, h := range insecure {
@@ -372,14 +372,22 @@ func (s *Store) writeBlob(r io.Reader) (string, error) {
 	return p, os.Rename(tmp.Name(), p)
 }
 
-// List returns all images, sorted by ID.
+// List returns all images, sorted by ID. A record that does not decode,
+// or whose files are not blobs of this store, is skipped with an error in
+// the log: one bad record never hides the others, and no path from the
+// database reaches QEMU unless it is inside the store.
 func (s *Store) List() ([]*Image, error) {
 	var out []*Image
 	err := s.db.View(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketImages).ForEach(func(k, v []byte) error {
 			var img Image
-			if err := json.Unmarshal(v, &img); err != nil {
-				return err
+			err := json.Unmarshal(v, &img)
+			if err == nil {
+				err = s.checkFiles(&img)
+			}
+			if err != nil {
+				logrus.WithError(err).WithField("key", fmt.Sprintf("%q", k)).Error("unusable image record in images.db; skipped (remove it by pulling the image again)")
+				return nil
 			}
 			out = append(out, &img)
 			return nil
@@ -387,6 +395,16 @@ func (s *Store) List() ([]*Image, error) {
 	})
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out, err
+}
+
+// checkFiles proves an image's kernel and initrd are blobs of this store.
+func (s *Store) checkFiles(img *Image) error {
+	blobs := filepath.Join(s.root, "blobs", "sha256")
+	inBlobs := func(p string) bool { return filepath.Clean(p) == p && filepath.Dir(p) == blobs }
+	if !inBlobs(img.Kernel) || (img.Initrd != "" && !inBlobs(img.Initrd)) {
+		return fmt.Errorf("image %s names a kernel or initrd outside the store's blobs (%q, %q)", img.ID, img.Kernel, img.Initrd)
+	}
+	return nil
 }
 
 // Get finds an image by ID (full or unique prefix, with or without "sha256:"),

@@ -2,6 +2,7 @@ package image
 
 import (
 	"context"
+	"encoding/json"
 	"io"
 	"log"
 	"net/http"
@@ -19,6 +20,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/stretchr/testify/require"
+	bolt "go.etcd.io/bbolt"
 )
 
 func fakeKernel(t *testing.T, content string) string {
@@ -246,4 +248,34 @@ func TestPullRefusesPlainHTTPUnlessAllowed(t *testing.T) {
 	_, err = s.Pull(context.Background(), host+"/a/b:1", nil)
 	require.ErrorContains(t, err, "plain HTTP to "+host+" refused")
 	require.ErrorContains(t, err, "--insecure-registry "+host)
+}
+
+// One undecodable record, or one whose kernel path leaves the store, is
+// skipped: the other images still list, and no such path reaches QEMU.
+func TestBadImageRecordsAreSkipped(t *testing.T) {
+	host := serve(t)
+	idx, err := Pack(PackOptions{Kernel: fakeKernel(t, "good")})
+	require.NoError(t, err)
+	pushIndex(t, host+"/unikraft/good:1", idx)
+	root := t.TempDir()
+	s, err := Open(root, []string{host})
+	require.NoError(t, err)
+	defer s.Close()
+	good, err := s.Pull(context.Background(), host+"/unikraft/good:1", nil)
+	require.NoError(t, err)
+	hostile := *good
+	hostile.ID, hostile.RepoTags, hostile.Kernel = "sha256:"+strings.Repeat("e", 64), []string{"evil:1"}, "/etc/shadow"
+	b, _ := json.Marshal(hostile)
+	require.NoError(t, s.db.Update(func(tx *bolt.Tx) error {
+		if err := tx.Bucket(bucketImages).Put([]byte("garbage"), []byte("{not json")); err != nil {
+			return err
+		}
+		return tx.Bucket(bucketImages).Put([]byte(hostile.ID), b)
+	}))
+	imgs, err := s.List()
+	require.NoError(t, err, "one bad record must not fail every list")
+	require.Len(t, imgs, 1)
+	require.Equal(t, good.ID, imgs[0].ID)
+	_, err = s.Get("evil:1")
+	require.ErrorIs(t, err, ErrNotFound)
 }

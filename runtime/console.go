@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 )
 
@@ -47,10 +48,20 @@ func consolePipe() (r, w *os.File, err error) {
 // a goroutine of its own.
 func copyConsole(dst io.Writer, r *os.File) {
 	buf := make([]byte, consoleBuf)
+	failing := false
 	for {
 		n, err := r.Read(buf)
 		if n > 0 {
-			_, _ = dst.Write(buf[:n])
+			// A failed log write (a full disk) drops lines; the log says
+			// so itself once writing works again (pkg/crilog), and the
+			// shim's log says when it started and stopped.
+			if _, werr := dst.Write(buf[:n]); werr != nil && !failing {
+				failing = true
+				logrus.WithError(werr).Warn("writing the VM console to its CRI log failed; console lines are dropped until it works again")
+			} else if werr == nil && failing {
+				failing = false
+				logrus.Warn("writing the VM console to its CRI log works again; the log notes how many lines were dropped")
+			}
 		}
 		if err != nil {
 			return

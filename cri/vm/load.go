@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/image"
+	"github.com/unilet-dev/unilet/pkg/netns"
 	"github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/manager"
 	"github.com/unilet-dev/unilet/runtime/shim"
@@ -141,6 +143,7 @@ func (s *Service) loadContainer(k, v []byte) (*container, error) {
 	st := containerStatus{State: state, StartedAt: rec.StartedAt, Exit: rec.Exit, Pid: rec.Pid, Sizing: rec.Sizing, Warnings: rec.Warnings}
 	sb, err := s.sandboxes.Get(rec.SandboxID)
 	if err != nil || sb.ID() != rec.SandboxID {
+		sb = nil
 		// Its pod is gone: the container is removed (its VM ended first).
 		st.State = store.ContainerRemoving
 		logrus.WithFields(logrus.Fields{"container": rec.ID, "sandbox": rec.SandboxID}).Warn("a container record has no pod sandbox; removing it")
@@ -160,6 +163,19 @@ func (s *Service) loadContainer(k, v []byte) (*container, error) {
 	}
 	if dir, err := s.vms.Dir(rec.ID); err == nil {
 		meta.Machine.QMPSocket = filepath.Join(dir, "qmp.sock")
+	}
+	if st.State == store.ContainerCreated && sb != nil {
+		// Its VM is yet to boot: rebuild it from the CRI config as a create
+		// would (kernel and volumes checked anew), never from the record.
+		fresh, _, _, err := s.containerSpec(rec.ID, sb, cfg, img)
+		if err != nil {
+			st.State = store.ContainerExited
+			st.Exit = runtime.ExitStatus{Code: 128, Reason: runtime.ReasonStartFailed, FinishedAt: time.Now(),
+				Message: "the container could not be restored after a daemon restart: " + err.Error()}
+		} else {
+			fresh.CreatedAt = meta.CreatedAt
+			meta.Machine = fresh.Machine
+		}
 	}
 	c := s.containers.Restore(rec.ID, meta, st)
 	if state.Live() || state == store.ContainerRemoving {
@@ -184,6 +200,33 @@ func (s *Service) reconcile(pending []*container) {
 	for _, sb := range s.sandboxes.List() {
 		s.vms.DropStaging(sb.ID(), sb.Meta().Config.GetLinux().GetCgroupParent())
 		s.reconcileSandbox(sb)
+	}
+	s.sweepNetNS()
+}
+
+// sweepNetNS tears down network namespaces of unilet's form
+// (unilet-<ID>) that no sandbox claims: left by a daemon killed before its
+// record existed, or by a record that had to be quarantined.
+func (s *Service) sweepNetNS() {
+	if s.cfg.Network == nil {
+		return
+	}
+	ents, _ := os.ReadDir(s.cfg.NetNSDir)
+	for _, e := range ents {
+		id, ok := strings.CutPrefix(e.Name(), "unilet-")
+		if !ok || !store.ValidID(id) || s.sandboxes.Has(id) {
+			continue
+		}
+		path := filepath.Join(s.cfg.NetNSDir, e.Name())
+		log := logrus.WithFields(logrus.Fields{"sandbox": id, "netns": path})
+		if err := s.cfg.Network.Teardown(context.Background(), podInfo(id, &runtimeapi.PodSandboxConfig{}), path); err != nil {
+			log.WithError(err).Warn("CNI DEL of a network namespace no sandbox claims failed; removing the namespace anyway")
+		}
+		if err := netns.Remove(path); err != nil {
+			log.WithError(err).Warn("remove a network namespace no sandbox claims")
+			continue
+		}
+		log.Info("removed a network namespace no sandbox claims")
 	}
 }
 

@@ -11,6 +11,7 @@ package crilog
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sync"
@@ -42,6 +43,9 @@ type Writer struct {
 	lastFlush time.Time
 	timer     *time.Timer
 	werr      error // a failed background flush, returned by the next call
+	// Console lines a failed write dropped since the last good one, and why.
+	dropped int
+	dropErr error
 }
 
 const (
@@ -142,13 +146,15 @@ func (w *Writer) writeOut(b []byte) error {
 	if w.f == nil {
 		return fmt.Errorf("container log %s is closed", w.path)
 	}
-	if err := w.werr; err != nil {
-		w.werr = nil
-		return err
-	}
 	w.buf = append(w.buf, b...)
+	// A failed background flush is reported now (its lines are counted).
+	werr := w.werr
+	w.werr = nil
 	if len(w.buf) >= flushSize || time.Since(w.lastFlush) >= flushDelay {
-		return w.flushLocked()
+		if err := w.flushLocked(); err != nil {
+			return err
+		}
+		return werr
 	}
 	if w.timer == nil {
 		w.timer = time.AfterFunc(flushDelay, func() {
@@ -160,18 +166,47 @@ func (w *Writer) writeOut(b []byte) error {
 			}
 		})
 	}
-	return nil
+	return werr
 }
 
-// flushLocked writes the batched lines; caller holds w.mu.
+// flushLocked writes the batched lines; caller holds w.mu. The file only
+// ever holds whole lines: when a write fails (a full disk) the lines that
+// did not fit are dropped, a partly written line is cut off again, and the
+// next write that succeeds is preceded by a stderr line saying how many
+// console lines were lost and why.
 func (w *Writer) flushLocked() error {
 	w.lastFlush = time.Now()
 	if len(w.buf) == 0 || w.f == nil {
 		return nil
 	}
-	_, err := w.f.Write(w.buf)
+	if w.dropped > 0 {
+		note := fmt.Sprintf("[unilet: %d console line(s) were not written to this log: %v]", w.dropped, w.dropErr)
+		var out bytes.Buffer
+		out.WriteString(w.now().UTC().Format(time.RFC3339Nano) + " stderr " + TagFull + " " + note + "\n")
+		w.buf = append(out.Bytes(), w.buf...)
+	}
+	off, _ := w.f.Seek(0, io.SeekEnd)
+	n, err := w.f.Write(w.buf)
+	if err == nil {
+		w.dropped, w.dropErr = 0, nil
+		w.buf = w.buf[:0]
+		return nil
+	}
+	keep := bytes.LastIndexByte(w.buf[:n], '\n') + 1
+	if keep < n {
+		_ = w.f.Truncate(off + int64(keep))
+	}
+	lost := bytes.Count(w.buf[keep:], []byte{'\n'})
+	if w.dropped > 0 && keep == 0 {
+		lost-- // the note itself is not a console line
+	}
+	if keep > 0 {
+		w.dropped = 0
+	}
+	w.dropped += lost
+	w.dropErr = err
 	w.buf = w.buf[:0]
-	return err
+	return fmt.Errorf("write container log %s (%d console line(s) dropped): %w", w.path, w.dropped, err)
 }
 
 // Flush writes batched lines now.

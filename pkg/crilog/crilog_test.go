@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -89,4 +90,31 @@ func TestWriterBatchesFloods(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, w.Close())
 	require.Equal(t, want+ts+" stdout F last\n", read(t, p), "Close flushes")
+}
+
+// A full disk (/dev/full) drops lines but never leaves a truncated CRI
+// line, and once writing works again the log says how many were lost.
+func TestFullDiskDropsWholeLinesAndSaysSo(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "0.log")
+	require.NoError(t, os.Symlink("/dev/full", path))
+	w, err := Open(path, WithClock(func() time.Time { return time.Unix(0, 0) }))
+	require.NoError(t, err)
+	_, err = w.Write([]byte("lost one\nlost two\n"))
+	require.ErrorContains(t, err, "2 console line(s) dropped")
+	_, _ = w.Write([]byte("lost three\n")) // batched: its error comes with the flush
+	require.ErrorContains(t, w.Flush(), "3 console line(s) dropped")
+	// Space is back (here: the path is a file again; Reopen as kubelet's rotation does).
+	require.NoError(t, os.Remove(path))
+	require.NoError(t, w.Reopen())
+	_, err = w.Write([]byte("kept\n"))
+	require.NoError(t, err)
+	require.NoError(t, w.Close())
+	b, err := os.ReadFile(path)
+	require.NoError(t, err)
+	lines := strings.Split(strings.TrimSuffix(string(b), "\n"), "\n")
+	require.Len(t, lines, 2, string(b))
+	require.Contains(t, lines[0], " stderr F [unilet: 3 console line(s) were not written to this log:")
+	require.Contains(t, lines[0], "no space left on device")
+	require.Equal(t, "1970-01-01T00:00:00Z stdout F kept", lines[1])
 }

@@ -48,38 +48,53 @@ func open(dir string, lockTimeout time.Duration) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	path := filepath.Join(dir, FileName)
+	db, recovered, err := OpenDB(filepath.Join(dir, FileName), lockTimeout, bucketSandboxes, bucketContainers, bucketQuarantine)
+	if err != nil {
+		return nil, err
+	}
+	if recovered != "" {
+		logrus.WithField("problem", recovered).Error(
+			"the metadata store was corrupted and a new one started; unilet rebuilds what it can from the running VMs. " +
+				"Pods whose VMs were not running are no longer known to this node (kubelet recreates them)")
+	}
+	return &Store{db: db, recovered: recovered}, nil
+}
+
+// OpenDB opens the bbolt file at path with the given buckets, proving
+// every page readable. A file bbolt cannot read (a torn or corrupted page, a
+// zero-length file) is renamed to <path>.corrupt-<time> and a new one is
+// created; recovered then says what was wrong and where the old file went.
+// A file locked by another process is an error (never moved aside).
+func OpenDB(path string, lockTimeout time.Duration, buckets ...[]byte) (db *bolt.DB, recovered string, err error) {
 	reason := ""
 	if fi, err := os.Stat(path); err == nil && fi.Size() == 0 {
 		reason = "the file is empty (zero length)"
 	}
 	if reason == "" {
-		db, err := openChecked(path, lockTimeout)
+		db, err := openChecked(path, lockTimeout, buckets)
 		if errors.Is(err, bolterrors.ErrTimeout) {
-			return nil, fmt.Errorf("open metadata store (is another unilet running on this --root?): %w", err)
+			return nil, "", fmt.Errorf("open %s (is another unilet running on this --root?): %w", path, err)
 		}
 		if err == nil {
-			return &Store{db: db}, nil
+			return db, "", nil
 		}
 		reason = err.Error()
 	}
-	aside := fmt.Sprintf("%s.corrupt-%s", path, time.Now().UTC().Format("20060102T150405Z"))
+	aside := fmt.Sprintf("%s.corrupt-%s", path, time.Now().UTC().Format("20060102T150405.000000000Z"))
 	if err := os.Rename(path, aside); err != nil {
-		return nil, fmt.Errorf("metadata store %s is corrupted (%s) and cannot be moved aside: %w", path, reason, err)
+		return nil, "", fmt.Errorf("%s is corrupted (%s) and cannot be moved aside: %w", path, reason, err)
 	}
-	logrus.WithFields(logrus.Fields{"path": path, "movedTo": aside, "problem": reason}).Error(
-		"the metadata store is corrupted: moved it aside and starting a new one; unilet rebuilds what it can from the running VMs. " +
-			"Pods whose VMs were not running are no longer known to this node (kubelet recreates them)")
-	db, err := openChecked(path, lockTimeout)
+	logrus.WithFields(logrus.Fields{"path": path, "movedTo": aside, "problem": reason}).Error("a database is corrupted: moved it aside and started a new one")
+	db, err = openChecked(path, lockTimeout, buckets)
 	if err != nil {
-		return nil, fmt.Errorf("open a new metadata store: %w", err)
+		return nil, "", fmt.Errorf("open a new %s: %w", path, err)
 	}
-	return &Store{db: db, recovered: fmt.Sprintf("%s (old file kept as %s)", reason, aside)}, nil
+	return db, fmt.Sprintf("%s (old file kept as %s)", reason, aside), nil
 }
 
 // openChecked opens the file and proves every page readable: bbolt panics
 // on some corruptions, which is turned into an error here.
-func openChecked(path string, lockTimeout time.Duration) (db *bolt.DB, err error) {
+func openChecked(path string, lockTimeout time.Duration, buckets [][]byte) (db *bolt.DB, err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			if db != nil {
@@ -96,7 +111,7 @@ func openChecked(path string, lockTimeout time.Duration) (db *bolt.DB, err error
 		for e := range tx.Check() {
 			return fmt.Errorf("consistency check: %w", e)
 		}
-		for _, b := range [][]byte{bucketSandboxes, bucketContainers, bucketQuarantine} {
+		for _, b := range buckets {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}

@@ -33,8 +33,9 @@ const (
 	LogFile    = "shim.log"
 )
 
-// Serve runs the shim for the VM directory dir until Shutdown (or the VM
-// ended and nobody asked for a minute). It returns after QEMU is gone.
+// Serve runs the shim for the VM directory dir until Shutdown (the daemon
+// asks once it has recorded the VM's exit) or ctx ends. It returns after
+// QEMU is gone.
 func Serve(ctx context.Context, dir string) error {
 	spec, err := readSpec(dir)
 	if err != nil {
