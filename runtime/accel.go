@@ -39,12 +39,7 @@ func ProbeKVM(ctx context.Context, qemu string) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, qemu, "-machine", "pc,accel=kvm", "-cpu", "host", "-m", "16",
-		"-nographic", "-nodefaults", "-no-user-config", "-no-reboot", "-kernel", kernel,
-		"-serial", "stdio", "-fw_cfg", "name=etc/sercon-port,string=0")
-	// The probe's QEMU dies with the daemon (killed during start-up, it
-	// would otherwise run forever, paused in internal-error).
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	cmd := probeCommand(ctx, qemu, kernel)
 	var out, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &stderr
 	err = cmd.Run()
@@ -59,6 +54,17 @@ func ProbeKVM(ctx context.Context, qemu string) error {
 		return fmt.Errorf("KVM probe guest did not finish within 5s (KVM cannot run it; QEMU likely stuck in internal-error) %s", msg)
 	}
 	return fmt.Errorf("KVM probe guest failed (%v): %s", err, msg)
+}
+
+// probeCommand is the probe's QEMU. It dies with the daemon: killed during
+// start-up, the daemon would otherwise leave it running forever, paused in
+// internal-error.
+func probeCommand(ctx context.Context, qemu, kernel string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, qemu, "-machine", "pc,accel=kvm", "-cpu", "host", "-m", "16",
+		"-nographic", "-nodefaults", "-no-user-config", "-no-reboot", "-kernel", kernel,
+		"-serial", "stdio", "-fw_cfg", "name=etc/sercon-port,string=0")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	return cmd
 }
 
 // ResolveAccel turns the --accel setting (auto|kvm|tcg) into the accelerator

@@ -90,6 +90,9 @@ func (s *Service) loadSandbox(k, v []byte) error {
 	if err := proto.Unmarshal(rec.Config, cfg); err != nil {
 		return fmt.Errorf("undecodable sandbox config: %w", err)
 	}
+	if cfg.GetMetadata().GetName() == "" || cfg.GetMetadata().GetNamespace() == "" {
+		return errors.New("sandbox config without metadata (name, namespace)")
+	}
 	state := store.SandboxState(rec.Phase)
 	if rec.Phase == "" {
 		state = store.SandboxNotReady
@@ -127,6 +130,9 @@ func (s *Service) loadContainer(k, v []byte) (*container, error) {
 	cfg := &runtimeapi.ContainerConfig{}
 	if err := proto.Unmarshal(rec.Config, cfg); err != nil {
 		return nil, fmt.Errorf("undecodable container config: %w", err)
+	}
+	if cfg.GetMetadata().GetName() == "" || rec.ImageID == "" {
+		return nil, errors.New("container record without metadata (name) or image")
 	}
 	state := store.ContainerState(rec.Phase)
 	if rec.Phase == "" {

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 )
 
 // A stopped (SIGSTOP) shim fails every call with DeadlineExceeded within
@@ -20,9 +21,11 @@ func TestStuckShimCallsHitTheirDeadline(t *testing.T) {
 	require.NoError(t, err)
 	h, err := NewHandle(context.Background(), c)
 	require.NoError(t, err)
-	shimPid := parentOf(t, h.Pid())
-	require.NoError(t, syscall.Kill(shimPid, syscall.SIGSTOP))
-	t.Cleanup(func() { _ = syscall.Kill(shimPid, syscall.SIGCONT) })
+	pidfd, err := unix.PidfdOpen(parentOf(t, h.Pid()), 0) // signal only this very shim
+	require.NoError(t, err)
+	signal := func(sig unix.Signal) error { return unix.PidfdSendSignal(pidfd, sig, nil, 0) }
+	require.NoError(t, signal(unix.SIGSTOP))
+	t.Cleanup(func() { _ = signal(unix.SIGCONT); _ = unix.Close(pidfd) })
 
 	calls := map[string]func(ctx context.Context) error{
 		"stop":   func(ctx context.Context) error { _, err := h.Stop(ctx, time.Second); return err },
@@ -42,7 +45,7 @@ func TestStuckShimCallsHitTheirDeadline(t *testing.T) {
 		t.Fatal("a stuck shim is not an ended VM")
 	default:
 	}
-	require.NoError(t, syscall.Kill(shimPid, syscall.SIGCONT))
+	require.NoError(t, signal(unix.SIGCONT))
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	ex, err := h.Stop(ctx, 0)

@@ -1,0 +1,316 @@
+package cri_test
+
+// Trust tests: races between verbs, a stuck shim, hostile and corrupted
+// state on disk, driven through the real daemon with a Go CRI client.
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/unilet-dev/unilet/pkg/metadata"
+)
+
+// rt is a CRI client of the daemon (closed with the test).
+func (d *daemon) rt(t *testing.T) runtimeapi.RuntimeServiceClient {
+	conn, err := grpc.NewClient("unix://"+d.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	require.NoError(t, err)
+	t.Cleanup(func() { conn.Close() })
+	return runtimeapi.NewRuntimeServiceClient(conn)
+}
+
+func vmPodConfig(t *testing.T, name string) *runtimeapi.PodSandboxConfig {
+	return &runtimeapi.PodSandboxConfig{
+		Metadata:     &runtimeapi.PodSandboxMetadata{Name: name, Namespace: "e2e", Uid: name + "-uid"},
+		Annotations:  map[string]string{"kubernetes.io/target-runtime": "unikraft"},
+		LogDirectory: filepath.Join(t.TempDir(), "pods", name),
+	}
+}
+
+func vmContainerConfig(args ...string) *runtimeapi.ContainerConfig {
+	return &runtimeapi.ContainerConfig{Metadata: &runtimeapi.ContainerMetadata{Name: "app"}, Image: &runtimeapi.ImageSpec{Image: image()},
+		LogPath: "app/0.log", Args: args}
+}
+
+// createVM runs a VM pod and creates (not starts) its container.
+func createVM(t *testing.T, rt runtimeapi.RuntimeServiceClient, name string, args ...string) (pod, ctr string, cfg *runtimeapi.PodSandboxConfig) {
+	t.Helper()
+	ctx := context.Background()
+	cfg = vmPodConfig(t, name)
+	p, err := rt.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: cfg})
+	require.NoError(t, err)
+	c, err := rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: p.PodSandboxId, Config: vmContainerConfig(args...), SandboxConfig: cfg})
+	require.NoError(t, err)
+	return p.PodSandboxId, c.ContainerId, cfg
+}
+
+func listedContainers(t *testing.T, rt runtimeapi.RuntimeServiceClient) map[string]runtimeapi.ContainerState {
+	resp, err := rt.ListContainers(context.Background(), &runtimeapi.ListContainersRequest{})
+	require.NoError(t, err)
+	out := map[string]runtimeapi.ContainerState{}
+	for _, c := range resp.Containers {
+		out[c.Id] = c.State
+	}
+	return out
+}
+
+// vmLeft lists what a container may have left behind: its QEMU and shim
+// processes and its VM directory.
+func (d *daemon) vmLeft(ctr string) []string {
+	dir := filepath.Join(d.stateDir, "vm", ctr[:16])
+	var left []string
+	left = append(left, qemuProcesses(d.t, dir)...)
+	if out, _ := exec.Command("pgrep", "-af", "unilet-shim --dir "+dir).Output(); len(out) > 0 {
+		left = append(left, strings.TrimSpace(string(out)))
+	}
+	if _, err := os.Stat(dir); err == nil {
+		left = append(left, "directory "+dir)
+	}
+	return left
+}
+
+// Remove sent 0–30 ms into a start: the answer is OK only once nothing of
+// the VM is left, and the container does not come back after a crash.
+func TestRemoveDuringStart(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "")
+	d.must("pull", image())
+	rt := d.rt(t)
+	ctx := context.Background()
+	var removed []string
+	for i := 0; i < 10; i++ {
+		pod, ctr, _ := createVM(t, rt, fmt.Sprintf("rm-start-%d", i), "tick=50")
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, _ = rt.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: ctr}) // may fail: cancelled
+		}()
+		time.Sleep(time.Duration(i*3) * time.Millisecond)
+		var err error
+		if i%2 == 0 {
+			_, err = rt.RemoveContainer(ctx, &runtimeapi.RemoveContainerRequest{ContainerId: ctr})
+		} else {
+			_, err = rt.RemovePodSandbox(ctx, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: pod})
+		}
+		require.NoError(t, err)
+		require.Empty(t, d.vmLeft(ctr), "remove %d answered OK while the VM was left", i)
+		require.NotContains(t, listedContainers(t, rt), ctr)
+		wg.Wait()
+		require.Empty(t, d.vmLeft(ctr), "a start finished after the remove and left a VM (iteration %d)", i)
+		removed = append(removed, ctr)
+	}
+	d.crash()
+	d.start()
+	listed := listedContainers(t, d.rt(t))
+	for _, ctr := range removed {
+		require.NotContains(t, listed, ctr, "a removed container came back after a restart")
+	}
+	require.Empty(t, qemuProcesses(t, d.stateDir))
+}
+
+// A stopped (SIGSTOP) shim affects only its own container: its stop fails
+// with DeadlineExceeded within its timeout, every other pod's verbs and
+// the passthrough pods keep answering, and removal still ends its VM.
+func TestStuckShimAffectsOnlyItsContainer(t *testing.T) {
+	ctrd := startContainerd(t)
+	d := startDaemon(t, "--upstream-endpoint", "unix://"+ctrd.sock, "--unikernel-registry", regHost)
+	d.must("pull", image())
+	rt := d.rt(t)
+	ctx := context.Background()
+	_, stuck, _ := createVM(t, rt, "stuck", "tick=100")
+	_, err := rt.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: stuck})
+	require.NoError(t, err)
+	podB, other, _ := createVM(t, rt, "healthy", "tick=100")
+	out, err := exec.Command("pgrep", "-f", "unilet-shim --dir "+filepath.Join(d.stateDir, "vm", stuck[:16])).Output()
+	require.NoError(t, err)
+	shimPid, err := strconv.Atoi(strings.TrimSpace(string(out)))
+	require.NoError(t, err)
+	pidfd, err := unix.PidfdOpen(shimPid, 0) // signal only this very process
+	require.NoError(t, err)
+	require.NoError(t, unix.PidfdSendSignal(pidfd, unix.SIGSTOP, nil, 0))
+	t.Cleanup(func() { _ = unix.PidfdSendSignal(pidfd, unix.SIGCONT, nil, 0); _ = unix.Close(pidfd) })
+
+	stopErr := make(chan error, 1)
+	t0 := time.Now()
+	go func() {
+		_, err := rt.StopContainer(ctx, &runtimeapi.StopContainerRequest{ContainerId: stuck, Timeout: 1})
+		stopErr <- err
+	}()
+	time.Sleep(200 * time.Millisecond) // the stop now waits on the stuck shim
+	// Everything else answers meanwhile. The bound is generous (the stuck
+	// stop takes 11 s); it proves nothing waits for the stuck shim.
+	quick := func(what string, f func() error) {
+		t1 := time.Now()
+		require.NoError(t, f(), what)
+		require.Less(t, time.Since(t1), 3*time.Second, "%s waited for the stuck shim", what)
+	}
+	quick("status of the stuck container", func() error {
+		_, err := rt.ContainerStatus(ctx, &runtimeapi.ContainerStatusRequest{ContainerId: stuck})
+		return err
+	})
+	quick("list", func() error { _, err := rt.ListContainers(ctx, &runtimeapi.ListContainersRequest{}); return err })
+	quick("stats", func() error { _, err := rt.ListContainerStats(ctx, &runtimeapi.ListContainerStatsRequest{}); return err })
+	quick("start another pod's VM", func() error {
+		_, err := rt.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: other})
+		return err
+	})
+	quick("stop another pod", func() error {
+		_, err := rt.StopPodSandbox(ctx, &runtimeapi.StopPodSandboxRequest{PodSandboxId: podB})
+		return err
+	})
+	quick("remove another pod", func() error {
+		_, err := rt.RemovePodSandbox(ctx, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: podB})
+		return err
+	})
+	plainCfg := &runtimeapi.PodSandboxConfig{Metadata: &runtimeapi.PodSandboxMetadata{Name: "plain", Namespace: "e2e", Uid: "plain-uid"},
+		LogDirectory: filepath.Join(t.TempDir(), "plain"),
+		Linux: &runtimeapi.LinuxPodSandboxConfig{SecurityContext: &runtimeapi.LinuxSandboxSecurityContext{
+			NamespaceOptions: &runtimeapi.NamespaceOption{Network: runtimeapi.NamespaceMode_NODE}}}}
+	var plain string
+	quick("run a plain pod (passthrough)", func() error {
+		r, err := rt.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: plainCfg})
+		if err == nil {
+			plain = r.PodSandboxId
+		}
+		return err
+	})
+	quick("remove the plain pod (passthrough)", func() error {
+		_, err := rt.RemovePodSandbox(ctx, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: plain})
+		return err
+	})
+
+	err = <-stopErr
+	require.Equal(t, codes.DeadlineExceeded, status.Code(err), "%v", err)
+	require.Less(t, time.Since(t0), 20*time.Second)
+	st, err := rt.ContainerStatus(ctx, &runtimeapi.ContainerStatusRequest{ContainerId: stuck})
+	require.NoError(t, err)
+	require.Equal(t, runtimeapi.ContainerState_CONTAINER_RUNNING, st.Status.State, "a VM that may run is never reported stopped")
+
+	_, err = rt.RemoveContainer(ctx, &runtimeapi.RemoveContainerRequest{ContainerId: stuck})
+	require.NoError(t, err)
+	require.Empty(t, d.vmLeft(stuck), "remove answered OK while the stuck VM was left")
+}
+
+// Records a corrupted or hand-edited meta.db may hold: the daemon signals
+// no process that is not proven its own, touches no path outside its own
+// directories, quarantines what it cannot read and still serves.
+func TestHostileRecordsAreNotTrusted(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "")
+	d.must("pull", image())
+	rt := d.rt(t)
+	pod, _, _ := createVM(t, rt, "victim-pod")
+	d.stop()
+
+	// What a hostile record points at: a process and files of this test.
+	canaryDir := t.TempDir()
+	canaryFile := filepath.Join(canaryDir, "keep")
+	require.NoError(t, os.WriteFile(canaryFile, []byte("x"), 0o644))
+	sleeper := exec.Command("sleep", "300")
+	require.NoError(t, sleeper.Start())
+	t.Cleanup(func() { _ = sleeper.Process.Kill(); _ = sleeper.Wait() })
+
+	db, err := metadata.Open(filepath.Join(d.dir, "root"))
+	require.NoError(t, err)
+	hostileID := strings.Repeat("ab", 32)
+	ccfg, err := proto.Marshal(vmContainerConfig("tick=1"))
+	require.NoError(t, err)
+	scfg, err := proto.Marshal(vmPodConfig(t, "hostile-pod"))
+	require.NoError(t, err)
+	require.NoError(t, db.PutContainer(hostileID, map[string]any{
+		"id": hostileID, "sandboxId": pod, "config": ccfg, "imageId": "sha256:" + strings.Repeat("0", 64), "state": 1, "phase": "running", "pid": sleeper.Process.Pid,
+		"vmDir": canaryDir, "cgroup": "/", "logPath": canaryFile,
+		"machine": map[string]any{"Kernel": "/etc/shadow"}, // no QMP socket: an empty marker proved any PID before
+	}))
+	require.NoError(t, db.PutContainer(strings.Repeat("cd", 32), "not a record"))
+	require.NoError(t, db.PutContainer("../../etc", map[string]any{"id": "../../etc", "sandboxId": pod, "state": 1, "vmDir": "/"}))
+	hostilePod := strings.Repeat("ef", 32)
+	require.NoError(t, db.PutSandbox(hostilePod, map[string]any{"id": hostilePod, "state": 1, "phase": "notready",
+		"netns": canaryFile, "netPending": true, "config": scfg}))
+	require.NoError(t, db.Close())
+
+	d.start()
+	require.NoError(t, syscall.Kill(sleeper.Process.Pid, 0), "the daemon signalled a process it did not prove its own")
+	_, err = os.Stat(canaryFile)
+	require.NoError(t, err, "the daemon touched a path a record named")
+	listed := listedContainers(t, d.rt(t))
+	require.Equal(t, runtimeapi.ContainerState_CONTAINER_EXITED, listed[hostileID], "a record of a VM that does not run is not RUNNING")
+	require.NotContains(t, listed, strings.Repeat("cd", 32))
+	in := d.inspect(hostileID)
+	require.Equal(t, "VMLost", in.Status.Reason)
+	b, _ := os.ReadFile(d.logFile)
+	require.Contains(t, string(b), "quarantined it")
+
+	db2 := func() []metadata.Quarantined {
+		d.stop()
+		db, err := metadata.Open(filepath.Join(d.dir, "root"))
+		require.NoError(t, err)
+		defer db.Close()
+		q, err := db.Quarantine()
+		require.NoError(t, err)
+		return q
+	}()
+	require.Len(t, db2, 2, "the undecodable record and the one with a foreign ID are kept for the operator")
+	d.start()
+	d.must("rmp", "-f", pod)
+	d.must("rmp", "-f", hostilePod)
+}
+
+// A corrupted meta.db is moved aside with a loud error; the daemon starts,
+// rebuilds the running VM's pod and container from its VM directory, and
+// the VM goes on (same ID, same console log).
+func TestCorruptedMetaDBIsRebuiltFromRunningVMs(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "")
+	pod, ctr := d.runVM(t, "vm-corrupt-db", "tick=100")
+	in := d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
+	waitLog(t, in.Status.LogPath, "tick 2\n")
+	_, stopped := d.runVM(t, "vm-stopped", "count=1")
+	d.waitState(stopped, "CONTAINER_EXITED", 10*time.Second)
+	d.crash()
+	dbPath := filepath.Join(d.dir, "root", metadata.FileName)
+	fi, err := os.Stat(dbPath)
+	require.NoError(t, err)
+	f, err := os.OpenFile(dbPath, os.O_WRONLY, 0)
+	require.NoError(t, err)
+	junk := make([]byte, fi.Size())
+	for i := range junk {
+		junk[i] = byte(i*13 + 7)
+	}
+	_, err = f.WriteAt(junk, 0)
+	require.NoError(t, err)
+	f.Close()
+
+	d.start()
+	require.Equal(t, "CONTAINER_RUNNING", d.inspect(ctr).Status.State, "the running VM was rebuilt")
+	require.Contains(t, d.must("pods", "-q"), pod)
+	require.Len(t, qemuProcesses(t, d.stateDir), 1)
+	waitLog(t, in.Status.LogPath, "tick 6\n")
+	aside, _ := filepath.Glob(dbPath + ".corrupt-*")
+	require.Len(t, aside, 1, "the corrupted file is kept")
+	b, _ := os.ReadFile(d.logFile)
+	require.Contains(t, string(b), "metadata store was corrupted")
+	d.must("rmp", "-f", pod)
+	require.Empty(t, qemuProcesses(t, d.stateDir))
+	var left []string
+	ents, _ := os.ReadDir(filepath.Join(d.stateDir, "vm"))
+	for _, e := range ents {
+		left = append(left, e.Name())
+	}
+	require.Empty(t, left)
+}
