@@ -28,15 +28,18 @@ vet:
 	$(GO) vet ./...
 
 # Fast tests: pure builders (golden), stores, routing with a fake upstream,
-# and the VM runtime booting the test kernel under real QEMU (~10 s).
+# and the VM runtime booting the test kernel under real QEMU; with the race
+# detector.
 test-unit: deps
-	$(GO) test -count=1 $$($(GO) list ./... | grep -v /e2e/)
+	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /e2e/)
 
 # End-to-end: the real daemon driven by a real crictl (built from cri-tools),
 # real QEMU, real CNI plugins, a loopback registry, and a real containerd for
-# passthrough pods.
+# passthrough pods; the crash-consistency churn (TestCrashConsistency, its
+# seed printed). With the race detector: the daemon and shims under test are
+# race builds too, and a race they report fails the test.
 test-e2e: deps
-	$(GO) test -count=1 -timeout 20m ./e2e/cri/...
+	$(GO) test -race -count=1 -timeout 30m ./e2e/cri/...
 
 # Kubernetes end-to-end: a real kubelet, kube-apiserver, controller-manager,
 # scheduler and etcd (built from Go modules; cold ~10 min, then cached) with

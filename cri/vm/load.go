@@ -284,9 +284,12 @@ func (s *Service) reconcileContainer(c *container) {
 	switch {
 	case ok:
 		// The VM ended (and its shim went away) while the daemon was down.
-	case errors.Is(err, shim.ErrNeverStarted):
+	case errors.Is(err, shim.ErrNeverStarted) || (st.State == store.ContainerStarting && st.Pid == 0):
+		if st.Pid > 0 {
+			s.vms.KillStray(c.ID(), st.Pid)
+		}
 		ex = runtime.ExitStatus{Code: 128, Reason: runtime.ReasonStartFailed, FinishedAt: time.Now(),
-			Message: "unilet restarted while this VM was being started and its shim had not started it; the start was abandoned"}
+			Message: "unilet restarted while this VM was being started, before it ran; the start was abandoned"}
 	default:
 		if st.Pid > 0 && s.vms.KillStray(c.ID(), st.Pid) {
 			log.WithField("pid", st.Pid).Warn("stopped a VM left running without its supervisor")

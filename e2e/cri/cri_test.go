@@ -66,7 +66,11 @@ func setup(m *testing.M) (int, error) {
 	}
 	defer os.RemoveAll(tmp)
 	binDir = filepath.Join(tmp, "bin")
-	if err := run(repoRoot, nil, "go", "build", "-o", binDir+"/", "./cmd/unilet", "./cmd/uniletctl", "./cmd/unilet-shim"); err != nil {
+	build := []string{"build", "-o", binDir + "/"}
+	if raceBuild {
+		build = append(build, "-race")
+	}
+	if err := run(repoRoot, nil, "go", append(build, "./cmd/unilet", "./cmd/uniletctl", "./cmd/unilet-shim")...); err != nil {
 		return 0, err
 	}
 	crictl = os.Getenv("CRICTL")
@@ -174,6 +178,12 @@ func startDaemon(t *testing.T, extra ...string) *daemon {
 		// VMs outlive the daemon by design: end whatever a test left behind.
 		_ = exec.Command("pkill", "-9", "-f", "unilet-shim .*"+dir).Run()
 		_ = exec.Command("pkill", "-9", "-f", "qemu-system-x86_64 .*"+dir).Run()
+		// Races the daemon or its shims reported (GORACE log_path).
+		reports, _ := filepath.Glob(filepath.Join(dir, "race.*"))
+		for _, r := range reports {
+			b, _ := os.ReadFile(r)
+			t.Errorf("the race detector reported (%s):\n%s", filepath.Base(r), b)
+		}
 		if t.Failed() {
 			b, _ := os.ReadFile(d.logFile)
 			t.Logf("unilet log:\n%s", b)
@@ -199,6 +209,8 @@ func (d *daemon) start() {
 	lf, err := os.OpenFile(d.logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	require.NoError(t, err)
 	d.cmd = exec.Command(filepath.Join(binDir, "unilet"), d.args...)
+	// Race reports of the daemon and its shims land beside its log (checked at cleanup).
+	d.cmd.Env = append(os.Environ(), "GORACE=log_path="+filepath.Join(d.dir, "race"))
 	d.cmd.Stdout, d.cmd.Stderr = lf, lf
 	require.NoError(t, d.cmd.Start())
 	d.done = make(chan struct{})

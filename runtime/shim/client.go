@@ -160,6 +160,33 @@ func (c *Client) Close() error {
 	return c.tc.Close()
 }
 
+// WaitExit waits until the shim process serving this connection has
+// exited (its pidfd turns readable), or ctx ends.
+func (c *Client) WaitExit(ctx context.Context) error {
+	for {
+		c.pidMu.Lock()
+		fd := c.pidfd
+		var n int
+		var err error
+		if fd >= 0 {
+			n, err = unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 20)
+		}
+		c.pidMu.Unlock()
+		if fd < 0 {
+			return errors.New("the shim's process is not known")
+		}
+		if n > 0 {
+			return nil
+		}
+		if err != nil && !errors.Is(err, unix.EINTR) {
+			return err
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+	}
+}
+
 // ShimPid is the PID of the shim serving this connection (0: unknown).
 func (c *Client) ShimPid() int { return c.peerPid }
 

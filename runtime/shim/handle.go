@@ -231,9 +231,15 @@ func (h *Handle) Attach(ctx context.Context, in io.Reader, out io.Writer) error 
 	}
 }
 
-// Release ends the shim of an exited VM and closes the connection.
+// Release ends the shim of an exited VM, waits for its process to be
+// gone (so nothing of the VM is left when it returns) and closes the
+// connection.
 func (h *Handle) Release(ctx context.Context) error {
-	_, err := h.client().Shutdown(ctx, &api.ShutdownRequest{})
+	c := h.client()
+	_, err := c.Shutdown(ctx, &api.ShutdownRequest{})
+	if err == nil {
+		err = c.WaitExit(ctx)
+	}
 	_ = h.Close()
 	return err
 }
