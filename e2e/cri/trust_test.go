@@ -166,7 +166,10 @@ func TestStuckShimAffectsOnlyItsContainer(t *testing.T) {
 		return err
 	})
 	quick("list", func() error { _, err := rt.ListContainers(ctx, &runtimeapi.ListContainersRequest{}); return err })
-	quick("stats", func() error { _, err := rt.ListContainerStats(ctx, &runtimeapi.ListContainerStatsRequest{}); return err })
+	quick("stats", func() error {
+		_, err := rt.ListContainerStats(ctx, &runtimeapi.ListContainerStatsRequest{})
+		return err
+	})
 	quick("start another pod's VM", func() error {
 		_, err := rt.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: other})
 		return err
