@@ -40,15 +40,18 @@ var containerTransitions = map[ContainerState][]ContainerState{
 	ContainerRemoving: {},
 }
 
-// CanBecome reports whether the state machine allows from → to.
-func (from ContainerState) CanBecome(to ContainerState) bool {
-	for _, s := range containerTransitions[from] {
+// allowed reports whether table lets from become to.
+func allowed[S comparable](table map[S][]S, from, to S) bool {
+	for _, s := range table[from] {
 		if s == to {
 			return true
 		}
 	}
 	return false
 }
+
+// CanBecome reports whether the state machine allows from → to.
+func (from ContainerState) CanBecome(to ContainerState) bool { return allowed(containerTransitions, from, to) }
 
 // Check returns ErrInvalidTransition unless from → to is allowed.
 func (from ContainerState) Check(to ContainerState) error {
@@ -123,14 +126,7 @@ var sandboxTransitions = map[SandboxState][]SandboxState{
 }
 
 // CanBecome reports whether the state machine allows from → to.
-func (from SandboxState) CanBecome(to SandboxState) bool {
-	for _, s := range sandboxTransitions[from] {
-		if s == to {
-			return true
-		}
-	}
-	return false
-}
+func (from SandboxState) CanBecome(to SandboxState) bool { return allowed(sandboxTransitions, from, to) }
 
 // Check returns ErrInvalidTransition unless from → to is allowed.
 func (from SandboxState) Check(to SandboxState) error {

@@ -250,7 +250,9 @@ func (s *Service) reconcileContainer(c *container) {
 				_ = vm.KillShim()
 			}
 			scancel()
-			_ = vm.Release(context.Background())
+			rctx, rcancel := context.WithTimeout(context.Background(), manager.CallTimeout)
+			_ = vm.Release(rctx)
+			rcancel()
 		} else if st.Pid > 0 {
 			s.vms.KillStray(c.ID(), st.Pid)
 		}
@@ -327,10 +329,8 @@ func (s *Service) reconcileSandbox(sb *sandbox) {
 		if !sb.Status().NetPending {
 			return
 		}
-		sb.Lifecycle.Lock()
-		err := s.teardownNetwork(context.Background(), sb)
-		sb.Lifecycle.Unlock()
-		if err != nil {
+		// A stop the earlier daemon did not finish: its VMs first, then the network.
+		if err := s.stopSandbox(context.Background(), sb); err != nil {
 			log.WithError(err).Warn("retrying the network teardown of a stopped pod failed; StopPodSandbox retries it")
 			return
 		}

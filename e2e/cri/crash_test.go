@@ -560,5 +560,9 @@ chaos:
 		return true
 	}, 10*time.Second, 100*time.Millisecond, "VM or staging cgroups left under %s", d.cgroupRoot)
 	links, _ := exec.Command("ip", "-o", "link", "show", "master", d.bridge).Output()
+	if len(strings.TrimSpace(string(links))) > 0 {
+		dbg, _ := exec.Command("sh", "-c", "lsns -t net; for p in /proc/[0-9]*; do l=$(readlink $p/ns/net); echo \"$l $(cat $p/comm) ${p#/proc/}\"; done | sort | uniq -c -w 20 | sort -n | head -50; ip netns list-id; ls -la /proc/*/fd 2>/dev/null | grep 'net:\\[' | head").CombinedOutput()
+		t.Logf("debug:\n%s", dbg)
+	}
 	require.Empty(t, strings.TrimSpace(string(links)), "veths left on the test bridge")
 }

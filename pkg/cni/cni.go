@@ -9,13 +9,14 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"sort"
 	"strings"
 
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/types"
 	types100 "github.com/containernetworking/cni/pkg/types/100"
+
+	"github.com/unilet-dev/unilet/pkg/netns"
 )
 
 // IfName is the interface CNI creates in the pod namespace.
@@ -139,10 +140,11 @@ func (m *Manager) Teardown(ctx context.Context, p PodInfo, netnsPath string) err
 	if err != nil {
 		return err
 	}
-	if netnsPath != "" {
-		if _, err := os.Stat(netnsPath); err != nil {
-			netnsPath = ""
-		}
+	// A namespace that is gone — or a bind file whose mount never happened
+	// (a daemon killed while creating it) — is passed as empty, as the spec
+	// allows for DEL: plugins then release what they can (IPAM).
+	if netnsPath != "" && !netns.Exists(netnsPath) {
+		netnsPath = ""
 	}
 	if err := m.cni.DelNetworkList(ctx, list, m.runtimeConf(p, netnsPath)); err != nil {
 		return fmt.Errorf("CNI network %q DEL: %w", list.Name, err)

@@ -111,6 +111,9 @@ func writeSpec(dir string, spec runtime.VMSpec) error {
 func startVM(ctx context.Context, c *Client, dir string, exited <-chan error, kill func(), t0 time.Time) (*Client, error) {
 	if _, err := c.Start(ctx, &api.StartRequest{}); err != nil {
 		c.Close()
+		if ctx.Err() != nil {
+			kill() // cancelled: the shim would go on starting; QEMU dies with it
+		}
 		select {
 		case <-exited:
 		case <-time.After(5 * time.Second):

@@ -142,7 +142,10 @@ func (p *Pool) waitQuiet() bool {
 func (p *Pool) spawn() (*idleShim, error) {
 	p.mu.Lock()
 	p.seq++
-	dir := filepath.Join(p.dir, strconv.Itoa(p.seq))
+	// Named by this daemon's PID and a sequence number: a shim an earlier
+	// daemon was still spawning when it died can never take over (and steal
+	// the socket of) a directory of this pool.
+	dir := filepath.Join(p.dir, strconv.Itoa(os.Getpid())+"-"+strconv.Itoa(p.seq))
 	p.mu.Unlock()
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err

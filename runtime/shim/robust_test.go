@@ -12,15 +12,22 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// launchVM runs the test kernel under a real shim and returns its handle.
+func launchVM(t *testing.T) (h *Handle, vmDir string) {
+	t.Helper()
+	shimBin, kernel := build(t)
+	vmDir = filepath.Join(t.TempDir(), "vm")
+	c, err := Launch(context.Background(), shimBin, vmDir, spec(t, kernel, vmDir, "tick=50"), nil)
+	require.NoError(t, err)
+	h, err = NewHandle(context.Background(), c)
+	require.NoError(t, err)
+	return h, vmDir
+}
+
 // A stopped (SIGSTOP) shim fails every call with DeadlineExceeded within
 // the caller's deadline instead of hanging it, and serves again after SIGCONT.
 func TestStuckShimCallsHitTheirDeadline(t *testing.T) {
-	shimBin, kernel := build(t)
-	vmDir := filepath.Join(t.TempDir(), "vm")
-	c, err := Launch(context.Background(), shimBin, vmDir, spec(t, kernel, vmDir, "tick=50"), nil)
-	require.NoError(t, err)
-	h, err := NewHandle(context.Background(), c)
-	require.NoError(t, err)
+	h, _ := launchVM(t)
 	pidfd, err := unix.PidfdOpen(parentOf(t, h.Pid()), 0) // signal only this very shim
 	require.NoError(t, err)
 	signal := func(sig unix.Signal) error { return unix.PidfdSendSignal(pidfd, sig, nil, 0) }
@@ -57,12 +64,7 @@ func TestStuckShimCallsHitTheirDeadline(t *testing.T) {
 // QEMU never outlives its shim: a killed shim takes its VM along, and the
 // handle reports the supervisor's death.
 func TestKilledShimTakesItsQEMU(t *testing.T) {
-	shimBin, kernel := build(t)
-	vmDir := filepath.Join(t.TempDir(), "vm")
-	c, err := Launch(context.Background(), shimBin, vmDir, spec(t, kernel, vmDir, "tick=50"), nil)
-	require.NoError(t, err)
-	h, err := NewHandle(context.Background(), c)
-	require.NoError(t, err)
+	h, vmDir := launchVM(t)
 	defer h.Close()
 	qemu := h.Pid()
 	require.True(t, IsQEMUOf(qemu, vmDir))
@@ -78,12 +80,7 @@ func TestKilledShimTakesItsQEMU(t *testing.T) {
 }
 
 func TestIsQEMUOfNeedsProof(t *testing.T) {
-	shimBin, kernel := build(t)
-	vmDir := filepath.Join(t.TempDir(), "vm")
-	c, err := Launch(context.Background(), shimBin, vmDir, spec(t, kernel, vmDir, "tick=50"), nil)
-	require.NoError(t, err)
-	h, err := NewHandle(context.Background(), c)
-	require.NoError(t, err)
+	h, vmDir := launchVM(t)
 	defer func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
