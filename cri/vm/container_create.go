@@ -72,7 +72,9 @@ func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateConta
 	sb.Meta().rt.staged = nil
 	if _, err := s.containers.Add(id, meta, containerStatus{State: store.ContainerCreated, Sizing: size, Warnings: warnings, staged: staged}); err != nil {
 		staged.Discard()
-		s.vms.Cleanup(id, meta.Cgroup)
+		if cerr := s.vms.Cleanup(id, meta.Cgroup); cerr != nil {
+			log.WithError(cerr).Warn("clean up after a failed create")
+		}
 		return nil, err
 	}
 	log.Debug("unikernel container created")

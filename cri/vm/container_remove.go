@@ -3,6 +3,7 @@ package vm
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -62,7 +63,11 @@ func (s *Service) removeContainer(ctx context.Context, c *container) error {
 			return err
 		}
 	}
-	s.vms.Cleanup(c.ID(), c.Meta().Cgroup)
+	// Everything of the VM goes before the record: the removal is retried
+	// (by kubelet, or the next daemon) until nothing is left.
+	if err := s.vms.Cleanup(c.ID(), c.Meta().Cgroup); err != nil {
+		return fmt.Errorf("remove container %s: %w", c.ID(), err)
+	}
 	if err := s.containers.Delete(c); err != nil {
 		return err
 	}

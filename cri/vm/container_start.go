@@ -94,7 +94,7 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 		sctx, scancel := context.WithTimeout(context.Background(), manager.StopGrace)
 		_, _ = vm.Stop(sctx, 0)
 		scancel()
-		s.vms.Release(c.ID(), vm, m.Cgroup)
+		_ = s.vms.Release(c.ID(), vm, m.Cgroup)
 		return nil, errorf(codes.Internal, "record the started VM of container %s (it was stopped): %v", c.ID(), err)
 	}
 	go s.watchExit(c, vm)
@@ -157,7 +157,9 @@ func (s *Service) finishExit(c *container, vm manager.VM, ex runtime.ExitStatus)
 		log.WithError(err).Error("could not record the VM's exit; its directory is kept for the next daemon")
 		return
 	}
-	s.vms.Release(c.ID(), vm, c.Meta().Cgroup)
+	if err := s.vms.Release(c.ID(), vm, c.Meta().Cgroup); err != nil {
+		log.WithError(err).Warn("clean up after the VM ended; RemoveContainer retries")
+	}
 	log.Info("unikernel VM ended")
 }
 

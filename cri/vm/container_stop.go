@@ -60,7 +60,9 @@ func (s *Service) stopLocked(ctx context.Context, c *container, timeout time.Dur
 		})
 		if err == nil {
 			st.staged.Discard()
-			s.vms.Cleanup(c.ID(), c.Meta().Cgroup)
+			if err := s.vms.Cleanup(c.ID(), c.Meta().Cgroup); err != nil {
+				logrus.WithError(err).WithField("container", c.ID()).Warn("clean up a container that never started; RemoveContainer retries")
+			}
 		}
 		return err
 	case store.ContainerRunning:

@@ -203,9 +203,17 @@ func (s *Service) reconcile(pending []*container) {
 		}
 	}
 	s.vms.Sweep(func(name string) bool { return live[name] })
+	// Cgroups no record claims, under the parents unilet's pods use.
+	parents := map[string]bool{"": true}
 	for _, sb := range s.sandboxes.List() {
-		s.vms.DropStaging(sb.ID(), sb.Meta().Config.GetLinux().GetCgroupParent())
+		parents[sb.Meta().Config.GetLinux().GetCgroupParent()] = true
 		s.reconcileSandbox(sb)
+	}
+	// Staging cgroups (12-character sandbox ID prefixes) are never claimed:
+	// the idle shims they held ended with the earlier daemon.
+	claimed := func(id string) bool { return len(id) == 64 && s.containers.Has(id) }
+	for p := range parents {
+		s.vms.SweepCgroups(p, claimed)
 	}
 	s.sweepNetNS()
 }
@@ -256,7 +264,10 @@ func (s *Service) reconcileContainer(c *container) {
 		} else if st.Pid > 0 {
 			s.vms.KillStray(c.ID(), st.Pid)
 		}
-		s.vms.Cleanup(c.ID(), c.Meta().Cgroup)
+		if err := s.vms.Cleanup(c.ID(), c.Meta().Cgroup); err != nil {
+			log.WithError(err).Error("finish removing a container; RemoveContainer retries")
+			return
+		}
 		if err := s.containers.Delete(c); err != nil {
 			log.WithError(err).Error("finish removing a container")
 			return
@@ -275,7 +286,7 @@ func (s *Service) reconcileContainer(c *container) {
 			sctx, scancel := context.WithTimeout(context.Background(), manager.StopGrace)
 			_, _ = vm.Stop(sctx, 0)
 			scancel()
-			s.vms.Release(c.ID(), vm, c.Meta().Cgroup)
+			_ = s.vms.Release(c.ID(), vm, c.Meta().Cgroup)
 			return
 		}
 		go s.watchExit(c, vm)
@@ -306,7 +317,9 @@ func (s *Service) reconcileContainer(c *container) {
 		log.WithError(uerr).Error("record the exit of a VM that ended while the daemon was away")
 		return
 	}
-	s.vms.Cleanup(c.ID(), c.Meta().Cgroup)
+	if err := s.vms.Cleanup(c.ID(), c.Meta().Cgroup); err != nil {
+		log.WithError(err).Warn("clean up a VM that ended while the daemon was away; RemoveContainer retries")
+	}
 	log.WithFields(logrus.Fields{"exitCode": ex.Code, "reason": ex.Reason}).Warn("container's VM ended while the daemon was away; reported as exited")
 }
 

@@ -546,19 +546,22 @@ chaos:
 	require.Empty(t, ents, "network namespaces left")
 	mounts, _ := os.ReadFile("/proc/self/mountinfo")
 	require.NotContains(t, string(mounts), d.netnsDir, "netns mounts left")
+	cgRoot := filepath.Join("/sys/fs/cgroup/memory", d.cgroupRoot)
+	if cgroups.Unified() {
+		cgRoot = filepath.Join("/sys/fs/cgroup", d.cgroupRoot)
+	}
+	var cgLeft []string
 	require.Eventually(t, func() bool {
-		root := filepath.Join("/sys/fs/cgroup/memory", d.cgroupRoot)
-		if cgroups.Unified() {
-			root = filepath.Join("/sys/fs/cgroup", d.cgroupRoot)
-		}
-		sub, _ := os.ReadDir(root)
+		sub, _ := os.ReadDir(cgRoot)
+		cgLeft = nil
 		for _, e := range sub {
 			if e.IsDir() {
-				return false
+				procs, _ := os.ReadFile(filepath.Join(cgRoot, e.Name(), "cgroup.procs"))
+				cgLeft = append(cgLeft, e.Name()+" (procs: "+strings.Join(strings.Fields(string(procs)), ",")+")")
 			}
 		}
-		return true
-	}, 10*time.Second, 100*time.Millisecond, "VM or staging cgroups left under %s", d.cgroupRoot)
+		return len(cgLeft) == 0
+	}, 10*time.Second, 100*time.Millisecond, "VM or staging cgroups left under %s: %v", d.cgroupRoot, &cgLeft)
 	links, _ := exec.Command("ip", "-o", "link", "show", "master", d.bridge).Output()
 	if len(strings.TrimSpace(string(links))) > 0 {
 		dbg, _ := exec.Command("sh", "-c", "lsns -t net; for p in /proc/[0-9]*; do l=$(readlink $p/ns/net); echo \"$l $(cat $p/comm) ${p#/proc/}\"; done | sort | uniq -c -w 20 | sort -n | head -50; ip netns list-id; ls -la /proc/*/fd 2>/dev/null | grep 'net:\\[' | head").CombinedOutput()

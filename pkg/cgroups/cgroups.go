@@ -317,3 +317,23 @@ func Rename(from, to string) error {
 	}
 	return nil
 }
+
+// Children lists the names of the child cgroups of p (v1: in the memory
+// hierarchy, where every VM cgroup exists).
+func Children(p string) []string {
+	root := "/sys/fs/cgroup/memory"
+	if unified() {
+		root = "/sys/fs/cgroup"
+	}
+	ents, err := os.ReadDir(filepath.Join(root, p))
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, e := range ents {
+		if e.IsDir() {
+			out = append(out, e.Name())
+		}
+	}
+	return out
+}

@@ -9,12 +9,15 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"sort"
 	"strings"
 
 	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/invoke"
 	"github.com/containernetworking/cni/pkg/types"
 	types100 "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/cni/pkg/version"
 
 	"github.com/unilet-dev/unilet/pkg/netns"
 )
@@ -61,7 +64,10 @@ type Manager struct {
 // New returns a Manager; configuration is read at each call, so networks
 // installed after start (e.g. by a CNI DaemonSet) are picked up.
 func New(cfg Config) *Manager {
-	return &Manager{cfg: cfg, cni: libcni.NewCNIConfigWithCacheDir(cfg.BinDirs, cfg.CacheDir, nil)}
+	// An explicit exec: with nil, libcni creates one lazily on every call
+	// without synchronisation, a data race between concurrent pod starts.
+	exec := &invoke.DefaultExec{RawExec: &invoke.RawExec{Stderr: os.Stderr}, PluginDecoder: version.PluginDecoder{}}
+	return &Manager{cfg: cfg, cni: libcni.NewCNIConfigWithCacheDir(cfg.BinDirs, cfg.CacheDir, exec)}
 }
 
 // ErrNoConfig means the configuration directory holds no network.

@@ -159,7 +159,7 @@ type StartSpec struct {
 type Timings struct{ Cgroup, Spawn, Boot time.Duration }
 
 // Start boots a VM under its shim. On error nothing is left: no shim, no
-// QEMU, no directory; the cgroup is removed in the background once empty.
+// QEMU, no directory, no cgroup.
 // Cancelling ctx aborts the start the same way.
 func (m *Manager) Start(ctx context.Context, s StartSpec) (VM, Timings, error) {
 	var tm Timings
@@ -196,7 +196,9 @@ func (m *Manager) Start(ctx context.Context, s StartSpec) (VM, Timings, error) {
 	}
 	_ = os.RemoveAll(dir)
 	if cg != nil {
-		go dropCgroup(s.ID, cg)
+		if cerr := cg.Delete(); cerr != nil {
+			logrus.WithError(cerr).WithField("container", s.ID).Warn("remove the cgroup of a VM that did not start")
+		}
 	}
 	return nil, tm, err
 }
@@ -283,39 +285,41 @@ func (m *Manager) KillStray(id string, pid int) bool {
 	return shim.KillQEMU(pid, dir)
 }
 
-// Release ends the shim of an ended VM and removes the VM directory and
-// cgroup (best effort, logged). Call it only after the exit was recorded:
-// it deletes the shim's exit.json.
-func (m *Manager) Release(id string, vm VM, cgroup string) {
-	log := logrus.WithField("container", id)
+// Release ends the shim of an ended VM (waiting for it to exit) and
+// removes the VM directory and cgroup. Call it only after the exit was
+// recorded: it deletes the shim's exit.json.
+func (m *Manager) Release(id string, vm VM, cgroup string) error {
 	if vm != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), CallTimeout)
 		if err := vm.Release(ctx); err != nil {
-			log.WithError(err).Debug("ending the shim of an ended VM")
+			logrus.WithError(err).WithField("container", id).Debug("ending the shim of an ended VM")
 		}
 		cancel()
 	}
-	m.Cleanup(id, cgroup)
+	return m.Cleanup(id, cgroup)
 }
 
-// Cleanup removes the VM directory of id and its cgroup (in the background:
-// the shim leaves shortly after its VM).
-func (m *Manager) Cleanup(id, cgroup string) {
+// Cleanup removes the VM directory of id and its cgroup. The cgroup is
+// removed before the caller forgets the container (a cgroup whose record
+// is gone would be left for good); its last processes may still be
+// exiting, so this can take up to a few seconds.
+func (m *Manager) Cleanup(id, cgroup string) error {
 	if dir, err := m.Dir(id); err == nil {
-		_ = os.RemoveAll(dir)
+		if err := os.RemoveAll(dir); err != nil {
+			return fmt.Errorf("remove the VM directory: %w", err)
+		}
 	}
 	if cgroup == "" {
-		return
+		return nil
 	}
-	if cg, err := cgroups.Load(cgroup); err == nil {
-		go dropCgroup(id, cg)
+	cg, err := cgroups.Load(cgroup)
+	if err != nil {
+		return nil // gone already
 	}
-}
-
-func dropCgroup(id string, cg cgroups.Cgroup) {
 	if err := cg.Delete(); err != nil {
-		logrus.WithError(err).WithField("container", id).Warn("remove the VM's cgroup")
+		return fmt.Errorf("remove the VM's cgroup %s: %w", cgroup, err)
 	}
+	return nil
 }
 
 // Sweep ends and removes every VM directory that no live container claims

@@ -1,6 +1,9 @@
 package manager
 
 import (
+	"path"
+	"strings"
+
 	"github.com/sirupsen/logrus"
 
 	"github.com/unilet-dev/unilet/pkg/cgroups"
@@ -93,6 +96,44 @@ func (m *Manager) DropStaging(sandboxID, parent string) {
 	if p, err := cgroups.Path(parent, m.cfg.CgroupRoot, stageName(sandboxID)); err == nil {
 		if cg, err := cgroups.Load(p); err == nil {
 			_ = cg.Delete()
+		}
+	}
+}
+
+// SweepCgroups removes the VM and staging cgroups under the cgroup parent
+// of a pod (parent; empty: the configured root) that no live object
+// claims: a daemon killed between making a cgroup and recording it, or
+// between removing a record and its cgroup. Only names of unilet's own
+// forms are considered; claimed reports whether a container ID or a
+// sandbox ID prefix (staging) is still known.
+func (m *Manager) SweepCgroups(parent string, claimed func(id string) bool) {
+	if m.cfg.CgroupRoot == "" {
+		return
+	}
+	probe, err := cgroups.Path(parent, m.cfg.CgroupRoot, strings.Repeat("0", 64))
+	if err != nil {
+		return
+	}
+	dir := path.Dir(probe)
+	for _, name := range cgroups.Children(dir) {
+		id := strings.TrimSuffix(strings.TrimPrefix(name, "unilet-"), ".scope")
+		if stage, ok := strings.CutPrefix(name, "stage-"); ok {
+			id = stage
+			if len(id) != 12 || !validID(id+strings.Repeat("0", 52)) {
+				continue
+			}
+		} else if !validID(id) {
+			continue
+		}
+		if claimed(id) {
+			continue
+		}
+		if cg, err := cgroups.Load(path.Join(dir, name)); err == nil {
+			if err := cg.Delete(); err != nil {
+				logrus.WithError(err).WithField("cgroup", path.Join(dir, name)).Warn("remove a cgroup no container claims")
+				continue
+			}
+			logrus.WithField("cgroup", path.Join(dir, name)).Info("removed a cgroup no container claims")
 		}
 	}
 }
