@@ -51,7 +51,9 @@ func allowed[S comparable](table map[S][]S, from, to S) bool {
 }
 
 // CanBecome reports whether the state machine allows from → to.
-func (from ContainerState) CanBecome(to ContainerState) bool { return allowed(containerTransitions, from, to) }
+func (from ContainerState) CanBecome(to ContainerState) bool {
+	return allowed(containerTransitions, from, to)
+}
 
 // Check returns ErrInvalidTransition unless from → to is allowed.
 func (from ContainerState) Check(to ContainerState) error {
@@ -126,7 +128,9 @@ var sandboxTransitions = map[SandboxState][]SandboxState{
 }
 
 // CanBecome reports whether the state machine allows from → to.
-func (from SandboxState) CanBecome(to SandboxState) bool { return allowed(sandboxTransitions, from, to) }
+func (from SandboxState) CanBecome(to SandboxState) bool {
+	return allowed(sandboxTransitions, from, to)
+}
 
 // Check returns ErrInvalidTransition unless from → to is allowed.
 func (from SandboxState) Check(to SandboxState) error {
