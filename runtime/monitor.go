@@ -56,8 +56,7 @@ func newMonitor(conn net.Conn, deadline time.Time, onEvent func(string)) (*monit
 	_ = conn.SetReadDeadline(time.Time{})
 	m := &monitor{conn: conn, waiting: map[uint64]chan qmpReply{}, onEvent: onEvent, closed: make(chan struct{})}
 	go m.read(r)
-	// Generous: QEMU answers slowly while a node boots many VMs at once.
-	if _, err := m.execute("qmp_capabilities", 10*time.Second); err != nil {
+	if _, err := m.execute("qmp_capabilities", qmpQueryTimeout); err != nil {
 		conn.Close()
 		return nil, err
 	}
@@ -96,6 +95,16 @@ func (m *monitor) read(r *bufio.Reader) {
 }
 
 var errMonitorClosed = errors.New("QMP connection closed")
+
+// Deadlines of QMP commands.
+const (
+	// qmpQueryTimeout bounds negotiation and status queries: generous, as
+	// QEMU answers slowly while a node boots many VMs at once.
+	qmpQueryTimeout = 10 * time.Second
+	// qmpPowerdownTimeout bounds the ACPI power-button request of a
+	// graceful stop (the stop's own timeout then waits for the guest).
+	qmpPowerdownTimeout = time.Second
+)
 
 func (m *monitor) execute(cmd string, timeout time.Duration) (json.RawMessage, error) {
 	ch := make(chan qmpReply, 1)
@@ -139,7 +148,7 @@ func (m *monitor) execute(cmd string, timeout time.Duration) (json.RawMessage, e
 }
 
 func (m *monitor) status() (string, error) {
-	raw, err := m.execute("query-status", 10*time.Second)
+	raw, err := m.execute("query-status", qmpQueryTimeout)
 	if err != nil {
 		return "", err
 	}

@@ -405,7 +405,7 @@ func (v *VM) Stop(timeout time.Duration) ExitStatus {
 	mon := v.mon
 	v.mu.Unlock()
 	if timeout > 0 && mon != nil {
-		_, err := mon.execute("system_powerdown", time.Second)
+		_, err := mon.execute("system_powerdown", qmpPowerdownTimeout)
 		if err != nil {
 			logrus.WithError(err).WithField("vm", v.spec.Machine.Name).Debug("graceful power-down failed; killing")
 		} else {
