@@ -175,19 +175,28 @@ func run() error {
 			return err
 		}
 	}
-	scfg := streaming.DefaultConfig
-	scfg.Addr = streamAddr
-	streamSrv, err := streaming.NewServer(scfg, svc.StreamRuntime())
+	// The streaming server's listener is opened here, before its URLs are
+	// handed out: its own Start fills in the address of a ":0" port while
+	// CRI calls may already read it (a data race).
+	streamLis, err := net.Listen("tcp", streamAddr)
 	if err != nil {
 		return fmt.Errorf("streaming server: %w", err)
 	}
+	scfg := streaming.DefaultConfig
+	scfg.Addr = streamLis.Addr().String()
+	streamSrv, err := streaming.NewServer(scfg, svc.StreamRuntime())
+	if err != nil {
+		streamLis.Close()
+		return fmt.Errorf("streaming server: %w", err)
+	}
 	svc.SetStreamServer(streamSrv)
+	streamHTTP := &http.Server{Handler: streamSrv, ReadHeaderTimeout: 30 * time.Second}
 	go func() {
-		if err := streamSrv.Start(true); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := streamHTTP.Serve(streamLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			logrus.WithError(err).Error("streaming server stopped")
 		}
 	}()
-	defer streamSrv.Stop()
+	defer streamHTTP.Close()
 	router, err := cri.NewRouter(cri.Config{Annotation: annotation, AnnotationValue: annotationValue, Handler: handler,
 		Registries: registries, Upstream: upstream}, svc)
 	if err != nil {

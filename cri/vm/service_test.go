@@ -1,11 +1,74 @@
 package vm
 
 import (
+	"context"
+	"io"
+	goruntime "runtime"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/unilet-dev/unilet/cri/store"
+	"github.com/unilet-dev/unilet/image"
+	vmruntime "github.com/unilet-dev/unilet/runtime"
 )
 
 func TestDedupEnvLaterWins(t *testing.T) {
 	require.Equal(t, []string{"B=2", "A=3", "C="}, dedupEnv([]string{"A=1", "B=2", "A=3", "C="}))
+}
+
+// fakeVM is a VM whose calls return at once.
+type fakeVM struct{ done chan struct{} }
+
+func (f *fakeVM) Done() <-chan struct{}      { return f.done }
+func (f *fakeVM) Exit() vmruntime.ExitStatus { return vmruntime.ExitStatus{} }
+func (f *fakeVM) Stop(context.Context, time.Duration) (vmruntime.ExitStatus, error) {
+	return vmruntime.ExitStatus{}, nil
+}
+func (f *fakeVM) ReopenLog(context.Context) error { return nil }
+func (f *fakeVM) Pid() int                        { return 0 }
+func (f *fakeVM) StartedAt() time.Time            { return time.Time{} }
+func (f *fakeVM) Stats(context.Context) (vmruntime.Stats, error) {
+	return vmruntime.Stats{}, nil
+}
+func (f *fakeVM) Attach(context.Context, io.Reader, io.Writer) error { return nil }
+func (f *fakeVM) KillShim() error                                    { return nil }
+func (f *fakeVM) Release(context.Context) error                      { return nil }
+func (f *fakeVM) Close() error                                       { return nil }
+
+func runningContainer(t *testing.T, cgroup string) (*Service, string) {
+	t.Helper()
+	s, err := New(Config{StateDir: t.TempDir()}, nil, nil)
+	require.NoError(t, err)
+	id := strings.Repeat("c", 64)
+	s.containers.Restore(id, containerMeta{Config: &runtimeapi.ContainerConfig{Metadata: &runtimeapi.ContainerMetadata{Name: "app"}},
+		Image: &image.Image{ID: "sha256:x"}, Machine: vmruntime.MachineConfig{MemoryMiB: 64}, Cgroup: cgroup},
+		containerStatus{State: store.ContainerRunning, Sizing: Sizing{MemoryMiB: 64, MemoryLimit: 100 << 20}, vm: &fakeVM{done: make(chan struct{})}})
+	return s, id
+}
+
+// A non-tty attach has no resize channel: nothing may wait on it forever.
+func TestAttachWithoutResizeLeavesNoGoroutine(t *testing.T) {
+	s, id := runningContainer(t, "")
+	before := goruntime.NumGoroutine()
+	for i := 0; i < 50; i++ {
+		require.NoError(t, s.StreamRuntime().Attach(context.Background(), id, nil, nil, nil, false, nil))
+	}
+	time.Sleep(50 * time.Millisecond)
+	require.Less(t, goruntime.NumGoroutine()-before, 10, "attach sessions left goroutines behind")
+}
+
+// New limits are recorded only once the cgroup took them.
+func TestUpdateResourcesRecordsOnlyWhatTheCgroupTook(t *testing.T) {
+	s, id := runningContainer(t, "/unilet-test-missing/"+strings.Repeat("c", 64))
+	_, err := s.UpdateContainerResources(context.Background(), &runtimeapi.UpdateContainerResourcesRequest{ContainerId: id,
+		Linux: &runtimeapi.LinuxContainerResources{MemoryLimitInBytes: 512 << 20, CpuQuota: 50000, CpuPeriod: 100000}})
+	require.Error(t, err)
+	c, err := s.containers.Get(id)
+	require.NoError(t, err)
+	require.Equal(t, int64(100<<20), c.Status().Sizing.MemoryLimit, "sizes recorded although the cgroup update failed")
+	require.Zero(t, c.Status().Sizing.CPUQuota)
 }

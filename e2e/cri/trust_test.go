@@ -317,3 +317,59 @@ func TestCorruptedMetaDBIsRebuiltFromRunningVMs(t *testing.T) {
 	}
 	require.Empty(t, left)
 }
+
+// Two creates of the same container name race: exactly one wins, the other
+// is AlreadyExists (the check and the insertion are one step).
+func TestConcurrentCreateOfOneName(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "")
+	d.must("pull", image())
+	rt := d.rt(t)
+	ctx := context.Background()
+	cfg := vmPodConfig(t, "twins")
+	p, err := rt.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: cfg})
+	require.NoError(t, err)
+	for round := 0; round < 5; round++ {
+		ccfg := vmContainerConfig("tick=50")
+		ccfg.Metadata.Attempt = uint32(round)
+		var wg sync.WaitGroup
+		errs := make([]error, 4)
+		for i := range errs {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				_, errs[i] = rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: p.PodSandboxId, Config: ccfg, SandboxConfig: cfg})
+			}()
+		}
+		wg.Wait()
+		won := 0
+		for _, err := range errs {
+			if err == nil {
+				won++
+			} else {
+				require.Equal(t, codes.AlreadyExists, status.Code(err), "%v", err)
+			}
+		}
+		require.Equal(t, 1, won, "round %d", round)
+	}
+	require.Len(t, listedContainers(t, rt), 5)
+	d.must("rmp", "-f", p.PodSandboxId)
+}
+
+// Network namespace bind files of unilet's form that no sandbox claims (a
+// daemon killed while creating one) are removed at start-up; other files
+// in the directory are left alone.
+func TestStrayNetNSFilesAreSwept(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "")
+	d.stop()
+	stray := filepath.Join(d.netnsDir, "unilet-"+strings.Repeat("9", 64))
+	other := filepath.Join(d.netnsDir, "someone-else")
+	require.NoError(t, os.MkdirAll(d.netnsDir, 0o755))
+	for _, f := range []string{stray, other} {
+		require.NoError(t, os.WriteFile(f, nil, 0o444))
+	}
+	d.start()
+	_, err := os.Stat(stray)
+	require.True(t, os.IsNotExist(err), "the stray unilet netns file is still there")
+	_, err = os.Stat(other)
+	require.NoError(t, err, "a file unilet does not own was touched")
+}

@@ -97,3 +97,29 @@ func TestIsQEMUOfNeedsProof(t *testing.T) {
 	require.False(t, KillQEMU(parentOf(t, pid), vmDir), "the shim is not a QEMU")
 	require.False(t, KillQEMU(1, ""), "PID 1 is never signalled")
 }
+
+// A broken connection to a live shim is replaced, and the old client (its
+// socket and its pidfd) is closed, not leaked.
+func TestReconnectClosesTheOldClient(t *testing.T) {
+	h, _ := launchVM(t)
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_, _ = h.Stop(ctx, 0)
+		_ = h.Release(ctx)
+	}()
+	fds := func() int { ents, _ := os.ReadDir("/proc/self/fd"); return len(ents) }
+	before := fds()
+	for i := 0; i < maxReconnects; i++ {
+		old := h.client()
+		_ = old.conn.Close() // the Wait stream breaks; the shim lives on
+		require.Eventually(t, func() bool { return h.client() != old }, 5*time.Second, 10*time.Millisecond, "no reconnect")
+	}
+	time.Sleep(100 * time.Millisecond)
+	require.LessOrEqual(t, fds(), before+1, "replaced clients left file descriptors open")
+	select {
+	case <-h.Done():
+		t.Fatal("a reconnect is not the VM's end")
+	default:
+	}
+}
