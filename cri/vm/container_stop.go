@@ -70,6 +70,13 @@ func (s *Service) stopLocked(ctx context.Context, c *container, timeout time.Dur
 		return nil
 	}
 	vm := st.vm
+	if vm == nil { // recorded running, but no VM was found for it (it could not be reconnected)
+		return c.Update(func(cur containerStatus) (containerStatus, error) {
+			cur.State = store.ContainerExited
+			cur.Exit = runtime.ExitStatus{Code: 255, Reason: ReasonVMLost, FinishedAt: time.Now(), Message: "no VM was found for this container"}
+			return cur, nil
+		})
+	}
 	if err := c.Update(func(cur containerStatus) (containerStatus, error) {
 		if err := cur.State.Check(store.ContainerStopping); err != nil {
 			return cur, err

@@ -3,6 +3,7 @@ package vm
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"time"
 
@@ -48,12 +49,23 @@ func (s *Service) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandbox
 	if s.cfg.Network != nil {
 		meta.NetNS = s.netnsPath(id)
 	}
+	// The name is reserved while the record is written (no disk write
+	// under the lock): a twin request meanwhile is AlreadyExists.
+	key := fmt.Sprintf("%s/%s/%s/%d", md.GetNamespace(), md.GetName(), md.GetUid(), md.GetAttempt())
 	s.podNames.Lock()
-	if err := s.checkUnique(md); err != nil {
+	err := s.checkUnique(md)
+	if err == nil && s.podReserved[key] {
+		err = errorf(codes.AlreadyExists, "pod sandbox %s/%s (uid %q, attempt %d) is being created", md.GetNamespace(), md.GetName(), md.GetUid(), md.GetAttempt())
+	}
+	if err != nil {
 		s.podNames.Unlock()
 		return nil, err
 	}
+	s.podReserved[key] = true
+	s.podNames.Unlock()
 	sb, err := s.sandboxes.Add(id, meta, sandboxStatus{State: store.SandboxCreating})
+	s.podNames.Lock()
+	delete(s.podReserved, key)
 	s.podNames.Unlock()
 	if err != nil {
 		return nil, err

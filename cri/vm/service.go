@@ -11,7 +11,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -76,8 +75,10 @@ type Service struct {
 
 	sandboxes  *store.Store[sandboxMeta, sandboxStatus]
 	containers *store.Store[containerMeta, containerStatus]
-	// podNames serialises the uniqueness check of new sandboxes' names.
-	podNames sync.Mutex
+	// podNames guards the uniqueness check of new sandboxes' names and
+	// podReserved, the names whose record is being written.
+	podNames    sync.Mutex
+	podReserved map[string]bool
 }
 
 // New returns a Service; meta may be nil (no persistence). Call Load to
@@ -95,7 +96,7 @@ func New(cfg Config, images *image.Store, meta *metadata.Store) (*Service, error
 	if err != nil {
 		return nil, err
 	}
-	s := &Service{cfg: cfg, images: images, meta: meta, vms: vms}
+	s := &Service{cfg: cfg, images: images, meta: meta, vms: vms, podReserved: map[string]bool{}}
 	if meta != nil {
 		s.sandboxes = store.New[sandboxMeta, sandboxStatus]("pod sandbox", sandboxSaver{meta})
 		s.containers = store.New[containerMeta, containerStatus]("container", containerSaver{meta})
@@ -197,11 +198,4 @@ func (s *Service) runningVM(id string) (manager.VM, error) {
 func insideDir(path, dir string) bool {
 	rel, err := filepath.Rel(dir, filepath.Clean(path))
 	return err == nil && rel != ".." && !strings.HasPrefix(rel, "../") && !filepath.IsAbs(rel)
-}
-
-// removeFile removes a file unilet made, only when it is inside dir.
-func removeFile(path, dir string) {
-	if path != "" && insideDir(path, dir) && filepath.Clean(path) != filepath.Clean(dir) {
-		_ = os.Remove(path)
-	}
 }

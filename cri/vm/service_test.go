@@ -72,3 +72,16 @@ func TestUpdateResourcesRecordsOnlyWhatTheCgroupTook(t *testing.T) {
 	require.Equal(t, int64(100<<20), c.Status().Sizing.MemoryLimit, "sizes recorded although the cgroup update failed")
 	require.Zero(t, c.Status().Sizing.CPUQuota)
 }
+
+func TestContainerLogPathStaysInThePodLogDirectory(t *testing.T) {
+	p, err := containerLogPath("/var/log/pods/x", "app/0.log")
+	require.NoError(t, err)
+	require.Equal(t, "/var/log/pods/x/app/0.log", p)
+	for _, bad := range []string{"../../../etc/passwd", "/etc/passwd", "app/../../y", ".", "app/.."} {
+		_, err := containerLogPath("/var/log/pods/x", bad)
+		require.Error(t, err, bad)
+	}
+	p, err = containerLogPath("", "app/0.log")
+	require.NoError(t, err)
+	require.Empty(t, p, "no log directory: no log")
+}
