@@ -145,6 +145,10 @@ func TestStuckShimAffectsOnlyItsContainer(t *testing.T) {
 	pidfd, err := unix.PidfdOpen(shimPid, 0) // signal only this very process
 	require.NoError(t, err)
 	require.NoError(t, unix.PidfdSendSignal(pidfd, unix.SIGSTOP, nil, 0))
+	require.Eventually(t, func() bool { // the signal is asynchronous: wait until it has stopped
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", shimPid))
+		return strings.Contains(string(b), ") T ")
+	}, 5*time.Second, 5*time.Millisecond)
 	t.Cleanup(func() { _ = unix.PidfdSendSignal(pidfd, unix.SIGCONT, nil, 0); _ = unix.Close(pidfd) })
 
 	stopErr := make(chan error, 1)

@@ -2,7 +2,9 @@ package shim
 
 import (
 	"context"
+	"fmt"
 	"os"
+	"strings"
 	"path/filepath"
 	"syscall"
 	"testing"
@@ -28,10 +30,15 @@ func launchVM(t *testing.T) (h *Handle, vmDir string) {
 // the caller's deadline instead of hanging it, and serves again after SIGCONT.
 func TestStuckShimCallsHitTheirDeadline(t *testing.T) {
 	h, _ := launchVM(t)
-	pidfd, err := unix.PidfdOpen(parentOf(t, h.Pid()), 0) // signal only this very shim
+	shimPid := parentOf(t, h.Pid())
+	pidfd, err := unix.PidfdOpen(shimPid, 0) // signal only this very shim
 	require.NoError(t, err)
 	signal := func(sig unix.Signal) error { return unix.PidfdSendSignal(pidfd, sig, nil, 0) }
 	require.NoError(t, signal(unix.SIGSTOP))
+	require.Eventually(t, func() bool { // the signal is asynchronous: wait until it has stopped
+		b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", shimPid))
+		return strings.Contains(string(b), ") T ")
+	}, 5*time.Second, 5*time.Millisecond)
 	t.Cleanup(func() { _ = signal(unix.SIGCONT); _ = unix.Close(pidfd) })
 
 	calls := map[string]func(ctx context.Context) error{
