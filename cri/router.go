@@ -35,11 +35,10 @@ type Config struct {
 	Upstream        string   // upstream CRI endpoint ("" = none)
 }
 
-// Router implements the CRI RuntimeService and ImageService.
+// Router serves the CRI RuntimeService and ImageService: the methods it
+// declares route between the VM side and the upstream (or merge both);
+// every other method is forwarded upstream unchanged (forward.go).
 type Router struct {
-	runtimeapi.UnimplementedRuntimeServiceServer
-	runtimeapi.UnimplementedImageServiceServer
-
 	cfg     Config
 	vm      *vm.Service
 	conn    *grpc.ClientConn
@@ -121,5 +120,5 @@ func upstreamErr(err error) error {
 }
 
 func (r *Router) logUpstreamDown(op string, err error) {
-	logrus.WithError(err).WithField("op", op).Warn("upstream runtime unreachable; answering from the VM side only")
+	logrus.WithError(err).WithField("op", op).Warn("the upstream runtime failed this call; answering from the VM side only")
 }

@@ -52,6 +52,18 @@ func (f *fakeUpstream) PullImage(ctx context.Context, r *runtimeapi.PullImageReq
 	return &runtimeapi.PullImageResponse{ImageRef: "sha256:up"}, nil
 }
 
+func (f *fakeUpstream) Status(ctx context.Context, r *runtimeapi.StatusRequest) (*runtimeapi.StatusResponse, error) {
+	return &runtimeapi.StatusResponse{
+		Status: &runtimeapi.RuntimeStatus{Conditions: []*runtimeapi.RuntimeCondition{{Type: runtimeapi.RuntimeReady, Status: true}, {Type: runtimeapi.NetworkReady, Status: true}}},
+		RuntimeHandlers: []*runtimeapi.RuntimeHandler{
+			{Name: "", Features: &runtimeapi.RuntimeHandlerFeatures{RecursiveReadOnlyMounts: true, UserNamespaces: true}},
+			{Name: "runc", Features: &runtimeapi.RuntimeHandlerFeatures{RecursiveReadOnlyMounts: true}},
+		},
+		Features: &runtimeapi.RuntimeFeatures{SupplementalGroupsPolicy: true},
+		Info:     map[string]string{"config": "{}"},
+	}, nil
+}
+
 func (f *fakeUpstream) ContainerStatus(ctx context.Context, r *runtimeapi.ContainerStatusRequest) (*runtimeapi.ContainerStatusResponse, error) {
 	f.record("ContainerStatus:" + r.GetContainerId())
 	return &runtimeapi.ContainerStatusResponse{Status: &runtimeapi.ContainerStatus{Id: r.GetContainerId()}}, nil
@@ -181,4 +193,30 @@ func TestNoUpstream(t *testing.T) {
 	require.NoError(t, err)
 	_, err = r.ContainerStatus(context.Background(), &runtimeapi.ContainerStatusRequest{ContainerId: "nope"})
 	require.Equal(t, codes.NotFound, status.Code(ToGRPC(err)), "converted at the gRPC boundary (UnaryErrors)")
+}
+
+// Status keeps what the upstream says it supports (kubelet would otherwise
+// believe containerd lacks recursive read-only mounts, user namespaces and
+// the supplemental groups policy) and adds the unikernel handler.
+func TestStatusKeepsUpstreamHandlersAndFeatures(t *testing.T) {
+	r, _ := newTestRouter(t, true)
+	resp, err := r.Status(context.Background(), &runtimeapi.StatusRequest{Verbose: true})
+	require.NoError(t, err)
+	var names []string
+	for _, h := range resp.RuntimeHandlers {
+		names = append(names, h.Name)
+	}
+	require.Equal(t, []string{"", "runc", "unikraft"}, names)
+	require.True(t, resp.RuntimeHandlers[0].Features.RecursiveReadOnlyMounts)
+	require.True(t, resp.RuntimeHandlers[0].Features.UserNamespaces)
+	require.False(t, resp.RuntimeHandlers[2].Features.UserNamespaces)
+	require.True(t, resp.Features.SupplementalGroupsPolicy)
+	require.Equal(t, "{}", resp.Info["config"])
+	require.Equal(t, "tcg", resp.Info["accel"], "unilet's own info stays")
+
+	noUp, _ := newTestRouter(t, false)
+	resp, err = noUp.Status(context.Background(), &runtimeapi.StatusRequest{})
+	require.NoError(t, err)
+	require.Len(t, resp.RuntimeHandlers, 1)
+	require.Equal(t, "unikraft", resp.RuntimeHandlers[0].Name)
 }

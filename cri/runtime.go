@@ -13,14 +13,44 @@ func (r *Router) Version(ctx context.Context, req *runtimeapi.VersionRequest) (*
 	return r.vm.Version(ctx, req)
 }
 
-// Status merges the VM side with the upstream's conditions; a dead upstream
-// shows as a false condition, never a failure.
+// unikraftHandler is the runtime handler of VM pods in Status: a VM has no
+// recursive read-only bind mounts nor user namespaces to offer.
+func (r *Router) unikraftHandler() *runtimeapi.RuntimeHandler {
+	return &runtimeapi.RuntimeHandler{Name: r.cfg.Handler, Features: &runtimeapi.RuntimeHandlerFeatures{}}
+}
+
+// Status merges the VM side with the upstream's: conditions (a dead
+// upstream shows as a false condition, never a failure), the upstream's
+// runtime handlers and features unchanged plus the unikernel handler, and
+// the upstream's verbose info beside unilet's.
 func (r *Router) Status(ctx context.Context, req *runtimeapi.StatusRequest) (*runtimeapi.StatusResponse, error) {
 	resp, err := r.vm.Status(ctx, req)
-	if err != nil || r.upRT == nil {
+	if err != nil {
 		return resp, err
 	}
+	resp.RuntimeHandlers = []*runtimeapi.RuntimeHandler{r.unikraftHandler()}
+	if r.upRT == nil {
+		return resp, nil
+	}
 	up, uerr := r.upRT.Status(ctx, req)
+	if uerr == nil {
+		var handlers []*runtimeapi.RuntimeHandler
+		for _, h := range up.GetRuntimeHandlers() {
+			if h.GetName() != r.cfg.Handler {
+				handlers = append(handlers, h)
+			}
+		}
+		resp.RuntimeHandlers = append(handlers, resp.RuntimeHandlers...)
+		resp.Features = up.GetFeatures()
+		for k, v := range up.GetInfo() {
+			if _, mine := resp.Info[k]; !mine {
+				if resp.Info == nil {
+					resp.Info = map[string]string{}
+				}
+				resp.Info[k] = v
+			}
+		}
+	}
 	cond := &runtimeapi.RuntimeCondition{Type: "UpstreamReady", Status: true}
 	if uerr != nil {
 		cond.Status, cond.Reason, cond.Message = false, "UpstreamUnreachable", uerr.Error()

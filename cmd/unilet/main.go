@@ -21,7 +21,6 @@ import (
 
 	"github.com/sirupsen/logrus"
 	"google.golang.org/grpc"
-	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 	"k8s.io/cri-streaming/pkg/streaming"
 
 	"github.com/unilet-dev/unilet/cri"
@@ -218,9 +217,8 @@ func run() error {
 	if err := os.Chmod(sock, 0o600); err != nil {
 		return err
 	}
-	srv := grpc.NewServer(grpc.MaxRecvMsgSize(16<<20), grpc.ChainUnaryInterceptor(cri.UnaryErrors))
-	runtimeapi.RegisterRuntimeServiceServer(srv, router)
-	runtimeapi.RegisterImageServiceServer(srv, router)
+	srv := grpc.NewServer(append(router.ServerOptions(), grpc.MaxRecvMsgSize(16<<20), grpc.ChainUnaryInterceptor(cri.UnaryErrors))...)
+	router.Register(srv)
 
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
