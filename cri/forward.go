@@ -69,8 +69,12 @@ func (r *Router) Register(srv *grpc.Server) {
 func (r *Router) Handled() []string {
 	var out []string
 	for _, sd := range []*grpc.ServiceDesc{&runtimeapi.RuntimeService_ServiceDesc, &runtimeapi.ImageService_ServiceDesc} {
-		for _, m := range r.ownMethods(sd).Methods {
+		own := r.ownMethods(sd)
+		for _, m := range own.Methods {
 			out = append(out, "/"+sd.ServiceName+"/"+m.MethodName)
+		}
+		for _, st := range own.Streams {
+			out = append(out, "/"+sd.ServiceName+"/"+st.StreamName)
 		}
 	}
 	return out
@@ -89,7 +93,20 @@ func (r *Router) ownMethods(sd *grpc.ServiceDesc) *grpc.ServiceDesc {
 		own.Methods = append(own.Methods, grpc.MethodDesc{MethodName: m.MethodName,
 			Handler: reflectHandler(meth, "/"+sd.ServiceName+"/"+m.MethodName)})
 	}
+	for _, st := range sd.Streams {
+		if h, ok := r.ownStreams()[sd.ServiceName+"/"+st.StreamName]; ok {
+			own.Streams = append(own.Streams, grpc.StreamDesc{StreamName: st.StreamName, Handler: h,
+				ServerStreams: st.ServerStreams, ClientStreams: st.ClientStreams})
+		}
+	}
 	return own
+}
+
+// ownStreams are the streaming methods the Router serves itself.
+func (r *Router) ownStreams() map[string]grpc.StreamHandler {
+	return map[string]grpc.StreamHandler{
+		runtimeapi.RuntimeService_ServiceDesc.ServiceName + "/GetContainerEvents": r.serveContainerEvents,
+	}
 }
 
 func reflectHandler(m reflect.Method, fullMethod string) func(any, context.Context, func(any) error, grpc.UnaryServerInterceptor) (any, error) {

@@ -70,13 +70,15 @@ func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateConta
 	// The staged shim's cgroup becomes this container's: no migration later.
 	staged := s.vms.Claim(sb.Meta().rt.staged, meta.Cgroup)
 	sb.Meta().rt.staged = nil
-	if _, err := s.containers.Add(id, meta, containerStatus{State: store.ContainerCreated, Sizing: size, Warnings: warnings, staged: staged}); err != nil {
+	c, err := s.containers.Add(id, meta, containerStatus{State: store.ContainerCreated, Sizing: size, Warnings: warnings, staged: staged})
+	if err != nil {
 		staged.Discard()
 		if cerr := s.vms.Cleanup(id, meta.Cgroup); cerr != nil {
 			log.WithError(cerr).Warn("clean up after a failed create")
 		}
 		return nil, err
 	}
+	s.emit(c, runtimeapi.ContainerEventType_CONTAINER_CREATED_EVENT)
 	log.Debug("unikernel container created")
 	return &runtimeapi.CreateContainerResponse{ContainerId: id}, nil
 }

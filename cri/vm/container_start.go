@@ -77,6 +77,8 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 		})
 		if uerr != nil {
 			logrus.WithError(uerr).WithField("container", c.ID()).Error("record a failed start")
+		} else {
+			s.emit(c, runtimeapi.ContainerEventType_CONTAINER_STOPPED_EVENT)
 		}
 		if ctx.Err() != nil {
 			return nil, errorf(codes.Canceled, "start VM for container %s: %s", c.ID(), msg)
@@ -98,6 +100,7 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 		return nil, errorf(codes.Internal, "record the started VM of container %s (it was stopped): %v", c.ID(), err)
 	}
 	go s.watchExit(c, vm)
+	s.emit(c, runtimeapi.ContainerEventType_CONTAINER_STARTED_EVENT)
 	logrus.WithFields(logrus.Fields{"sandbox": m.SandboxID, "container": c.ID(), "pid": vm.Pid(), "accel": s.cfg.Accel,
 		"cgroupMs": msec(tm.Cgroup), "shimMs": msec(tm.Spawn), "bootMs": msec(tm.Boot), "totalMs": msec(time.Since(t0))}).Info("unikernel VM started")
 	return &runtimeapi.StartContainerResponse{}, nil
@@ -157,6 +160,7 @@ func (s *Service) finishExit(c *container, vm manager.VM, ex runtime.ExitStatus)
 		log.WithError(err).Error("could not record the VM's exit; its directory is kept for the next daemon")
 		return
 	}
+	s.emit(c, runtimeapi.ContainerEventType_CONTAINER_STOPPED_EVENT)
 	if err := s.vms.Release(c.ID(), vm, c.Meta().Cgroup); err != nil {
 		log.WithError(err).Warn("clean up after the VM ended; RemoveContainer retries")
 	}

@@ -79,6 +79,7 @@ type Service struct {
 	// podReserved, the names whose record is being written.
 	podNames    sync.Mutex
 	podReserved map[string]bool
+	events      events
 }
 
 // New returns a Service; meta may be nil (no persistence). Call Load to

@@ -377,3 +377,70 @@ func TestStrayNetNSFilesAreSwept(t *testing.T) {
 	_, err = os.Stat(other)
 	require.NoError(t, err, "a file unilet does not own was touched")
 }
+
+// GetContainerEvents (kubelet's evented PLEG) carries the VM containers'
+// lifecycle and containerd's events in one stream.
+func TestContainerEventsMergeBothSides(t *testing.T) {
+	ctrd := startContainerd(t)
+	d := startDaemon(t, "--upstream-endpoint", "unix://"+ctrd.sock, "--unikernel-registry", regHost)
+	d.must("pull", image())
+	rt := d.rt(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	stream, err := rt.GetContainerEvents(ctx, &runtimeapi.GetEventsRequest{})
+	require.NoError(t, err)
+	type seen struct {
+		mu sync.Mutex
+		ev map[string][]runtimeapi.ContainerEventType
+	}
+	got := &seen{ev: map[string][]runtimeapi.ContainerEventType{}}
+	go func() {
+		for {
+			e, err := stream.Recv()
+			if err != nil {
+				return
+			}
+			got.mu.Lock()
+			got.ev[e.ContainerId] = append(got.ev[e.ContainerId], e.ContainerEventType)
+			got.mu.Unlock()
+		}
+	}()
+	time.Sleep(200 * time.Millisecond) // subscribed on both sides
+
+	pod, ctr := d.runVM(t, "vm-events", "tick=20", "count=2")
+	d.waitState(ctr, "CONTAINER_EXITED", 20*time.Second)
+	d.must("rm", ctr)
+
+	logDir := filepath.Join(t.TempDir(), "pods", "plain-ev")
+	podCfg := writeJSON(t, map[string]any{"metadata": map[string]any{"name": "plain-ev", "namespace": "e2e", "uid": "plain-ev-uid"},
+		"log_directory": logDir, "linux": map[string]any{"security_context": map[string]any{"namespace_options": map[string]any{"network": 2}}}})
+	plainPod := d.must("runp", podCfg)
+	plain := d.must("create", plainPod, writeJSON(t, map[string]any{"metadata": map[string]any{"name": "sh"}, "image": map[string]string{"image": busyboxImage},
+		"command": []string{"/bin/sh", "-c", "echo hi"}, "log_path": "sh/0.log"}), podCfg)
+	d.must("start", plain)
+
+	vmWant := []runtimeapi.ContainerEventType{runtimeapi.ContainerEventType_CONTAINER_CREATED_EVENT, runtimeapi.ContainerEventType_CONTAINER_STARTED_EVENT,
+		runtimeapi.ContainerEventType_CONTAINER_STOPPED_EVENT, runtimeapi.ContainerEventType_CONTAINER_DELETED_EVENT}
+	// containerd 1.6 has no container events (Unimplemented; 1.7+ has):
+	// then the merged stream carries the VM side's and stays open.
+	upHasEvents := true
+	upConn, err := grpc.NewClient("unix://"+ctrd.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	require.NoError(t, err)
+	defer upConn.Close()
+	if us, err := runtimeapi.NewRuntimeServiceClient(upConn).GetContainerEvents(ctx, &runtimeapi.GetEventsRequest{}); err == nil {
+		first := make(chan error, 1)
+		go func() { _, err := us.Recv(); first <- err }()
+		select {
+		case err := <-first: // a runtime with events blocks until its next one
+			upHasEvents = status.Code(err) != codes.Unimplemented
+		case <-time.After(time.Second):
+		}
+	}
+	require.Eventually(t, func() bool {
+		got.mu.Lock()
+		defer got.mu.Unlock()
+		return fmt.Sprint(got.ev[ctr]) == fmt.Sprint(vmWant) && (!upHasEvents || len(got.ev[plain]) >= 2)
+	}, 20*time.Second, 50*time.Millisecond, "events: %v (upstream has events: %v)", got.ev, upHasEvents)
+	d.must("rmp", "-f", pod)
+	d.must("rmp", "-f", plainPod)
+}
