@@ -24,6 +24,18 @@ type fakeUpstream struct {
 	runtimeapi.UnimplementedImageServiceServer
 	mu    sync.Mutex
 	calls []string
+	known []string // sandbox IDs "containerd" has (prefixes resolve)
+}
+
+func (f *fakeUpstream) PodSandboxStatus(ctx context.Context, r *runtimeapi.PodSandboxStatusRequest) (*runtimeapi.PodSandboxStatusResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, k := range f.known {
+		if strings.HasPrefix(k, r.GetPodSandboxId()) {
+			return &runtimeapi.PodSandboxStatusResponse{Status: &runtimeapi.PodSandboxStatus{Id: k}}, nil
+		}
+	}
+	return nil, status.Error(codes.NotFound, "not found")
 }
 
 func (f *fakeUpstream) record(c string) {
@@ -219,4 +231,38 @@ func TestStatusKeepsUpstreamHandlersAndFeatures(t *testing.T) {
 	require.NoError(t, err)
 	require.Len(t, resp.RuntimeHandlers, 1)
 	require.Equal(t, "unikraft", resp.RuntimeHandlers[0].Name)
+}
+
+// A short or prefix ID resolves the same way on both sides: a prefix of a
+// VM sandbox goes to the VM side (never upstream to be "not found" and
+// silently succeed), and a prefix naming objects on both sides is an error.
+func TestPrefixIDsResolveOnBothSides(t *testing.T) {
+	r, up := newTestRouter(t, true)
+	ctx := context.Background()
+	run, err := r.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: podCfg("vm", map[string]string{DefaultAnnotation: DefaultAnnotationValue})})
+	require.NoError(t, err)
+	id := run.PodSandboxId
+	st, err := r.PodSandboxStatus(ctx, &runtimeapi.PodSandboxStatusRequest{PodSandboxId: id[:3]})
+	require.NoError(t, err, "a 3-character prefix of a VM sandbox")
+	require.Equal(t, id, st.Status.Id)
+
+	up.mu.Lock()
+	other := "0"
+	if id[3] == '0' {
+		other = "1"
+	}
+	up.known = []string{id[:3] + other + "abc"} // shares 3 characters with the VM sandbox, not 4
+	up.mu.Unlock()
+	_, err = r.StopPodSandbox(ctx, &runtimeapi.StopPodSandboxRequest{PodSandboxId: id[:3]})
+	require.Equal(t, codes.InvalidArgument, status.Code(err), "%v", err)
+	require.Contains(t, err.Error(), "ambiguous")
+	_, err = r.StopPodSandbox(ctx, &runtimeapi.StopPodSandboxRequest{PodSandboxId: id[:5]})
+	require.NoError(t, err, "a longer prefix names only the VM sandbox")
+	_, err = r.PodSandboxStatus(ctx, &runtimeapi.PodSandboxStatusRequest{PodSandboxId: id})
+	require.NoError(t, err, "a full ID needs no upstream check")
+	up.mu.Lock()
+	defer up.mu.Unlock()
+	for _, c := range up.calls {
+		require.NotContains(t, c, "StopPodSandbox", "a VM sandbox's stop reached the upstream")
+	}
 }

@@ -106,19 +106,67 @@ func (r *Router) RunPodSandbox(ctx context.Context, req *runtimeapi.RunPodSandbo
 	return resp, upstreamErr(err)
 }
 
-// sandboxSide decides where a sandbox-ID call goes: true = VM.
-func (r *Router) sandboxSide(id string) bool {
-	// With no upstream the VM side answers (NotFound / idempotent success).
-	return r.vm.OwnsSandbox(id) || r.upRT == nil
+// sandboxSide decides where a sandbox-ID call goes (true = VM). IDs resolve
+// the same way on both sides: a full VM ID goes to the VM side; a prefix
+// that names one VM sandbox goes there only if it names nothing upstream,
+// else it is ambiguous (InvalidArgument), never silently sent to one side.
+// With no upstream the VM side answers (NotFound / idempotent success).
+func (r *Router) sandboxSide(ctx context.Context, id string) (bool, error) {
+	if r.upRT == nil {
+		return true, nil
+	}
+	return r.side(id, r.vm.MatchSandbox, "pod sandbox", func() error {
+		_, err := r.upRT.PodSandboxStatus(ctx, &runtimeapi.PodSandboxStatusRequest{PodSandboxId: id})
+		return err
+	})
 }
 
-func (r *Router) containerSide(id string) bool {
-	return r.vm.OwnsContainer(id) || r.upRT == nil
+// containerSide is sandboxSide for container IDs.
+func (r *Router) containerSide(ctx context.Context, id string) (bool, error) {
+	if r.upRT == nil {
+		return true, nil
+	}
+	return r.side(id, r.vm.MatchContainer, "container", func() error {
+		_, err := r.upRT.ContainerStatus(ctx, &runtimeapi.ContainerStatusRequest{ContainerId: id})
+		return err
+	})
+}
+
+// vmExactSandbox and vmExactContainer: a list filtered by a full VM ID
+// stays on the VM side; a prefix is asked of both sides (lists merge).
+func (r *Router) vmExactSandbox(id string) bool {
+	exact, _, _ := r.vm.MatchSandbox(id)
+	return exact
+}
+
+func (r *Router) vmExactContainer(id string) bool {
+	exact, _, _ := r.vm.MatchContainer(id)
+	return exact
+}
+
+func (r *Router) side(id string, match func(string) (exact, found bool, err error), kind string, upstreamHas func() error) (bool, error) {
+	exact, found, err := match(id)
+	switch {
+	case err != nil:
+		return false, err // ambiguous among the VM side's own
+	case !found:
+		return false, nil
+	case exact:
+		return true, nil
+	}
+	if upstreamHas() == nil {
+		return false, status.Errorf(codes.InvalidArgument, "%s ID prefix %q is ambiguous: it names a unikernel %s and one of the upstream runtime's", kind, id, kind)
+	}
+	return true, nil
 }
 
 // StopPodSandbox routes by ID.
 func (r *Router) StopPodSandbox(ctx context.Context, req *runtimeapi.StopPodSandboxRequest) (*runtimeapi.StopPodSandboxResponse, error) {
-	if r.sandboxSide(req.GetPodSandboxId()) {
+	toVM, err := r.sandboxSide(ctx, req.GetPodSandboxId())
+	if err != nil {
+		return nil, err
+	}
+	if toVM {
 		return r.vm.StopPodSandbox(ctx, req)
 	}
 	resp, err := r.upRT.StopPodSandbox(ctx, req)
@@ -130,7 +178,11 @@ func (r *Router) StopPodSandbox(ctx context.Context, req *runtimeapi.StopPodSand
 
 // RemovePodSandbox routes by ID.
 func (r *Router) RemovePodSandbox(ctx context.Context, req *runtimeapi.RemovePodSandboxRequest) (*runtimeapi.RemovePodSandboxResponse, error) {
-	if r.sandboxSide(req.GetPodSandboxId()) {
+	toVM, err := r.sandboxSide(ctx, req.GetPodSandboxId())
+	if err != nil {
+		return nil, err
+	}
+	if toVM {
 		return r.vm.RemovePodSandbox(ctx, req)
 	}
 	resp, err := r.upRT.RemovePodSandbox(ctx, req)
@@ -142,7 +194,11 @@ func (r *Router) RemovePodSandbox(ctx context.Context, req *runtimeapi.RemovePod
 
 // PodSandboxStatus routes by ID.
 func (r *Router) PodSandboxStatus(ctx context.Context, req *runtimeapi.PodSandboxStatusRequest) (*runtimeapi.PodSandboxStatusResponse, error) {
-	if r.sandboxSide(req.GetPodSandboxId()) {
+	toVM, err := r.sandboxSide(ctx, req.GetPodSandboxId())
+	if err != nil {
+		return nil, err
+	}
+	if toVM {
 		return r.vm.PodSandboxStatus(ctx, req)
 	}
 	resp, err := r.upRT.PodSandboxStatus(ctx, req)
@@ -155,7 +211,7 @@ func (r *Router) ListPodSandbox(ctx context.Context, req *runtimeapi.ListPodSand
 	if err != nil || r.upRT == nil {
 		return resp, err
 	}
-	if id := req.GetFilter().GetId(); id != "" && r.vm.OwnsSandbox(id) {
+	if id := req.GetFilter().GetId(); id != "" && r.vmExactSandbox(id) {
 		return resp, nil
 	}
 	up, err := r.upRT.ListPodSandbox(ctx, req)
@@ -169,7 +225,11 @@ func (r *Router) ListPodSandbox(ctx context.Context, req *runtimeapi.ListPodSand
 
 // CreateContainer routes by the sandbox ID.
 func (r *Router) CreateContainer(ctx context.Context, req *runtimeapi.CreateContainerRequest) (*runtimeapi.CreateContainerResponse, error) {
-	if r.sandboxSide(req.GetPodSandboxId()) {
+	toVM, err := r.sandboxSide(ctx, req.GetPodSandboxId())
+	if err != nil {
+		return nil, err
+	}
+	if toVM {
 		return r.vm.CreateContainer(ctx, req)
 	}
 	resp, err := r.upRT.CreateContainer(ctx, req)
@@ -178,7 +238,11 @@ func (r *Router) CreateContainer(ctx context.Context, req *runtimeapi.CreateCont
 
 // StartContainer routes by ID.
 func (r *Router) StartContainer(ctx context.Context, req *runtimeapi.StartContainerRequest) (*runtimeapi.StartContainerResponse, error) {
-	if r.containerSide(req.GetContainerId()) {
+	toVM, err := r.containerSide(ctx, req.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	if toVM {
 		return r.vm.StartContainer(ctx, req)
 	}
 	resp, err := r.upRT.StartContainer(ctx, req)
@@ -187,7 +251,11 @@ func (r *Router) StartContainer(ctx context.Context, req *runtimeapi.StartContai
 
 // StopContainer routes by ID; unknown IDs succeed.
 func (r *Router) StopContainer(ctx context.Context, req *runtimeapi.StopContainerRequest) (*runtimeapi.StopContainerResponse, error) {
-	if r.containerSide(req.GetContainerId()) {
+	toVM, err := r.containerSide(ctx, req.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	if toVM {
 		return r.vm.StopContainer(ctx, req)
 	}
 	resp, err := r.upRT.StopContainer(ctx, req)
@@ -199,7 +267,11 @@ func (r *Router) StopContainer(ctx context.Context, req *runtimeapi.StopContaine
 
 // RemoveContainer routes by ID; unknown IDs succeed.
 func (r *Router) RemoveContainer(ctx context.Context, req *runtimeapi.RemoveContainerRequest) (*runtimeapi.RemoveContainerResponse, error) {
-	if r.containerSide(req.GetContainerId()) {
+	toVM, err := r.containerSide(ctx, req.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	if toVM {
 		return r.vm.RemoveContainer(ctx, req)
 	}
 	resp, err := r.upRT.RemoveContainer(ctx, req)
@@ -211,7 +283,11 @@ func (r *Router) RemoveContainer(ctx context.Context, req *runtimeapi.RemoveCont
 
 // ContainerStatus routes by ID.
 func (r *Router) ContainerStatus(ctx context.Context, req *runtimeapi.ContainerStatusRequest) (*runtimeapi.ContainerStatusResponse, error) {
-	if r.containerSide(req.GetContainerId()) {
+	toVM, err := r.containerSide(ctx, req.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	if toVM {
 		return r.vm.ContainerStatus(ctx, req)
 	}
 	resp, err := r.upRT.ContainerStatus(ctx, req)
@@ -225,7 +301,7 @@ func (r *Router) ListContainers(ctx context.Context, req *runtimeapi.ListContain
 		return resp, err
 	}
 	f := req.GetFilter()
-	if (f.GetId() != "" && r.vm.OwnsContainer(f.GetId())) || (f.GetPodSandboxId() != "" && r.vm.OwnsSandbox(f.GetPodSandboxId())) {
+	if (f.GetId() != "" && r.vmExactContainer(f.GetId())) || (f.GetPodSandboxId() != "" && r.vmExactSandbox(f.GetPodSandboxId())) {
 		return resp, nil
 	}
 	up, err := r.upRT.ListContainers(ctx, req)
@@ -239,7 +315,11 @@ func (r *Router) ListContainers(ctx context.Context, req *runtimeapi.ListContain
 
 // UpdateContainerResources routes by ID.
 func (r *Router) UpdateContainerResources(ctx context.Context, req *runtimeapi.UpdateContainerResourcesRequest) (*runtimeapi.UpdateContainerResourcesResponse, error) {
-	if r.containerSide(req.GetContainerId()) {
+	toVM, err := r.containerSide(ctx, req.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	if toVM {
 		return r.vm.UpdateContainerResources(ctx, req)
 	}
 	resp, err := r.upRT.UpdateContainerResources(ctx, req)
@@ -248,7 +328,11 @@ func (r *Router) UpdateContainerResources(ctx context.Context, req *runtimeapi.U
 
 // ReopenContainerLog routes by ID.
 func (r *Router) ReopenContainerLog(ctx context.Context, req *runtimeapi.ReopenContainerLogRequest) (*runtimeapi.ReopenContainerLogResponse, error) {
-	if r.containerSide(req.GetContainerId()) {
+	toVM, err := r.containerSide(ctx, req.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	if toVM {
 		return r.vm.ReopenContainerLog(ctx, req)
 	}
 	resp, err := r.upRT.ReopenContainerLog(ctx, req)
@@ -257,7 +341,11 @@ func (r *Router) ReopenContainerLog(ctx context.Context, req *runtimeapi.ReopenC
 
 // ExecSync routes by ID (VM: Unimplemented with a reason).
 func (r *Router) ExecSync(ctx context.Context, req *runtimeapi.ExecSyncRequest) (*runtimeapi.ExecSyncResponse, error) {
-	if r.containerSide(req.GetContainerId()) {
+	toVM, err := r.containerSide(ctx, req.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	if toVM {
 		return r.vm.ExecSync(ctx, req)
 	}
 	resp, err := r.upRT.ExecSync(ctx, req)
@@ -266,7 +354,11 @@ func (r *Router) ExecSync(ctx context.Context, req *runtimeapi.ExecSyncRequest) 
 
 // Exec routes by ID.
 func (r *Router) Exec(ctx context.Context, req *runtimeapi.ExecRequest) (*runtimeapi.ExecResponse, error) {
-	if r.containerSide(req.GetContainerId()) {
+	toVM, err := r.containerSide(ctx, req.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	if toVM {
 		return r.vm.Exec(ctx, req)
 	}
 	resp, err := r.upRT.Exec(ctx, req)
@@ -275,7 +367,11 @@ func (r *Router) Exec(ctx context.Context, req *runtimeapi.ExecRequest) (*runtim
 
 // Attach routes by ID.
 func (r *Router) Attach(ctx context.Context, req *runtimeapi.AttachRequest) (*runtimeapi.AttachResponse, error) {
-	if r.containerSide(req.GetContainerId()) {
+	toVM, err := r.containerSide(ctx, req.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	if toVM {
 		return r.vm.Attach(ctx, req)
 	}
 	resp, err := r.upRT.Attach(ctx, req)
@@ -284,7 +380,11 @@ func (r *Router) Attach(ctx context.Context, req *runtimeapi.AttachRequest) (*ru
 
 // PortForward routes by sandbox ID.
 func (r *Router) PortForward(ctx context.Context, req *runtimeapi.PortForwardRequest) (*runtimeapi.PortForwardResponse, error) {
-	if r.sandboxSide(req.GetPodSandboxId()) {
+	toVM, err := r.sandboxSide(ctx, req.GetPodSandboxId())
+	if err != nil {
+		return nil, err
+	}
+	if toVM {
 		return r.vm.PortForward(ctx, req)
 	}
 	resp, err := r.upRT.PortForward(ctx, req)
@@ -293,7 +393,11 @@ func (r *Router) PortForward(ctx context.Context, req *runtimeapi.PortForwardReq
 
 // ContainerStats routes by ID.
 func (r *Router) ContainerStats(ctx context.Context, req *runtimeapi.ContainerStatsRequest) (*runtimeapi.ContainerStatsResponse, error) {
-	if r.containerSide(req.GetContainerId()) {
+	toVM, err := r.containerSide(ctx, req.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	if toVM {
 		return r.vm.ContainerStats(ctx, req)
 	}
 	resp, err := r.upRT.ContainerStats(ctx, req)
@@ -307,7 +411,7 @@ func (r *Router) ListContainerStats(ctx context.Context, req *runtimeapi.ListCon
 		return resp, err
 	}
 	f := req.GetFilter()
-	if (f.GetId() != "" && r.vm.OwnsContainer(f.GetId())) || (f.GetPodSandboxId() != "" && r.vm.OwnsSandbox(f.GetPodSandboxId())) {
+	if (f.GetId() != "" && r.vmExactContainer(f.GetId())) || (f.GetPodSandboxId() != "" && r.vmExactSandbox(f.GetPodSandboxId())) {
 		return resp, nil
 	}
 	up, err := r.upRT.ListContainerStats(ctx, req)
@@ -321,7 +425,11 @@ func (r *Router) ListContainerStats(ctx context.Context, req *runtimeapi.ListCon
 
 // PodSandboxStats routes by ID.
 func (r *Router) PodSandboxStats(ctx context.Context, req *runtimeapi.PodSandboxStatsRequest) (*runtimeapi.PodSandboxStatsResponse, error) {
-	if r.sandboxSide(req.GetPodSandboxId()) {
+	toVM, err := r.sandboxSide(ctx, req.GetPodSandboxId())
+	if err != nil {
+		return nil, err
+	}
+	if toVM {
 		return r.vm.PodSandboxStats(ctx, req)
 	}
 	resp, err := r.upRT.PodSandboxStats(ctx, req)
@@ -334,7 +442,7 @@ func (r *Router) ListPodSandboxStats(ctx context.Context, req *runtimeapi.ListPo
 	if err != nil || r.upRT == nil {
 		return resp, err
 	}
-	if id := req.GetFilter().GetId(); id != "" && r.vm.OwnsSandbox(id) {
+	if id := req.GetFilter().GetId(); id != "" && r.vmExactSandbox(id) {
 		return resp, nil
 	}
 	up, err := r.upRT.ListPodSandboxStats(ctx, req)

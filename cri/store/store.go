@@ -29,8 +29,9 @@ var (
 	ErrInvalidTransition = errors.New("invalid state transition")
 )
 
-// MinPrefix is the shortest ID prefix that resolves to an object.
-const MinPrefix = 6
+// MinPrefix is the shortest ID prefix that resolves to an object (any, as
+// containerd resolves its own IDs: so a prefix means the same on both sides).
+const MinPrefix = 1
 
 var idPattern = regexp.MustCompile(`^[0-9a-f]{64}$`)
 
@@ -167,6 +168,19 @@ func (s *Store[M, S]) Get(id string) (*Object[M, S], error) {
 		return nil, fmt.Errorf("%s %q: %w", s.kind, id, ErrNotFound)
 	}
 	return found, nil
+}
+
+// Match reports whether id names an object exactly, or as a prefix (found),
+// and ErrAmbiguous when it is a prefix of several.
+func (s *Store[M, S]) Match(id string) (exact, found bool, err error) {
+	o, err := s.Get(id)
+	if errors.Is(err, ErrNotFound) {
+		return false, false, nil
+	}
+	if err != nil {
+		return false, false, err
+	}
+	return o.id == id, true, nil
 }
 
 // Has reports whether id (or a unique prefix of one) names an object.

@@ -108,13 +108,16 @@ func New(cfg Config, images *image.Store, meta *metadata.Store) (*Service, error
 	return s, nil
 }
 
-// OwnsSandbox reports whether id (or a unique prefix) is a unikernel
-// sandbox. It reads only the ownership index: no VM or object lock.
-func (s *Service) OwnsSandbox(id string) bool { return s.sandboxes.Has(id) }
+// MatchSandbox reports whether id names a unikernel sandbox exactly or as
+// a unique prefix (an ambiguous prefix is an error), from the ownership index.
+func (s *Service) MatchSandbox(id string) (exact, found bool, err error) {
+	return s.sandboxes.Match(id)
+}
 
-// OwnsContainer reports whether id (or a unique prefix) is a unikernel
-// container, from the ownership index.
-func (s *Service) OwnsContainer(id string) bool { return s.containers.Has(id) }
+// MatchContainer is MatchSandbox for containers.
+func (s *Service) MatchContainer(id string) (exact, found bool, err error) {
+	return s.containers.Match(id)
+}
 
 // OwnsPod reports whether a unikernel sandbox exists for the pod md names
 // (namespace, name and UID; any attempt).
