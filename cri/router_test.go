@@ -76,6 +76,11 @@ func (f *fakeUpstream) Status(ctx context.Context, r *runtimeapi.StatusRequest) 
 	}, nil
 }
 
+func (f *fakeUpstream) ImageStatus(ctx context.Context, r *runtimeapi.ImageStatusRequest) (*runtimeapi.ImageStatusResponse, error) {
+	f.record("ImageStatus:" + r.GetImage().GetImage())
+	return &runtimeapi.ImageStatusResponse{Image: &runtimeapi.Image{Id: "sha256:containerd", RepoTags: []string{r.GetImage().GetImage()}}}, nil
+}
+
 func (f *fakeUpstream) ContainerStatus(ctx context.Context, r *runtimeapi.ContainerStatusRequest) (*runtimeapi.ContainerStatusResponse, error) {
 	f.record("ContainerStatus:" + r.GetContainerId())
 	return &runtimeapi.ContainerStatusResponse{Status: &runtimeapi.ContainerStatus{Id: r.GetContainerId()}}, nil
@@ -265,4 +270,28 @@ func TestPrefixIDsResolveOnBothSides(t *testing.T) {
 	for _, c := range up.calls {
 		require.NotContains(t, c, "StopPodSandbox", "a VM sandbox's stop reached the upstream")
 	}
+}
+
+// kubelet's IfNotPresent asks ImageStatus with the pod's annotations (and,
+// with RuntimeClassInImageCriAPI, its handler): for a unikernel pod the
+// answer comes from the VM store only, so an image containerd happens to
+// have is never taken as present for the VM.
+func TestImageStatusOfAVMPodAsksTheVMStore(t *testing.T) {
+	r, up := newTestRouter(t, true)
+	ctx := context.Background()
+	ref := "registry.example/app:1"
+	for _, spec := range []*runtimeapi.ImageSpec{
+		{Image: ref, Annotations: map[string]string{DefaultAnnotation: DefaultAnnotationValue}},
+		{Image: ref, RuntimeHandler: DefaultHandler},
+	} {
+		st, err := r.ImageStatus(ctx, &runtimeapi.ImageStatusRequest{Image: spec})
+		require.NoError(t, err)
+		require.Nil(t, st.Image, "not in the VM store: kubelet must pull it")
+	}
+	st, err := r.ImageStatus(ctx, &runtimeapi.ImageStatusRequest{Image: &runtimeapi.ImageSpec{Image: ref}})
+	require.NoError(t, err)
+	require.Equal(t, "sha256:containerd", st.Image.GetId(), "a plain pod's image is containerd's")
+	up.mu.Lock()
+	defer up.mu.Unlock()
+	require.Equal(t, 1, strings.Count(strings.Join(up.calls, " "), "ImageStatus:"), "only the plain pod's status went upstream")
 }
