@@ -104,9 +104,13 @@ func (r *Router) ownMethods(sd *grpc.ServiceDesc) *grpc.ServiceDesc {
 
 // ownStreams are the streaming methods the Router serves itself.
 func (r *Router) ownStreams() map[string]grpc.StreamHandler {
-	return map[string]grpc.StreamHandler{
+	own := map[string]grpc.StreamHandler{
 		runtimeapi.RuntimeService_ServiceDesc.ServiceName + "/GetContainerEvents": r.serveContainerEvents,
 	}
+	for name, sl := range r.streamLists() {
+		own["runtime.v1."+name] = r.serveStreamList(sl)
+	}
+	return own
 }
 
 func reflectHandler(m reflect.Method, fullMethod string) func(any, context.Context, func(any) error, grpc.UnaryServerInterceptor) (any, error) {

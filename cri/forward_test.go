@@ -2,6 +2,7 @@ package cri
 
 import (
 	"context"
+	"io"
 	"net"
 	"path/filepath"
 	"reflect"
@@ -48,6 +49,10 @@ func (u *recordingUpstream) GetContainerEvents(_ *runtimeapi.GetEventsRequest, s
 		}
 	}
 	return nil
+}
+
+func (u *recordingUpstream) StreamPodSandboxes(_ *runtimeapi.StreamPodSandboxesRequest, s runtimeapi.RuntimeService_StreamPodSandboxesServer) error {
+	return s.Send(&runtimeapi.StreamPodSandboxesResponse{PodSandboxes: []*runtimeapi.PodSandbox{{Id: "up1"}}})
 }
 
 func serveUnix(t *testing.T, srv *grpc.Server) string {
@@ -197,4 +202,54 @@ func TestForwardedCallsAreUnchanged(t *testing.T) {
 	_, err = rt2.CheckpointContainer(context.Background(), &runtimeapi.CheckpointContainerRequest{ContainerId: "c1"})
 	require.Equal(t, codes.Unimplemented, status.Code(err))
 	require.Contains(t, err.Error(), "--upstream-endpoint is empty")
+}
+
+// The streaming list verbs list both sides: the VM side's objects, then the
+// upstream's stream.
+func TestStreamListsMergeBothSides(t *testing.T) {
+	up := &recordingUpstream{calls: map[string]bool{}}
+	upSrv := grpc.NewServer()
+	runtimeapi.RegisterRuntimeServiceServer(upSrv, up)
+	upSock := serveUnix(t, upSrv)
+	store, err := image.Open(t.TempDir(), nil)
+	require.NoError(t, err)
+	t.Cleanup(func() { store.Close() })
+	svc, err := vm.New(vm.Config{QEMU: "/bin/false", Accel: "tcg", StateDir: t.TempDir()}, store, nil)
+	require.NoError(t, err)
+	r, err := NewRouter(Config{Upstream: upSock}, svc)
+	require.NoError(t, err)
+	t.Cleanup(func() { r.Close() })
+	vmPod, err := r.RunPodSandbox(context.Background(), &runtimeapi.RunPodSandboxRequest{
+		Config: &runtimeapi.PodSandboxConfig{Metadata: &runtimeapi.PodSandboxMetadata{Name: "vm", Namespace: "ns", Uid: "u"},
+			Annotations: map[string]string{DefaultAnnotation: DefaultAnnotationValue}}})
+	require.NoError(t, err)
+	srv := grpc.NewServer(r.ServerOptions()...)
+	r.Register(srv)
+	rt := runtimeapi.NewRuntimeServiceClient(dialUnix(t, serveUnix(t, srv)))
+
+	list := func(f *runtimeapi.PodSandboxFilter) []string {
+		st, err := rt.StreamPodSandboxes(context.Background(), &runtimeapi.StreamPodSandboxesRequest{Filter: f})
+		require.NoError(t, err)
+		var ids []string
+		for {
+			m, err := st.Recv()
+			if err != nil {
+				require.ErrorIs(t, err, io.EOF)
+				return ids
+			}
+			for _, p := range m.PodSandboxes {
+				ids = append(ids, p.Id)
+			}
+		}
+	}
+	require.Equal(t, []string{vmPod.PodSandboxId, "up1"}, list(nil))
+	require.Equal(t, []string{vmPod.PodSandboxId}, list(&runtimeapi.PodSandboxFilter{Id: vmPod.PodSandboxId}), "a full VM ID stays local")
+	// containers: none on the VM side; the upstream lacks the verb.
+	cs, err := rt.StreamContainers(context.Background(), &runtimeapi.StreamContainersRequest{})
+	require.NoError(t, err)
+	m, err := cs.Recv()
+	require.NoError(t, err)
+	require.Empty(t, m.Containers)
+	_, err = cs.Recv()
+	require.ErrorIs(t, err, io.EOF, "an upstream without the verb leaves the VM side's answer")
 }
