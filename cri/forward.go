@@ -65,21 +65,6 @@ func (r *Router) Register(srv *grpc.Server) {
 	}
 }
 
-// Handled lists the full names of the CRI methods the Router serves itself.
-func (r *Router) Handled() []string {
-	var out []string
-	for _, sd := range []*grpc.ServiceDesc{&runtimeapi.RuntimeService_ServiceDesc, &runtimeapi.ImageService_ServiceDesc} {
-		own := r.ownMethods(sd)
-		for _, m := range own.Methods {
-			out = append(out, "/"+sd.ServiceName+"/"+m.MethodName)
-		}
-		for _, st := range own.Streams {
-			out = append(out, "/"+sd.ServiceName+"/"+st.StreamName)
-		}
-	}
-	return out
-}
-
 // ownMethods is sd reduced to the unary methods Router has, each called by
 // reflection (the generated handlers would need the whole interface).
 func (r *Router) ownMethods(sd *grpc.ServiceDesc) *grpc.ServiceDesc {
