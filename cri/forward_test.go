@@ -64,6 +64,27 @@ func serveUnix(t *testing.T, srv *grpc.Server) string {
 	return sock
 }
 
+// servedRouter serves a Router (upstream at upSock, "" for none) as the
+// daemon does and returns it with a client connection.
+func servedRouter(t *testing.T, upSock string) (*Router, *grpc.ClientConn) {
+	t.Helper()
+	store, err := image.Open(t.TempDir(), nil)
+	require.NoError(t, err)
+	t.Cleanup(func() { store.Close() })
+	svc, err := vm.New(vm.Config{QEMU: "/bin/false", Accel: "tcg", StateDir: t.TempDir()}, store, nil)
+	require.NoError(t, err)
+	cfg := Config{Registries: []string{"unikraft.org"}}
+	if upSock != "" {
+		cfg.Upstream = "unix://" + upSock
+	}
+	r, err := NewRouter(cfg, svc)
+	require.NoError(t, err)
+	t.Cleanup(func() { r.Close() })
+	srv := grpc.NewServer(append(r.ServerOptions(), grpc.ChainUnaryInterceptor(UnaryErrors))...)
+	r.Register(srv)
+	return r, dialUnix(t, serveUnix(t, srv))
+}
+
 func dialUnix(t *testing.T, sock string) *grpc.ClientConn {
 	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	require.NoError(t, err)
@@ -90,17 +111,7 @@ func TestEveryCRIMethodReachesTheUpstream(t *testing.T) {
 	runtimeapi.RegisterImageServiceServer(upSrv, up)
 	upSock := serveUnix(t, upSrv)
 
-	store, err := image.Open(t.TempDir(), nil)
-	require.NoError(t, err)
-	t.Cleanup(func() { store.Close() })
-	svc, err := vm.New(vm.Config{QEMU: "/bin/false", Accel: "tcg", StateDir: t.TempDir()}, store, nil)
-	require.NoError(t, err)
-	r, err := NewRouter(Config{Registries: []string{"unikraft.org"}, Upstream: "unix://" + upSock}, svc)
-	require.NoError(t, err)
-	t.Cleanup(func() { r.Close() })
-	srv := grpc.NewServer(append(r.ServerOptions(), grpc.ChainUnaryInterceptor(UnaryErrors))...)
-	r.Register(srv)
-	conn := dialUnix(t, serveUnix(t, srv))
+	_, conn := servedRouter(t, upSock)
 
 	// Answered by unilet itself, by design.
 	own := map[string]string{
@@ -160,21 +171,11 @@ func TestForwardedCallsAreUnchanged(t *testing.T) {
 		return h(ctx, req)
 	}))
 	runtimeapi.RegisterRuntimeServiceServer(upSrv, up)
-	upSock := serveUnix(t, upSrv)
-	store, err := image.Open(t.TempDir(), nil)
-	require.NoError(t, err)
-	t.Cleanup(func() { store.Close() })
-	svc, err := vm.New(vm.Config{QEMU: "/bin/false", Accel: "tcg", StateDir: t.TempDir()}, store, nil)
-	require.NoError(t, err)
-	r, err := NewRouter(Config{Upstream: upSock}, svc)
-	require.NoError(t, err)
-	t.Cleanup(func() { r.Close() })
-	srv := grpc.NewServer(r.ServerOptions()...)
-	r.Register(srv)
-	rt := runtimeapi.NewRuntimeServiceClient(dialUnix(t, serveUnix(t, srv)))
+	_, conn := servedRouter(t, serveUnix(t, upSrv))
+	rt := runtimeapi.NewRuntimeServiceClient(conn)
 
 	ctx := metadata.AppendToOutgoingContext(context.Background(), "x-trace", "abc")
-	_, err = rt.CheckpointContainer(ctx, &runtimeapi.CheckpointContainerRequest{ContainerId: "c1"})
+	_, err := rt.CheckpointContainer(ctx, &runtimeapi.CheckpointContainerRequest{ContainerId: "c1"})
 	require.Equal(t, codes.Unimplemented, status.Code(err))
 	require.Contains(t, status.Convert(err).Message(), "method CheckpointContainer not implemented", "the upstream's own error")
 	up.mu.Lock()
@@ -194,11 +195,8 @@ func TestForwardedCallsAreUnchanged(t *testing.T) {
 	require.Equal(t, []string{"c1", "c2"}, got)
 
 	// Without an upstream the method says so.
-	r2, err := NewRouter(Config{}, svc)
-	require.NoError(t, err)
-	srv2 := grpc.NewServer(r2.ServerOptions()...)
-	r2.Register(srv2)
-	rt2 := runtimeapi.NewRuntimeServiceClient(dialUnix(t, serveUnix(t, srv2)))
+	_, conn2 := servedRouter(t, "")
+	rt2 := runtimeapi.NewRuntimeServiceClient(conn2)
 	_, err = rt2.CheckpointContainer(context.Background(), &runtimeapi.CheckpointContainerRequest{ContainerId: "c1"})
 	require.Equal(t, codes.Unimplemented, status.Code(err))
 	require.Contains(t, err.Error(), "--upstream-endpoint is empty")
@@ -210,22 +208,12 @@ func TestStreamListsMergeBothSides(t *testing.T) {
 	up := &recordingUpstream{calls: map[string]bool{}}
 	upSrv := grpc.NewServer()
 	runtimeapi.RegisterRuntimeServiceServer(upSrv, up)
-	upSock := serveUnix(t, upSrv)
-	store, err := image.Open(t.TempDir(), nil)
-	require.NoError(t, err)
-	t.Cleanup(func() { store.Close() })
-	svc, err := vm.New(vm.Config{QEMU: "/bin/false", Accel: "tcg", StateDir: t.TempDir()}, store, nil)
-	require.NoError(t, err)
-	r, err := NewRouter(Config{Upstream: upSock}, svc)
-	require.NoError(t, err)
-	t.Cleanup(func() { r.Close() })
+	r, conn := servedRouter(t, serveUnix(t, upSrv))
 	vmPod, err := r.RunPodSandbox(context.Background(), &runtimeapi.RunPodSandboxRequest{
 		Config: &runtimeapi.PodSandboxConfig{Metadata: &runtimeapi.PodSandboxMetadata{Name: "vm", Namespace: "ns", Uid: "u"},
 			Annotations: map[string]string{DefaultAnnotation: DefaultAnnotationValue}}})
 	require.NoError(t, err)
-	srv := grpc.NewServer(r.ServerOptions()...)
-	r.Register(srv)
-	rt := runtimeapi.NewRuntimeServiceClient(dialUnix(t, serveUnix(t, srv)))
+	rt := runtimeapi.NewRuntimeServiceClient(conn)
 
 	list := func(f *runtimeapi.PodSandboxFilter) []string {
 		st, err := rt.StreamPodSandboxes(context.Background(), &runtimeapi.StreamPodSandboxesRequest{Filter: f})
