@@ -81,6 +81,13 @@ func setup(m *testing.M) (int, error) {
 			return 0, err
 		}
 	}
+	containerd2Bin = os.Getenv("CONTAINERD2_BIN")
+	if containerd2Bin == "" {
+		containerd2Bin = filepath.Join(repoRoot, "_output", "containerd2", "bin")
+		if err := run(repoRoot, nil, "./hack/containerd2/build.sh", containerd2Bin); err != nil {
+			return 0, err
+		}
+	}
 	kernel = filepath.Join(tmp, "testkernel.elf")
 	if err := run(repoRoot, nil, "./e2e/guest/testkernel/build.sh", kernel); err != nil {
 		return 0, err

@@ -20,29 +20,60 @@ const (
 	busyboxImage = testimages.Busybox
 )
 
-// containerd is a real containerd (Debian) on private directories.
+// containerd is a real containerd on private directories.
 type containerd struct {
 	sock string
 	cmd  *exec.Cmd
 	dir  string
 }
 
+// containerdFlavor is one containerd the passthrough tests run against:
+// Debian's 1.6 (on PATH) or a current 2.x built from Go modules
+// (hack/containerd2) into binDir.
+type containerdFlavor struct {
+	name   string
+	binDir string // "" = Debian's, on PATH
+}
+
+// containerd2Bin is where TestMain put the containerd 2.x binaries.
+var containerd2Bin string
+
+func containerdFlavors() []containerdFlavor {
+	return []containerdFlavor{{name: "containerd-1.6"}, {name: "containerd-2.x", binDir: containerd2Bin}}
+}
+
+// startContainerd starts Debian's containerd 1.6.
 func startContainerd(t *testing.T) *containerd {
+	return startContainerdFlavor(t, containerdFlavor{name: "containerd-1.6"})
+}
+
+func startContainerdFlavor(t *testing.T, f containerdFlavor) *containerd {
 	t.Helper()
-	if _, err := exec.LookPath("containerd"); err != nil {
-		t.Fatalf("containerd is required (make deps installs it): %v", err)
+	bin := "containerd"
+	if f.binDir != "" {
+		bin = filepath.Join(f.binDir, "containerd")
+	}
+	if _, err := exec.LookPath(bin); err != nil {
+		t.Fatalf("%s is required (make deps installs Debian's; hack/containerd2/build.sh builds 2.x): %v", bin, err)
 	}
 	dir, err := os.MkdirTemp("", "unilet-ctrd-")
 	require.NoError(t, err)
 	c := &containerd{dir: dir, sock: filepath.Join(dir, "containerd.sock")}
 	cniDir := filepath.Join(dir, "cni")
 	require.NoError(t, os.MkdirAll(cniDir, 0o755))
-	cfg := testimages.ContainerdConfig(filepath.Join(dir, "root"), filepath.Join(dir, "state"), c.sock, testutil.CNIBinDir(), cniDir)
+	config := testimages.ContainerdConfig
+	if f.binDir != "" {
+		config = testimages.Containerd2Config
+	}
+	cfg := config(filepath.Join(dir, "root"), filepath.Join(dir, "state"), c.sock, testutil.CNIBinDir(), cniDir)
 	cfgPath := filepath.Join(dir, "config.toml")
 	require.NoError(t, os.WriteFile(cfgPath, []byte(cfg), 0o644))
 	lf, err := os.Create(filepath.Join(dir, "containerd.log"))
 	require.NoError(t, err)
-	c.cmd = exec.Command("containerd", "--config", cfgPath)
+	c.cmd = exec.Command(bin, "--config", cfgPath)
+	if f.binDir != "" { // its own shim first
+		c.cmd.Env = append(os.Environ(), "PATH="+f.binDir+":"+os.Getenv("PATH"))
+	}
 	c.cmd.Stdout, c.cmd.Stderr = lf, lf
 	c.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	require.NoError(t, c.cmd.Start())
@@ -100,7 +131,13 @@ func (c *containerd) crictl(t *testing.T, args ...string) string {
 }
 
 func TestPassthroughToContainerd(t *testing.T) {
-	ctrd := startContainerd(t)
+	for _, f := range containerdFlavors() {
+		t.Run(f.name, func(t *testing.T) { testPassthrough(t, f) })
+	}
+}
+
+func testPassthrough(t *testing.T, f containerdFlavor) {
+	ctrd := startContainerdFlavor(t, f)
 	d := startDaemon(t, "--upstream-endpoint", "unix://"+ctrd.sock)
 
 	logDir := filepath.Join(t.TempDir(), "pods", "plain")

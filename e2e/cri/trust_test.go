@@ -381,7 +381,13 @@ func TestStrayNetNSFilesAreSwept(t *testing.T) {
 // GetContainerEvents (kubelet's evented PLEG) carries the VM containers'
 // lifecycle and containerd's events in one stream.
 func TestContainerEventsMergeBothSides(t *testing.T) {
-	ctrd := startContainerd(t)
+	for _, f := range containerdFlavors() {
+		t.Run(f.name, func(t *testing.T) { testContainerEvents(t, f) })
+	}
+}
+
+func testContainerEvents(t *testing.T, f containerdFlavor) {
+	ctrd := startContainerdFlavor(t, f)
 	d := startDaemon(t, "--upstream-endpoint", "unix://"+ctrd.sock, "--unikernel-registry", regHost)
 	d.must("pull", image())
 	rt := d.rt(t)

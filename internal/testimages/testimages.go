@@ -140,6 +140,25 @@ func Import(work, sock string, imgs map[string]v1.Image) error {
 	return nil
 }
 
+// Containerd2Config is ContainerdConfig for containerd 2.x (config
+// version 3: the CRI plugin split into images and runtime).
+func Containerd2Config(root, state, sock, cniBin, cniConf string) string {
+	cfg := fmt.Sprintf(`version = 3
+root = %q
+state = %q
+[grpc]
+  address = %q
+[plugins.'io.containerd.cri.v1.images'.pinned_images]
+  sandbox = %q
+[plugins.'io.containerd.cri.v1.runtime']
+  restrict_oom_score_adj = true
+`, root, state, sock, Pause)
+	if cniBin != "" {
+		cfg += fmt.Sprintf("[plugins.'io.containerd.cri.v1.runtime'.cni]\n  bin_dirs = [%q]\n  conf_dir = %q\n", cniBin, cniConf)
+	}
+	return cfg
+}
+
 // ContainerdConfig is a containerd 1.6 config for the tests: private root,
 // state and socket, the offline pause image, restrict_oom_score_adj (root
 // lacks CAP_SYS_RESOURCE here), and CNI from cniBin/cniConf when given.
