@@ -64,7 +64,11 @@ func setup(m *testing.M) (int, error) {
 	if err := run(repoRoot, "go", "build", "-o", binDir+"/", "./cmd/unilet", "./cmd/unilet-shim", "./cmd/uniletctl", "./e2e/kube/cluster"); err != nil {
 		return 0, err
 	}
-	up := exec.Command(clusterBin, "up", "--dir", clusterDir, "--kube-bin", kubeBin, "--unilet-bin", binDir, "--repo", repoRoot)
+	upArgs := []string{"up", "--dir", clusterDir, "--kube-bin", kubeBin, "--unilet-bin", binDir, "--repo", repoRoot}
+	if d := os.Getenv("UNILET_KUBE_CONTAINERD_BIN"); d != "" { // containerd 2.x (make test-kube runs both)
+		upArgs = append(upArgs, "--containerd-bin", d)
+	}
+	up := exec.Command(clusterBin, upArgs...)
 	up.Stdout, up.Stderr = os.Stderr, os.Stderr
 	if err := up.Run(); err != nil {
 		return 0, fmt.Errorf("cluster up: %w", err)

@@ -52,6 +52,7 @@ const (
 
 type cluster struct {
 	dir, kubeBin, unileBin, repo string
+	containerdBin                string // "" = Debian's containerd
 }
 
 func (c *cluster) p(parts ...string) string {
@@ -72,6 +73,7 @@ func main() {
 	fs.StringVar(&c.kubeBin, "kube-bin", filepath.Join(wd, "_output", "kube", "bin"), "Kubernetes binaries (e2e/kube/build.sh)")
 	fs.StringVar(&c.unileBin, "unilet-bin", filepath.Join(wd, "bin"), "unilet, unilet-shim, uniletctl")
 	fs.StringVar(&c.repo, "repo", wd, "repository root")
+	fs.StringVar(&c.containerdBin, "containerd-bin", "", "directory of a containerd 2.x build (hack/containerd2/build.sh); empty: Debian's containerd")
 	addr := fs.String("addr", RegistryAddr, "registry address (registry)")
 	_ = fs.Parse(os.Args[2:])
 	var err error
@@ -92,12 +94,20 @@ func main() {
 
 // start runs a component detached (own session) with its log and pid file.
 func (c *cluster) start(name, bin string, args ...string) error {
+	return c.startEnv(name, nil, bin, args...)
+}
+
+// startEnv is start with extra environment variables.
+func (c *cluster) startEnv(name string, env []string, bin string, args ...string) error {
 	lf, err := os.OpenFile(c.p("logs", name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return err
 	}
 	defer lf.Close()
 	cmd := exec.Command(bin, args...)
+	if env != nil {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	cmd.Stdout, cmd.Stderr = lf, lf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
@@ -256,11 +266,16 @@ func (c *cluster) containerd() error {
 		return err
 	}
 	sock := c.p("containerd", "containerd.sock")
-	cfg := testimages.ContainerdConfig(c.p("containerd", "root"), c.p("containerd", "state"), sock, testutil.CNIBinDir(), c.p("cni", "net.d"))
+	config, bin, env := testimages.ContainerdConfig, "containerd", []string(nil)
+	if c.containerdBin != "" { // containerd 2.x (hack/containerd2), its own shim first on PATH
+		config, bin = testimages.Containerd2Config, filepath.Join(c.containerdBin, "containerd")
+		env = []string{"PATH=" + c.containerdBin + ":" + os.Getenv("PATH")}
+	}
+	cfg := config(c.p("containerd", "root"), c.p("containerd", "state"), sock, testutil.CNIBinDir(), c.p("cni", "net.d"))
 	if err := os.WriteFile(c.p("containerd", "config.toml"), []byte(cfg), 0o644); err != nil {
 		return err
 	}
-	if err := c.start("containerd", "containerd", "--config", c.p("containerd", "config.toml")); err != nil {
+	if err := c.startEnv("containerd", env, bin, "--config", c.p("containerd", "config.toml")); err != nil {
 		return err
 	}
 	if err := waitFor("containerd", 30*time.Second, func() error { return dial("unix", sock) }); err != nil {
