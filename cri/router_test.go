@@ -81,6 +81,15 @@ func (f *fakeUpstream) ImageStatus(ctx context.Context, r *runtimeapi.ImageStatu
 	return &runtimeapi.ImageStatusResponse{Image: &runtimeapi.Image{Id: "sha256:containerd", RepoTags: []string{r.GetImage().GetImage()}}}, nil
 }
 
+func (f *fakeUpstream) ListMetricDescriptors(ctx context.Context, r *runtimeapi.ListMetricDescriptorsRequest) (*runtimeapi.ListMetricDescriptorsResponse, error) {
+	return &runtimeapi.ListMetricDescriptorsResponse{Descriptors: []*runtimeapi.MetricDescriptor{
+		{Name: "container_cpu_usage_seconds_total", Help: "containerd's"}, {Name: "container_network_receive_bytes_total"}}}, nil
+}
+
+func (f *fakeUpstream) ListPodSandboxMetrics(ctx context.Context, r *runtimeapi.ListPodSandboxMetricsRequest) (*runtimeapi.ListPodSandboxMetricsResponse, error) {
+	return &runtimeapi.ListPodSandboxMetricsResponse{PodMetrics: []*runtimeapi.PodSandboxMetrics{{PodSandboxId: "plain"}}}, nil
+}
+
 func (f *fakeUpstream) ContainerStatus(ctx context.Context, r *runtimeapi.ContainerStatusRequest) (*runtimeapi.ContainerStatusResponse, error) {
 	f.record("ContainerStatus:" + r.GetContainerId())
 	return &runtimeapi.ContainerStatusResponse{Status: &runtimeapi.ContainerStatus{Id: r.GetContainerId()}}, nil
@@ -294,4 +303,30 @@ func TestImageStatusOfAVMPodAsksTheVMStore(t *testing.T) {
 	up.mu.Lock()
 	defer up.mu.Unlock()
 	require.Equal(t, 1, strings.Count(strings.Join(up.calls, " "), "ImageStatus:"), "only the plain pod's status went upstream")
+}
+
+// The metrics verbs merge: containerd's descriptors (its own kept where both
+// describe a name) plus the VM pods' others; VM pods' metrics beside its.
+func TestMetricsMergeBothSides(t *testing.T) {
+	r, _ := newTestRouter(t, true)
+	ctx := context.Background()
+	d, err := r.ListMetricDescriptors(ctx, &runtimeapi.ListMetricDescriptorsRequest{})
+	require.NoError(t, err)
+	names := map[string]int{}
+	for _, x := range d.Descriptors {
+		names[x.Name]++
+	}
+	require.Equal(t, 1, names["container_cpu_usage_seconds_total"], "no name twice")
+	require.Equal(t, "containerd's", d.Descriptors[0].Help)
+	require.Equal(t, 1, names["container_network_receive_bytes_total"])
+	require.Equal(t, 1, names["container_memory_working_set_bytes"], "the VM side's own")
+	run, err := r.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: podCfg("vm", map[string]string{DefaultAnnotation: DefaultAnnotationValue})})
+	require.NoError(t, err)
+	m, err := r.ListPodSandboxMetrics(ctx, &runtimeapi.ListPodSandboxMetricsRequest{})
+	require.NoError(t, err)
+	var ids []string
+	for _, p := range m.PodMetrics {
+		ids = append(ids, p.PodSandboxId)
+	}
+	require.Equal(t, []string{run.PodSandboxId, "plain"}, ids)
 }

@@ -453,3 +453,43 @@ func (r *Router) ListPodSandboxStats(ctx context.Context, req *runtimeapi.ListPo
 	resp.Stats = append(resp.Stats, up.GetStats()...)
 	return resp, nil
 }
+
+// ListMetricDescriptors: the upstream's descriptors, plus those of VM pods'
+// metrics it does not describe itself (same names: containerd 2.x's).
+func (r *Router) ListMetricDescriptors(ctx context.Context, req *runtimeapi.ListMetricDescriptorsRequest) (*runtimeapi.ListMetricDescriptorsResponse, error) {
+	resp, err := r.vm.ListMetricDescriptors(ctx, req)
+	if err != nil || r.upRT == nil {
+		return resp, err
+	}
+	up, err := r.upRT.ListMetricDescriptors(ctx, req)
+	if err != nil {
+		r.logUpstreamDown("ListMetricDescriptors", err)
+		return resp, nil
+	}
+	have := map[string]bool{}
+	for _, d := range up.GetDescriptors() {
+		have[d.GetName()] = true
+	}
+	out := up.GetDescriptors()
+	for _, d := range resp.Descriptors {
+		if !have[d.GetName()] {
+			out = append(out, d)
+		}
+	}
+	return &runtimeapi.ListMetricDescriptorsResponse{Descriptors: out}, nil
+}
+
+// ListPodSandboxMetrics merges VM pods' metrics with the upstream's.
+func (r *Router) ListPodSandboxMetrics(ctx context.Context, req *runtimeapi.ListPodSandboxMetricsRequest) (*runtimeapi.ListPodSandboxMetricsResponse, error) {
+	resp, err := r.vm.ListPodSandboxMetrics(ctx, req)
+	if err != nil || r.upRT == nil {
+		return resp, err
+	}
+	up, err := r.upRT.ListPodSandboxMetrics(ctx, req)
+	if err != nil {
+		r.logUpstreamDown("ListPodSandboxMetrics", err)
+		return resp, nil
+	}
+	resp.PodMetrics = append(resp.PodMetrics, up.GetPodMetrics()...)
+	return resp, nil
+}

@@ -73,6 +73,14 @@ func (r *Router) streamLists() map[string]streamList {
 				return id != "" && r.vmExactSandbox(id)
 			},
 		},
+		"RuntimeService/StreamPodSandboxMetrics": {
+			req: func() proto.Message { return &runtimeapi.StreamPodSandboxMetricsRequest{} },
+			vm: func(ctx context.Context, _ proto.Message) (proto.Message, error) {
+				l, err := r.vm.ListPodSandboxMetrics(ctx, &runtimeapi.ListPodSandboxMetricsRequest{})
+				return &runtimeapi.StreamPodSandboxMetricsResponse{PodSandboxMetrics: l.GetPodMetrics()}, err
+			},
+			local: never,
+		},
 		"ImageService/StreamImages": {
 			req: func() proto.Message { return &runtimeapi.StreamImagesRequest{} },
 			vm: func(ctx context.Context, m proto.Message) (proto.Message, error) {

@@ -450,3 +450,40 @@ func testContainerEvents(t *testing.T, f containerdFlavor) {
 	d.must("rmp", "-f", pod)
 	d.must("rmp", "-f", plainPod)
 }
+
+// kubelet's CRI metrics for a VM pod come from the VM's cgroup, under the
+// names and labels containerd 2.x uses.
+func TestVMPodMetrics(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "")
+	pod, ctr := d.runVM(t, "vm-metrics", "tick=100")
+	d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
+	rt := d.rt(t)
+	var got map[string]*runtimeapi.Metric
+	require.Eventually(t, func() bool {
+		m, err := rt.ListPodSandboxMetrics(context.Background(), &runtimeapi.ListPodSandboxMetricsRequest{})
+		require.NoError(t, err)
+		got = map[string]*runtimeapi.Metric{}
+		for _, p := range m.PodMetrics {
+			for _, c := range p.ContainerMetrics {
+				if p.PodSandboxId == pod && c.ContainerId == ctr {
+					for _, x := range c.Metrics {
+						got[x.Name] = x
+					}
+				}
+			}
+		}
+		return got["container_memory_working_set_bytes"].GetValue().GetValue() > 1<<20
+	}, 10*time.Second, 100*time.Millisecond, "metrics: %v", got)
+	ws := got["container_memory_working_set_bytes"]
+	require.Equal(t, []string{"vm-metrics", "e2e", "app", ctr, image()}, ws.LabelValues)
+	require.Contains(t, got, "container_cpu_usage_seconds_total")
+	require.Equal(t, runtimeapi.MetricType_COUNTER, got["container_cpu_usage_seconds_total"].MetricType)
+	desc, err := rt.ListMetricDescriptors(context.Background(), &runtimeapi.ListMetricDescriptorsRequest{})
+	require.NoError(t, err)
+	var names []string
+	for _, x := range desc.Descriptors {
+		names = append(names, x.Name)
+	}
+	require.Contains(t, names, "container_memory_working_set_bytes")
+	d.must("rmp", "-f", pod)
+}
