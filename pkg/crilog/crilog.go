@@ -43,13 +43,14 @@ type Writer struct {
 	lastFlush time.Time
 	timer     *time.Timer
 	werr      error // a failed background flush, returned by the next call
+	flushDelay time.Duration
 	// Console lines a failed write dropped since the last good one, and why.
 	dropped int
 	dropErr error
 }
 
 const (
-	flushDelay = 5 * time.Millisecond
+	defaultFlushDelay = 5 * time.Millisecond
 	flushSize  = 64 << 10
 )
 
@@ -62,12 +63,15 @@ func WithMaxLine(n int) Option { return func(w *Writer) { w.maxLine = n } }
 // WithClock sets the time source (tests).
 func WithClock(now func() time.Time) Option { return func(w *Writer) { w.now = now } }
 
+// withFlushDelay sets the batching delay (tests on slow, e.g. race-built, runs).
+func withFlushDelay(d time.Duration) Option { return func(w *Writer) { w.flushDelay = d } }
+
 // WithStream sets the stream name (default "stdout").
 func WithStream(s string) Option { return func(w *Writer) { w.stream = s } }
 
 // Open opens (appending, creating parent directories) the log at path.
 func Open(path string, opts ...Option) (*Writer, error) {
-	w := &Writer{path: path, stream: "stdout", maxLine: DefaultMaxLine, now: time.Now}
+	w := &Writer{path: path, stream: "stdout", maxLine: DefaultMaxLine, now: time.Now, flushDelay: defaultFlushDelay}
 	for _, o := range opts {
 		o(w)
 	}
@@ -150,14 +154,14 @@ func (w *Writer) writeOut(b []byte) error {
 	// A failed background flush is reported now (its lines are counted).
 	werr := w.werr
 	w.werr = nil
-	if len(w.buf) >= flushSize || time.Since(w.lastFlush) >= flushDelay {
+	if len(w.buf) >= flushSize || time.Since(w.lastFlush) >= w.flushDelay {
 		if err := w.flushLocked(); err != nil {
 			return err
 		}
 		return werr
 	}
 	if w.timer == nil {
-		w.timer = time.AfterFunc(flushDelay, func() {
+		w.timer = time.AfterFunc(w.flushDelay, func() {
 			w.mu.Lock()
 			defer w.mu.Unlock()
 			w.timer = nil

@@ -72,8 +72,11 @@ func TestWriterReopen(t *testing.T) {
 // Output after a quiet moment reaches the file at once; a flood is batched
 // and still reaches it within the flush delay, in order.
 func TestWriterBatchesFloods(t *testing.T) {
-	w, p := open(t)
-	time.Sleep(2 * flushDelay)
+	// A delay long enough that the flood below surely falls within it, also
+	// under the race detector (the default, 5 ms, is what production uses).
+	const delay = 300 * time.Millisecond
+	w, p := open(t, withFlushDelay(delay))
+	time.Sleep(2 * delay)
 	_, err := w.Write([]byte("first\n"))
 	require.NoError(t, err)
 	require.Equal(t, ts+" stdout F first\n", read(t, p), "write-through when idle")
