@@ -39,10 +39,10 @@ type Writer struct {
 	// Write-through when idle, batched when busy: output after a quiet
 	// flushDelay goes to the file at once; a flood is written every
 	// flushDelay or flushSize bytes, saving a write(2) per console chunk.
-	buf       []byte
-	lastFlush time.Time
-	timer     *time.Timer
-	werr      error // a failed background flush, returned by the next call
+	buf        []byte
+	lastFlush  time.Time
+	timer      *time.Timer
+	werr       error // a failed background flush, returned by the next call
 	flushDelay time.Duration
 	// Console lines a failed write dropped since the last good one, and why.
 	dropped int
@@ -51,7 +51,7 @@ type Writer struct {
 
 const (
 	defaultFlushDelay = 5 * time.Millisecond
-	flushSize  = 64 << 10
+	flushSize         = 64 << 10
 )
 
 // Option configures a Writer.
