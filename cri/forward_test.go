@@ -18,9 +18,6 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
-
-	"github.com/unilet-dev/unilet/cri/vm"
-	"github.com/unilet-dev/unilet/image"
 )
 
 // recordingUpstream is a CRI runtime that records every call it gets and
@@ -68,16 +65,11 @@ func serveUnix(t *testing.T, srv *grpc.Server) string {
 // daemon does and returns it with a client connection.
 func servedRouter(t *testing.T, upSock string) (*Router, *grpc.ClientConn) {
 	t.Helper()
-	store, err := image.Open(t.TempDir(), nil)
-	require.NoError(t, err)
-	t.Cleanup(func() { store.Close() })
-	svc, err := vm.New(vm.Config{QEMU: "/bin/false", Accel: "tcg", StateDir: t.TempDir()}, store, nil)
-	require.NoError(t, err)
 	cfg := Config{Registries: []string{"unikraft.org"}}
 	if upSock != "" {
 		cfg.Upstream = "unix://" + upSock
 	}
-	r, err := NewRouter(cfg, svc)
+	r, err := NewRouter(cfg, newVMService(t))
 	require.NoError(t, err)
 	t.Cleanup(func() { r.Close() })
 	srv := grpc.NewServer(append(r.ServerOptions(), grpc.ChainUnaryInterceptor(UnaryErrors))...)

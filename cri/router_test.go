@@ -95,13 +95,20 @@ func (f *fakeUpstream) ContainerStatus(ctx context.Context, r *runtimeapi.Contai
 	return &runtimeapi.ContainerStatusResponse{Status: &runtimeapi.ContainerStatus{Id: r.GetContainerId()}}, nil
 }
 
-func newTestRouter(t *testing.T, withUpstream bool) (*Router, *fakeUpstream) {
+// newVMService is a VM side without processes, network or persistence.
+func newVMService(t *testing.T) *vm.Service {
 	t.Helper()
 	store, err := image.Open(t.TempDir(), nil)
 	require.NoError(t, err)
 	t.Cleanup(func() { store.Close() })
 	svc, err := vm.New(vm.Config{QEMU: "/bin/false", Accel: "tcg", StateDir: t.TempDir()}, store, nil)
 	require.NoError(t, err)
+	return svc
+}
+
+func newTestRouter(t *testing.T, withUpstream bool) (*Router, *fakeUpstream) {
+	t.Helper()
+	svc := newVMService(t)
 	cfg := Config{Registries: []string{"unikraft.org"}}
 	var up *fakeUpstream
 	if withUpstream {

@@ -41,15 +41,15 @@ func (s *Service) removeContainer(ctx context.Context, c *container) error {
 	if c.Deleted() {
 		return nil
 	}
-	if c.Status().State.Live() {
-		if err := s.stopLocked(ctx, c, 0); err != nil {
-			if err := s.killStuck(c); err != nil {
-				return err
-			}
+	// Stops a running VM, or ends a created container's staged shim; a shim
+	// that does not answer is killed.
+	if err := s.stopLocked(ctx, c, 0); err != nil {
+		if !c.Status().State.Live() {
+			return err
 		}
-	}
-	if err := s.stopLocked(ctx, c, 0); err != nil { // a created container: its staged shim
-		return err
+		if err := s.killStuck(c); err != nil {
+			return err
+		}
 	}
 	st := c.Status()
 	if st.State != store.ContainerRemoving {

@@ -52,6 +52,12 @@ func (s *Service) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandbox
 	// The name is reserved while the record is written (no disk write
 	// under the lock): a twin request meanwhile is AlreadyExists.
 	key := fmt.Sprintf("%s/%s/%s/%d", md.GetNamespace(), md.GetName(), md.GetUid(), md.GetAttempt())
+	// A network that is not ready fails the pod before anything is made.
+	if s.cfg.Network != nil {
+		if err := s.cfg.Network.Status(); err != nil {
+			return nil, errorf(codes.FailedPrecondition, "pod network is not ready: %v", err)
+		}
+	}
 	s.podNames.Lock()
 	err := s.checkUnique(md)
 	if err == nil && s.podReserved[key] {
@@ -63,7 +69,10 @@ func (s *Service) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandbox
 	}
 	s.podReserved[key] = true
 	s.podNames.Unlock()
-	sb, err := s.sandboxes.Add(id, meta, sandboxStatus{State: store.SandboxCreating})
+	// Teardown pending from the start: a daemon dying from here on leaves a
+	// record whose CNI DEL (of a namespace that may not exist yet) the next
+	// daemon runs.
+	sb, err := s.sandboxes.Add(id, meta, sandboxStatus{State: store.SandboxCreating, NetPending: s.cfg.Network != nil})
 	s.podNames.Lock()
 	delete(s.podReserved, key)
 	s.podNames.Unlock()
@@ -153,20 +162,9 @@ type netSteps struct{ netns, cni, tap time.Duration }
 // setupNetwork: netns, CNI ADD, tap. The caller tears down on failure.
 func (s *Service) setupNetwork(ctx context.Context, sb *sandbox) (netSteps, *cni.Result, string, error) {
 	var st netSteps
-	if err := s.cfg.Network.Status(); err != nil {
-		return st, nil, "", errorf(codes.FailedPrecondition, "pod network is not ready: %v", err)
-	}
 	t := time.Now()
 	lap := func(d *time.Duration) { now := time.Now(); *d = now.Sub(t); t = now }
 	path := sb.Meta().NetNS
-	// Recorded before the namespace exists: a daemon dying from here on
-	// leaves a record whose teardown the next daemon finishes.
-	if err := sb.Update(func(cur sandboxStatus) (sandboxStatus, error) {
-		cur.NetPending = true
-		return cur, nil
-	}); err != nil {
-		return st, nil, "", err
-	}
 	if _, err := netns.Create(s.cfg.NetNSDir, "unilet-"+sb.ID()); err != nil {
 		return st, nil, "", errorf(codes.Internal, "create network namespace: %v", err)
 	}
