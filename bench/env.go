@@ -108,7 +108,7 @@ func setup() (*env, error) {
 
 	// containerd (Debian) for the passthrough comparison, with offline images.
 	ctrdSock := filepath.Join(dir, "containerd.sock")
-	cfg := testimages.ContainerdConfig(filepath.Join(dir, "ctrd-root"), filepath.Join(e.run, "containerd"), ctrdSock, "", "")
+	cfg := testimages.ContainerdDirs{Root: filepath.Join(dir, "ctrd-root"), State: filepath.Join(e.run, "containerd"), Sock: ctrdSock}.Config16()
 	if err := os.WriteFile(filepath.Join(dir, "containerd.toml"), []byte(cfg), 0o644); err != nil {
 		return e, err
 	}

@@ -57,6 +57,7 @@ type Store struct {
 	root     string
 	db       *bolt.DB
 	insecure map[string]bool
+	mirrors  map[string]string // registry host → mirror host[:port] (AddMirror)
 	mu       sync.Mutex
 	pullMu   sync.Mutex // one pull at a time: a failed pull sweeps unreferenced blobs
 }
@@ -74,11 +75,52 @@ func Open(root string, insecure []string) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open image metadata: %w", err)
 	}
-	s := &Store{root: root, db: db, insecure: map[string]bool{}}
+	s := &Store{root: root, db: db, insecure: map[string]bool{}, mirrors: map[string]string{}}
 	for _, h := range insecure {
 		s.insecure[h] = true
 	}
 	return s, nil
+}
+
+// AddMirror makes pulls of images under registry host fetch from mirror
+// instead; images keep their names. mirror is host[:port] (HTTPS) or
+// http://host[:port] (plain HTTP, as if listed with --insecure-registry).
+// Not safe to call once pulls have begun.
+func (s *Store) AddMirror(host, mirror string) error {
+	reg, err := name.NewRegistry(host, name.StrictValidation)
+	if err != nil || host == "" || strings.ContainsAny(host, "/@") {
+		return fmt.Errorf("registry mirror: %q is not a registry host", host)
+	}
+	m, plain := strings.CutPrefix(mirror, "http://")
+	m = strings.TrimPrefix(m, "https://")
+	if _, err := name.NewRegistry(m, name.StrictValidation); err != nil || m == "" || strings.ContainsAny(m, "/@") {
+		return fmt.Errorf("registry mirror for %s: %q is not host[:port] or http://host[:port]", host, mirror)
+	}
+	s.mirrors[reg.RegistryStr()] = m
+	if plain {
+		s.insecure[m] = true
+	}
+	return nil
+}
+
+// source is where ref is fetched from: its own registry or that registry's mirror.
+func (s *Store) source(r name.Reference) (name.Reference, error) {
+	m, ok := s.mirrors[r.Context().RegistryStr()]
+	if !ok {
+		return r, nil
+	}
+	opts := []name.Option{name.WeakValidation}
+	if s.insecure[m] {
+		opts = append(opts, name.Insecure)
+	}
+	repo, err := name.NewRepository(m+"/"+r.Context().RepositoryStr(), opts...)
+	if err != nil {
+		return nil, err
+	}
+	if d, ok := r.(name.Digest); ok {
+		return repo.Digest(d.DigestStr()), nil
+	}
+	return repo.Tag(r.Identifier()), nil
 }
 
 // Close closes the metadata database.
@@ -152,6 +194,9 @@ func (s *Store) pull(ctx context.Context, ref string, auth *Auth) (*Image, error
 	r, err := name.ParseReference(ref, s.nameOptions(ref)...)
 	if err != nil {
 		return nil, fmt.Errorf("invalid image reference %q: %w", ref, err)
+	}
+	if r, err = s.source(r); err != nil {
+		return nil, fmt.Errorf("mirror of %q: %w", ref, err)
 	}
 	opts := []remote.Option{remote.WithContext(ctx), remote.WithTransport(&plainHTTPGuard{base: remote.DefaultTransport, allowed: s.insecure})}
 	if auth != nil && (auth.Username != "" || auth.Auth != "" || auth.IdentityToken != "" || auth.RegistryToken != "") {

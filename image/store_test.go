@@ -279,3 +279,31 @@ func TestBadImageRecordsAreSkipped(t *testing.T) {
 	_, err = s.Get("evil:1")
 	require.ErrorIs(t, err, ErrNotFound)
 }
+
+// A mirrored registry: the image is fetched from the mirror, by tag and by
+// digest, and keeps its own name (registry.invalid never resolves: had the
+// pull gone there, it would fail).
+func TestPullFromRegistryMirror(t *testing.T) {
+	mirror := serve(t)
+	idx, err := Pack(PackOptions{Kernel: fakeKernel(t, "mirrored")})
+	require.NoError(t, err)
+	pushIndex(t, mirror+"/unikraft/app:1", idx)
+	d, err := idx.Digest()
+	require.NoError(t, err)
+
+	s, err := Open(t.TempDir(), nil)
+	require.NoError(t, err)
+	defer s.Close()
+	require.NoError(t, s.AddMirror("registry.invalid", "http://"+mirror))
+	img, err := s.Pull(context.Background(), "registry.invalid/unikraft/app:1", nil)
+	require.NoError(t, err)
+	require.Equal(t, []string{"registry.invalid/unikraft/app:1"}, img.RepoTags)
+	require.Equal(t, []string{"registry.invalid/unikraft/app@" + d.String()}, img.RepoDigests)
+	byDigest, err := s.Pull(context.Background(), "registry.invalid/unikraft/app@"+d.String(), nil)
+	require.NoError(t, err)
+	require.Equal(t, img.ID, byDigest.ID)
+
+	for _, bad := range [][2]string{{"", "x:1"}, {"a/b", "x:1"}, {"reg.io", "http://x/y"}, {"reg.io", ""}, {"reg.io", "x@y"}} {
+		require.Error(t, s.AddMirror(bad[0], bad[1]), "%q", bad)
+	}
+}

@@ -72,3 +72,26 @@ func TestMonitorErrorReply(t *testing.T) {
 	_, err := m.execute("system_powerdown", time.Second)
 	require.ErrorContains(t, err, "GenericError: nope")
 }
+
+// A guest that missed the first power-button press (still booting) gets
+// another one while the stop waits.
+func TestStopPressesThePowerButtonAgain(t *testing.T) {
+	v := &VM{done: make(chan struct{})}
+	presses := make(chan struct{}, 10)
+	mon := fakeQMP(t, func(w net.Conn, cmd string, id json.RawMessage) {
+		if cmd == "system_powerdown" {
+			presses <- struct{}{}
+			if len(presses) == 1 { // the guest listens from the second press on
+				close(v.done)
+			}
+		}
+		fmt.Fprintf(w, `{"return": {}, "id": %s}`+"\n", id)
+	})
+	start := time.Now()
+	require.True(t, v.waitPoweroff(mon, 3*PowerButtonRepeat))
+	require.Less(t, time.Since(start), 2*PowerButtonRepeat)
+	require.Len(t, presses, 1)
+
+	v = &VM{done: make(chan struct{})} // a guest that never listens: the wait ends at its timeout
+	require.False(t, v.waitPoweroff(mon, PowerButtonRepeat/2))
+}

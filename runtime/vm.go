@@ -393,8 +393,14 @@ func (v *VM) ReopenLog() error {
 	return v.log.Reopen()
 }
 
-// Stop asks the guest to power down (ACPI via QMP system_powerdown) and kills
-// QEMU if it has not exited within timeout.
+// PowerButtonRepeat: while a stop waits for the guest, the ACPI power button
+// is pressed again this often, so a guest that was still booting (its ACPI
+// not yet listening) when the first press came still shuts down cleanly.
+const PowerButtonRepeat = 2 * time.Second
+
+// Stop asks the guest to power down (ACPI via QMP system_powerdown, pressed
+// again every PowerButtonRepeat) and kills QEMU if it has not exited within
+// timeout.
 func (v *VM) Stop(timeout time.Duration) ExitStatus {
 	select {
 	case <-v.done:
@@ -405,18 +411,32 @@ func (v *VM) Stop(timeout time.Duration) ExitStatus {
 	mon := v.mon
 	v.mu.Unlock()
 	if timeout > 0 && mon != nil {
-		_, err := mon.execute("system_powerdown", qmpPowerdownTimeout)
-		if err != nil {
+		if _, err := mon.execute("system_powerdown", qmpPowerdownTimeout); err != nil {
 			logrus.WithError(err).WithField("vm", v.spec.Machine.Name).Debug("graceful power-down failed; killing")
-		} else {
-			select {
-			case <-v.done:
-				return v.Exit()
-			case <-time.After(timeout):
-			}
+		} else if v.waitPoweroff(mon, timeout) {
+			return v.Exit()
 		}
 	}
 	v.Kill()
 	<-v.done
 	return v.Exit()
+}
+
+// waitPoweroff waits up to timeout for QEMU to exit, pressing the power
+// button again every PowerButtonRepeat; reports whether it exited.
+func (v *VM) waitPoweroff(mon *monitor, timeout time.Duration) bool {
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	again := time.NewTicker(PowerButtonRepeat)
+	defer again.Stop()
+	for {
+		select {
+		case <-v.done:
+			return true
+		case <-deadline.C:
+			return false
+		case <-again.C:
+			_, _ = mon.execute("system_powerdown", qmpPowerdownTimeout)
+		}
+	}
 }

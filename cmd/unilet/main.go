@@ -71,7 +71,7 @@ func run() error {
 		listen, root, stateDir, upstream, accel, qemu, logLevel string
 		streamAddr, shimBin, pprofAddr                          string
 		annotation, annotationValue, handler                    string
-		insecureRegs, registries                                multi
+		insecureRegs, registries, mirrors                       multi
 		showVersion                                             bool
 		cniConf, cniCache, netnsDir, cgroupRoot                 string
 		cniBins, allowParams                                    multi
@@ -84,6 +84,7 @@ func run() error {
 	flag.StringVar(&stateDir, "state-dir", "/run/unilet", "runtime state (VM sockets)")
 	flag.StringVar(&upstream, "upstream-endpoint", "unix:///run/containerd/containerd.sock", "CRI endpoint for non-unikernel pods (empty: none)")
 	flag.Var(&insecureRegs, "insecure-registry", "HOST:PORT reachable over plain HTTP (repeatable)")
+	flag.Var(&mirrors, "registry-mirror", "REGISTRY=MIRROR: unikernel images under REGISTRY are fetched from MIRROR (host[:port], or http://host[:port] for plain HTTP) and keep their names (repeatable)")
 	flag.Var(&registries, "unikernel-registry", "images under this registry host go to the VM store (repeatable; default unikraft.org)")
 	flag.StringVar(&accel, "accel", "auto", "accelerator: auto (probe KVM, else TCG), kvm or tcg")
 	flag.StringVar(&qemu, "qemu", "qemu-system-x86_64", "QEMU binary")
@@ -134,6 +135,15 @@ func run() error {
 		return err
 	}
 	defer images.Close()
+	for _, m := range mirrors {
+		host, mirror, ok := strings.Cut(m, "=")
+		if !ok {
+			return fmt.Errorf("--registry-mirror %q: want REGISTRY=MIRROR", m)
+		}
+		if err := images.AddMirror(host, mirror); err != nil {
+			return err
+		}
+	}
 	meta, err := metadata.Open(root)
 	if err != nil {
 		return err

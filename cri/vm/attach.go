@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"strconv"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -40,10 +41,22 @@ func (sr streamRuntime) Exec(ctx context.Context, id string, cmd []string, in io
 	return fmt.Errorf(noExec, "exec")
 }
 
+// StdinOnceLinger: after the client's stdin of a stdin_once container ends,
+// the session ends once the console has been quiet this long.
+const StdinOnceLinger = time.Second
+
 // Attach streams the console: output to out (stdout), input from in. A tty
 // and a non-tty session see the same bytes: the serial line is the terminal.
+// A guest cannot be shown the end of its stdin (a serial line has no EOF), so
+// for a stdin_once container the end of the client's stdin ends the session
+// instead, once the console has been quiet for StdinOnceLinger (a
+// container's process would see EOF and, typically, exit); the VM runs on.
 func (sr streamRuntime) Attach(ctx context.Context, id string, in io.Reader, out, errw io.WriteCloser, tty bool, resize <-chan remotecommandserver.TerminalSize) error {
 	v, err := sr.s.runningVM(id)
+	if err != nil {
+		return err
+	}
+	c, err := sr.s.getContainer(id)
 	if err != nil {
 		return err
 	}
@@ -53,11 +66,72 @@ func (sr streamRuntime) Attach(ctx context.Context, id string, in io.Reader, out
 			}
 		}()
 	}
-	var w io.Writer
+	q := &quietWriter{w: io.Discard}
 	if out != nil {
-		w = out
+		q.w = out
 	}
-	return v.Attach(ctx, in, w)
+	q.touch()
+	if in != nil && c.Meta().Config.GetStdinOnce() {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithCancel(ctx)
+		defer cancel()
+		in = &onEOF{r: in, f: func() { go q.cancelWhenQuiet(ctx, StdinOnceLinger, cancel) }}
+	}
+	return v.Attach(ctx, in, q)
+}
+
+// quietWriter remembers when it was last written to.
+type quietWriter struct {
+	w    io.Writer
+	mu   sync.Mutex
+	last time.Time
+}
+
+func (q *quietWriter) touch() {
+	q.mu.Lock()
+	q.last = time.Now()
+	q.mu.Unlock()
+}
+
+func (q *quietWriter) Write(p []byte) (int, error) {
+	q.touch()
+	return q.w.Write(p)
+}
+
+// cancelWhenQuiet calls cancel once nothing was written for quiet.
+func (q *quietWriter) cancelWhenQuiet(ctx context.Context, quiet time.Duration, cancel context.CancelFunc) {
+	q.touch()
+	t := time.NewTicker(quiet / 10)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			q.mu.Lock()
+			idle := time.Since(q.last)
+			q.mu.Unlock()
+			if idle >= quiet {
+				cancel()
+				return
+			}
+		}
+	}
+}
+
+// onEOF calls f once when r reports its end (or fails).
+type onEOF struct {
+	r    io.Reader
+	f    func()
+	once sync.Once
+}
+
+func (e *onEOF) Read(p []byte) (int, error) {
+	n, err := e.r.Read(p)
+	if err != nil {
+		e.once.Do(e.f)
+	}
+	return n, err
 }
 
 // PortForward connects one stream to port on the pod IP: the guest owns that

@@ -31,6 +31,10 @@ func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateConta
 	if cfg.GetImage().GetImage() == "" {
 		return nil, errorf(codes.InvalidArgument, "container %q has no image", cfg.GetMetadata().GetName())
 	}
+	// As every CRI runtime: a group alone names no user to run as.
+	if sc := cfg.GetLinux().GetSecurityContext(); sc.GetRunAsGroup() != nil && sc.GetRunAsUser() == nil && sc.GetRunAsUsername() == "" {
+		return nil, errorf(codes.InvalidArgument, "container %q sets run_as_group without run_as_user or run_as_username", cfg.GetMetadata().GetName())
+	}
 	img, err := s.images.Get(cfg.GetImage().GetImage())
 	if errors.Is(err, image.ErrNotFound) {
 		return nil, errorf(codes.NotFound, "unikernel image %q is not present on this node; pull it first", cfg.GetImage().GetImage())

@@ -5,15 +5,19 @@ import (
 	"io"
 	goruntime "runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/image"
 	vmruntime "github.com/unilet-dev/unilet/runtime"
+	"github.com/unilet-dev/unilet/runtime/manager"
 )
 
 func TestDedupEnvLaterWins(t *testing.T) {
@@ -40,15 +44,68 @@ func (f *fakeVM) Release(context.Context) error                      { return ni
 func (f *fakeVM) Close() error                                       { return nil }
 
 func runningContainer(t *testing.T, cgroup string) (*Service, string) {
+	return runningContainerWith(t, cgroup, &runtimeapi.ContainerConfig{}, &fakeVM{done: make(chan struct{})})
+}
+
+func runningContainerWith(t *testing.T, cgroup string, cfg *runtimeapi.ContainerConfig, vm manager.VM) (*Service, string) {
 	t.Helper()
 	s, err := New(Config{StateDir: t.TempDir()}, nil, nil)
 	require.NoError(t, err)
 	id := strings.Repeat("c", 64)
-	s.containers.Restore(id, containerMeta{Config: &runtimeapi.ContainerConfig{Metadata: &runtimeapi.ContainerMetadata{Name: "app"}},
+	cfg.Metadata = &runtimeapi.ContainerMetadata{Name: "app"}
+	s.containers.Restore(id, containerMeta{Config: cfg,
 		Image: &image.Image{ID: "sha256:x"}, Machine: vmruntime.MachineConfig{MemoryMiB: 64}, Cgroup: cgroup},
-		containerStatus{State: store.ContainerRunning, Sizing: Sizing{MemoryMiB: 64, MemoryLimit: 100 << 20}, vm: &fakeVM{done: make(chan struct{})}})
+		containerStatus{State: store.ContainerRunning, Sizing: Sizing{MemoryMiB: 64, MemoryLimit: 100 << 20}, vm: vm})
 	return s, id
 }
+
+// consoleVM's console echoes its input until the session ends.
+type consoleVM struct{ fakeVM }
+
+func (c *consoleVM) Attach(ctx context.Context, in io.Reader, out io.Writer) error {
+	go func() { _, _ = io.Copy(out, in) }()
+	<-ctx.Done()
+	return nil
+}
+
+// A stdin_once container's attach session ends once the client's stdin ended
+// and the console went quiet (a VM cannot be shown EOF); others go on.
+func TestAttachStdinOnceEndsWithStdin(t *testing.T) {
+	s, id := runningContainerWith(t, "", &runtimeapi.ContainerConfig{Stdin: true, StdinOnce: true}, &consoleVM{})
+	var out syncBuffer
+	start := time.Now()
+	require.NoError(t, s.StreamRuntime().Attach(context.Background(), id, strings.NewReader("echo hi\n"), nopCloser{&out}, nil, false, nil))
+	require.Less(t, time.Since(start), StdinOnceLinger+2*time.Second)
+	require.GreaterOrEqual(t, time.Since(start), StdinOnceLinger)
+	require.Equal(t, "echo hi\n", out.String(), "output before the end of stdin is delivered")
+
+	s, id = runningContainerWith(t, "", &runtimeapi.ContainerConfig{Stdin: true}, &consoleVM{})
+	ctx, cancel := context.WithTimeout(context.Background(), StdinOnceLinger+time.Second)
+	defer cancel()
+	require.NoError(t, s.StreamRuntime().Attach(ctx, id, strings.NewReader("x"), nopCloser{&out}, nil, false, nil))
+	require.ErrorIs(t, ctx.Err(), context.DeadlineExceeded, "without stdin_once the session outlives the client's stdin")
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
+
+type nopCloser struct{ io.Writer }
+
+func (nopCloser) Close() error { return nil }
 
 // A non-tty attach has no resize channel: nothing may wait on it forever.
 func TestAttachWithoutResizeLeavesNoGoroutine(t *testing.T) {
@@ -84,4 +141,14 @@ func TestContainerLogPathStaysInThePodLogDirectory(t *testing.T) {
 	p, err = containerLogPath("", "app/0.log")
 	require.NoError(t, err)
 	require.Empty(t, p, "no log directory: no log")
+}
+
+func TestCreateRefusesRunAsGroupWithoutUser(t *testing.T) {
+	s, err := New(Config{StateDir: t.TempDir()}, nil, nil)
+	require.NoError(t, err)
+	_, err = s.CreateContainer(context.Background(), &runtimeapi.CreateContainerRequest{PodSandboxId: strings.Repeat("a", 64),
+		Config: &runtimeapi.ContainerConfig{Metadata: &runtimeapi.ContainerMetadata{Name: "app"}, Image: &runtimeapi.ImageSpec{Image: "x"},
+			Linux: &runtimeapi.LinuxContainerConfig{SecurityContext: &runtimeapi.LinuxContainerSecurityContext{RunAsGroup: &runtimeapi.Int64Value{Value: 1}}}}})
+	require.Equal(t, codes.InvalidArgument, status.Code(err), "%v", err)
+	require.ErrorContains(t, err, "run_as_group")
 }

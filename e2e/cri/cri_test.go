@@ -25,6 +25,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/registry"
 	"github.com/stretchr/testify/require"
 
+	"github.com/unilet-dev/unilet/internal/testimages"
 	"github.com/unilet-dev/unilet/internal/testutil"
 	"github.com/unilet-dev/unilet/pkg/cgroups"
 )
@@ -106,17 +107,6 @@ func setup(m *testing.M) (int, error) {
 	return m.Run(), nil
 }
 
-// netGuestFeatures is the KConfig the network guest's init honours (a
-// Unikraft image with lwip, 9pfs, vfscore automount and posix-environ).
-const netGuestFeatures = `CONFIG_LIBUKLIBPARAM=y
-CONFIG_LIBPOSIX_ENVIRON_LIBPARAM=y
-CONFIG_LIBUKNETDEV=y
-CONFIG_LIBVFSCORE_AUTOMOUNT=y
-CONFIG_LIBVFSCORE_AUTOMOUNT_UP=y
-CONFIG_LIB9PFS=y
-CONFIG_LIBUKCPIO=y
-`
-
 // buildNetGuest builds the Debian kernel + busybox guest (cached under
 // _output/netguest) and pushes it as netguest:latest.
 func buildNetGuest() error {
@@ -125,7 +115,7 @@ func buildNetGuest() error {
 		return err
 	}
 	kc := filepath.Join(out, "kconfig")
-	if err := os.WriteFile(kc, []byte(netGuestFeatures), 0o644); err != nil {
+	if err := os.WriteFile(kc, []byte(strings.Join(testimages.NetGuestFeatures, "\n")+"\n"), 0o644); err != nil {
 		return err
 	}
 	return run(repoRoot, nil, filepath.Join(binDir, "uniletctl"), "pack", "--kernel", filepath.Join(out, "vmlinuz"),

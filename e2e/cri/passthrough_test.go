@@ -61,11 +61,8 @@ func startContainerdFlavor(t *testing.T, f containerdFlavor) *containerd {
 	c := &containerd{dir: dir, sock: filepath.Join(dir, "containerd.sock")}
 	cniDir := filepath.Join(dir, "cni")
 	require.NoError(t, os.MkdirAll(cniDir, 0o755))
-	config := testimages.ContainerdConfig
-	if f.binDir != "" {
-		config = testimages.Containerd2Config
-	}
-	cfg := config(filepath.Join(dir, "root"), filepath.Join(dir, "state"), c.sock, testutil.CNIBinDir(), cniDir)
+	cfg := testimages.ContainerdDirs{Root: filepath.Join(dir, "root"), State: filepath.Join(dir, "state"), Sock: c.sock,
+		CNIBin: testutil.CNIBinDir(), CNIConf: cniDir}.Config(f.binDir != "")
 	cfgPath := filepath.Join(dir, "config.toml")
 	require.NoError(t, os.WriteFile(cfgPath, []byte(cfg), 0o644))
 	lf, err := os.Create(filepath.Join(dir, "containerd.log"))

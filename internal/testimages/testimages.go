@@ -8,9 +8,12 @@ import (
 	"archive/tar"
 	"bytes"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strings"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -25,9 +28,51 @@ const (
 	Busybox = "unilet.test/busybox:1"
 )
 
-// Build builds a linux/amd64 image from files (path → content) and symlinks
-// (path → target).
+// NetGuestFeatures is the KConfig the network test guest's init honours (a
+// Unikraft image with lwip, 9pfs, vfscore automount and posix-environ).
+var NetGuestFeatures = []string{"CONFIG_LIBUKLIBPARAM=y", "CONFIG_LIBPOSIX_ENVIRON_LIBPARAM=y", "CONFIG_LIBUKNETDEV=y",
+	"CONFIG_LIBVFSCORE_AUTOMOUNT=y", "CONFIG_LIBVFSCORE_AUTOMOUNT_UP=y", "CONFIG_LIB9PFS=y", "CONFIG_LIBUKCPIO=y"}
+
+// Entry is one file, symlink or directory of an image layer.
+type Entry struct {
+	Path string // relative, e.g. "bin/sh"
+	Data []byte // a regular file's content
+	Link string // a symlink's target (Data unused)
+	// HardLink: a hard link to this entry path of the same layer (as the
+	// official busybox image links its applets: masking one of them masks
+	// that path alone, not the binary a symlink resolves to).
+	HardLink string
+	Dir      bool  // a directory
+	Mode     int64 // permission bits (0 = 0755; setuid etc. allowed)
+}
+
+// Build builds a linux/amd64 image from files (path → content, mode 0755)
+// and symlinks (path → target).
 func Build(files map[string][]byte, links map[string]string, cmd []string) (v1.Image, error) {
+	var entries []Entry
+	for p, b := range files {
+		entries = append(entries, Entry{Path: p, Data: b})
+	}
+	for p, target := range links {
+		entries = append(entries, Entry{Path: p, Link: target})
+	}
+	return BuildEntries(entries, v1.Config{Cmd: cmd, Env: []string{"PATH=/bin"}})
+}
+
+// BuildEntries builds a one-layer linux/amd64 image of entries (parent
+// directories created as needed, entries sorted by path so equal inputs give
+// equal digests) with the given config.
+func BuildEntries(entries []Entry, cfg v1.Config) (v1.Image, error) {
+	entries = slices.Clone(entries)
+	slices.SortFunc(entries, func(a, b Entry) int { // hard links after their targets
+		if ha, hb := a.HardLink != "", b.HardLink != ""; ha != hb {
+			if ha {
+				return 1
+			}
+			return -1
+		}
+		return strings.Compare(a.Path, b.Path)
+	})
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
 	seen := map[string]bool{}
@@ -42,30 +87,47 @@ func Build(files map[string][]byte, links map[string]string, cmd []string) (v1.I
 		seen[d] = true
 		return tw.WriteHeader(&tar.Header{Name: d + "/", Typeflag: tar.TypeDir, Mode: 0o755})
 	}
-	for p, b := range files {
-		if err := mkdirs(filepath.Dir(p)); err != nil {
+	for _, e := range entries {
+		mode := e.Mode
+		if mode == 0 {
+			mode = 0o755
+		}
+		if e.Dir {
+			if err := mkdirs(filepath.Dir(e.Path)); err != nil {
+				return nil, err
+			}
+			if !seen[e.Path] {
+				seen[e.Path] = true
+				if err := tw.WriteHeader(&tar.Header{Name: e.Path + "/", Typeflag: tar.TypeDir, Mode: mode}); err != nil {
+					return nil, err
+				}
+			}
+			continue
+		}
+		if err := mkdirs(filepath.Dir(e.Path)); err != nil {
 			return nil, err
 		}
-		if err := tw.WriteHeader(&tar.Header{Name: p, Typeflag: tar.TypeReg, Mode: 0o755, Size: int64(len(b))}); err != nil {
+		hdr := &tar.Header{Name: e.Path, Typeflag: tar.TypeReg, Mode: mode, Size: int64(len(e.Data))}
+		switch {
+		case e.Link != "":
+			hdr = &tar.Header{Name: e.Path, Typeflag: tar.TypeSymlink, Linkname: e.Link, Mode: 0o777}
+		case e.HardLink != "":
+			hdr = &tar.Header{Name: e.Path, Typeflag: tar.TypeLink, Linkname: e.HardLink, Mode: mode}
+		}
+		if err := tw.WriteHeader(hdr); err != nil {
 			return nil, err
 		}
-		if _, err := tw.Write(b); err != nil {
-			return nil, err
-		}
-	}
-	for p, target := range links {
-		if err := mkdirs(filepath.Dir(p)); err != nil {
-			return nil, err
-		}
-		if err := tw.WriteHeader(&tar.Header{Name: p, Typeflag: tar.TypeSymlink, Linkname: target, Mode: 0o777}); err != nil {
-			return nil, err
+		if hdr.Typeflag == tar.TypeReg {
+			if _, err := tw.Write(e.Data); err != nil {
+				return nil, err
+			}
 		}
 	}
 	if err := tw.Close(); err != nil {
 		return nil, err
 	}
 	data := buf.Bytes()
-	layer, err := tarball.LayerFromReader(bytes.NewReader(data))
+	layer, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(data)), nil })
 	if err != nil {
 		return nil, err
 	}
@@ -79,8 +141,7 @@ func Build(files map[string][]byte, links map[string]string, cmd []string) (v1.I
 	}
 	cf = cf.DeepCopy()
 	cf.OS, cf.Architecture = "linux", "amd64"
-	cf.Config.Cmd = cmd
-	cf.Config.Env = []string{"PATH=/bin"}
+	cf.Config = cfg
 	return mutate.ConfigFile(img, cf)
 }
 
@@ -140,9 +201,20 @@ func Import(work, sock string, imgs map[string]v1.Image) error {
 	return nil
 }
 
-// Containerd2Config is ContainerdConfig for containerd 2.x (config
-// version 3: the CRI plugin split into images and runtime).
-func Containerd2Config(root, state, sock, cniBin, cniConf string) string {
+// ContainerdDirs is where a test's containerd keeps its state and finds its
+// CNI plugins, networks and registry hosts.
+type ContainerdDirs struct {
+	Root, State, Sock string
+	// CNIBin and CNIConf: CNI plugins and network configs ("" = none).
+	CNIBin, CNIConf string
+	// RegistryHosts: a hosts.toml directory (config_path) that maps
+	// registries to a loopback mirror ("" = none).
+	RegistryHosts string
+}
+
+// Config2 is a containerd 2.x config (version 3: the CRI plugin split into
+// images and runtime) with what Config16 sets.
+func (d ContainerdDirs) Config2() string {
 	cfg := fmt.Sprintf(`version = 3
 root = %q
 state = %q
@@ -152,17 +224,20 @@ state = %q
   sandbox = %q
 [plugins.'io.containerd.cri.v1.runtime']
   restrict_oom_score_adj = true
-`, root, state, sock, Pause)
-	if cniBin != "" {
-		cfg += fmt.Sprintf("[plugins.'io.containerd.cri.v1.runtime'.cni]\n  bin_dirs = [%q]\n  conf_dir = %q\n", cniBin, cniConf)
+`, d.Root, d.State, d.Sock, Pause)
+	if d.CNIBin != "" {
+		cfg += fmt.Sprintf("[plugins.'io.containerd.cri.v1.runtime'.cni]\n  bin_dirs = [%q]\n  conf_dir = %q\n", d.CNIBin, d.CNIConf)
+	}
+	if d.RegistryHosts != "" {
+		cfg += fmt.Sprintf("[plugins.'io.containerd.cri.v1.images'.registry]\n  config_path = %q\n", d.RegistryHosts)
 	}
 	return cfg
 }
 
-// ContainerdConfig is a containerd 1.6 config for the tests: private root,
-// state and socket, the offline pause image, restrict_oom_score_adj (root
-// lacks CAP_SYS_RESOURCE here), and CNI from cniBin/cniConf when given.
-func ContainerdConfig(root, state, sock, cniBin, cniConf string) string {
+// Config16 is a containerd 1.6 config for the tests: private root, state
+// and socket, the offline pause image, restrict_oom_score_adj (root lacks
+// CAP_SYS_RESOURCE here), CNI and registry hosts when given.
+func (d ContainerdDirs) Config16() string {
 	cfg := fmt.Sprintf(`version = 2
 root = %q
 state = %q
@@ -171,9 +246,20 @@ state = %q
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = %q
   restrict_oom_score_adj = true
-`, root, state, sock, Pause)
-	if cniBin != "" {
-		cfg += fmt.Sprintf("  [plugins.\"io.containerd.grpc.v1.cri\".cni]\n    bin_dir = %q\n    conf_dir = %q\n", cniBin, cniConf)
+`, d.Root, d.State, d.Sock, Pause)
+	if d.CNIBin != "" {
+		cfg += fmt.Sprintf("  [plugins.\"io.containerd.grpc.v1.cri\".cni]\n    bin_dir = %q\n    conf_dir = %q\n", d.CNIBin, d.CNIConf)
+	}
+	if d.RegistryHosts != "" {
+		cfg += fmt.Sprintf("  [plugins.\"io.containerd.grpc.v1.cri\".registry]\n    config_path = %q\n", d.RegistryHosts)
 	}
 	return cfg
+}
+
+// Config is Config2 for a containerd 2.x and Config16 otherwise.
+func (d ContainerdDirs) Config(v2 bool) string {
+	if v2 {
+		return d.Config2()
+	}
+	return d.Config16()
 }

@@ -266,12 +266,13 @@ func (c *cluster) containerd() error {
 		return err
 	}
 	sock := c.p("containerd", "containerd.sock")
-	config, bin, env := testimages.ContainerdConfig, "containerd", []string(nil)
+	bin, env := "containerd", []string(nil)
 	if c.containerdBin != "" { // containerd 2.x (hack/containerd2), its own shim first on PATH
-		config, bin = testimages.Containerd2Config, filepath.Join(c.containerdBin, "containerd")
+		bin = filepath.Join(c.containerdBin, "containerd")
 		env = []string{"PATH=" + c.containerdBin + ":" + os.Getenv("PATH")}
 	}
-	cfg := config(c.p("containerd", "root"), c.p("containerd", "state"), sock, testutil.CNIBinDir(), c.p("cni", "net.d"))
+	cfg := testimages.ContainerdDirs{Root: c.p("containerd", "root"), State: c.p("containerd", "state"), Sock: sock,
+		CNIBin: testutil.CNIBinDir(), CNIConf: c.p("cni", "net.d")}.Config(c.containerdBin != "")
 	if err := os.WriteFile(c.p("containerd", "config.toml"), []byte(cfg), 0o644); err != nil {
 		return err
 	}
