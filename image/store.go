@@ -1,11 +1,7 @@
 package image
 
 import (
-	"archive/tar"
 	"bytes"
-	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -18,10 +14,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
-	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/sirupsen/logrus"
 	bolt "go.etcd.io/bbolt"
 
@@ -58,8 +51,12 @@ type Store struct {
 	db       *bolt.DB
 	insecure map[string]bool
 	mirrors  map[string]string // registry host → mirror host[:port] (AddMirror)
-	mu       sync.Mutex
-	pullMu   sync.Mutex // one pull at a time: a failed pull sweeps unreferenced blobs
+	limits   Limits
+	flights  flightGroup
+	// blobMu: a pull moves its files into blobs/ and records them under
+	// the read lock; Remove deletes records and unused blobs under the
+	// write lock, so it never deletes a blob a pull is about to record.
+	blobMu sync.RWMutex
 }
 
 var bucketImages = []byte("images")
@@ -75,11 +72,45 @@ func Open(root string, insecure []string) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open image metadata: %w", err)
 	}
-	s := &Store{root: root, db: db, insecure: map[string]bool{}, mirrors: map[string]string{}}
+	s := &Store{root: root, db: db, insecure: map[string]bool{}, mirrors: map[string]string{}, limits: DefaultLimits}
 	for _, h := range insecure {
 		s.insecure[h] = true
 	}
+	// What pulls cut short by a crash left: staging directories, and blobs
+	// moved into place whose record was never written.
+	_ = os.RemoveAll(filepath.Join(root, "staging"))
+	s.removeUnusedBlobs()
 	return s, nil
+}
+
+// SetLimits replaces the pull limits (DefaultLimits until then). Not safe
+// to call once pulls have begun.
+func (s *Store) SetLimits(l Limits) { s.limits = l }
+
+// removeUnusedBlobs deletes blobs no recorded image references.
+func (s *Store) removeUnusedBlobs() {
+	s.blobMu.Lock()
+	defer s.blobMu.Unlock()
+	used := map[string]bool{}
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketImages).ForEach(func(k, v []byte) error {
+			var img Image
+			if json.Unmarshal(v, &img) == nil {
+				used[img.Kernel], used[img.Initrd] = true, true
+			}
+			return nil
+		})
+	})
+	if err != nil {
+		return
+	}
+	dir := filepath.Join(s.root, "blobs", "sha256")
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		if p := filepath.Join(dir, e.Name()); !used[p] {
+			_ = os.Remove(p)
+		}
+	}
 }
 
 // AddMirror makes pulls of images under registry host fetch from mirror
@@ -154,164 +185,6 @@ func (s *Store) nameOptions(ref string) []name.Option {
 	return []name.Option{name.WeakValidation}
 }
 
-// Pull fetches ref, selects the qemu/x86_64 manifest, unpacks kernel and
-// initrd and records the image. It returns the stored image.
-func (s *Store) Pull(ctx context.Context, ref string, auth *Auth) (img *Image, err error) {
-	s.pullMu.Lock()
-	defer s.pullMu.Unlock()
-	defer func() {
-		if err != nil {
-			s.removeUnusedBlobs()
-		}
-	}()
-	return s.pull(ctx, ref, auth)
-}
-
-// removeUnusedBlobs deletes blobs no recorded image references (after a failed pull).
-func (s *Store) removeUnusedBlobs() {
-	imgs, err := s.List()
-	if err != nil {
-		return
-	}
-	used := map[string]bool{}
-	for _, i := range imgs {
-		used[i.Kernel], used[i.Initrd] = true, true
-	}
-	dir := filepath.Join(s.root, "blobs", "sha256")
-	ents, _ := os.ReadDir(dir)
-	for _, e := range ents {
-		if p := filepath.Join(dir, e.Name()); !used[p] {
-			_ = os.Remove(p)
-		}
-	}
-}
-
-func (s *Store) pull(ctx context.Context, ref string, auth *Auth) (*Image, error) {
-	_, canonical, err := NormalizeRef(ref)
-	if err != nil {
-		return nil, err
-	}
-	r, err := name.ParseReference(ref, s.nameOptions(ref)...)
-	if err != nil {
-		return nil, fmt.Errorf("invalid image reference %q: %w", ref, err)
-	}
-	if r, err = s.source(r); err != nil {
-		return nil, fmt.Errorf("mirror of %q: %w", ref, err)
-	}
-	opts := []remote.Option{remote.WithContext(ctx), remote.WithTransport(&plainHTTPGuard{base: remote.DefaultTransport, allowed: s.insecure})}
-	if auth != nil && (auth.Username != "" || auth.Auth != "" || auth.IdentityToken != "" || auth.RegistryToken != "") {
-		opts = append(opts, remote.WithAuth(authn.FromConfig(authn.AuthConfig{Username: auth.Username, Password: auth.Password,
-			Auth: auth.Auth, IdentityToken: auth.IdentityToken, RegistryToken: auth.RegistryToken})))
-	} else {
-		opts = append(opts, remote.WithAuth(authn.Anonymous))
-	}
-	desc, err := remote.Get(r, opts...)
-	if err != nil {
-		return nil, fmt.Errorf("fetch %s: %w", ref, err)
-	}
-	var img v1.Image
-	var manifestAnn map[string]string
-	if desc.MediaType.IsIndex() {
-		idx, err := desc.ImageIndex()
-		if err != nil {
-			return nil, err
-		}
-		im, err := idx.IndexManifest()
-		if err != nil {
-			return nil, fmt.Errorf("read image index of %s: %w", ref, err)
-		}
-		d, err := SelectManifest(im)
-		if err != nil {
-			return nil, fmt.Errorf("%s: %w", ref, err)
-		}
-		if img, err = idx.Image(d.Digest); err != nil {
-			return nil, err
-		}
-	} else {
-		if img, err = desc.Image(); err != nil {
-			return nil, err
-		}
-	}
-	m, err := img.Manifest()
-	if err != nil {
-		return nil, fmt.Errorf("read manifest of %s: %w", ref, err)
-	}
-	manifestAnn = m.Annotations
-	cf, err := img.ConfigFile()
-	if err != nil {
-		return nil, fmt.Errorf("read config of %s: %w", ref, err)
-	}
-	if cf.OS != "" && !IsVMPlatform(cf.OS, cf.Architecture) {
-		return nil, fmt.Errorf("%s is a %s/%s image, not a Unikraft image for qemu/x86_64", ref, cf.OS, cf.Architecture)
-	}
-	cfgDigest, err := img.ConfigName()
-	if err != nil {
-		return nil, err
-	}
-	out := &Image{ID: cfgDigest.String(), Features: cf.OSFeatures, Cmd: cf.Config.Cmd, Env: cf.Config.Env,
-		Labels: cf.Config.Labels, Annotations: manifestAnn, Size: m.Config.Size}
-	layers, err := img.Layers()
-	if err != nil {
-		return nil, err
-	}
-	for i, l := range layers {
-		size, _ := l.Size()
-		out.Size += size
-		if err := s.unpackLayer(l, m.Layers[i].Annotations, out); err != nil {
-			return nil, fmt.Errorf("unpack layer %d of %s: %w", i, ref, err)
-		}
-	}
-	if out.Kernel == "" {
-		return nil, fmt.Errorf("%s has no %s layer: not a Unikraft image", ref, PathKernel)
-	}
-	if err := checkKernel(out.Kernel); err != nil {
-		return nil, fmt.Errorf("%s: %w", ref, err)
-	}
-	repoName := canonical
-	if i := strings.Index(repoName, "@"); i >= 0 {
-		repoName = repoName[:i]
-	} else if i := strings.LastIndex(repoName, ":"); i > strings.LastIndex(repoName, "/") {
-		repoName = repoName[:i]
-	}
-	digestRef := repoName + "@" + desc.Digest.String()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	err = s.db.Update(func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketImages)
-		// A tag moves: drop it from any other image.
-		if !strings.Contains(canonical, "@") {
-			if err := b.ForEach(func(k, v []byte) error {
-				var other Image
-				if json.Unmarshal(v, &other) != nil || other.ID == out.ID {
-					return nil
-				}
-				if removeString(&other.RepoTags, canonical) {
-					return putImage(b, &other)
-				}
-				return nil
-			}); err != nil {
-				return err
-			}
-		}
-		if prev := b.Get([]byte(out.ID)); prev != nil {
-			var old Image
-			if json.Unmarshal(prev, &old) == nil {
-				out.RepoTags, out.RepoDigests = old.RepoTags, old.RepoDigests
-			}
-		}
-		if !strings.Contains(canonical, "@") {
-			addString(&out.RepoTags, canonical)
-		}
-		addString(&out.RepoDigests, digestRef)
-		return putImage(b, out)
-	})
-	if err != nil {
-		return nil, err
-	}
-	logrus.WithFields(logrus.Fields{"image": canonical, "id": out.ID}).Info("pulled unikernel image")
-	return out, nil
-}
-
 func putImage(b *bolt.Bucket, img *Image) error {
 	v, err := json.Marshal(img)
 	if err != nil {
@@ -356,65 +229,6 @@ func checkKernel(path string) error {
 		return nil
 	}
 	return fmt.Errorf("the kernel (%s) is neither an ELF binary nor a Linux bzImage: corrupt or not a kernel", PathKernel)
-}
-
-func (s *Store) unpackLayer(l v1.Layer, ann map[string]string, out *Image) error {
-	rc, err := l.Uncompressed()
-	if err != nil {
-		return err
-	}
-	defer rc.Close()
-	tr := tar.NewReader(rc)
-	for {
-		h, err := tr.Next()
-		if err == io.EOF {
-			return nil
-		}
-		if err != nil {
-			return fmt.Errorf("read tar: %w", err)
-		}
-		if h.Typeflag != tar.TypeReg {
-			continue
-		}
-		n := entryName(h.Name)
-		isKernel := n == PathKernel || ann[AnnotationKernel] != "" && entryName(ann[AnnotationKernel]) == n
-		isInitrd := n == PathInitrd || ann[AnnotationInitrd] != "" && entryName(ann[AnnotationInitrd]) == n
-		if !isKernel && !isInitrd {
-			continue
-		}
-		p, err := s.writeBlob(tr)
-		if err != nil {
-			return err
-		}
-		if isKernel {
-			out.Kernel = p
-		} else {
-			out.Initrd = p
-		}
-	}
-}
-
-// writeBlob stores r content-addressed and returns its path.
-func (s *Store) writeBlob(r io.Reader) (string, error) {
-	dir := filepath.Join(s.root, "blobs", "sha256")
-	tmp, err := os.CreateTemp(dir, ".tmp-")
-	if err != nil {
-		return "", err
-	}
-	defer os.Remove(tmp.Name())
-	h := sha256.New()
-	if _, err := io.Copy(io.MultiWriter(tmp, h), r); err != nil {
-		tmp.Close()
-		return "", err
-	}
-	if err := tmp.Close(); err != nil {
-		return "", err
-	}
-	p := filepath.Join(dir, hex.EncodeToString(h.Sum(nil)))
-	if err := os.Chmod(tmp.Name(), 0o644); err != nil {
-		return "", err
-	}
-	return p, os.Rename(tmp.Name(), p)
 }
 
 // List returns all images, sorted by ID. A record that does not decode,
@@ -495,8 +309,8 @@ func (s *Store) Remove(ref string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.blobMu.Lock()
+	defer s.blobMu.Unlock()
 	used := map[string]bool{}
 	err = s.db.Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketImages)

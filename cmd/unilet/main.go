@@ -72,6 +72,8 @@ func run() error {
 		streamAddr, shimBin, pprofAddr                          string
 		annotation, annotationValue, handler                    string
 		insecureRegs, registries, mirrors                       multi
+		imgLimitMiB                                             struct{ kernel, initrd, unpacked int64 }
+		pullStall                                               time.Duration
 		showVersion                                             bool
 		cniConf, cniCache, netnsDir, cgroupRoot                 string
 		cniBins, allowParams                                    multi
@@ -85,6 +87,10 @@ func run() error {
 	flag.StringVar(&upstream, "upstream-endpoint", "unix:///run/containerd/containerd.sock", "CRI endpoint for non-unikernel pods (empty: none)")
 	flag.Var(&insecureRegs, "insecure-registry", "HOST:PORT reachable over plain HTTP (repeatable)")
 	flag.Var(&mirrors, "registry-mirror", "REGISTRY=MIRROR: unikernel images under REGISTRY are fetched from MIRROR (host[:port], or http://host[:port] for plain HTTP) and keep their names (repeatable)")
+	flag.Int64Var(&imgLimitMiB.kernel, "image-max-kernel-mib", image.DefaultLimits.Kernel>>20, "largest unikernel kernel a pull may write (MiB); a bigger one fails with ResourceExhausted")
+	flag.Int64Var(&imgLimitMiB.initrd, "image-max-initrd-mib", image.DefaultLimits.Initrd>>20, "largest initrd a pull may write (MiB)")
+	flag.Int64Var(&imgLimitMiB.unpacked, "image-max-unpacked-mib", image.DefaultLimits.Unpacked>>20, "most bytes one image's layers may download and unpack to, all entries counted (MiB; bounds gzip bombs)")
+	flag.DurationVar(&pullStall, "image-pull-stall-timeout", image.DefaultLimits.Stall, fmt.Sprintf("a pull that receives less than %d bytes in this long fails with DeadlineExceeded", image.StallBytes))
 	flag.Var(&registries, "unikernel-registry", "images under this registry host go to the VM store (repeatable; default unikraft.org)")
 	flag.StringVar(&accel, "accel", "auto", "accelerator: auto (probe KVM, else TCG), kvm or tcg")
 	flag.StringVar(&qemu, "qemu", "qemu-system-x86_64", "QEMU binary")
@@ -135,6 +141,11 @@ func run() error {
 		return err
 	}
 	defer images.Close()
+	if imgLimitMiB.kernel <= 0 || imgLimitMiB.initrd <= 0 || imgLimitMiB.unpacked <= 0 || pullStall <= 0 {
+		return fmt.Errorf("--image-max-kernel-mib, --image-max-initrd-mib, --image-max-unpacked-mib and --image-pull-stall-timeout must be positive")
+	}
+	images.SetLimits(image.Limits{Kernel: imgLimitMiB.kernel << 20, Initrd: imgLimitMiB.initrd << 20,
+		Unpacked: imgLimitMiB.unpacked << 20, Stall: pullStall})
 	for _, m := range mirrors {
 		host, mirror, ok := strings.Cut(m, "=")
 		if !ok {

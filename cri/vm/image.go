@@ -4,6 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"net/http"
+
+	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 
 	"google.golang.org/grpc/codes"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -28,9 +31,33 @@ func (s *Service) PullImage(ctx context.Context, r *runtimeapi.PullImageRequest)
 	}
 	img, err := s.images.Pull(ctx, ref, auth)
 	if err != nil {
-		return nil, errorf(codes.Unknown, "pull unikernel image: %v", err)
+		return nil, errorf(pullCode(err), "pull unikernel image: %v", err)
 	}
 	return &runtimeapi.PullImageResponse{ImageRef: img.ID}, nil
+}
+
+// pullCode: the gRPC code of a failed pull.
+func pullCode(err error) codes.Code {
+	var le *image.LimitError
+	var ve *image.VerifyError
+	var te *transport.Error
+	switch {
+	case errors.As(err, &le):
+		return codes.ResourceExhausted
+	case errors.Is(err, image.ErrStalled), errors.Is(err, context.DeadlineExceeded):
+		return codes.DeadlineExceeded
+	case errors.Is(err, context.Canceled):
+		return codes.Canceled
+	case errors.As(err, &ve):
+		return codes.DataLoss
+	case errors.Is(err, image.ErrNotUnikernel):
+		return codes.FailedPrecondition
+	case errors.As(err, &te) && te.StatusCode == http.StatusNotFound:
+		return codes.NotFound
+	case errors.As(err, &te) && (te.StatusCode == http.StatusUnauthorized || te.StatusCode == http.StatusForbidden):
+		return codes.PermissionDenied
+	}
+	return codes.Unknown
 }
 
 // ImageStatus returns the image, or an empty response if it is not present (CRI semantics).

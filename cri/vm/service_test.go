@@ -2,13 +2,17 @@ package vm
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"io"
+	"net/http"
 	goruntime "runtime"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -151,4 +155,21 @@ func TestCreateRefusesRunAsGroupWithoutUser(t *testing.T) {
 			Linux: &runtimeapi.LinuxContainerConfig{SecurityContext: &runtimeapi.LinuxContainerSecurityContext{RunAsGroup: &runtimeapi.Int64Value{Value: 1}}}}})
 	require.Equal(t, codes.InvalidArgument, status.Code(err), "%v", err)
 	require.ErrorContains(t, err, "run_as_group")
+}
+
+func TestPullErrorCodes(t *testing.T) {
+	for _, c := range []struct {
+		err  error
+		code codes.Code
+	}{
+		{fmt.Errorf("x: %w", &image.LimitError{What: "kernel", Limit: 1 << 20}), codes.ResourceExhausted},
+		{fmt.Errorf("x: %w", image.ErrStalled), codes.DeadlineExceeded},
+		{context.DeadlineExceeded, codes.DeadlineExceeded},
+		{&image.VerifyError{What: "layer 0", Digest: "sha256:x"}, codes.DataLoss},
+		{fmt.Errorf("y: %w", image.ErrNotUnikernel), codes.FailedPrecondition},
+		{fmt.Errorf("z: %w", &transport.Error{StatusCode: http.StatusNotFound}), codes.NotFound},
+		{errors.New("other"), codes.Unknown},
+	} {
+		require.Equal(t, c.code, pullCode(c.err), "%v", c.err)
+	}
 }
