@@ -233,7 +233,7 @@ type rawManifest struct {
 	mt types.MediaType
 }
 
-func (r rawManifest) RawManifest() ([]byte, error)         { return r.b, nil }
+func (r rawManifest) RawManifest() ([]byte, error)        { return r.b, nil }
 func (r rawManifest) MediaType() (types.MediaType, error) { return r.mt, nil }
 
 func writeFile(t *testing.T, content string) string {
