@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"maps"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -290,11 +291,10 @@ func (p *puller) run() (*Image, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read config of %s: %w", p.ref, err)
 	}
-	if cf.OS != "" && !IsVMPlatform(cf.OS, cf.Architecture) {
-		return nil, fmt.Errorf("%s is a %s/%s image: %w", p.ref, cf.OS, cf.Architecture, ErrNotUnikernel)
+	out, err := imageFromConfig(m, cf)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", p.ref, err)
 	}
-	out := &Image{ID: m.Config.Digest.String(), Features: cf.OSFeatures, Cmd: cf.Config.Cmd, Env: cf.Config.Env,
-		Labels: cf.Config.Labels, Annotations: m.Annotations, Size: m.Config.Size}
 	for i, l := range m.Layers {
 		if err := p.layer(i, l, out); err != nil {
 			return nil, err
@@ -320,6 +320,34 @@ func (p *puller) get(r name.Reference) (*remote.Descriptor, error) {
 		return nil, fmt.Errorf("fetch %s (%s): %w", r, p.ref, err)
 	}
 	return desc, nil
+}
+
+// imageFromConfig is what unilet takes from an image's manifest and config
+// (kraftkit's format: docs/images.md): its ID, Cmd, Env, Labels, os.features
+// (every entry, =y or not), os.version and manifest annotations.
+func imageFromConfig(m *v1.Manifest, cf *v1.ConfigFile) (*Image, error) {
+	if cf.OS != "" && !IsVMPlatform(cf.OS, cf.Architecture) {
+		return nil, fmt.Errorf("a %s/%s image: %w", cf.OS, cf.Architecture, ErrNotUnikernel)
+	}
+	ann := maps.Clone(m.Annotations)
+	if cf.OSVersion != "" && ann[AnnotationKernelVersion] == "" {
+		if ann == nil {
+			ann = map[string]string{}
+		}
+		ann[AnnotationKernelVersion] = cf.OSVersion
+	}
+	return &Image{ID: m.Config.Digest.String(), Features: cf.OSFeatures, Cmd: cf.Config.Cmd, Env: cf.Config.Env,
+		Labels: cf.Config.Labels, Annotations: ann, Size: m.Config.Size}, nil
+}
+
+// layerRole: whether a tar entry of a layer with these annotations is the
+// kernel or the initrd (kraftkit's paths, or the paths the layer's
+// org.unikraft.kernel.image / .initrd annotations name, leading "/" or not).
+func layerRole(entry string, ann map[string]string) (kernel, initrd bool) {
+	n := entryName(entry)
+	kernel = n == PathKernel || ann[AnnotationKernel] != "" && entryName(ann[AnnotationKernel]) == n
+	initrd = !kernel && (n == PathInitrd || ann[AnnotationInitrd] != "" && entryName(ann[AnnotationInitrd]) == n)
+	return kernel, initrd
 }
 
 // blob reads a small blob whole, verified, at most limit bytes.
@@ -397,9 +425,7 @@ func (p *puller) layer(i int, d v1.Descriptor, out *Image) error {
 		if h.Typeflag != tar.TypeReg {
 			continue
 		}
-		n := entryName(h.Name)
-		isKernel := n == PathKernel || d.Annotations[AnnotationKernel] != "" && entryName(d.Annotations[AnnotationKernel]) == n
-		isInitrd := n == PathInitrd || d.Annotations[AnnotationInitrd] != "" && entryName(d.Annotations[AnnotationInitrd]) == n
+		isKernel, isInitrd := layerRole(h.Name, d.Annotations)
 		if !isKernel && !isInitrd {
 			continue
 		}

@@ -78,7 +78,7 @@ func TestPackPullRoundTrip(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, []string{"hello"}, img.Cmd)
 	require.Equal(t, []string{"A=1"}, img.Env)
-	require.Equal(t, []string{"CONFIG_LIBUKLIBPARAM=y"}, img.Features)
+	require.Equal(t, []string{"CONFIG_LIBUKLIBPARAM=y", "CONFIG_Y=n"}, img.Features, "every .config value, as kraftkit records them")
 	require.Equal(t, "0.17.0", img.Annotations[AnnotationKernelVersion])
 	require.Equal(t, []string{ref}, img.RepoTags)
 	b, err := os.ReadFile(img.Kernel)

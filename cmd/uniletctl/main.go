@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -63,7 +64,7 @@ func pack(args []string) error {
 	var insecure bool
 	fs.StringVar(&opts.Kernel, "kernel", "", "kernel binary (required)")
 	fs.StringVar(&opts.Initrd, "initrd", "", "initrd (CPIO archive)")
-	fs.StringVar(&kconfig, "kconfig", "", "the build's .config; its CONFIG_*=y lines are recorded in os.features")
+	fs.StringVar(&kconfig, "kconfig", "", "the build's .config; its CONFIG_* entries are recorded in os.features as kraftkit does")
 	fs.StringVar(&opts.KernelVersion, "kernel-version", "", "Unikraft version, recorded as org.unikraft.kernel.version")
 	fs.Var(&argv, "arg", "default argument (repeatable; image Cmd)")
 	fs.Var(&env, "env", "default environment variable K=V (repeatable; image Env)")
@@ -88,6 +89,7 @@ func pack(args []string) error {
 		opts.KConfig = image.ParseKConfig(b)
 	}
 	opts.Args, opts.Env, opts.Version = argv, env, "uniletctl-"+version.Version
+	opts.Ref, opts.Created = push, time.Now()
 	for _, l := range labels {
 		k, v, ok := strings.Cut(l, "=")
 		if !ok || k == "" {

@@ -5,6 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"os"
+	"strconv"
+	"strings"
 
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 
@@ -14,8 +17,74 @@ import (
 	"github.com/unilet-dev/unilet/image"
 )
 
-func toAPIImage(img *image.Image, spec *runtimeapi.ImageSpec) *runtimeapi.Image {
-	return &runtimeapi.Image{Id: img.ID, RepoTags: img.RepoTags, RepoDigests: img.RepoDigests, Size: uint64(img.Size), Spec: spec}
+// Image annotations unilet adds to what it answers for a unikernel image
+// (crictl inspecti shows them; docs/images.md).
+const (
+	AnnotationImageKernelSize = "dev.unilet.kernel-size"
+	AnnotationImageInitrdSize = "dev.unilet.initrd-size"
+	AnnotationImageFeatures   = "dev.unilet.os-features"
+)
+
+// toAPIImage: the same answer however the image was asked for (ID, tag,
+// digest), its spec naming it by ID with unilet's annotations.
+func toAPIImage(img *image.Image) *runtimeapi.Image {
+	v := imageView(img)
+	out := &runtimeapi.Image{Id: img.ID, RepoTags: img.RepoTags, RepoDigests: img.RepoDigests, Size: uint64(img.Size),
+		Spec: &runtimeapi.ImageSpec{Image: img.ID, Annotations: map[string]string{
+			AnnotationImageKernelSize: strconv.FormatInt(v.KernelSize, 10),
+			AnnotationImageFeatures:   strconv.Itoa(len(img.Features)),
+		}}}
+	if v.UnikraftVersion != "" {
+		out.Spec.Annotations[image.AnnotationKernelVersion] = v.UnikraftVersion
+	}
+	if img.Initrd != "" {
+		out.Spec.Annotations[AnnotationImageInitrdSize] = strconv.FormatInt(v.InitrdSize, 10)
+	}
+	return out
+}
+
+// imageInfo is ImageStatus's verbose "info": what an operator asks of a
+// unikernel image.
+type imageInfo struct {
+	ID              string            `json:"id"`
+	RepoTags        []string          `json:"repoTags,omitempty"`
+	RepoDigests     []string          `json:"repoDigests,omitempty"`
+	UnikraftVersion string            `json:"unikraftVersion,omitempty"`
+	KernelSize      int64             `json:"kernelSize"`
+	InitrdSize      int64             `json:"initrdSize,omitempty"`
+	Features        int               `json:"osFeatures"`              // entries in os.features
+	Enabled         []string          `json:"enabledFeatures"`         // the =y ones, CONFIG_ dropped
+	Settings        map[string]string `json:"featureValues,omitempty"` // the others (CONFIG_HZ=100)
+	Cmd             []string          `json:"cmd,omitempty"`
+	Env             []string          `json:"env,omitempty"`
+	Labels          map[string]string `json:"labels,omitempty"`
+	Annotations     map[string]string `json:"annotations,omitempty"`
+}
+
+func imageView(img *image.Image) imageInfo {
+	v := imageInfo{ID: img.ID, RepoTags: img.RepoTags, RepoDigests: img.RepoDigests, UnikraftVersion: img.Annotations[image.AnnotationKernelVersion],
+		Features: len(img.Features), Enabled: []string{}, Cmd: img.Cmd, Env: img.Env, Labels: img.Labels, Annotations: img.Annotations}
+	if st, err := os.Stat(img.Kernel); err == nil {
+		v.KernelSize = st.Size()
+	}
+	if img.Initrd != "" {
+		if st, err := os.Stat(img.Initrd); err == nil {
+			v.InitrdSize = st.Size()
+		}
+	}
+	for _, f := range img.Features {
+		k, val, _ := strings.Cut(f, "=")
+		k = strings.TrimPrefix(k, "CONFIG_")
+		if val == "y" {
+			v.Enabled = append(v.Enabled, k)
+		} else {
+			if v.Settings == nil {
+				v.Settings = map[string]string{}
+			}
+			v.Settings[k] = val
+		}
+	}
+	return v
 }
 
 // PullImage pulls a unikernel image (auth from imagePullSecrets honoured).
@@ -69,9 +138,9 @@ func (s *Service) ImageStatus(ctx context.Context, r *runtimeapi.ImageStatusRequ
 	if err != nil {
 		return nil, errorf(codes.Internal, "image status: %v", err)
 	}
-	resp := &runtimeapi.ImageStatusResponse{Image: toAPIImage(img, r.GetImage())}
+	resp := &runtimeapi.ImageStatusResponse{Image: toAPIImage(img)}
 	if r.GetVerbose() {
-		b, _ := json.Marshal(img)
+		b, _ := json.Marshal(imageView(img))
 		resp.Info = map[string]string{"info": string(b)}
 	}
 	return resp, nil
@@ -97,7 +166,7 @@ func (s *Service) ListImages(ctx context.Context, r *runtimeapi.ListImagesReques
 				continue
 			}
 		}
-		out = append(out, toAPIImage(img, nil))
+		out = append(out, toAPIImage(img))
 	}
 	return &runtimeapi.ListImagesResponse{Images: out}, nil
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	goruntime "runtime"
 	"strings"
 	"sync"
@@ -172,4 +173,26 @@ func TestPullErrorCodes(t *testing.T) {
 	} {
 		require.Equal(t, c.code, pullCode(c.err), "%v", c.err)
 	}
+}
+
+// What ImageStatus verbose and crictl inspecti show of a unikernel image.
+func TestImageView(t *testing.T) {
+	dir := t.TempDir()
+	kernel, initrd := dir+"/k", dir+"/i"
+	require.NoError(t, os.WriteFile(kernel, make([]byte, 1234), 0o644))
+	require.NoError(t, os.WriteFile(initrd, make([]byte, 56), 0o644))
+	img := &image.Image{ID: "sha256:abc", Kernel: kernel, Initrd: initrd,
+		Features:    []string{"CONFIG_LIBUKBOOT=y", "CONFIG_HZ=100", "CONFIG_CROSS_COMPILE="},
+		Annotations: map[string]string{image.AnnotationKernelVersion: "0.17.0~eaf6fda1"}}
+	v := imageView(img)
+	require.Equal(t, int64(1234), v.KernelSize)
+	require.Equal(t, int64(56), v.InitrdSize)
+	require.Equal(t, "0.17.0~eaf6fda1", v.UnikraftVersion)
+	require.Equal(t, []string{"LIBUKBOOT"}, v.Enabled)
+	require.Equal(t, map[string]string{"HZ": "100", "CROSS_COMPILE": ""}, v.Settings)
+	a := toAPIImage(img).GetSpec().GetAnnotations()
+	require.Equal(t, "1234", a[AnnotationImageKernelSize])
+	require.Equal(t, "56", a[AnnotationImageInitrdSize])
+	require.Equal(t, "3", a[AnnotationImageFeatures])
+	require.Equal(t, "0.17.0~eaf6fda1", a[image.AnnotationKernelVersion])
 }
