@@ -9,7 +9,6 @@ import (
 	"os"
 	goruntime "runtime"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -21,6 +20,7 @@ import (
 
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/image"
+	"github.com/unilet-dev/unilet/internal/testutil"
 	vmruntime "github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/manager"
 )
@@ -77,7 +77,7 @@ func (c *consoleVM) Attach(ctx context.Context, in io.Reader, out io.Writer) err
 // and the console went quiet (a VM cannot be shown EOF); others go on.
 func TestAttachStdinOnceEndsWithStdin(t *testing.T) {
 	s, id := runningContainerWith(t, "", &runtimeapi.ContainerConfig{Stdin: true, StdinOnce: true}, &consoleVM{})
-	var out syncBuffer
+	var out testutil.SyncBuf
 	start := time.Now()
 	require.NoError(t, s.StreamRuntime().Attach(context.Background(), id, strings.NewReader("echo hi\n"), nopCloser{&out}, nil, false, nil))
 	require.Less(t, time.Since(start), StdinOnceLinger+2*time.Second)
@@ -89,23 +89,6 @@ func TestAttachStdinOnceEndsWithStdin(t *testing.T) {
 	defer cancel()
 	require.NoError(t, s.StreamRuntime().Attach(ctx, id, strings.NewReader("x"), nopCloser{&out}, nil, false, nil))
 	require.ErrorIs(t, ctx.Err(), context.DeadlineExceeded, "without stdin_once the session outlives the client's stdin")
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
 
 type nopCloser struct{ io.Writer }

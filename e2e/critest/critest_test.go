@@ -25,7 +25,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"sort"
@@ -39,6 +38,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
+
+	"github.com/unilet-dev/unilet/internal/testutil"
 )
 
 var (
@@ -53,23 +54,11 @@ var (
 )
 
 func TestMain(m *testing.M) {
-	code, err := setup(m)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "critest setup:", err)
-		os.Exit(1)
-	}
-	os.Exit(code)
+	testutil.MainWith("critest", func() (int, error) { return setup(m) })
 }
 
-func run(dir string, env []string, name string, args ...string) error {
-	cmd := exec.Command(name, args...)
-	cmd.Dir = dir
-	cmd.Env = append(os.Environ(), env...)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
-	}
-	return nil
-}
+// run is testutil.Run.
+var run = testutil.Run
 
 func setup(m *testing.M) (int, error) {
 	wd, _ := os.Getwd()

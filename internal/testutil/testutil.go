@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -113,4 +114,27 @@ func MustFreePort(t testing.TB) int {
 		t.Fatal(err)
 	}
 	return p
+}
+
+// Run runs name in dir with env added to the environment; a failure
+// carries the command's output.
+func Run(dir string, env []string, name string, args ...string) error {
+	cmd := exec.Command(name, args...)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), env...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return nil
+}
+
+// MainWith is a TestMain body: setup (which runs the tests) or a setup
+// error naming what, exit code 1.
+func MainWith(what string, setup func() (int, error)) {
+	code, err := setup()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, what+" setup:", err)
+		os.Exit(1)
+	}
+	os.Exit(code)
 }
