@@ -321,3 +321,16 @@ func TestConcurrentPullsOfOneRefShareTheDownload(t *testing.T) {
 	}, 5*time.Second, 20*time.Millisecond)
 	requireNothingLeft(t, s2)
 }
+
+// A manifest beyond MaxManifestSize is cut off while it is read.
+func TestPullBoundsManifests(t *testing.T) {
+	reg := testutil.NewHostileRegistry(t)
+	p := pushPacked(t, reg.Host, "unikraft/huge", PackOptions{Kernel: writeFile(t, "\x7fELFk")})
+	reg.Rewrite("1", func(b []byte) []byte { return append(bytes.Repeat([]byte(" "), MaxManifestSize+1), b...) })
+	s := openTestStore(t, reg.Host)
+	_, err := s.Pull(context.Background(), p.ref, nil)
+	var le *LimitError
+	require.ErrorAs(t, err, &le, "%v", err)
+	require.Equal(t, "manifest", le.What)
+	requireNothingLeft(t, s)
+}
