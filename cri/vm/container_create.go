@@ -31,6 +31,9 @@ func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateConta
 	if cfg.GetImage().GetImage() == "" {
 		return nil, errorf(codes.InvalidArgument, "container %q has no image", cfg.GetMetadata().GetName())
 	}
+	if err := checkContainerConfig(cfg); err != nil {
+		return nil, errorf(codes.InvalidArgument, "container %.64q: %v", cfg.GetMetadata().GetName(), err)
+	}
 	// As every CRI runtime: a group alone names no user to run as.
 	if sc := cfg.GetLinux().GetSecurityContext(); sc.GetRunAsGroup() != nil && sc.GetRunAsUser() == nil && sc.GetRunAsUsername() == "" {
 		return nil, errorf(codes.InvalidArgument, "container %q sets run_as_group without run_as_user or run_as_username", cfg.GetMetadata().GetName())

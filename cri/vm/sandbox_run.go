@@ -34,6 +34,9 @@ func (s *Service) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandbox
 	if md.GetName() == "" || md.GetNamespace() == "" {
 		return nil, errorf(codes.InvalidArgument, "sandbox metadata needs a name and a namespace")
 	}
+	if err := checkSandboxConfig(cfg); err != nil {
+		return nil, errorf(codes.InvalidArgument, "pod %.64q/%.64q: %v", md.GetNamespace(), md.GetName(), err)
+	}
 	if _, err := ParseTuning(cfg.GetAnnotations(), s.cfg.Limits); err != nil {
 		return nil, errorf(codes.InvalidArgument, "pod %s/%s: %v", md.GetNamespace(), md.GetName(), err)
 	}
