@@ -343,7 +343,7 @@ func (s *Service) reconcileSandbox(sb *sandbox) {
 			return
 		}
 		// A stop the earlier daemon did not finish: its VMs first, then the network.
-		if err := s.stopSandbox(context.Background(), sb); err != nil {
+		if err := s.stopSandbox(context.Background(), sb, false); err != nil {
 			log.WithError(err).Warn("retrying the network teardown of a stopped pod failed; StopPodSandbox retries it")
 			return
 		}

@@ -21,7 +21,7 @@ func (s *Service) RemovePodSandbox(ctx context.Context, r *runtimeapi.RemovePodS
 	if err != nil {
 		return nil, err
 	}
-	if err := s.stopSandbox(ctx, sb); err != nil {
+	if err := s.stopSandbox(ctx, sb, true); err != nil {
 		return nil, err
 	}
 	if err := s.removeSandbox(ctx, sb); err != nil {
@@ -55,7 +55,7 @@ func (s *Service) removeSandbox(ctx context.Context, sb *sandbox) error {
 	}
 	sb.Lifecycle.Lock()
 	defer sb.Lifecycle.Unlock()
-	if err := s.teardownNetwork(ctx, sb); err != nil {
+	if err := s.teardownNetwork(ctx, sb, true); err != nil {
 		return err
 	}
 	s.vms.DropStaging(sb.ID(), sb.Meta().Config.GetLinux().GetCgroupParent())

@@ -197,7 +197,7 @@ func (s *Service) dropFailedSandbox(sb *sandbox) {
 		}
 		return cur, nil
 	})
-	if err := s.teardownNetwork(context.Background(), sb); err != nil {
+	if err := s.teardownNetwork(context.Background(), sb, false); err != nil {
 		logrus.WithError(err).WithField("sandbox", sb.ID()).Warn("could not tear down the network of a failed pod sandbox; it stays NOTREADY until removed")
 		return
 	}
@@ -208,15 +208,22 @@ func (s *Service) dropFailedSandbox(sb *sandbox) {
 
 // teardownNetwork runs CNI DEL and removes the namespace (both idempotent)
 // and records that; the caller holds sb.Lifecycle. The first error is
-// returned and the sandbox stays marked for a retry.
-func (s *Service) teardownNetwork(ctx context.Context, sb *sandbox) error {
+// returned and the sandbox stays marked for a retry — but when the pod is
+// being removed, a failing CNI DEL is logged and the namespace removed
+// anyway, so no pod is kept forever by a plugin that refuses it.
+func (s *Service) teardownNetwork(ctx context.Context, sb *sandbox, removing bool) error {
 	if s.cfg.Network == nil || !sb.Status().NetPending {
 		return nil
 	}
 	path := sb.Meta().NetNS
 	if path != "" {
 		if err := s.cfg.Network.Teardown(ctx, podInfo(sb.ID(), sb.Meta().Config), path); err != nil {
-			return err
+			if !removing {
+				return err
+			}
+			// A CNI DEL that keeps failing must not keep a pod forever:
+			// its namespace goes anyway; the plugin may keep state (an IP).
+			logrus.WithError(err).WithField("sandbox", sb.ID()).Warn("CNI DEL failed while removing the pod; its network namespace is removed anyway (the CNI plugin may keep its address allocation)")
 		}
 		if err := netns.Remove(path); err != nil {
 			return err

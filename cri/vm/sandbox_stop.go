@@ -20,15 +20,17 @@ func (s *Service) StopPodSandbox(ctx context.Context, r *runtimeapi.StopPodSandb
 	if err != nil {
 		return nil, err
 	}
-	if err := s.stopSandbox(ctx, sb); err != nil {
+	if err := s.stopSandbox(ctx, sb, false); err != nil {
 		return nil, err
 	}
 	return &runtimeapi.StopPodSandboxResponse{}, nil
 }
 
 // stopSandbox: no new containers (NotReady), every VM stopped, the network
-// torn down. The sandbox lock is never held while a container's is taken.
-func (s *Service) stopSandbox(ctx context.Context, sb *sandbox) error {
+// torn down (for a pod being removed, even if CNI DEL fails: see
+// teardownNetwork). The sandbox lock is never held while a container's is
+// taken.
+func (s *Service) stopSandbox(ctx context.Context, sb *sandbox, removing bool) error {
 	sb.Lifecycle.Lock()
 	err := sb.Update(func(cur sandboxStatus) (sandboxStatus, error) {
 		if cur.State == store.SandboxReady || cur.State == store.SandboxCreating {
@@ -50,7 +52,7 @@ func (s *Service) stopSandbox(ctx context.Context, sb *sandbox) error {
 	}
 	sb.Lifecycle.Lock()
 	defer sb.Lifecycle.Unlock()
-	if err := s.teardownNetwork(ctx, sb); err != nil {
+	if err := s.teardownNetwork(ctx, sb, removing); err != nil {
 		return errorf(codes.Unknown, "tear down the network of pod %s: %v (kubelet retries)", sb.ID(), err)
 	}
 	return nil

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"maps"
 	"net"
 	"net/http/httptest"
 	"net/url"
@@ -470,6 +471,22 @@ func TestBadInputs(t *testing.T) {
 
 	_, err = d.crictl("pull", regHost+"/unikraft/missing:1")
 	require.ErrorContains(t, err, "pull unikernel image")
+
+	// Request limits: a name CNI cannot carry, oversized annotations.
+	for _, c := range []struct {
+		md   map[string]any
+		ann  map[string]string
+		want string
+	}{
+		{map[string]any{"name": "a=b", "namespace": "e2e", "uid": "x"}, nil, "not allowed in a pod's name"},
+		{map[string]any{"name": "big", "namespace": "e2e", "uid": "y"}, map[string]string{"big": strings.Repeat("x", 300<<10)}, "annotations take"},
+	} {
+		ann := map[string]string{"kubernetes.io/target-runtime": "unikraft"}
+		maps.Copy(ann, c.ann)
+		_, err = d.crictl("runp", writeJSON(t, map[string]any{"metadata": c.md, "annotations": ann}))
+		require.ErrorContains(t, err, "InvalidArgument")
+		require.ErrorContains(t, err, c.want)
+	}
 	_, err = d.crictl("start", "0123456789abcdef")
 	require.ErrorContains(t, err, "NotFound")
 	_, err = d.crictl("exec", "-s", "0123456789abcdef", "true")

@@ -386,6 +386,18 @@ func TestCNIReadinessAndTeardownRetry(t *testing.T) {
 	d.must("rmp", pod)
 	require.Empty(t, d.must("pods", "-q"))
 
+	// A CNI DEL that keeps failing fails the stop, but not the removal: the
+	// pod and its namespace go (logged), nothing is kept forever.
+	pod = d.must("runp", podCfg)
+	ns = filepath.Join(d.netnsDir, "unilet-"+pod)
+	require.NoError(t, os.Remove(conf))
+	_, err = d.crictl("stopp", pod)
+	require.ErrorContains(t, err, "tear down the network")
+	d.must("rmp", pod)
+	require.NoFileExists(t, ns)
+	require.Empty(t, d.must("pods", "-q"))
+	require.NoError(t, os.WriteFile(conf, saved, 0o644))
+
 	// A systemd-style cgroup parent is expanded to its slice path.
 	const slice = "unilete2e-pod1.slice"
 	t.Cleanup(func() { cgroups.RemoveTree("/unilete2e.slice") })
