@@ -5,6 +5,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -28,6 +29,7 @@ import (
 	"github.com/unilet-dev/unilet/image"
 	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/pkg/metadata"
+	"github.com/unilet-dev/unilet/pkg/streamtoken"
 	"github.com/unilet-dev/unilet/pkg/version"
 	vmruntime "github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/shim"
@@ -70,6 +72,7 @@ func run() error {
 	var (
 		listen, root, stateDir, upstream, accel, qemu, logLevel string
 		streamAddr, shimBin, pprofAddr                          string
+		streamCert, streamKey                                   string
 		annotation, annotationValue, handler                    string
 		insecureRegs, registries, mirrors                       multi
 		imgLimitMiB                                             struct{ kernel, initrd, unpacked int64 }
@@ -95,7 +98,9 @@ func run() error {
 	flag.StringVar(&accel, "accel", "auto", "accelerator: auto (probe KVM, else TCG), kvm or tcg")
 	flag.StringVar(&qemu, "qemu", "qemu-system-x86_64", "QEMU binary")
 	flag.StringVar(&shimBin, "shim", "", "unilet-shim binary (default: next to unilet, else on PATH)")
-	flag.StringVar(&streamAddr, "stream-address", "127.0.0.1:0", "address of the CRI streaming server (attach)")
+	flag.StringVar(&streamAddr, "stream-address", "127.0.0.1:0", "address of the CRI streaming server (attach, port-forward); a non-loopback one needs --stream-tls-cert and --stream-tls-key")
+	flag.StringVar(&streamCert, "stream-tls-cert", "", "TLS certificate (PEM) of the streaming server")
+	flag.StringVar(&streamKey, "stream-tls-key", "", "TLS key (PEM) of the streaming server")
 	flag.StringVar(&logLevel, "log-level", "info", "log level (debug, info, warn, error)")
 	flag.StringVar(&annotation, "annotation", cri.DefaultAnnotation, "pod annotation that selects the unikernel runtime")
 	flag.StringVar(&annotationValue, "annotation-value", cri.DefaultAnnotationValue, "value of that annotation")
@@ -125,6 +130,9 @@ func run() error {
 	}
 	logrus.SetLevel(lvl)
 	logrus.SetFormatter(&logrus.TextFormatter{FullTimestamp: true})
+	if err := checkStreamAddress(streamAddr, streamCert, streamKey); err != nil {
+		return err
+	}
 	if len(registries) == 0 {
 		registries = multi{"unikraft.org"}
 	}
@@ -198,19 +206,31 @@ func run() error {
 	// The streaming server's listener is opened here, before its URLs are
 	// handed out: its own Start fills in the address of a ":0" port while
 	// CRI calls may already read it (a data race).
+	scfg := streaming.DefaultConfig
+	if streamCert != "" {
+		kp, err := tls.LoadX509KeyPair(streamCert, streamKey)
+		if err != nil {
+			return fmt.Errorf("streaming server TLS: %w", err)
+		}
+		scfg.TLSConfig = &tls.Config{Certificates: []tls.Certificate{kp}, MinVersion: tls.VersionTLS12}
+	}
 	streamLis, err := net.Listen("tcp", streamAddr)
 	if err != nil {
 		return fmt.Errorf("streaming server: %w", err)
 	}
-	scfg := streaming.DefaultConfig
 	scfg.Addr = streamLis.Addr().String()
+	if scfg.TLSConfig != nil {
+		streamLis = tls.NewListener(streamLis, scfg.TLSConfig)
+	}
 	streamSrv, err := streaming.NewServer(scfg, svc.StreamRuntime())
 	if err != nil {
 		streamLis.Close()
 		return fmt.Errorf("streaming server: %w", err)
 	}
-	svc.SetStreamServer(streamSrv)
-	streamHTTP := &http.Server{Handler: streamSrv, ReadHeaderTimeout: 30 * time.Second}
+	// Only 128-bit single-use tokens reach the server (pkg/streamtoken).
+	front := streamtoken.New(streamSrv)
+	svc.SetStreamServer(streamSrv, front.Wrap)
+	streamHTTP := &http.Server{Handler: front, ReadHeaderTimeout: 30 * time.Second}
 	go func() {
 		if err := streamHTTP.Serve(streamLis); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			logrus.WithError(err).Error("streaming server stopped")
@@ -273,4 +293,21 @@ func findShim(flagValue string) (string, error) {
 		return "", fmt.Errorf("unilet-shim not found next to unilet or on PATH (use --shim): %w", err)
 	}
 	return p, nil
+}
+
+// checkStreamAddress: attach and port-forward reach into pods, so the
+// streaming server listens on loopback unless it has TLS.
+func checkStreamAddress(addr, cert, key string) error {
+	if (cert == "") != (key == "") {
+		return fmt.Errorf("--stream-tls-cert and --stream-tls-key go together")
+	}
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("--stream-address %q: %w", addr, err)
+	}
+	ip := net.ParseIP(host)
+	if host == "localhost" || (ip != nil && ip.IsLoopback()) || cert != "" {
+		return nil
+	}
+	return fmt.Errorf("--stream-address %q is not a loopback address: attach and port-forward would be served without TLS to the network; give --stream-tls-cert and --stream-tls-key, or keep the default 127.0.0.1:0", addr)
 }

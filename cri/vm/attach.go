@@ -15,8 +15,24 @@ import (
 	remotecommandserver "k8s.io/cri-streaming/pkg/streaming/remotecommand"
 )
 
-// SetStreamServer installs the CRI streaming server that serves attach URLs.
-func (s *Service) SetStreamServer(srv streaming.Server) { s.stream = srv }
+// SetStreamServer installs the CRI streaming server that serves attach and
+// port-forward URLs; wrap (if not nil) exchanges each URL it makes for the
+// one handed out (pkg/streamtoken).
+func (s *Service) SetStreamServer(srv streaming.Server, wrap func(string) (string, error)) {
+	s.stream, s.wrapURL = srv, wrap
+}
+
+// streamURL hands out a streaming URL the server made.
+func (s *Service) streamURL(u string) (string, error) {
+	if s.wrapURL == nil {
+		return u, nil
+	}
+	w, err := s.wrapURL(u)
+	if err != nil {
+		return "", errorf(codes.ResourceExhausted, "%v", err)
+	}
+	return w, nil
+}
 
 // StreamRuntime adapts the service to the streaming server's Runtime.
 func (s *Service) StreamRuntime() streaming.Runtime { return streamRuntime{s} }
@@ -32,7 +48,14 @@ func (s *Service) Attach(ctx context.Context, r *runtimeapi.AttachRequest) (*run
 	if !r.GetStdout() && !r.GetStderr() && !r.GetStdin() {
 		return nil, errorf(codes.InvalidArgument, "attach needs at least one of stdin, stdout or stderr")
 	}
-	return s.stream.GetAttach(r)
+	resp, err := s.stream.GetAttach(r)
+	if err != nil {
+		return nil, err
+	}
+	if resp.Url, err = s.streamURL(resp.Url); err != nil {
+		return nil, err
+	}
+	return resp, nil
 }
 
 type streamRuntime struct{ s *Service }

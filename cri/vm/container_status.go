@@ -127,7 +127,14 @@ func (s *Service) PortForward(ctx context.Context, r *runtimeapi.PortForwardRequ
 			return nil, errorf(codes.InvalidArgument, "invalid port %d", p)
 		}
 	}
-	return s.stream.GetPortForward(r)
+	resp, err := s.stream.GetPortForward(r)
+	if err != nil {
+		return nil, err
+	}
+	if resp.Url, err = s.streamURL(resp.Url); err != nil {
+		return nil, err
+	}
+	return resp, nil
 }
 
 // podIP returns the IP of a ready unikernel pod.

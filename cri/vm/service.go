@@ -67,11 +67,12 @@ type Service struct {
 	runtimeapi.UnimplementedRuntimeServiceServer
 	runtimeapi.UnimplementedImageServiceServer
 
-	cfg    Config
-	images *image.Store
-	meta   *metadata.Store // nil: state is not persisted (unit tests)
-	vms    *manager.Manager
-	stream streaming.Server
+	cfg     Config
+	images  *image.Store
+	meta    *metadata.Store // nil: state is not persisted (unit tests)
+	vms     *manager.Manager
+	stream  streaming.Server
+	wrapURL func(string) (string, error) // see SetStreamServer
 
 	sandboxes  *store.Store[sandboxMeta, sandboxStatus]
 	containers *store.Store[containerMeta, containerStatus]

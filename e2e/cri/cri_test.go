@@ -899,3 +899,17 @@ func waitLog(t *testing.T, path, want string) {
 		return strings.Contains(string(b), want)
 	}, 30*time.Second, 20*time.Millisecond, "%s never showed %q", path, want)
 }
+
+// The streaming server reaches into pods: off loopback it needs TLS, and
+// unilet refuses to start (before touching anything) without it.
+func TestStreamServerOffLoopbackNeedsTLS(t *testing.T) {
+	dir := t.TempDir()
+	out, err := exec.Command(filepath.Join(binDir, "unilet"), "--listen", "unix://"+filepath.Join(dir, "s.sock"),
+		"--root", filepath.Join(dir, "root"), "--state-dir", filepath.Join(dir, "run"), "--upstream-endpoint", "",
+		"--netns-dir", filepath.Join(dir, "netns"), "--cgroup-root", "", "--cni-conf-dir", filepath.Join(dir, "cni"),
+		"--stream-address", "0.0.0.0:0").CombinedOutput()
+	require.Error(t, err)
+	require.Contains(t, string(out), "give --stream-tls-cert and --stream-tls-key")
+	ents, _ := os.ReadDir(dir)
+	require.Empty(t, ents, "nothing was created before the refusal")
+}
