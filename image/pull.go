@@ -464,17 +464,12 @@ func (p *puller) layer(i int, d v1.Descriptor, out *Image) error {
 // download does not match its descriptor (the likelier cause), else as err.
 func (p *puller) layerErr(i int, vr *verifier, err error) error {
 	var le *LimitError
-	if !errors.As(err, &le) {
-		if verr := vr.finish(); verr != nil {
-			var ve *VerifyError
-			if errors.As(verr, &ve) {
-				return ve
-			}
-		}
-	}
 	var ve *VerifyError
 	if errors.As(err, &le) || errors.As(err, &ve) {
 		return err
+	}
+	if verr := vr.finish(); errors.As(verr, &ve) {
+		return ve
 	}
 	return fmt.Errorf("layer %d of %s: %w", i, p.ref, err)
 }

@@ -180,7 +180,7 @@ func startDaemon(t *testing.T, extra ...string) *daemon {
 		}
 		_ = exec.Command("ip", "link", "del", d.bridge).Run()
 		cgroups.RemoveTree(d.cgroupRoot)
-		cgroups.RemoveTree(path.Dir(d.cgroupRoot)) // /unilet-e2e once empty
+		cgroups.RemoveIfEmpty(path.Dir(d.cgroupRoot)) // /unilet-e2e once empty
 		os.RemoveAll(dir)
 	})
 	d.start()

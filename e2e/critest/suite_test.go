@@ -136,7 +136,7 @@ func startContainerd(t *testing.T, f flavor) string {
 		}
 		_ = exec.Command("pkill", "-9", "-f", "containerd-shim-runc-v2 .*"+dir).Run()
 		testutil.UnmountUnder(dir)
-		_ = inNetns(netns, func() { _ = exec.Command("ip", "link", "del", "crit0").Run() })
+		_ = exec.Command("nsenter", "--net="+netns, "ip", "link", "del", "crit0").Run() // the test's own namespace
 		os.RemoveAll(dir)
 	})
 	p.waitSocket(t, "containerd", sock)
@@ -175,9 +175,9 @@ func startUnilet(t *testing.T, upstream string) string {
 			_ = syscall.Unmount(filepath.Join(netnsDir, e.Name()), syscall.MNT_DETACH)
 		}
 		testutil.UnmountUnder(dir)
-		_ = inNetns(netns, func() { _ = exec.Command("ip", "link", "del", "ulcrit0").Run() })
+		_ = exec.Command("nsenter", "--net="+netns, "ip", "link", "del", "ulcrit0").Run() // the test's own namespace
 		cgroups.RemoveTree(cgroupRoot)
-		cgroups.RemoveTree(filepath.Dir(cgroupRoot))
+		cgroups.RemoveIfEmpty(filepath.Dir(cgroupRoot)) // shared by runs: only when empty
 		os.RemoveAll(dir)
 	})
 	p.waitSocket(t, "unilet", sock)

@@ -284,6 +284,16 @@ func RemoveTree(p string) {
 	}
 }
 
+// RemoveIfEmpty removes the cgroup p in every mounted hierarchy where it has
+// no children and no processes (a shared test parent: another run's cgroups
+// below it stay).
+func RemoveIfEmpty(p string) {
+	ents, _ := os.ReadDir("/sys/fs/cgroup")
+	for _, h := range ents {
+		_ = os.Remove(path.Join("/sys/fs/cgroup", h.Name(), p))
+	}
+}
+
 // Unified reports whether the host runs cgroup v2 only.
 func Unified() bool { return unified() }
 

@@ -36,7 +36,7 @@ func TestSweepCgroups(t *testing.T) {
 		t.Fatal("this test needs root (cgroups)")
 	}
 	root := "/unilet-test-sweep/" + strconv.Itoa(os.Getpid())
-	t.Cleanup(func() { cgroups.RemoveTree(root); cgroups.RemoveTree(path.Dir(root)) })
+	t.Cleanup(func() { cgroups.RemoveTree(root); cgroups.RemoveIfEmpty(path.Dir(root)) })
 	claimedID, orphanID := strings.Repeat("1", 64), strings.Repeat("2", 64)
 	for _, name := range []string{claimedID, orphanID, "stage-222222222222", "not-ours", strings.Repeat("3", 63)} {
 		_, err := cgroups.Create(path.Join(root, name), cgroups.Resources{})
