@@ -5,7 +5,7 @@ OUT := _output
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/unilet-dev/unilet/pkg/version.Version=$(VERSION)
 
-.PHONY: all deps proto build test test-unit test-e2e test-kube test-critest vet demo demo-down demo-cri guest clean kube-bins bench bench-quick cluster-up cluster-down
+.PHONY: all deps proto build test test-unit test-fuzz test-e2e test-kube test-critest vet demo demo-down demo-cri guest clean kube-bins bench bench-quick cluster-up cluster-down
 
 all: build
 
@@ -32,6 +32,12 @@ vet:
 # detector.
 test-unit: deps
 	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /e2e/)
+
+# Every native fuzz target (image manifests, configs and layer tars; the
+# pod annotations; the CRI log writer; the Unikraft command-line builder
+# against a model of Unikraft's parser) for FUZZTIME each (default 10s).
+test-fuzz: deps
+	./hack/fuzz.sh
 
 # End-to-end: the real daemon driven by a real crictl (built from cri-tools),
 # real QEMU, real CNI plugins, a loopback registry, and a real containerd for
@@ -60,7 +66,7 @@ test-kube: deps kube-bins
 test-critest: deps
 	$(GO) test -count=1 -timeout 45m ./e2e/critest/...
 
-test: deps vet test-unit test-e2e test-kube test-critest
+test: deps vet test-unit test-fuzz test-e2e test-kube test-critest
 
 KUBE_BIN := $(OUT)/kube/bin
 kube-bins:

@@ -393,7 +393,14 @@ func (p *puller) layer(i int, d v1.Descriptor, out *Image) error {
 		return fmt.Errorf("fetch layer %d (%s) of %s: %w", i, d.Digest, p.ref, err)
 	}
 	defer rc.Close()
-	vr := newVerifier(fmt.Sprintf("layer %d", i), d, rc)
+	return p.unpack(i, d, rc, out)
+}
+
+// unpack verifies layer i (descriptor d) read from r while it stages the
+// kernel and initrd entries it finds into out.
+func (p *puller) unpack(i int, d v1.Descriptor, r io.Reader, out *Image) error {
+	lim := p.s.limits
+	vr := newVerifier(fmt.Sprintf("layer %d", i), d, r)
 	var content io.Reader = vr
 	switch d.MediaType {
 	case types.OCIUncompressedLayer, types.OCIUncompressedRestrictedLayer, types.DockerUncompressedLayer, "":

@@ -169,7 +169,7 @@ func pushLayer(t *testing.T, host, repo string, layer []byte, mt types.MediaType
 	return ref
 }
 
-func tarOf(t *testing.T, entries ...*tar.Header) []byte {
+func tarOf(t testing.TB, entries ...*tar.Header) []byte {
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
 	for _, h := range entries {

@@ -63,9 +63,12 @@ func cmdlineErrorf(format string, a ...any) error {
 
 var safeToken = regexp.MustCompile(`^[A-Za-z0-9_@%+=:,./\-\[\]]+$`)
 
-// QuoteToken quotes one token so the guest's shell-style splitter returns it
-// unchanged: safe tokens stay bare, others are wrapped in double quotes with
-// '"' and '\' escaped by a backslash.
+// QuoteToken quotes one non-empty token so Unikraft's splitter
+// (lib/ukargparse; modelled in internal/ukparse) returns it unchanged: safe
+// tokens stay bare, others are wrapped in double quotes with '"' and '\'
+// escaped by a backslash (inside double quotes a backslash escapes only
+// those two; whitespace, leading or not, is kept). An empty token cannot be
+// passed at all: callers refuse it.
 func QuoteToken(s string) string {
 	if safeToken.MatchString(s) {
 		return s
@@ -73,11 +76,11 @@ func QuoteToken(s string) string {
 	var b strings.Builder
 	b.Grow(len(s) + 2)
 	b.WriteByte('"')
-	for _, r := range s {
-		if r == '"' || r == '\\' {
+	for i := 0; i < len(s); i++ { // bytes: any encoding passes unchanged
+		if s[i] == '"' || s[i] == '\\' {
 			b.WriteByte('\\')
 		}
-		b.WriteRune(r)
+		b.WriteByte(s[i])
 	}
 	b.WriteByte('"')
 	return b.String()
@@ -122,13 +125,16 @@ func BuildCmdline(c GuestConfig) (string, []string, error) {
 	params := append([]string(nil), c.Params...)
 	env := append([]string(nil), c.Env...)
 
-	for _, a := range c.Args {
+	for i, a := range c.Args {
 		if err := checkValue("argument", a); err != nil {
 			return "", nil, err
 		}
+		if a == "" {
+			return "", nil, cmdlineErrorf("argument %d is empty: a Unikraft guest cannot receive an empty argument (its parser drops it)", i+1)
+		}
 	}
 	for _, p := range params {
-		if err := checkValue("library parameter", p); err != nil {
+		if err := CheckLibParam(p); err != nil {
 			return "", nil, err
 		}
 	}
@@ -137,13 +143,20 @@ func BuildCmdline(c GuestConfig) (string, []string, error) {
 		if err := checkValue("vfs.fstab entry", e); err != nil {
 			return "", nil, err
 		}
+		if e == "" || strings.HasSuffix(e, "]") {
+			return "", nil, cmdlineErrorf("vfs.fstab entry %q cannot be a list element (empty, or ends in \"]\")", e)
+		}
 	}
 	for _, e := range env {
 		if err := checkValue("environment variable", e); err != nil {
 			return "", nil, err
 		}
-		if !strings.Contains(e, "=") || strings.HasPrefix(e, "=") {
+		name, _, ok := strings.Cut(e, "=")
+		if !ok || name == "" {
 			return "", nil, cmdlineErrorf("environment entry %q is not of the form NAME=value", e)
+		}
+		if strings.HasPrefix(e, "[") && strings.HasSuffix(e, "]") {
+			return "", nil, cmdlineErrorf("environment variable %s: a name starting with \"[\" and a value ending in \"]\" cannot both reach a Unikraft guest intact", name)
 		}
 	}
 
@@ -188,7 +201,9 @@ func BuildCmdline(c GuestConfig) (string, []string, error) {
 	}
 
 	var toks []string
-	toks = append(toks, params...)
+	for _, p := range params {
+		toks = append(toks, QuoteToken(p))
+	}
 	if len(fstab) > 0 {
 		toks = append(toks, "vfs.fstab=[")
 		for _, e := range fstab {
@@ -196,17 +211,18 @@ func BuildCmdline(c GuestConfig) (string, []string, error) {
 		}
 		toks = append(toks, "]")
 	}
-	if len(env) > 0 {
-		toks = append(toks, "env.vars=[")
-		for _, e := range env {
-			toks = append(toks, QuoteToken(e))
+	toks = appendEnv(toks, env)
+	// "--" ends the library parameters. It is emitted when parameters are
+	// present, or when an argument is itself "--" (which the guest would
+	// otherwise take for the separator and swallow what precedes it). The
+	// guest honours "--" only after at least one token, so an argument "--"
+	// without parameters gets a bare word first (a token without a library
+	// name, which the parser skips). A guest without library parameters
+	// passes everything through: no separator then.
+	if c.Features.LibParam() && (len(toks) > 0 || containsString(c.Args, "--")) {
+		if len(toks) == 0 {
+			toks = append(toks, SeparatorFiller)
 		}
-		toks = append(toks, "]")
-	}
-	// "--" ends the library parameters. It is emitted only when parameters
-	// are present, or when an argument is itself "--" (which the guest would
-	// otherwise take for the separator and swallow).
-	if len(toks) > 0 || containsString(c.Args, "--") {
 		toks = append(toks, "--")
 	}
 	for _, a := range c.Args {
@@ -225,6 +241,55 @@ func BuildCmdline(c GuestConfig) (string, []string, error) {
 		return "", nil, cmdlineErrorf("guest command line is %d characters, the guest accepts at most %d; shorten the arguments or environment", total, lim.MaxCmdline-1)
 	}
 	return line, warnings, nil
+}
+
+// SeparatorFiller is the bare word emitted before "--" when there are no
+// library parameters but an argument is "--" (see BuildCmdline).
+const SeparatorFiller = "unilet"
+
+// appendEnv emits the environment as env.vars elements. Inside a list
+// ("env.vars=[ … ]") a token ending in "]" closes the list, so an entry
+// ending in "]" goes on its own as "env.vars=NAME=value…]" (each token
+// adds one element to the array), between lists.
+func appendEnv(toks, env []string) []string {
+	open := false
+	for _, e := range env {
+		if strings.HasSuffix(e, "]") {
+			if open {
+				toks, open = append(toks, "]"), false
+			}
+			toks = append(toks, QuoteToken("env.vars="+e))
+			continue
+		}
+		if !open {
+			toks, open = append(toks, "env.vars=["), true
+		}
+		toks = append(toks, QuoteToken(e))
+	}
+	if open {
+		toks = append(toks, "]")
+	}
+	return toks
+}
+
+// libParamToken is what a library parameter must look like to stay one
+// parameter: a library name, a parameter name and an optional value.
+var libParamToken = regexp.MustCompile(`^[A-Za-z0-9_]+\.[A-Za-z0-9_]+(=.*)?$`)
+
+// CheckLibParam refuses a library parameter the guest would not read as
+// exactly itself: no library name, or a value opening a list it does not
+// close in the same token (which would swallow "--" and every argument).
+func CheckLibParam(p string) error {
+	if err := checkValue("library parameter", p); err != nil {
+		return err
+	}
+	if !libParamToken.MatchString(p) {
+		return cmdlineErrorf("library parameter %q is not of the form lib.name=value", p)
+	}
+	if _, v, _ := strings.Cut(p, "="); strings.HasPrefix(v, "[") && !strings.HasSuffix(v, "]") {
+		return cmdlineErrorf("library parameter %q opens a list (\"[\") it does not close", p)
+	}
+	return nil
 }
 
 func countNonService(env []string) int {

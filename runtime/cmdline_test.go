@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/unilet-dev/unilet/internal/ukparse"
 )
 
 var update = flag.Bool("update", false, "rewrite golden files")
@@ -34,7 +36,9 @@ func TestBuildCmdlineGolden(t *testing.T) {
 		{"dashdash-arg", GuestConfig{Args: []string{"--", "x"}}},
 		{"env-and-args", GuestConfig{Env: []string{"A=1", "GREETING=hello world"}, Args: []string{"-c", "x"}}},
 		{"params-no-args", GuestConfig{Params: []string{"netdev.ip=198.18.0.2/24:198.18.0.1"}}},
-		{"quoting", GuestConfig{Env: []string{`Q=say "hi"`, `B=back\slash`, "E="}, Args: []string{"", "it's", "a b", `"`, "--", "tab\u00e9"}}},
+		{"quoting", GuestConfig{Env: []string{`Q=say "hi"`, `B=back\slash`, "E=", " LEAD= x "}, Args: []string{"it's", " a b", `"`, "--", "tab\u00e9", `\`}}},
+		{"env-ending-in-bracket", GuestConfig{Env: []string{"A=1", "LIST=[1,2]", "B=]", "C=3"}, Args: []string{"x"}}},
+		{"no-libparam-dashdash", GuestConfig{Features: NewFeatures([]string{"CONFIG_LIBVFSCORE=y"}), Args: []string{"--", "x"}}},
 		{"no-libparam", GuestConfig{Features: NewFeatures([]string{"CONFIG_LIBVFSCORE=y"}), Params: []string{"netdev.ip=x"}, Env: []string{"A=1"}, Args: []string{"x"}}},
 		{"no-environ", GuestConfig{Features: NewFeatures([]string{"CONFIG_LIBUKLIBPARAM=y"}), Env: []string{"A=1"}, Args: []string{"x"}}},
 		{"net-fstab-env-args", GuestConfig{Params: []string{"netdev.ip=198.18.0.5/24:198.18.0.1:198.18.0.53::web-0:svc.cluster.local"},
@@ -83,63 +87,105 @@ func TestBuildCmdlineLimits(t *testing.T) {
 	require.ErrorContains(t, err, "NAME=value")
 }
 
-// splitGuest is the reference splitter our test kernel (and Unikraft) implement.
-func splitGuest(s string) []string {
-	var out []string
-	var cur strings.Builder
-	in := false
-	var quote rune
-	rs := []rune(s)
-	for i := 0; i < len(rs); i++ {
-		c := rs[i]
-		switch {
-		case quote != 0:
-			if c == quote {
-				quote = 0
-			} else if c == '\\' && quote == '"' && i+1 < len(rs) {
-				i++
-				cur.WriteRune(rs[i])
-			} else {
-				cur.WriteRune(c)
-			}
-		case c == ' ' || c == '\t':
-			if in {
-				out = append(out, cur.String())
-				cur.Reset()
-				in = false
-			}
-			continue
-		case c == '"' || c == '\'':
-			quote = c
-		case c == '\\' && i+1 < len(rs):
-			i++
-			cur.WriteRune(rs[i])
-		default:
-			cur.WriteRune(c)
-		}
-		in = true
-	}
-	if in {
-		out = append(out, cur.String())
-	}
-	return out
-}
-
 func FuzzQuoteRoundTrip(f *testing.F) {
-	for _, s := range []string{"", "a b", `"`, `\`, "it's", "x=[", "]"} {
+	for _, s := range []string{"a b", `"`, `\`, "it's", "x=[", "]", " lead", `\"`, "\v"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
-		if checkValue("x", s) != nil {
+		if checkValue("x", s) != nil || s == "" || strings.IndexByte(s, 0) >= 0 {
 			return
 		}
-		got := splitGuest("a " + QuoteToken(s) + " b")
+		got := ukparse.Split("a "+QuoteToken(s)+" b", 60)
 		require.Equal(t, []string{"a", s, "b"}, got)
 	})
 }
 
 func TestQuoteRoundTrip(t *testing.T) {
-	for _, s := range []string{"", "plain", "a b", `say "hi"`, `back\slash`, "it's", "--", "é ü"} {
-		require.Equal(t, []string{s}, splitGuest(QuoteToken(s)), "token %q", s)
+	for _, s := range []string{"plain", "a b", `say "hi"`, `back\slash`, "it's", "--", "é ü", " lead", `\`, `\\"`} {
+		require.Equal(t, []string{s}, ukparse.Split(QuoteToken(s), 60), "token %q", s)
 	}
+}
+
+// The cases the issue reported: an env value ending in "]" closed the
+// env.vars list and smuggled library parameters past --allow-lib-param.
+func TestCmdlineInjectionCases(t *testing.T) {
+	env := []string{"LIST=[1,2]", "netdev.ip=6.6.6.6/24:6.6.6.1::::", "ukdebug.loglevel=9", "AFTER=lost", "Q=]", "S= ]"}
+	line, _, err := BuildCmdline(GuestConfig{KernelName: "/k", Env: env, Args: []string{"--", "help", "x.y=[", "--"}})
+	require.NoError(t, err)
+	b := ukparse.Parse("/k "+line, DefaultMaxTokens)
+	require.Equal(t, env, b.Env())
+	require.Len(t, b.Params, len(env), "only env.vars elements: %v", b.Params)
+	require.Equal(t, []string{"/k", "--", "help", "x.y=[", "--"}, b.Args)
+
+	for _, bad := range []GuestConfig{
+		{Args: []string{""}},
+		{Env: []string{"[X=1]"}},
+		{Params: []string{"a.b=[1"}},
+		{Params: []string{"help"}},
+		{Params: []string{"nodot=1"}},
+		{Fstab: []string{"fs1:/x]"}},
+	} {
+		_, _, err := BuildCmdline(bad)
+		var ce *CmdlineError
+		require.ErrorAs(t, err, &ce, "%+v", bad)
+	}
+}
+
+// FuzzBuildCmdline round-trips random environment variables, arguments and
+// library parameters through the builder and the reference model of
+// Unikraft's parser (internal/ukparse): the guest must receive exactly
+// what was given — no parameter, list element or argument more or less —
+// or the builder must refuse with a CmdlineError.
+func FuzzBuildCmdline(f *testing.F) {
+	const sep = "\x1f"
+	f.Add("LIST=[1,2]\x1fnetdev.ip=6.6.6.6/24:6.6.6.1::::\x1fukdebug.loglevel=9\x1fAFTER=lost", "--\x1fapp", "")
+	f.Add("A=1\x1fB=\"q\" \\", "help\x1f--\x1fa.b=[\x1f]", "uk.x=[1]\x1fa.b")
+	f.Add("", "--", "")
+	f.Add("[K=v\x1fK2=]", " lead\x1f\\", "x.y=[]")
+	f.Fuzz(func(t *testing.T, envS, argsS, paramsS string) {
+		split := func(s string) []string {
+			if s == "" {
+				return nil
+			}
+			return strings.Split(s, sep)
+		}
+		env, args, params := split(envS), split(argsS), split(paramsS)
+		fstab := []string{"fs1:/data:9pfs:::mkmp"}
+		cfg := GuestConfig{KernelName: "/k", Env: env, Args: args, Params: params, Fstab: fstab,
+			Limits: GuestLimits{MaxCmdline: 1 << 20, MaxTokens: 1 << 12, MaxEnv: 1 << 12}}
+		line, _, err := BuildCmdline(cfg)
+		if err != nil {
+			var ce *CmdlineError
+			require.ErrorAs(t, err, &ce)
+			return
+		}
+		b := ukparse.Parse("/k "+line, cfg.Limits.MaxTokens)
+		require.False(t, b.Usage)
+		require.Equal(t, append([]string{"/k"}, args...), b.Args, "line %q", line)
+		require.Equal(t, env, b.Env(), "line %q", line)
+		var want []ukparse.Param
+		for _, p := range params {
+			name, v, has := strings.Cut(p, "=")
+			switch {
+			case !has:
+				want = append(want, ukparse.Param{Name: name, NoValue: true})
+			case strings.HasPrefix(v, "["):
+				if inner := v[1 : len(v)-1]; inner != "" {
+					want = append(want, ukparse.Param{Name: name, Value: inner})
+				}
+			default:
+				want = append(want, ukparse.Param{Name: name, Value: v})
+			}
+		}
+		for _, e := range fstab {
+			want = append(want, ukparse.Param{Name: "vfs.fstab", Value: e})
+		}
+		var got []ukparse.Param
+		for _, p := range b.Params {
+			if p.Name != "env.vars" || p.NoValue {
+				got = append(got, p)
+			}
+		}
+		require.Equal(t, want, got, "line %q", line)
+	})
 }

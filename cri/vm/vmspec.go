@@ -144,6 +144,9 @@ func ParseTuning(ann map[string]string, lim Limits) (PodTuning, error) {
 					return t, fmt.Errorf("annotation %s: the value of %s contains a character the guest command line cannot carry", AnnotationLibParams, name)
 				}
 			}
+			if err := runtime.CheckLibParam(p); err != nil {
+				return t, fmt.Errorf("annotation %s: %w", AnnotationLibParams, err)
+			}
 			t.LibParams = append(t.LibParams, p)
 		}
 	}

@@ -162,3 +162,32 @@ func TestPlanVolumes(t *testing.T) {
 	_, err = PlanVolumes(many, nil, false, stat, Limits{})
 	require.ErrorContains(t, err, "at most 12")
 }
+
+// FuzzParseTuning: arbitrary unilet.dev/* annotation values never panic;
+// what is accepted is within the limits, sets no reserved or unlisted
+// library parameter, and reaches the guest as exactly the parameters given
+// (runtime.BuildCmdline accepts them and adds nothing).
+func FuzzParseTuning(f *testing.F) {
+	f.Add("2", "128Mi", "microvm", "uk.test=1 ukdebug.loglevel=3")
+	f.Add("0", "1G", "pc", "netdev.ip=6.6.6.6/24 x.y=[1")
+	f.Add("", "", "", "uk.a=[x] uk.b")
+	lim := Limits{AllowLibParams: []string{"uk.*", "ukdebug.loglevel"}}
+	f.Fuzz(func(t *testing.T, vcpus, mem, machine, params string) {
+		ann := map[string]string{AnnotationVCPUs: vcpus, AnnotationMemory: mem, AnnotationMachine: machine, AnnotationLibParams: params}
+		tu, err := ParseTuning(ann, lim)
+		if err != nil {
+			require.NotEmpty(t, err.Error())
+			return
+		}
+		l := lim.withDefaults()
+		require.True(t, tu.VCPUs >= 1 && tu.VCPUs <= l.MaxVCPUs)
+		require.True(t, tu.MemoryMiB >= MinMemoryMiB && tu.MemoryMiB <= l.MaxMemMiB)
+		for _, p := range tu.LibParams {
+			for _, r := range reservedParams {
+				require.False(t, len(p) >= len(r) && p[:len(r)] == r, "reserved %q", p)
+			}
+		}
+		_, _, err = runtime.BuildCmdline(runtime.GuestConfig{Params: tu.LibParams, Args: []string{"app"}})
+		require.NoError(t, err, "accepted parameters the command line refuses: %v", tu.LibParams)
+	})
+}

@@ -352,7 +352,11 @@ func TestUnikernelPodLifecycle(t *testing.T) {
 	podCfg, logDir := podConfig(t, "vm-lifecycle", true)
 	pod := d.must("runp", podCfg)
 	require.Len(t, pod, 64)
-	ctr := d.must("create", pod, containerConfig(t, image(), []string{"hello", "big world", `quote"d`}, map[string]string{"GREETING": "hi there"}), podCfg)
+	// Values that once smuggled library parameters into the guest (an env
+	// value ending in "]" closed the env.vars list), and arguments the
+	// guest's parser treats specially: all must arrive exactly as given.
+	env := map[string]string{"GREETING": "hi there", "LIST": "[1,2]", "INJ": "x] netdev.ip=6.6.6.6/24 ukdebug.loglevel=9", "AFTER": "lost"}
+	ctr := d.must("create", pod, containerConfig(t, image(), []string{"hello", "big world", `quote"d`, "--", "help", `back\slash`}, env), podCfg)
 	require.Equal(t, "CONTAINER_CREATED", d.inspect(ctr).Status.State)
 	d.must("start", ctr)
 	in := d.waitState(ctr, "CONTAINER_EXITED", 30*time.Second)
@@ -366,9 +370,13 @@ func TestUnikernelPodLifecycle(t *testing.T) {
 	raw, err := os.ReadFile(in.Status.LogPath)
 	require.NoError(t, err)
 	for _, want := range []string{" stdout F unilet-testkernel: booted", " stdout F argv[1]: hello", " stdout F argv[2]: big world",
-		` stdout F argv[3]: quote"d`, " stdout F env: IMAGE_ENV=from image", " stdout F env: GREETING=hi there", " stdout F argc: 4"} {
+		` stdout F argv[3]: quote"d`, " stdout F argv[4]: --", " stdout F argv[5]: help", ` stdout F argv[6]: back\slash`, " stdout F argc: 7",
+		" stdout F env: IMAGE_ENV=from image", " stdout F env: GREETING=hi there", " stdout F env: LIST=[1,2]\n",
+		" stdout F env: INJ=x] netdev.ip=6.6.6.6/24 ukdebug.loglevel=9\n", " stdout F env: AFTER=lost\n", " stdout F envc: 5"} {
 		require.Contains(t, string(raw), want)
 	}
+	require.NotContains(t, string(raw), "param: ukdebug")
+	require.NotContains(t, string(raw), "6.6.6.6/24\n")
 	logs := d.must("logs", ctr)
 	require.Contains(t, logs, "argv[2]: big world", "crictl must parse the CRI log format")
 

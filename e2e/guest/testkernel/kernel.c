@@ -3,11 +3,10 @@
  * application as far as unilet can observe it.
  *
  *  - prints a boot line on the serial console (COM1);
- *  - splits the command line shell-style as Unikraft's uk_argparse does
- *    (whitespace separates, '…' and "…" group, backslash escapes);
- *  - treats tokens before a "--" token as library parameters and tokens after
- *    it as application arguments (without "--" everything is an argument);
- *  - understands the library parameter env.vars=[ "K=V" ... ];
+ *  - reads its command line exactly as a Unikraft kernel does (ukcmdline.c:
+ *    ukargparse's tokens, uklibparam's parameters and lists up to "--",
+ *    ukboot's hand-over of the rest) and prints every library parameter it
+ *    applies ("param: lib.name=value"; env.vars elements as "env: K=V");
  *  - prints argv and the environment, then runs the mode the arguments ask for:
  *      tick=MS       print "tick N" every MS milliseconds (count=N stops after N)
  *      flood=N       print N numbered lines as fast as possible
@@ -81,15 +80,6 @@ static void putu(u32 v)
 		putc(buf[--i]);
 }
 
-static int streq(const char *a, const char *b)
-{
-	while (*a && *a == *b) {
-		a++;
-		b++;
-	}
-	return *a == *b;
-}
-
 static int hasprefix(const char *s, const char *p)
 {
 	while (*p)
@@ -104,14 +94,6 @@ static u32 atou(const char *s)
 	while (*s >= '0' && *s <= '9')
 		v = v * 10 + (u32)(*s++ - '0');
 	return v;
-}
-
-static u32 slen(const char *s)
-{
-	u32 n = 0;
-	while (s[n])
-		n++;
-	return n;
 }
 
 static void check_power_button(void);
@@ -228,58 +210,7 @@ static void poweroff(void)
 static char cmdline[MAX_CMDLINE];
 static char *argv[MAX_TOKENS];
 
-/* Split shell-style in place; returns the number of tokens. */
-static int tokenize(char *s, char **out, int max)
-{
-	int n = 0;
-	char *w = s;
-	while (*s) {
-		while (*s == ' ' || *s == '\t' || *s == '\n')
-			s++;
-		if (!*s)
-			break;
-		if (n == max)
-			return -1;
-		out[n++] = w;
-		char quote = 0;
-		while (*s) {
-			char c = *s;
-			if (quote) {
-				if (c == quote) {
-					quote = 0;
-					s++;
-					continue;
-				}
-				if (c == '\\' && quote == '"' && s[1]) {
-					*w++ = s[1];
-					s += 2;
-					continue;
-				}
-				*w++ = c;
-				s++;
-				continue;
-			}
-			if (c == ' ' || c == '\t' || c == '\n')
-				break;
-			if (c == '\'' || c == '"') {
-				quote = c;
-				s++;
-				continue;
-			}
-			if (c == '\\' && s[1]) {
-				*w++ = s[1];
-				s += 2;
-				continue;
-			}
-			*w++ = c;
-			s++;
-		}
-		if (*s)
-			s++;
-		*w++ = '\0';
-	}
-	return n;
-}
+#include "ukcmdline.c"
 
 static void echo_mode(void)
 {
@@ -326,78 +257,42 @@ void kmain(u32 magic, struct mb_info *mbi)
 	putu(len);
 	putc('\n');
 
-	int n = tokenize(cmdline, argv, MAX_TOKENS);
-	if (n < 0) {
-		puts("error: too many command line tokens\n");
+	/* Unikraft's grammar (ukcmdline.c): parameters before "--" are applied
+	 * and dropped; the application gets argv[0] and what follows. */
+	char **app;
+	unsigned nenv;
+	int argc = ukc_boot(cmdline, len, argv, MAX_TOKENS, &app, &nenv);
+	if (argc < 0)
 		poweroff();
-	}
-
-	/* argv[0] is the kernel name QEMU prepends. Library parameters end at "--". */
-	int sep = -1;
-	for (int i = 1; i < n; i++)
-		if (streq(argv[i], "--")) {
-			sep = i;
-			break;
-		}
-	int first_arg = sep < 0 ? 1 : sep + 1;
-
-	u32 nenv = 0;
-	for (int i = 1; sep > 0 && i < sep; i++) {
-		if (!hasprefix(argv[i], "env.vars=[")) {
-			puts("param: ");
-			puts(argv[i]);
-			putc('\n');
-			continue;
-		}
-		/* env.vars=[ "K=V" ... ]: the array may span several tokens. */
-		for (int j = i; j < sep; j++) {
-			char *v = j == i ? argv[i] + 10 : argv[j];
-			u32 l = slen(v);
-			int closed = l && v[l - 1] == ']';
-			if (closed)
-				v[l - 1] = '\0';
-			if (*v) {
-				puts("env: ");
-				puts(v);
-				putc('\n');
-				nenv++;
-			}
-			i = j;
-			if (closed)
-				break;
-		}
-	}
-
-	u32 argc = (u32)(n - first_arg + 1);
 	puts("argc: ");
-	putu(argc);
+	putu((u32)argc);
 	putc('\n');
 	puts("argv[0]: ");
-	puts(n > 0 ? argv[0] : "");
+	puts(argc > 0 ? app[0] : "");
 	putc('\n');
 	u32 tick = 0, count = 0, flood = 0, bigline = 0;
 	int echo = 0, panic = 0, sse = 0;
-	for (int i = first_arg; i < n; i++) {
+	for (int i = 1; i < argc; i++) {
 		puts("argv[");
-		putu((u32)(i - first_arg + 1));
+		putu((u32)i);
 		puts("]: ");
-		puts(argv[i]);
+		puts(app[i]);
 		putc('\n');
-		if (hasprefix(argv[i], "tick="))
-			tick = atou(argv[i] + 5);
-		else if (hasprefix(argv[i], "count="))
-			count = atou(argv[i] + 6);
-		else if (hasprefix(argv[i], "flood="))
-			flood = atou(argv[i] + 6);
-		else if (hasprefix(argv[i], "bigline="))
-			bigline = atou(argv[i] + 8);
-		else if (streq(argv[i], "echo"))
+		if (hasprefix(app[i], "tick="))
+			tick = atou(app[i] + 5);
+		else if (hasprefix(app[i], "count="))
+			count = atou(app[i] + 6);
+		else if (hasprefix(app[i], "flood="))
+			flood = atou(app[i] + 6);
+		else if (hasprefix(app[i], "bigline="))
+			bigline = atou(app[i] + 8);
+		else if (ukc_streq(app[i], "echo"))
 			echo = 1;
-		else if (streq(argv[i], "panic"))
+		else if (ukc_streq(app[i], "panic"))
 			panic = 1;
-		else if (streq(argv[i], "sse"))
+		else if (ukc_streq(app[i], "sse"))
 			sse = 1;
-		else if (streq(argv[i], "ignore-acpi"))
+		else if (ukc_streq(app[i], "ignore-acpi"))
 			ignore_acpi = 1;
 	}
 	puts("envc: ");
