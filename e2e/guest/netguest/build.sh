@@ -3,7 +3,7 @@
 # linux-image-amd64 and an initramfs holding busybox (busybox-static), the
 # virtio-net / 9p / ACPI-button modules of that kernel, and our init (init.c).
 # Usage: build.sh OUTDIR  → OUTDIR/vmlinuz, OUTDIR/initrd.gz (cached: a rebuild
-# happens only when init.c, this script or the kernel package changes).
+# happens only when init.c, ../testkernel/ukcmdline.c, this script or the kernel package changes).
 set -eu
 out=${1:?usage: build.sh OUTDIR}
 dir=$(cd "$(dirname "$0")" && pwd)
@@ -19,7 +19,7 @@ if [ -z "$pkg" ]; then
 fi
 [ -n "$pkg" ] || { echo "build.sh: cannot resolve Debian's linux-image-amd64 package" >&2; exit 1; }
 
-stamp="$pkg $(cat "$dir/init.c" "$0" | sha256sum | cut -c1-16)"
+stamp="$pkg $(cat "$dir/init.c" "$dir/../testkernel/ukcmdline.c" "$0" | sha256sum | cut -c1-16)"
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] && [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.gz" ]; then
 	exit 0
 fi

@@ -12,8 +12,8 @@
  *   env.vars=[ "K=V" ... ]                                     environment
  *   -- app args...                                             run the app
  *
- * The command line is read from /proc/cmdline and split shell-style as
- * Unikraft's uk_argparse does. Output goes to the serial console (ttyS0).
+ * The command line is read from /proc/cmdline and parsed with Unikraft's
+ * grammar, the test kernel's code (../testkernel/ukcmdline.c). Output goes to the serial console (ttyS0).
  * The ACPI power button (QMP system_powerdown) stops the app with SIGTERM and
  * powers the VM off, so a graceful stop works; the app's exit powers off too.
  */
@@ -72,50 +72,36 @@ static int run(char *const argv[])
 	return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
 }
 
-/* split tokenizes s in place, shell-style: whitespace separates, '…' and "…"
- * group, backslash escapes the next character. */
-static int split(char *s, char **tok, int max)
+/* What the command line's library parameters set (ukc_param). */
+static char *netspec;
+static char *fstab[32];
+static int nfs;
+
+/* ukc_param applies one library parameter as a Unikraft application with
+ * lwip (netdev.ip), vfscore (vfs.fstab) and posix-environ (env.vars) would. */
+static void ukc_param(const char *name, unsigned long name_len, char *value)
 {
-	int n = 0;
-	char *r = s, *w = s;
-	while (*r) {
-		while (*r == ' ' || *r == '\t' || *r == '\n')
-			r++;
-		if (!*r)
-			break;
-		if (n == max)
-			break;
-		tok[n++] = w;
-		char q = 0;
-		while (*r) {
-			if (q) {
-				if (*r == q) {
-					q = 0;
-					r++;
-				} else if (*r == '\\' && q == '"' && r[1]) {
-					r++;
-					*w++ = *r++;
-				} else {
-					*w++ = *r++;
-				}
-			} else if (*r == '"' || *r == '\'') {
-				q = *r++;
-			} else if (*r == '\\' && r[1]) {
-				r++;
-				*w++ = *r++;
-			} else if (*r == ' ' || *r == '\t' || *r == '\n') {
-				break;
-			} else {
-				*w++ = *r++;
-			}
+	if (value && name_len == 9 && !strncmp(name, "netdev.ip", 9)) {
+		netspec = value;
+	} else if (value && name_len == 9 && !strncmp(name, "vfs.fstab", 9)) {
+		if (nfs < 32)
+			fstab[nfs++] = value;
+	} else if (value && name_len == 8 && !strncmp(name, "env.vars", 8)) {
+		char *eq = strchr(value, '=');
+		if (eq) {
+			*eq = 0;
+			setenv(value, eq + 1, 1);
+			say("env: %s=%s", value, eq + 1);
+			*eq = '=';
 		}
-		if (*r)
-			r++;
-		*w++ = 0;
-		/* w never overtakes r: writing the terminator is safe */
+	} else {
+		say("param: %.*s%s%s", (int)name_len, name, value ? "=" : "", value ? value : "");
 	}
-	return n;
 }
+#define UKC_PARAM ukc_param
+#define puts(s) fputs((s), stdout)
+#include "../testkernel/ukcmdline.c"
+#undef puts
 
 static void load_modules(void)
 {
@@ -294,40 +280,16 @@ int main(void)
 		close(fd);
 	say("unilet-netguest: booted");
 
+	/* Unikraft's grammar, as the test kernel reads it (ukcmdline.c); the
+	 * kernel name Unikraft sees as argv[0] is not in /proc/cmdline. */
+	static char line[sizeof cmdline + 8] = "netguest ";
+	strcat(line, cmdline);
 	static char *tok[MAX_TOK + 1];
-	int nt = split(cmdline, tok, MAX_TOK);
-	int dd = -1;
-	for (int i = 0; i < nt; i++)
-		if (strcmp(tok[i], "--") == 0) {
-			dd = i;
-			break;
-		}
-	char *netspec = NULL;
-	char *fstab[32];
-	int nfs = 0;
-	int argstart = dd < 0 ? 0 : dd + 1;
-	for (int i = 0; i < (dd < 0 ? 0 : dd); i++) {
-		if (strncmp(tok[i], "netdev.ip=", 10) == 0) {
-			netspec = tok[i] + 10;
-		} else if (strcmp(tok[i], "vfs.fstab=[") == 0 || strcmp(tok[i], "env.vars=[") == 0) {
-			int env = tok[i][0] == 'e';
-			for (i++; i < dd && strcmp(tok[i], "]") != 0; i++) {
-				if (env) {
-					char *eq = strchr(tok[i], '=');
-					if (eq) {
-						*eq = 0;
-						setenv(tok[i], eq + 1, 1);
-						say("env: %s=%s", tok[i], eq + 1);
-						*eq = '=';
-					}
-				} else if (nfs < 32) {
-					fstab[nfs++] = tok[i];
-				}
-			}
-		} else {
-			say("param: %s", tok[i]);
-		}
-	}
+	char **args;
+	unsigned envc;
+	int nargs = ukc_boot(line, strlen(line), tok, MAX_TOK, &args, &envc);
+	if (nargs < 0)
+		poweroff();
 
 	load_modules();
 	int button = power_button();
@@ -336,8 +298,8 @@ int main(void)
 	for (int i = 0; i < nfs; i++)
 		mount_entry(fstab[i]);
 
-	char **argv = &tok[argstart];
-	int argc = nt - argstart;
+	char **argv = args + 1;
+	int argc = nargs > 0 ? nargs - 1 : 0;
 	for (int i = 0; i < argc; i++)
 		say("argv[%d]: %s", i, argv[i]);
 	if (argc == 0) {

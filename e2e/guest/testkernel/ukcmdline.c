@@ -10,7 +10,7 @@
  *
  * Included by kernel.c and by hostparse.c, the host harness with which a
  * unit test (internal/ukparse) checks this file against unilet's Go model of
- * the same grammar. Freestanding: the includer provides puts().
+ * the same grammar. Freestanding: the includer provides puts() (or UKC_PARAM).
  * Every library parameter counts as known, so each assignment is printed:
  * "env: VALUE" for env.vars elements, "param: lib.name[=VALUE]" otherwise.
  */
@@ -36,15 +36,6 @@ static int ukc_streq(const char *a, const char *b)
 	while (*a && *a == *b)
 		a++, b++;
 	return *a == *b;
-}
-
-static void ukc_putn(const char *s, unsigned long n)
-{
-	char c[2] = {0, 0};
-	for (unsigned long i = 0; i < n; i++) {
-		c[0] = s[i];
-		puts(c);
-	}
 }
 
 static void left_shift(char *buf, unsigned long index, unsigned long maxlen)
@@ -143,23 +134,55 @@ struct ukc_ctx {
 	unsigned envc;
 };
 
-static void ukc_set(struct ukc_ctx *c, const char *value, unsigned long value_len)
+static int ukc_is(const char *name, unsigned long name_len, const char *want)
 {
-	if (value && c->name_len == 8 && c->name[0] == 'e' && c->name[1] == 'n' && c->name[2] == 'v' &&
-	    c->name[3] == '.' && c->name[4] == 'v' && c->name[5] == 'a' && c->name[6] == 'r' && c->name[7] == 's') {
+	unsigned long i = 0;
+	for (; i < name_len && want[i]; i++)
+		if (name[i] != want[i])
+			return 0;
+	return i == name_len && !want[i];
+}
+
+#ifndef UKC_PARAM
+static void ukc_putn(const char *s, unsigned long n)
+{
+	char c[2] = {0, 0};
+	for (unsigned long i = 0; i < n; i++) {
+		c[0] = s[i];
+		puts(c);
+	}
+}
+
+/* By default an assignment is printed (test kernel, host harness); an
+ * includer may define UKC_PARAM(name, name_len, value) to apply it itself. */
+static void ukc_print_param(const char *name, unsigned long name_len, const char *value)
+{
+	if (value && ukc_is(name, name_len, "env.vars")) {
 		puts("env: ");
-		ukc_putn(value, value_len);
+		puts(value);
 		puts("\n");
-		c->envc++;
 		return;
 	}
 	puts("param: ");
-	ukc_putn(c->name, c->name_len);
+	ukc_putn(name, name_len);
 	if (value) {
 		puts("=");
-		ukc_putn(value, value_len);
+		puts(value);
 	}
 	puts("\n");
+}
+#define UKC_PARAM ukc_print_param
+#endif
+
+/* parse_value for a string parameter: the value ends where its token (or,
+ * closing a list, its "]") ends; NULL is a parameter without "=". */
+static void ukc_set(struct ukc_ctx *c, char *value, unsigned long value_len)
+{
+	if (value)
+		value[value_len] = '\0';
+	if (value && ukc_is(c->name, c->name_len, "env.vars"))
+		c->envc++;
+	UKC_PARAM(c->name, c->name_len, value);
 }
 
 static void parse_arg(struct ukc_ctx *c, char *strbuf, int scan_only)
