@@ -1,5 +1,5 @@
 # The image of the DaemonSet in deploy/unilet.yaml (and the Helm chart): static
-# unilet, unilet-shim, uniletctl and unilet-install under /unilet/bin. The
+# unilet, unilet-shim, unilet-jail, uniletctl and unilet-install under /unilet/bin. The
 # installer copies them onto the node and runs the daemon THERE (systemd unit,
 # or supervised by the installer), never inside the pod. QEMU, containerd and
 # the CNI plugins come from the node.
@@ -11,7 +11,7 @@ RUN go mod download
 COPY . .
 ARG VERSION=dev
 RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X github.com/unilet-dev/unilet/pkg/version.Version=${VERSION}" \
-    -o /out/ ./cmd/unilet ./cmd/unilet-shim ./cmd/uniletctl ./cmd/unilet-install
+    -o /out/ ./cmd/unilet ./cmd/unilet-shim ./cmd/unilet-jail ./cmd/uniletctl ./cmd/unilet-install
 
 # util-linux (nsenter) is part of the base: the installer uses it to start the
 # daemon in the host's namespaces.

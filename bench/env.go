@@ -36,6 +36,7 @@ const (
 
 type env struct {
 	dir, bin, image, accel string
+	kernel                 string // the test kernel (host path)
 	reg                    *httptest.Server
 	daemon, ctrd           *exec.Cmd
 	rt, ctrdRT             runtimeapi.RuntimeServiceClient
@@ -92,10 +93,11 @@ func setup() (*env, error) {
 	}
 	_ = os.MkdirAll(filepath.Join(e.run, "bare"), 0o755)
 	log.Printf("building unilet and the test kernel")
-	if err := sh(repo, "go", "build", "-o", e.bin+"/", "./cmd/unilet", "./cmd/unilet-shim", "./cmd/uniletctl"); err != nil {
+	if err := sh(repo, "go", "build", "-o", e.bin+"/", "./cmd/unilet", "./cmd/unilet-shim", "./cmd/unilet-jail", "./cmd/uniletctl"); err != nil {
 		return e, err
 	}
 	kernel := filepath.Join(dir, "testkernel.elf")
+	e.kernel = kernel
 	if err := sh(repo, "./e2e/guest/testkernel/build.sh", kernel); err != nil {
 		return e, err
 	}

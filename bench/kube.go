@@ -34,7 +34,7 @@ func measureKube(o options, res *Results) error {
 	}
 	defer os.RemoveAll(dir)
 	bin := filepath.Join(dir, "bin")
-	if err := sh(repo, "go", "build", "-o", bin+"/", "./cmd/unilet", "./cmd/unilet-shim", "./cmd/uniletctl", "./e2e/kube/cluster"); err != nil {
+	if err := sh(repo, "go", "build", "-o", bin+"/", "./cmd/unilet", "./cmd/unilet-shim", "./cmd/unilet-jail", "./cmd/uniletctl", "./e2e/kube/cluster"); err != nil {
 		return err
 	}
 	cdir := filepath.Join(dir, "cluster")

@@ -47,6 +47,7 @@ type Results struct {
 	PassthroughOverheadMsP50 float64 `json:"passthrough_overhead_ms_p50"`
 	LogThroughputRatio       float64 `json:"log_throughput_ratio"`
 	LogLostLines             int     `json:"log_lost_lines"`
+	JailOverheadMsP50        float64 `json:"jail_overhead_ms_p50"`
 
 	Machine Machine `json:"machine"`
 	Details Details `json:"details"`
@@ -72,6 +73,7 @@ type Details struct {
 	Floor                      []FloorRow   `json:",omitempty"`
 	Snapshot                   *SnapshotRow `json:",omitempty"`
 	Kube                       *KubeRow     `json:",omitempty"`
+	Jail                       *JailRow     `json:",omitempty"`
 }
 
 // Phase is one step of unilet's start path.
@@ -206,6 +208,7 @@ func run(o options, out, doc string) error {
 		{"concurrency", fmt.Sprintf("concurrency: %v VMs at once", o.concurrency), env.measureConcurrency},
 		{"floor", fmt.Sprintf("the floor: machine types and guest RAM, bare and through unilet (%d interleaved runs, then %d at once)", o.floorRuns, o.concurrency[len(o.concurrency)-1]), env.measureFloor},
 		{"snapshot", fmt.Sprintf("snapshot template: restore vs boot (%d runs)", o.floorRuns), env.measureSnapshot},
+		{"jail", fmt.Sprintf("the jail's cost: %d interleaved starts each, QEMU spawn → QMP ready (plain, -sandbox only, jailed)", o.startPairs), env.measureJail},
 		{"cri", "CRI call latency at 0/100/200 pods", env.measureCRI},
 		{"passthrough", "passthrough to containerd", env.measurePassthrough},
 		{"console", fmt.Sprintf("console throughput: %d lines", o.floodN), env.measureConsole},
@@ -249,7 +252,7 @@ func run(o options, out, doc string) error {
 }
 
 // sections are the parts of a run, in order (names for --only).
-var sections = []string{"start", "concurrency", "floor", "snapshot", "cri", "passthrough", "console", "kube"}
+var sections = []string{"start", "concurrency", "floor", "snapshot", "jail", "cri", "passthrough", "console", "kube"}
 
 func (o options) runs(section string) bool { return o.only == nil || o.only[section] }
 

@@ -24,6 +24,7 @@ import (
 	"github.com/unilet-dev/unilet/internal/testimages"
 	"github.com/unilet-dev/unilet/pkg/netns"
 	vmruntime "github.com/unilet-dev/unilet/runtime"
+	"github.com/unilet-dev/unilet/runtime/jail"
 )
 
 var seq atomic.Int64
@@ -144,12 +145,17 @@ func (e *env) captureArgv(v vm) ([]string, error) {
 	return argv[1:], nil
 }
 
-// bareArgv adapts a captured argv: its own QMP socket, and appArg in place of oldArg.
+// bareArgv adapts a captured argv (a jailed QEMU's): its own QMP socket
+// instead of the handed-over one, the kernel at its host path, and appArg
+// in place of oldArg. QEMU's seccomp filter (-sandbox) stays: it is QEMU's.
 func (e *env) bareArgv(argv []string, i int, oldArg, appArg string) []string {
 	out := append([]string(nil), argv...)
 	for j, a := range out {
-		if strings.HasPrefix(a, "socket,id=qmp0,path=") {
+		if strings.HasPrefix(a, "socket,id=qmp0,") {
 			out[j] = "socket,id=qmp0,path=" + filepath.Join(e.run, "bare", fmt.Sprintf("%d.sock", i)) + ",server=on,wait=off"
+		}
+		if j > 0 && out[j-1] == "-kernel" && a == jail.Kernel {
+			out[j] = e.kernel
 		}
 		if j > 0 && out[j-1] == "-append" && oldArg != "" {
 			out[j] = strings.Replace(a, oldArg, appArg, 1)

@@ -27,6 +27,7 @@ func targets(r *Results) []target {
 		{"passthrough_overhead_ms_p50", "≤ +1 ms", r.PassthroughOverheadMsP50, r.PassthroughOverheadMsP50 <= 1},
 		{"log_throughput_ratio", "≥ 0.95×", r.LogThroughputRatio, r.LogThroughputRatio >= 0.95},
 		{"log_lost_lines", "0", float64(r.LogLostLines), r.LogLostLines == 0},
+		{"jail_overhead_ms_p50", "≤ +3 ms", r.JailOverheadMsP50, r.JailOverheadMsP50 <= 3},
 	}
 }
 
@@ -111,6 +112,14 @@ func writeReport(r *Results, doc string) error {
 			sn.SnapshotMB, sn.Restore.P50, sn.Restore.P95, sn.QEMUMB, sn.BootEcho.P50, sn.BootEcho.P95)
 	}
 	mm := d.Memory
+	if j := d.Jail; j != nil {
+		fmt.Fprintf(&b, "\n## The jail's cost\n\nQEMU spawned until its QMP monitor answers (what the shim waits for), the test kernel, interleaved: "+
+			"as root like before the jail; with QEMU's seccomp filter alone; jailed (helper exec, mount/IPC/network namespaces, "+
+			"the jail's mounts and pivot_root, capabilities dropped, uid switch, then the filter).\n\n"+
+			"| | p50 ms | p95 ms | runs |\n|---|---|---|---|\n| QEMU as root | %.1f | %.1f | %d |\n| + `-sandbox` | %.1f | %.1f | %d |\n"+
+			"| jailed | %.1f | %.1f | %d |\n| jail cost (p50) | +%.1f | | |\n",
+			j.Plain.P50, j.Plain.P95, j.Plain.N, j.Sandbox.P50, j.Sandbox.P95, j.Sandbox.N, j.Jailed.P50, j.Jailed.P95, j.Jailed.N, j.Jailed.P50-j.Plain.P50)
+	}
 	fmt.Fprintf(&b, "\n## Memory (resident)\n\n| | MB |\n|---|---|\n| daemon, idle | %.1f |\n| daemon, %d pods | %.1f |\n"+
 		"| unilet-shim, each (mean) | %.1f |\n| QEMU under unilet, each (mean) | %.1f |\n| bare QEMU, each (mean) | %.1f |\n"+
 		"| per-VM overhead beyond QEMU (the shim) | %.1f |\n", mm.DaemonIdleMB, mm.Pods, mm.DaemonAt100MB, mm.ShimMB, mm.QEMUMB, mm.BareQEMUMB, mm.ShimMB)

@@ -39,7 +39,9 @@ type MachineConfig struct {
 	Kernel    string
 	Initrd    string
 	Cmdline   string
-	QMPSocket string
+	// Sandbox turns on QEMU's seccomp filter (-sandbox, SandboxOpts); set
+	// with the jail.
+	Sandbox bool `json:",omitempty"`
 	// CPU overrides the CPU model (default: host under KVM, max under TCG).
 	// Operator/test setting only; validated against a fixed pattern.
 	CPU string
@@ -58,11 +60,30 @@ type NIC struct {
 }
 
 // Share is one virtio-9p export: Tag is what the guest mounts (vfs.fstab source).
+//
+// A read-only share is exported with security_model=passthrough and
+// readonly=on: the guest sees the host's owners and modes and can change
+// nothing. A writable share uses a mapped model: what the guest creates is
+// a plain file or directory owned by QEMU's user (mode 0600/0700), and the
+// owner, mode, device or symlink the guest asked for is kept in extended
+// attributes (mapped-xattr) or, where the file system has no user xattrs, in
+// .virtfs_metadata files (mapped-file) — never as a setuid file, a device
+// node, a symlink or another user's file on the host.
 type Share struct {
 	Tag      string
 	HostPath string
 	ReadOnly bool
+	// MappedFile selects mapped-file for a writable share (see above).
+	MappedFile bool `json:",omitempty"`
 }
+
+// SandboxOpts is QEMU's seccomp filter for jailed VMs: obsolete system
+// calls, privilege changes, process creation and resource control refused.
+const SandboxOpts = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+// QMPFD is QEMU's file descriptor of its QMP monitor connection: after the
+// taps (a socket the supervisor holds the other end of).
+func (m MachineConfig) QMPFD() int { return FirstTapFD + len(m.NICs) }
 
 // FirstTapFD is the file descriptor of the first NIC's tap in QEMU (stdin,
 // stdout and stderr come first; the taps follow in NIC order).
@@ -98,9 +119,6 @@ func (m MachineConfig) Validate() error {
 	}
 	if m.Kernel == "" {
 		return fmt.Errorf("no kernel")
-	}
-	if m.QMPSocket == "" {
-		return fmt.Errorf("no QMP socket")
 	}
 	if m.CPU != "" && !cpuModel.MatchString(m.CPU) {
 		return fmt.Errorf("invalid CPU model %q", m.CPU)
@@ -171,11 +189,14 @@ func BuildArgv(m MachineConfig) ([]string, error) {
 	a = append(a,
 		"-chardev", "stdio,id=con0,signal=off",
 		"-serial", "chardev:con0",
-		// QEMU connects its monitor to the supervisor, which listens there
-		// before QEMU starts (no polling for a socket QEMU has yet to create).
-		"-chardev", "socket,id=qmp0,path="+EscapeOpt(m.QMPSocket),
+		// The monitor is a connected socket the supervisor handed over:
+		// nothing to poll for, no path to open.
+		"-chardev", "socket,id=qmp0,fd="+strconv.Itoa(m.QMPFD()),
 		"-mon", "chardev=qmp0,mode=control",
 	)
+	if m.Sandbox {
+		a = append(a, "-sandbox", SandboxOpts)
+	}
 	bus := "pci"
 	if m.Machine == MachineMicroVM {
 		bus = "device" // virtio-mmio
@@ -187,9 +208,14 @@ func BuildArgv(m MachineConfig) ([]string, error) {
 			"-device", "virtio-net-"+bus+",netdev="+id+",mac="+n.MAC)
 	}
 	for _, sh := range m.Shares {
-		fs := "local,id=" + sh.Tag + ",path=" + EscapeOpt(sh.HostPath) + ",security_model=passthrough"
-		if sh.ReadOnly {
-			fs += ",readonly=on"
+		fs := "local,id=" + sh.Tag + ",path=" + EscapeOpt(sh.HostPath)
+		switch {
+		case sh.ReadOnly:
+			fs += ",security_model=passthrough,readonly=on"
+		case sh.MappedFile:
+			fs += ",security_model=mapped-file"
+		default:
+			fs += ",security_model=mapped-xattr"
 		}
 		a = append(a, "-fsdev", fs, "-device", "virtio-9p-"+bus+",fsdev="+sh.Tag+",mount_tag="+sh.Tag)
 	}

@@ -13,15 +13,17 @@ func TestBuildArgvGolden(t *testing.T) {
 		m    MachineConfig
 	}{
 		{"pc-tcg", MachineConfig{Name: "pod_ns_ctr", Accel: AccelTCG, Machine: MachinePC, MemoryMiB: 64, VCPUs: 1,
-			Kernel: "/var/lib/unilet/images/sha256/ab/kernel", Cmdline: "env.vars=[ A=1 ] -- hello", QMPSocket: "/run/unilet/vm/abc/qmp.sock"}},
+			Kernel: "/var/lib/unilet/images/sha256/ab/kernel", Cmdline: "env.vars=[ A=1 ] -- hello"}},
 		{"microvm-kvm-initrd", MachineConfig{Accel: AccelKVM, Machine: MachineMicroVM, MemoryMiB: 128, VCPUs: 2,
-			Kernel: "/k", Initrd: "/i", QMPSocket: "/run/q.sock"}},
+			Kernel: "/k", Initrd: "/i"}},
 		{"hostile-values", MachineConfig{Name: "x,file=/etc/passwd", Accel: AccelTCG, Machine: MachinePC, MemoryMiB: 64, VCPUs: 1,
-			Kernel: "/k", Cmdline: "-- a,b -device foo", QMPSocket: "/run/a,server=off/q.sock"}},
-		{"pc-nic-shares", MachineConfig{Accel: AccelTCG, Machine: MachinePC, MemoryMiB: 128, VCPUs: 2, Kernel: "/k", QMPSocket: "/q",
+			Kernel: "/k", Cmdline: "-- a,b -device foo"}},
+		{"pc-nic-shares", MachineConfig{Accel: AccelTCG, Machine: MachinePC, MemoryMiB: 128, VCPUs: 2, Kernel: "/k",
 			NICs:   []NIC{{Tap: "tap0", NetNS: "/var/run/netns/unilet-abc", MAC: "0a:58:c6:12:00:05"}},
 			Shares: []Share{{Tag: "fs1", HostPath: "/var/lib/kubelet/pods/u/volumes/x,readonly=off,path=/"}, {Tag: "fs2", HostPath: "/ro", ReadOnly: true}}}},
-		{"microvm-nic-share", MachineConfig{Accel: AccelKVM, Machine: MachineMicroVM, MemoryMiB: 64, VCPUs: 1, Kernel: "/k", QMPSocket: "/q",
+		{"jailed-sandbox", MachineConfig{Accel: AccelTCG, Machine: MachinePC, MemoryMiB: 64, VCPUs: 1, Kernel: "/kernel", Sandbox: true,
+			NICs: []NIC{{Tap: "tap0", MAC: "0a:58:c6:12:00:05"}}, Shares: []Share{{Tag: "fs1", HostPath: "/vol/fs1", MappedFile: true}}}},
+		{"microvm-nic-share", MachineConfig{Accel: AccelKVM, Machine: MachineMicroVM, MemoryMiB: 64, VCPUs: 1, Kernel: "/k",
 			NICs: []NIC{{Tap: "tap0", MAC: "0a:58:c6:12:00:05"}}, Shares: []Share{{Tag: "fs1", HostPath: "/data"}}}},
 	}
 	for _, c := range cases {
@@ -34,7 +36,7 @@ func TestBuildArgvGolden(t *testing.T) {
 }
 
 func TestBuildArgvRejects(t *testing.T) {
-	ok := MachineConfig{Accel: AccelTCG, Machine: MachinePC, MemoryMiB: 64, VCPUs: 1, Kernel: "/k", QMPSocket: "/q"}
+	ok := MachineConfig{Accel: AccelTCG, Machine: MachinePC, MemoryMiB: 64, VCPUs: 1, Kernel: "/k"}
 	for name, mut := range map[string]func(*MachineConfig){
 		"accel":   func(m *MachineConfig) { m.Accel = "hax" },
 		"machine": func(m *MachineConfig) { m.Machine = "q35,kernel-irqchip=off" },

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 
 	"github.com/unilet-dev/unilet/pkg/crilog"
 )
@@ -46,6 +47,8 @@ type VMSpec struct {
 	// StartTimeout bounds how long QEMU may take to answer on QMP
 	// (default DefaultStartTimeout: a busy node starts many VMs at once).
 	StartTimeout time.Duration `json:",omitempty"`
+	// Jail confines QEMU (nil: QEMU runs as the shim does; see jail.go).
+	Jail *JailSpec `json:",omitempty"`
 }
 
 // DefaultStartTimeout is how long a VM may take to come up on QMP.
@@ -71,9 +74,15 @@ type VM struct {
 }
 
 // StartVM launches QEMU for spec and returns once the process runs and its
-// QMP socket answers (or fails with a reason).
+// QMP monitor answers (or fails with a reason). With spec.Jail, QEMU starts
+// through the jail helper (package jail) and sees the kernel, initrd and
+// volumes at the jail's paths.
 func StartVM(spec VMSpec) (*VM, error) {
-	argv, err := BuildArgv(spec.Machine)
+	m := spec.Machine
+	if spec.Jail != nil {
+		m = spec.Jail.machine(m)
+	}
+	argv, err := BuildArgv(m)
 	if err != nil {
 		return nil, err
 	}
@@ -91,53 +100,67 @@ func StartVM(spec VMSpec) (*VM, error) {
 		v.closeLog()
 		return nil, err
 	}
-	cmd := exec.Command(spec.QEMU, argv...)
-	cmd.Stderr = v.stderr
-	// QEMU never outlives its shim: a shim that dies (or is killed while a
-	// start is cancelled) takes its VM with it, so no VM runs unsupervised.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	stdout, stdoutW, err := consolePipe()
-	if err != nil {
+	var files []*os.File // everything QEMU gets, closed here once it runs
+	fail := func(err error) (*VM, error) {
+		closeAll(files)
 		v.cleanupFiles()
 		return nil, err
 	}
-	cmd.Stdout = stdoutW
+	stdout, stdoutW, err := consolePipe()
+	if err != nil {
+		return fail(err)
+	}
 	// The console input stays open (and empty) so QEMU does not see EOF.
 	stdinR, stdinW, err := os.Pipe()
 	if err != nil {
-		v.cleanupFiles()
-		return nil, err
+		closeAll([]*os.File{stdout, stdoutW})
+		return fail(err)
 	}
-	cmd.Stdin = stdinR
+	files = append(files, stdinR, stdoutW)
 	taps, err := openTaps(spec.Machine.NICs)
 	if err != nil {
-		closeAll([]*os.File{stdinR, stdinW, stdout, stdoutW})
-		v.cleanupFiles()
-		return nil, err
+		closeAll([]*os.File{stdout, stdinW})
+		return fail(err)
 	}
-	cmd.ExtraFiles = taps
-	// QEMU connects its QMP monitor to this listener (see waitQMP).
-	qmp, err := listenQMP(spec.Machine.QMPSocket)
+	files = append(files, taps...)
+	// The QMP monitor: a connected socket pair, QEMU's end at m.QMPFD().
+	qmpOurs, qmpTheirs, err := socketPair()
 	if err != nil {
-		closeAll(taps)
-		closeAll([]*os.File{stdinR, stdinW, stdout, stdoutW})
-		v.cleanupFiles()
-		return nil, err
+		closeAll([]*os.File{stdout, stdinW})
+		return fail(err)
 	}
+	files = append(files, qmpTheirs)
+	var cmd *exec.Cmd
+	if spec.Jail != nil {
+		cmd, err = spec.Jail.command(spec, argv)
+		if err != nil {
+			qmpOurs.Close()
+			closeAll([]*os.File{stdout, stdinW})
+			return fail(err)
+		}
+	} else {
+		cmd = exec.Command(spec.QEMU, argv...)
+		cmd.Env = []string{MarkerEnv + "=" + spec.StateDir}
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdinR, stdoutW, v.stderr
+	cmd.ExtraFiles = append(append([]*os.File{}, taps...), qmpTheirs)
+	// QEMU never outlives its shim: a shim that dies (or is killed while a
+	// start is cancelled) takes its VM with it, so no VM runs unsupervised.
+	cmd.SysProcAttr.Setpgid, cmd.SysProcAttr.Pdeathsig = true, syscall.SIGKILL
 	err = cmd.Start()
-	closeAll(taps) // QEMU holds its own copies
+	closeAll(files) // QEMU holds its own copies
+	files = nil
 	if err != nil {
-		qmp.Close()
-		closeAll([]*os.File{stdinR, stdinW, stdout, stdoutW})
+		qmpOurs.Close()
+		closeAll([]*os.File{stdout, stdinW})
 		v.cleanupFiles()
 		return nil, fmt.Errorf("start %s: %w", spec.QEMU, err)
 	}
-	stdinR.Close()
-	stdoutW.Close()
 	v.stdin = stdinW
 	v.cmd = cmd
 	v.startedAt = time.Now()
-	logrus.WithFields(logrus.Fields{"pid": cmd.Process.Pid, "vm": spec.Machine.Name}).Debug("qemu started")
+	logrus.WithFields(logrus.Fields{"pid": cmd.Process.Pid, "vm": spec.Machine.Name, "jailed": spec.Jail != nil}).Debug("qemu started")
 
 	copied := make(chan struct{})
 	go func() {
@@ -164,7 +187,7 @@ func StartVM(spec VMSpec) (*VM, error) {
 	if timeout <= 0 {
 		timeout = DefaultStartTimeout
 	}
-	if err := v.waitQMP(timeout, qmp); err != nil {
+	if err := v.waitQMP(timeout, qmpOurs); err != nil {
 		v.Kill()
 		<-v.done
 		st := v.Exit()
@@ -173,44 +196,32 @@ func StartVM(spec VMSpec) (*VM, error) {
 	return v, nil
 }
 
-// listenQMP listens where the VM's QMP monitor will connect. QEMU is the
-// client (its chardev has no server=on): the shim accepts QEMU's connection
-// as soon as QEMU opens its monitor, instead of dialling a socket QEMU has
-// yet to create — which under a 100-VM burst meant thousands of failed
-// dials (≈ 2.4 % of all CPU, docs/benchmarks.md).
-func listenQMP(path string) (*net.UnixListener, error) {
-	_ = os.Remove(path) // a stale socket of an earlier attempt
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+// MarkerEnv names the environment variable QEMU is started with: the VM
+// directory it serves, part of the proof that a PID is this VM's QEMU
+// (shim.IsQEMUOf).
+const MarkerEnv = "UNILET_VM_DIR"
+
+// socketPair returns a connected unix stream socket pair: ours as a
+// net.Conn, theirs as a file to hand to QEMU.
+func socketPair() (net.Conn, *os.File, error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return nil, fmt.Errorf("listen for the VM's QMP monitor: %w", err)
+		return nil, nil, fmt.Errorf("QMP socket pair: %w", err)
 	}
-	return l, nil
+	ours := os.NewFile(uintptr(fds[0]), "qmp")
+	defer ours.Close() // FileConn dups it
+	conn, err := net.FileConn(ours)
+	if err != nil {
+		unix.Close(fds[1])
+		return nil, nil, err
+	}
+	return conn, os.NewFile(uintptr(fds[1]), "qmp-qemu"), nil
 }
 
-// waitQMP accepts QEMU's monitor connection on l (closing l, which removes
-// the socket file), negotiates QMP and checks the VM actually runs.
-func (v *VM) waitQMP(timeout time.Duration, l *net.UnixListener) error {
+// waitQMP reads QEMU's greeting on its monitor connection, negotiates QMP
+// and checks the VM actually runs.
+func (v *VM) waitQMP(timeout time.Duration, conn net.Conn) error {
 	deadline := time.Now().Add(timeout)
-	defer l.Close()
-	_ = l.SetDeadline(deadline)
-	stop := make(chan struct{})
-	defer close(stop)
-	go func() { // a QEMU that dies before connecting ends the wait
-		select {
-		case <-v.done:
-			l.Close()
-		case <-stop:
-		}
-	}()
-	conn, err := l.Accept()
-	if err != nil {
-		select {
-		case <-v.done:
-			return errors.New("QEMU exited during start-up")
-		default:
-		}
-		return fmt.Errorf("no QMP greeting within %s: QEMU did not connect its monitor (%v)", timeout, err)
-	}
 	mon, err := newMonitor(conn, deadline, v.onEvent)
 	if err != nil {
 		select { // a closed connection is usually QEMU exiting: give its exit a moment to show

@@ -40,7 +40,7 @@ func bootSpec(t *testing.T, kernel string, args ...string) VMSpec {
 	return VMSpec{
 		QEMU: qemuBin(t),
 		Machine: MachineConfig{Name: "test", Accel: AccelTCG, Machine: MachinePC, MemoryMiB: 32, VCPUs: 1,
-			Kernel: kernel, Cmdline: line, QMPSocket: filepath.Join(dir, "qmp.sock")},
+			Kernel: kernel, Cmdline: line},
 		StateDir: filepath.Join(dir, "state"),
 		LogPath:  filepath.Join(dir, "log", "0.log"),
 	}

@@ -2,7 +2,7 @@
 // It runs in a privileged pod with the host's / mounted at --host-root and
 // the host's PID namespace, and:
 //
-//  1. copies unilet, unilet-shim, uniletctl and itself from the image onto the
+//  1. copies unilet, unilet-shim, unilet-jail, uniletctl and itself from the image onto the
 //     host (--bin-dir), atomically (write + rename: a running daemon keeps its
 //     old file);
 //  2. where the host's PID 1 is systemd, installs and (re)starts a systemd
@@ -44,7 +44,7 @@ import (
 	"github.com/unilet-dev/unilet/pkg/version"
 )
 
-var binaries = []string{"unilet", "unilet-shim", "uniletctl", "unilet-install"}
+var binaries = []string{"unilet", "unilet-shim", "unilet-jail", "uniletctl", "unilet-install"}
 
 type config struct {
 	hostRoot, binDir, imageBin, pidFile, logFile, daemonArgs, init, kubeletConfig, socket string

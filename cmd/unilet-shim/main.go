@@ -8,13 +8,23 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"runtime"
 	"syscall"
 
 	"github.com/unilet-dev/unilet/pkg/version"
+	"github.com/unilet-dev/unilet/runtime/jail"
 	"github.com/unilet-dev/unilet/runtime/shim"
 )
 
+// The jail helper's settings that belong to a thread (NoNewPrivs, the
+// parent-death signal, the capability bounding set) must be made on the
+// thread that executes QEMU: the main goroutine stays on the main thread.
+func init() { runtime.LockOSThread() }
+
 func main() {
+	if jail.IsHelper() {
+		jail.Main() // becomes the VM's QEMU, confined
+	}
 	dir := flag.String("dir", "", "VM directory holding spec.json")
 	poolDir := flag.String("pool-dir", "", "run as an idle pre-forked shim serving here until adopted")
 	showVersion := flag.Bool("version", false, "print the version")

@@ -16,6 +16,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -32,6 +33,7 @@ import (
 	"github.com/unilet-dev/unilet/pkg/streamtoken"
 	"github.com/unilet-dev/unilet/pkg/version"
 	vmruntime "github.com/unilet-dev/unilet/runtime"
+	"github.com/unilet-dev/unilet/runtime/manager"
 	"github.com/unilet-dev/unilet/runtime/shim"
 )
 
@@ -83,6 +85,8 @@ func run() error {
 		limits                                                  vm.Limits
 		shimPool                                                int
 		shimPoolQuiet                                           time.Duration
+		jailOn                                                  bool
+		jailIDs                                                 string
 	)
 	flag.StringVar(&listen, "listen", "unix:///run/unilet/unilet.sock", "CRI socket to serve")
 	flag.StringVar(&root, "root", "/var/lib/unilet", "persistent state (images, metadata)")
@@ -117,6 +121,8 @@ func run() error {
 	flag.Var(&allowParams, "allow-lib-param", "Unikraft library parameter pods may set with "+vm.AnnotationLibParams+" (name or prefix.*; repeatable)")
 	flag.IntVar(&shimPool, "shim-pool", 2, "idle pre-forked unilet-shims kept ready, so a VM start does not wait for one to exec (0: none)")
 	flag.DurationVar(&shimPoolQuiet, "shim-pool-quiet", shim.RefillQuiet, "the shim pool refills once no VM started for this long, off the path of the VM just started (0: at once; an empty pool refills at once)")
+	flag.BoolVar(&jailOn, "jail", true, "run every QEMU jailed: its own unprivileged uid, no capabilities, NoNewPrivs, a root of its own, QEMU's seccomp sandbox (false: QEMU runs as root, logged as a warning)")
+	flag.StringVar(&jailIDs, "jail-ids", fmt.Sprintf("%d:%d", manager.DefaultJailIDs.First, manager.DefaultJailIDs.Count), "FIRST:COUNT: uids (and gids) jailed QEMUs run as, one per VM; used by nothing else on the node")
 	flag.StringVar(&pprofAddr, "pprof-address", "", "serve Go's net/http/pprof profiles on this loopback HOST:PORT (empty: off)")
 	flag.BoolVar(&showVersion, "version", false, "print the version and exit")
 	flag.Parse()
@@ -179,6 +185,16 @@ func run() error {
 		cniCache = filepath.Join(root, "cni")
 	}
 	limits.AllowLibParams = allowParams
+	var jail *manager.JailIDs
+	if jailOn {
+		r, err := parseJailIDs(jailIDs)
+		if err != nil {
+			return fmt.Errorf("--jail-ids: %w", err)
+		}
+		jail = &r
+	} else {
+		logrus.Warn("THE JAIL IS OFF (--jail=false): every QEMU runs as root with all capabilities, in the daemon's mount namespace, without a seccomp sandbox; a guest that breaks out of QEMU owns this node")
+	}
 	network := cni.New(cni.Config{ConfDir: cniConf, BinDirs: cniBins, CacheDir: cniCache})
 	if err := network.Status(); err != nil {
 		logrus.WithError(err).Warn("no pod network yet: unikernel pods wait for a CNI configuration (NetworkReady=false)")
@@ -191,7 +207,7 @@ func run() error {
 		defer pool.Close()
 	}
 	svc, err := vm.New(vm.Config{QEMU: qemuPath, Accel: resolved, StateDir: stateDir, Version: version.Version, ShimBinary: shimPath,
-		Limits: limits, Network: network, NetNSDir: netnsDir, CgroupRoot: cgroupRoot, ShimPool: pool}, images, meta)
+		Limits: limits, Network: network, NetNSDir: netnsDir, CgroupRoot: cgroupRoot, ShimPool: pool, Jail: jail}, images, meta)
 	if err != nil {
 		return err
 	}
@@ -310,4 +326,16 @@ func checkStreamAddress(addr, cert, key string) error {
 		return nil
 	}
 	return fmt.Errorf("--stream-address %q is not a loopback address: attach and port-forward would be served without TLS to the network; give --stream-tls-cert and --stream-tls-key, or keep the default 127.0.0.1:0", addr)
+}
+
+// parseJailIDs reads --jail-ids FIRST:COUNT.
+func parseJailIDs(v string) (manager.JailIDs, error) {
+	first, count, ok := strings.Cut(v, ":")
+	f, err1 := strconv.ParseUint(first, 10, 32)
+	c, err2 := strconv.ParseUint(count, 10, 32)
+	if !ok || err1 != nil || err2 != nil {
+		return manager.JailIDs{}, fmt.Errorf("%q: want FIRST:COUNT", v)
+	}
+	r := manager.JailIDs{First: uint32(f), Count: uint32(c)}
+	return r, r.Validate()
 }

@@ -163,8 +163,7 @@ func (s *Service) containerSpec(id string, sb *sandbox, cfg *runtimeapi.Containe
 	if tuning.Machine != "" {
 		machine = tuning.Machine
 	}
-	dir, err := s.vms.Dir(id)
-	if err != nil {
+	if _, err := s.vms.Dir(id); err != nil {
 		return containerMeta{}, Sizing{}, nil, err
 	}
 	md := sbCfg.GetMetadata()
@@ -172,7 +171,7 @@ func (s *Service) containerSpec(id string, sb *sandbox, cfg *runtimeapi.Containe
 		Machine: runtime.MachineConfig{
 			Name:  fmt.Sprintf("%s_%s_%s", md.GetNamespace(), md.GetName(), name),
 			Accel: s.cfg.Accel, Machine: machine, MemoryMiB: size.MemoryMiB, VCPUs: size.VCPUs,
-			Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: line, QMPSocket: filepath.Join(dir, "qmp.sock"),
+			Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: line,
 			NICs: nics, Shares: vols.Shares,
 		}}
 	if err := meta.Machine.Validate(); err != nil {

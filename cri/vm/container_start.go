@@ -63,6 +63,8 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 	t0 := time.Now()
 	sz := c.Status().Sizing
 	vm, tm, err := s.vms.Start(ctx, manager.StartSpec{ID: c.ID(), Machine: m.Machine, LogPath: m.LogPath, Cgroup: m.Cgroup, Staged: staged,
+		Groups: jailGroups(sb.Meta().Config.GetLinux().GetSecurityContext().GetSupplementalGroups(),
+			m.Config.GetLinux().GetSecurityContext().GetSupplementalGroups()),
 		Resources: cgroups.Resources{MemoryLimit: sz.MemoryLimit, CPUQuota: sz.CPUQuota,
 			CPUPeriod: uint64(max(sz.CPUPeriod, 0)), CPUShares: uint64(max(sz.CPUShares, 0))}})
 	if err != nil {
@@ -168,3 +170,20 @@ func (s *Service) finishExit(c *container, vm manager.VM, ex runtime.ExitStatus)
 }
 
 var errAlreadyDone = errors.New("already recorded")
+
+// jailGroups are the supplementary groups a jailed QEMU keeps: the pod's
+// and the container's (kubelet puts fsGroup there), so volumes shared
+// through them stay readable; never group 0.
+func jailGroups(lists ...[]int64) []uint32 {
+	var out []uint32
+	seen := map[int64]bool{}
+	for _, l := range lists {
+		for _, g := range l {
+			if g > 0 && g < 1<<32-1 && !seen[g] {
+				seen[g] = true
+				out = append(out, uint32(g))
+			}
+		}
+	}
+	return out
+}

@@ -167,9 +167,6 @@ func (s *Service) loadContainer(k, v []byte) (*container, error) {
 				"a container record names another cgroup than its pod gives it; using the pod's")
 		}
 	}
-	if dir, err := s.vms.Dir(rec.ID); err == nil {
-		meta.Machine.QMPSocket = filepath.Join(dir, "qmp.sock")
-	}
 	if st.State == store.ContainerCreated && sb != nil {
 		// Its VM is yet to boot: rebuild it from the CRI config as a create
 		// would (kernel and volumes checked anew), never from the record.

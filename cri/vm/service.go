@@ -53,6 +53,8 @@ type Config struct {
 	CgroupRoot string
 	// ShimPool hands out pre-forked shims (nil: every VM spawns its own).
 	ShimPool *shim.Pool
+	// Jail runs every QEMU confined, as a uid of this range (nil: off).
+	Jail *manager.JailIDs
 }
 
 // Network is the pod network (package cni in production).
@@ -94,7 +96,7 @@ func New(cfg Config, images *image.Store, meta *metadata.Store) (*Service, error
 		cfg.StateDir = abs
 	}
 	vms, err := manager.New(manager.Config{QEMU: cfg.QEMU, StateDir: cfg.StateDir, ShimBinary: cfg.ShimBinary,
-		CgroupRoot: cfg.CgroupRoot, Pool: cfg.ShimPool})
+		CgroupRoot: cfg.CgroupRoot, Pool: cfg.ShimPool, Jail: cfg.Jail})
 	if err != nil {
 		return nil, err
 	}

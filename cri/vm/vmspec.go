@@ -5,6 +5,7 @@ package vm
 // pod may ask for: nothing from a pod reaches QEMU unchecked.
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"path"
@@ -12,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 
+	"golang.org/x/sys/unix"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/pkg/cni"
@@ -355,7 +357,11 @@ func PlanVolumes(mounts []*runtimeapi.Mount, f *runtime.Features, hasInitrd bool
 			return v, fmt.Errorf("volume at %s: host path %s is a file; virtio-9p exports directories only (mount the whole volume instead of a subPath file)", target, host)
 		}
 		tag := "fs" + strconv.Itoa(len(v.Shares)+1)
-		v.Shares = append(v.Shares, runtime.Share{Tag: tag, HostPath: host, ReadOnly: m.GetReadonly()})
+		// A writable share keeps what the guest sets (owner, mode, devices,
+		// symlinks) in user xattrs, or in metadata files where the file
+		// system has none (runtime.Share).
+		v.Shares = append(v.Shares, runtime.Share{Tag: tag, HostPath: host, ReadOnly: m.GetReadonly(),
+			MappedFile: !m.GetReadonly() && !hasUserXattrs(host)})
 		flags := ""
 		if m.GetReadonly() {
 			flags = "1" // MS_RDONLY
@@ -369,4 +375,13 @@ func PlanVolumes(mounts []*runtimeapi.Mount, f *runtime.Features, hasInitrd bool
 		v.Warnings = append(v.Warnings, "mounts not passed to the guest: "+strings.Join(skipped, ", "))
 	}
 	return v, nil
+}
+
+// hasUserXattrs reports whether the file system of dir stores user
+// extended attributes: asking for one that does not exist answers ENODATA
+// there, ENOTSUP only where there are none (tmpfs before Linux 6.6).
+// Nothing is written.
+func hasUserXattrs(dir string) bool {
+	_, err := unix.Getxattr(dir, "user.unilet.probe", nil)
+	return !errors.Is(err, unix.ENOTSUP)
 }

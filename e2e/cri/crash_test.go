@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -15,6 +14,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/unilet-dev/unilet/internal/testutil"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
@@ -327,20 +328,11 @@ func (c *crash) churn(i int, rng *rand.Rand) (keepPod, keepCtr string, err error
 	}
 }
 
-var vmDirInCmdline = regexp.MustCompile(`/vm/([0-9a-f]{16})/`)
-
 // liveVMs maps the VM directory names of running QEMUs of the daemon to their PIDs.
 func (c *crash) liveVMs() map[string]int {
-	out, _ := exec.Command("pgrep", "-af", "qemu-system").Output()
 	vms := map[string]int{}
-	for _, l := range strings.Split(string(out), "\n") {
-		if !strings.Contains(l, c.d.stateDir+"/vm/") {
-			continue
-		}
-		if m := vmDirInCmdline.FindStringSubmatch(l); m != nil {
-			pid, _ := strconv.Atoi(strings.Fields(l)[0])
-			vms[m[1]] = pid
-		}
+	for _, q := range testutil.QEMUsUnder(filepath.Join(c.d.stateDir, "vm")) {
+		vms[filepath.Base(q.VMDir)] = q.Pid
 	}
 	return vms
 }

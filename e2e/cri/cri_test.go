@@ -59,7 +59,7 @@ func setup(m *testing.M) (int, error) {
 	if raceBuild {
 		build = append(build, "-race")
 	}
-	if err := run(repoRoot, nil, "go", append(build, "./cmd/unilet", "./cmd/uniletctl", "./cmd/unilet-shim")...); err != nil {
+	if err := run(repoRoot, nil, "go", append(build, "./cmd/unilet", "./cmd/uniletctl", "./cmd/unilet-shim", "./cmd/unilet-jail")...); err != nil {
 		return 0, err
 	}
 	crictl = os.Getenv("CRICTL")
@@ -162,7 +162,7 @@ func startDaemon(t *testing.T, extra ...string) *daemon {
 		d.stop()
 		// VMs outlive the daemon by design: end whatever a test left behind.
 		_ = exec.Command("pkill", "-9", "-f", "unilet-shim .*"+dir).Run()
-		_ = exec.Command("pkill", "-9", "-f", "qemu-system-x86_64 .*"+dir).Run()
+		testutil.KillQEMUsUnder(dir)
 		// Races the daemon or its shims reported (GORACE log_path).
 		reports, _ := filepath.Glob(filepath.Join(dir, "race.*"))
 		for _, r := range reports {
@@ -317,13 +317,10 @@ func (d *daemon) waitState(id, state string, timeout time.Duration) inspect {
 	return in
 }
 
-func qemuProcesses(t *testing.T, marker string) []string {
-	out, _ := exec.Command("pgrep", "-af", "qemu-system").Output()
+func qemuProcesses(t *testing.T, stateDir string) []string {
 	var found []string
-	for _, l := range strings.Split(string(out), "\n") {
-		if l != "" && strings.Contains(l, marker) {
-			found = append(found, l)
-		}
+	for _, q := range testutil.QEMUsUnder(stateDir) {
+		found = append(found, strconv.Itoa(q.Pid)+" "+q.VMDir+" "+q.Cmdline)
 	}
 	return found
 }

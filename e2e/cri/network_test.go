@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -52,6 +53,7 @@ func TestNetworkGuestHTTPVolumesCgroupsPortForward(t *testing.T) {
 	host := t.TempDir()
 	data, cfgDir := filepath.Join(host, "data"), filepath.Join(host, "config")
 	require.NoError(t, os.MkdirAll(data, 0o755))
+	require.NoError(t, os.Chmod(data, 0o777)) // as kubelet makes an emptyDir: QEMU runs as the jail's uid
 	require.NoError(t, os.MkdirAll(cfgDir, 0o755))
 	require.NoError(t, os.WriteFile(filepath.Join(data, "hello.txt"), []byte("written on the host\n"), 0o644))
 	require.NoError(t, os.WriteFile(filepath.Join(cfgDir, "app.conf"), []byte("mode=ro\n"), 0o644))
@@ -74,7 +76,13 @@ func TestNetworkGuestHTTPVolumesCgroupsPortForward(t *testing.T) {
 	ctr := d.must("create", pod, writeJSON(t, map[string]any{
 		"metadata": map[string]any{"name": "web"}, "image": map[string]string{"image": netImage()}, "log_path": "web/0.log",
 		"command": []string{"/bin/sh", "-c", "cat /data/hello.txt; ls /config; echo x > /config/w && echo RO-WRITABLE || echo RO-REFUSED; " +
-			"echo guest-wrote > /data/out.txt; echo FOO=$FOO; exec httpd -f -p 8080 -h /data"},
+			"echo guest-wrote > /data/out.txt; echo FOO=$FOO; " +
+			// A hostile guest tries to plant what another host process
+			// could trip over: setuid-root binaries, files of other users,
+			// device nodes, symlinks out of the volume.
+			"cp /bin/busybox /data/suid && chown 0:0 /data/suid && chmod 6755 /data/suid; touch /data/owned && chown 4321:4321 /data/owned; " +
+			"mknod /data/mem c 1 1; mkfifo /data/fifo; ln -s /etc/shadow /data/shadow; mkdir /data/dir && chmod 4777 /data/dir; " +
+			"echo GUEST-VIEW $(stat -c '%A:%u' /data/suid /data/owned /data/mem) $(readlink /data/shadow); exec httpd -f -p 8080 -h /data"},
 		"envs":   []map[string]string{{"key": "FOO", "value": "bar baz"}},
 		"mounts": []map[string]any{{"container_path": "/data", "host_path": data}, {"container_path": "/config", "host_path": cfgDir, "readonly": true}},
 		"linux": map[string]any{"resources": map[string]any{"memory_limit_in_bytes": 256 << 20, "cpu_quota": 150000, "cpu_period": 100000,
@@ -101,6 +109,25 @@ func TestNetworkGuestHTTPVolumesCgroupsPortForward(t *testing.T) {
 		require.Contains(t, log, want)
 	}
 	require.NotContains(t, log, "stdout F RO-WRITABLE")
+	// The guest sees what it asked for; the host has only plain files and
+	// directories of the jail's uid, without setuid/setgid bits.
+	waitLog(t, logPath, "GUEST-VIEW")
+	b, _ = os.ReadFile(logPath)
+	require.Contains(t, string(b), "GUEST-VIEW -rwsr-sr-x:0 -rw-r--r--:4321 crw-r--r--:0 /etc/shadow")
+	ents, err := os.ReadDir(data)
+	require.NoError(t, err)
+	require.Len(t, ents, 8)
+	for _, e := range ents {
+		fi, err := os.Lstat(filepath.Join(data, e.Name()))
+		require.NoError(t, err)
+		st := fi.Sys().(*syscall.Stat_t)
+		require.True(t, fi.Mode().IsRegular() || fi.IsDir(), "%s is %s on the host", e.Name(), fi.Mode())
+		require.Zero(t, fi.Mode()&(os.ModeSetuid|os.ModeSetgid|os.ModeSticky), "%s has %s on the host", e.Name(), fi.Mode())
+		if e.Name() != "hello.txt" {
+			require.GreaterOrEqual(t, st.Uid, uint32(1<<30), "%s is owned by uid %d on the host", e.Name(), st.Uid)
+			require.Equal(t, st.Uid, st.Gid)
+		}
+	}
 	require.Less(t, strings.Index(log, "fstab: initrd0"), strings.Index(log, "fstab: fs1"), "the initrd is extracted as / first")
 	out, err := os.ReadFile(filepath.Join(data, "out.txt"))
 	require.NoError(t, err)
@@ -125,6 +152,19 @@ func TestNetworkGuestHTTPVolumesCgroupsPortForward(t *testing.T) {
 	qemu := qemuProcesses(t, d.stateDir)
 	require.Len(t, qemu, 1)
 	require.Contains(t, procs, strings.Fields(qemu[0])[0])
+
+	// The jail: QEMU has its own uid, no capabilities, NoNewPrivs and
+	// QEMU's seccomp filter, and its root shows nothing of the host's.
+	qpid := strings.Fields(qemu[0])[0]
+	status, err := os.ReadFile("/proc/" + qpid + "/status")
+	require.NoError(t, err)
+	for _, re := range []string{`(?m)^Uid:\s+1\d{9}\s`, `(?m)^CapEff:\s+0+$`, `(?m)^CapBnd:\s+0+$`, `(?m)^NoNewPrivs:\s+1$`, `(?m)^Seccomp:\s+2$`} {
+		require.Regexp(t, re, string(status))
+	}
+	_, err = os.Stat("/proc/" + qpid + "/root/etc/shadow")
+	require.True(t, os.IsNotExist(err), "QEMU sees /etc/shadow")
+	_, err = os.Stat("/proc/" + qpid + "/root" + d.stateDir)
+	require.True(t, os.IsNotExist(err), "QEMU sees unilet's state directory")
 
 	// Stats come from that cgroup; the pod's NIC counters from its netns.
 	var stats struct {

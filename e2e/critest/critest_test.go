@@ -69,7 +69,7 @@ func setup(m *testing.M) (int, error) {
 	}
 	defer os.RemoveAll(tmp)
 	binDir = filepath.Join(tmp, "bin")
-	if err := run(repoRoot, nil, "go", "build", "-o", binDir+"/", "./cmd/unilet", "./cmd/unilet-shim"); err != nil {
+	if err := run(repoRoot, nil, "go", "build", "-o", binDir+"/", "./cmd/unilet", "./cmd/unilet-shim", "./cmd/unilet-jail"); err != nil {
 		return 0, err
 	}
 	out := filepath.Join(repoRoot, "_output", "critest")

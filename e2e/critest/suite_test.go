@@ -169,7 +169,7 @@ func startUnilet(t *testing.T, upstream string) string {
 		}
 		// VMs outlive the daemon by design: end whatever the suite left.
 		_ = exec.Command("pkill", "-9", "-f", "unilet-shim .*"+dir).Run()
-		_ = exec.Command("pkill", "-9", "-f", "qemu-system-x86_64 .*"+dir).Run()
+		testutil.KillQEMUsUnder(dir)
 		ents, _ := os.ReadDir(netnsDir)
 		for _, e := range ents {
 			_ = syscall.Unmount(filepath.Join(netnsDir, e.Name()), syscall.MNT_DETACH)

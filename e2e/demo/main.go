@@ -52,7 +52,7 @@ func run() error {
 	bin := filepath.Join(dir, "bin")
 
 	step("building unilet, unilet-shim and uniletctl")
-	if err := sh("go", "build", "-o", bin+"/", "./cmd/unilet", "./cmd/uniletctl", "./cmd/unilet-shim"); err != nil {
+	if err := sh("go", "build", "-o", bin+"/", "./cmd/unilet", "./cmd/uniletctl", "./cmd/unilet-shim", "./cmd/unilet-jail"); err != nil {
 		return err
 	}
 	step("building the test unikernel (e2e/guest/testkernel)")

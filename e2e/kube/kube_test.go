@@ -61,7 +61,7 @@ func setup(m *testing.M) (int, error) {
 	if err := run(repoRoot, "./e2e/kube/build.sh", kubeBin); err != nil {
 		return 0, err
 	}
-	if err := run(repoRoot, "go", "build", "-o", binDir+"/", "./cmd/unilet", "./cmd/unilet-shim", "./cmd/uniletctl", "./e2e/kube/cluster"); err != nil {
+	if err := run(repoRoot, "go", "build", "-o", binDir+"/", "./cmd/unilet", "./cmd/unilet-shim", "./cmd/unilet-jail", "./cmd/uniletctl", "./e2e/kube/cluster"); err != nil {
 		return 0, err
 	}
 	upArgs := []string{"up", "--dir", clusterDir, "--kube-bin", kubeBin, "--unilet-bin", binDir, "--repo", repoRoot}
@@ -325,6 +325,7 @@ func TestAttachEchoAndDetach(t *testing.T) {
 // readiness probe; kubectl port-forward reaches its web server.
 func TestNetworkGuestProbePortForwardVolumes(t *testing.T) {
 	hostDir := t.TempDir()
+	require.NoError(t, os.Chmod(hostDir, 0o755)) // QEMU reads it as the jail's uid
 	require.NoError(t, os.WriteFile(filepath.Join(hostDir, "host.txt"), []byte("from-hostpath\n"), 0o644))
 	apply(t, fmt.Sprintf(`apiVersion: v1
 kind: ConfigMap

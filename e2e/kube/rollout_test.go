@@ -24,7 +24,7 @@ import (
 func buildUniletImage(t *testing.T, ver string) string {
 	dir := filepath.Join(t.TempDir(), ver)
 	cmd := exec.Command("go", "build", "-trimpath", "-ldflags", "-X github.com/unilet-dev/unilet/pkg/version.Version="+ver, "-o", dir+"/",
-		"./cmd/unilet", "./cmd/unilet-shim", "./cmd/uniletctl", "./cmd/unilet-install")
+		"./cmd/unilet", "./cmd/unilet-shim", "./cmd/unilet-jail", "./cmd/uniletctl", "./cmd/unilet-install")
 	cmd.Dir = repoRoot
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	out, err := cmd.CombinedOutput()

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -137,4 +138,45 @@ func MainWith(what string, setup func() (int, error)) {
 		os.Exit(1)
 	}
 	os.Exit(code)
+}
+
+// QEMUProc is a running QEMU started by unilet.
+type QEMUProc struct {
+	Pid     int
+	VMDir   string // the VM directory it serves (its UNILET_VM_DIR)
+	Cmdline string // its arguments, joined by spaces
+}
+
+// QEMUsUnder lists the QEMUs whose VM directory lies under dir, found by
+// the UNILET_VM_DIR variable unilet starts every QEMU with (a jailed QEMU's
+// command line names no host path).
+func QEMUsUnder(dir string) []QEMUProc {
+	var out []QEMUProc
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+		if !strings.HasPrefix(filepath.Base(strings.TrimSuffix(exe, " (deleted)")), "qemu-system-") {
+			continue
+		}
+		env, _ := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+		for _, kv := range strings.Split(string(env), "\x00") {
+			if v, ok := strings.CutPrefix(kv, "UNILET_VM_DIR="); ok && strings.HasPrefix(v, dir+"/") {
+				cmd, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+				out = append(out, QEMUProc{Pid: pid, VMDir: v, Cmdline: strings.ReplaceAll(strings.TrimRight(string(cmd), "\x00"), "\x00", " ")})
+			}
+		}
+	}
+	return out
+}
+
+// KillQEMUsUnder ends the QEMUs of VM directories under dir (test cleanup:
+// only what the test's own daemon started).
+func KillQEMUsUnder(dir string) {
+	for _, q := range QEMUsUnder(dir) {
+		_ = syscall.Kill(q.Pid, syscall.SIGKILL)
+	}
 }

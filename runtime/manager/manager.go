@@ -78,6 +78,9 @@ type Config struct {
 	CgroupRoot string
 	// Pool hands out pre-forked shims (nil: every VM spawns its own).
 	Pool *shim.Pool
+	// Jail confines every QEMU with a uid of this range (nil: the jail is
+	// off and QEMU runs as root, as its shim).
+	Jail *JailIDs
 }
 
 // Manager runs VMs.
@@ -85,6 +88,7 @@ type Manager struct {
 	cfg    Config
 	vmRoot string
 	staged atomic.Int32 // staged shims alive (≤ MaxStaged)
+	ids    idPool
 }
 
 // New returns a manager; StateDir must be an absolute path.
@@ -93,8 +97,18 @@ func New(cfg Config) (*Manager, error) {
 		return nil, fmt.Errorf("state directory %q is not an absolute path", cfg.StateDir)
 	}
 	cfg.StateDir = filepath.Clean(cfg.StateDir)
-	return &Manager{cfg: cfg, vmRoot: filepath.Join(cfg.StateDir, "vm")}, nil
+	m := &Manager{cfg: cfg, vmRoot: filepath.Join(cfg.StateDir, "vm")}
+	if cfg.Jail != nil {
+		if err := cfg.Jail.Validate(); err != nil {
+			return nil, err
+		}
+		m.ids.r = *cfg.Jail
+	}
+	return m, nil
 }
+
+// Jailed reports whether QEMUs are jailed.
+func (m *Manager) Jailed() bool { return m.cfg.Jail != nil }
 
 // Cgroups reports whether VMs get cgroups.
 func (m *Manager) Cgroups() bool { return m.cfg.CgroupRoot != "" }
@@ -153,6 +167,9 @@ type StartSpec struct {
 	Resources cgroups.Resources
 	// Staged is a shim already in Cgroup (from Stage + Claim), or nil.
 	Staged *shim.Idle
+	// Groups are the pod's supplementary groups, which a jailed QEMU keeps
+	// (volumes shared through fsGroup or supplementalGroups).
+	Groups []uint32
 }
 
 // Timings is where a VM start spent its time.
@@ -184,6 +201,17 @@ func (m *Manager) Start(ctx context.Context, s StartSpec) (VM, Timings, error) {
 	}
 	tm.Cgroup = time.Since(t0)
 	spec := runtime.VMSpec{QEMU: m.cfg.QEMU, Machine: s.Machine, StateDir: dir, LogPath: s.LogPath}
+	if m.cfg.Jail != nil {
+		id, err := m.ids.take(m.vmRoot, dirName(s.ID))
+		if err != nil {
+			s.Staged.Discard()
+			if cg != nil {
+				_ = cg.Delete()
+			}
+			return nil, tm, err
+		}
+		spec.Jail = &runtime.JailSpec{UID: id, GID: id, Groups: s.Groups}
+	}
 	c, err := m.launch(ctx, dir, spec, cg, s.Staged)
 	if err == nil {
 		var h *shim.Handle
@@ -195,6 +223,7 @@ func (m *Manager) Start(ctx context.Context, s StartSpec) (VM, Timings, error) {
 		m.endShim(c)
 	}
 	_ = os.RemoveAll(dir)
+	m.ids.release(dirName(s.ID))
 	if cg != nil {
 		if cerr := cg.Delete(); cerr != nil {
 			logrus.WithError(cerr).WithField("container", s.ID).Warn("remove the cgroup of a VM that did not start")
@@ -308,6 +337,7 @@ func (m *Manager) Cleanup(id, cgroup string) error {
 		if err := os.RemoveAll(dir); err != nil {
 			return fmt.Errorf("remove the VM directory: %w", err)
 		}
+		m.ids.release(dirName(id))
 	}
 	if cgroup == "" {
 		return nil
@@ -352,5 +382,6 @@ func (m *Manager) Sweep(keep func(dirName string) bool) {
 			m.endShim(c)
 		}
 		_ = os.RemoveAll(dir)
+		m.ids.release(name)
 	}
 }

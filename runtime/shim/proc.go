@@ -7,13 +7,15 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/unilet-dev/unilet/runtime"
 )
 
 // IsQEMUOf reports whether pid is a QEMU that serves the VM directory dir:
-// its executable is a qemu-system binary and one of its arguments names a
-// file inside dir (its sockets and files live there). A PID read from disk
-// is signalled only after this proof; dir must be an absolute, clean path
-// other than "/".
+// its executable is a qemu-system binary and its environment names dir
+// (runtime.MarkerEnv; QEMUs of earlier versions: one of its arguments names
+// a file inside dir). A PID read from disk is signalled only after this
+// proof; dir must be an absolute, clean path other than "/".
 func IsQEMUOf(pid int, dir string) bool {
 	if pid <= 1 || !filepath.IsAbs(dir) || filepath.Clean(dir) != dir || dir == "/" {
 		return false
@@ -26,6 +28,13 @@ func IsQEMUOf(pid int, dir string) bool {
 	exe = strings.TrimSuffix(exe, " (deleted)")
 	if !strings.HasPrefix(filepath.Base(exe), "qemu-system-") {
 		return false
+	}
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid)); err == nil {
+		for _, kv := range strings.Split(string(b), "\x00") {
+			if kv == runtime.MarkerEnv+"="+dir {
+				return true
+			}
+		}
 	}
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
 	if err != nil {

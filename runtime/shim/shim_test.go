@@ -46,7 +46,7 @@ func spec(t *testing.T, kernel, vmDir string, args ...string) runtime.VMSpec {
 	require.NoError(t, err)
 	return runtime.VMSpec{QEMU: qemu, StateDir: vmDir, LogPath: filepath.Join(filepath.Dir(vmDir), "logs", "0.log"),
 		Machine: runtime.MachineConfig{Name: "shimtest", Accel: runtime.AccelTCG, Machine: runtime.MachinePC, MemoryMiB: 32, VCPUs: 1,
-			Kernel: kernel, Cmdline: line, QMPSocket: filepath.Join(vmDir, "qmp.sock")}}
+			Kernel: kernel, Cmdline: line}}
 }
 
 func TestShimRunsVMDetachedAndReconnects(t *testing.T) {
