@@ -76,6 +76,9 @@ func OpenDB(path string, lockTimeout time.Duration, buckets ...[]byte) (db *bolt
 			return nil, "", fmt.Errorf("open %s (is another unilet running on this --root?): %w", path, err)
 		}
 		if err == nil {
+			db, err = compactIfSparse(db, path, lockTimeout, buckets)
+		}
+		if err == nil {
 			return db, "", nil
 		}
 		reason = err.Error()
@@ -90,6 +93,59 @@ func OpenDB(path string, lockTimeout time.Duration, buckets ...[]byte) (db *bolt
 		return nil, "", fmt.Errorf("open a new %s: %w", path, err)
 	}
 	return db, fmt.Sprintf("%s (old file kept as %s)", reason, aside), nil
+}
+
+// Compaction thresholds: a file of at least CompactMinBytes with more than
+// half of its pages free is rewritten at open. bbolt reuses free pages but
+// never shrinks its file, so a burst of large records once deleted would
+// keep the file at its high-water mark for good.
+const (
+	CompactMinBytes = 4 << 20
+	compactTxBytes  = 16 << 20
+)
+
+// compactIfSparse rewrites db's file when it is mostly free pages (bbolt's
+// Compact into <path>.compact, then a rename over path) and returns the
+// database to use: db itself when nothing was done or the copy failed
+// (logged; the file is untouched), else the compacted file, opened and
+// checked like any other.
+func compactIfSparse(db *bolt.DB, path string, lockTimeout time.Duration, buckets [][]byte) (*bolt.DB, error) {
+	var size int64
+	_ = db.View(func(tx *bolt.Tx) error {
+		size = tx.Size()
+		return nil
+	})
+	st := db.Stats()
+	free := int64(st.FreePageN+st.PendingPageN) * int64(db.Info().PageSize)
+	if size < CompactMinBytes || free*2 < size {
+		return db, nil
+	}
+	log := logrus.WithFields(logrus.Fields{"path": path, "bytes": size, "freeBytes": free})
+	tmp := path + ".compact"
+	_ = os.Remove(tmp)
+	dst, err := bolt.Open(tmp, 0o600, &bolt.Options{Timeout: lockTimeout})
+	if err == nil {
+		err = bolt.Compact(dst, db, compactTxBytes)
+		if cerr := dst.Close(); err == nil {
+			err = cerr
+		}
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		_ = os.Remove(tmp)
+		log.WithError(err).Warn("compacting a database failed; going on with it as it is")
+		return db, nil
+	}
+	_ = db.Close()
+	if db, err = openChecked(path, lockTimeout, buckets); err != nil {
+		return nil, err
+	}
+	if fi, err := os.Stat(path); err == nil {
+		log.WithField("newBytes", fi.Size()).Info("compacted a database that was mostly free space")
+	}
+	return db, nil
 }
 
 // openChecked opens the file and proves every page readable: bbolt panics

@@ -109,3 +109,61 @@ func TestQuarantineMovesARecordAside(t *testing.T) {
 	require.Equal(t, "bad", q[0].Key)
 	require.Equal(t, []byte("{not json"), q[0].Bytes)
 }
+
+// A file that is mostly free pages after large records were deleted (bbolt
+// never shrinks it) is compacted at the next open; the records left are
+// all there.
+func TestSparseDatabaseIsCompactedAtOpen(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	require.NoError(t, err)
+	big := make([]byte, 256<<10)
+	for i := range big {
+		big[i] = byte('a' + i%26)
+	}
+	type bigRec struct {
+		ID   string `json:"id"`
+		Blob string `json:"blob"`
+	}
+	for i := 0; i < 64; i++ {
+		require.NoError(t, s.PutContainer(fmt.Sprint("c", i), bigRec{ID: fmt.Sprint("c", i), Blob: string(big)}))
+	}
+	require.NoError(t, s.PutSandbox("p1", rec{ID: "p1", State: 1}))
+	for i := 1; i < 64; i++ {
+		require.NoError(t, s.DeleteContainer(fmt.Sprint("c", i)))
+	}
+	require.NoError(t, s.Close())
+	path := filepath.Join(dir, FileName)
+	before, err := os.Stat(path)
+	require.NoError(t, err)
+	require.Greater(t, before.Size(), int64(16<<20), "the deleted records' pages stay in the file")
+
+	s, err = Open(dir)
+	require.NoError(t, err)
+	after, err := os.Stat(path)
+	require.NoError(t, err)
+	require.Less(t, after.Size(), int64(2<<20), "compacted")
+	require.Equal(t, []rec{{ID: "p1", State: 1}}, collect(t, s.EachSandbox))
+	var n int
+	require.NoError(t, s.EachContainer(func(_, v []byte) error {
+		var r bigRec
+		require.NoError(t, json.Unmarshal(v, &r))
+		require.Equal(t, "c0", r.ID)
+		require.Equal(t, string(big), r.Blob)
+		n++
+		return nil
+	}))
+	require.Equal(t, 1, n)
+	require.NoError(t, s.PutContainer("c9", rec{ID: "c9"}), "the compacted store is writable")
+	require.NoError(t, s.Close())
+	_, err = os.Stat(path + ".compact")
+	require.True(t, os.IsNotExist(err))
+
+	// A small file is left as it is (bbolt grows its files in steps).
+	s, err = Open(dir)
+	require.NoError(t, err)
+	require.NoError(t, s.Close())
+	again, err := os.Stat(path)
+	require.NoError(t, err)
+	require.Less(t, again.Size(), int64(CompactMinBytes))
+}
