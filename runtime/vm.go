@@ -100,9 +100,15 @@ func StartVM(spec VMSpec) (*VM, error) {
 		v.closeLog()
 		return nil, err
 	}
-	var files []*os.File // everything QEMU gets, closed here once it runs
+	// theirs: QEMU's ends, closed here once it runs (it holds copies);
+	// ours: the shim's ends, closed too if QEMU does not start.
+	var theirs []*os.File
+	var ours []io.Closer
 	fail := func(err error) (*VM, error) {
-		closeAll(files)
+		closeAll(theirs)
+		for _, c := range ours {
+			c.Close()
+		}
 		v.cleanupFiles()
 		return nil, err
 	}
@@ -110,32 +116,27 @@ func StartVM(spec VMSpec) (*VM, error) {
 	if err != nil {
 		return fail(err)
 	}
+	theirs, ours = append(theirs, stdoutW), append(ours, stdout)
 	// The console input stays open (and empty) so QEMU does not see EOF.
 	stdinR, stdinW, err := os.Pipe()
 	if err != nil {
-		closeAll([]*os.File{stdout, stdoutW})
 		return fail(err)
 	}
-	files = append(files, stdinR, stdoutW)
+	theirs, ours = append(theirs, stdinR), append(ours, stdinW)
 	taps, err := openTaps(spec.Machine.NICs)
 	if err != nil {
-		closeAll([]*os.File{stdout, stdinW})
 		return fail(err)
 	}
-	files = append(files, taps...)
+	theirs = append(theirs, taps...)
 	// The QMP monitor: a connected socket pair, QEMU's end at m.QMPFD().
 	qmpOurs, qmpTheirs, err := socketPair()
 	if err != nil {
-		closeAll([]*os.File{stdout, stdinW})
 		return fail(err)
 	}
-	files = append(files, qmpTheirs)
+	theirs, ours = append(theirs, qmpTheirs), append(ours, qmpOurs)
 	var cmd *exec.Cmd
 	if spec.Jail != nil {
-		cmd, err = spec.Jail.command(spec, argv)
-		if err != nil {
-			qmpOurs.Close()
-			closeAll([]*os.File{stdout, stdinW})
+		if cmd, err = spec.Jail.command(spec, argv); err != nil {
 			return fail(err)
 		}
 	} else {
@@ -148,15 +149,10 @@ func StartVM(spec VMSpec) (*VM, error) {
 	// QEMU never outlives its shim: a shim that dies (or is killed while a
 	// start is cancelled) takes its VM with it, so no VM runs unsupervised.
 	cmd.SysProcAttr.Setpgid, cmd.SysProcAttr.Pdeathsig = true, syscall.SIGKILL
-	err = cmd.Start()
-	closeAll(files) // QEMU holds its own copies
-	files = nil
-	if err != nil {
-		qmpOurs.Close()
-		closeAll([]*os.File{stdout, stdinW})
-		v.cleanupFiles()
-		return nil, fmt.Errorf("start %s: %w", spec.QEMU, err)
+	if err := cmd.Start(); err != nil {
+		return fail(fmt.Errorf("start %s: %w", spec.QEMU, err))
 	}
+	closeAll(theirs)
 	v.stdin = stdinW
 	v.cmd = cmd
 	v.startedAt = time.Now()
