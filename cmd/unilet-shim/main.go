@@ -16,9 +16,10 @@ import (
 	"github.com/unilet-dev/unilet/runtime/shim"
 )
 
-// The jail helper's settings that belong to a thread (NoNewPrivs, the
-// parent-death signal, the capability bounding set) must be made on the
-// thread that executes QEMU: the main goroutine stays on the main thread.
+// Settings that belong to a thread (NoNewPrivs, the parent-death signal,
+// the capability bounding set) must be made on the thread that executes
+// the next program (the jail helper's QEMU, the shim confining itself):
+// the main goroutine stays on the main thread.
 func init() { runtime.LockOSThread() }
 
 func main() {
@@ -36,6 +37,11 @@ func main() {
 	if (*dir == "") == (*poolDir == "") {
 		fmt.Fprintln(os.Stderr, "unilet-shim: exactly one of --dir or --pool-dir is required")
 		os.Exit(2)
+	}
+	// Only the capabilities a shim needs, NoNewPrivs (re-executes once).
+	if err := shim.Confine(); err != nil {
+		fmt.Fprintln(os.Stderr, "unilet-shim:", err)
+		os.Exit(1)
 	}
 	// The daemon may die or restart: only SIGTERM/SIGINT end the VM.
 	signal.Ignore(syscall.SIGHUP, syscall.SIGPIPE)

@@ -193,7 +193,7 @@ func run() error {
 		}
 		jail = &r
 	} else {
-		logrus.Warn("THE JAIL IS OFF (--jail=false): every QEMU runs as root with all capabilities, in the daemon's mount namespace, without a seccomp sandbox; a guest that breaks out of QEMU owns this node")
+		logrus.Warn("THE JAIL IS OFF (--jail=false): every QEMU runs as root with its shim's capabilities, in the daemon's mount and network namespaces, without a seccomp sandbox; a guest that breaks out of QEMU owns this node")
 	}
 	network := cni.New(cni.Config{ConfDir: cniConf, BinDirs: cniBins, CacheDir: cniCache})
 	if err := network.Status(); err != nil {

@@ -38,6 +38,17 @@ func TestJailPerVMAndOff(t *testing.T) {
 		uids = append(uids, m[1])
 	}
 	require.NotEqual(t, uids[0], uids[1], "two VMs share a uid")
+	// The shims keep only what they need (shim.Caps), with NoNewPrivs.
+	for _, q := range testutil.QEMUsUnder(d.stateDir) {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(q.Pid) + "/status")
+		require.NoError(t, err)
+		ppid := regexp.MustCompile(`(?m)^PPid:\s+(\d+)`).FindStringSubmatch(string(b))[1]
+		sh, err := os.ReadFile("/proc/" + ppid + "/status")
+		require.NoError(t, err)
+		for _, re := range []string{`(?m)^CapBnd:\s+00000000002011e0$`, `(?m)^CapEff:\s+00000000002011e0$`, `(?m)^NoNewPrivs:\s+1$`} {
+			require.Regexp(t, re, string(sh), "the shim")
+		}
+	}
 	for _, u := range uids {
 		n, _ := strconv.Atoi(u)
 		require.True(t, n >= 1500000000 && n < 1500000004, "uid %d outside --jail-ids", n)

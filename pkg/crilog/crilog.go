@@ -225,12 +225,17 @@ func (w *Writer) Flush() error {
 func (w *Writer) FlushPartial() error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if len(w.pending) == 0 {
+	// A trailing "\r" stays pending: it may be the first half of a "\r\n".
+	n := len(w.pending)
+	if n > 0 && w.pending[n-1] == '\r' {
+		n--
+	}
+	if n == 0 {
 		return nil
 	}
 	var out bytes.Buffer
-	w.format(&out, w.now().UTC().Format(time.RFC3339Nano), TagPartial, w.pending)
-	w.pending = w.pending[:0]
+	w.format(&out, w.now().UTC().Format(time.RFC3339Nano), TagPartial, w.pending[:n])
+	w.pending = append(w.pending[:0], w.pending[n:]...)
 	return w.writeOut(out.Bytes())
 }
 

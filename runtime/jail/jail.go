@@ -233,7 +233,15 @@ func build(c Config) error {
 	}
 	// QEMU's 9p server reaches files through /proc/self/fd; this /proc
 	// shows the jail's own processes only.
-	if err := unix.Mount("proc", filepath.Join(r, "proc"), "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "hidepid=invisible,subset=pid"); err != nil {
+	// Before Linux 5.8 every proc mount of a PID namespace shares its
+	// options (setting them here would change the host's /proc): there the
+	// jail's /proc shows what it shows any unprivileged user.
+	procFlags := uintptr(unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC)
+	err := unix.Mount("proc", filepath.Join(r, "proc"), "proc", procFlags, "hidepid=invisible,subset=pid")
+	if errors.Is(err, unix.EINVAL) {
+		err = unix.Mount("proc", filepath.Join(r, "proc"), "proc", procFlags, "")
+	}
+	if err != nil {
 		return fmt.Errorf("mount the jail's /proc: %w", err)
 	}
 	if err := bindFile(c.Kernel, r+Kernel, roFlags|unix.MS_NOEXEC); err != nil {
