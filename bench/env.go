@@ -218,7 +218,8 @@ func (e *env) teardown() {
 		}
 	}
 	_ = exec.Command("pkill", "-9", "-f", "unilet-shim .*"+e.dir).Run()
-	_ = exec.Command("pkill", "-9", "-f", "qemu-system-x86_64 .*"+e.dir).Run()
+	_ = exec.Command("pkill", "-9", "-f", "qemu-system-x86_64 .*"+e.dir).Run() // bare QEMUs (their kernel is here)
+	testutil.KillQEMUsUnder(e.run)                                             // unilet's, found by UNILET_VM_DIR
 	_ = exec.Command("pkill", "-9", "-f", "containerd-shim-runc-v2 .*"+e.dir).Run()
 	if e.bareNS != "" {
 		_ = netns.Remove(e.bareNS)

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -217,13 +218,11 @@ func qemuOf(t *testing.T, pod string) []string {
 	return found
 }
 
+// qemuFor lists the cluster's QEMUs as "PID ARGS".
 func qemuFor(t *testing.T) []string {
-	out, _ := exec.Command("pgrep", "-af", "qemu-system").Output()
 	var found []string
-	for _, l := range strings.Split(string(out), "\n") {
-		if strings.Contains(l, clusterDir) {
-			found = append(found, l)
-		}
+	for _, q := range testutil.QEMUsUnder(clusterDir) {
+		found = append(found, strconv.Itoa(q.Pid)+" "+q.Cmdline)
 	}
 	return found
 }

@@ -30,7 +30,7 @@ func buildUniletImage(t *testing.T, ver string) string {
 	out, err := cmd.CombinedOutput()
 	require.NoError(t, err, string(out))
 	files := map[string][]byte{}
-	for _, b := range []string{"unilet", "unilet-shim", "uniletctl", "unilet-install"} {
+	for _, b := range []string{"unilet", "unilet-shim", "unilet-jail", "uniletctl", "unilet-install"} {
 		files["unilet/bin/"+b], err = os.ReadFile(filepath.Join(dir, b))
 		require.NoError(t, err)
 	}

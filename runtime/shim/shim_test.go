@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
+	"github.com/unilet-dev/unilet/internal/testutil"
 	"github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/shim/api"
 )
@@ -37,8 +38,13 @@ func spec(t *testing.T, kernel, vmDir string, args ...string) runtime.VMSpec {
 	// Whatever a failing test leaves behind is ended.
 	t.Cleanup(func() {
 		_ = exec.Command("pkill", "-9", "-f", "unilet-shim --dir "+vmDir).Run()
-		// A pooled shim's command line does not name the VM: end its QEMU by path.
-		_ = exec.Command("pkill", "-9", "-f", "qemu-system-x86_64 .*"+vmDir).Run()
+		// A pooled shim's command line does not name the VM: end its QEMU by
+		// the VM directory in its environment.
+		for _, q := range testutil.QEMUsUnder(filepath.Dir(vmDir)) {
+			if q.VMDir == vmDir {
+				_ = syscall.Kill(q.Pid, syscall.SIGKILL)
+			}
+		}
 	})
 	qemu, err := exec.LookPath("qemu-system-x86_64")
 	require.NoError(t, err)

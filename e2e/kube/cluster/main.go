@@ -350,7 +350,7 @@ func (c *cluster) down() error {
 	}
 	// VMs and runc containers that outlived their runtimes.
 	_ = exec.Command("pkill", "-9", "-f", "unilet-shim .*"+c.dir).Run()
-	_ = exec.Command("pkill", "-9", "-f", "qemu-system-x86_64 .*"+c.dir).Run()
+	testutil.KillQEMUsUnder(c.dir)
 	_ = exec.Command("pkill", "-9", "-f", "containerd-shim-runc-v2 .*"+c.p("containerd")).Run()
 	testutil.UnmountUnder(c.dir)
 	_ = exec.Command("ip", "link", "del", Bridge).Run()
