@@ -9,7 +9,7 @@ KUBECONFIG_PATH=$OUT/cluster/kubeconfig
 K="$OUT/kube/bin/kubectl --kubeconfig $KUBECONFIG_PATH"
 step() { printf '\n\033[1m>> %s\033[0m\n' "$*"; }
 
-step "building unilet, unilet-shim, uniletctl"
+step "building unilet, unilet-shim, unilet-jail, uniletctl"
 make -s build
 step "building Kubernetes v1.37.2 and etcd from Go modules (first time: ~10 minutes; then seconds)"
 ./e2e/kube/build.sh $OUT/kube/bin
