@@ -139,7 +139,7 @@ func setup() (*env, error) {
 	e.daemon = exec.Command(filepath.Join(e.bin, "unilet"), "--listen", "unix://"+sock, "--root", filepath.Join(dir, "root"),
 		"--state-dir", e.stateDir(), "--upstream-endpoint", "unix://"+ctrdSock, "--insecure-registry", u.Host,
 		"--cni-conf-dir", cniDir, "--cni-bin-dir", testutil.CNIBinDir(), "--netns-dir", filepath.Join(dir, "netns"),
-		"--cgroup-root", benchCgrp, "--shim-pool", strconv.Itoa(shimPool), "--log-level", "info")
+		"--cgroup-root", benchCgrp, "--pod-log-root", e.logDir, "--shim-pool", strconv.Itoa(shimPool), "--log-level", "info")
 	if a := os.Getenv("UNILET_BENCH_PPROF"); a != "" { // profile the daemon during a run
 		e.daemon.Args = append(e.daemon.Args, "--pprof-address", a)
 	}

@@ -81,7 +81,7 @@ func run() error {
 		pullStall                                               time.Duration
 		showVersion                                             bool
 		cniConf, cniCache, netnsDir, cgroupRoot                 string
-		cniBins, allowParams                                    multi
+		cniBins, allowParams, logRoots                          multi
 		limits                                                  vm.Limits
 		shimPool                                                int
 		shimPoolQuiet                                           time.Duration
@@ -113,6 +113,7 @@ func run() error {
 	flag.Var(&cniBins, "cni-bin-dir", "directory of CNI plugins (repeatable; default /opt/cni/bin)")
 	flag.StringVar(&cniCache, "cni-cache-dir", "", "CNI results cache (default <root>/cni)")
 	flag.StringVar(&netnsDir, "netns-dir", "/var/run/netns", "where pod network namespaces are bound")
+	flag.Var(&logRoots, "pod-log-root", "directory unikernel pods' log directories must lie in: kubelet's podLogsDir (repeatable; default /var/log/pods)")
 	flag.StringVar(&cgroupRoot, "cgroup-root", "/unilet", "cgroup parent for VMs of pods that name none (\"\" disables cgroups)")
 	flag.IntVar(&limits.OverheadMiB, "vmm-overhead", vm.DefaultOverheadMiB, "MiB of a container's memory limit kept for QEMU itself; guest RAM = limit - overhead")
 	flag.IntVar(&limits.DefaultMemMiB, "default-memory", vm.DefaultMemMiB, "guest RAM (MiB) of containers without a memory limit")
@@ -181,6 +182,14 @@ func run() error {
 	if len(cniBins) == 0 {
 		cniBins = multi{"/opt/cni/bin"}
 	}
+	if len(logRoots) == 0 {
+		logRoots = multi{"/var/log/pods"}
+	}
+	for _, r := range logRoots {
+		if !filepath.IsAbs(r) || filepath.Clean(r) == "/" {
+			return fmt.Errorf("--pod-log-root %q: want an absolute directory other than /", r)
+		}
+	}
 	if cniCache == "" {
 		cniCache = filepath.Join(root, "cni")
 	}
@@ -207,7 +216,7 @@ func run() error {
 		defer pool.Close()
 	}
 	svc, err := vm.New(vm.Config{QEMU: qemuPath, Accel: resolved, StateDir: stateDir, Version: version.Version, ShimBinary: shimPath,
-		Limits: limits, Network: network, NetNSDir: netnsDir, CgroupRoot: cgroupRoot, ShimPool: pool, Jail: jail}, images, meta)
+		Limits: limits, Network: network, NetNSDir: netnsDir, CgroupRoot: cgroupRoot, ShimPool: pool, Jail: jail, LogRoots: logRoots}, images, meta)
 	if err != nil {
 		return err
 	}

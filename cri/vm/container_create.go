@@ -113,7 +113,7 @@ func (s *Service) containerSpec(id string, sb *sandbox, cfg *runtimeapi.Containe
 	if err != nil {
 		return invalid(err)
 	}
-	logPath, err := containerLogPath(sbCfg.GetLogDirectory(), cfg.GetLogPath())
+	logPath, err := s.containerLogPath(sbCfg.GetLogDirectory(), cfg.GetLogPath())
 	if err != nil {
 		return invalid(err)
 	}
@@ -183,16 +183,49 @@ func (s *Service) containerSpec(id string, sb *sandbox, cfg *runtimeapi.Containe
 	return meta, size, warnings, nil
 }
 
-// containerLogPath is the CRI log file: the pod's log directory joined
-// with the container's relative log path, which may not leave it.
-func containerLogPath(dir, rel string) (string, error) {
+// containerLogPath is the CRI log file: the pod's log directory (inside a
+// configured log root) joined with the container's relative log path,
+// which may not leave it. It is checked anew for records read from disk:
+// the shim, as root, creates and appends to this file.
+func (s *Service) containerLogPath(dir, rel string) (string, error) {
 	if dir == "" || rel == "" {
 		return "", nil
+	}
+	if err := s.checkLogDir(dir); err != nil {
+		return "", err
 	}
 	if filepath.IsAbs(rel) || !insideDir(filepath.Join(dir, rel), dir) || filepath.Clean(filepath.Join(dir, rel)) == filepath.Clean(dir) {
 		return "", fmt.Errorf("log path %q must be a file below the pod's log directory", rel)
 	}
 	return filepath.Join(dir, rel), nil
+}
+
+// checkLogDir: a pod's log directory must lie inside one of the configured
+// log roots (--pod-log-root), as written and once symlinks of its existing
+// part are resolved.
+func (s *Service) checkLogDir(dir string) error {
+	if dir == "" {
+		return nil
+	}
+	if !filepath.IsAbs(dir) {
+		return fmt.Errorf("log directory %q is not an absolute path", dir)
+	}
+	resolved := dir
+	for p, rest := filepath.Clean(dir), ""; ; p, rest = filepath.Dir(p), filepath.Join(filepath.Base(p), rest) {
+		if r, err := filepath.EvalSymlinks(p); err == nil {
+			resolved = filepath.Join(r, rest)
+			break
+		}
+		if p == "/" {
+			break
+		}
+	}
+	for _, root := range s.cfg.LogRoots {
+		if insideDir(dir, root) && insideDir(resolved, root) {
+			return nil
+		}
+	}
+	return fmt.Errorf("log directory %q is outside the pod log roots %v (unilet's --pod-log-root; kubelet's podLogsDir)", dir, s.cfg.LogRoots)
 }
 
 // statDir reports whether a host path is a directory (following symlinks).

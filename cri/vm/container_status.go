@@ -3,12 +3,15 @@ package vm
 import (
 	"context"
 	"fmt"
+	"net"
 	"strings"
 
 	"google.golang.org/grpc/codes"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/cri/store"
+	"github.com/unilet-dev/unilet/pkg/cni"
+	"github.com/unilet-dev/unilet/pkg/vmnet"
 	"github.com/unilet-dev/unilet/runtime/manager"
 )
 
@@ -148,8 +151,22 @@ func (s *Service) podIP(id string) (string, error) {
 		return "", errorf(codes.FailedPrecondition, "pod %s is not ready", sb.ID())
 	}
 	ip := primaryIP(st.Net)
-	if ip == "" {
+	if ip == "" || sb.Meta().NetNS == "" {
 		return "", errorf(codes.FailedPrecondition, "pod %s has no IP address (no pod network)", sb.ID())
 	}
-	return ip, nil
+	// The address dialled is one the pod's own network namespace holds on
+	// its CNI interface (where the guest's NIC takes it over), never only
+	// what a record says: a tampered record must not make the daemon dial
+	// a host address (docs/security.md).
+	live, err := vmnet.Addresses(sb.Meta().NetNS, cni.IfName)
+	if err != nil {
+		return "", errorf(codes.FailedPrecondition, "pod %s: reading its network namespace: %v", sb.ID(), err)
+	}
+	for _, a := range live {
+		if a.Equal(net.ParseIP(ip)) {
+			return a.String(), nil
+		}
+	}
+	return "", errorf(codes.FailedPrecondition, "pod %s: its recorded address %s is not an address of its network namespace (%v); "+
+		"not connecting", sb.ID(), ip, live)
 }

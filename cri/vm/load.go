@@ -156,7 +156,7 @@ func (s *Service) loadContainer(k, v []byte) (*container, error) {
 	} else {
 		// Host paths follow from the pod and the ID, never from the record.
 		sbCfg := sb.Meta().Config
-		if meta.LogPath, err = containerLogPath(sbCfg.GetLogDirectory(), cfg.GetLogPath()); err != nil {
+		if meta.LogPath, err = s.containerLogPath(sbCfg.GetLogDirectory(), cfg.GetLogPath()); err != nil {
 			return nil, err
 		}
 		if meta.Cgroup, err = s.vms.CgroupPath(sbCfg.GetLinux().GetCgroupParent(), rec.ID); err != nil {
@@ -165,6 +165,9 @@ func (s *Service) loadContainer(k, v []byte) (*container, error) {
 		if rec.Cgroup != "" && rec.Cgroup != meta.Cgroup {
 			logrus.WithFields(logrus.Fields{"container": rec.ID, "recorded": rec.Cgroup, "used": meta.Cgroup}).Warn(
 				"a container record names another cgroup than its pod gives it; using the pod's")
+		} else if rec.Cgroup != "" {
+			// Made by a unilet that kept no cgroup ledger yet.
+			s.vms.AdoptCgroup(sbCfg.GetLinux().GetCgroupParent(), rec.ID)
 		}
 	}
 	if st.State == store.ContainerCreated && sb != nil {
@@ -200,18 +203,13 @@ func (s *Service) reconcile(pending []*container) {
 		}
 	}
 	s.vms.Sweep(func(name string) bool { return live[name] })
-	// Cgroups no record claims, under the parents unilet's pods use.
-	parents := map[string]bool{"": true}
 	for _, sb := range s.sandboxes.List() {
-		parents[sb.Meta().Config.GetLinux().GetCgroupParent()] = true
 		s.reconcileSandbox(sb)
 	}
-	// Staging cgroups (12-character sandbox ID prefixes) are never claimed:
-	// the idle shims they held ended with the earlier daemon.
-	claimed := func(id string) bool { return len(id) == 64 && s.containers.Has(id) }
-	for p := range parents {
-		s.vms.SweepCgroups(p, claimed)
-	}
+	// Recorded cgroups no container claims. Staging cgroups (12-character
+	// sandbox ID prefixes) are never claimed: the idle shims they held ended
+	// with the earlier daemon.
+	s.vms.SweepCgroups(func(id string) bool { return len(id) == 64 && s.containers.Has(id) })
 	s.sweepNetNS()
 }
 

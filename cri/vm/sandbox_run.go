@@ -44,6 +44,9 @@ func (s *Service) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandbox
 		return nil, errorf(codes.InvalidArgument, "pod %s/%s asks for the host network; a unikernel VM owns its own NIC, so hostNetwork is not supported for unikernel pods",
 			md.GetNamespace(), md.GetName())
 	}
+	if err := s.checkLogDir(cfg.GetLogDirectory()); err != nil {
+		return nil, errorf(codes.InvalidArgument, "pod %s/%s: %v", md.GetNamespace(), md.GetName(), err)
+	}
 	if err := checkHostname(cfg.GetHostname()); err != nil {
 		return nil, errorf(codes.InvalidArgument, "pod %s/%s: %v", md.GetNamespace(), md.GetName(), err)
 	}

@@ -55,6 +55,9 @@ type Config struct {
 	ShimPool *shim.Pool
 	// Jail runs every QEMU confined, as a uid of this range (nil: off).
 	Jail *manager.JailIDs
+	// LogRoots are the directories pods' log directories must lie in
+	// (kubelet's podLogsDir, /var/log/pods by default).
+	LogRoots []string
 }
 
 // Network is the pod network (package cni in production).

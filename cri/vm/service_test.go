@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"path/filepath"
 	goruntime "runtime"
 	"strings"
 	"testing"
@@ -119,16 +120,34 @@ func TestUpdateResourcesRecordsOnlyWhatTheCgroupTook(t *testing.T) {
 }
 
 func TestContainerLogPathStaysInThePodLogDirectory(t *testing.T) {
-	p, err := containerLogPath("/var/log/pods/x", "app/0.log")
+	s := &Service{cfg: Config{LogRoots: []string{"/var/log/pods"}}}
+	p, err := s.containerLogPath("/var/log/pods/x", "app/0.log")
 	require.NoError(t, err)
 	require.Equal(t, "/var/log/pods/x/app/0.log", p)
 	for _, bad := range []string{"../../../etc/passwd", "/etc/passwd", "app/../../y", ".", "app/.."} {
-		_, err := containerLogPath("/var/log/pods/x", bad)
+		_, err := s.containerLogPath("/var/log/pods/x", bad)
 		require.Error(t, err, bad)
 	}
-	p, err = containerLogPath("", "app/0.log")
+	p, err = s.containerLogPath("", "app/0.log")
 	require.NoError(t, err)
 	require.Empty(t, p, "no log directory: no log")
+}
+
+// A pod's log directory (from a request or a record) must lie in a log
+// root, also once symlinks are resolved: the shim creates the log file as
+// root.
+func TestLogDirectoryInsideTheLogRoots(t *testing.T) {
+	root := t.TempDir()
+	outside := t.TempDir()
+	require.NoError(t, os.Symlink(outside, filepath.Join(root, "link")))
+	s := &Service{cfg: Config{LogRoots: []string{root}}}
+	require.NoError(t, s.checkLogDir(filepath.Join(root, "ns_pod_uid")))
+	require.NoError(t, s.checkLogDir(filepath.Join(root, "not", "made", "yet")))
+	for _, bad := range []string{outside, "/etc", root + "/../x", filepath.Join(root, "link", "pod"), "relative/dir"} {
+		_, err := s.containerLogPath(bad, "app/0.log")
+		require.ErrorContains(t, err, "log", bad)
+	}
+	require.Error(t, (&Service{}).checkLogDir("/var/log/pods/x"), "no roots: nothing is allowed")
 }
 
 func TestCreateRefusesRunAsGroupWithoutUser(t *testing.T) {

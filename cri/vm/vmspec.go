@@ -190,6 +190,10 @@ func Size(res *runtimeapi.LinuxContainerResources, t PodTuning, imageMinMiB int,
 	if imageMinMiB > floor {
 		floor = imageMinMiB
 	}
+	if floor > lim.MaxMemMiB {
+		return Sizing{}, fmt.Errorf("the image asks for at least %d MiB of guest RAM (image label %s) but this node allows at most %d MiB per VM (unilet's --max-memory)",
+			floor, LabelMinMemory, lim.MaxMemMiB)
+	}
 	s := Sizing{VCPUs: 1, CPUQuota: res.GetCpuQuota(), CPUPeriod: res.GetCpuPeriod(), CPUShares: res.GetCpuShares()}
 	if l := res.GetMemoryLimitInBytes(); l > 0 {
 		s.MemoryLimit = l
@@ -210,10 +214,14 @@ func Size(res *runtimeapi.LinuxContainerResources, t PodTuning, imageMinMiB int,
 			}
 		}
 	} else {
-		s.MemoryMiB = max(lim.DefaultMemMiB, floor) // no limit: the image's floor raises the default
+		// No limit: the image's floor raises the default, within the node's bound.
+		s.MemoryMiB = min(max(lim.DefaultMemMiB, floor), lim.MaxMemMiB)
 		if t.MemoryMiB > 0 {
 			s.MemoryMiB = t.MemoryMiB
 		}
+	}
+	if s.MemoryMiB > lim.MaxMemMiB { // every source is bounded above; this is the last guard
+		return s, fmt.Errorf("guest RAM of %d MiB is above the %d MiB this node allows per VM (unilet's --max-memory)", s.MemoryMiB, lim.MaxMemMiB)
 	}
 	if s.MemoryMiB < floor {
 		return s, fmt.Errorf("guest RAM of %d MiB is below the %d MiB this image needs (image label %s); set a larger memory limit or annotation %s",

@@ -81,6 +81,31 @@ func TestSize(t *testing.T) {
 	require.ErrorContains(t, err, "at most 64")
 }
 
+// No source of guest RAM lifts a VM above --max-memory: the image's floor
+// above it is refused naming the label; a large limit and a default above
+// it are clamped; an annotation above it is refused by ParseTuning.
+func TestSizeNeverAboveMaxMemory(t *testing.T) {
+	lim := Limits{OverheadMiB: 64, MaxMemMiB: 512, DefaultMemMiB: 1024}
+	_, err := Size(nil, PodTuning{}, 200000, lim)
+	require.ErrorContains(t, err, "image label "+LabelMinMemory)
+	require.ErrorContains(t, err, "at most 512 MiB")
+	_, err = Size(&runtimeapi.LinuxContainerResources{MemoryLimitInBytes: 1 << 40}, PodTuning{}, 600, lim)
+	require.ErrorContains(t, err, "--max-memory")
+	s, err := Size(&runtimeapi.LinuxContainerResources{MemoryLimitInBytes: 1 << 40}, PodTuning{}, 0, lim)
+	require.NoError(t, err)
+	require.Equal(t, 512, s.MemoryMiB)
+	s, err = Size(nil, PodTuning{}, 0, lim)
+	require.NoError(t, err)
+	require.Equal(t, 512, s.MemoryMiB, "the default is bounded too")
+	s, err = Size(nil, PodTuning{}, 300, lim)
+	require.NoError(t, err)
+	require.Equal(t, 512, s.MemoryMiB)
+	_, err = ParseTuning(map[string]string{AnnotationMemory: "100000"}, lim)
+	require.Error(t, err)
+	_, err = Size(nil, PodTuning{MemoryMiB: 100000}, 0, lim)
+	require.ErrorContains(t, err, "--max-memory", "a tuning that bypassed the parser is still bounded")
+}
+
 func TestNetdevParam(t *testing.T) {
 	res := &cni.Result{IPs: []string{"fd00::5/64", "198.18.0.5/24"}, Gateway: "198.18.0.1", DNS: []string{"198.18.0.53"}}
 	p, err := NetdevParam(res, "web-0", nil)

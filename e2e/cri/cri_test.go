@@ -156,6 +156,7 @@ func startDaemon(t *testing.T, extra ...string) *daemon {
 	d.args = append([]string{"--listen", "unix://" + d.sock, "--root", filepath.Join(dir, "root"), "--state-dir", d.stateDir,
 		"--insecure-registry", regHost, "--accel", "auto", "--log-level", "debug",
 		"--cni-conf-dir", d.cniConf, "--cni-bin-dir", testutil.CNIBinDir(), "--netns-dir", d.netnsDir, "--cgroup-root", d.cgroupRoot,
+		"--pod-log-root", os.TempDir(),
 		// No idle shims: these tests count shim processes exactly (TestShimPool covers the pool).
 		"--shim-pool", "0"}, extra...)
 	t.Cleanup(func() {

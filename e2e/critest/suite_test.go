@@ -157,7 +157,9 @@ func startUnilet(t *testing.T, upstream string) string {
 	sock, netnsDir, cgroupRoot := filepath.Join(dir, "unilet.sock"), filepath.Join(dir, "netns"), "/unilet-critest/"+filepath.Base(dir)
 	args := []string{"--listen", "unix://" + sock, "--root", filepath.Join(dir, "root"), "--state-dir", filepath.Join(dir, "run"),
 		"--upstream-endpoint", "unix://" + upstream, "--accel", "auto", "--cni-conf-dir", cniConf,
-		"--cni-bin-dir", testutil.CNIBinDir(), "--netns-dir", netnsDir, "--cgroup-root", cgroupRoot}
+		"--cni-bin-dir", testutil.CNIBinDir(), "--netns-dir", netnsDir, "--cgroup-root", cgroupRoot,
+		// critest makes its pods' log directories in the temp directory.
+		"--pod-log-root", os.TempDir()}
 	for _, reg := range mirroredRegistries {
 		args = append(args, "--registry-mirror", reg+"=http://"+vmMirrorHost)
 	}

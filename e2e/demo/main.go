@@ -95,7 +95,8 @@ func run() error {
 	step("starting unilet (--accel auto: probes KVM, falls back to TCG with a warning)")
 	daemon := exec.Command(filepath.Join(bin, "unilet"), "--listen", "unix://"+sock, "--root", filepath.Join(dir, "root"),
 		"--state-dir", filepath.Join(dir, "run"), "--upstream-endpoint", "", "--insecure-registry", u.Host,
-		"--cni-conf-dir", cniDir, "--cni-bin-dir", cniBin, "--netns-dir", filepath.Join(dir, "netns"), "--cgroup-root", "/unilet-demo")
+		"--cni-conf-dir", cniDir, "--cni-bin-dir", cniBin, "--netns-dir", filepath.Join(dir, "netns"), "--cgroup-root", "/unilet-demo",
+		"--pod-log-root", filepath.Join(dir, "pods"))
 	daemon.Stdout, daemon.Stderr = os.Stdout, os.Stderr
 	if err := daemon.Start(); err != nil {
 		return err

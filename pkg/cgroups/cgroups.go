@@ -12,14 +12,16 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"sort"
+	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	cg "github.com/containerd/cgroups/v3"
 	"github.com/containerd/cgroups/v3/cgroup1"
 	"github.com/containerd/cgroups/v3/cgroup2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
 )
 
 // Resources are the limits unilet sets on a VM's cgroup.
@@ -46,7 +48,11 @@ type Cgroup interface {
 	Add(pid int) error
 	Update(Resources) error
 	Stats() (Stats, error)
-	Delete() error
+	// Delete removes the cgroup. Processes still in it after a second are
+	// killed only where owned(pid) proves them to be the caller's own (the
+	// process is pinned by a pidfd before the proof); any other process is
+	// left, and Delete then fails naming it. owned may be nil: kill nothing.
+	Delete(owned func(pid int) bool) error
 }
 
 // Path returns the cgroup path of a VM: <parent>/<name> for cgroupfs parents,
@@ -165,22 +171,64 @@ func hierarchy() ([]cgroup1.Subsystem, error) {
 }
 
 // deleteRetry removes a cgroup whose last processes may still be exiting;
-// after a second it kills what is left (a VM's cgroup outliving its VM holds
-// nothing anyone needs).
-func deleteRetry(del func() error, exists func() bool, pids func() []int) error {
+// after a second it kills those that owned proves to be the caller's own (a
+// VM's QEMU or shim outliving its VM holds nothing anyone needs), never any
+// other process.
+func deleteRetry(p string, del func() error, exists func() bool, pids func() []int, owned func(int) bool) error {
 	var err error
+	foreign := map[int]bool{}
 	for i := 0; i < 60; i++ {
 		if err = del(); err == nil || !exists() {
 			return nil
 		}
 		if i >= 20 {
 			for _, pid := range pids() {
-				_ = syscall.Kill(pid, syscall.SIGKILL)
+				if !foreign[pid] && !KillIfOwned(pid, owned) {
+					foreign[pid] = true
+				}
 			}
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	if len(foreign) > 0 {
+		var list []string
+		for pid := range foreign {
+			list = append(list, strconv.Itoa(pid))
+		}
+		sort.Strings(list)
+		return fmt.Errorf("cgroup %s holds processes that are not unilet's (pids %s); they were left alone: %w",
+			p, strings.Join(list, ","), err)
+	}
 	return err
+}
+
+// KillIfOwned sends SIGKILL to pid only if owned(pid) holds while the
+// process is pinned by a pidfd, so a PID reused in between is never hit.
+// It reports whether it signalled.
+func KillIfOwned(pid int, owned func(int) bool) bool {
+	if pid <= 1 || owned == nil {
+		return false
+	}
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return false
+	}
+	defer unix.Close(fd)
+	if !owned(pid) {
+		return false
+	}
+	return unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0) == nil
+}
+
+// Exists reports whether the cgroup p exists (v1: in the memory hierarchy,
+// where every VM cgroup is made).
+func Exists(p string) bool {
+	root := "/sys/fs/cgroup/memory"
+	if unified() {
+		root = "/sys/fs/cgroup"
+	}
+	_, err := os.Stat(filepath.Join(root, p))
+	return err == nil
 }
 
 type v1 struct {
@@ -191,15 +239,15 @@ type v1 struct {
 func (c *v1) Path() string             { return c.p }
 func (c *v1) Add(pid int) error        { return c.c.Add(cgroup1.Process{Pid: pid}) }
 func (c *v1) Update(r Resources) error { return c.c.Update(spec(r)) }
-func (c *v1) Delete() error {
-	return deleteRetry(c.c.Delete, func() bool { return c.c.State() != cgroup1.Deleted }, func() []int {
+func (c *v1) Delete(owned func(int) bool) error {
+	return deleteRetry(c.p, c.c.Delete, func() bool { return c.c.State() != cgroup1.Deleted }, func() []int {
 		ps, _ := c.c.Processes(cgroup1.Memory, true)
 		var out []int
 		for _, p := range ps {
 			out = append(out, p.Pid)
 		}
 		return out
-	})
+	}, owned)
 }
 
 func (c *v1) Stats() (Stats, error) {
@@ -231,8 +279,8 @@ type v2 struct {
 func (c *v2) Path() string             { return c.p }
 func (c *v2) Add(pid int) error        { return c.m.AddProc(uint64(pid)) }
 func (c *v2) Update(r Resources) error { return c.m.Update(cgroup2.ToResources(spec(r))) }
-func (c *v2) Delete() error {
-	return deleteRetry(c.m.Delete, func() bool {
+func (c *v2) Delete(owned func(int) bool) error {
+	return deleteRetry(c.p, c.m.Delete, func() bool {
 		_, err := os.Stat(path.Join("/sys/fs/cgroup", c.p))
 		return !errors.Is(err, os.ErrNotExist)
 	}, func() []int {
@@ -242,7 +290,7 @@ func (c *v2) Delete() error {
 			out = append(out, int(p))
 		}
 		return out
-	})
+	}, owned)
 }
 
 func (c *v2) Stats() (Stats, error) {

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 )
 
 func TestPath(t *testing.T) {
@@ -63,11 +64,28 @@ func TestRealCgroup(t *testing.T) {
 	st, err := c.Stats()
 	require.NoError(t, err)
 	require.Equal(t, uint64(128<<20), st.MemoryLimit)
-	// Delete ends what is left in the cgroup (here the shell's sleep child).
+	// Delete ends what is left in the cgroup that the caller proves its own
+	// (here the shell and its sleep child); with nothing proven it fails,
+	// naming the process, and leaves it running.
 	go func() { _ = cmd.Wait() }()
-	require.NoError(t, c.Delete())
+	err = c.Delete(nil)
+	require.ErrorContains(t, err, "not unilet's")
+	require.ErrorContains(t, err, strconv.Itoa(cmd.Process.Pid))
+	require.NoError(t, unix.Kill(cmd.Process.Pid, 0), "a process not proven ours is never signalled")
+	ours := func(pid int) bool { return pid == cmd.Process.Pid || ppid(pid) == cmd.Process.Pid }
+	require.NoError(t, c.Delete(ours))
 	_, err = os.Stat(filepath.Join("/sys/fs/cgroup/memory", p))
 	require.True(t, os.IsNotExist(err))
+}
+
+func ppid(pid int) int {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+	n, _ := strconv.Atoi(f[1])
+	return n
 }
 
 // TestRenameKeepsProcesses: a process placed in a cgroup ahead of time ends up
@@ -94,7 +112,7 @@ func TestRenameKeepsProcesses(t *testing.T) {
 	require.Error(t, Rename(base+"/ctr", "/elsewhere/ctr"), "only within a parent")
 	_ = cmd.Process.Kill()
 	_ = cmd.Wait()
-	require.NoError(t, c2.Delete())
+	require.NoError(t, c2.Delete(nil))
 }
 
 func must(b []byte, err error) []byte {

@@ -5,6 +5,7 @@ package vmnet
 
 import (
 	"fmt"
+	"net"
 
 	"github.com/vishvananda/netlink"
 
@@ -89,4 +90,28 @@ func InterfaceStats(path, ifName string) (*netlink.LinkStatistics, error) {
 		return nil
 	})
 	return st, err
+}
+
+// Addresses returns the global unicast addresses of ifName inside the
+// namespace at path: what CNI gave the pod, read from the pod's own
+// namespace rather than from any record.
+func Addresses(path, ifName string) ([]net.IP, error) {
+	var out []net.IP
+	err := netns.Do(path, func() error {
+		l, err := netlink.LinkByName(ifName)
+		if err != nil {
+			return fmt.Errorf("CNI interface %s: %w", ifName, err)
+		}
+		addrs, err := netlink.AddrList(l, netlink.FAMILY_ALL)
+		if err != nil {
+			return err
+		}
+		for _, a := range addrs {
+			if a.IP.IsGlobalUnicast() {
+				out = append(out, a.IP)
+			}
+		}
+		return nil
+	})
+	return out, err
 }

@@ -194,7 +194,7 @@ func (m *Manager) Start(ctx context.Context, s StartSpec) (VM, Timings, error) {
 	t0 := time.Now()
 	var cg cgroups.Cgroup
 	if s.Cgroup != "" {
-		if cg, err = cgroups.Create(s.Cgroup, s.Resources); err != nil {
+		if cg, err = m.createCgroup(s.Cgroup, s.Resources); err != nil {
 			s.Staged.Discard()
 			return nil, tm, err
 		}
@@ -206,7 +206,7 @@ func (m *Manager) Start(ctx context.Context, s StartSpec) (VM, Timings, error) {
 		if err != nil {
 			s.Staged.Discard()
 			if cg != nil {
-				_ = cg.Delete()
+				_ = m.deleteCgroup(s.Cgroup)
 			}
 			return nil, tm, err
 		}
@@ -225,7 +225,7 @@ func (m *Manager) Start(ctx context.Context, s StartSpec) (VM, Timings, error) {
 	_ = os.RemoveAll(dir)
 	m.ids.release(dirName(s.ID))
 	if cg != nil {
-		if cerr := cg.Delete(); cerr != nil {
+		if cerr := m.deleteCgroup(s.Cgroup); cerr != nil {
 			logrus.WithError(cerr).WithField("container", s.ID).Warn("remove the cgroup of a VM that did not start")
 		}
 	}
@@ -342,11 +342,7 @@ func (m *Manager) Cleanup(id, cgroup string) error {
 	if cgroup == "" {
 		return nil
 	}
-	cg, err := cgroups.Load(cgroup)
-	if err != nil {
-		return nil // gone already
-	}
-	if err := cg.Delete(); err != nil {
+	if err := m.deleteCgroup(cgroup); err != nil {
 		return fmt.Errorf("remove the VM's cgroup %s: %w", cgroup, err)
 	}
 	return nil

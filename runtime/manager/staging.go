@@ -1,9 +1,6 @@
 package manager
 
 import (
-	"path"
-	"strings"
-
 	"github.com/sirupsen/logrus"
 
 	"github.com/unilet-dev/unilet/pkg/cgroups"
@@ -14,6 +11,7 @@ import (
 // staging cgroup becomes the container's cgroup by a rename, so no process
 // migration (a kernel RCU grace period, 8–20 ms here) sits on the start path.
 type Staged struct {
+	m      *Manager
 	idle   *shim.Idle
 	cgroup string
 }
@@ -41,10 +39,10 @@ func (m *Manager) Stage(sandboxID, parent string) *Staged {
 		m.staged.Add(-1)
 		return nil
 	}
-	cg, err := cgroups.Create(path, cgroups.Resources{})
+	cg, err := m.createCgroup(path, cgroups.Resources{})
 	if err == nil {
 		if err = cg.Add(idle.Pid()); err != nil {
-			_ = cg.Delete()
+			_ = m.deleteCgroup(path)
 		}
 	}
 	if err != nil {
@@ -54,7 +52,7 @@ func (m *Manager) Stage(sandboxID, parent string) *Staged {
 		return nil
 	}
 	// Using or discarding it frees its slot.
-	return &Staged{idle: idle.OnRelease(func() { m.staged.Add(-1) }), cgroup: path}
+	return &Staged{m: m, idle: idle.OnRelease(func() { m.staged.Add(-1) }), cgroup: path}
 }
 
 // Claim turns a staged shim's cgroup into cgroup (the container's) and
@@ -68,7 +66,7 @@ func (m *Manager) Claim(st *Staged, cgroup string) *shim.Idle {
 		st.Drop()
 		return nil
 	}
-	if err := cgroups.Rename(st.cgroup, cgroup); err != nil {
+	if err := st.m.renameCgroup(st.cgroup, cgroup); err != nil {
 		logrus.WithError(err).Debug("using the staged shim failed; the VM starts without")
 		st.Drop()
 		return nil
@@ -82,9 +80,7 @@ func (st *Staged) Drop() {
 		return
 	}
 	st.idle.Discard()
-	if cg, err := cgroups.Load(st.cgroup); err == nil {
-		_ = cg.Delete()
-	}
+	_ = st.m.deleteCgroup(st.cgroup)
 }
 
 // DropStaging removes the staging cgroup of pod sandboxID left by an
@@ -94,46 +90,7 @@ func (m *Manager) DropStaging(sandboxID, parent string) {
 		return
 	}
 	if p, err := cgroups.Path(parent, m.cfg.CgroupRoot, stageName(sandboxID)); err == nil {
-		if cg, err := cgroups.Load(p); err == nil {
-			_ = cg.Delete()
-		}
+		_ = m.deleteCgroup(p)
 	}
 }
 
-// SweepCgroups removes the VM and staging cgroups under the cgroup parent
-// of a pod (parent; empty: the configured root) that no live object
-// claims: a daemon killed between making a cgroup and recording it, or
-// between removing a record and its cgroup. Only names of unilet's own
-// forms are considered; claimed reports whether a container ID or a
-// sandbox ID prefix (staging) is still known.
-func (m *Manager) SweepCgroups(parent string, claimed func(id string) bool) {
-	if m.cfg.CgroupRoot == "" {
-		return
-	}
-	probe, err := cgroups.Path(parent, m.cfg.CgroupRoot, strings.Repeat("0", 64))
-	if err != nil {
-		return
-	}
-	dir := path.Dir(probe)
-	for _, name := range cgroups.Children(dir) {
-		id := strings.TrimSuffix(strings.TrimPrefix(name, "unilet-"), ".scope")
-		if stage, ok := strings.CutPrefix(name, "stage-"); ok {
-			id = stage
-			if len(id) != 12 || !validID(id+strings.Repeat("0", 52)) {
-				continue
-			}
-		} else if !validID(id) {
-			continue
-		}
-		if claimed(id) {
-			continue
-		}
-		if cg, err := cgroups.Load(path.Join(dir, name)); err == nil {
-			if err := cg.Delete(); err != nil {
-				logrus.WithError(err).WithField("cgroup", path.Join(dir, name)).Warn("remove a cgroup no container claims")
-				continue
-			}
-			logrus.WithField("cgroup", path.Join(dir, name)).Info("removed a cgroup no container claims")
-		}
-	}
-}

@@ -65,3 +65,36 @@ func KillQEMU(pid int, dir string) bool {
 	}
 	return unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0) == nil
 }
+
+// MarkerEnvPrefix starts the environment entry that names a QEMU's VM
+// directory (runtime.MarkerEnv).
+const MarkerEnvPrefix = runtime.MarkerEnv + "="
+
+// IsShimUnder reports whether pid is a unilet-shim of the executable binary
+// serving a directory inside root (its --dir or --pool-dir argument): the
+// proof a process must pass before unilet signals it as one of its shims.
+func IsShimUnder(pid int, binary, root string) bool {
+	if pid <= 1 || binary == "" || !filepath.IsAbs(root) || filepath.Clean(root) != root || root == "/" {
+		return false
+	}
+	want, err := filepath.EvalSymlinks(binary)
+	if err != nil {
+		want = binary
+	}
+	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+	if err != nil || strings.TrimSuffix(exe, " (deleted)") != want {
+		return false
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		return false
+	}
+	args := strings.Split(string(b), "\x00")
+	for i := 1; i+1 < len(args); i++ {
+		if a, p := args[i], args[i+1]; (a == "--dir" || a == "--pool-dir" || a == "-dir" || a == "-pool-dir") &&
+			filepath.Clean(p) == p && strings.HasPrefix(p, root+"/") {
+			return true
+		}
+	}
+	return false
+}

@@ -290,7 +290,7 @@ func (c *cluster) unilet() error {
 	args := []string{"--listen", "unix://" + sock, "--root", c.p("unilet", "root"), "--state-dir", c.p("unilet", "run"),
 		"--upstream-endpoint", "unix://" + c.p("containerd", "containerd.sock"), "--insecure-registry", RegistryAddr,
 		"--cni-conf-dir", c.p("cni", "net.d"), "--cni-bin-dir", testutil.CNIBinDir(), "--netns-dir", c.p("netns"),
-		"--stream-address", "127.0.0.1:0"}
+		"--stream-address", "127.0.0.1:0", "--pod-log-root", c.p("pod-logs")}
 	args = append(args, strings.Fields(os.Getenv("UNILET_ARGS"))...)
 	if err := c.start("unilet", filepath.Join(c.unileBin, "unilet"), args...); err != nil {
 		return err
