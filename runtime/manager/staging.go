@@ -93,4 +93,3 @@ func (m *Manager) DropStaging(sandboxID, parent string) {
 		_ = m.deleteCgroup(p)
 	}
 }
-
