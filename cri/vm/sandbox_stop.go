@@ -45,8 +45,15 @@ func (s *Service) stopSandbox(ctx context.Context, sb *sandbox, removing bool) e
 	if err != nil {
 		return err
 	}
+	// A pod being removed has its containers removed here, before its
+	// network goes: a removal is forced (CRI), so a VM whose shim does not
+	// answer is killed rather than failing the call (removeContainer).
 	for _, c := range s.containersOf(sb.ID()) {
-		if err := s.stopContainer(ctx, c, 0); err != nil {
+		stop := func() error { return s.stopContainer(ctx, c, 0) }
+		if removing {
+			stop = func() error { return s.removeContainer(ctx, c) }
+		}
+		if err := stop(); err != nil {
 			return err
 		}
 	}

@@ -189,8 +189,6 @@ func (m *Manager) Start(ctx context.Context, s StartSpec) (VM, Timings, error) {
 		s.Staged.Discard()
 		return nil, tm, errors.New("no unilet-shim configured")
 	}
-	ctx, cancel := context.WithTimeout(ctx, LaunchTimeout)
-	defer cancel()
 	t0 := time.Now()
 	var cg cgroups.Cgroup
 	if s.Cgroup != "" {
@@ -215,7 +213,10 @@ func (m *Manager) Start(ctx context.Context, s StartSpec) (VM, Timings, error) {
 	c, err := m.launch(ctx, dir, spec, cg, s.Staged)
 	if err == nil {
 		var h *shim.Handle
-		if h, err = shim.NewHandle(ctx, c); err == nil {
+		hctx, cancel := context.WithTimeout(ctx, CallTimeout)
+		h, err = shim.NewHandle(hctx, c)
+		cancel()
+		if err == nil {
 			tm.Spawn, tm.Boot = c.Spawn, c.Boot
 			return h, tm, nil
 		}
@@ -232,14 +233,23 @@ func (m *Manager) Start(ctx context.Context, s StartSpec) (VM, Timings, error) {
 	return nil, tm, err
 }
 
+// launch starts the VM's shim: the staged one if any, else one from the
+// pool, else a fresh one. Each attempt has a deadline of its own
+// (LaunchTimeout; adopting an idle shim is bounded by shim.AdoptTimeout
+// within it), so a stuck idle shim costs a start seconds, not its whole
+// deadline; ctx cancels them all.
 func (m *Manager) launch(ctx context.Context, dir string, spec runtime.VMSpec, cg cgroups.Cgroup, staged *shim.Idle) (*shim.Client, error) {
 	if staged != nil { // already in its cgroup
-		c, err := staged.Start(ctx, dir, spec, nil)
+		sctx, cancel := context.WithTimeout(ctx, LaunchTimeout)
+		c, err := staged.Start(sctx, dir, spec, nil)
+		cancel()
 		if err == nil || !shim.IsAdoptError(err) {
 			return c, err
 		}
 		logrus.WithError(err).Warn("the staged shim could not be adopted; starting another")
 	}
+	ctx, cancel := context.WithTimeout(ctx, LaunchTimeout)
+	defer cancel()
 	var join func(int) error
 	if cg != nil {
 		join = func(pid int) error {

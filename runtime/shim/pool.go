@@ -255,6 +255,11 @@ func (i *Idle) Discard() {
 	i.p.discard(i.s)
 }
 
+// AdoptTimeout bounds handing a VM directory to an idle shim (a local
+// call answered in about a millisecond): a shim stuck meanwhile is
+// discarded and a fresh one started, with the start's own deadline.
+const AdoptTimeout = 2 * time.Second
+
 // errAdopt marks a shim that could not be adopted (the caller may spawn one).
 type errAdopt struct{ error }
 
@@ -277,7 +282,9 @@ func (i *Idle) Start(ctx context.Context, dir string, spec runtime.VMSpec, befor
 	}
 	pc, err := Connect(s.dir)
 	if err == nil {
-		_, err = pc.Adopt(ctx, &api.AdoptRequest{Dir: dir})
+		actx, cancel := context.WithTimeout(ctx, AdoptTimeout)
+		_, err = pc.Adopt(actx, &api.AdoptRequest{Dir: dir})
+		cancel()
 		pc.Close()
 	}
 	if err != nil {

@@ -3,6 +3,7 @@ package shim
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -309,4 +310,41 @@ func TestPoolRefillWaitsForQuiet(t *testing.T) {
 	p.mu.Unlock()
 	p.kick()
 	require.Eventually(t, func() bool { return p.Idle() == 2 }, 15*time.Second, 10*time.Millisecond, "quiet: full again")
+}
+
+// TestStuckIdleShimFallsBack: an idle shim that does not answer (here
+// SIGSTOPped) costs a start only the adoption's own short deadline; the
+// fresh shim started instead gets what is left of the start's deadline
+// (before, adoption used all of it and the fallback failed at once).
+func TestStuckIdleShimFallsBack(t *testing.T) {
+	shimBin, kernel := build(t)
+	root := t.TempDir()
+	poolDir := filepath.Join(root, "pool")
+	t.Cleanup(func() {
+		_ = exec.Command("pkill", "-9", "-f", "unilet-shim --pool-dir "+poolDir).Run()
+		_ = exec.Command("pkill", "-9", "-f", "unilet-shim --dir "+root).Run()
+	})
+	p, err := NewPool(shimBin, poolDir, 1, time.Hour)
+	require.NoError(t, err)
+	defer p.Close()
+	require.Eventually(t, func() bool { return p.Idle() == 1 }, 15*time.Second, 10*time.Millisecond)
+	p.mu.Lock()
+	stuck := p.idle[0].pid
+	p.mu.Unlock()
+	require.NoError(t, syscall.Kill(stuck, syscall.SIGSTOP))
+
+	vmDir := filepath.Join(root, "vm")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*AdoptTimeout)
+	defer cancel()
+	t0 := time.Now()
+	c, err := p.Launch(ctx, vmDir, spec(t, kernel, vmDir, "tick=50"), nil)
+	t.Logf("launch took %s", time.Since(t0))
+	require.NoError(t, err, "the start falls back to a fresh shim within its deadline")
+	defer c.Close()
+	require.NotEqual(t, stuck, c.ShimPid())
+	_, err = os.Stat(fmt.Sprintf("/proc/%d", stuck))
+	require.True(t, os.IsNotExist(err), "the stuck idle shim was ended")
+	_, err = c.Kill(context.Background(), &api.KillRequest{})
+	require.NoError(t, err)
+	_, _ = c.Shutdown(context.Background(), &api.ShutdownRequest{})
 }
