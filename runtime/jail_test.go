@@ -116,3 +116,30 @@ func TestJailNeedsUnprivilegedIDs(t *testing.T) {
 	_, err := StartVM(spec)
 	require.ErrorContains(t, err, "non-zero uid")
 }
+
+// A volume's host directory swapped for a symlink after the container was
+// created (its path resolved and checked then) is not followed: the start
+// fails naming it, and the symlink's target (a canary of this test) is
+// bound nowhere.
+func TestJailRefusesAVolumeSwappedForASymlink(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("the jail needs root (mount namespaces, uid switch); run the tests as root")
+	}
+	k := testKernel(t)
+	spec := bootSpec(t, k, "tick=50")
+	base := t.TempDir()
+	vol, canary := filepath.Join(base, "vol"), filepath.Join(base, "canary")
+	require.NoError(t, os.Mkdir(canary, 0o777))
+	require.NoError(t, os.WriteFile(filepath.Join(canary, "secret"), []byte("x"), 0o600))
+	require.NoError(t, os.Symlink(canary, vol)) // swapped in after the check
+	spec.Machine.Shares = []Share{{Tag: "fs1", HostPath: vol}}
+	const id = 1<<30 + 4243
+	spec.Jail = &JailSpec{UID: id, GID: id}
+	vm, err := StartVM(spec)
+	if err == nil {
+		vm.Kill()
+		<-vm.Done()
+		t.Fatal("a volume swapped for a symlink was bound")
+	}
+	require.ErrorContains(t, err, "no longer the directory checked")
+}

@@ -134,6 +134,16 @@ func (s *Service) containerSpec(id string, sb *sandbox, cfg *runtimeapi.Containe
 	if err != nil {
 		return invalid(err)
 	}
+	// Each share is bound at start by the path its host directory has now,
+	// symlinks resolved: the jail then opens it refusing any symlink, so one
+	// swapped in meanwhile cannot redirect the bind (runtime/jail).
+	for i, sh := range vols.Shares {
+		r, err := filepath.EvalSymlinks(sh.HostPath)
+		if err != nil {
+			return invalid(fmt.Errorf("volume host path %s: %v", sh.HostPath, err))
+		}
+		vols.Shares[i].HostPath = r
+	}
 	params := append([]string{}, tuning.LibParams...)
 	var warnings []string
 	var nics []runtime.NIC

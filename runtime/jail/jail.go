@@ -264,7 +264,7 @@ func build(c Config) error {
 		if s.ReadOnly {
 			flags |= unix.MS_RDONLY
 		}
-		if err := bind(s.HostPath, dst, flags, true); err != nil {
+		if err := bindShare(s.HostPath, dst, flags); err != nil {
 			return fmt.Errorf("volume %s: %w", s.Tag, err)
 		}
 	}
@@ -284,6 +284,24 @@ func bind(src, dst string, flags uintptr, rec bool) error {
 		return fmt.Errorf("remount %s: %w", dst, err)
 	}
 	return nil
+}
+
+// bindShare binds the host directory src — a path the daemon resolved
+// when the container was created, so it holds no symlink — on dst. The
+// directory is opened without following any symlink and bound through its
+// descriptor: a component swapped for a symlink since (to reach elsewhere
+// on the host) fails the start instead of being followed.
+func bindShare(src, dst string, flags uintptr) error {
+	fd, err := unix.Openat2(unix.AT_FDCWD, src, &unix.OpenHow{
+		Flags: unix.O_PATH | unix.O_DIRECTORY | unix.O_CLOEXEC, Resolve: unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS})
+	if err != nil {
+		if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.ENOTDIR) {
+			return fmt.Errorf("host path %s is no longer the directory checked when the container was created (a symlink or file now); refusing to bind it", src)
+		}
+		return fmt.Errorf("open host path %s: %w", src, err)
+	}
+	defer unix.Close(fd)
+	return bind(fmt.Sprintf("/proc/self/fd/%d", fd), dst, flags, true)
 }
 
 // bindFile binds the file src on a new empty file dst.
