@@ -17,17 +17,17 @@ import (
 
 // SetStreamServer installs the CRI streaming server that serves attach and
 // port-forward URLs; wrap (if not nil) exchanges each URL it makes for the
-// one handed out (pkg/streamtoken).
-func (s *Service) SetStreamServer(srv streaming.Server, wrap func(string) (string, error)) {
+// one handed out on behalf of a pod (pkg/streamtoken).
+func (s *Service) SetStreamServer(srv streaming.Server, wrap func(pod, url string) (string, error)) {
 	s.stream, s.wrapURL = srv, wrap
 }
 
-// streamURL hands out a streaming URL the server made.
-func (s *Service) streamURL(u string) (string, error) {
+// streamURL hands out a streaming URL the server made for pod.
+func (s *Service) streamURL(pod, u string) (string, error) {
 	if s.wrapURL == nil {
 		return u, nil
 	}
-	w, err := s.wrapURL(u)
+	w, err := s.wrapURL(pod, u)
 	if err != nil {
 		return "", errorf(codes.ResourceExhausted, "%v", err)
 	}
@@ -39,7 +39,11 @@ func (s *Service) StreamRuntime() streaming.Runtime { return streamRuntime{s} }
 
 // Attach returns a streaming URL for the VM's serial console.
 func (s *Service) Attach(ctx context.Context, r *runtimeapi.AttachRequest) (*runtimeapi.AttachResponse, error) {
-	if _, err := s.runningVM(r.GetContainerId()); err != nil {
+	c, err := s.getContainer(r.GetContainerId())
+	if err != nil {
+		return nil, err
+	}
+	if _, err := s.runningVM(c.ID()); err != nil {
 		return nil, err
 	}
 	if s.stream == nil {
@@ -52,7 +56,7 @@ func (s *Service) Attach(ctx context.Context, r *runtimeapi.AttachRequest) (*run
 	if err != nil {
 		return nil, err
 	}
-	if resp.Url, err = s.streamURL(resp.Url); err != nil {
+	if resp.Url, err = s.streamURL(c.Meta().SandboxID, resp.Url); err != nil {
 		return nil, err
 	}
 	return resp, nil

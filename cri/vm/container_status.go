@@ -119,7 +119,11 @@ func (s *Service) Exec(ctx context.Context, r *runtimeapi.ExecRequest) (*runtime
 
 // PortForward returns a streaming URL that forwards to the pod IP.
 func (s *Service) PortForward(ctx context.Context, r *runtimeapi.PortForwardRequest) (*runtimeapi.PortForwardResponse, error) {
-	if _, err := s.podIP(r.GetPodSandboxId()); err != nil {
+	sb, err := s.getSandbox(r.GetPodSandboxId())
+	if err != nil {
+		return nil, err
+	}
+	if _, err := s.podIP(sb.ID()); err != nil {
 		return nil, err
 	}
 	if s.stream == nil {
@@ -134,7 +138,7 @@ func (s *Service) PortForward(ctx context.Context, r *runtimeapi.PortForwardRequ
 	if err != nil {
 		return nil, err
 	}
-	if resp.Url, err = s.streamURL(resp.Url); err != nil {
+	if resp.Url, err = s.streamURL(sb.ID(), resp.Url); err != nil {
 		return nil, err
 	}
 	return resp, nil

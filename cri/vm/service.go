@@ -77,7 +77,7 @@ type Service struct {
 	meta    *metadata.Store // nil: state is not persisted (unit tests)
 	vms     *manager.Manager
 	stream  streaming.Server
-	wrapURL func(string) (string, error) // see SetStreamServer
+	wrapURL func(pod, url string) (string, error) // see SetStreamServer
 
 	sandboxes  *store.Store[sandboxMeta, sandboxStatus]
 	containers *store.Store[containerMeta, containerStatus]
