@@ -32,7 +32,7 @@ func TestTokensAre128BitSingleUseAndShortLived(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode
 	}
-	wrapped, err := f.Wrap("pod-a", srv.URL + "/attach/abcdEFGH?x=1")
+	wrapped, err := f.Wrap("pod-a", srv.URL+"/attach/abcdEFGH?x=1")
 	require.NoError(t, err)
 	u, err := url.Parse(wrapped)
 	require.NoError(t, err)
@@ -49,7 +49,7 @@ func TestTokensAre128BitSingleUseAndShortLived(t *testing.T) {
 	require.Equal(t, http.StatusNotFound, get(srv.URL+"/t/"+strings.Repeat("A", 22)), "unknown token")
 
 	f.ttl = time.Millisecond
-	old, err := f.Wrap("pod-a", srv.URL + "/attach/x")
+	old, err := f.Wrap("pod-a", srv.URL+"/attach/x")
 	require.NoError(t, err)
 	time.Sleep(5 * time.Millisecond)
 	require.Equal(t, http.StatusNotFound, get(old), "expired")
