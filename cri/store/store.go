@@ -3,7 +3,9 @@
 // immutable metadata, a status changed only through guarded updates that
 // are written to disk before memory, and a lifecycle lock of its own. A
 // Store is also the ownership index the router reads: its map has its own
-// lock, held only for map operations, never across I/O or a VM call.
+// lock, held only for map operations, never across I/O or a VM call; an
+// object's status lock is held only to read or swap the status, never
+// across a disk write, so readers never wait for bbolt's fsync.
 package store
 
 import (
@@ -54,6 +56,9 @@ type Object[M, S any] struct {
 	// remove, ...); readers never take it.
 	Lifecycle sync.Mutex
 
+	// wmu serialises writers (Update, Delete) across their disk write; mu
+	// guards status and deleted, held by writers only for the swap.
+	wmu     sync.Mutex
 	mu      sync.RWMutex
 	status  S
 	deleted bool
@@ -85,12 +90,15 @@ func (o *Object[M, S]) Deleted() bool {
 // what a restarted daemon would not find. fn's error (or a failed write)
 // leaves the status unchanged. A removed object is never written again.
 func (o *Object[M, S]) Update(fn func(S) (S, error)) error {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if o.deleted {
+	o.wmu.Lock()
+	defer o.wmu.Unlock()
+	o.mu.RLock()
+	cur, deleted := o.status, o.deleted
+	o.mu.RUnlock()
+	if deleted {
 		return fmt.Errorf("%s: %w", o.id, ErrDeleted)
 	}
-	next, err := fn(o.status)
+	next, err := fn(cur)
 	if err != nil {
 		return err
 	}
@@ -99,7 +107,9 @@ func (o *Object[M, S]) Update(fn func(S) (S, error)) error {
 			return fmt.Errorf("persist %s: %w", o.id, err)
 		}
 	}
+	o.mu.Lock()
 	o.status = next
+	o.mu.Unlock()
 	return nil
 }
 
@@ -113,27 +123,41 @@ type Store[M, S any] struct {
 	saver Saver[M, S]
 	mu    sync.RWMutex
 	m     map[string]*Object[M, S]
+	// adding holds the IDs whose record is being written (not yet visible).
+	adding map[string]bool
 }
 
 // New returns an empty store; kind names its objects in errors ("container").
 func New[M, S any](kind string, saver Saver[M, S]) *Store[M, S] {
-	return &Store[M, S]{kind: kind, saver: saver, m: map[string]*Object[M, S]{}}
+	return &Store[M, S]{kind: kind, saver: saver, m: map[string]*Object[M, S]{}, adding: map[string]bool{}}
 }
 
-// Add writes a new object's record and then makes it visible.
+// Add writes a new object's record and then makes it visible. The ID is
+// reserved while the record is written, without holding the map's lock.
 func (s *Store[M, S]) Add(id string, meta M, status S) (*Object[M, S], error) {
 	o := &Object[M, S]{id: id, meta: meta, status: status, saver: s.saver}
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if _, ok := s.m[id]; ok {
+	if _, ok := s.m[id]; ok || s.adding[id] {
+		s.mu.Unlock()
 		return nil, fmt.Errorf("%s %s: %w", s.kind, id, ErrAlreadyExists)
 	}
+	s.adding[id] = true
+	s.mu.Unlock()
+	var err error
 	if s.saver != nil {
-		if err := s.saver.Save(id, meta, status); err != nil {
-			return nil, fmt.Errorf("persist %s %s: %w", s.kind, id, err)
+		if err = s.saver.Save(id, meta, status); err != nil {
+			err = fmt.Errorf("persist %s %s: %w", s.kind, id, err)
 		}
 	}
-	s.m[id] = o
+	s.mu.Lock()
+	delete(s.adding, id)
+	if err == nil {
+		s.m[id] = o
+	}
+	s.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
 	return o, nil
 }
 
@@ -204,9 +228,9 @@ func (s *Store[M, S]) List() []*Object[M, S] {
 // Delete removes the object's record and then the object; from then on its
 // status can no longer be written. A failed record deletion keeps it.
 func (s *Store[M, S]) Delete(o *Object[M, S]) error {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if o.deleted {
+	o.wmu.Lock()
+	defer o.wmu.Unlock()
+	if o.Deleted() {
 		return nil
 	}
 	if s.saver != nil {
@@ -214,7 +238,9 @@ func (s *Store[M, S]) Delete(o *Object[M, S]) error {
 			return fmt.Errorf("delete the record of %s %s: %w", s.kind, o.id, err)
 		}
 	}
+	o.mu.Lock()
 	o.deleted = true
+	o.mu.Unlock()
 	s.mu.Lock()
 	delete(s.m, o.id)
 	s.mu.Unlock()

@@ -5,6 +5,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 )
@@ -154,4 +155,53 @@ func TestContainerTransitions(t *testing.T) {
 	require.False(t, SandboxReady.CanBecome(SandboxReady))
 	require.True(t, SandboxNotReady.CanBecome(SandboxRemoving))
 	require.False(t, SandboxRemoving.CanBecome(SandboxReady))
+}
+
+// blockSaver holds every write until released (a slow fsync).
+type blockSaver struct {
+	entered chan string
+	release chan struct{}
+}
+
+func (b *blockSaver) Save(id string, _ meta, _ status) error {
+	b.entered <- id
+	<-b.release
+	return nil
+}
+func (b *blockSaver) Delete(id string) error { return b.Save(id, meta{}, status{}) }
+
+// Readers never wait for a write's disk I/O: while an Add, an Update and a
+// Delete are each stuck in their write, Get, List, Status and Has answer,
+// and a twin Add of the ID being written is refused.
+func TestReadersDoNotWaitForDiskWrites(t *testing.T) {
+	b := &blockSaver{entered: make(chan string, 3), release: make(chan struct{})}
+	s := New[meta, status]("container", b)
+	s.Restore(id('a'), meta{}, status{n: 1})
+	del := s.Restore(id('c'), meta{}, status{n: 3})
+	go func() { _, _ = s.Add(id('b'), meta{}, status{}) }()
+	o, err := s.Get(id('a'))
+	require.NoError(t, err)
+	go func() { _ = o.Update(func(st status) (status, error) { st.n = 2; return st, nil }) }()
+	go func() { _ = s.Delete(del) }()
+	for i := 0; i < 3; i++ {
+		<-b.entered
+	}
+	// Every writer is inside its write now.
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		require.Len(t, s.List(), 2, "a and c visible; b not yet")
+		require.Equal(t, 1, o.Status().n, "memory keeps the old status until the disk has the new one")
+		require.False(t, s.Has(id('b')))
+		require.False(t, del.Deleted())
+		_, err := s.Add(id('b'), meta{}, status{})
+		require.ErrorIs(t, err, ErrAlreadyExists)
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("readers waited for a disk write")
+	}
+	close(b.release)
+	require.Eventually(t, func() bool { return o.Status().n == 2 && s.Has(id('b')) && !s.Has(id('c')) }, 5e9, 1e6)
 }
