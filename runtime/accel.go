@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	_ "embed"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -69,18 +70,21 @@ func probeCommand(ctx context.Context, qemu, kernel string) *exec.Cmd {
 
 // ResolveAccel turns the --accel setting (auto|kvm|tcg) into the accelerator
 // to use. auto uses KVM only when ProbeKVM proves it works and otherwise falls
-// back to TCG with one loud warning; kvm fails if the probe fails.
-func ResolveAccel(ctx context.Context, setting, qemu string) (string, error) {
+// back to TCG with one loud warning; kvm fails if the probe fails. The
+// probe's verdict is kept in cacheDir (the runtime state directory, empty
+// after a reboot; "" keeps nothing) for this boot of the host and this QEMU
+// binary: a failing probe costs up to 5 s, at every daemon start otherwise.
+func ResolveAccel(ctx context.Context, setting, qemu, cacheDir string) (string, error) {
 	switch setting {
 	case AccelTCG:
 		return AccelTCG, nil
 	case AccelKVM:
-		if err := ProbeKVM(ctx, qemu); err != nil {
+		if err := cachedProbe(ctx, qemu, cacheDir); err != nil {
 			return "", fmt.Errorf("--accel=kvm requested but KVM cannot run guests here: %w", err)
 		}
 		return AccelKVM, nil
 	case "", "auto":
-		if err := ProbeKVM(ctx, qemu); err != nil {
+		if err := cachedProbe(ctx, qemu, cacheDir); err != nil {
 			logrus.WithError(err).Warn("KVM is not usable; running every VM under TCG software emulation (much slower). Use --accel=tcg to silence this probe.")
 			return AccelTCG, nil
 		}
@@ -88,4 +92,57 @@ func ResolveAccel(ctx context.Context, setting, qemu string) (string, error) {
 	default:
 		return "", fmt.Errorf("unknown --accel %q (want auto, kvm or tcg)", setting)
 	}
+}
+
+// ProbeCacheFile holds the KVM probe's verdict in the cache directory.
+const ProbeCacheFile = "kvm-probe.json"
+
+// probeVerdict is a kept probe result and what it holds for.
+type probeVerdict struct {
+	BootID string `json:"bootID"`
+	QEMU   string `json:"qemu"` // path, size and modification time of the binary
+	Error  string `json:"error,omitempty"`
+}
+
+// probe is ProbeKVM (a variable for tests).
+var probe = ProbeKVM
+
+// probeKey names the host boot and the QEMU binary a verdict holds for.
+func probeKey(qemu string) (boot, bin string, ok bool) {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	fi, serr := os.Stat(qemu)
+	if err != nil || serr != nil {
+		return "", "", false
+	}
+	return strings.TrimSpace(string(b)), fmt.Sprintf("%s %d %d", qemu, fi.Size(), fi.ModTime().UnixNano()), true
+}
+
+func cachedProbe(ctx context.Context, qemu, cacheDir string) error {
+	boot, bin, ok := probeKey(qemu)
+	file := filepath.Join(cacheDir, ProbeCacheFile)
+	if ok && cacheDir != "" {
+		var v probeVerdict
+		if b, err := os.ReadFile(file); err == nil && json.Unmarshal(b, &v) == nil && v.BootID == boot && v.QEMU == bin {
+			logrus.WithField("file", file).Debug("KVM probe verdict kept from earlier in this boot")
+			if v.Error != "" {
+				return fmt.Errorf("%s (probed earlier in this boot; remove %s to probe again)", v.Error, file)
+			}
+			return nil
+		}
+	}
+	err := probe(ctx, qemu)
+	if ok && cacheDir != "" && ctx.Err() == nil {
+		v := probeVerdict{BootID: boot, QEMU: bin}
+		if err != nil {
+			v.Error = err.Error()
+		}
+		b, _ := json.Marshal(v)
+		if merr := os.MkdirAll(cacheDir, 0o700); merr == nil {
+			tmp := file + ".tmp"
+			if os.WriteFile(tmp, b, 0o600) == nil {
+				_ = os.Rename(tmp, file)
+			}
+		}
+	}
+	return err
 }

@@ -2,6 +2,7 @@ package runtime
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -122,21 +123,48 @@ func TestVMStartFailureIsClear(t *testing.T) {
 
 func TestResolveAccel(t *testing.T) {
 	q := qemuBin(t)
-	a, err := ResolveAccel(context.Background(), "tcg", q)
+	a, err := ResolveAccel(context.Background(), "tcg", q, "")
 	require.NoError(t, err)
 	require.Equal(t, AccelTCG, a)
-	_, err = ResolveAccel(context.Background(), "hvf", q)
+	_, err = ResolveAccel(context.Background(), "hvf", q, "")
 	require.ErrorContains(t, err, "unknown --accel")
 	// auto always resolves; on machines whose KVM cannot run guests it must be TCG.
-	a, err = ResolveAccel(context.Background(), "auto", q)
+	a, err = ResolveAccel(context.Background(), "auto", q, "")
 	require.NoError(t, err)
 	if ProbeKVM(context.Background(), q) != nil {
 		require.Equal(t, AccelTCG, a)
-		_, err = ResolveAccel(context.Background(), "kvm", q)
+		_, err = ResolveAccel(context.Background(), "kvm", q, "")
 		require.ErrorContains(t, err, "KVM cannot run guests")
 	} else {
 		require.Equal(t, AccelKVM, a)
 	}
+}
+
+// The probe's verdict is kept for the host's boot and the QEMU binary: a
+// second start does not probe again; another QEMU binary does.
+func TestAccelProbeVerdictIsKept(t *testing.T) {
+	dir := t.TempDir()
+	q := filepath.Join(dir, "qemu")
+	require.NoError(t, os.WriteFile(q, []byte("#!/bin/sh\n"), 0o755))
+	probes := 0
+	old := probe
+	probe = func(context.Context, string) error { probes++; return errors.New("KVM probe guest failed") }
+	t.Cleanup(func() { probe = old })
+	for i := 0; i < 3; i++ {
+		a, err := ResolveAccel(context.Background(), "auto", q, dir)
+		require.NoError(t, err)
+		require.Equal(t, AccelTCG, a)
+	}
+	require.Equal(t, 1, probes, "probed once in this boot")
+	_, err := ResolveAccel(context.Background(), "kvm", q, dir)
+	require.ErrorContains(t, err, "probed earlier in this boot")
+	require.Equal(t, 1, probes)
+	require.NoError(t, os.WriteFile(q, []byte("#!/bin/sh\n# upgraded\n"), 0o755))
+	_, _ = ResolveAccel(context.Background(), "auto", q, dir)
+	require.Equal(t, 2, probes, "another QEMU binary is probed anew")
+	require.NoError(t, os.WriteFile(filepath.Join(dir, ProbeCacheFile), []byte("{not json"), 0o600))
+	_, _ = ResolveAccel(context.Background(), "auto", q, dir)
+	require.Equal(t, 3, probes, "an unreadable verdict is probed anew")
 }
 
 func itoa(i int) string { return fmt.Sprint(i) }

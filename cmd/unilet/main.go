@@ -147,7 +147,7 @@ func run() error {
 	if err != nil {
 		return fmt.Errorf("QEMU binary %q not found: %w", qemu, err)
 	}
-	resolved, err := vmruntime.ResolveAccel(context.Background(), accel, qemuPath)
+	resolved, err := vmruntime.ResolveAccel(context.Background(), accel, qemuPath, stateDir)
 	if err != nil {
 		return err
 	}
