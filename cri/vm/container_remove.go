@@ -41,6 +41,11 @@ func (s *Service) removeContainer(ctx context.Context, c *container) error {
 	if c.Deleted() {
 		return nil
 	}
+	// A removal is forced, also for a VM whose shim has not answered since
+	// the restart (adopt.go).
+	if err := s.killUnadopted(c); err != nil {
+		return err
+	}
 	// Stops a running VM, or ends a created container's staged shim; a shim
 	// that does not answer is killed.
 	if err := s.stopLocked(ctx, c, 0); err != nil {

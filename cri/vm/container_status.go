@@ -54,6 +54,9 @@ func (s *Service) ContainerStatus(ctx context.Context, r *runtimeapi.ContainerSt
 		st.Reason = cur.Exit.Reason
 		st.Message = cur.Exit.Message
 	}
+	if ad := s.adopting.get(c.ID()); ad != nil {
+		st.State, st.Reason, st.Message = ad.reason()
+	}
 	resp := &runtimeapi.ContainerStatusResponse{Status: st}
 	if r.GetVerbose() {
 		info := map[string]string{"state": string(cur.State), "accel": m.Machine.Accel, "cmdline": m.Machine.Cmdline,
@@ -78,6 +81,9 @@ func (s *Service) ListContainers(ctx context.Context, r *runtimeapi.ListContaine
 			continue
 		}
 		api := containerToAPI(c, c.Status())
+		if ad := s.adopting.get(c.ID()); ad != nil {
+			api.State, _, _ = ad.reason()
+		}
 		if f.GetState() != nil && f.GetState().GetState() != api.State {
 			continue
 		}

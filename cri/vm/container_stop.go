@@ -42,6 +42,9 @@ func (s *Service) stopContainer(ctx context.Context, c *container, timeout time.
 	cancelStart(c)
 	c.Lifecycle.Lock()
 	defer c.Lifecycle.Unlock()
+	if ad := s.adopting.get(c.ID()); ad != nil {
+		return errNotAdopted(c.ID(), ad)
+	}
 	return s.stopLocked(ctx, c, timeout)
 }
 

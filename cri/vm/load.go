@@ -191,19 +191,45 @@ func (s *Service) loadContainer(k, v []byte) (*container, error) {
 }
 
 // reconcile brings restored containers in line with what runs, then ends
-// what no container claims. It runs before the daemon serves.
+// what no container claims. It runs before the daemon serves, for at most
+// about AdoptWait: containers whose shim has not answered by then are
+// adopted in the background (adopt.go), and so are their pods' own
+// unfinished stops and removals.
 func (s *Service) reconcile(pending []*container) {
+	waits := map[string][]chan struct{}{} // by sandbox
 	for _, c := range pending {
-		s.reconcileContainer(c)
+		ad := s.adopting.begin(c.ID())
+		waits[c.Meta().SandboxID] = append(waits[c.Meta().SandboxID], ad.done)
+		go s.adopt(c)
+	}
+	deadline := time.After(AdoptWait)
+wait:
+	for _, chans := range waits {
+		for _, ch := range chans {
+			select {
+			case <-ch:
+			case <-deadline:
+				break wait
+			}
+		}
 	}
 	live := map[string]bool{}
 	for _, c := range s.containers.List() {
-		if c.Status().vm != nil {
+		if c.Status().vm != nil || s.adopting.get(c.ID()) != nil {
 			live[c.ID()[:16]] = true
 		}
 	}
 	s.vms.Sweep(func(name string) bool { return live[name] })
 	for _, sb := range s.sandboxes.List() {
+		if s.adoptingIn(sb.ID()) {
+			go func(sb *sandbox, chans []chan struct{}) {
+				for _, ch := range chans {
+					<-ch
+				}
+				s.reconcileSandbox(sb)
+			}(sb, waits[sb.ID()])
+			continue
+		}
 		s.reconcileSandbox(sb)
 	}
 	// Recorded cgroups no container claims. Staging cgroups (12-character
@@ -211,6 +237,16 @@ func (s *Service) reconcile(pending []*container) {
 	// with the earlier daemon.
 	s.vms.SweepCgroups(func(id string) bool { return len(id) == 64 && s.containers.Has(id) })
 	s.sweepNetNS()
+}
+
+// adoptingIn reports whether a container of the sandbox is still being adopted.
+func (s *Service) adoptingIn(sandboxID string) bool {
+	for _, c := range s.containersOf(sandboxID) {
+		if s.adopting.get(c.ID()) != nil {
+			return true
+		}
+	}
+	return false
 }
 
 // sweepNetNS tears down network namespaces of unilet's form
@@ -239,12 +275,12 @@ func (s *Service) sweepNetNS() {
 	}
 }
 
-func (s *Service) reconcileContainer(c *container) {
+// reconcileContainer settles a restored container with what reconnecting
+// to its shim found (vm, or err): adopted, found ended, or its removal
+// finished. The caller holds c.Lifecycle.
+func (s *Service) reconcileContainer(c *container, vm manager.VM, err error) {
 	log := logrus.WithFields(logrus.Fields{"sandbox": c.Meta().SandboxID, "container": c.ID()})
 	st := c.Status()
-	ctx, cancel := context.WithTimeout(context.Background(), manager.ReconnectTimeout)
-	vm, err := s.vms.Reconnect(ctx, c.ID())
-	cancel()
 	if st.State == store.ContainerRemoving {
 		// A removal the earlier daemon did not finish: finish it.
 		if vm != nil {

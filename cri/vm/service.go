@@ -86,6 +86,7 @@ type Service struct {
 	podNames    sync.Mutex
 	podReserved map[string]bool
 	events      events
+	adopting    adoptions // containers whose shim has not answered since the restart
 }
 
 // New returns a Service; meta may be nil (no persistence). Call Load to
@@ -196,6 +197,9 @@ func (s *Service) runningVM(id string) (manager.VM, error) {
 	c, err := s.getContainer(id)
 	if err != nil {
 		return nil, err
+	}
+	if ad := s.adopting.get(c.ID()); ad != nil {
+		return nil, errNotAdopted(c.ID(), ad)
 	}
 	st := c.Status()
 	if st.State != store.ContainerRunning || st.vm == nil {

@@ -17,6 +17,7 @@ import (
 	"os/exec"
 	"path"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -156,9 +157,11 @@ func startDaemon(t *testing.T, extra ...string) *daemon {
 	d.args = append([]string{"--listen", "unix://" + d.sock, "--root", filepath.Join(dir, "root"), "--state-dir", d.stateDir,
 		"--insecure-registry", regHost, "--accel", "auto", "--log-level", "debug",
 		"--cni-conf-dir", d.cniConf, "--cni-bin-dir", testutil.CNIBinDir(), "--netns-dir", d.netnsDir, "--cgroup-root", d.cgroupRoot,
-		"--pod-log-root", os.TempDir(),
 		// No idle shims: these tests count shim processes exactly (TestShimPool covers the pool).
 		"--shim-pool", "0"}, extra...)
+	if !slices.Contains(extra, "--pod-log-root") { // the tests' pods log to their temp directories
+		d.args = append(d.args, "--pod-log-root", os.TempDir())
+	}
 	t.Cleanup(func() {
 		d.stop()
 		// VMs outlive the daemon by design: end whatever a test left behind.

@@ -296,6 +296,12 @@ func (m *Manager) Reconnect(ctx context.Context, id string) (VM, error) {
 	defer cancel()
 	h, err := shim.NewHandle(ctx, c)
 	if err != nil {
+		if ctx.Err() != nil {
+			// Slow or stopped, not gone: never ended for that (the caller
+			// tries again); its VM runs on.
+			c.Close()
+			return nil, fmt.Errorf("%w: %v", ErrShimNotAnswering, err)
+		}
 		m.endShim(c)
 		return nil, err
 	}
@@ -304,6 +310,38 @@ func (m *Manager) Reconnect(ctx context.Context, id string) (VM, error) {
 
 // ErrNoShim: no shim serves the VM directory.
 var ErrNoShim = errors.New("no shim serves this VM")
+
+// ErrShimNotAnswering: a shim serves the VM directory but did not answer in time.
+var ErrShimNotAnswering = errors.New("the VM's unilet-shim did not answer")
+
+// KillUnanswering kills the shim serving the VM directory of container id
+// that does not answer (QEMU dies with it, by its parent-death signal),
+// once the process at the socket's other end — pinned by a pidfd — is
+// proven a unilet-shim serving a directory of this state directory; it
+// waits for it to end. Nothing serving the directory: nothing to do.
+func (m *Manager) KillUnanswering(id string) error {
+	dir, err := m.Dir(id)
+	if err != nil {
+		return err
+	}
+	c, err := shim.Connect(dir)
+	if err != nil {
+		return nil
+	}
+	defer c.Close()
+	if !shim.IsShimUnder(c.ShimPid(), m.cfg.ShimBinary, m.cfg.StateDir) {
+		return fmt.Errorf("the process serving %s (pid %d) is not proven to be a unilet-shim; left alone", dir, c.ShimPid())
+	}
+	if err := c.KillShim(); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), CallTimeout)
+	defer cancel()
+	if err := c.WaitExit(ctx); err != nil {
+		return fmt.Errorf("the killed unilet-shim of %s was not seen to end: %w", dir, err)
+	}
+	return nil
+}
 
 // ReadExit returns the exit a shim recorded for container id.
 func (m *Manager) ReadExit(id string) (runtime.ExitStatus, bool) {

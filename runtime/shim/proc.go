@@ -71,7 +71,7 @@ func KillQEMU(pid int, dir string) bool {
 const MarkerEnvPrefix = runtime.MarkerEnv + "="
 
 // IsShimUnder reports whether pid is a unilet-shim of the executable binary
-// serving a directory inside root (its --dir or --pool-dir argument): the
+// (or one of the same name) serving a directory inside root (its --dir or --pool-dir argument): the
 // proof a process must pass before unilet signals it as one of its shims.
 func IsShimUnder(pid int, binary, root string) bool {
 	if pid <= 1 || binary == "" || !filepath.IsAbs(root) || filepath.Clean(root) != root || root == "/" {
@@ -81,8 +81,11 @@ func IsShimUnder(pid int, binary, root string) bool {
 	if err != nil {
 		want = binary
 	}
+	// The configured binary, or one of its name (a shim of the version
+	// before an upgrade that installed the binaries elsewhere).
 	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
-	if err != nil || strings.TrimSuffix(exe, " (deleted)") != want {
+	exe = strings.TrimSuffix(exe, " (deleted)")
+	if err != nil || (exe != want && filepath.Base(exe) != filepath.Base(want)) {
 		return false
 	}
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
