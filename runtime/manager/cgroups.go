@@ -184,6 +184,20 @@ func (m *Manager) dirOf(pid int) (string, bool) {
 	return "", false
 }
 
+// ledgerEntry validates a ledger file (its name and content): the cgroup
+// path it records, which must be clean, absolute and end in the file's
+// name, one of unilet's forms; and the ID that claims it (a container ID,
+// or a 12-digit sandbox ID prefix for a staging cgroup).
+func ledgerEntry(file string, content []byte) (p, id string, ok bool) {
+	p = string(content)
+	name, ok := ledgerName(p)
+	if !ok || name != file || !path.IsAbs(p) || path.Clean(p) != p || strings.ContainsRune(p, 0) {
+		return "", "", false
+	}
+	id = strings.TrimSuffix(strings.TrimPrefix(name, "unilet-"), ".scope")
+	return p, strings.TrimPrefix(id, "stage-"), true
+}
+
 // SweepCgroups removes every recorded cgroup that no live object claims
 // (claimed gets a container ID, or a 12-digit sandbox ID prefix for a
 // staging cgroup): a daemon killed between making a cgroup and recording
@@ -201,14 +215,11 @@ func (m *Manager) SweepCgroups(claimed func(id string) bool) {
 			continue
 		}
 		b, err := os.ReadFile(file)
-		p := string(b)
-		name, ok := ledgerName(p)
-		if err != nil || !ok || name != e.Name() || !path.IsAbs(p) || path.Clean(p) != p {
+		p, id, ok := ledgerEntry(e.Name(), b)
+		if err != nil || !ok {
 			logrus.WithField("path", file).Warn("unexpected entry in the cgroup ledger; left alone")
 			continue
 		}
-		id := strings.TrimSuffix(strings.TrimPrefix(name, "unilet-"), ".scope")
-		id = strings.TrimPrefix(id, "stage-")
 		if claimed(id) {
 			continue
 		}
