@@ -290,6 +290,12 @@ func (m *Manager) Reconnect(ctx context.Context, id string) (VM, error) {
 	}
 	c, err := shim.Connect(dir)
 	if err != nil {
+		// Nothing serves the directory. A shim the earlier daemon launched
+		// may still be coming up (that daemon died before it served): it
+		// would wait for a Start that never comes, so it is ended.
+		if n := shim.KillShimsOf(m.cfg.ShimBinary, dir); n > 0 {
+			logrus.WithField("dir", dir).Warn("ended a unilet-shim that was still coming up when the earlier daemon died")
+		}
 		return nil, ErrNoShim
 	}
 	ctx, cancel := context.WithTimeout(ctx, ReconnectTimeout)

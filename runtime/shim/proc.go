@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -70,11 +71,45 @@ func KillQEMU(pid int, dir string) bool {
 // directory (runtime.MarkerEnv).
 const MarkerEnvPrefix = runtime.MarkerEnv + "="
 
+// KillShimsOf kills every unilet-shim of the executable binary whose --dir
+// is exactly dir (found in /proc, each pinned by a pidfd before the proof
+// and the signal): a shim whose launching daemon died before it served
+// (the next daemon found no socket and gave the start up). It returns how
+// many it signalled.
+func KillShimsOf(binary, dir string) int {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid <= 1 {
+			continue
+		}
+		fd, err := unix.PidfdOpen(pid, 0)
+		if err != nil {
+			continue
+		}
+		if isShimOf(pid, binary, dir, true) && unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0) == nil {
+			n++
+		}
+		unix.Close(fd)
+	}
+	return n
+}
+
 // IsShimUnder reports whether pid is a unilet-shim of the executable binary
 // (or one of the same name) serving a directory inside root (its --dir or --pool-dir argument): the
 // proof a process must pass before unilet signals it as one of its shims.
 func IsShimUnder(pid int, binary, root string) bool {
-	if pid <= 1 || binary == "" || !filepath.IsAbs(root) || filepath.Clean(root) != root || root == "/" {
+	return isShimOf(pid, binary, root, false)
+}
+
+// isShimOf: pid is a unilet-shim of binary (or one of its name) whose --dir
+// or --pool-dir is dir itself (exact) or inside it.
+func isShimOf(pid int, binary, dir string, exact bool) bool {
+	if pid <= 1 || binary == "" || !filepath.IsAbs(dir) || filepath.Clean(dir) != dir || dir == "/" {
 		return false
 	}
 	want, err := filepath.EvalSymlinks(binary)
@@ -94,8 +129,11 @@ func IsShimUnder(pid int, binary, root string) bool {
 	}
 	args := strings.Split(string(b), "\x00")
 	for i := 1; i+1 < len(args); i++ {
-		if a, p := args[i], args[i+1]; (a == "--dir" || a == "--pool-dir" || a == "-dir" || a == "-pool-dir") &&
-			filepath.Clean(p) == p && strings.HasPrefix(p, root+"/") {
+		a, p := args[i], args[i+1]
+		if a != "--dir" && a != "--pool-dir" && a != "-dir" && a != "-pool-dir" || filepath.Clean(p) != p {
+			continue
+		}
+		if (exact && p == dir) || (!exact && strings.HasPrefix(p, dir+"/")) {
 			return true
 		}
 	}

@@ -348,3 +348,37 @@ func TestStuckIdleShimFallsBack(t *testing.T) {
 	require.NoError(t, err)
 	_, _ = c.Shutdown(context.Background(), &api.ShutdownRequest{})
 }
+
+// KillShimsOf ends only shims of the binary serving exactly the directory
+// (a shim left waiting for a Start by a daemon that died); a shim of
+// another directory and a process of another binary are left.
+func TestKillShimsOf(t *testing.T) {
+	shimBin, kernel := build(t)
+	root := t.TempDir()
+	start := func(dir string) *exec.Cmd {
+		require.NoError(t, writeSpec(dir, spec(t, kernel, dir, "tick=50")))
+		cmd := exec.Command(shimBin, "--dir", dir)
+		require.NoError(t, cmd.Start())
+		t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+		require.Eventually(t, func() bool {
+			c, err := Connect(dir)
+			if err == nil {
+				c.Close()
+			}
+			return err == nil
+		}, 15*time.Second, 10*time.Millisecond)
+		return cmd
+	}
+	a, b := filepath.Join(root, "vm", "a"), filepath.Join(root, "vm", "b")
+	stray, other := start(a), start(b)
+	decoy := exec.Command("sh", "-c", "sleep 120", "unilet-shim", "--dir", a) // same arguments, another binary
+	require.NoError(t, decoy.Start())
+	t.Cleanup(func() { _ = decoy.Process.Kill(); _ = decoy.Wait() })
+
+	require.Equal(t, 0, KillShimsOf(shimBin, filepath.Join(root, "vm")), "only an exact directory")
+	require.Equal(t, 1, KillShimsOf(shimBin, a))
+	err := stray.Wait()
+	require.Error(t, err, "killed")
+	require.NoError(t, syscall.Kill(other.Process.Pid, 0), "another directory's shim is left")
+	require.NoError(t, syscall.Kill(decoy.Process.Pid, 0), "another binary is left")
+}
