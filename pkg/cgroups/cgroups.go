@@ -21,7 +21,8 @@ import (
 	"github.com/containerd/cgroups/v3/cgroup1"
 	"github.com/containerd/cgroups/v3/cgroup2"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
-	"golang.org/x/sys/unix"
+
+	"github.com/unilet-dev/unilet/pkg/proc"
 )
 
 // Resources are the limits unilet sets on a VM's cgroup.
@@ -183,7 +184,7 @@ func deleteRetry(p string, del func() error, exists func() bool, pids func() []i
 		}
 		if i >= 20 {
 			for _, pid := range pids() {
-				if !foreign[pid] && !KillIfOwned(pid, owned) {
+				if !foreign[pid] && !proc.KillIfProven(pid, owned) {
 					foreign[pid] = true
 				}
 			}
@@ -200,24 +201,6 @@ func deleteRetry(p string, del func() error, exists func() bool, pids func() []i
 			p, strings.Join(list, ","), err)
 	}
 	return err
-}
-
-// KillIfOwned sends SIGKILL to pid only if owned(pid) holds while the
-// process is pinned by a pidfd, so a PID reused in between is never hit.
-// It reports whether it signalled.
-func KillIfOwned(pid int, owned func(int) bool) bool {
-	if pid <= 1 || owned == nil {
-		return false
-	}
-	fd, err := unix.PidfdOpen(pid, 0)
-	if err != nil {
-		return false
-	}
-	defer unix.Close(fd)
-	if !owned(pid) {
-		return false
-	}
-	return unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0) == nil
 }
 
 // Exists reports whether the cgroup p exists (v1: in the memory hierarchy,

@@ -7,8 +7,7 @@ import (
 	"strconv"
 	"strings"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/unilet-dev/unilet/pkg/proc"
 	"github.com/unilet-dev/unilet/runtime"
 )
 
@@ -53,18 +52,7 @@ func IsQEMUOf(pid int, dir string) bool {
 // (IsQEMUOf). The process is pinned with a pidfd before the proof, so a PID
 // recycled in between is never hit. It reports whether it signalled.
 func KillQEMU(pid int, dir string) bool {
-	if pid <= 1 {
-		return false
-	}
-	fd, err := unix.PidfdOpen(pid, 0)
-	if err != nil {
-		return false
-	}
-	defer unix.Close(fd)
-	if !IsQEMUOf(pid, dir) {
-		return false
-	}
-	return unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0) == nil
+	return proc.KillIfProven(pid, func(pid int) bool { return IsQEMUOf(pid, dir) })
 }
 
 // MarkerEnvPrefix starts the environment entry that names a QEMU's VM
@@ -84,17 +72,12 @@ func KillShimsOf(binary, dir string) int {
 	n := 0
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid <= 1 {
-			continue
-		}
-		fd, err := unix.PidfdOpen(pid, 0)
 		if err != nil {
 			continue
 		}
-		if isShimOf(pid, binary, dir, true) && unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0) == nil {
+		if proc.KillIfProven(pid, func(pid int) bool { return isShimOf(pid, binary, dir, true) }) {
 			n++
 		}
-		unix.Close(fd)
 	}
 	return n
 }
