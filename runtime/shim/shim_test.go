@@ -38,7 +38,7 @@ func build(t *testing.T) (shimBin, kernel string) {
 func spec(t *testing.T, kernel, vmDir string, args ...string) runtime.VMSpec {
 	// Whatever a failing test leaves behind is ended.
 	t.Cleanup(func() {
-		_ = exec.Command("pkill", "-9", "-f", "unilet-shim --dir "+vmDir).Run()
+		killTestShims(filepath.Join(filepath.Dir(kernel), "unilet-shim"), "--dir "+vmDir)
 		// A pooled shim's command line does not name the VM: end its QEMU by
 		// the VM directory in its environment.
 		for _, q := range testutil.QEMUsUnder(filepath.Dir(vmDir)) {
@@ -220,11 +220,11 @@ func TestPoolAdoptsIdleShims(t *testing.T) {
 	shimBin, kernel := build(t)
 	root := t.TempDir()
 	poolDir := filepath.Join(root, "pool")
-	t.Cleanup(func() { _ = exec.Command("pkill", "-9", "-f", "unilet-shim --pool-dir "+poolDir).Run() })
+	t.Cleanup(func() { killTestShims(shimBin, "--pool-dir "+poolDir) })
 	p, err := NewPool(shimBin, poolDir, 2, RefillQuiet)
 	require.NoError(t, err)
 	require.Eventually(t, func() bool { return p.Idle() == 2 }, 15*time.Second, 10*time.Millisecond)
-	idle := pids(t, "unilet-shim --pool-dir "+poolDir)
+	idle := testShims(shimBin, "--pool-dir "+poolDir)
 	require.Len(t, idle, 2)
 
 	vmDir := filepath.Join(root, "vm")
@@ -251,7 +251,7 @@ func TestPoolAdoptsIdleShims(t *testing.T) {
 	p2, err := NewPool(shimBin, poolDir, 1, RefillQuiet)
 	require.NoError(t, err)
 	require.Eventually(t, func() bool {
-		left := pids(t, "unilet-shim --pool-dir "+poolDir)
+		left := testShims(shimBin, "--pool-dir "+poolDir)
 		return len(left) == 2 // the adopted VM shim and the new idle one
 	}, 15*time.Second, 20*time.Millisecond)
 	ex, err := h.Stop(context.Background(), 0)
@@ -259,22 +259,40 @@ func TestPoolAdoptsIdleShims(t *testing.T) {
 	require.Equal(t, int32(137), ex.Code, "killed at once")
 	require.NoError(t, h.Release(context.Background()))
 	p2.Close()
-	require.Eventually(t, func() bool { return len(pids(t, "unilet-shim --pool-dir "+poolDir)) == 0 }, 10*time.Second, 20*time.Millisecond)
+	require.Eventually(t, func() bool { return len(testShims(shimBin, "--pool-dir "+poolDir)) == 0 }, 10*time.Second, 20*time.Millisecond)
 	b, err := os.ReadFile(filepath.Join(vmDir, LogFile))
 	if err == nil {
 		require.NotContains(t, string(b), "panic")
 	}
 }
 
-func pids(t *testing.T, pattern string) []int {
-	out, _ := exec.Command("pgrep", "-f", pattern).Output()
-	var ps []int
-	for _, f := range strings.Fields(string(out)) {
-		n, err := strconv.Atoi(f)
-		require.NoError(t, err)
-		ps = append(ps, n)
+// testShims lists the processes of this test's own shim binary (built into
+// its temporary directory, so started by it) whose command line holds arg.
+func testShims(bin, arg string) []int {
+	var out []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		exe, err := os.Readlink("/proc/" + e.Name() + "/exe")
+		if err != nil || strings.TrimSuffix(exe, " (deleted)") != bin {
+			continue
+		}
+		b, _ := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		if strings.Contains(strings.ReplaceAll(string(b), "\x00", " "), arg) {
+			out = append(out, pid)
+		}
 	}
-	return ps
+	return out
+}
+
+// killTestShims ends what testShims lists.
+func killTestShims(bin, arg string) {
+	for _, pid := range testShims(bin, arg) {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
 }
 
 // TestPoolRefillWaitsForQuiet: a take does not spawn a replacement while
@@ -283,7 +301,7 @@ func pids(t *testing.T, pattern string) []int {
 func TestPoolRefillWaitsForQuiet(t *testing.T) {
 	shimBin, _ := build(t)
 	poolDir := filepath.Join(t.TempDir(), "pool")
-	t.Cleanup(func() { _ = exec.Command("pkill", "-9", "-f", "unilet-shim --pool-dir "+poolDir).Run() })
+	t.Cleanup(func() { killTestShims(shimBin, "--pool-dir "+poolDir) })
 	p, err := NewPool(shimBin, poolDir, 2, RefillQuiet)
 	require.NoError(t, err)
 	defer p.Close()
@@ -321,8 +339,8 @@ func TestStuckIdleShimFallsBack(t *testing.T) {
 	root := t.TempDir()
 	poolDir := filepath.Join(root, "pool")
 	t.Cleanup(func() {
-		_ = exec.Command("pkill", "-9", "-f", "unilet-shim --pool-dir "+poolDir).Run()
-		_ = exec.Command("pkill", "-9", "-f", "unilet-shim --dir "+root).Run()
+		killTestShims(shimBin, "--pool-dir "+poolDir)
+		killTestShims(shimBin, "--dir "+root)
 	})
 	p, err := NewPool(shimBin, poolDir, 1, time.Hour)
 	require.NoError(t, err)
