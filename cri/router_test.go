@@ -16,6 +16,7 @@ import (
 
 	"github.com/unilet-dev/unilet/cri/vm"
 	"github.com/unilet-dev/unilet/image"
+	"github.com/unilet-dev/unilet/runtime/manager"
 )
 
 // fakeUpstream records which calls reached "containerd".
@@ -101,7 +102,10 @@ func newVMService(t *testing.T) *vm.Service {
 	store, err := image.Open(t.TempDir(), nil)
 	require.NoError(t, err)
 	t.Cleanup(func() { store.Close() })
-	svc, err := vm.New(vm.Config{QEMU: "/bin/false", Accel: "tcg", StateDir: t.TempDir()}, store, nil)
+	state := t.TempDir()
+	vms, err := manager.New(manager.Config{QEMU: "/bin/false", StateDir: state})
+	require.NoError(t, err)
+	svc, err := vm.New(vm.Config{QEMU: "/bin/false", Accel: "tcg", StateDir: state}, vms, store, nil)
 	require.NoError(t, err)
 	return svc
 }

@@ -147,6 +147,9 @@ func run() error {
 	if err != nil {
 		return fmt.Errorf("QEMU binary %q not found: %w", qemu, err)
 	}
+	if stateDir, err = filepath.Abs(stateDir); err != nil {
+		return fmt.Errorf("--state-dir: %w", err)
+	}
 	resolved, err := vmruntime.ResolveAccel(context.Background(), accel, qemuPath, stateDir)
 	if err != nil {
 		return err
@@ -215,8 +218,13 @@ func run() error {
 		}
 		defer pool.Close()
 	}
-	svc, err := vm.New(vm.Config{QEMU: qemuPath, Accel: resolved, StateDir: stateDir, Version: version.Version, ShimBinary: shimPath,
-		Limits: limits, Network: network, NetNSDir: netnsDir, CgroupRoot: cgroupRoot, ShimPool: pool, Jail: jail, LogRoots: logRoots}, images, meta)
+	vms, err := manager.New(manager.Config{QEMU: qemuPath, StateDir: stateDir, ShimBinary: shimPath,
+		CgroupRoot: cgroupRoot, Pool: pool, Jail: jail})
+	if err != nil {
+		return err
+	}
+	svc, err := vm.New(vm.Config{QEMU: qemuPath, Accel: resolved, StateDir: stateDir, Version: version.Version,
+		Limits: limits, Network: network, NetNSDir: netnsDir, LogRoots: logRoots}, vms, images, meta)
 	if err != nil {
 		return err
 	}

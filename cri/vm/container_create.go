@@ -79,7 +79,7 @@ func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateConta
 	sb.Meta().rt.staged = nil
 	c, err := s.containers.Add(id, meta, containerStatus{State: store.ContainerCreated, Sizing: size, Warnings: warnings, staged: staged})
 	if err != nil {
-		staged.Discard()
+		staged.Drop()
 		if cerr := s.vms.Cleanup(id, meta.Cgroup); cerr != nil {
 			log.WithError(cerr).Warn("clean up after a failed create")
 		}

@@ -4,8 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -13,7 +11,6 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/cri/store"
-	"github.com/unilet-dev/unilet/pkg/cgroups"
 	"github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/manager"
 )
@@ -65,7 +62,7 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 	vm, tm, err := s.vms.Start(ctx, manager.StartSpec{ID: c.ID(), Machine: m.Machine, LogPath: m.LogPath, Cgroup: m.Cgroup, Staged: staged,
 		Groups: jailGroups(sb.Meta().Config.GetLinux().GetSecurityContext().GetSupplementalGroups(),
 			m.Config.GetLinux().GetSecurityContext().GetSupplementalGroups()),
-		Resources: cgroups.Resources{MemoryLimit: sz.MemoryLimit, CPUQuota: sz.CPUQuota,
+		Resources: manager.Resources{MemoryLimit: sz.MemoryLimit, CPUQuota: sz.CPUQuota,
 			CPUPeriod: uint64(max(sz.CPUPeriod, 0)), CPUShares: uint64(max(sz.CPUShares, 0))}})
 	if err != nil {
 		msg := err.Error()
@@ -113,10 +110,6 @@ func msec(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 // writeOwner leaves a copy of the pod's and container's records in the VM
 // directory: a daemon that finds meta.db corrupted rebuilds them from it.
 func (s *Service) writeOwner(c *container, sb *sandbox) {
-	dir, err := s.vms.Dir(c.ID())
-	if err != nil {
-		return
-	}
 	srec, err1 := sandboxToRecord(sb.ID(), sb.Meta(), sb.Status())
 	st := c.Status()
 	st.State = store.ContainerRunning
@@ -127,9 +120,8 @@ func (s *Service) writeOwner(c *container, sb *sandbox) {
 	sj, _ := json.Marshal(srec)
 	cj, _ := json.Marshal(crec)
 	b, _ := json.Marshal(ownerRecord{Sandbox: sj, Container: cj})
-	tmp := filepath.Join(dir, ownerFile+".tmp")
-	if os.WriteFile(tmp, b, 0o600) == nil {
-		_ = os.Rename(tmp, filepath.Join(dir, ownerFile))
+	if err := s.vms.WriteOwner(c.ID(), b); err != nil {
+		logrus.WithError(err).WithField("container", c.ID()).Debug("keep a copy of the records in the VM directory")
 	}
 }
 

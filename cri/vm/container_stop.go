@@ -63,7 +63,7 @@ func (s *Service) stopLocked(ctx context.Context, c *container, timeout time.Dur
 		})
 		if err == nil {
 			s.emit(c, runtimeapi.ContainerEventType_CONTAINER_STOPPED_EVENT)
-			st.staged.Discard()
+			st.staged.Drop()
 			if err := s.vms.Cleanup(c.ID(), c.Meta().Cgroup); err != nil {
 				logrus.WithError(err).WithField("container", c.ID()).Warn("clean up a container that never started; RemoveContainer retries")
 			}

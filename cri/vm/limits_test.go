@@ -14,8 +14,7 @@ import (
 // Oversized or CNI-breaking requests are refused with InvalidArgument naming
 // the limit, before anything is recorded.
 func TestRequestLimits(t *testing.T) {
-	s, err := New(Config{StateDir: t.TempDir()}, nil, nil)
-	require.NoError(t, err)
+	s := newTestService(t, Config{}, nil)
 	pod := func(name, ns, uid string, ann map[string]string) *runtimeapi.RunPodSandboxRequest {
 		return &runtimeapi.RunPodSandboxRequest{Config: &runtimeapi.PodSandboxConfig{
 			Metadata: &runtimeapi.PodSandboxMetadata{Name: name, Namespace: ns, Uid: uid}, Annotations: ann}}

@@ -19,7 +19,6 @@ import (
 	"github.com/unilet-dev/unilet/pkg/netns"
 	"github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/manager"
-	"github.com/unilet-dev/unilet/runtime/shim"
 )
 
 // ReasonVMLost is reported for a container whose VM was running when the
@@ -328,7 +327,7 @@ func (s *Service) reconcileContainer(c *container, vm manager.VM, err error) {
 	switch {
 	case ok:
 		// The VM ended (and its shim went away) while the daemon was down.
-	case errors.Is(err, shim.ErrNeverStarted) || (st.State == store.ContainerStarting && st.Pid == 0):
+	case errors.Is(err, manager.ErrNeverStarted) || (st.State == store.ContainerStarting && st.Pid == 0):
 		if st.Pid > 0 {
 			s.vms.KillStray(c.ID(), st.Pid)
 		}
@@ -386,32 +385,23 @@ func (s *Service) reconcileSandbox(sb *sandbox) {
 // and containers of the VMs that still run, from the copies of their
 // records each VM directory holds. What is not rebuilt is swept later.
 func (s *Service) rebuildFromVMDirs(why string) {
-	root := filepath.Join(s.cfg.StateDir, "vm")
-	ents, _ := os.ReadDir(root)
 	n := 0
-	for _, e := range ents {
-		b, err := os.ReadFile(filepath.Join(root, e.Name(), ownerFile))
-		if err != nil {
-			continue
-		}
+	s.vms.Owners(func(dirName string, b []byte) {
 		var own ownerRecord
 		if json.Unmarshal(b, &own) != nil {
-			continue
+			return
 		}
 		var srec sandboxRecord
 		var crec containerRecord
 		if json.Unmarshal(own.Sandbox, &srec) != nil || json.Unmarshal(own.Container, &crec) != nil ||
-			!store.ValidID(crec.ID) || crec.ID[:16] != e.Name() || crec.SandboxID != srec.ID {
-			continue
+			!store.ValidID(crec.ID) || crec.ID[:16] != dirName || crec.SandboxID != srec.ID {
+			return
 		}
-		if err := s.meta.PutSandbox(srec.ID, srec); err != nil {
-			continue
-		}
-		if err := s.meta.PutContainer(crec.ID, crec); err != nil {
-			continue
+		if s.meta.PutSandbox(srec.ID, srec) != nil || s.meta.PutContainer(crec.ID, crec) != nil {
+			return
 		}
 		n++
-	}
+	})
 	logrus.WithFields(logrus.Fields{"problem": why, "containersRebuilt": n}).Error(
 		"meta.db was corrupted: rebuilt the records of running VMs from their directories")
 }

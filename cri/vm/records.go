@@ -14,7 +14,6 @@ import (
 	"github.com/unilet-dev/unilet/pkg/metadata"
 	"github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/manager"
-	"github.com/unilet-dev/unilet/runtime/shim"
 )
 
 // containerMeta is what a container is made of; it never changes.
@@ -40,7 +39,7 @@ type containerStatus struct {
 	// Not persisted: the VM while one runs, a staged shim waiting for the
 	// start, and how to cancel a start in flight.
 	vm          manager.VM
-	staged      *shim.Idle
+	staged      *manager.Staged
 	cancelStart context.CancelFunc
 }
 
@@ -150,10 +149,9 @@ func (s containerSaver) Save(id string, m containerMeta, st containerStatus) err
 
 func (s containerSaver) Delete(id string) error { return s.db.DeleteContainer(id) }
 
-// ownerFile is a copy of a running VM's records in its directory: what a
-// daemon whose meta.db was corrupted rebuilds the pod and container from.
-const ownerFile = "owner.json"
-
+// ownerRecord is the copy of a running VM's records kept in its directory
+// (VMs.WriteOwner): what a daemon whose meta.db was corrupted rebuilds the
+// pod and container from.
 type ownerRecord struct {
 	Sandbox   json.RawMessage `json:"sandbox"`
 	Container json.RawMessage `json:"container"`

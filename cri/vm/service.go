@@ -10,6 +10,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"strings"
@@ -27,7 +28,6 @@ import (
 	"github.com/unilet-dev/unilet/pkg/metadata"
 	"github.com/unilet-dev/unilet/pkg/netns"
 	"github.com/unilet-dev/unilet/runtime/manager"
-	"github.com/unilet-dev/unilet/runtime/shim"
 )
 
 // RuntimeName is reported by Version.
@@ -35,26 +35,16 @@ const RuntimeName = "unilet"
 
 // Config is what the VM service needs from the daemon.
 type Config struct {
-	QEMU     string
+	QEMU     string // reported by Status
 	Accel    string // resolved: kvm or tcg
 	StateDir string // runtime sockets and per-VM state
 	Version  string
-	// ShimBinary is unilet-shim: each VM runs under its own shim so VMs
-	// outlive the daemon. Required to start VMs.
-	ShimBinary string
 	// Limits bound what pods may ask for (memory, vCPUs, library parameters).
 	Limits Limits
 	// Network runs CNI for pods; nil gives pods no network (unit tests).
 	Network Network
 	// NetNSDir holds the pods' named network namespaces.
 	NetNSDir string
-	// CgroupRoot is the cgroup parent of VMs whose pod names none;
-	// "" disables cgroups (unit tests).
-	CgroupRoot string
-	// ShimPool hands out pre-forked shims (nil: every VM spawns its own).
-	ShimPool *shim.Pool
-	// Jail runs every QEMU confined, as a uid of this range (nil: off).
-	Jail *manager.JailIDs
 	// LogRoots are the directories pods' log directories must lie in
 	// (kubelet's podLogsDir, /var/log/pods by default).
 	LogRoots []string
@@ -75,7 +65,7 @@ type Service struct {
 	cfg     Config
 	images  *image.Store
 	meta    *metadata.Store // nil: state is not persisted (unit tests)
-	vms     *manager.Manager
+	vms     VMs
 	stream  streaming.Server
 	wrapURL func(pod, url string) (string, error) // see SetStreamServer
 
@@ -89,9 +79,10 @@ type Service struct {
 	adopting    adoptions // containers whose shim has not answered since the restart
 }
 
-// New returns a Service; meta may be nil (no persistence). Call Load to
-// restore state recorded by an earlier daemon.
-func New(cfg Config, images *image.Store, meta *metadata.Store) (*Service, error) {
+// New returns a Service running its VMs through vms (a *manager.Manager
+// in the daemon); meta may be nil (no persistence). Call Load to restore
+// state recorded by an earlier daemon.
+func New(cfg Config, vms VMs, images *image.Store, meta *metadata.Store) (*Service, error) {
 	cfg.Limits = cfg.Limits.withDefaults()
 	if cfg.NetNSDir == "" {
 		cfg.NetNSDir = netns.DefaultDir
@@ -99,10 +90,8 @@ func New(cfg Config, images *image.Store, meta *metadata.Store) (*Service, error
 	if abs, err := filepath.Abs(cfg.StateDir); err == nil {
 		cfg.StateDir = abs
 	}
-	vms, err := manager.New(manager.Config{QEMU: cfg.QEMU, StateDir: cfg.StateDir, ShimBinary: cfg.ShimBinary,
-		CgroupRoot: cfg.CgroupRoot, Pool: cfg.ShimPool, Jail: cfg.Jail})
-	if err != nil {
-		return nil, err
+	if vms == nil {
+		return nil, errors.New("no VM manager")
 	}
 	s := &Service{cfg: cfg, images: images, meta: meta, vms: vms, podReserved: map[string]bool{}}
 	if meta != nil {

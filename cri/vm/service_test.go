@@ -30,33 +30,13 @@ func TestDedupEnvLaterWins(t *testing.T) {
 	require.Equal(t, []string{"B=2", "A=3", "C="}, dedupEnv([]string{"A=1", "B=2", "A=3", "C="}))
 }
 
-// fakeVM is a VM whose calls return at once.
-type fakeVM struct{ done chan struct{} }
-
-func (f *fakeVM) Done() <-chan struct{}      { return f.done }
-func (f *fakeVM) Exit() vmruntime.ExitStatus { return vmruntime.ExitStatus{} }
-func (f *fakeVM) Stop(context.Context, time.Duration) (vmruntime.ExitStatus, error) {
-	return vmruntime.ExitStatus{}, nil
-}
-func (f *fakeVM) ReopenLog(context.Context) error { return nil }
-func (f *fakeVM) Pid() int                        { return 0 }
-func (f *fakeVM) StartedAt() time.Time            { return time.Time{} }
-func (f *fakeVM) Stats(context.Context) (vmruntime.Stats, error) {
-	return vmruntime.Stats{}, nil
-}
-func (f *fakeVM) Attach(context.Context, io.Reader, io.Writer) error { return nil }
-func (f *fakeVM) KillShim() error                                    { return nil }
-func (f *fakeVM) Release(context.Context) error                      { return nil }
-func (f *fakeVM) Close() error                                       { return nil }
-
 func runningContainer(t *testing.T, cgroup string) (*Service, string) {
-	return runningContainerWith(t, cgroup, &runtimeapi.ContainerConfig{}, &fakeVM{done: make(chan struct{})})
+	return runningContainerWith(t, cgroup, &runtimeapi.ContainerConfig{}, newFakeVM(0))
 }
 
 func runningContainerWith(t *testing.T, cgroup string, cfg *runtimeapi.ContainerConfig, vm manager.VM) (*Service, string) {
 	t.Helper()
-	s, err := New(Config{StateDir: t.TempDir()}, nil, nil)
-	require.NoError(t, err)
+	s := newTestService(t, Config{}, nil)
 	id := strings.Repeat("c", 64)
 	cfg.Metadata = &runtimeapi.ContainerMetadata{Name: "app"}
 	s.containers.Restore(id, containerMeta{Config: cfg,
@@ -151,9 +131,8 @@ func TestLogDirectoryInsideTheLogRoots(t *testing.T) {
 }
 
 func TestCreateRefusesRunAsGroupWithoutUser(t *testing.T) {
-	s, err := New(Config{StateDir: t.TempDir()}, nil, nil)
-	require.NoError(t, err)
-	_, err = s.CreateContainer(context.Background(), &runtimeapi.CreateContainerRequest{PodSandboxId: strings.Repeat("a", 64),
+	s := newTestService(t, Config{}, nil)
+	_, err := s.CreateContainer(context.Background(), &runtimeapi.CreateContainerRequest{PodSandboxId: strings.Repeat("a", 64),
 		Config: &runtimeapi.ContainerConfig{Metadata: &runtimeapi.ContainerMetadata{Name: "app"}, Image: &runtimeapi.ImageSpec{Image: "x"},
 			Linux: &runtimeapi.LinuxContainerConfig{SecurityContext: &runtimeapi.LinuxContainerSecurityContext{RunAsGroup: &runtimeapi.Int64Value{Value: 1}}}}})
 	require.Equal(t, codes.InvalidArgument, status.Code(err), "%v", err)

@@ -10,7 +10,6 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/cri/store"
-	"github.com/unilet-dev/unilet/pkg/cgroups"
 	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
 	"github.com/unilet-dev/unilet/runtime/manager"
@@ -31,24 +30,15 @@ func (s *Service) usageOf(ctx context.Context, c *container) (usage, bool) {
 	if st.State != store.ContainerRunning || st.vm == nil {
 		return usage{}, false
 	}
-	if cgp := c.Meta().Cgroup; cgp != "" {
-		if cg, err := cgroups.Load(cgp); err == nil {
-			if st, err := cg.Stats(); err == nil {
-				u := usage{ts: st.Timestamp, cpu: st.CPUNanos, workingSet: st.WorkingSet, rss: st.RSS, memUsage: st.MemoryUsage}
-				if st.MemoryLimit > 0 && st.MemoryLimit < 1<<62 && st.MemoryLimit > st.WorkingSet {
-					u.availableHint = st.MemoryLimit - st.WorkingSet
-				}
-				return u, true
-			}
-		}
-	}
-	ctx, cancel := context.WithTimeout(ctx, manager.StatsTimeout)
-	defer cancel()
-	vs, err := st.vm.Stats(ctx)
+	u, err := s.vms.Usage(ctx, st.vm, c.Meta().Cgroup)
 	if err != nil {
 		return usage{}, false
 	}
-	return usage{ts: vs.Timestamp, cpu: vs.CPUNanos, workingSet: vs.RSSBytes, rss: vs.RSSBytes, memUsage: vs.RSSBytes}, true
+	out := usage{ts: u.Timestamp, cpu: u.CPUNanos, workingSet: u.WorkingSet, rss: u.RSS, memUsage: u.MemoryUsage}
+	if u.MemoryLimit > 0 && u.MemoryLimit < 1<<62 && u.MemoryLimit > u.WorkingSet {
+		out.availableHint = u.MemoryLimit - u.WorkingSet
+	}
+	return out, true
 }
 
 func (u usage) cpuAPI() *runtimeapi.CpuUsage {
@@ -197,13 +187,9 @@ func (s *Service) UpdateContainerResources(ctx context.Context, r *runtimeapi.Up
 		CPUQuota: res.GetCpuQuota(), CPUPeriod: res.GetCpuPeriod(), CPUShares: res.GetCpuShares()}
 	// The cgroup first: the recorded sizes are only ever ones that hold.
 	if m.Cgroup != "" && c.Status().State == store.ContainerRunning {
-		cg, err := cgroups.Load(m.Cgroup)
-		if err != nil {
-			return nil, errorf(codes.Internal, "open the VM's cgroup %s: %v", m.Cgroup, err)
-		}
-		if err := cg.Update(cgroups.Resources{MemoryLimit: sz.MemoryLimit, CPUQuota: sz.CPUQuota,
+		if err := s.vms.UpdateResources(m.Cgroup, manager.Resources{MemoryLimit: sz.MemoryLimit, CPUQuota: sz.CPUQuota,
 			CPUPeriod: uint64(max(sz.CPUPeriod, 0)), CPUShares: uint64(max(sz.CPUShares, 0))}); err != nil {
-			return nil, errorf(codes.Internal, "update the VM's cgroup %s: %v", m.Cgroup, err)
+			return nil, errorf(codes.Internal, "%v", err)
 		}
 	}
 	note := "cgroup limits updated; the VM keeps its boot-time guest RAM and vCPUs (a restart applies new sizes)"

@@ -165,8 +165,9 @@ type StartSpec struct {
 	LogPath   string
 	Cgroup    string // "" = none
 	Resources cgroups.Resources
-	// Staged is a shim already in Cgroup (from Stage + Claim), or nil.
-	Staged *shim.Idle
+	// Staged is a shim already in Cgroup (from Stage + Claim), or nil;
+	// Start consumes it.
+	Staged *Staged
 	// Groups are the pod's supplementary groups, which a jailed QEMU keeps
 	// (volumes shared through fsGroup or supplementalGroups).
 	Groups []uint32
@@ -176,68 +177,75 @@ type StartSpec struct {
 type Timings struct{ Cgroup, Spawn, Boot time.Duration }
 
 // Start boots a VM under its shim. On error nothing is left: no shim, no
-// QEMU, no directory, no cgroup.
-// Cancelling ctx aborts the start the same way.
-func (m *Manager) Start(ctx context.Context, s StartSpec) (VM, Timings, error) {
-	var tm Timings
+// QEMU, no directory, no cgroup, no jail uid — each step pushes its undo on
+// one cleanup stack, run newest first when a later step fails. Cancelling
+// ctx aborts the start the same way.
+func (m *Manager) Start(ctx context.Context, s StartSpec) (_ VM, tm Timings, err error) {
+	var undo cleanups
+	defer func() {
+		if err != nil {
+			undo.run(func(what string, uerr error) {
+				logrus.WithError(uerr).WithFields(logrus.Fields{"container": s.ID, "step": what}).Warn("undo a step of a VM start that failed")
+			})
+		}
+	}()
+	// The staged shim is ended unless launch takes it (launch consumes it
+	// either way: started, or discarded when it cannot be adopted).
+	staged := s.Staged
+	undo.push("staged shim", func() error { staged.Drop(); return nil })
 	dir, err := m.Dir(s.ID)
 	if err != nil {
-		s.Staged.Discard()
 		return nil, tm, err
 	}
 	if m.cfg.ShimBinary == "" {
-		s.Staged.Discard()
 		return nil, tm, errors.New("no unilet-shim configured")
 	}
 	t0 := time.Now()
 	var cg cgroups.Cgroup
 	if s.Cgroup != "" {
 		if cg, err = m.createCgroup(s.Cgroup, s.Resources); err != nil {
-			s.Staged.Discard()
 			return nil, tm, err
 		}
+		undo.push("cgroup "+s.Cgroup, func() error { return m.deleteCgroup(s.Cgroup) })
 	}
 	tm.Cgroup = time.Since(t0)
 	spec := runtime.VMSpec{QEMU: m.cfg.QEMU, Machine: s.Machine, StateDir: dir, LogPath: s.LogPath}
 	if m.cfg.Jail != nil {
 		id, err := m.ids.take(m.vmRoot, dirName(s.ID))
 		if err != nil {
-			s.Staged.Discard()
-			if cg != nil {
-				_ = m.deleteCgroup(s.Cgroup)
-			}
 			return nil, tm, err
 		}
+		undo.push("jail uid", func() error { m.ids.release(dirName(s.ID)); return nil })
 		spec.Jail = &runtime.JailSpec{UID: id, GID: id, Groups: s.Groups}
 	}
-	c, err := m.launch(ctx, dir, spec, cg, s.Staged)
-	if err == nil {
-		var h *shim.Handle
-		hctx, cancel := context.WithTimeout(ctx, CallTimeout)
-		h, err = shim.NewHandle(hctx, c)
-		cancel()
-		if err == nil {
-			tm.Spawn, tm.Boot = c.Spawn, c.Boot
-			return h, tm, nil
-		}
-		// Connected but unusable: end the shim (QEMU dies with it).
-		m.endShim(c)
+	// The shim makes the directory; whatever it left there goes with it.
+	undo.push("VM directory "+dir, func() error { return os.RemoveAll(dir) })
+	var idle *shim.Idle
+	if staged != nil {
+		idle, staged = staged.idle, nil
 	}
-	_ = os.RemoveAll(dir)
-	m.ids.release(dirName(s.ID))
-	if cg != nil {
-		if cerr := m.deleteCgroup(s.Cgroup); cerr != nil {
-			logrus.WithError(cerr).WithField("container", s.ID).Warn("remove the cgroup of a VM that did not start")
-		}
+	c, err := m.launch(ctx, dir, spec, cg, idle)
+	if err != nil {
+		return nil, tm, err
 	}
-	return nil, tm, err
+	// Connected but unusable: end the shim (QEMU dies with it).
+	undo.push("shim", func() error { m.endShim(c); return nil })
+	hctx, cancel := context.WithTimeout(ctx, CallTimeout)
+	h, err := shim.NewHandle(hctx, c)
+	cancel()
+	if err != nil {
+		return nil, tm, err
+	}
+	undo.keep()
+	tm.Spawn, tm.Boot = c.Spawn, c.Boot
+	return h, tm, nil
 }
 
 // launch starts the VM's shim: the staged one if any, else one from the
 // pool, else a fresh one. Each attempt has a deadline of its own
 // (LaunchTimeout; adopting an idle shim is bounded by shim.AdoptTimeout
 // within it), so a stuck idle shim costs a start seconds, not its whole
-// deadline; ctx cancels them all.
+// deadline; ctx cancels them all. staged is consumed either way.
 func (m *Manager) launch(ctx context.Context, dir string, spec runtime.VMSpec, cg cgroups.Cgroup, staged *shim.Idle) (*shim.Client, error) {
 	if staged != nil { // already in its cgroup
 		sctx, cancel := context.WithTimeout(ctx, LaunchTimeout)

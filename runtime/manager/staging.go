@@ -11,9 +11,10 @@ import (
 // staging cgroup becomes the container's cgroup by a rename, so no process
 // migration (a kernel RCU grace period, 8–20 ms here) sits on the start path.
 type Staged struct {
-	m      *Manager
-	idle   *shim.Idle
-	cgroup string
+	m       *Manager
+	idle    *shim.Idle
+	cgroup  string
+	claimed bool // its cgroup is a container's now (removed with the container)
 }
 
 // stageName names a pod's staging cgroup (a sibling of its VMs' cgroups).
@@ -56,9 +57,9 @@ func (m *Manager) Stage(sandboxID, parent string) *Staged {
 }
 
 // Claim turns a staged shim's cgroup into cgroup (the container's) and
-// returns the shim for StartSpec.Staged; nil (and the staged shim ended)
+// returns it claimed, for StartSpec.Staged; nil (and the staged shim ended)
 // when that fails or st is nil.
-func (m *Manager) Claim(st *Staged, cgroup string) *shim.Idle {
+func (m *Manager) Claim(st *Staged, cgroup string) *Staged {
 	if st == nil {
 		return nil
 	}
@@ -71,16 +72,19 @@ func (m *Manager) Claim(st *Staged, cgroup string) *shim.Idle {
 		st.Drop()
 		return nil
 	}
-	return st.idle
+	return &Staged{m: st.m, idle: st.idle, cgroup: cgroup, claimed: true}
 }
 
-// Drop ends a staged shim and removes its cgroup (nil: nothing to do).
+// Drop ends a staged shim and removes its staging cgroup; a claimed one's
+// cgroup is the container's and stays for its cleanup (nil: nothing to do).
 func (st *Staged) Drop() {
 	if st == nil {
 		return
 	}
 	st.idle.Discard()
-	_ = st.m.deleteCgroup(st.cgroup)
+	if !st.claimed {
+		_ = st.m.deleteCgroup(st.cgroup)
+	}
 }
 
 // DropStaging removes the staging cgroup of pod sandboxID left by an
