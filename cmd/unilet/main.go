@@ -32,6 +32,7 @@ import (
 	"github.com/unilet-dev/unilet/pkg/metadata"
 	"github.com/unilet-dev/unilet/pkg/streamtoken"
 	"github.com/unilet-dev/unilet/pkg/version"
+	"github.com/unilet-dev/unilet/pkg/vmnet"
 	vmruntime "github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/manager"
 	"github.com/unilet-dev/unilet/runtime/shim"
@@ -81,6 +82,7 @@ func run() error {
 		pullStall                                               time.Duration
 		showVersion                                             bool
 		cniConf, cniCache, netnsDir, cgroupRoot                 string
+		guestNetwork                                            string
 		cniBins, allowParams, logRoots                          multi
 		limits                                                  vm.Limits
 		shimPool                                                int
@@ -113,6 +115,7 @@ func run() error {
 	flag.Var(&cniBins, "cni-bin-dir", "directory of CNI plugins (repeatable; default /opt/cni/bin)")
 	flag.StringVar(&cniCache, "cni-cache-dir", "", "CNI results cache (default <root>/cni)")
 	flag.StringVar(&netnsDir, "netns-dir", "/var/run/netns", "where pod network namespaces are bound")
+	flag.StringVar(&guestNetwork, "guest-network", vmnet.DefaultGuestNetwork, "the fixed IPv4 network (/8../30) every guest sees: its gateway is the first address, the guest the second; each pod's namespace translates it to the pod IP")
 	flag.Var(&logRoots, "pod-log-root", "directory unikernel pods' log directories must lie in: kubelet's podLogsDir (repeatable; default /var/log/pods)")
 	flag.StringVar(&cgroupRoot, "cgroup-root", "/unilet", "cgroup parent for VMs of pods that name none (\"\" disables cgroups)")
 	flag.IntVar(&limits.OverheadMiB, "vmm-overhead", vm.DefaultOverheadMiB, "MiB of a container's memory limit kept for QEMU itself; guest RAM = limit - overhead")
@@ -146,6 +149,10 @@ func run() error {
 	qemuPath, err := exec.LookPath(qemu)
 	if err != nil {
 		return fmt.Errorf("QEMU binary %q not found: %w", qemu, err)
+	}
+	guestNet, err := vmnet.ParseGuestNetwork(guestNetwork)
+	if err != nil {
+		return fmt.Errorf("--guest-network: %w", err)
 	}
 	if stateDir, err = filepath.Abs(stateDir); err != nil {
 		return fmt.Errorf("--state-dir: %w", err)
@@ -224,7 +231,7 @@ func run() error {
 		return err
 	}
 	svc, err := vm.New(vm.Config{QEMU: qemuPath, Accel: resolved, StateDir: stateDir, Version: version.Version,
-		Limits: limits, Network: network, NetNSDir: netnsDir, LogRoots: logRoots}, vms, images, meta)
+		Limits: limits, Network: network, NetNSDir: netnsDir, GuestNet: guestNet, LogRoots: logRoots}, vms, images, meta)
 	if err != nil {
 		return err
 	}

@@ -13,6 +13,8 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 	"k8s.io/cri-streaming/pkg/streaming"
 	remotecommandserver "k8s.io/cri-streaming/pkg/streaming/remotecommand"
+
+	"github.com/unilet-dev/unilet/pkg/netns"
 )
 
 // SetStreamServer installs the CRI streaming server that serves attach and
@@ -161,23 +163,34 @@ func (e *onEOF) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// PortForward connects one stream to port on the pod IP: the guest owns that
-// address, and the CNI network routes it from the host.
+// PortForwardDialTimeout bounds connecting a port-forward stream to the guest.
+const PortForwardDialTimeout = 10 * time.Second
+
+// PortForward connects one stream to port of the pod's guest (podTarget).
 func (sr streamRuntime) PortForward(ctx context.Context, id string, port int32, stream io.ReadWriteCloser) error {
 	defer stream.Close()
-	ip, err := sr.s.podIP(id)
+	to, err := sr.s.podTarget(id)
 	if err != nil {
 		return err
 	}
 	if port <= 0 || port > 65535 {
 		return fmt.Errorf("invalid port %d", port)
 	}
-	var d net.Dialer
-	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	conn, err := d.DialContext(dctx, "tcp", net.JoinHostPort(ip, strconv.Itoa(int(port))))
-	cancel()
+	var conn net.Conn
+	dial := func() error {
+		var d net.Dialer
+		dctx, cancel := context.WithTimeout(ctx, PortForwardDialTimeout)
+		defer cancel()
+		conn, err = d.DialContext(dctx, "tcp", net.JoinHostPort(to.addr, strconv.Itoa(int(port))))
+		return err
+	}
+	if to.netns != "" {
+		err = netns.Do(to.netns, dial) // the socket stays in the pod's namespace
+	} else {
+		err = dial()
+	}
 	if err != nil {
-		return fmt.Errorf("connect to port %d of the unikernel pod (%s): %w", port, ip, err)
+		return fmt.Errorf("connect to port %d of the unikernel pod's guest (%s): %w", port, to.addr, err)
 	}
 	defer conn.Close()
 	done := make(chan struct{}, 2)

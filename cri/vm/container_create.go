@@ -150,7 +150,7 @@ func (s *Service) containerSpec(id string, sb *sandbox, cfg *runtimeapi.Containe
 	if net := sb.Status().Net; net != nil {
 		nics = []runtime.NIC{{Tap: TapName, NetNS: sb.Meta().NetNS, MAC: sb.Status().MAC}}
 		if features.Has(FeatureNetdev) {
-			p, err := NetdevParam(net, sbCfg.GetHostname(), sbCfg.GetDnsConfig())
+			p, err := NetdevParam(net, sb.Status().Guest, sbCfg.GetHostname(), sbCfg.GetDnsConfig())
 			if err != nil {
 				return invalid(err)
 			}

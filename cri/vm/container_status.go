@@ -123,13 +123,13 @@ func (s *Service) Exec(ctx context.Context, r *runtimeapi.ExecRequest) (*runtime
 	return nil, errorf(codes.Unimplemented, noExec, "exec")
 }
 
-// PortForward returns a streaming URL that forwards to the pod IP.
+// PortForward returns a streaming URL that forwards to the pod's guest.
 func (s *Service) PortForward(ctx context.Context, r *runtimeapi.PortForwardRequest) (*runtimeapi.PortForwardResponse, error) {
 	sb, err := s.getSandbox(r.GetPodSandboxId())
 	if err != nil {
 		return nil, err
 	}
-	if _, err := s.podIP(sb.ID()); err != nil {
+	if _, err := s.podTarget(sb.ID()); err != nil {
 		return nil, err
 	}
 	if s.stream == nil {
@@ -150,33 +150,43 @@ func (s *Service) PortForward(ctx context.Context, r *runtimeapi.PortForwardRequ
 	return resp, nil
 }
 
-// podIP returns the IP of a ready unikernel pod.
-func (s *Service) podIP(id string) (string, error) {
+// podTarget is where port-forward connects for a ready unikernel pod.
+type podTarget struct {
+	addr  string // IP address
+	netns string // dialled from inside this namespace ("" = from the host's)
+}
+
+// podTarget returns where a ready unikernel pod's guest is reached. A
+// routed pod's guest is dialled at its fixed address from inside the pod's
+// own network namespace, so no record can make the daemon dial anything
+// else. A pod made before routed networking (its guest NIC owns the pod IP)
+// is dialled from the host at the pod IP, once the pod's own namespace
+// proves it holds that address (docs/security.md).
+func (s *Service) podTarget(id string) (podTarget, error) {
 	sb, err := s.getSandbox(id)
 	if err != nil {
-		return "", err
+		return podTarget{}, err
 	}
 	st := sb.Status()
 	if st.State != store.SandboxReady {
-		return "", errorf(codes.FailedPrecondition, "pod %s is not ready", sb.ID())
+		return podTarget{}, errorf(codes.FailedPrecondition, "pod %s is not ready", sb.ID())
 	}
 	ip := primaryIP(st.Net)
 	if ip == "" || sb.Meta().NetNS == "" {
-		return "", errorf(codes.FailedPrecondition, "pod %s has no IP address (no pod network)", sb.ID())
+		return podTarget{}, errorf(codes.FailedPrecondition, "pod %s has no IP address (no pod network)", sb.ID())
 	}
-	// The address dialled is one the pod's own network namespace holds on
-	// its CNI interface (where the guest's NIC takes it over), never only
-	// what a record says: a tampered record must not make the daemon dial
-	// a host address (docs/security.md).
+	if st.Guest != nil {
+		return podTarget{addr: st.Guest.Addr.Addr().String(), netns: sb.Meta().NetNS}, nil
+	}
 	live, err := vmnet.Addresses(sb.Meta().NetNS, cni.IfName)
 	if err != nil {
-		return "", errorf(codes.FailedPrecondition, "pod %s: reading its network namespace: %v", sb.ID(), err)
+		return podTarget{}, errorf(codes.FailedPrecondition, "pod %s: reading its network namespace: %v", sb.ID(), err)
 	}
 	for _, a := range live {
 		if a.Equal(net.ParseIP(ip)) {
-			return a.String(), nil
+			return podTarget{addr: a.String()}, nil
 		}
 	}
-	return "", errorf(codes.FailedPrecondition, "pod %s: its recorded address %s is not an address of its network namespace (%v); "+
+	return podTarget{}, errorf(codes.FailedPrecondition, "pod %s: its recorded address %s is not an address of its network namespace (%v); "+
 		"not connecting", sb.ID(), ip, live)
 }

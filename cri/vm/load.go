@@ -112,7 +112,15 @@ func (s *Service) loadSandbox(k, v []byte) error {
 				"a sandbox record names a network namespace outside unilet's --netns-dir; using unilet's own path")
 		}
 	}
-	s.sandboxes.Restore(rec.ID, meta, sandboxStatus{State: state, Net: rec.Net, MAC: rec.MAC, NetPending: rec.NetPending})
+	if rec.Guest != nil {
+		if err := rec.Guest.Validate(); err != nil {
+			return err
+		}
+		if rec.MAC != rec.Guest.MAC {
+			return fmt.Errorf("the guest NIC's MAC %q is not the routed guest network's %q", rec.MAC, rec.Guest.MAC)
+		}
+	}
+	s.sandboxes.Restore(rec.ID, meta, sandboxStatus{State: state, Net: rec.Net, MAC: rec.MAC, NetPending: rec.NetPending, Guest: rec.Guest})
 	return nil
 }
 

@@ -12,6 +12,7 @@ import (
 	"github.com/unilet-dev/unilet/image"
 	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/pkg/metadata"
+	"github.com/unilet-dev/unilet/pkg/vmnet"
 	"github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/manager"
 )
@@ -63,7 +64,10 @@ type sandboxRuntime struct {
 type sandboxStatus struct {
 	State store.SandboxState
 	Net   *cni.Result
-	MAC   string
+	MAC   string // the guest NIC's
+	// Guest is the guest's fixed network, translated to the pod IP in the
+	// pod's namespace (nil: bridged, a pod made before routed networking).
+	Guest *vmnet.Guest
 	// NetPending is true from before CNI ADD until DEL succeeded.
 	NetPending bool
 }
@@ -83,6 +87,9 @@ type sandboxRecord struct {
 	Net        *cni.Result `json:"net,omitempty"`
 	MAC        string      `json:"mac,omitempty"`
 	NetPending bool        `json:"netPending,omitempty"`
+	// Guest is the routed guest network (nil: a pod made before routed
+	// networking, whose guest NIC owns the pod IP through tc mirred).
+	Guest *vmnet.Guest `json:"guest,omitempty"`
 }
 
 type containerRecord struct {
@@ -111,7 +118,7 @@ func sandboxToRecord(id string, m sandboxMeta, st sandboxStatus) (sandboxRecord,
 		return sandboxRecord{}, err
 	}
 	return sandboxRecord{ID: id, Config: cfg, Handler: m.Handler, CreatedAt: m.CreatedAt, State: int32(st.State.CRI()),
-		Phase: string(st.State), NetNS: m.NetNS, Net: st.Net, MAC: st.MAC, NetPending: st.NetPending}, nil
+		Phase: string(st.State), NetNS: m.NetNS, Net: st.Net, MAC: st.MAC, NetPending: st.NetPending, Guest: st.Guest}, nil
 }
 
 func containerToRecord(id string, m containerMeta, st containerStatus) (containerRecord, error) {

@@ -95,9 +95,9 @@ func (s *Service) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandbox
 	go func() { staged <- s.vms.Stage(id, cfg.GetLinux().GetCgroupParent()) }()
 	var steps netSteps
 	var res *cni.Result
-	var mac string
+	var guest *vmnet.Guest
 	if s.cfg.Network != nil {
-		if steps, res, mac, err = s.setupNetwork(ctx, sb); err != nil {
+		if steps, res, guest, err = s.setupNetwork(ctx, sb); err != nil {
 			(<-staged).Drop()
 			s.dropFailedSandbox(sb)
 			return nil, err
@@ -112,7 +112,10 @@ func (s *Service) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandbox
 		if err := cur.State.Check(store.SandboxReady); err != nil {
 			return cur, err // stopped or removed while being created
 		}
-		cur.State, cur.Net, cur.MAC = store.SandboxReady, res, mac
+		cur.State, cur.Net = store.SandboxReady, res
+		if guest != nil {
+			cur.Guest, cur.MAC = guest, guest.MAC
+		}
 		return cur, nil
 	})
 	if err != nil {
@@ -166,26 +169,26 @@ func podInfo(id string, cfg *runtimeapi.PodSandboxConfig) cni.PodInfo {
 type netSteps struct{ netns, cni, tap time.Duration }
 
 // setupNetwork: netns, CNI ADD, tap. The caller tears down on failure.
-func (s *Service) setupNetwork(ctx context.Context, sb *sandbox) (netSteps, *cni.Result, string, error) {
+func (s *Service) setupNetwork(ctx context.Context, sb *sandbox) (netSteps, *cni.Result, *vmnet.Guest, error) {
 	var st netSteps
 	t := time.Now()
 	lap := func(d *time.Duration) { now := time.Now(); *d = now.Sub(t); t = now }
 	path := sb.Meta().NetNS
 	if _, err := netns.Create(s.cfg.NetNSDir, "unilet-"+sb.ID()); err != nil {
-		return st, nil, "", errorf(codes.Internal, "create network namespace: %v", err)
+		return st, nil, nil, errorf(codes.Internal, "create network namespace: %v", err)
 	}
 	lap(&st.netns)
 	res, err := s.cfg.Network.Setup(ctx, podInfo(sb.ID(), sb.Meta().Config), path)
 	if err != nil {
-		return st, nil, "", errorf(codes.Unknown, "set up pod network: %v", err)
+		return st, nil, nil, errorf(codes.Unknown, "set up pod network: %v", err)
 	}
 	lap(&st.cni)
-	link, err := vmnet.SetupTap(path, cni.IfName, TapName)
-	if err != nil {
-		return st, nil, "", errorf(codes.Internal, "prepare the VM's tap device: %v", err)
+	guest := s.cfg.GuestNet
+	if _, err := vmnet.SetupRouted(path, cni.IfName, TapName, guest); err != nil {
+		return st, nil, nil, errorf(codes.Internal, "prepare the VM's routed tap device: %v", err)
 	}
 	lap(&st.tap)
-	return st, res, link.MAC, nil
+	return st, res, &guest, nil
 }
 
 // dropFailedSandbox undoes a half-made sandbox. If its network cannot be

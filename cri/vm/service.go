@@ -27,6 +27,7 @@ import (
 	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/pkg/metadata"
 	"github.com/unilet-dev/unilet/pkg/netns"
+	"github.com/unilet-dev/unilet/pkg/vmnet"
 	"github.com/unilet-dev/unilet/runtime/manager"
 )
 
@@ -45,6 +46,9 @@ type Config struct {
 	Network Network
 	// NetNSDir holds the pods' named network namespaces.
 	NetNSDir string
+	// GuestNet is the fixed network every guest sees, translated to its pod
+	// IP (zero: vmnet.DefaultGuestNetwork).
+	GuestNet vmnet.Guest
 	// LogRoots are the directories pods' log directories must lie in
 	// (kubelet's podLogsDir, /var/log/pods by default).
 	LogRoots []string
@@ -86,6 +90,9 @@ func New(cfg Config, vms VMs, images *image.Store, meta *metadata.Store) (*Servi
 	cfg.Limits = cfg.Limits.withDefaults()
 	if cfg.NetNSDir == "" {
 		cfg.NetNSDir = netns.DefaultDir
+	}
+	if !cfg.GuestNet.Addr.IsValid() {
+		cfg.GuestNet, _ = vmnet.ParseGuestNetwork(vmnet.DefaultGuestNetwork)
 	}
 	if abs, err := filepath.Abs(cfg.StateDir); err == nil {
 		cfg.StateDir = abs

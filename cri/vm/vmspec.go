@@ -17,6 +17,7 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/pkg/cni"
+	"github.com/unilet-dev/unilet/pkg/vmnet"
 	"github.com/unilet-dev/unilet/runtime"
 )
 
@@ -239,10 +240,12 @@ func Size(res *runtimeapi.LinuxContainerResources, t PodTuning, imageMinMiB int,
 	return s, nil
 }
 
-// NetdevParam is the Unikraft netdev.ip parameter for the pod's address:
-// <cidr>:<gw>:<dns0>:<dns1>:<hostname>:<domain>. DNS servers and the domain
-// come from the pod's DNS config (cluster DNS), else from the CNI result.
-func NetdevParam(res *cni.Result, hostname string, dns *runtimeapi.DNSConfig) (string, error) {
+// NetdevParam is the Unikraft netdev.ip parameter of a pod's guest:
+// <cidr>:<gw>:<dns0>:<dns1>:<hostname>:<domain>. The address and gateway
+// are the routed guest network's (guest; nil for a bridged pod: the pod's
+// own from the CNI result). DNS servers and the domain come from the pod's
+// DNS config (cluster DNS), else from the CNI result.
+func NetdevParam(res *cni.Result, guest *vmnet.Guest, hostname string, dns *runtimeapi.DNSConfig) (string, error) {
 	if res == nil || len(res.IPs) == 0 {
 		return "", fmt.Errorf("the pod has no IP address")
 	}
@@ -284,6 +287,9 @@ func NetdevParam(res *cni.Result, hostname string, dns *runtimeapi.DNSConfig) (s
 	gw := res.Gateway
 	if gw != "" && net.ParseIP(gw) == nil {
 		return "", fmt.Errorf("gateway %q is not an IP address", gw)
+	}
+	if guest != nil {
+		cidr, gw = guest.Addr.String(), guest.Gateway.String()
 	}
 	return "netdev.ip=" + strings.Join([]string{cidr, gw, v4[0], v4[1], hostname, domain}, ":"), nil
 }

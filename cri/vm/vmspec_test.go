@@ -8,6 +8,7 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/pkg/cni"
+	"github.com/unilet-dev/unilet/pkg/vmnet"
 	"github.com/unilet-dev/unilet/runtime"
 )
 
@@ -108,18 +109,25 @@ func TestSizeNeverAboveMaxMemory(t *testing.T) {
 
 func TestNetdevParam(t *testing.T) {
 	res := &cni.Result{IPs: []string{"fd00::5/64", "198.18.0.5/24"}, Gateway: "198.18.0.1", DNS: []string{"198.18.0.53"}}
-	p, err := NetdevParam(res, "web-0", nil)
+	p, err := NetdevParam(res, nil, "web-0", nil)
 	require.NoError(t, err)
 	require.Equal(t, "netdev.ip=198.18.0.5/24:198.18.0.1:198.18.0.53::web-0:", p)
-	p, err = NetdevParam(res, "web-0", &runtimeapi.DNSConfig{Servers: []string{"10.96.0.10", "fd00::10", "10.96.0.11"}, Searches: []string{"ns.svc.cluster.local", "svc.cluster.local"}})
+	p, err = NetdevParam(res, nil, "web-0", &runtimeapi.DNSConfig{Servers: []string{"10.96.0.10", "fd00::10", "10.96.0.11"}, Searches: []string{"ns.svc.cluster.local", "svc.cluster.local"}})
 	require.NoError(t, err)
 	require.Equal(t, "netdev.ip=198.18.0.5/24:198.18.0.1:10.96.0.10:10.96.0.11:web-0:ns.svc.cluster.local", p)
-	_, err = NetdevParam(res, "bad:host", nil)
+	_, err = NetdevParam(res, nil, "bad:host", nil)
 	require.ErrorContains(t, err, "not a DNS label")
-	_, err = NetdevParam(res, "h", &runtimeapi.DNSConfig{Searches: []string{"a b:c"}})
+	_, err = NetdevParam(res, nil, "h", &runtimeapi.DNSConfig{Searches: []string{"a b:c"}})
 	require.ErrorContains(t, err, "not a DNS name")
-	_, err = NetdevParam(&cni.Result{IPs: []string{"fd00::5/64"}}, "h", nil)
+	_, err = NetdevParam(&cni.Result{IPs: []string{"fd00::5/64"}}, nil, "h", nil)
 	require.ErrorContains(t, err, "IPv4 only")
+
+	// A routed pod's guest gets the fixed guest network, the pod's DNS.
+	g, err := vmnet.ParseGuestNetwork(vmnet.DefaultGuestNetwork)
+	require.NoError(t, err)
+	p, err = NetdevParam(res, &g, "web-0", nil)
+	require.NoError(t, err)
+	require.Equal(t, "netdev.ip=100.127.255.254/30:100.127.255.253:198.18.0.53::web-0:", p)
 }
 
 func dirStat(dirs ...string) StatFunc {

@@ -7,6 +7,7 @@ package cri_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -123,14 +124,17 @@ func rewriteSandbox(t *testing.T, d *daemon, pod string, fn func(rec map[string]
 	require.NoError(t, db.PutSandbox(pod, rec))
 }
 
-// A stored CNI result naming a host address does not make port-forward
-// dial it: the address must be one the pod's own network namespace holds.
+// A stored record cannot make port-forward dial a host address. A routed
+// pod's guest is dialled at its fixed address from inside the pod's own
+// network namespace, so a CNI result changed to name a loopback address
+// changes nothing; a guest network changed to name one is refused when the
+// record loads (quarantined). The decoy, a loopback listener of this test,
+// is never reached.
 func TestTamperedPodAddressIsNotDialled(t *testing.T) {
 	d := startDaemon(t, "--upstream-endpoint", "")
 	d.must("pull", image())
 	rt := d.rt(t)
 	pod, _ := startVM(t, rt, vmPodConfig(t, "tampered-ip"), "tick=100")
-	// The decoy: a loopback-only service of this test.
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	defer lis.Close()
@@ -141,23 +145,48 @@ func TestTamperedPodAddressIsNotDialled(t *testing.T) {
 			c.Close()
 		}
 	}()
-	port := int32(lis.Addr().(*net.TCPAddr).Port)
+	port := lis.Addr().(*net.TCPAddr).Port
 
 	d.stop()
 	rewriteSandbox(t, d, pod, func(rec map[string]any) {
 		rec["net"].(map[string]any)["ips"] = []string{"127.0.0.1/8"}
 	})
 	d.start()
-	_, err = rt.PortForward(context.Background(), &runtimeapi.PortForwardRequest{PodSandboxId: pod, Port: []int32{port}})
-	require.Equal(t, codes.FailedPrecondition, status.Code(err), "%v", err)
-	require.ErrorContains(t, err, "not an address of its network namespace")
+	local := testutil.MustFreePort(t)
+	pf := exec.Command(crictl, "--runtime-endpoint", "unix://"+d.sock, "port-forward", pod, fmt.Sprintf("%d:%d", local, port))
+	var pfOut syncBuf
+	pf.Stdout, pf.Stderr = &pfOut, &pfOut
+	require.NoError(t, pf.Start())
+	defer func() { _ = pf.Process.Kill(); _ = pf.Wait() }()
+	forwarded := false
+	for end := time.Now().Add(10 * time.Second); time.Now().Before(end) && !forwarded; time.Sleep(100 * time.Millisecond) {
+		if c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", local), time.Second); err == nil {
+			_, _ = c.Write([]byte("hello\n"))
+			_, _ = c.Read(make([]byte, 1))
+			c.Close()
+			forwarded = true
+		}
+	}
+	require.True(t, forwarded, "crictl port-forward never listened: %s", pfOut.String())
+	select {
+	case <-accepted:
+		t.Fatal("the daemon dialled a host address a record named")
+	case <-time.After(2 * time.Second):
+	}
+
+	d.stop()
+	rewriteSandbox(t, d, pod, func(rec map[string]any) {
+		g := rec["guest"].(map[string]any)
+		g["addr"], g["gateway"] = "127.0.0.2/8", "127.0.0.1"
+	})
+	d.start()
+	_, err = rt.PortForward(context.Background(), &runtimeapi.PortForwardRequest{PodSandboxId: pod, Port: []int32{int32(port)}})
+	require.Equal(t, codes.NotFound, status.Code(err), "a guest network naming loopback is refused at load: %v", err)
 	select {
 	case <-accepted:
 		t.Fatal("the daemon dialled a host address a record named")
 	case <-time.After(500 * time.Millisecond):
 	}
-	_, err = rt.RemovePodSandbox(context.Background(), &runtimeapi.RemovePodSandboxRequest{PodSandboxId: pod})
-	require.NoError(t, err)
 }
 
 // Pod log directories must lie in --pod-log-root: a request naming another

@@ -72,6 +72,23 @@ func TestNetworkGuestHTTPVolumesCgroupsPortForward(t *testing.T) {
 	require.True(t, strings.HasPrefix(ip, d.subnet+"."), "pod IP %s from the test's CNI range", ip)
 	nsPath := filepath.Join(d.netnsDir, "unilet-"+pod)
 	require.FileExists(t, nsPath)
+	// A listener on the test's bridge (the pod's gateway) that records who
+	// connects: the guest's own connections must leave as the pod IP.
+	callers := make(chan string, 4)
+	lis, err := net.Listen("tcp4", d.subnet+".1:0")
+	require.NoError(t, err)
+	defer lis.Close()
+	go func() {
+		for {
+			c, err := lis.Accept()
+			if err != nil {
+				return
+			}
+			callers <- c.RemoteAddr().(*net.TCPAddr).IP.String()
+			_, _ = c.Write([]byte("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"))
+			c.Close()
+		}
+	}()
 
 	ctr := d.must("create", pod, writeJSON(t, map[string]any{
 		"metadata": map[string]any{"name": "web"}, "image": map[string]string{"image": netImage()}, "log_path": "web/0.log",
@@ -82,7 +99,8 @@ func TestNetworkGuestHTTPVolumesCgroupsPortForward(t *testing.T) {
 			// device nodes, symlinks out of the volume.
 			"cp /bin/busybox /data/suid && chown 0:0 /data/suid && chmod 6755 /data/suid; touch /data/owned && chown 4321:4321 /data/owned; " +
 			"mknod /data/mem c 1 1; mkfifo /data/fifo; ln -s /etc/shadow /data/shadow; mkdir /data/dir && chmod 4777 /data/dir; " +
-			"echo GUEST-VIEW $(stat -c '%A:%u' /data/suid /data/owned /data/mem) $(readlink /data/shadow); exec httpd -f -p 8080 -h /data"},
+			"echo GUEST-VIEW $(stat -c '%A:%u' /data/suid /data/owned /data/mem) $(readlink /data/shadow); " +
+			"wget -q -O /dev/null http://" + lis.Addr().String() + "/from-guest; echo CALLED-OUT=$?; exec httpd -f -p 8080 -h /data"},
 		"envs":   []map[string]string{{"key": "FOO", "value": "bar baz"}},
 		"mounts": []map[string]any{{"container_path": "/data", "host_path": data}, {"container_path": "/config", "host_path": cfgDir, "readonly": true}},
 		"linux": map[string]any{"resources": map[string]any{"memory_limit_in_bytes": 256 << 20, "cpu_quota": 150000, "cpu_period": 100000,
@@ -99,7 +117,8 @@ func TestNetworkGuestHTTPVolumesCgroupsPortForward(t *testing.T) {
 	require.NoError(t, err)
 	log := string(b)
 	for _, want := range []string{
-		fmt.Sprintf("stdout F net: ip=%s/24 gw=%s.1 dns=%s.53, hostname=web-0 domain=e2e.svc.cluster.local", ip, d.subnet, d.subnet),
+		// The guest has the fixed guest network, never the pod IP (routed).
+		fmt.Sprintf("stdout F net: ip=100.127.255.254/30 gw=100.127.255.253 dns=%s.53, hostname=web-0 domain=e2e.svc.cluster.local", d.subnet),
 		"stdout F net: eth0 up",
 		"stdout F fstab: initrd0:/:extract::ramfs=1: (initramfs already extracted",
 		"stdout F fstab: fs1:/data:9pfs:::mkmp mounted",
@@ -109,6 +128,12 @@ func TestNetworkGuestHTTPVolumesCgroupsPortForward(t *testing.T) {
 		require.Contains(t, log, want)
 	}
 	require.NotContains(t, log, "stdout F RO-WRITABLE")
+	select {
+	case from := <-callers:
+		require.Equal(t, ip, from, "the guest's connection leaves its pod as the pod IP")
+	case <-time.After(30 * time.Second):
+		t.Fatal("the guest's outbound connection never arrived")
+	}
 	// The guest sees what it asked for; the host has only plain files and
 	// directories of the jail's uid, without setuid/setgid bits.
 	waitLog(t, logPath, "GUEST-VIEW")

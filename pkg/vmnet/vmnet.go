@@ -1,6 +1,10 @@
-// Package vmnet joins a VM's tap device to the pod's CNI interface inside
-// the pod network namespace: tc ingress qdiscs with mirred redirects both
-// ways, so the guest NIC (carrying the CNI interface's MAC) owns the pod IP.
+// Package vmnet connects a VM's tap device to the pod's CNI interface inside
+// the pod network namespace. Routed (SetupRouted, every new pod): the guest
+// keeps one fixed address and the namespace translates 1:1 to the pod IP
+// with netfilter NAT, so clones and resumed VMs keep a working network.
+// Bridged (SetupTap, pods made before routed networking): tc ingress
+// qdiscs with mirred redirects both ways, so the guest NIC (carrying the CNI
+// interface's MAC) owns the pod IP itself.
 package vmnet
 
 import (
@@ -31,22 +35,9 @@ func SetupTap(path, ifName, tapName string) (Link, error) {
 			return fmt.Errorf("CNI interface %s: %w", ifName, err)
 		}
 		out.MAC, out.MTU = eth.Attrs().HardwareAddr.String(), eth.Attrs().MTU
-		tap, err := netlink.LinkByName(tapName)
+		tap, err := ensureTap(tapName, out.MTU)
 		if err != nil {
-			t := &netlink.Tuntap{LinkAttrs: netlink.LinkAttrs{Name: tapName, MTU: out.MTU},
-				Mode: netlink.TUNTAP_MODE_TAP, Flags: netlink.TUNTAP_NO_PI | netlink.TUNTAP_VNET_HDR | netlink.TUNTAP_ONE_QUEUE}
-			if err := netlink.LinkAdd(t); err != nil {
-				return fmt.Errorf("create %s: %w", tapName, err)
-			}
-			if tap, err = netlink.LinkByName(tapName); err != nil {
-				return err
-			}
-		}
-		if err := netlink.LinkSetMTU(tap, out.MTU); err != nil {
-			return fmt.Errorf("set %s MTU: %w", tapName, err)
-		}
-		if err := netlink.LinkSetUp(tap); err != nil {
-			return fmt.Errorf("bring %s up: %w", tapName, err)
+			return err
 		}
 		if err := redirect(eth, tap); err != nil {
 			return err

@@ -1,0 +1,170 @@
+package vmnet
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"github.com/vishvananda/netlink"
+
+	"github.com/unilet-dev/unilet/pkg/netns"
+)
+
+func TestParseGuestNetwork(t *testing.T) {
+	g, err := ParseGuestNetwork(DefaultGuestNetwork)
+	require.NoError(t, err)
+	require.Equal(t, "100.127.255.254/30", g.Addr.String())
+	require.Equal(t, "100.127.255.253", g.Gateway.String())
+	require.NoError(t, g.Validate())
+	for _, bad := range []string{"", "10.0.0.1/30", "10.0.0.0/31", "fd00::/64", "10.0.0.0/7", "x", "127.0.0.0/8", "169.254.0.0/30", "224.0.0.0/30"} {
+		_, err := ParseGuestNetwork(bad)
+		require.Error(t, err, bad)
+	}
+	g.Gateway = netip.MustParseAddr("10.0.0.1")
+	require.Error(t, g.Validate(), "a gateway outside the guest network")
+	g, _ = ParseGuestNetwork(DefaultGuestNetwork)
+	g.MAC = "ff:ff:ff:ff:ff:ff"
+	require.Error(t, g.Validate(), "a broadcast MAC")
+}
+
+// testNS makes a network namespace that is removed when the test ends.
+func testNS(t *testing.T, dir, name string) string {
+	t.Helper()
+	p, err := netns.Create(dir, name)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = netns.Remove(p) })
+	return p
+}
+
+// veth makes a veth pair inside namespace a (a's end named aName, with
+// address aAddr) whose peer bName moves into namespace b with bAddr; a
+// default route via gw (if valid) is added in b.
+func veth(t *testing.T, a, aName, aAddr, b, bName, bAddr string, bGateway string) {
+	t.Helper()
+	bf, err := os.Open(b)
+	require.NoError(t, err)
+	defer bf.Close()
+	require.NoError(t, netns.Do(a, func() error {
+		if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: aName}, PeerName: bName}); err != nil {
+			return err
+		}
+		l, err := netlink.LinkByName(aName)
+		if err != nil {
+			return err
+		}
+		if aAddr != "" {
+			addr, _ := netlink.ParseAddr(aAddr)
+			if err := netlink.AddrAdd(l, addr); err != nil {
+				return err
+			}
+		}
+		if err := netlink.LinkSetUp(l); err != nil {
+			return err
+		}
+		peer, err := netlink.LinkByName(bName)
+		if err != nil {
+			return err
+		}
+		return netlink.LinkSetNsFd(peer, int(bf.Fd()))
+	}))
+	require.NoError(t, netns.Do(b, func() error {
+		l, err := netlink.LinkByName(bName)
+		if err != nil {
+			return err
+		}
+		addr, _ := netlink.ParseAddr(bAddr)
+		if err := netlink.AddrAdd(l, addr); err != nil {
+			return err
+		}
+		if err := netlink.LinkSetUp(l); err != nil {
+			return err
+		}
+		if lo, err := netlink.LinkByName("lo"); err == nil {
+			_ = netlink.LinkSetUp(lo)
+		}
+		if bGateway == "" {
+			return nil
+		}
+		return netlink.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Gw: net.ParseIP(bGateway)})
+	}))
+}
+
+// listen opens a TCP listener inside namespace ns; each connection is
+// answered with the remote address the listener saw.
+func listen(t *testing.T, ns, addr string) {
+	t.Helper()
+	var l net.Listener
+	require.NoError(t, netns.Do(ns, func() (err error) {
+		l, err = net.Listen("tcp4", addr)
+		return err
+	}))
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			fmt.Fprintf(c, "%s\n", c.RemoteAddr().(*net.TCPAddr).IP)
+			c.Close()
+		}
+	}()
+}
+
+// seenBy dials addr from inside namespace ns and returns the source address
+// the listener saw.
+func seenBy(t *testing.T, ns, addr string) string {
+	t.Helper()
+	var c net.Conn
+	require.NoError(t, netns.Do(ns, func() (err error) {
+		c, err = net.DialTimeout("tcp4", addr, 5*time.Second)
+		return err
+	}))
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	require.NoError(t, err)
+	return line[:len(line)-1]
+}
+
+// The routed pod network, with a veth standing in for the VM's tap and a
+// namespace of its own for the guest: a client reaches the guest at the
+// pod IP and the guest sees the client's own address; the guest's
+// connections leave as the pod IP; setting up again changes nothing. Only
+// namespaces the test makes are touched (needs root).
+func TestRoutedTranslatesBothWays(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("this test needs root (network namespaces)")
+	}
+	dir := t.TempDir()
+	pod, client, guest := testNS(t, dir, "pod"), testNS(t, dir, "client"), testNS(t, dir, "guest")
+	g, err := ParseGuestNetwork(DefaultGuestNetwork)
+	require.NoError(t, err)
+	// client 198.18.77.1 ── eth0 198.18.77.2 (pod) ── tap0 / g0 100.127.255.254 (guest)
+	veth(t, client, "c0", "198.18.77.1/24", pod, "eth0", "198.18.77.2/24", "198.18.77.1")
+	veth(t, pod, "tap0", "", guest, "g0", g.Addr.String(), g.Gateway.String())
+
+	for round := 0; round < 2; round++ {
+		r, err := SetupRouted(pod, "eth0", "tap0", g)
+		require.NoError(t, err)
+		require.Equal(t, "198.18.77.2", r.PodIP.String())
+	}
+	listen(t, guest, ":8080")
+	listen(t, client, "198.18.77.1:9090")
+	require.Equal(t, "198.18.77.1", seenBy(t, client, "198.18.77.2:8080"), "inbound keeps the client's address and reaches the guest")
+	require.Equal(t, "198.18.77.2", seenBy(t, guest, "198.18.77.1:9090"), "the guest's connections leave as the pod IP")
+	// From inside the pod namespace (port-forward) the guest is dialled at
+	// its own address.
+	require.Equal(t, g.Gateway.String(), seenBy(t, pod, net.JoinHostPort(g.Addr.Addr().String(), "8080")))
+
+	// A pod IP inside the guest network is refused.
+	other := testNS(t, dir, "clash")
+	veth(t, client, "c1", "", other, "eth0", "100.127.255.254/24", "")
+	_, err = SetupRouted(other, "eth0", "tap0", g)
+	require.ErrorContains(t, err, "lies in the guest network")
+}
