@@ -6,8 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // monitor owns a VM's single QMP connection (a QMP chardev serves one client
@@ -107,6 +110,12 @@ const (
 )
 
 func (m *monitor) execute(cmd string, timeout time.Duration) (json.RawMessage, error) {
+	return m.call(cmd, nil, nil, timeout)
+}
+
+// call runs cmd with arguments args (nil: none); oob, when set, is sent
+// with the command as ancillary data (SCM_RIGHTS for getfd).
+func (m *monitor) call(cmd string, args any, oob []byte, timeout time.Duration) (json.RawMessage, error) {
 	ch := make(chan qmpReply, 1)
 	m.mu.Lock()
 	m.seq++
@@ -119,12 +128,20 @@ func (m *monitor) execute(cmd string, timeout time.Duration) (json.RawMessage, e
 		m.mu.Unlock()
 	}
 	b, _ := json.Marshal(struct {
-		Execute string `json:"execute"`
-		ID      uint64 `json:"id"`
-	}{cmd, id})
+		Execute   string `json:"execute"`
+		Arguments any    `json:"arguments,omitempty"`
+		ID        uint64 `json:"id"`
+	}{cmd, args, id})
 	m.writeMu.Lock()
 	_ = m.conn.SetWriteDeadline(time.Now().Add(timeout))
-	_, err := m.conn.Write(append(b, '\n'))
+	var err error
+	if uc, ok := m.conn.(*net.UnixConn); ok && oob != nil {
+		_, _, err = uc.WriteMsgUnix(append(b, '\n'), oob, nil)
+	} else if oob != nil {
+		err = errors.New("the QMP connection cannot carry file descriptors")
+	} else {
+		_, err = m.conn.Write(append(b, '\n'))
+	}
 	m.writeMu.Unlock()
 	if err != nil {
 		forget()
@@ -162,3 +179,9 @@ func (m *monitor) status() (string, error) {
 }
 
 func (m *monitor) close() { m.conn.Close() }
+
+// sendFD hands f to QEMU under name (QMP getfd), for a later "fd:name" URI.
+func (m *monitor) sendFD(name string, f *os.File) error {
+	_, err := m.call("getfd", map[string]string{"fdname": name}, unix.UnixRights(int(f.Fd())), qmpQueryTimeout)
+	return err
+}

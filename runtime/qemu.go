@@ -50,6 +50,20 @@ type MachineConfig struct {
 	NICs []NIC `json:",omitempty"`
 	// Shares are host directories exported to the guest over virtio-9p.
 	Shares []Share `json:",omitempty"`
+	// RAM backs guest RAM with a file QEMU opens as /proc/self/fd/RAMFD()
+	// (a memfd its supervisor passes): shared for a VM that becomes a
+	// template, private copy-on-write for a clone of one (nil: QEMU's own).
+	RAM *RAMBacking `json:",omitempty"`
+	// Incoming starts QEMU waiting for a migration stream (-incoming
+	// defer) instead of booting: a clone restored from a template.
+	Incoming bool `json:",omitempty"`
+}
+
+// RAMBacking is guest RAM in a file the supervisor passes to QEMU.
+type RAMBacking struct {
+	// Shared maps it MAP_SHARED (share=on: a template's RAM, written to the
+	// file); otherwise MAP_PRIVATE (share=off: a clone's writes stay its own).
+	Shared bool
 }
 
 // NIC is one virtio-net card backed by a tap device in a network namespace.
@@ -84,6 +98,9 @@ const SandboxOpts = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resource
 // QMPFD is QEMU's file descriptor of its QMP monitor connection: after the
 // taps (a socket the supervisor holds the other end of).
 func (m MachineConfig) QMPFD() int { return FirstTapFD + len(m.NICs) }
+
+// RAMFD is QEMU's file descriptor of its guest RAM file (after QMP).
+func (m MachineConfig) RAMFD() int { return m.QMPFD() + 1 }
 
 // FirstTapFD is the file descriptor of the first NIC's tap in QEMU (stdin,
 // stdout and stderr come first; the taps follow in NIC order).
@@ -162,7 +179,16 @@ func BuildArgv(m MachineConfig) ([]string, error) {
 		a = append(a, "-name", "guest="+EscapeOpt(m.Name))
 	}
 	machine := m.Machine + ",accel=" + m.Accel
-	if m.Accel == AccelTCG {
+	if m.RAM != nil {
+		// Guest RAM in the file the supervisor passed (see RAMBacking).
+		share := "off"
+		if m.RAM.Shared {
+			share = "on"
+		}
+		a = append(a, "-object", "memory-backend-file,id="+RAMBackendID+",size="+strconv.Itoa(m.MemoryMiB)+"M,mem-path=/proc/self/fd/"+
+			strconv.Itoa(m.RAMFD())+",share="+share)
+		machine += ",memory-backend=" + RAMBackendID
+	} else if m.Accel == AccelTCG {
 		// Guest RAM from a memfd under TCG. QEMU asks for transparent huge
 		// pages on anonymous guest RAM, so each 2 MiB the guest (or its
 		// firmware) touches is zeroed and kept whole; shmem gets no THP by
@@ -196,6 +222,9 @@ func BuildArgv(m MachineConfig) ([]string, error) {
 	)
 	if m.Sandbox {
 		a = append(a, "-sandbox", SandboxOpts)
+	}
+	if m.Incoming {
+		a = append(a, "-incoming", "defer")
 	}
 	bus := "pci"
 	if m.Machine == MachineMicroVM {

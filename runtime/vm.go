@@ -77,7 +77,27 @@ type VM struct {
 // QMP monitor answers (or fails with a reason). With spec.Jail, QEMU starts
 // through the jail helper (package jail) and sees the kernel, initrd and
 // volumes at the jail's paths.
-func StartVM(spec VMSpec) (*VM, error) {
+func StartVM(spec VMSpec) (*VM, error) { return StartVMWith(spec, Files{}) }
+
+// Files are open files a VM starts with, beside what its spec names.
+type Files struct {
+	// RAM is the guest RAM file for Machine.RAM (a memfd; for a clone, one
+	// sealed against writes: CheckSealed).
+	RAM *os.File
+}
+
+// StartVMWith is StartVM with files passed to QEMU.
+func StartVMWith(spec VMSpec, files Files) (*VM, error) {
+	if spec.Machine.RAM != nil {
+		if files.RAM == nil {
+			return nil, errors.New("the VM's RAM is file-backed but no RAM file was given")
+		}
+		if !spec.Machine.RAM.Shared {
+			if err := CheckSealed(files.RAM); err != nil {
+				return nil, err
+			}
+		}
+	}
 	m := spec.Machine
 	if spec.Jail != nil {
 		m = spec.Jail.machine(m)
@@ -146,6 +166,9 @@ func StartVM(spec VMSpec) (*VM, error) {
 	}
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdinR, stdoutW, v.stderr
 	cmd.ExtraFiles = append(append([]*os.File{}, taps...), qmpTheirs)
+	if spec.Machine.RAM != nil { // at Machine.RAMFD()
+		cmd.ExtraFiles = append(cmd.ExtraFiles, files.RAM)
+	}
 	// QEMU never outlives its shim: a shim that dies (or is killed while a
 	// start is cancelled) takes its VM with it, so no VM runs unsupervised.
 	cmd.SysProcAttr.Setpgid, cmd.SysProcAttr.Pdeathsig = true, syscall.SIGKILL
