@@ -41,8 +41,9 @@ func NewRAMFile(name string, size int64) (*os.File, error) {
 
 // LoadRAMFile reads a template's RAM file (size bytes) into a new memfd,
 // leaving pages that are all zeros as holes (no memory), and seals it
-// against writes, growth and shrinking.
-func LoadRAMFile(path string, size int64) (*os.File, error) {
+// against writes, growth and shrinking. Every byte read is also written to
+// sum (a hash; nil: none), so what is verified is what was loaded.
+func LoadRAMFile(path string, size int64, sum io.Writer) (*os.File, error) {
 	src, err := os.Open(path)
 	if err != nil {
 		return nil, err
@@ -55,7 +56,7 @@ func LoadRAMFile(path string, size int64) (*os.File, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := copySparse(f, src, size); err != nil {
+	if err := copySparse(f, src, size, sum); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("load template RAM %s: %w", path, err)
 	}
@@ -86,7 +87,7 @@ func SaveRAMFile(ram *os.File, path string, size int64) error {
 	if err != nil {
 		return err
 	}
-	err = copySparse(dst, ram, size)
+	err = copySparse(dst, ram, size, nil)
 	if err == nil {
 		err = dst.Truncate(size)
 	}
@@ -103,8 +104,9 @@ func SaveRAMFile(ram *os.File, path string, size int64) error {
 }
 
 // copySparse copies size bytes from src to dst at the same offsets,
-// skipping pages that are all zeros (dst is new: they read as zeros).
-func copySparse(dst io.WriterAt, src io.ReaderAt, size int64) error {
+// skipping pages that are all zeros (dst is new: they read as zeros); sum
+// (if not nil) gets every byte read.
+func copySparse(dst io.WriterAt, src io.ReaderAt, size int64, sum io.Writer) error {
 	const page = 4096
 	buf := make([]byte, 1<<20)
 	for off := int64(0); off < size; {
@@ -114,6 +116,9 @@ func copySparse(dst io.WriterAt, src io.ReaderAt, size int64) error {
 		}
 		if _, err := src.ReadAt(buf[:n], off); err != nil && !(errors.Is(err, io.EOF) && off+n == size) {
 			return err
+		}
+		if sum != nil {
+			_, _ = sum.Write(buf[:n])
 		}
 		for p := int64(0); p < n; p += page {
 			end := min(p+page, n)

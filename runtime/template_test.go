@@ -42,7 +42,7 @@ func TestTemplateClonesRunOnFromTheSnapshot(t *testing.T) {
 	require.NoError(t, unix.Stat(filepath.Join(dir, "ram"), &fst))
 	require.Less(t, fst.Blocks*512, size/2, "pages the guest never wrote are holes")
 
-	tmpl, err := LoadRAMFile(filepath.Join(dir, "ram"), size)
+	tmpl, err := LoadRAMFile(filepath.Join(dir, "ram"), size, nil)
 	require.NoError(t, err)
 	defer tmpl.Close()
 	require.NoError(t, CheckSealed(tmpl))

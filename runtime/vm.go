@@ -49,6 +49,15 @@ type VMSpec struct {
 	StartTimeout time.Duration `json:",omitempty"`
 	// Jail confines QEMU (nil: QEMU runs as the shim does; see jail.go).
 	Jail *JailSpec `json:",omitempty"`
+	// Restore starts the VM from a template instead of booting it (with
+	// Machine.Incoming and private Machine.RAM; nil: it boots).
+	Restore *RestoreSpec `json:",omitempty"`
+}
+
+// RestoreSpec is the template a clone starts from.
+type RestoreSpec struct {
+	RAM   string // the template's RAM: a sealed memfd (LoadRAMFile) bind-mounted at this path
+	State string // the template's device state file
 }
 
 // DefaultStartTimeout is how long a VM may take to come up on QMP.

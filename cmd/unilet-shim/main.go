@@ -29,9 +29,27 @@ func main() {
 	dir := flag.String("dir", "", "VM directory holding spec.json")
 	poolDir := flag.String("pool-dir", "", "run as an idle pre-forked shim serving here until adopted")
 	showVersion := flag.Bool("version", false, "print the version")
+	tmplRAM := flag.String("template-ram", "", "hold this template RAM file in a sealed memfd and hand it to clones' shims on --listen")
+	tmplSize := flag.Int64("size", 0, "size of --template-ram in bytes")
+	tmplDigest := flag.String("digest", "", "SHA-256 of --template-ram (sha256:HEX)")
+	listen := flag.String("listen", "", "socket a template RAM holder serves on")
 	flag.Parse()
 	if *showVersion {
 		fmt.Println("unilet-shim", version.Version)
+		return
+	}
+	if *tmplRAM != "" {
+		if err := shim.Confine(); err != nil {
+			fmt.Fprintln(os.Stderr, "unilet-shim:", err)
+			os.Exit(1)
+		}
+		signal.Ignore(syscall.SIGHUP, syscall.SIGPIPE)
+		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+		defer stop()
+		if err := shim.ServeTemplateRAM(ctx, *tmplRAM, *tmplSize, *tmplDigest, *listen); err != nil {
+			fmt.Fprintln(os.Stderr, "unilet-shim:", err)
+			os.Exit(1)
+		}
 		return
 	}
 	if (*dir == "") == (*poolDir == "") {

@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc"
 	"k8s.io/cri-streaming/pkg/streaming"
 
+	"github.com/unilet-dev/unilet/api/admin"
 	"github.com/unilet-dev/unilet/cri"
 	"github.com/unilet-dev/unilet/cri/vm"
 	"github.com/unilet-dev/unilet/image"
@@ -36,6 +37,7 @@ import (
 	vmruntime "github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/manager"
 	"github.com/unilet-dev/unilet/runtime/shim"
+	"github.com/unilet-dev/unilet/runtime/templates"
 )
 
 type multi []string
@@ -230,8 +232,12 @@ func run() error {
 	if err != nil {
 		return err
 	}
+	tmpls, err := templates.Open(filepath.Join(root, "templates"), filepath.Join(stateDir, "templates"), shimPath)
+	if err != nil {
+		return fmt.Errorf("templates: %w", err)
+	}
 	svc, err := vm.New(vm.Config{QEMU: qemuPath, Accel: resolved, StateDir: stateDir, Version: version.Version,
-		Limits: limits, Network: network, NetNSDir: netnsDir, GuestNet: guestNet, LogRoots: logRoots}, vms, images, meta)
+		Limits: limits, Network: network, NetNSDir: netnsDir, GuestNet: guestNet, LogRoots: logRoots, Templates: tmpls}, vms, images, meta)
 	if err != nil {
 		return err
 	}
@@ -300,6 +306,7 @@ func run() error {
 	}
 	srv := grpc.NewServer(append(router.ServerOptions(), grpc.MaxRecvMsgSize(16<<20), grpc.ChainUnaryInterceptor(cri.UnaryErrors))...)
 	router.Register(srv)
+	admin.RegisterAdminServer(srv, svc)
 
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)

@@ -1,5 +1,6 @@
-// Command uniletctl is unilet's operator CLI. Today: pack (build and push a
-// kraftkit-compatible Unikraft OCI image) and version.
+// Command uniletctl is unilet's operator CLI: pack (build and push a
+// kraftkit-compatible Unikraft OCI image), template (VM templates of the
+// daemon: create, ls, rm) and version.
 package main
 
 import (
@@ -28,6 +29,7 @@ func usage() {
 
 commands:
   pack      build a Unikraft OCI image (kraftkit format) and push it or write an OCI layout
+  template  VM templates on this node: create NAME --image REF (--ready-log REGEX | --ready-after D), ls, rm NAME
   version   print the version
 `)
 }
@@ -41,6 +43,8 @@ func main() {
 	switch os.Args[1] {
 	case "pack":
 		err = pack(os.Args[2:])
+	case "template":
+		err = template(os.Args[2:])
 	case "version", "--version":
 		fmt.Println("uniletctl", version.Version)
 	case "help", "-h", "--help":

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/image"
 	"github.com/unilet-dev/unilet/runtime"
+	"github.com/unilet-dev/unilet/runtime/templates"
 )
 
 // CreateContainer turns the container config into a VM spec (kernel command
@@ -187,6 +189,15 @@ func (s *Service) containerSpec(id string, sb *sandbox, cfg *runtimeapi.Containe
 	if err := meta.Machine.Validate(); err != nil {
 		return invalid(err)
 	}
+	if tuning.Template != "" {
+		t, tw, err := s.templateFor(tuning.Template, sb, cfg, img, env, vols.Shares, size)
+		if err != nil {
+			return invalid(err)
+		}
+		meta.Template = tuning.Template
+		size.MemoryMiB, size.VCPUs = t.Machine.MemoryMiB, t.Machine.VCPUs
+		warnings = append(warnings, tw...)
+	}
 	if meta.Cgroup, err = s.vms.CgroupPath(sbCfg.GetLinux().GetCgroupParent(), id); err != nil {
 		return invalid(err)
 	}
@@ -278,4 +289,44 @@ func dedupEnv(env []string) []string {
 		}
 	}
 	return out
+}
+
+// templateFor checks that a container may start from template name: the
+// template exists, was made from the container's image, and the
+// container's explicit command and arguments are the template's (the guest
+// read them at boot). It returns warnings: an environment that differs
+// (kubelet adds Service variables; the guest keeps the template's),
+// volumes a clone cannot mount (a template has no volume devices).
+func (s *Service) templateFor(name string, sb *sandbox, cfg *runtimeapi.ContainerConfig, img *image.Image, env []string,
+	shares []runtime.Share, size Sizing) (templates.Template, []string, error) {
+	if s.cfg.Templates == nil {
+		return templates.Template{}, nil, fmt.Errorf("annotation %s: templates are off on this node", AnnotationTemplate)
+	}
+	t, err := s.cfg.Templates.Get(name)
+	if err != nil {
+		return t, nil, fmt.Errorf("annotation %s: %v (uniletctl template ls lists this node's)", AnnotationTemplate, err)
+	}
+	if t.ImageID != img.ID {
+		return t, nil, fmt.Errorf("annotation %s: template %q was made from image %s, the container runs %s (%s); a clone runs its template's image",
+			AnnotationTemplate, name, t.ImageID, img.ID, cfg.GetImage().GetImage())
+	}
+	if explicit := append(append([]string{}, cfg.GetCommand()...), cfg.GetArgs()...); len(explicit) > 0 && !slices.Equal(explicit, t.Args) {
+		return t, nil, fmt.Errorf("annotation %s: the container's command and arguments %q differ from template %q's %q; a clone runs with what its template booted with",
+			AnnotationTemplate, explicit, name, t.Args)
+	}
+	if g := sb.Status().Guest; sb.Status().Net != nil && (g == nil || g.Addr.String() != t.GuestAddr) {
+		return t, nil, fmt.Errorf("annotation %s: template %q's guest network %s is not this pod's; recreate the template or the pod", AnnotationTemplate, name, t.GuestAddr)
+	}
+	if size.MemoryLimit > 0 && t.Machine.MemoryMiB > size.MemoryMiB {
+		return t, nil, fmt.Errorf("annotation %s: template %q's guest has %d MiB RAM; the container's memory limit leaves room for %d MiB",
+			AnnotationTemplate, name, t.Machine.MemoryMiB, size.MemoryMiB)
+	}
+	var warnings []string
+	if !slices.Equal(dedupEnv(env), t.Env) {
+		warnings = append(warnings, fmt.Sprintf("the guest keeps template %q's environment (read at its boot); the container's differs", name))
+	}
+	if len(shares) > 0 {
+		warnings = append(warnings, fmt.Sprintf("a clone of template %q has the template's devices: the container's %d volume(s) are not mounted", name, len(shares)))
+	}
+	return t, warnings, nil
 }

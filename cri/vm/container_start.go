@@ -4,6 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -59,7 +63,7 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 
 	t0 := time.Now()
 	sz := c.Status().Sizing
-	vm, tm, err := s.vms.Start(ctx, manager.StartSpec{ID: c.ID(), Machine: m.Machine, LogPath: m.LogPath, Cgroup: m.Cgroup, Staged: staged,
+	vm, tm, err := s.startVM(ctx, c, manager.StartSpec{ID: c.ID(), Machine: m.Machine, LogPath: m.LogPath, Cgroup: m.Cgroup, Staged: staged,
 		Groups: jailGroups(sb.Meta().Config.GetLinux().GetSecurityContext().GetSupplementalGroups(),
 			m.Config.GetLinux().GetSecurityContext().GetSupplementalGroups()),
 		Resources: manager.Resources{MemoryLimit: sz.MemoryLimit, CPUQuota: sz.CPUQuota,
@@ -178,4 +182,78 @@ func jailGroups(lists ...[]int64) []uint32 {
 		}
 	}
 	return out
+}
+
+// startVM starts c's VM: restored from its template when it has one —
+// falling back to a cold boot, with a warning in its log, when the template
+// cannot be restored (removed, changed, made by another QEMU) — else booted.
+func (s *Service) startVM(ctx context.Context, c *container, spec manager.StartSpec) (manager.VM, manager.Timings, error) {
+	m := c.Meta()
+	if m.Template == "" {
+		return s.vms.Start(ctx, spec)
+	}
+	rs, why := s.restoreSpec(m, spec)
+	if why == nil {
+		vm, tm, err := s.vms.Start(ctx, rs)
+		if err == nil || ctx.Err() != nil {
+			return vm, tm, err
+		}
+		why = err
+	}
+	msg := fmt.Sprintf("template %q could not be restored (%v); the VM boots cold instead", m.Template, why)
+	logrus.WithFields(logrus.Fields{"sandbox": m.SandboxID, "container": c.ID(), "template": m.Template}).Warn(msg)
+	noteInLog(m.LogPath, "unilet: "+msg)
+	if err := c.Update(func(st containerStatus) (containerStatus, error) {
+		st.Warnings = appendOnce(st.Warnings, msg)
+		return st, nil
+	}); err != nil {
+		return nil, manager.Timings{}, err
+	}
+	spec.Staged = nil // the first attempt used it up
+	return s.vms.Start(ctx, spec)
+}
+
+// restoreSpec is spec turned into a restore of m's template: the
+// template's machine with the pod's NIC, RAM mapped private from the
+// template's sealed memfd, state loaded instead of a boot.
+func (s *Service) restoreSpec(m containerMeta, spec manager.StartSpec) (manager.StartSpec, error) {
+	if s.cfg.Templates == nil {
+		return spec, errors.New("templates are off on this node")
+	}
+	t, err := s.cfg.Templates.Get(m.Template)
+	if err != nil {
+		return spec, err
+	}
+	if t.Machine.Accel != m.Machine.Accel {
+		return spec, fmt.Errorf("it was made under %s, this node runs VMs under %s", t.Machine.Accel, m.Machine.Accel)
+	}
+	if t.ImageID != m.Image.ID {
+		return spec, fmt.Errorf("it was made from image %s, the container runs %s", t.ImageID, m.Image.ID)
+	}
+	rs, err := s.cfg.Templates.Prepare(t)
+	if err != nil {
+		return spec, err
+	}
+	machine := t.Machine
+	machine.Name, machine.NICs = m.Machine.Name, m.Machine.NICs
+	machine.RAM, machine.Incoming = &runtime.RAMBacking{}, true
+	spec.Machine, spec.Restore = machine, rs
+	return spec, nil
+}
+
+// noteInLog appends a line of unilet's own to a container's CRI log (none
+// of its VM's writers is running).
+func noteInLog(path, msg string) {
+	if path == "" {
+		return
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	_, _ = fmt.Fprintf(f, "%s stderr F %s\n", time.Now().UTC().Format(time.RFC3339Nano), strings.ReplaceAll(msg, "\n", " "))
 }

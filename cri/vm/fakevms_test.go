@@ -242,3 +242,9 @@ func (f *fakeVM) Close() error {
 	f.closed = true
 	return nil
 }
+
+func (f *fakeVM) Snapshot(context.Context, string) (int64, int64, error) {
+	return 0, 0, errors.New("a fake VM has no state")
+}
+func (f *fakeVM) Pause(context.Context) error  { return nil }
+func (f *fakeVM) Resume(context.Context) error { return nil }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 
+	"github.com/sirupsen/logrus"
 	"google.golang.org/grpc/codes"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
@@ -181,8 +182,15 @@ func (s *Service) RemoveImage(ctx context.Context, r *runtimeapi.RemoveImageRequ
 			}
 		}
 	}
-	if _, err := s.images.Remove(ref); err != nil {
+	img, _ := s.images.Get(ref)
+	gone, err := s.images.Remove(ref)
+	if err != nil {
 		return nil, errorf(codes.Internal, "remove image: %v", err)
+	}
+	if gone && img != nil && s.cfg.Templates != nil {
+		if names := s.cfg.Templates.RemoveForImage(img.ID); len(names) > 0 {
+			logrus.WithFields(logrus.Fields{"image": img.ID, "templates": names}).Info("removed the templates of a removed image")
+		}
 	}
 	return &runtimeapi.RemoveImageResponse{}, nil
 }

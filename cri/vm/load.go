@@ -152,7 +152,8 @@ func (s *Service) loadContainer(k, v []byte) (*container, error) {
 	if err != nil {
 		img = &image.Image{ID: rec.ImageID}
 	}
-	meta := containerMeta{SandboxID: rec.SandboxID, Config: cfg, Image: img, ImageRef: rec.ImageRef, CreatedAt: rec.CreatedAt, Machine: rec.Machine}
+	meta := containerMeta{SandboxID: rec.SandboxID, Config: cfg, Image: img, ImageRef: rec.ImageRef, CreatedAt: rec.CreatedAt, Machine: rec.Machine,
+		Template: rec.Template}
 	st := containerStatus{State: state, StartedAt: rec.StartedAt, Exit: rec.Exit, Pid: rec.Pid, Sizing: rec.Sizing, Warnings: rec.Warnings}
 	sb, err := s.sandboxes.Get(rec.SandboxID)
 	if err != nil || sb.ID() != rec.SandboxID {
@@ -187,7 +188,7 @@ func (s *Service) loadContainer(k, v []byte) (*container, error) {
 				Message: "the container could not be restored after a daemon restart: " + err.Error()}
 		} else {
 			fresh.CreatedAt = meta.CreatedAt
-			meta.Machine = fresh.Machine
+			meta.Machine, meta.Template = fresh.Machine, fresh.Template
 		}
 	}
 	c := s.containers.Restore(rec.ID, meta, st)
@@ -265,6 +266,11 @@ func (s *Service) sweepNetNS() {
 	}
 	ents, _ := os.ReadDir(s.cfg.NetNSDir)
 	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), "unilet-template-") {
+			// A template creation the earlier daemon did not finish.
+			_ = netns.Remove(filepath.Join(s.cfg.NetNSDir, e.Name()))
+			continue
+		}
 		id, ok := strings.CutPrefix(e.Name(), "unilet-")
 		if !ok || !store.ValidID(id) || s.sandboxes.Has(id) {
 			continue

@@ -25,8 +25,10 @@ type containerMeta struct {
 	ImageRef  string
 	LogPath   string
 	CreatedAt time.Time
-	Machine   runtime.MachineConfig
-	Cgroup    string // "" = none
+	Machine   runtime.MachineConfig // the VM booted cold (also a templated VM's fallback)
+	Cgroup    string                // "" = none
+	// Template is the template the VM starts from ("" = it boots).
+	Template string
 }
 
 // containerStatus changes only through store.Object.Update.
@@ -110,6 +112,7 @@ type containerRecord struct {
 	Pid       int                   `json:"pid,omitempty"`
 	Sizing    Sizing                `json:"sizing"`
 	Cgroup    string                `json:"cgroup,omitempty"`
+	Template  string                `json:"template,omitempty"`
 }
 
 func sandboxToRecord(id string, m sandboxMeta, st sandboxStatus) (sandboxRecord, error) {
@@ -128,7 +131,7 @@ func containerToRecord(id string, m containerMeta, st containerStatus) (containe
 	}
 	return containerRecord{ID: id, SandboxID: m.SandboxID, Config: cfg, ImageID: m.Image.ID, ImageRef: m.ImageRef, LogPath: m.LogPath,
 		CreatedAt: m.CreatedAt, StartedAt: st.StartedAt, State: int32(st.State.CRI()), Phase: string(st.State), Exit: st.Exit,
-		Machine: m.Machine, Warnings: st.Warnings, Pid: st.Pid, Sizing: st.Sizing, Cgroup: m.Cgroup}, nil
+		Machine: m.Machine, Warnings: st.Warnings, Pid: st.Pid, Sizing: st.Sizing, Cgroup: m.Cgroup, Template: m.Template}, nil
 }
 
 // sandboxSaver and containerSaver write records to meta.db.

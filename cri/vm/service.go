@@ -22,6 +22,7 @@ import (
 
 	"k8s.io/cri-streaming/pkg/streaming"
 
+	"github.com/unilet-dev/unilet/api/admin"
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/image"
 	"github.com/unilet-dev/unilet/pkg/cni"
@@ -29,6 +30,7 @@ import (
 	"github.com/unilet-dev/unilet/pkg/netns"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
 	"github.com/unilet-dev/unilet/runtime/manager"
+	"github.com/unilet-dev/unilet/runtime/templates"
 )
 
 // RuntimeName is reported by Version.
@@ -52,6 +54,8 @@ type Config struct {
 	// LogRoots are the directories pods' log directories must lie in
 	// (kubelet's podLogsDir, /var/log/pods by default).
 	LogRoots []string
+	// Templates holds the VM templates (nil: templates are off).
+	Templates *templates.Store
 }
 
 // Network is the pod network (package cni in production).
@@ -65,6 +69,7 @@ type Network interface {
 type Service struct {
 	runtimeapi.UnimplementedRuntimeServiceServer
 	runtimeapi.UnimplementedImageServiceServer
+	admin.UnimplementedAdminServer
 
 	cfg     Config
 	images  *image.Store

@@ -19,6 +19,7 @@ import (
 	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
 	"github.com/unilet-dev/unilet/runtime"
+	"github.com/unilet-dev/unilet/runtime/templates"
 )
 
 // Per-pod annotations (docs/annotations.md).
@@ -27,6 +28,8 @@ const (
 	AnnotationMemory    = "unilet.dev/memory"
 	AnnotationMachine   = "unilet.dev/machine"
 	AnnotationLibParams = "unilet.dev/lib-params"
+	// AnnotationTemplate is Kraftlet's: the VM starts from this template.
+	AnnotationTemplate = "cloud.unikraft.v1.instances/template"
 )
 
 // LabelMinMemory is the image label giving the least guest RAM (MiB) the
@@ -78,6 +81,9 @@ type PodTuning struct {
 	MemoryMiB int
 	Machine   string
 	LibParams []string
+	// Template is the template the pod's VM starts from (Kraftlet's
+	// cloud.unikraft.v1.instances/template).
+	Template string
 }
 
 var (
@@ -117,6 +123,12 @@ func ParseTuning(ann map[string]string, lim Limits) (PodTuning, error) {
 			return t, fmt.Errorf("annotation %s=%q: guest RAM must be from %d to %d MiB", AnnotationMemory, v, MinMemoryMiB, lim.MaxMemMiB)
 		}
 		t.MemoryMiB = n
+	}
+	if v, ok := ann[AnnotationTemplate]; ok {
+		if err := templates.CheckName(v); err != nil {
+			return t, fmt.Errorf("annotation %s: %v", AnnotationTemplate, err)
+		}
+		t.Template = v
 	}
 	if v, ok := ann[AnnotationMachine]; ok {
 		switch v {

@@ -98,13 +98,8 @@ func SetupRouted(path, ifName, tapName string, g Guest) (Routed, error) {
 		if g.Addr.Contains(out.PodIP) {
 			return fmt.Errorf("the pod IP %s lies in the guest network %s; give unilet another --guest-network", out.PodIP, g.Addr.Masked())
 		}
-		tap, err := ensureTap(tapName, out.MTU)
-		if err != nil {
+		if err := guestGateway(tapName, out.MTU, g); err != nil {
 			return err
-		}
-		gw := &netlink.Addr{IPNet: &net.IPNet{IP: g.Gateway.AsSlice(), Mask: net.CIDRMask(g.Addr.Bits(), 32)}}
-		if err := netlink.AddrReplace(tap, gw); err != nil {
-			return fmt.Errorf("address %s on %s: %w", g.Gateway, tapName, err)
 		}
 		if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644); err != nil {
 			return fmt.Errorf("enable forwarding in the pod namespace: %w", err)
@@ -202,4 +197,29 @@ func natRule(key expr.MetaKey, ifName string, offset uint32, match, to netip.Add
 		&expr.Immediate{Register: 1, Data: to.AsSlice()},
 		&expr.NAT{Type: typ, Family: unix.NFPROTO_IPV4, RegAddrMin: 1},
 	}
+}
+
+// SetupGuestTap creates the tap device tapName in the namespace at path as
+// the guest's gateway only, with no translation: the network of a VM that
+// is booted to become a template (its guest network must be the one its
+// clones get in their pods).
+func SetupGuestTap(path, tapName string, g Guest) error {
+	if err := g.Validate(); err != nil {
+		return err
+	}
+	return netns.Do(path, func() error { return guestGateway(tapName, 1500, g) })
+}
+
+// guestGateway makes the tap tapName (MTU mtu) the guest's gateway, in the
+// current namespace.
+func guestGateway(tapName string, mtu int, g Guest) error {
+	tap, err := ensureTap(tapName, mtu)
+	if err != nil {
+		return err
+	}
+	gw := &netlink.Addr{IPNet: &net.IPNet{IP: g.Gateway.AsSlice(), Mask: net.CIDRMask(g.Addr.Bits(), 32)}}
+	if err := netlink.AddrReplace(tap, gw); err != nil {
+		return fmt.Errorf("address %s on %s: %w", g.Gateway, tapName, err)
+	}
+	return nil
 }

@@ -62,6 +62,12 @@ type VM interface {
 	Attach(ctx context.Context, in io.Reader, out io.Writer) error
 	// KillShim ends a shim that does not answer (its QEMU dies with it).
 	KillShim() error
+	// Snapshot writes a VM started as a template's device state and RAM
+	// to dir (state, ram); the VM stays paused.
+	Snapshot(ctx context.Context, dir string) (stateBytes, ramBytes int64, err error)
+	// Pause stops the guest's vCPUs; Resume runs them again.
+	Pause(ctx context.Context) error
+	Resume(ctx context.Context) error
 	// Release ends the shim of an ended VM and drops the connection.
 	Release(ctx context.Context) error
 	// Close drops the daemon's connection; the VM goes on.
@@ -171,6 +177,9 @@ type StartSpec struct {
 	// Groups are the pod's supplementary groups, which a jailed QEMU keeps
 	// (volumes shared through fsGroup or supplementalGroups).
 	Groups []uint32
+	// Restore starts the VM from a template (Machine has Incoming and
+	// private RAM); nil boots it.
+	Restore *runtime.RestoreSpec
 }
 
 // Timings is where a VM start spent its time.
@@ -209,7 +218,7 @@ func (m *Manager) Start(ctx context.Context, s StartSpec) (_ VM, tm Timings, err
 		undo.push("cgroup "+s.Cgroup, func() error { return m.deleteCgroup(s.Cgroup) })
 	}
 	tm.Cgroup = time.Since(t0)
-	spec := runtime.VMSpec{QEMU: m.cfg.QEMU, Machine: s.Machine, StateDir: dir, LogPath: s.LogPath}
+	spec := runtime.VMSpec{QEMU: m.cfg.QEMU, Machine: s.Machine, StateDir: dir, LogPath: s.LogPath, Restore: s.Restore}
 	if m.cfg.Jail != nil {
 		id, err := m.ids.take(m.vmRoot, dirName(s.ID))
 		if err != nil {

@@ -252,3 +252,25 @@ func (h *Handle) Close() error {
 	h.mu.Unlock()
 	return c.Close()
 }
+
+// Snapshot writes a template VM's device state and RAM to dir (see the
+// shim API); the VM stays paused.
+func (h *Handle) Snapshot(ctx context.Context, dir string) (stateBytes, ramBytes int64, err error) {
+	r, err := h.client().Snapshot(ctx, &api.SnapshotRequest{Dir: dir})
+	if err != nil {
+		return 0, 0, err
+	}
+	return r.StateBytes, r.RamBytes, nil
+}
+
+// Pause stops the guest's vCPUs; Resume runs them again.
+func (h *Handle) Pause(ctx context.Context) error {
+	_, err := h.client().Pause(ctx, &api.PauseRequest{})
+	return err
+}
+
+// Resume runs a paused guest's vCPUs again.
+func (h *Handle) Resume(ctx context.Context) error {
+	_, err := h.client().Resume(ctx, &api.ResumeRequest{})
+	return err
+}

@@ -176,6 +176,8 @@ type service struct {
 	starting atomic.Bool
 	vmMu     sync.Mutex
 	vm       *runtime.VM
+	ram      *os.File // the guest RAM file of a VM with file-backed RAM
+	paused   atomic.Bool
 	dir      string
 	once     sync.Once
 	shutdown chan struct{}
@@ -209,7 +211,7 @@ func (s *service) Start(ctx context.Context, _ *api.StartRequest) (*api.StateRes
 	s.started = true
 	s.starting.Store(true)
 	defer s.starting.Store(false)
-	vm, err := runtime.StartVM(s.vmSpec())
+	vm, err := s.startVM(s.vmSpec())
 	if err != nil {
 		_ = writeExit(dir, runtime.ExitStatus{Code: 128, Reason: runtime.ReasonStartFailed, Message: err.Error(), FinishedAt: time.Now()})
 		s.endSoon()
@@ -227,12 +229,114 @@ func (s *service) Start(ctx context.Context, _ *api.StartRequest) (*api.StateRes
 	return s.state(), nil
 }
 
+// startVM boots the VM, or restores it from its template (spec.Restore).
+func (s *service) startVM(spec runtime.VMSpec) (*runtime.VM, error) {
+	var files runtime.Files
+	if spec.Machine.RAM != nil {
+		var err error
+		switch {
+		case spec.Machine.RAM.Shared:
+			files.RAM, err = runtime.NewRAMFile("guest-ram", int64(spec.Machine.MemoryMiB)<<20)
+		case spec.Restore != nil:
+			files.RAM, err = FetchTemplateRAM(spec.Restore.RAM) // QEMU maps it private
+		default:
+			err = errors.New("a VM with private file-backed RAM needs a template to restore")
+		}
+		if err != nil {
+			return nil, err
+		}
+		s.vmMu.Lock()
+		s.ram = files.RAM
+		s.vmMu.Unlock()
+	}
+	vm, err := runtime.StartVMWith(spec, files)
+	if err != nil || spec.Restore == nil {
+		return vm, err
+	}
+	state, err := os.Open(spec.Restore.State)
+	if err == nil {
+		err = vm.Restore(state, runtime.RestoreTimeout)
+		state.Close()
+	}
+	if err != nil {
+		vm.Kill()
+		<-vm.Done()
+		return nil, fmt.Errorf("restore the VM from its template: %w", err)
+	}
+	return vm, nil
+}
+
+// Snapshot writes a template VM's device state and RAM to r.Dir.
+func (s *service) Snapshot(ctx context.Context, r *api.SnapshotRequest) (*api.SnapshotResponse, error) {
+	vm := s.getVM()
+	if vm == nil {
+		return nil, errNotStarted
+	}
+	s.vmMu.Lock()
+	ram := s.ram
+	s.vmMu.Unlock()
+	if ram == nil || !s.vmSpec().Machine.RAM.Shared {
+		return nil, errors.New("only a VM started to become a template can be snapshotted")
+	}
+	statePath, ramPath := filepath.Join(r.GetDir(), "state"), filepath.Join(r.GetDir(), "ram")
+	f, err := os.OpenFile(statePath, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	err = vm.Snapshot(f, runtime.SnapshotTimeout)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	s.paused.Store(true)
+	size := int64(s.vmSpec().Machine.MemoryMiB) << 20
+	if err == nil {
+		err = runtime.SaveRAMFile(ram, ramPath, size)
+	}
+	if err != nil {
+		_ = os.Remove(statePath)
+		return nil, err
+	}
+	st, err := os.Stat(statePath)
+	if err != nil {
+		return nil, err
+	}
+	return &api.SnapshotResponse{StateBytes: st.Size(), RamBytes: size}, nil
+}
+
+func (s *service) Pause(ctx context.Context, _ *api.PauseRequest) (*api.StateResponse, error) {
+	vm := s.getVM()
+	if vm == nil {
+		return nil, errNotStarted
+	}
+	if err := vm.Pause(); err != nil {
+		return nil, err
+	}
+	s.paused.Store(true)
+	return s.state(), nil
+}
+
+func (s *service) Resume(ctx context.Context, _ *api.ResumeRequest) (*api.StateResponse, error) {
+	vm := s.getVM()
+	if vm == nil {
+		return nil, errNotStarted
+	}
+	if err := vm.Resume(); err != nil {
+		return nil, err
+	}
+	s.paused.Store(false)
+	return s.state(), nil
+}
+
 func (s *service) state() *api.StateResponse {
 	vm := s.getVM()
 	if vm == nil {
 		return &api.StateResponse{Starting: s.starting.Load()}
 	}
-	r := &api.StateResponse{Pid: int32(vm.Pid()), StartedAt: vm.StartedAt().UnixNano(), Running: true}
+	r := &api.StateResponse{Pid: int32(vm.Pid()), StartedAt: vm.StartedAt().UnixNano(), Running: true,
+		Paused: s.paused.Load(), Restored: s.vmSpec().Restore != nil}
 	select {
 	case <-s.exited:
 		st := vm.Exit()

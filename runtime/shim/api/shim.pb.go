@@ -24,6 +24,174 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type SnapshotRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Dir           string                 `protobuf:"bytes,1,opt,name=dir,proto3" json:"dir,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SnapshotRequest) Reset() {
+	*x = SnapshotRequest{}
+	mi := &file_shim_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SnapshotRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SnapshotRequest) ProtoMessage() {}
+
+func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SnapshotRequest.ProtoReflect.Descriptor instead.
+func (*SnapshotRequest) Descriptor() ([]byte, []int) {
+	return file_shim_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *SnapshotRequest) GetDir() string {
+	if x != nil {
+		return x.Dir
+	}
+	return ""
+}
+
+type SnapshotResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	StateBytes    int64                  `protobuf:"varint,1,opt,name=state_bytes,json=stateBytes,proto3" json:"state_bytes,omitempty"`
+	RamBytes      int64                  `protobuf:"varint,2,opt,name=ram_bytes,json=ramBytes,proto3" json:"ram_bytes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SnapshotResponse) Reset() {
+	*x = SnapshotResponse{}
+	mi := &file_shim_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SnapshotResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SnapshotResponse) ProtoMessage() {}
+
+func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SnapshotResponse.ProtoReflect.Descriptor instead.
+func (*SnapshotResponse) Descriptor() ([]byte, []int) {
+	return file_shim_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *SnapshotResponse) GetStateBytes() int64 {
+	if x != nil {
+		return x.StateBytes
+	}
+	return 0
+}
+
+func (x *SnapshotResponse) GetRamBytes() int64 {
+	if x != nil {
+		return x.RamBytes
+	}
+	return 0
+}
+
+type PauseRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PauseRequest) Reset() {
+	*x = PauseRequest{}
+	mi := &file_shim_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PauseRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PauseRequest) ProtoMessage() {}
+
+func (x *PauseRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PauseRequest.ProtoReflect.Descriptor instead.
+func (*PauseRequest) Descriptor() ([]byte, []int) {
+	return file_shim_proto_rawDescGZIP(), []int{2}
+}
+
+type ResumeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResumeRequest) Reset() {
+	*x = ResumeRequest{}
+	mi := &file_shim_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResumeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResumeRequest) ProtoMessage() {}
+
+func (x *ResumeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResumeRequest.ProtoReflect.Descriptor instead.
+func (*ResumeRequest) Descriptor() ([]byte, []int) {
+	return file_shim_proto_rawDescGZIP(), []int{3}
+}
+
 type AdoptRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Dir           string                 `protobuf:"bytes,1,opt,name=dir,proto3" json:"dir,omitempty"`
@@ -33,7 +201,7 @@ type AdoptRequest struct {
 
 func (x *AdoptRequest) Reset() {
 	*x = AdoptRequest{}
-	mi := &file_shim_proto_msgTypes[0]
+	mi := &file_shim_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -45,7 +213,7 @@ func (x *AdoptRequest) String() string {
 func (*AdoptRequest) ProtoMessage() {}
 
 func (x *AdoptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[0]
+	mi := &file_shim_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -58,7 +226,7 @@ func (x *AdoptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdoptRequest.ProtoReflect.Descriptor instead.
 func (*AdoptRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{0}
+	return file_shim_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *AdoptRequest) GetDir() string {
@@ -77,7 +245,7 @@ type AdoptResponse struct {
 
 func (x *AdoptResponse) Reset() {
 	*x = AdoptResponse{}
-	mi := &file_shim_proto_msgTypes[1]
+	mi := &file_shim_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -89,7 +257,7 @@ func (x *AdoptResponse) String() string {
 func (*AdoptResponse) ProtoMessage() {}
 
 func (x *AdoptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[1]
+	mi := &file_shim_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -102,7 +270,7 @@ func (x *AdoptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdoptResponse.ProtoReflect.Descriptor instead.
 func (*AdoptResponse) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{1}
+	return file_shim_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *AdoptResponse) GetPid() int32 {
@@ -120,7 +288,7 @@ type StartRequest struct {
 
 func (x *StartRequest) Reset() {
 	*x = StartRequest{}
-	mi := &file_shim_proto_msgTypes[2]
+	mi := &file_shim_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -132,7 +300,7 @@ func (x *StartRequest) String() string {
 func (*StartRequest) ProtoMessage() {}
 
 func (x *StartRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[2]
+	mi := &file_shim_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -145,7 +313,7 @@ func (x *StartRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartRequest.ProtoReflect.Descriptor instead.
 func (*StartRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{2}
+	return file_shim_proto_rawDescGZIP(), []int{6}
 }
 
 type StateRequest struct {
@@ -156,7 +324,7 @@ type StateRequest struct {
 
 func (x *StateRequest) Reset() {
 	*x = StateRequest{}
-	mi := &file_shim_proto_msgTypes[3]
+	mi := &file_shim_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -168,7 +336,7 @@ func (x *StateRequest) String() string {
 func (*StateRequest) ProtoMessage() {}
 
 func (x *StateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[3]
+	mi := &file_shim_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -181,7 +349,7 @@ func (x *StateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StateRequest.ProtoReflect.Descriptor instead.
 func (*StateRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{3}
+	return file_shim_proto_rawDescGZIP(), []int{7}
 }
 
 type StateResponse struct {
@@ -194,14 +362,18 @@ type StateResponse struct {
 	Reason     string                 `protobuf:"bytes,6,opt,name=reason,proto3" json:"reason,omitempty"`
 	Message    string                 `protobuf:"bytes,7,opt,name=message,proto3" json:"message,omitempty"`
 	// starting is true while a Start call is booting the VM.
-	Starting      bool `protobuf:"varint,8,opt,name=starting,proto3" json:"starting,omitempty"`
+	Starting bool `protobuf:"varint,8,opt,name=starting,proto3" json:"starting,omitempty"`
+	// paused is true while the guest's vCPUs are stopped (Pause).
+	Paused bool `protobuf:"varint,9,opt,name=paused,proto3" json:"paused,omitempty"`
+	// restored is true when the VM was started from a template's state.
+	Restored      bool `protobuf:"varint,10,opt,name=restored,proto3" json:"restored,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StateResponse) Reset() {
 	*x = StateResponse{}
-	mi := &file_shim_proto_msgTypes[4]
+	mi := &file_shim_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -213,7 +385,7 @@ func (x *StateResponse) String() string {
 func (*StateResponse) ProtoMessage() {}
 
 func (x *StateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[4]
+	mi := &file_shim_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -226,7 +398,7 @@ func (x *StateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StateResponse.ProtoReflect.Descriptor instead.
 func (*StateResponse) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{4}
+	return file_shim_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *StateResponse) GetPid() int32 {
@@ -285,6 +457,20 @@ func (x *StateResponse) GetStarting() bool {
 	return false
 }
 
+func (x *StateResponse) GetPaused() bool {
+	if x != nil {
+		return x.Paused
+	}
+	return false
+}
+
+func (x *StateResponse) GetRestored() bool {
+	if x != nil {
+		return x.Restored
+	}
+	return false
+}
+
 type KillRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	TimeoutMs     int64                  `protobuf:"varint,1,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"`
@@ -295,7 +481,7 @@ type KillRequest struct {
 
 func (x *KillRequest) Reset() {
 	*x = KillRequest{}
-	mi := &file_shim_proto_msgTypes[5]
+	mi := &file_shim_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -307,7 +493,7 @@ func (x *KillRequest) String() string {
 func (*KillRequest) ProtoMessage() {}
 
 func (x *KillRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[5]
+	mi := &file_shim_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -320,7 +506,7 @@ func (x *KillRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillRequest.ProtoReflect.Descriptor instead.
 func (*KillRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{5}
+	return file_shim_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *KillRequest) GetTimeoutMs() int64 {
@@ -345,7 +531,7 @@ type WaitRequest struct {
 
 func (x *WaitRequest) Reset() {
 	*x = WaitRequest{}
-	mi := &file_shim_proto_msgTypes[6]
+	mi := &file_shim_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -357,7 +543,7 @@ func (x *WaitRequest) String() string {
 func (*WaitRequest) ProtoMessage() {}
 
 func (x *WaitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[6]
+	mi := &file_shim_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -370,7 +556,7 @@ func (x *WaitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitRequest.ProtoReflect.Descriptor instead.
 func (*WaitRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{6}
+	return file_shim_proto_rawDescGZIP(), []int{10}
 }
 
 type ReopenLogRequest struct {
@@ -381,7 +567,7 @@ type ReopenLogRequest struct {
 
 func (x *ReopenLogRequest) Reset() {
 	*x = ReopenLogRequest{}
-	mi := &file_shim_proto_msgTypes[7]
+	mi := &file_shim_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -393,7 +579,7 @@ func (x *ReopenLogRequest) String() string {
 func (*ReopenLogRequest) ProtoMessage() {}
 
 func (x *ReopenLogRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[7]
+	mi := &file_shim_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -406,7 +592,7 @@ func (x *ReopenLogRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReopenLogRequest.ProtoReflect.Descriptor instead.
 func (*ReopenLogRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{7}
+	return file_shim_proto_rawDescGZIP(), []int{11}
 }
 
 type ReopenLogResponse struct {
@@ -417,7 +603,7 @@ type ReopenLogResponse struct {
 
 func (x *ReopenLogResponse) Reset() {
 	*x = ReopenLogResponse{}
-	mi := &file_shim_proto_msgTypes[8]
+	mi := &file_shim_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -429,7 +615,7 @@ func (x *ReopenLogResponse) String() string {
 func (*ReopenLogResponse) ProtoMessage() {}
 
 func (x *ReopenLogResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[8]
+	mi := &file_shim_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -442,7 +628,7 @@ func (x *ReopenLogResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReopenLogResponse.ProtoReflect.Descriptor instead.
 func (*ReopenLogResponse) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{8}
+	return file_shim_proto_rawDescGZIP(), []int{12}
 }
 
 type StatsRequest struct {
@@ -453,7 +639,7 @@ type StatsRequest struct {
 
 func (x *StatsRequest) Reset() {
 	*x = StatsRequest{}
-	mi := &file_shim_proto_msgTypes[9]
+	mi := &file_shim_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -465,7 +651,7 @@ func (x *StatsRequest) String() string {
 func (*StatsRequest) ProtoMessage() {}
 
 func (x *StatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[9]
+	mi := &file_shim_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -478,7 +664,7 @@ func (x *StatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsRequest.ProtoReflect.Descriptor instead.
 func (*StatsRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{9}
+	return file_shim_proto_rawDescGZIP(), []int{13}
 }
 
 type StatsResponse struct {
@@ -492,7 +678,7 @@ type StatsResponse struct {
 
 func (x *StatsResponse) Reset() {
 	*x = StatsResponse{}
-	mi := &file_shim_proto_msgTypes[10]
+	mi := &file_shim_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -504,7 +690,7 @@ func (x *StatsResponse) String() string {
 func (*StatsResponse) ProtoMessage() {}
 
 func (x *StatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[10]
+	mi := &file_shim_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -517,7 +703,7 @@ func (x *StatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsResponse.ProtoReflect.Descriptor instead.
 func (*StatsResponse) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{10}
+	return file_shim_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *StatsResponse) GetTimestamp() int64 {
@@ -550,7 +736,7 @@ type ConsoleData struct {
 
 func (x *ConsoleData) Reset() {
 	*x = ConsoleData{}
-	mi := &file_shim_proto_msgTypes[11]
+	mi := &file_shim_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -562,7 +748,7 @@ func (x *ConsoleData) String() string {
 func (*ConsoleData) ProtoMessage() {}
 
 func (x *ConsoleData) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[11]
+	mi := &file_shim_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -575,7 +761,7 @@ func (x *ConsoleData) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConsoleData.ProtoReflect.Descriptor instead.
 func (*ConsoleData) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{11}
+	return file_shim_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ConsoleData) GetData() []byte {
@@ -593,7 +779,7 @@ type ShutdownRequest struct {
 
 func (x *ShutdownRequest) Reset() {
 	*x = ShutdownRequest{}
-	mi := &file_shim_proto_msgTypes[12]
+	mi := &file_shim_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -605,7 +791,7 @@ func (x *ShutdownRequest) String() string {
 func (*ShutdownRequest) ProtoMessage() {}
 
 func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[12]
+	mi := &file_shim_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -618,7 +804,7 @@ func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownRequest.ProtoReflect.Descriptor instead.
 func (*ShutdownRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{12}
+	return file_shim_proto_rawDescGZIP(), []int{16}
 }
 
 type ShutdownResponse struct {
@@ -629,7 +815,7 @@ type ShutdownResponse struct {
 
 func (x *ShutdownResponse) Reset() {
 	*x = ShutdownResponse{}
-	mi := &file_shim_proto_msgTypes[13]
+	mi := &file_shim_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -641,7 +827,7 @@ func (x *ShutdownResponse) String() string {
 func (*ShutdownResponse) ProtoMessage() {}
 
 func (x *ShutdownResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[13]
+	mi := &file_shim_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -654,7 +840,7 @@ func (x *ShutdownResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownResponse.ProtoReflect.Descriptor instead.
 func (*ShutdownResponse) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{13}
+	return file_shim_proto_rawDescGZIP(), []int{17}
 }
 
 var File_shim_proto protoreflect.FileDescriptor
@@ -662,13 +848,21 @@ var File_shim_proto protoreflect.FileDescriptor
 const file_shim_proto_rawDesc = "" +
 	"\n" +
 	"\n" +
-	"shim.proto\x12\x0eunilet.shim.v1\" \n" +
+	"shim.proto\x12\x0eunilet.shim.v1\"#\n" +
+	"\x0fSnapshotRequest\x12\x10\n" +
+	"\x03dir\x18\x01 \x01(\tR\x03dir\"P\n" +
+	"\x10SnapshotResponse\x12\x1f\n" +
+	"\vstate_bytes\x18\x01 \x01(\x03R\n" +
+	"stateBytes\x12\x1b\n" +
+	"\tram_bytes\x18\x02 \x01(\x03R\bramBytes\"\x0e\n" +
+	"\fPauseRequest\"\x0f\n" +
+	"\rResumeRequest\" \n" +
 	"\fAdoptRequest\x12\x10\n" +
 	"\x03dir\x18\x01 \x01(\tR\x03dir\"!\n" +
 	"\rAdoptResponse\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\"\x0e\n" +
 	"\fStartRequest\"\x0e\n" +
-	"\fStateRequest\"\xe6\x01\n" +
+	"\fStateRequest\"\x9a\x02\n" +
 	"\rStateResponse\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x18\n" +
 	"\arunning\x18\x02 \x01(\bR\arunning\x12\x1d\n" +
@@ -679,7 +873,10 @@ const file_shim_proto_rawDesc = "" +
 	"\texit_code\x18\x05 \x01(\x05R\bexitCode\x12\x16\n" +
 	"\x06reason\x18\x06 \x01(\tR\x06reason\x12\x18\n" +
 	"\amessage\x18\a \x01(\tR\amessage\x12\x1a\n" +
-	"\bstarting\x18\b \x01(\bR\bstarting\"D\n" +
+	"\bstarting\x18\b \x01(\bR\bstarting\x12\x16\n" +
+	"\x06paused\x18\t \x01(\bR\x06paused\x12\x1a\n" +
+	"\brestored\x18\n" +
+	" \x01(\bR\brestored\"D\n" +
 	"\vKillRequest\x12\x1d\n" +
 	"\n" +
 	"timeout_ms\x18\x01 \x01(\x03R\ttimeoutMs\x12\x16\n" +
@@ -695,7 +892,7 @@ const file_shim_proto_rawDesc = "" +
 	"\vConsoleData\x12\x12\n" +
 	"\x04data\x18\x01 \x01(\fR\x04data\"\x11\n" +
 	"\x0fShutdownRequest\"\x12\n" +
-	"\x10ShutdownResponse2\x8f\x05\n" +
+	"\x10ShutdownResponse2\xec\x06\n" +
 	"\x04Shim\x12D\n" +
 	"\x05Start\x12\x1c.unilet.shim.v1.StartRequest\x1a\x1d.unilet.shim.v1.StateResponse\x12D\n" +
 	"\x05State\x12\x1c.unilet.shim.v1.StateRequest\x1a\x1d.unilet.shim.v1.StateResponse\x12B\n" +
@@ -705,7 +902,10 @@ const file_shim_proto_rawDesc = "" +
 	"\x05Stats\x12\x1c.unilet.shim.v1.StatsRequest\x1a\x1d.unilet.shim.v1.StatsResponse\x12F\n" +
 	"\x06Attach\x12\x1b.unilet.shim.v1.ConsoleData\x1a\x1b.unilet.shim.v1.ConsoleData(\x010\x01\x12M\n" +
 	"\bShutdown\x12\x1f.unilet.shim.v1.ShutdownRequest\x1a .unilet.shim.v1.ShutdownResponse\x12D\n" +
-	"\x05Adopt\x12\x1c.unilet.shim.v1.AdoptRequest\x1a\x1d.unilet.shim.v1.AdoptResponseB3Z1github.com/unilet-dev/unilet/runtime/shim/api;apib\x06proto3"
+	"\x05Adopt\x12\x1c.unilet.shim.v1.AdoptRequest\x1a\x1d.unilet.shim.v1.AdoptResponse\x12M\n" +
+	"\bSnapshot\x12\x1f.unilet.shim.v1.SnapshotRequest\x1a .unilet.shim.v1.SnapshotResponse\x12D\n" +
+	"\x05Pause\x12\x1c.unilet.shim.v1.PauseRequest\x1a\x1d.unilet.shim.v1.StateResponse\x12F\n" +
+	"\x06Resume\x12\x1d.unilet.shim.v1.ResumeRequest\x1a\x1d.unilet.shim.v1.StateResponseB3Z1github.com/unilet-dev/unilet/runtime/shim/api;apib\x06proto3"
 
 var (
 	file_shim_proto_rawDescOnce sync.Once
@@ -719,44 +919,54 @@ func file_shim_proto_rawDescGZIP() []byte {
 	return file_shim_proto_rawDescData
 }
 
-var file_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_shim_proto_goTypes = []any{
-	(*AdoptRequest)(nil),      // 0: unilet.shim.v1.AdoptRequest
-	(*AdoptResponse)(nil),     // 1: unilet.shim.v1.AdoptResponse
-	(*StartRequest)(nil),      // 2: unilet.shim.v1.StartRequest
-	(*StateRequest)(nil),      // 3: unilet.shim.v1.StateRequest
-	(*StateResponse)(nil),     // 4: unilet.shim.v1.StateResponse
-	(*KillRequest)(nil),       // 5: unilet.shim.v1.KillRequest
-	(*WaitRequest)(nil),       // 6: unilet.shim.v1.WaitRequest
-	(*ReopenLogRequest)(nil),  // 7: unilet.shim.v1.ReopenLogRequest
-	(*ReopenLogResponse)(nil), // 8: unilet.shim.v1.ReopenLogResponse
-	(*StatsRequest)(nil),      // 9: unilet.shim.v1.StatsRequest
-	(*StatsResponse)(nil),     // 10: unilet.shim.v1.StatsResponse
-	(*ConsoleData)(nil),       // 11: unilet.shim.v1.ConsoleData
-	(*ShutdownRequest)(nil),   // 12: unilet.shim.v1.ShutdownRequest
-	(*ShutdownResponse)(nil),  // 13: unilet.shim.v1.ShutdownResponse
+	(*SnapshotRequest)(nil),   // 0: unilet.shim.v1.SnapshotRequest
+	(*SnapshotResponse)(nil),  // 1: unilet.shim.v1.SnapshotResponse
+	(*PauseRequest)(nil),      // 2: unilet.shim.v1.PauseRequest
+	(*ResumeRequest)(nil),     // 3: unilet.shim.v1.ResumeRequest
+	(*AdoptRequest)(nil),      // 4: unilet.shim.v1.AdoptRequest
+	(*AdoptResponse)(nil),     // 5: unilet.shim.v1.AdoptResponse
+	(*StartRequest)(nil),      // 6: unilet.shim.v1.StartRequest
+	(*StateRequest)(nil),      // 7: unilet.shim.v1.StateRequest
+	(*StateResponse)(nil),     // 8: unilet.shim.v1.StateResponse
+	(*KillRequest)(nil),       // 9: unilet.shim.v1.KillRequest
+	(*WaitRequest)(nil),       // 10: unilet.shim.v1.WaitRequest
+	(*ReopenLogRequest)(nil),  // 11: unilet.shim.v1.ReopenLogRequest
+	(*ReopenLogResponse)(nil), // 12: unilet.shim.v1.ReopenLogResponse
+	(*StatsRequest)(nil),      // 13: unilet.shim.v1.StatsRequest
+	(*StatsResponse)(nil),     // 14: unilet.shim.v1.StatsResponse
+	(*ConsoleData)(nil),       // 15: unilet.shim.v1.ConsoleData
+	(*ShutdownRequest)(nil),   // 16: unilet.shim.v1.ShutdownRequest
+	(*ShutdownResponse)(nil),  // 17: unilet.shim.v1.ShutdownResponse
 }
 var file_shim_proto_depIdxs = []int32{
-	2,  // 0: unilet.shim.v1.Shim.Start:input_type -> unilet.shim.v1.StartRequest
-	3,  // 1: unilet.shim.v1.Shim.State:input_type -> unilet.shim.v1.StateRequest
-	5,  // 2: unilet.shim.v1.Shim.Kill:input_type -> unilet.shim.v1.KillRequest
-	6,  // 3: unilet.shim.v1.Shim.Wait:input_type -> unilet.shim.v1.WaitRequest
-	7,  // 4: unilet.shim.v1.Shim.ReopenLog:input_type -> unilet.shim.v1.ReopenLogRequest
-	9,  // 5: unilet.shim.v1.Shim.Stats:input_type -> unilet.shim.v1.StatsRequest
-	11, // 6: unilet.shim.v1.Shim.Attach:input_type -> unilet.shim.v1.ConsoleData
-	12, // 7: unilet.shim.v1.Shim.Shutdown:input_type -> unilet.shim.v1.ShutdownRequest
-	0,  // 8: unilet.shim.v1.Shim.Adopt:input_type -> unilet.shim.v1.AdoptRequest
-	4,  // 9: unilet.shim.v1.Shim.Start:output_type -> unilet.shim.v1.StateResponse
-	4,  // 10: unilet.shim.v1.Shim.State:output_type -> unilet.shim.v1.StateResponse
-	4,  // 11: unilet.shim.v1.Shim.Kill:output_type -> unilet.shim.v1.StateResponse
-	4,  // 12: unilet.shim.v1.Shim.Wait:output_type -> unilet.shim.v1.StateResponse
-	8,  // 13: unilet.shim.v1.Shim.ReopenLog:output_type -> unilet.shim.v1.ReopenLogResponse
-	10, // 14: unilet.shim.v1.Shim.Stats:output_type -> unilet.shim.v1.StatsResponse
-	11, // 15: unilet.shim.v1.Shim.Attach:output_type -> unilet.shim.v1.ConsoleData
-	13, // 16: unilet.shim.v1.Shim.Shutdown:output_type -> unilet.shim.v1.ShutdownResponse
-	1,  // 17: unilet.shim.v1.Shim.Adopt:output_type -> unilet.shim.v1.AdoptResponse
-	9,  // [9:18] is the sub-list for method output_type
-	0,  // [0:9] is the sub-list for method input_type
+	6,  // 0: unilet.shim.v1.Shim.Start:input_type -> unilet.shim.v1.StartRequest
+	7,  // 1: unilet.shim.v1.Shim.State:input_type -> unilet.shim.v1.StateRequest
+	9,  // 2: unilet.shim.v1.Shim.Kill:input_type -> unilet.shim.v1.KillRequest
+	10, // 3: unilet.shim.v1.Shim.Wait:input_type -> unilet.shim.v1.WaitRequest
+	11, // 4: unilet.shim.v1.Shim.ReopenLog:input_type -> unilet.shim.v1.ReopenLogRequest
+	13, // 5: unilet.shim.v1.Shim.Stats:input_type -> unilet.shim.v1.StatsRequest
+	15, // 6: unilet.shim.v1.Shim.Attach:input_type -> unilet.shim.v1.ConsoleData
+	16, // 7: unilet.shim.v1.Shim.Shutdown:input_type -> unilet.shim.v1.ShutdownRequest
+	4,  // 8: unilet.shim.v1.Shim.Adopt:input_type -> unilet.shim.v1.AdoptRequest
+	0,  // 9: unilet.shim.v1.Shim.Snapshot:input_type -> unilet.shim.v1.SnapshotRequest
+	2,  // 10: unilet.shim.v1.Shim.Pause:input_type -> unilet.shim.v1.PauseRequest
+	3,  // 11: unilet.shim.v1.Shim.Resume:input_type -> unilet.shim.v1.ResumeRequest
+	8,  // 12: unilet.shim.v1.Shim.Start:output_type -> unilet.shim.v1.StateResponse
+	8,  // 13: unilet.shim.v1.Shim.State:output_type -> unilet.shim.v1.StateResponse
+	8,  // 14: unilet.shim.v1.Shim.Kill:output_type -> unilet.shim.v1.StateResponse
+	8,  // 15: unilet.shim.v1.Shim.Wait:output_type -> unilet.shim.v1.StateResponse
+	12, // 16: unilet.shim.v1.Shim.ReopenLog:output_type -> unilet.shim.v1.ReopenLogResponse
+	14, // 17: unilet.shim.v1.Shim.Stats:output_type -> unilet.shim.v1.StatsResponse
+	15, // 18: unilet.shim.v1.Shim.Attach:output_type -> unilet.shim.v1.ConsoleData
+	17, // 19: unilet.shim.v1.Shim.Shutdown:output_type -> unilet.shim.v1.ShutdownResponse
+	5,  // 20: unilet.shim.v1.Shim.Adopt:output_type -> unilet.shim.v1.AdoptResponse
+	1,  // 21: unilet.shim.v1.Shim.Snapshot:output_type -> unilet.shim.v1.SnapshotResponse
+	8,  // 22: unilet.shim.v1.Shim.Pause:output_type -> unilet.shim.v1.StateResponse
+	8,  // 23: unilet.shim.v1.Shim.Resume:output_type -> unilet.shim.v1.StateResponse
+	12, // [12:24] is the sub-list for method output_type
+	0,  // [0:12] is the sub-list for method input_type
 	0,  // [0:0] is the sub-list for extension type_name
 	0,  // [0:0] is the sub-list for extension extendee
 	0,  // [0:0] is the sub-list for field type_name
@@ -773,7 +983,7 @@ func file_shim_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shim_proto_rawDesc), len(file_shim_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   14,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

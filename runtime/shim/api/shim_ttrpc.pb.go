@@ -17,6 +17,9 @@ type ShimService interface {
 	Attach(context.Context, Shim_AttachServer) error
 	Shutdown(context.Context, *ShutdownRequest) (*ShutdownResponse, error)
 	Adopt(context.Context, *AdoptRequest) (*AdoptResponse, error)
+	Snapshot(context.Context, *SnapshotRequest) (*SnapshotResponse, error)
+	Pause(context.Context, *PauseRequest) (*StateResponse, error)
+	Resume(context.Context, *ResumeRequest) (*StateResponse, error)
 }
 
 type Shim_AttachServer interface {
@@ -100,6 +103,27 @@ func RegisterShimService(srv *ttrpc.Server, svc ShimService) {
 				}
 				return svc.Adopt(ctx, &req)
 			},
+			"Snapshot": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req SnapshotRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.Snapshot(ctx, &req)
+			},
+			"Pause": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req PauseRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.Pause(ctx, &req)
+			},
+			"Resume": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req ResumeRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.Resume(ctx, &req)
+			},
 		},
 		Streams: map[string]ttrpc.Stream{
 			"Attach": {
@@ -123,6 +147,9 @@ type ShimClient interface {
 	Attach(context.Context) (Shim_AttachClient, error)
 	Shutdown(context.Context, *ShutdownRequest) (*ShutdownResponse, error)
 	Adopt(context.Context, *AdoptRequest) (*AdoptResponse, error)
+	Snapshot(context.Context, *SnapshotRequest) (*SnapshotResponse, error)
+	Pause(context.Context, *PauseRequest) (*StateResponse, error)
+	Resume(context.Context, *ResumeRequest) (*StateResponse, error)
 }
 
 type shimClient struct {
@@ -228,6 +255,30 @@ func (c *shimClient) Shutdown(ctx context.Context, req *ShutdownRequest) (*Shutd
 func (c *shimClient) Adopt(ctx context.Context, req *AdoptRequest) (*AdoptResponse, error) {
 	var resp AdoptResponse
 	if err := c.client.Call(ctx, "unilet.shim.v1.Shim", "Adopt", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *shimClient) Snapshot(ctx context.Context, req *SnapshotRequest) (*SnapshotResponse, error) {
+	var resp SnapshotResponse
+	if err := c.client.Call(ctx, "unilet.shim.v1.Shim", "Snapshot", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *shimClient) Pause(ctx context.Context, req *PauseRequest) (*StateResponse, error) {
+	var resp StateResponse
+	if err := c.client.Call(ctx, "unilet.shim.v1.Shim", "Pause", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *shimClient) Resume(ctx context.Context, req *ResumeRequest) (*StateResponse, error) {
+	var resp StateResponse
+	if err := c.client.Call(ctx, "unilet.shim.v1.Shim", "Resume", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil
