@@ -199,6 +199,7 @@ func (v *VM) Attach(ctx context.Context, in io.Reader, out io.Writer) error {
 }
 
 func (v *VM) writeConsole(p []byte) (int, error) {
+	v.pokeIdle() // input wakes a suspended VM (and is activity)
 	v.inMu.Lock()
 	defer v.inMu.Unlock()
 	if v.stdin == nil {

@@ -57,6 +57,9 @@ type MachineConfig struct {
 	// Incoming starts QEMU waiting for a migration stream (-incoming
 	// defer) instead of booting: a clone restored from a template.
 	Incoming bool `json:",omitempty"`
+	// Paused starts QEMU with its vCPUs stopped (-S): the guest runs on
+	// QMP cont (autostart off).
+	Paused bool `json:",omitempty"`
 }
 
 // RAMBacking is guest RAM in a file the supervisor passes to QEMU.
@@ -225,6 +228,9 @@ func BuildArgv(m MachineConfig) ([]string, error) {
 	}
 	if m.Incoming {
 		a = append(a, "-incoming", "defer")
+	}
+	if m.Paused {
+		a = append(a, "-S")
 	}
 	bus := "pci"
 	if m.Machine == MachineMicroVM {

@@ -247,7 +247,11 @@ func (v *VM) Restore(state *os.File, timeout time.Duration) error {
 			return nil
 		case "inmigrate", "prelaunch":
 		case "paused":
-			// A template is saved paused, and its clones arrive paused.
+			// A template is saved paused, and its clones arrive paused; a
+			// clone with autostart off stays so until woken.
+			if v.idle != nil && v.idle.spec.Paused {
+				return nil
+			}
 			if resumed {
 				break
 			}

@@ -52,6 +52,8 @@ type VMSpec struct {
 	// Restore starts the VM from a template instead of booting it (with
 	// Machine.Incoming and private Machine.RAM; nil: it boots).
 	Restore *RestoreSpec `json:",omitempty"`
+	// Idle is the VM's scale-to-zero and autostart (nil: always running).
+	Idle *IdleSpec `json:",omitempty"`
 }
 
 // RestoreSpec is the template a clone starts from.
@@ -80,6 +82,7 @@ type VM struct {
 	hub       consoleHub
 	inMu      sync.Mutex
 	stdin     *os.File // console input (write end of QEMU's stdin)
+	idle      *idleState
 }
 
 // StartVM launches QEMU for spec and returns once the process runs and its
@@ -108,6 +111,9 @@ func StartVMWith(spec VMSpec, files Files) (*VM, error) {
 		}
 	}
 	m := spec.Machine
+	// Autostart off: the guest's vCPUs wait stopped for the first wake (a
+	// clone arrives stopped anyway).
+	m.Paused = m.Paused || (spec.Idle != nil && spec.Idle.Paused && !m.Incoming)
 	if spec.Jail != nil {
 		m = spec.Jail.machine(m)
 	}
@@ -157,6 +163,12 @@ func StartVMWith(spec VMSpec, files Files) (*VM, error) {
 		return fail(err)
 	}
 	theirs = append(theirs, taps...)
+	if v.idle, err = prepareIdle(spec); err != nil {
+		return fail(err)
+	}
+	if v.idle != nil {
+		ours = append(ours, closerFunc(v.idle.close))
+	}
 	// The QMP monitor: a connected socket pair, QEMU's end at m.QMPFD().
 	qmpOurs, qmpTheirs, err := socketPair()
 	if err != nil {
@@ -221,8 +233,25 @@ func StartVMWith(spec VMSpec, files Files) (*VM, error) {
 		st := v.Exit()
 		return nil, fmt.Errorf("VM did not start: %v (%s)", err, st.Message)
 	}
+	if v.idle != nil && spec.Restore == nil { // a restore starts watching once restored (StartWatching)
+		v.StartWatching()
+	}
 	return v, nil
 }
+
+// StartWatching starts scale-to-zero and autostart for a VM with an
+// IdleSpec (StartVMWith does it, except for a VM being restored: after
+// Restore).
+func (v *VM) StartWatching() {
+	if v.idle == nil {
+		return
+	}
+	go v.watchIdle()
+}
+
+type closerFunc func()
+
+func (f closerFunc) Close() error { f(); return nil }
 
 // MarkerEnv names the environment variable QEMU is started with: the VM
 // directory it serves, part of the proof that a PID is this VM's QEMU

@@ -189,6 +189,7 @@ func (s *Service) containerSpec(id string, sb *sandbox, cfg *runtimeapi.Containe
 	if err := meta.Machine.Validate(); err != nil {
 		return invalid(err)
 	}
+	meta.Idle = tuning.Idle()
 	if tuning.Template != "" {
 		t, tw, err := s.templateFor(tuning.Template, sb, cfg, img, env, vols.Shares, size)
 		if err != nil {

@@ -63,7 +63,7 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 
 	t0 := time.Now()
 	sz := c.Status().Sizing
-	vm, tm, err := s.startVM(ctx, c, manager.StartSpec{ID: c.ID(), Machine: m.Machine, LogPath: m.LogPath, Cgroup: m.Cgroup, Staged: staged,
+	vm, tm, err := s.startVM(ctx, c, manager.StartSpec{ID: c.ID(), Machine: m.Machine, LogPath: m.LogPath, Cgroup: m.Cgroup, Staged: staged, Idle: m.Idle,
 		Groups: jailGroups(sb.Meta().Config.GetLinux().GetSecurityContext().GetSupplementalGroups(),
 			m.Config.GetLinux().GetSecurityContext().GetSupplementalGroups()),
 		Resources: manager.Resources{MemoryLimit: sz.MemoryLimit, CPUQuota: sz.CPUQuota,

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"strings"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -56,6 +57,8 @@ func (s *Service) ContainerStatus(ctx context.Context, r *runtimeapi.ContainerSt
 	}
 	if ad := s.adopting.get(c.ID()); ad != nil {
 		st.State, st.Reason, st.Message = ad.reason()
+	} else if m.Idle != nil && cur.State == store.ContainerRunning && cur.vm != nil {
+		st.Reason, st.Message = idleReason(ctx, cur.vm, m.Idle.Paused)
 	}
 	resp := &runtimeapi.ContainerStatusResponse{Status: st}
 	if r.GetVerbose() {
@@ -189,4 +192,29 @@ func (s *Service) podTarget(id string) (podTarget, error) {
 	}
 	return podTarget{}, errorf(codes.FailedPrecondition, "pod %s: its recorded address %s is not an address of its network namespace (%v); "+
 		"not connecting", sb.ID(), ip, live)
+}
+
+// Reasons of a running container that scale-to-zero or autostart hold.
+const (
+	ReasonScaledToZero   = "ScaledToZero"
+	ReasonAwaitingWakeup = "AwaitingFirstRequest"
+)
+
+// idleStatusTimeout bounds asking a shim about scale-to-zero in a status.
+const idleStatusTimeout = time.Second
+
+// idleReason is the reason and message of a running VM that scale-to-zero
+// holds suspended, or of one not yet started (autostart off); none else.
+func idleReason(ctx context.Context, vm manager.VM, noAutostart bool) (string, string) {
+	ctx, cancel := context.WithTimeout(ctx, idleStatusTimeout)
+	defer cancel()
+	suspended, since, wakes, err := vm.Idle(ctx)
+	if err != nil || !suspended {
+		return "", ""
+	}
+	at := since.UTC().Format(time.RFC3339)
+	if noAutostart && wakes == 0 {
+		return ReasonAwaitingWakeup, "autostart is off: the guest starts on the first packet for the pod or console input (waiting since " + at + ")"
+	}
+	return ReasonScaledToZero, "suspended by scale-to-zero since " + at + " (no traffic for the cooldown); the next packet for the pod or console input wakes it"
 }

@@ -153,7 +153,7 @@ func (s *Service) loadContainer(k, v []byte) (*container, error) {
 		img = &image.Image{ID: rec.ImageID}
 	}
 	meta := containerMeta{SandboxID: rec.SandboxID, Config: cfg, Image: img, ImageRef: rec.ImageRef, CreatedAt: rec.CreatedAt, Machine: rec.Machine,
-		Template: rec.Template}
+		Template: rec.Template, Idle: rec.Idle}
 	st := containerStatus{State: state, StartedAt: rec.StartedAt, Exit: rec.Exit, Pid: rec.Pid, Sizing: rec.Sizing, Warnings: rec.Warnings}
 	sb, err := s.sandboxes.Get(rec.SandboxID)
 	if err != nil || sb.ID() != rec.SandboxID {
@@ -188,7 +188,7 @@ func (s *Service) loadContainer(k, v []byte) (*container, error) {
 				Message: "the container could not be restored after a daemon restart: " + err.Error()}
 		} else {
 			fresh.CreatedAt = meta.CreatedAt
-			meta.Machine, meta.Template = fresh.Machine, fresh.Template
+			meta.Machine, meta.Template, meta.Idle = fresh.Machine, fresh.Template, fresh.Idle
 		}
 	}
 	c := s.containers.Restore(rec.ID, meta, st)

@@ -29,6 +29,8 @@ type containerMeta struct {
 	Cgroup    string                // "" = none
 	// Template is the template the VM starts from ("" = it boots).
 	Template string
+	// Idle is its scale-to-zero and autostart (nil: always running).
+	Idle *runtime.IdleSpec
 }
 
 // containerStatus changes only through store.Object.Update.
@@ -113,6 +115,7 @@ type containerRecord struct {
 	Sizing    Sizing                `json:"sizing"`
 	Cgroup    string                `json:"cgroup,omitempty"`
 	Template  string                `json:"template,omitempty"`
+	Idle      *runtime.IdleSpec     `json:"idle,omitempty"`
 }
 
 func sandboxToRecord(id string, m sandboxMeta, st sandboxStatus) (sandboxRecord, error) {
@@ -131,7 +134,7 @@ func containerToRecord(id string, m containerMeta, st containerStatus) (containe
 	}
 	return containerRecord{ID: id, SandboxID: m.SandboxID, Config: cfg, ImageID: m.Image.ID, ImageRef: m.ImageRef, LogPath: m.LogPath,
 		CreatedAt: m.CreatedAt, StartedAt: st.StartedAt, State: int32(st.State.CRI()), Phase: string(st.State), Exit: st.Exit,
-		Machine: m.Machine, Warnings: st.Warnings, Pid: st.Pid, Sizing: st.Sizing, Cgroup: m.Cgroup, Template: m.Template}, nil
+		Machine: m.Machine, Warnings: st.Warnings, Pid: st.Pid, Sizing: st.Sizing, Cgroup: m.Cgroup, Template: m.Template, Idle: m.Idle}, nil
 }
 
 // sandboxSaver and containerSaver write records to meta.db.

@@ -12,6 +12,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -30,6 +31,22 @@ const (
 	AnnotationLibParams = "unilet.dev/lib-params"
 	// AnnotationTemplate is Kraftlet's: the VM starts from this template.
 	AnnotationTemplate = "cloud.unikraft.v1.instances/template"
+	// Kraftlet's scale-to-zero and autostart annotations.
+	AnnotationScaleToZeroPolicy   = "cloud.unikraft.v1.instances/scale_to_zero.policy"
+	AnnotationScaleToZeroStateful = "cloud.unikraft.v1.instances/scale_to_zero.stateful"
+	AnnotationScaleToZeroCooldown = "cloud.unikraft.v1.instances/scale_to_zero.cooldown_time_ms"
+	AnnotationAutostart           = "cloud.unikraft.v1.instances/autostart"
+)
+
+// Scale-to-zero policies, and the cooldown's default and bounds.
+const (
+	ScaleToZeroOff  = "off"
+	ScaleToZeroOn   = "on"
+	ScaleToZeroIdle = "idle"
+
+	DefaultCooldownMs = 1000
+	MinCooldownMs     = 10
+	MaxCooldownMs     = 24 * 60 * 60 * 1000
 )
 
 // LabelMinMemory is the image label giving the least guest RAM (MiB) the
@@ -84,6 +101,26 @@ type PodTuning struct {
 	// Template is the template the pod's VM starts from (Kraftlet's
 	// cloud.unikraft.v1.instances/template).
 	Template string
+	// Scale-to-zero (Kraftlet's scale_to_zero.*): policy on, off or idle;
+	// whether the guest's memory must survive a suspension; the cooldown.
+	ScaleToZero string
+	Stateful    bool
+	Cooldown    time.Duration
+	// NoAutostart: the VM is prepared but its guest first runs on the
+	// first packet or console input (Kraftlet's autostart false).
+	NoAutostart bool
+}
+
+// Idle is the VM's scale-to-zero and autostart (nil: always running).
+func (t PodTuning) Idle() *runtime.IdleSpec {
+	spec := runtime.IdleSpec{Paused: t.NoAutostart}
+	if t.ScaleToZero == ScaleToZeroOn || t.ScaleToZero == ScaleToZeroIdle {
+		spec.Cooldown, spec.IdleCPU = t.Cooldown, t.ScaleToZero == ScaleToZeroIdle
+	}
+	if spec == (runtime.IdleSpec{}) {
+		return nil
+	}
+	return &spec
 }
 
 var (
@@ -129,6 +166,36 @@ func ParseTuning(ann map[string]string, lim Limits) (PodTuning, error) {
 			return t, fmt.Errorf("annotation %s: %v", AnnotationTemplate, err)
 		}
 		t.Template = v
+	}
+	t.ScaleToZero, t.Cooldown = ScaleToZeroOff, DefaultCooldownMs*time.Millisecond
+	if v, ok := ann[AnnotationScaleToZeroPolicy]; ok {
+		switch v {
+		case ScaleToZeroOn, ScaleToZeroOff, ScaleToZeroIdle:
+			t.ScaleToZero = v
+		default:
+			return t, fmt.Errorf("annotation %s=%q: want on, off or idle", AnnotationScaleToZeroPolicy, v)
+		}
+	}
+	if v, ok := ann[AnnotationScaleToZeroStateful]; ok {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return t, fmt.Errorf("annotation %s=%q: want true or false", AnnotationScaleToZeroStateful, v)
+		}
+		t.Stateful = b
+	}
+	if v, ok := ann[AnnotationScaleToZeroCooldown]; ok {
+		n, err := strconv.Atoi(strings.TrimSpace(v))
+		if err != nil || n < MinCooldownMs || n > MaxCooldownMs {
+			return t, fmt.Errorf("annotation %s=%q: want a whole number of milliseconds from %d to %d", AnnotationScaleToZeroCooldown, v, MinCooldownMs, MaxCooldownMs)
+		}
+		t.Cooldown = time.Duration(n) * time.Millisecond
+	}
+	if v, ok := ann[AnnotationAutostart]; ok {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return t, fmt.Errorf("annotation %s=%q: want true or false", AnnotationAutostart, v)
+		}
+		t.NoAutostart = !b
 	}
 	if v, ok := ann[AnnotationMachine]; ok {
 		switch v {

@@ -3,6 +3,7 @@ package vm
 import (
 	"errors"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -17,7 +18,9 @@ func TestParseTuning(t *testing.T) {
 	tu, err := ParseTuning(map[string]string{AnnotationVCPUs: "2", AnnotationMemory: "1Gi", AnnotationMachine: "microvm",
 		AnnotationLibParams: "lwip.dhcp=0  ukalloc.pages=12"}, lim)
 	require.NoError(t, err)
-	require.Equal(t, PodTuning{VCPUs: 2, MemoryMiB: 1024, Machine: "microvm", LibParams: []string{"lwip.dhcp=0", "ukalloc.pages=12"}}, tu)
+	require.Equal(t, PodTuning{VCPUs: 2, MemoryMiB: 1024, Machine: "microvm", LibParams: []string{"lwip.dhcp=0", "ukalloc.pages=12"},
+		ScaleToZero: ScaleToZeroOff, Cooldown: time.Second}, tu)
+	require.Nil(t, tu.Idle(), "Kraftlet's defaults on a CRI runtime: always running")
 	tu, err = ParseTuning(map[string]string{AnnotationMemory: "96"}, lim)
 	require.NoError(t, err)
 	require.Equal(t, 96, tu.MemoryMiB)
@@ -37,12 +40,32 @@ func TestParseTuning(t *testing.T) {
 		{AnnotationLibParams, "-device"}:             "not a library parameter",
 		{AnnotationLibParams, `lwip.x="a"`}:          "cannot carry",
 		{AnnotationLibParams, "lwip.x=a\x01"}:        "cannot carry",
+		{AnnotationTemplate, "Bad_Name"}:             AnnotationTemplate,
+		{AnnotationScaleToZeroPolicy, "yes"}:         AnnotationScaleToZeroPolicy,
+		{AnnotationScaleToZeroStateful, "maybe"}:     AnnotationScaleToZeroStateful,
+		{AnnotationScaleToZeroCooldown, "5"}:         "from 10 to 86400000",
+		{AnnotationScaleToZeroCooldown, "1s"}:        AnnotationScaleToZeroCooldown,
+		{AnnotationAutostart, "no way"}:              AnnotationAutostart,
 	} {
 		_, err := ParseTuning(map[string]string{ann[0]: ann[1]}, lim)
 		require.ErrorContains(t, err, want, "%s=%q", ann[0], ann[1])
 	}
 	_, err = ParseTuning(map[string]string{AnnotationLibParams: "lwip.dhcp=0"}, Limits{})
 	require.ErrorContains(t, err, "none; see --allow-lib-param")
+
+	// Kraftlet's annotations.
+	tu, err = ParseTuning(map[string]string{AnnotationScaleToZeroPolicy: "idle", AnnotationScaleToZeroStateful: "true",
+		AnnotationScaleToZeroCooldown: "250", AnnotationAutostart: "false", AnnotationTemplate: "web"}, lim)
+	require.NoError(t, err)
+	require.Equal(t, "web", tu.Template)
+	require.True(t, tu.Stateful)
+	require.Equal(t, &runtime.IdleSpec{Cooldown: 250 * time.Millisecond, IdleCPU: true, Paused: true}, tu.Idle())
+	tu, err = ParseTuning(map[string]string{AnnotationScaleToZeroPolicy: "on"}, lim)
+	require.NoError(t, err)
+	require.Equal(t, &runtime.IdleSpec{Cooldown: time.Second}, tu.Idle())
+	tu, err = ParseTuning(map[string]string{AnnotationScaleToZeroPolicy: "off", AnnotationAutostart: "true"}, lim)
+	require.NoError(t, err)
+	require.Nil(t, tu.Idle())
 }
 
 func TestSize(t *testing.T) {

@@ -217,9 +217,19 @@ func guestGateway(tapName string, mtu int, g Guest) error {
 	if err != nil {
 		return err
 	}
+	// The guest network is IPv4: no IPv6 chatter (router and multicast
+	// listener reports) may reach the tap, where it would wake a VM that
+	// scale-to-zero suspended.
+	_ = os.WriteFile("/proc/sys/net/ipv6/conf/"+tapName+"/disable_ipv6", []byte("1"), 0o644)
 	gw := &netlink.Addr{IPNet: &net.IPNet{IP: g.Gateway.AsSlice(), Mask: net.CIDRMask(g.Addr.Bits(), 32)}}
 	if err := netlink.AddrReplace(tap, gw); err != nil {
 		return fmt.Errorf("address %s on %s: %w", g.Gateway, tapName, err)
+	}
+	// The guest's MAC is fixed: no ARP is needed (nor waits) to reach it.
+	hw, _ := net.ParseMAC(g.MAC)
+	if err := netlink.NeighSet(&netlink.Neigh{LinkIndex: tap.Attrs().Index, Family: netlink.FAMILY_V4, State: netlink.NUD_PERMANENT,
+		IP: g.Addr.Addr().AsSlice(), HardwareAddr: hw}); err != nil {
+		return fmt.Errorf("neighbour entry of the guest on %s: %w", tapName, err)
 	}
 	return nil
 }

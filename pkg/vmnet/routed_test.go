@@ -81,6 +81,12 @@ func veth(t *testing.T, a, aName, aAddr, b, bName, bAddr string, bGateway string
 		if err := netlink.AddrAdd(l, addr); err != nil {
 			return err
 		}
+		if bName == "g0" { // the guest's NIC has the guest network's fixed MAC
+			hw, _ := net.ParseMAC(GuestMAC)
+			if err := netlink.LinkSetHardwareAddr(l, hw); err != nil {
+				return err
+			}
+		}
 		if err := netlink.LinkSetUp(l); err != nil {
 			return err
 		}

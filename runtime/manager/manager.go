@@ -68,6 +68,9 @@ type VM interface {
 	// Pause stops the guest's vCPUs; Resume runs them again.
 	Pause(ctx context.Context) error
 	Resume(ctx context.Context) error
+	// Idle reports whether scale-to-zero holds the VM suspended (or, with
+	// autostart off, not yet started), since when, and how often it woke.
+	Idle(ctx context.Context) (suspended bool, since time.Time, wakes int, err error)
 	// Release ends the shim of an ended VM and drops the connection.
 	Release(ctx context.Context) error
 	// Close drops the daemon's connection; the VM goes on.
@@ -180,6 +183,8 @@ type StartSpec struct {
 	// Restore starts the VM from a template (Machine has Incoming and
 	// private RAM); nil boots it.
 	Restore *runtime.RestoreSpec
+	// Idle is the VM's scale-to-zero and autostart (nil: always running).
+	Idle *runtime.IdleSpec
 }
 
 // Timings is where a VM start spent its time.
@@ -218,7 +223,7 @@ func (m *Manager) Start(ctx context.Context, s StartSpec) (_ VM, tm Timings, err
 		undo.push("cgroup "+s.Cgroup, func() error { return m.deleteCgroup(s.Cgroup) })
 	}
 	tm.Cgroup = time.Since(t0)
-	spec := runtime.VMSpec{QEMU: m.cfg.QEMU, Machine: s.Machine, StateDir: dir, LogPath: s.LogPath, Restore: s.Restore}
+	spec := runtime.VMSpec{QEMU: m.cfg.QEMU, Machine: s.Machine, StateDir: dir, LogPath: s.LogPath, Restore: s.Restore, Idle: s.Idle}
 	if m.cfg.Jail != nil {
 		id, err := m.ids.take(m.vmRoot, dirName(s.ID))
 		if err != nil {

@@ -274,3 +274,16 @@ func (h *Handle) Resume(ctx context.Context) error {
 	_, err := h.client().Resume(ctx, &api.ResumeRequest{})
 	return err
 }
+
+// Idle reports the VM's scale-to-zero state.
+func (h *Handle) Idle(ctx context.Context) (bool, time.Time, int, error) {
+	st, err := h.client().State(ctx, &api.StateRequest{})
+	if err != nil {
+		return false, time.Time{}, 0, err
+	}
+	var since time.Time
+	if st.Suspended {
+		since = time.Unix(0, st.SuspendedSince)
+	}
+	return st.Suspended, since, int(st.Wakes), nil
+}

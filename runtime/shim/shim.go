@@ -263,6 +263,7 @@ func (s *service) startVM(spec runtime.VMSpec) (*runtime.VM, error) {
 		<-vm.Done()
 		return nil, fmt.Errorf("restore the VM from its template: %w", err)
 	}
+	vm.StartWatching()
 	return vm, nil
 }
 
@@ -335,8 +336,12 @@ func (s *service) state() *api.StateResponse {
 	if vm == nil {
 		return &api.StateResponse{Starting: s.starting.Load()}
 	}
+	suspended, since := vm.Suspended()
 	r := &api.StateResponse{Pid: int32(vm.Pid()), StartedAt: vm.StartedAt().UnixNano(), Running: true,
-		Paused: s.paused.Load(), Restored: s.vmSpec().Restore != nil}
+		Paused: s.paused.Load(), Restored: s.vmSpec().Restore != nil, Suspended: suspended, Wakes: int64(vm.Wakes())}
+	if suspended {
+		r.SuspendedSince = since.UnixNano()
+	}
 	select {
 	case <-s.exited:
 		st := vm.Exit()

@@ -366,9 +366,14 @@ type StateResponse struct {
 	// paused is true while the guest's vCPUs are stopped (Pause).
 	Paused bool `protobuf:"varint,9,opt,name=paused,proto3" json:"paused,omitempty"`
 	// restored is true when the VM was started from a template's state.
-	Restored      bool `protobuf:"varint,10,opt,name=restored,proto3" json:"restored,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Restored bool `protobuf:"varint,10,opt,name=restored,proto3" json:"restored,omitempty"`
+	// suspended is true while scale-to-zero holds the VM (or, with
+	// autostart off, before its first wake); since when; how often it woke.
+	Suspended      bool  `protobuf:"varint,11,opt,name=suspended,proto3" json:"suspended,omitempty"`
+	SuspendedSince int64 `protobuf:"varint,12,opt,name=suspended_since,json=suspendedSince,proto3" json:"suspended_since,omitempty"`
+	Wakes          int64 `protobuf:"varint,13,opt,name=wakes,proto3" json:"wakes,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *StateResponse) Reset() {
@@ -469,6 +474,27 @@ func (x *StateResponse) GetRestored() bool {
 		return x.Restored
 	}
 	return false
+}
+
+func (x *StateResponse) GetSuspended() bool {
+	if x != nil {
+		return x.Suspended
+	}
+	return false
+}
+
+func (x *StateResponse) GetSuspendedSince() int64 {
+	if x != nil {
+		return x.SuspendedSince
+	}
+	return 0
+}
+
+func (x *StateResponse) GetWakes() int64 {
+	if x != nil {
+		return x.Wakes
+	}
+	return 0
 }
 
 type KillRequest struct {
@@ -862,7 +888,7 @@ const file_shim_proto_rawDesc = "" +
 	"\rAdoptResponse\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\"\x0e\n" +
 	"\fStartRequest\"\x0e\n" +
-	"\fStateRequest\"\x9a\x02\n" +
+	"\fStateRequest\"\xf7\x02\n" +
 	"\rStateResponse\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x18\n" +
 	"\arunning\x18\x02 \x01(\bR\arunning\x12\x1d\n" +
@@ -876,7 +902,10 @@ const file_shim_proto_rawDesc = "" +
 	"\bstarting\x18\b \x01(\bR\bstarting\x12\x16\n" +
 	"\x06paused\x18\t \x01(\bR\x06paused\x12\x1a\n" +
 	"\brestored\x18\n" +
-	" \x01(\bR\brestored\"D\n" +
+	" \x01(\bR\brestored\x12\x1c\n" +
+	"\tsuspended\x18\v \x01(\bR\tsuspended\x12'\n" +
+	"\x0fsuspended_since\x18\f \x01(\x03R\x0esuspendedSince\x12\x14\n" +
+	"\x05wakes\x18\r \x01(\x03R\x05wakes\"D\n" +
 	"\vKillRequest\x12\x1d\n" +
 	"\n" +
 	"timeout_ms\x18\x01 \x01(\x03R\ttimeoutMs\x12\x16\n" +
