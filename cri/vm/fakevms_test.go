@@ -248,4 +248,6 @@ func (f *fakeVM) Snapshot(context.Context, string) (int64, int64, error) {
 }
 func (f *fakeVM) Pause(context.Context) error  { return nil }
 func (f *fakeVM) Resume(context.Context) error { return nil }
-func (f *fakeVM) Idle(context.Context) (bool, time.Time, int, error) { return false, time.Time{}, 0, nil }
+func (f *fakeVM) Idle(context.Context) (bool, time.Time, int, error) {
+	return false, time.Time{}, 0, nil
+}
