@@ -190,18 +190,24 @@ func (e *env) stateDir() string { return filepath.Join(e.run, "unilet") }
 // shimPool is the daemon's --shim-pool (its default).
 const shimPool = 2
 
+// clearPods removes every pod of the daemon (after a failed section).
+func (e *env) clearPods() {
+	if e.rt == nil {
+		return
+	}
+	if l, err := e.rt.ListPodSandbox(bg, &runtimeapi.ListPodSandboxRequest{}); err == nil {
+		for _, p := range l.GetItems() {
+			_, _ = e.rt.RemovePodSandbox(bg, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: p.GetId()})
+		}
+	}
+}
+
 func (e *env) teardown() {
 	if e.done {
 		return
 	}
 	e.done = true
-	if e.rt != nil {
-		if l, err := e.rt.ListPodSandbox(bg, &runtimeapi.ListPodSandboxRequest{}); err == nil {
-			for _, p := range l.GetItems() {
-				_, _ = e.rt.RemovePodSandbox(bg, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: p.GetId()})
-			}
-		}
-	}
+	e.clearPods()
 	for _, c := range e.conns {
 		c.Close()
 	}

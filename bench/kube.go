@@ -38,11 +38,12 @@ func measureKube(o options, res *Results) error {
 		return err
 	}
 	cdir := filepath.Join(dir, "cluster")
+	// Down also after a failed or half-done up: nothing it started stays.
+	defer func() { _ = exec.Command(filepath.Join(bin, "cluster"), "down", "--dir", cdir).Run() }()
 	up := exec.Command(filepath.Join(bin, "cluster"), "up", "--dir", cdir, "--kube-bin", kubeBin, "--unilet-bin", bin, "--repo", repo)
 	if out, err := up.CombinedOutput(); err != nil {
 		return fmt.Errorf("cluster up: %v\n%s", err, out)
 	}
-	defer func() { _ = exec.Command(filepath.Join(bin, "cluster"), "down", "--dir", cdir).Run() }()
 	kernel := filepath.Join(dir, "testkernel.elf")
 	if err := sh(repo, "./e2e/guest/testkernel/build.sh", kernel); err != nil {
 		return err

@@ -28,6 +28,10 @@ func targets(r *Results) []target {
 		{"log_throughput_ratio", "≥ 0.95×", r.LogThroughputRatio, r.LogThroughputRatio >= 0.95},
 		{"log_lost_lines", "0", float64(r.LogLostLines), r.LogLostLines == 0},
 		{"jail_overhead_ms_p50", "≤ +3 ms", r.JailOverheadMsP50, r.JailOverheadMsP50 <= 3},
+		{"template_start_ratio", "≤ 0.3× a bare QEMU cold boot", r.TemplateStartRatio, r.TemplateStartRatio > 0 && r.TemplateStartRatio <= 0.3},
+		{"wake_ms_p50", "≤ 5 ms", r.WakeMsP50, r.WakeMsP50 > 0 && r.WakeMsP50 <= 5},
+		{"clone_pss_ratio", "≤ 0.3× a cold VM", r.ClonePSSRatio, r.ClonePSSRatio > 0 && r.ClonePSSRatio <= 0.3},
+		{"idle_cpu_pct_100", "≤ 2 % of one core (scale-to-zero on)", r.IdleCPUPct100, r.IdleCPUPct100 <= 2},
 	}
 }
 
@@ -146,6 +150,46 @@ func writeReport(r *Results, doc string) error {
 		} else {
 			fmt.Fprintf(&b, "| pod | p50 ms | p95 ms | runs |\n|---|---|---|---|\n| unikernel (QEMU VM) | %.0f | %.0f | %d |\n| plain busybox (containerd + runc) | %.0f | %.0f | %d |\n| ratio (p50) | %.2f× | | |\n",
 				k.Unikernel.P50, k.Unikernel.P95, k.Unikernel.N, k.Plain.P50, k.Plain.P95, k.Plain.N, k.Unikernel.P50/nz(k.Plain.P50))
+		}
+	}
+	if p := d.Platform; p != nil {
+		fmt.Fprintf(&b, "\n## Kraftlet's platform: templates, scale-to-zero, density\n\n"+
+			"Starts to the first console line (test kernel printing a tick every 5 ms; interleaved): a pod restored from a template "+
+			"(`cloud.unikraft.v1.instances/template`), the same pod booted cold, and a bare QEMU cold boot of the same guest.\n\n"+
+			"| | p50 ms | p95 ms | runs |\n|---|---|---|---|\n| pod from a template | %.1f | %.1f | %d |\n| pod, cold boot | %.1f | %.1f | %d |\n"+
+			"| bare QEMU, cold boot | %.1f | %.1f | %d |\n| template pod ÷ bare (p50) | %.2f× | | |\n",
+			p.TemplatePod.P50, p.TemplatePod.P95, p.TemplatePod.N, p.ColdPod.P50, p.ColdPod.P95, p.ColdPod.N, p.Bare.P50, p.Bare.P95, p.Bare.N,
+			p.TemplatePod.P50/nz(p.Bare.P50))
+		if p.TemplateHTTP.N > 0 {
+			fmt.Fprintf(&b, "\nThe network guest (Debian's kernel, busybox httpd), RunPodSandbox → first HTTP response on the pod IP:\n\n"+
+				"| | p50 ms | p95 ms | runs |\n|---|---|---|---|\n| pod from a template | %.0f | %.0f | %d |\n| pod, cold boot | %.0f | %.0f | %d |\n"+
+				"| ratio (p50) | %.2f× | | |\n",
+				p.TemplateHTTP.P50, p.TemplateHTTP.P95, p.TemplateHTTP.N, p.ColdHTTP.P50, p.ColdHTTP.P95, p.ColdHTTP.N, p.TemplateHTTP.P50/nz(p.ColdHTTP.P50))
+			fmt.Fprintf(&b, "\nScale-to-zero (cooldown 300 ms): an HTTP request (new TCP connection) to a suspended clone, the wake included, "+
+				"and to a running one:\n\n| | p50 ms | p95 ms | runs |\n|---|---|---|---|\n| suspended (wake) | %.2f | %.2f | %d |\n| running | %.2f | %.2f | %d |\n",
+				p.Wake.P50, p.Wake.P95, p.Wake.N, p.Awake.P50, p.Awake.P95, p.Awake.N)
+			fmt.Fprintf(&b, "\nMemory, %d VMs of the network guest at once, each serving: proportional set size per VM (QEMU + shim), clones "+
+				"including their share of the template's RAM held once by its holder (%.1f MB).\n\n| | PSS per VM MB |\n|---|---|\n"+
+				"| clone of a template | %.1f |\n| cold-booted VM | %.1f |\n| ratio | %.2f× |\n",
+				p.Clones, p.HolderMB, p.ClonePSSMB, p.ColdPSSMB, p.ClonePSSMB/nz(p.ColdPSSMB))
+		}
+		fmt.Fprintf(&b, "\n%d idle pods (test kernel printing a line every 100 ms), host CPU of their QEMUs and shims over 10 s:\n\n"+
+			"| scale-to-zero | %% of one core |\n|---|---|\n| off | %.2f |\n| on (cooldown 500 ms) | %.2f |\n\n"+
+			"A suspended pod takes %.1f MB (PSS): this machine's memory holds about %d of them.\n",
+			p.IdlePods, p.IdleCPUOffPct, p.IdleCPUOnPct, p.IdlePodMB, p.IdlePodsFit)
+		for _, n := range p.Notes {
+			fmt.Fprintf(&b, "\nNote: %s\n", n)
+		}
+	}
+	if len(r.Skipped) > 0 {
+		b.WriteString("\n## Sections that could not run\n\n| section | why |\n|---|---|\n")
+		var names []string
+		for n := range r.Skipped {
+			names = append(names, n)
+		}
+		sort.Strings(names)
+		for _, n := range names {
+			fmt.Fprintf(&b, "| %s | %s |\n", n, strings.ReplaceAll(r.Skipped[n], "\n", " "))
 		}
 	}
 	b.WriteString(analysis)

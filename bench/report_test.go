@@ -30,7 +30,9 @@ func TestCountLines(t *testing.T) {
 
 func TestReportAndTargets(t *testing.T) {
 	r := &Results{Accel: "tcg", StartRatioP50: 1.05, StartOverheadMsP50: 20, ConcurrencyRatio100: 0.9, ShimRSSMB: 7,
-		DaemonRSSMB100: 40, ListP99Ms200: 2, PassthroughOverheadMsP50: 0.2, LogThroughputRatio: 0.99}
+		DaemonRSSMB100: 40, ListP99Ms200: 2, PassthroughOverheadMsP50: 0.2, LogThroughputRatio: 0.99,
+		TemplateStartRatio: 0.2, WakeMsP50: 3, ClonePSSRatio: 0.25, IdleCPUPct100: 1,
+		Skipped: map[string]string{"kube": "Kubernetes binaries not built"}}
 	r.Details.Start = map[string]Summary{"unilet": {P50: 80, N: 3}, "bare": {P50: 60, N: 3}}
 	r.Details.StartUniletMs, r.Details.StartBareMs = []float64{70, 80, 90}, []float64{50, 60, 70}
 	missed := 0
@@ -46,6 +48,7 @@ func TestReportAndTargets(t *testing.T) {
 	b, err := os.ReadFile(doc)
 	require.NoError(t, err)
 	require.Contains(t, string(b), "| `start_overhead_ms_p50` | 20 | ≤ +15 ms | **missed** |")
+	require.Contains(t, string(b), "| kube | Kubernetes binaries not built |", "a skipped section is reported with why")
 	svg, err := os.ReadFile(filepath.Join(filepath.Dir(doc), "benchmarks-start.svg"))
 	require.NoError(t, err)
 	require.True(t, strings.HasPrefix(string(svg), "<svg"))
