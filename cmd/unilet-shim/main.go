@@ -38,23 +38,19 @@ func main() {
 		fmt.Println("unilet-shim", version.Version)
 		return
 	}
-	if *tmplRAM != "" {
-		if err := shim.Confine(); err != nil {
-			fmt.Fprintln(os.Stderr, "unilet-shim:", err)
-			os.Exit(1)
+	var serve func(context.Context) error
+	switch {
+	case *tmplRAM != "":
+		serve = func(ctx context.Context) error {
+			return shim.ServeTemplateRAM(ctx, *tmplRAM, *tmplSize, *tmplDigest, *listen)
 		}
-		signal.Ignore(syscall.SIGHUP, syscall.SIGPIPE)
-		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-		defer stop()
-		if err := shim.ServeTemplateRAM(ctx, *tmplRAM, *tmplSize, *tmplDigest, *listen); err != nil {
-			fmt.Fprintln(os.Stderr, "unilet-shim:", err)
-			os.Exit(1)
-		}
-		return
-	}
-	if (*dir == "") == (*poolDir == "") {
-		fmt.Fprintln(os.Stderr, "unilet-shim: exactly one of --dir or --pool-dir is required")
+	case (*dir == "") == (*poolDir == ""):
+		fmt.Fprintln(os.Stderr, "unilet-shim: exactly one of --dir, --pool-dir or --template-ram is required")
 		os.Exit(2)
+	case *poolDir != "":
+		serve = func(ctx context.Context) error { return shim.ServePool(ctx, *poolDir) }
+	default:
+		serve = func(ctx context.Context) error { return shim.Serve(ctx, *dir) }
 	}
 	// Only the capabilities a shim needs, NoNewPrivs (re-executes once).
 	if err := shim.Confine(); err != nil {
@@ -65,11 +61,7 @@ func main() {
 	signal.Ignore(syscall.SIGHUP, syscall.SIGPIPE)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	serve := func() error { return shim.Serve(ctx, *dir) }
-	if *poolDir != "" {
-		serve = func() error { return shim.ServePool(ctx, *poolDir) }
-	}
-	if err := serve(); err != nil {
+	if err := serve(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "unilet-shim:", err)
 		os.Exit(1)
 	}

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/manager"
 )
@@ -60,22 +61,10 @@ func (f *fakeVMs) called(prefix string) []string {
 }
 
 func (f *fakeVMs) Dir(id string) (string, error) {
-	if !validTestID(id) {
+	if !store.ValidID(id) {
 		return "", fmt.Errorf("container ID %q is not a unilet ID: %w", id, manager.ErrUntrusted)
 	}
 	return filepath.Join(f.root, id[:16]), nil
-}
-
-func validTestID(id string) bool {
-	if len(id) != 64 {
-		return false
-	}
-	for _, c := range id {
-		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
-			return false
-		}
-	}
-	return true
 }
 
 func (f *fakeVMs) CgroupPath(parent, id string) (string, error) {

@@ -75,6 +75,17 @@ func TestTemplatesThroughUniletctl(t *testing.T) {
 	_, err = rt.RemovePodSandbox(ctx, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: pod})
 	require.NoError(t, err)
 
+	// Templates survive a daemon restart; the next clone restores as well.
+	d.crash()
+	d.start()
+	rt = d.rt(t)
+	cfg = templatedPod(t, "clone-b", "ticker")
+	pod, _ = startVM(t, rt, cfg)
+	require.Eventually(t, func() bool { return strings.Contains(readLog(t, cfg), "tick ") }, 20*time.Second, 50*time.Millisecond)
+	require.NotContains(t, readLog(t, cfg), "unilet-testkernel: booted")
+	_, err = rt.RemovePodSandbox(ctx, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: pod})
+	require.NoError(t, err)
+
 	// Refusals name what is wrong.
 	for _, c := range []struct {
 		template string
