@@ -38,6 +38,8 @@ const (
 	nfulnlMsgConfig    = 1
 	nfulaCfgCmd        = 1
 	nfulaCfgMode       = 2
+	nfulaCfgTimeout    = 4
+	nfulaCfgQThresh    = 5
 	nfulnlCfgCmdBind   = 1
 	nfulnlCfgCmdPfBind = 3
 	nfulnlCopyMeta     = 1
@@ -68,6 +70,10 @@ func NewWaker(path, tap string) (*Waker, error) {
 		{wakeGroup, netlink.Attribute{Type: nfulaCfgCmd, Data: []byte{nfulnlCfgCmdBind}}},
 		// The packet is not copied: only that one came matters.
 		{wakeGroup, netlink.Attribute{Type: nfulaCfgMode, Data: []byte{0, 0, 0, 0, nfulnlCopyMeta, 0}}},
+		// Each packet is reported at once: NFLOG batches up to 100 packets
+		// or 1 s by default, which a wake would wait for.
+		{wakeGroup, netlink.Attribute{Type: nfulaCfgQThresh, Data: []byte{0, 0, 0, 1}}},
+		{wakeGroup, netlink.Attribute{Type: nfulaCfgTimeout, Data: []byte{0, 0, 0, 0}}},
 	} {
 		if err := w.config(cmd.res, cmd.attr); err != nil {
 			w.Close()
@@ -135,7 +141,7 @@ func (w *Waker) Arm() error {
 	w.nft.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: name},
-		&expr.Log{Key: 1 << unix.NFTA_LOG_GROUP, Group: wakeGroup},
+		&expr.Log{Key: 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_QTHRESHOLD, Group: wakeGroup, QThreshold: 1},
 	}})
 	if err := w.nft.Flush(); err != nil {
 		return fmt.Errorf("arm the wake rule: %w", err)
