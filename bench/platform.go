@@ -27,9 +27,10 @@ type PlatformRow struct {
 	TemplatePod, ColdPod, Bare Summary
 	// ms from RunPodSandbox to the first HTTP response (network guest).
 	TemplateHTTP, ColdHTTP Summary
-	// ms of an HTTP request to a suspended VM (wake included) and to a
-	// running one.
-	Wake, Awake Summary
+	// A new TCP connection to a suspended VM: ms until it is established
+	// (the guest's SYN-ACK, its first answer, wake included) and until the
+	// first byte of the HTTP response; the same to a running VM.
+	Wake, WakeHTTP, Awake, AwakeHTTP Summary
 	// PSS per VM (MB): clones of one template vs cold-booted VMs of the
 	// same guest (network guest, Clones at once); the template's memory
 	// held once by its holder is included, shared among the clones.
@@ -353,24 +354,28 @@ func (e *env) measureWeb(o options, row *PlatformRow, res *Results, image string
 	if err != nil {
 		return err
 	}
-	var wk, aw []float64
+	if _, err := get(ip); err != nil {
+		e.remove(v)
+		return err
+	}
+	var wk, wkh, aw, awh []float64
 	for i := 0; i < wakes; i++ {
-		if d, err := get(ip); err == nil {
-			aw = append(aw, d)
+		if c, h, err := request(ip); err == nil {
+			aw, awh = append(aw, c), append(awh, h)
 		}
 		if err := e.waitReason(v.ctr, "ScaledToZero", 10*time.Second); err != nil {
 			e.remove(v)
 			return err
 		}
-		d, err := get(ip)
+		c, h, err := request(ip)
 		if err != nil {
 			e.remove(v)
 			return err
 		}
-		wk = append(wk, d)
+		wk, wkh = append(wk, c), append(wkh, h)
 	}
 	e.remove(v)
-	row.Wake, row.Awake = summarize(wk), summarize(aw)
+	row.Wake, row.WakeHTTP, row.Awake, row.AwakeHTTP = summarize(wk), summarize(wkh), summarize(aw), summarize(awh)
 	res.WakeMsP50 = round(row.Wake.P50, 2)
 
 	// Memory: clones at once vs cold VMs at once.
@@ -440,3 +445,24 @@ func memTotalMB() int {
 	return 0
 }
 
+
+// request opens a TCP connection to ip:8080 and sends an HTTP request; it
+// returns the ms until the connection was established and until the first
+// byte of the response.
+func request(ip string) (float64, float64, error) {
+	t0 := time.Now()
+	c, err := net.DialTimeout("tcp", net.JoinHostPort(ip, "8080"), 10*time.Second)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer c.Close()
+	connected := ms(time.Since(t0))
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(c, "GET /index.html HTTP/1.0\r\n\r\n"); err != nil {
+		return 0, 0, err
+	}
+	if _, err := c.Read(make([]byte, 1)); err != nil {
+		return 0, 0, err
+	}
+	return connected, ms(time.Since(t0)), nil
+}

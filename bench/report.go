@@ -165,9 +165,12 @@ func writeReport(r *Results, doc string) error {
 				"| | p50 ms | p95 ms | runs |\n|---|---|---|---|\n| pod from a template | %.0f | %.0f | %d |\n| pod, cold boot | %.0f | %.0f | %d |\n"+
 				"| ratio (p50) | %.2f× | | |\n",
 				p.TemplateHTTP.P50, p.TemplateHTTP.P95, p.TemplateHTTP.N, p.ColdHTTP.P50, p.ColdHTTP.P95, p.ColdHTTP.N, p.TemplateHTTP.P50/nz(p.ColdHTTP.P50))
-			fmt.Fprintf(&b, "\nScale-to-zero (cooldown 300 ms): an HTTP request (new TCP connection) to a suspended clone, the wake included, "+
-				"and to a running one:\n\n| | p50 ms | p95 ms | runs |\n|---|---|---|---|\n| suspended (wake) | %.2f | %.2f | %d |\n| running | %.2f | %.2f | %d |\n",
-				p.Wake.P50, p.Wake.P95, p.Wake.N, p.Awake.P50, p.Awake.P95, p.Awake.N)
+			fmt.Fprintf(&b, "\nScale-to-zero (cooldown 300 ms): a new TCP connection to a suspended clone — until it is established "+
+				"(the guest's SYN-ACK: its first answer, the wake included; `wake_ms_p50`) and until the first byte of the HTTP response "+
+				"(busybox httpd forks per request) — and the same to a running one:\n\n"+
+				"| | connected p50 ms | p95 | first response byte p50 ms | p95 | runs |\n|---|---|---|---|---|---|\n"+
+				"| suspended (wake) | %.2f | %.2f | %.2f | %.2f | %d |\n| running | %.2f | %.2f | %.2f | %.2f | %d |\n",
+				p.Wake.P50, p.Wake.P95, p.WakeHTTP.P50, p.WakeHTTP.P95, p.Wake.N, p.Awake.P50, p.Awake.P95, p.AwakeHTTP.P50, p.AwakeHTTP.P95, p.Awake.N)
 			fmt.Fprintf(&b, "\nMemory, %d VMs of the network guest at once, each serving: proportional set size per VM (QEMU + shim), clones "+
 				"including their share of the template's RAM held once by its holder (%.1f MB).\n\n| | PSS per VM MB |\n|---|---|\n"+
 				"| clone of a template | %.1f |\n| cold-booted VM | %.1f |\n| ratio | %.2f× |\n",
