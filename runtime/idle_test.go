@@ -3,6 +3,7 @@ package runtime
 import (
 	"net"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -100,4 +101,23 @@ func TestAutostartOffWaitsForTheFirstWake(t *testing.T) {
 	require.NoError(t, err)
 	waitLog(t, spec.LogPath, "unilet-testkernel: booted")
 	waitSuspended(t, v, false, "running once woken")
+}
+
+// FuzzTapBytes: /proc/net/dev of any shape is parsed without panicking,
+// and counters are only ever read from the named interface's own line.
+func FuzzTapBytes(f *testing.F) {
+	f.Add([]byte("  tap0:    1234       9    0    0    0     0          0         0     4321      10    0    0    0     0       0          0\n"), "tap0")
+	f.Add([]byte("tap0: 1 2 3\n"), "tap0")
+	f.Add([]byte("x:y:z\n"), "x")
+	f.Fuzz(func(t *testing.T, b []byte, name string) {
+		if _, err := tapBytes(b, name); err != nil {
+			return
+		}
+		for _, l := range strings.Split(string(b), "\n") {
+			if iface, _, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(iface) == name {
+				return
+			}
+		}
+		t.Fatalf("counters of %q found in %q, which has no such line", name, b)
+	})
 }

@@ -174,3 +174,24 @@ func TestRoutedTranslatesBothWays(t *testing.T) {
 	_, err = SetupRouted(other, "eth0", "tap0", g)
 	require.ErrorContains(t, err, "lies in the guest network")
 }
+
+// FuzzParseGuestNetwork: whatever is given, a guest network that parses is
+// one a pod can use: valid, the gateway the first address, the guest the
+// second.
+func FuzzParseGuestNetwork(f *testing.F) {
+	for _, s := range []string{DefaultGuestNetwork, "10.0.0.0/8", "192.168.1.0/29", "127.0.0.0/30", "::/0", "1.2.3.4/30"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		g, err := ParseGuestNetwork(s)
+		if err != nil {
+			return
+		}
+		if err := g.Validate(); err != nil {
+			t.Fatalf("%q parsed to an invalid network: %v", s, err)
+		}
+		if g.Gateway.Next() != g.Addr.Addr() || g.Addr.Masked().Addr().Next() != g.Gateway {
+			t.Fatalf("%q: gateway %s, guest %s", s, g.Gateway, g.Addr)
+		}
+	})
+}
