@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -83,6 +84,7 @@ type VM struct {
 	inMu      sync.Mutex
 	stdin     *os.File // console input (write end of QEMU's stdin)
 	idle      *idleState
+	watching  atomic.Bool // StartWatching ran: its watcher closes idle
 }
 
 // StartVM launches QEMU for spec and returns once the process runs and its
@@ -243,7 +245,7 @@ func StartVMWith(spec VMSpec, files Files) (*VM, error) {
 // IdleSpec (StartVMWith does it, except for a VM being restored: after
 // Restore).
 func (v *VM) StartWatching() {
-	if v.idle == nil {
+	if v.idle == nil || v.watching.Swap(true) {
 		return
 	}
 	go v.watchIdle()
@@ -341,6 +343,9 @@ func (v *VM) fail(st ExitStatus) {
 }
 
 func (v *VM) finish() {
+	if v.idle != nil && !v.watching.Swap(true) { // never watched (a restore that failed)
+		v.idle.close()
+	}
 	st := ExitStatus{FinishedAt: time.Now()}
 	code := v.cmd.ProcessState.ExitCode()
 	ws, _ := v.cmd.ProcessState.Sys().(syscall.WaitStatus)
