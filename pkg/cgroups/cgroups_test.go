@@ -72,10 +72,29 @@ func TestRealCgroup(t *testing.T) {
 	require.ErrorContains(t, err, "not unilet's")
 	require.ErrorContains(t, err, strconv.Itoa(cmd.Process.Pid))
 	require.NoError(t, unix.Kill(cmd.Process.Pid, 0), "a process not proven ours is never signalled")
-	ours := func(pid int) bool { return pid == cmd.Process.Pid || ppid(pid) == cmd.Process.Pid }
+	// Proven ours: the shell and what it started, known before anything is
+	// killed (a child whose shell died first would have another parent).
+	mine := map[int]bool{cmd.Process.Pid: true}
+	require.Eventually(t, func() bool { return len(descendants(cmd.Process.Pid)) > 0 }, 10e9, 10e6, "the shell started its sleep")
+	for _, pid := range descendants(cmd.Process.Pid) {
+		mine[pid] = true
+	}
+	ours := func(pid int) bool { return mine[pid] }
 	require.NoError(t, c.Delete(ours))
 	_, err = os.Stat(filepath.Join("/sys/fs/cgroup/memory", p))
 	require.True(t, os.IsNotExist(err))
+}
+
+// descendants lists the children of pid (one level: the shell's sleep).
+func descendants(pid int) []int {
+	var out []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		if n, err := strconv.Atoi(e.Name()); err == nil && ppid(n) == pid {
+			out = append(out, n)
+		}
+	}
+	return out
 }
 
 func ppid(pid int) int {
