@@ -85,7 +85,13 @@ func TestScaleToZeroWakesOnARequest(t *testing.T) {
 	require.Contains(t, in.Status.Message, "scale-to-zero")
 	cpu := qemuCPU(t, d, ctr)
 	time.Sleep(2 * time.Second)
-	require.LessOrEqual(t, qemuCPU(t, d, ctr)-cpu, uint64(2), "a suspended VM's QEMU uses no CPU (ticks in 2 s)")
+	used := qemuCPU(t, d, ctr) - cpu
+	t.Logf("a suspended VM's QEMU used %d ticks (10 ms each) in 2 s", used)
+	// Stopped vCPUs: what is left is QEMU's main loop on host-clock timers
+	// (the guest's RTC) — at most 3 % of a core, where a running guest's
+	// emulation takes a share of one for itself.
+	require.LessOrEqual(t, used, uint64(6), "a suspended VM's QEMU uses (next to) no CPU")
+	require.Equal(t, "ScaledToZero", d.inspect(ctr).Status.Reason, "it stayed suspended while measured")
 
 	t0 := time.Now()
 	require.Equal(t, value, testutil.MustHTTPGet(t, url, 10*time.Second), "the same guest answers: its RAM was kept")
