@@ -34,15 +34,15 @@ type PlatformRow struct {
 	// PSS per VM (MB): clones of one template vs cold-booted VMs of the
 	// same guest (network guest, Clones at once); the template's memory
 	// held once by its holder is included, shared among the clones.
-	Clones                  int
-	ClonePSSMB, ColdPSSMB   float64
-	HolderMB                float64
-	IdlePods                int
-	IdleCPUOffPct           float64 // % of one core, IdlePods idle pods, scale-to-zero off
-	IdleCPUOnPct            float64 // the same with scale-to-zero on
-	IdlePodMB               float64 // PSS of one suspended pod (QEMU + shim)
-	IdlePodsFit             int     // how many such pods this machine's memory holds
-	Notes                   []string
+	Clones                int
+	ClonePSSMB, ColdPSSMB float64
+	HolderMB              float64
+	IdlePods              int
+	IdleCPUOffPct         float64 // % of one core, IdlePods idle pods, scale-to-zero off
+	IdleCPUOnPct          float64 // the same with scale-to-zero on
+	IdlePodMB             float64 // PSS of one suspended pod (QEMU + shim)
+	IdlePodsFit           int     // how many such pods this machine's memory holds
+	Notes                 []string
 }
 
 // annotated returns a pod config with extra annotations.
@@ -444,7 +444,6 @@ func memTotalMB() int {
 	}
 	return 0
 }
-
 
 // request opens a TCP connection to ip:8080 and sends an HTTP request; it
 // returns the ms until the connection was established and until the first
