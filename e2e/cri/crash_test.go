@@ -359,8 +359,10 @@ func (c *crash) hitVictim(rng *rand.Rand) {
 	pid := qemu
 	if rng.Intn(2) == 0 {
 		what = "shim"
-		out, _ := exec.Command("pgrep", "-f", "unilet-shim --dir "+filepath.Join(c.d.stateDir, "vm", id[:16])+"$").Output()
-		pid, _ = strconv.Atoi(strings.TrimSpace(string(out)))
+		pid = 0
+		if pids := testutil.ShimsUnder(filepath.Join(c.d.stateDir, "vm", id[:16])); len(pids) == 1 {
+			pid = pids[0]
+		}
 		if pid == 0 && ok { // a pooled shim: QEMU's parent
 			pid = parentPid(qemu)
 		}
@@ -530,8 +532,7 @@ chaos:
 	require.NoError(t, err)
 	require.Empty(t, pl.Items)
 	require.Eventually(t, func() bool { return len(qemuProcesses(t, d.stateDir)) == 0 }, 10*time.Second, 50*time.Millisecond, "QEMU left")
-	out, _ := exec.Command("pgrep", "-af", "unilet-shim --dir "+d.stateDir).Output()
-	require.Empty(t, strings.TrimSpace(string(out)), "shims left")
+	require.Empty(t, testutil.ShimsUnder(d.stateDir), "shims left")
 	ents, _ := os.ReadDir(filepath.Join(d.stateDir, "vm"))
 	require.Empty(t, ents, "VM directories left")
 	ents, _ = os.ReadDir(d.netnsDir)

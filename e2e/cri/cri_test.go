@@ -165,7 +165,7 @@ func startDaemon(t *testing.T, extra ...string) *daemon {
 	t.Cleanup(func() {
 		d.stop()
 		// VMs outlive the daemon by design: end whatever a test left behind.
-		_ = exec.Command("pkill", "-9", "-f", "unilet-shim .*"+dir).Run()
+		testutil.KillProcsUnder("unilet-shim", dir)
 		testutil.KillQEMUsUnder(dir)
 		// Races the daemon or its shims reported (GORACE log_path).
 		reports, _ := filepath.Glob(filepath.Join(dir, "race.*"))
@@ -752,7 +752,8 @@ func TestShimKilledIsReported(t *testing.T) {
 	d := startDaemon(t, "--upstream-endpoint", "")
 	pod, ctr := d.runVM(t, "vm-shim-killed", "tick=100")
 	d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
-	require.NoError(t, exec.Command("pkill", "-9", "-f", "unilet-shim --dir "+d.stateDir).Run())
+	require.NotEmpty(t, testutil.ShimsUnder(d.stateDir))
+	testutil.KillProcsUnder("unilet-shim", d.stateDir)
 	in := d.waitState(ctr, "CONTAINER_EXITED", 5*time.Second)
 	require.NotZero(t, in.Status.ExitCode)
 	require.Equal(t, "ShimDied", in.Status.Reason)
@@ -781,8 +782,7 @@ func TestFailedStartLeavesNothing(t *testing.T) {
 	require.Equal(t, "StartError", in.Status.Reason)
 	require.NotEmpty(t, in.Status.Message)
 	require.Empty(t, qemuProcesses(t, d.stateDir))
-	out, _ := exec.Command("pgrep", "-f", "unilet-shim --dir "+d.stateDir).Output()
-	require.Empty(t, strings.TrimSpace(string(out)), "no shim may be left")
+	require.Empty(t, testutil.ShimsUnder(d.stateDir), "no shim may be left")
 	ents, _ := os.ReadDir(filepath.Join(d.stateDir, "vm"))
 	require.Empty(t, ents, "no VM directory may be left")
 	d.must("rmp", "-f", pod)
@@ -851,7 +851,8 @@ func TestShimDiedWhileDaemonDown(t *testing.T) {
 	pod, ctr := d.runVM(t, "vm-shim-gone", "tick=100")
 	d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
 	d.crash()
-	require.NoError(t, exec.Command("pkill", "-9", "-f", "unilet-shim --dir "+d.stateDir).Run())
+	require.NotEmpty(t, testutil.ShimsUnder(d.stateDir))
+	testutil.KillProcsUnder("unilet-shim", d.stateDir)
 	require.Eventually(t, func() bool { return len(qemuProcesses(t, d.stateDir)) == 0 }, 5*time.Second, 20*time.Millisecond,
 		"QEMU dies with its killed shim (parent-death signal): no VM runs unsupervised, even while the daemon is down")
 	d.start()

@@ -39,6 +39,26 @@ func (d *daemon) podIP(pod string) string {
 	return in.Status.Network.IP
 }
 
+// withPortmap adds CNI's portmap plugin to the daemon's network (read at
+// each pod's CNI ADD) and returns a free TCP port for a hostPort.
+func (d *daemon) withPortmap() int {
+	t := d.t
+	t.Helper()
+	f := filepath.Join(d.cniConf, "10-unilet-e2e.conflist")
+	b, err := os.ReadFile(f)
+	require.NoError(t, err)
+	var conf map[string]any
+	require.NoError(t, json.Unmarshal(b, &conf))
+	conf["plugins"] = append(conf["plugins"].([]any), map[string]any{"type": "portmap", "capabilities": map[string]bool{"portMappings": true}})
+	b, err = json.Marshal(conf)
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(f, b, 0o644))
+	l, err := net.Listen("tcp4", "127.0.0.1:0") // a port no one on the node listens on
+	require.NoError(t, err)
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
 // cgroupValue reads a cgroup v1 control file of a VM's cgroup.
 func cgroupValue(t *testing.T, controller, cgPath, file string) string {
 	t.Helper()
@@ -60,6 +80,9 @@ func TestNetworkGuestHTTPVolumesCgroupsPortForward(t *testing.T) {
 
 	cgParent := d.cgroupRoot + "/pod-net"
 	logDir := filepath.Join(t.TempDir(), "pods")
+	// hostPort through CNI's portmap plugin: the node's port forwards to
+	// the pod IP, which the pod's namespace forwards to the guest.
+	hostPort := d.withPortmap()
 	pod := d.must("runp", writeJSON(t, map[string]any{
 		"metadata":      map[string]any{"name": "web", "namespace": "e2e", "uid": "web-uid"},
 		"hostname":      "web-0",
@@ -67,6 +90,7 @@ func TestNetworkGuestHTTPVolumesCgroupsPortForward(t *testing.T) {
 		"annotations":   map[string]string{"kubernetes.io/target-runtime": "unikraft"},
 		"dns_config":    map[string]any{"servers": []string{d.subnet + ".53"}, "searches": []string{"e2e.svc.cluster.local"}},
 		"linux":         map[string]any{"cgroup_parent": cgParent},
+		"port_mappings": []map[string]any{{"container_port": 8080, "host_port": hostPort}}, // TCP
 	}))
 	ip := d.podIP(pod)
 	require.True(t, strings.HasPrefix(ip, d.subnet+"."), "pod IP %s from the test's CNI range", ip)
@@ -112,6 +136,8 @@ func TestNetworkGuestHTTPVolumesCgroupsPortForward(t *testing.T) {
 	// HTTP from the host to the pod IP: the guest's busybox httpd serves the
 	// hostPath volume over 9p.
 	require.Equal(t, "written on the host\n", testutil.MustHTTPGet(t, "http://"+net.JoinHostPort(ip, "8080")+"/hello.txt", 60*time.Second))
+	require.Equal(t, "written on the host\n", testutil.MustHTTPGet(t, fmt.Sprintf("http://%s.1:%d/hello.txt", d.subnet, hostPort), 10*time.Second),
+		"the hostPort on the node's address (the test bridge's) reaches the guest")
 	waitLog(t, logPath, "FOO=bar baz")
 	b, err := os.ReadFile(logPath)
 	require.NoError(t, err)
@@ -280,8 +306,7 @@ func TestNoLeaksAfterManyPodCycles(t *testing.T) {
 	require.Eventually(t, func() bool { return len(listDir(t, "/sys/fs/cgroup/memory"+d.cgroupRoot+"/cycles")) == 0 },
 		10*time.Second, 100*time.Millisecond, "VM cgroups left: %v", listDir(t, "/sys/fs/cgroup/memory"+d.cgroupRoot+"/cycles"))
 	require.Empty(t, qemuProcesses(t, d.stateDir))
-	out, _ := exec.Command("pgrep", "-f", "unilet-shim --dir "+d.stateDir).Output()
-	require.Empty(t, strings.TrimSpace(string(out)), "shims left")
+	require.Empty(t, testutil.ShimsUnder(d.stateDir), "shims left")
 }
 
 // listDir lists the entries of dir (none if it does not exist), cgroup
@@ -487,13 +512,15 @@ type syncBuf = testutil.SyncBuf
 // idle shims of the old one and reconnects the running VM.
 func TestShimPool(t *testing.T) {
 	d := startDaemon(t, "--upstream-endpoint", "", "--shim-pool", "2")
-	poolPattern := "unilet-shim --pool-dir " + filepath.Join(d.stateDir, "pool")
-	pgrep := func() []string {
-		out, _ := exec.Command("pgrep", "-f", poolPattern).Output()
-		return strings.Fields(string(out))
+	poolShims := func() []string { // the pool's shims, adopted or not (their --pool-dir)
+		var out []string
+		for _, pid := range testutil.ShimsUnder(filepath.Join(d.stateDir, "pool")) {
+			out = append(out, strconv.Itoa(pid))
+		}
+		return out
 	}
-	require.Eventually(t, func() bool { return len(pgrep()) == 2 }, 15*time.Second, 20*time.Millisecond, "two idle shims")
-	idle := pgrep()
+	require.Eventually(t, func() bool { return len(poolShims()) == 2 }, 15*time.Second, 20*time.Millisecond, "two idle shims")
+	idle := poolShims()
 	// RunPodSandbox stages an idle shim in the pod's staging cgroup (while CNI
 	// runs); CreateContainer renames that cgroup to the container's; the VM
 	// then boots under that very shim — no cgroup migration on the start path.
@@ -521,16 +548,16 @@ func TestShimPool(t *testing.T) {
 	require.NoError(t, err)
 	shimPid := strings.Fields(string(ppid[strings.LastIndexByte(string(ppid), ')')+1:]))[1]
 	require.Equal(t, staged[0], shimPid, "QEMU's supervisor is the staged shim")
-	require.Eventually(t, func() bool { return len(pgrep()) == 3 }, 15*time.Second, 20*time.Millisecond, "refilled: 2 idle + the adopted one")
+	require.Eventually(t, func() bool { return len(poolShims()) == 3 }, 15*time.Second, 20*time.Millisecond, "refilled: 2 idle + the adopted one")
 
 	d.crash()
 	d.start()
-	require.Eventually(t, func() bool { return len(pgrep()) == 3 }, 15*time.Second, 20*time.Millisecond,
+	require.Eventually(t, func() bool { return len(poolShims()) == 3 }, 15*time.Second, 20*time.Millisecond,
 		"the new daemon ended the old idle shims and made its own")
-	require.Contains(t, pgrep(), shimPid, "the VM's shim lives on")
+	require.Contains(t, poolShims(), shimPid, "the VM's shim lives on")
 	require.Equal(t, "CONTAINER_RUNNING", d.inspect(ctr).Status.State)
 	d.must("stop", "--timeout", "10", ctr)
 	require.Equal(t, "Completed", d.inspect(ctr).Status.Reason)
 	d.stop()
-	require.Eventually(t, func() bool { return len(pgrep()) == 0 }, 10*time.Second, 20*time.Millisecond, "SIGTERM ends the idle shims")
+	require.Eventually(t, func() bool { return len(poolShims()) == 0 }, 10*time.Second, 20*time.Millisecond, "SIGTERM ends the idle shims")
 }

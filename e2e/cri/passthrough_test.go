@@ -98,7 +98,7 @@ func startContainerdFlavor(t *testing.T, f containerdFlavor) *containerd {
 			b, _ := os.ReadFile(filepath.Join(dir, "containerd.log"))
 			t.Logf("containerd log (tail):\n%s", tail(string(b), 40))
 		}
-		_ = exec.Command("pkill", "-9", "-f", "containerd-shim-runc-v2 .*"+dir).Run()
+		testutil.KillProcsUnder("containerd-shim-runc-v2", dir)
 		testutil.UnmountUnder(dir)
 		os.RemoveAll(dir)
 	})

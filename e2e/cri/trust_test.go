@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -25,6 +24,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/unilet-dev/unilet/internal/testutil"
 	"github.com/unilet-dev/unilet/pkg/metadata"
 )
 
@@ -77,8 +77,8 @@ func (d *daemon) vmLeft(ctr string) []string {
 	dir := filepath.Join(d.stateDir, "vm", ctr[:16])
 	var left []string
 	left = append(left, qemuProcesses(d.t, dir)...)
-	if out, _ := exec.Command("pgrep", "-af", "unilet-shim --dir "+dir).Output(); len(out) > 0 {
-		left = append(left, strings.TrimSpace(string(out)))
+	if pids := testutil.ShimsUnder(dir); len(pids) > 0 {
+		left = append(left, fmt.Sprintf("unilet-shims %v", pids))
 	}
 	if _, err := os.Stat(dir); err == nil {
 		left = append(left, "directory "+dir)
@@ -138,10 +138,9 @@ func TestStuckShimAffectsOnlyItsContainer(t *testing.T) {
 	_, err := rt.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: stuck})
 	require.NoError(t, err)
 	podB, other, _ := createVM(t, rt, "healthy", "tick=100")
-	out, err := exec.Command("pgrep", "-f", "unilet-shim --dir "+filepath.Join(d.stateDir, "vm", stuck[:16])).Output()
-	require.NoError(t, err)
-	shimPid, err := strconv.Atoi(strings.TrimSpace(string(out)))
-	require.NoError(t, err)
+	shims := testutil.ShimsUnder(filepath.Join(d.stateDir, "vm", stuck[:16]))
+	require.Len(t, shims, 1)
+	shimPid := shims[0]
 	pidfd, err := unix.PidfdOpen(shimPid, 0) // signal only this very process
 	require.NoError(t, err)
 	require.NoError(t, unix.PidfdSendSignal(pidfd, unix.SIGSTOP, nil, 0))

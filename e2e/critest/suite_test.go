@@ -134,7 +134,7 @@ func startContainerd(t *testing.T, f flavor) string {
 		if t.Failed() {
 			t.Logf("containerd log (tail):\n%s", tailFile(p.log, 40))
 		}
-		_ = exec.Command("pkill", "-9", "-f", "containerd-shim-runc-v2 .*"+dir).Run()
+		testutil.KillProcsUnder("containerd-shim-runc-v2", dir)
 		testutil.UnmountUnder(dir)
 		_ = exec.Command("nsenter", "--net="+netns, "ip", "link", "del", "crit0").Run() // the test's own namespace
 		os.RemoveAll(dir)
@@ -170,7 +170,7 @@ func startUnilet(t *testing.T, upstream string) string {
 			t.Logf("unilet log (tail):\n%s", tailFile(p.log, 60))
 		}
 		// VMs outlive the daemon by design: end whatever the suite left.
-		_ = exec.Command("pkill", "-9", "-f", "unilet-shim .*"+dir).Run()
+		testutil.KillProcsUnder("unilet-shim", dir)
 		testutil.KillQEMUsUnder(dir)
 		ents, _ := os.ReadDir(netnsDir)
 		for _, e := range ents {

@@ -173,6 +173,43 @@ func QEMUsUnder(dir string) []QEMUProc {
 	return out
 }
 
+// ShimsUnder lists the PIDs of the unilet-shims (VM, pool and template RAM
+// holder processes) with an argument naming dir or a path under it: only
+// the test's own, found through /proc, never by a machine-wide pattern.
+func ShimsUnder(dir string) []int { return ProcsUnder("unilet-shim", dir) }
+
+// ProcsUnder lists the PIDs of processes of the executable named exe with
+// an argument naming dir or a path under it.
+func ProcsUnder(exe, dir string) []int {
+	var out []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		path, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+		if filepath.Base(strings.TrimSuffix(path, " (deleted)")) != exe {
+			continue
+		}
+		cmd, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		for _, a := range strings.Split(string(cmd), "\x00")[1:] {
+			if a == dir || strings.HasPrefix(a, dir+"/") {
+				out = append(out, pid)
+				break
+			}
+		}
+	}
+	return out
+}
+
+// KillProcsUnder ends the processes of ProcsUnder(exe, dir).
+func KillProcsUnder(exe, dir string) {
+	for _, pid := range ProcsUnder(exe, dir) {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
+}
+
 // KillQEMUsUnder ends the QEMUs of VM directories under dir (test cleanup:
 // only what the test's own daemon started).
 func KillQEMUsUnder(dir string) {

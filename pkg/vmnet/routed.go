@@ -1,6 +1,7 @@
 package vmnet
 
 import (
+	"bytes"
 	"fmt"
 	"net"
 	"net/netip"
@@ -34,6 +35,12 @@ const DefaultGuestNetwork = "100.127.255.252/30"
 
 // GuestMAC is every routed guest NIC's MAC (locally administered).
 const GuestMAC = "02:75:6e:69:6c:01"
+
+// GatewayMAC is every routed tap's MAC, the guest's gateway: a guest
+// restored from a template finds its gateway at the MAC it learned at boot
+// (Firecracker's "network for clones" does the same), instead of sending
+// to a MAC no tap has until its ARP entry goes stale.
+const GatewayMAC = "02:75:6e:69:6c:00"
 
 // ParseGuestNetwork turns an IPv4 network of at least 4 addresses (at most
 // /30) into the guest network: the gateway is its first host address, the
@@ -221,6 +228,11 @@ func guestGateway(tapName string, mtu int, g Guest) error {
 	// listener reports) may reach the tap, where it would wake a VM that
 	// scale-to-zero suspended.
 	_ = os.WriteFile("/proc/sys/net/ipv6/conf/"+tapName+"/disable_ipv6", []byte("1"), 0o644)
+	if gwMAC, _ := net.ParseMAC(GatewayMAC); !bytes.Equal(tap.Attrs().HardwareAddr, gwMAC) {
+		if err := netlink.LinkSetHardwareAddr(tap, gwMAC); err != nil {
+			return fmt.Errorf("MAC of %s: %w", tapName, err)
+		}
+	}
 	gw := &netlink.Addr{IPNet: &net.IPNet{IP: g.Gateway.AsSlice(), Mask: net.CIDRMask(g.Addr.Bits(), 32)}}
 	if err := netlink.AddrReplace(tap, gw); err != nil {
 		return fmt.Errorf("address %s on %s: %w", g.Gateway, tapName, err)

@@ -160,6 +160,12 @@ func TestRoutedTranslatesBothWays(t *testing.T) {
 		require.NoError(t, err)
 		require.Equal(t, "198.18.77.2", r.PodIP.String())
 	}
+	require.NoError(t, netns.Do(pod, func() error {
+		l, err := netlink.LinkByName("tap0")
+		require.NoError(t, err)
+		require.Equal(t, GatewayMAC, l.Attrs().HardwareAddr.String(), "every clone finds its gateway at the MAC it booted with")
+		return nil
+	}))
 	listen(t, guest, ":8080")
 	listen(t, client, "198.18.77.1:9090")
 	require.Equal(t, "198.18.77.1", seenBy(t, client, "198.18.77.2:8080"), "inbound keeps the client's address and reaches the guest")
