@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -25,6 +26,9 @@ type PlatformRow struct {
 	// ms from RunPodSandbox to the first console line: a pod restored from a
 	// template, a pod booted cold, a bare QEMU cold boot (test kernel).
 	TemplatePod, ColdPod, Bare Summary
+	// Where a templated pod's start went (RunPodSandbox, CreateContainer,
+	// StartContainer, the first console line after).
+	TemplatePhases []Phase
 	// ms from RunPodSandbox to the first HTTP response (network guest).
 	TemplateHTTP, ColdHTTP Summary
 	// A new TCP connection to a suspended VM: ms until it is established
@@ -56,11 +60,28 @@ func (e *env) annotated(name string, ann map[string]string) *runtimeapi.PodSandb
 
 // uniletctl runs uniletctl against the bench daemon.
 func (e *env) uniletctl(args ...string) error {
+	_, err := e.uniletctlOut(args...)
+	return err
+}
+
+func (e *env) uniletctlOut(args ...string) (string, error) {
 	out, err := exec.Command(filepath.Join(e.bin, "uniletctl"), append(args, "--endpoint", "unix://"+filepath.Join(e.dir, "unilet.sock"))...).CombinedOutput()
 	if err != nil {
-		return fmt.Errorf("uniletctl %s: %v: %s", strings.Join(args, " "), err, out)
+		return "", fmt.Errorf("uniletctl %s: %v: %s", strings.Join(args, " "), err, out)
 	}
-	return nil
+	return string(out), nil
+}
+
+// waitWarm waits (outside any measured interval) until template name has
+// a warm clone ready, as a node that was not just busy starting pods has.
+func (e *env) waitWarm(name string) error {
+	re := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + `\s.*\s[1-9]\d*$`)
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if out, err := e.uniletctlOut("template", "ls"); err == nil && re.MatchString(out) {
+			return nil
+		}
+	}
+	return fmt.Errorf("template %s got no warm clone within 30 s", name)
 }
 
 // podStart runs a pod and one container; it returns the pod, container,
@@ -68,21 +89,27 @@ func (e *env) uniletctl(args ...string) error {
 func (e *env) podStart(name, image string, ann map[string]string, cmd, args []string) (vm, string, time.Time, error) {
 	pc := e.annotated(name, ann)
 	t0 := time.Now()
+	mark := t0
+	var v vm
+	phase := func(i int) { now := time.Now(); v.phases[i] = now.Sub(mark); mark = now }
 	pod, err := e.rt.RunPodSandbox(bg, &runtimeapi.RunPodSandboxRequest{Config: pc})
 	if err != nil {
 		return vm{}, "", t0, err
 	}
-	v := vm{pod: pod.GetPodSandboxId(), log: filepath.Join(pc.LogDirectory, "app", "0.log")}
+	phase(0)
+	v.pod, v.log = pod.GetPodSandboxId(), filepath.Join(pc.LogDirectory, "app", "0.log")
 	ctr, err := e.rt.CreateContainer(bg, &runtimeapi.CreateContainerRequest{PodSandboxId: v.pod, SandboxConfig: pc,
 		Config: &runtimeapi.ContainerConfig{Metadata: &runtimeapi.ContainerMetadata{Name: "app"}, Image: &runtimeapi.ImageSpec{Image: image},
 			Command: cmd, Args: args, LogPath: "app/0.log"}})
 	if err != nil {
 		return v, "", t0, err
 	}
+	phase(1)
 	v.ctr = ctr.GetContainerId()
 	if _, err := e.rt.StartContainer(bg, &runtimeapi.StartContainerRequest{ContainerId: v.ctr}); err != nil {
 		return v, "", t0, err
 	}
+	phase(2)
 	st, err := e.rt.PodSandboxStatus(bg, &runtimeapi.PodSandboxStatusRequest{PodSandboxId: v.pod})
 	if err != nil {
 		return v, "", t0, err
@@ -216,7 +243,11 @@ func (e *env) measurePlatform(o options, res *Results) error {
 		return err
 	}
 	var tp, cp, bq []float64
+	var tph [4][]float64
 	for i := 0; i < runs; i++ {
+		if err := e.waitWarm("bt"); err != nil {
+			return err
+		}
 		e.settle()
 		v, _, t0, err := e.podStart(fmt.Sprintf("tp%d", i), e.image, map[string]string{annTemplate: "bt"}, nil, []string{"tick=5"})
 		if err == nil {
@@ -225,7 +256,12 @@ func (e *env) measurePlatform(o options, res *Results) error {
 		if err != nil {
 			return fmt.Errorf("templated pod: %w", err)
 		}
-		tp = append(tp, ms(time.Since(t0)))
+		total := time.Since(t0)
+		tp = append(tp, ms(total))
+		v.phases[3] = total - v.phases[0] - v.phases[1] - v.phases[2]
+		for j, p := range v.phases {
+			tph[j] = append(tph[j], ms(p))
+		}
 		if b, _ := os.ReadFile(v.log); strings.Contains(string(b), "could not be restored") {
 			return fmt.Errorf("the templated pod booted cold: %s", b)
 		}
@@ -246,6 +282,9 @@ func (e *env) measurePlatform(o options, res *Results) error {
 		bq = append(bq, ms(d))
 	}
 	row.TemplatePod, row.ColdPod, row.Bare = summarize(tp), summarize(cp), summarize(bq)
+	for j, n := range phaseNames {
+		row.TemplatePhases = append(row.TemplatePhases, Phase{Name: n, Summary: summarize(tph[j])})
+	}
 	res.TemplateStartRatio = round(row.TemplatePod.P50/row.Bare.P50, 3)
 
 	// 2. The network guest: to the first HTTP response, template vs cold.
@@ -327,6 +366,11 @@ func (e *env) measureWeb(o options, row *PlatformRow, res *Results, image string
 	var th, ch []float64
 	for i := 0; i < runs; i++ {
 		for _, tmpl := range []bool{true, false} {
+			if tmpl {
+				if err := e.waitWarm("web"); err != nil {
+					return err
+				}
+			}
 			e.settle()
 			ann, cmd := map[string]string{}, sh
 			if tmpl {

@@ -160,6 +160,12 @@ func writeReport(r *Results, doc string) error {
 			"| bare QEMU, cold boot | %.1f | %.1f | %d |\n| template pod ÷ bare (p50) | %.2f× | | |\n",
 			p.TemplatePod.P50, p.TemplatePod.P95, p.TemplatePod.N, p.ColdPod.P50, p.ColdPod.P95, p.ColdPod.N, p.Bare.P50, p.Bare.P95, p.Bare.N,
 			p.TemplatePod.P50/nz(p.Bare.P50))
+		if len(p.TemplatePhases) > 0 {
+			b.WriteString("\nWhere a templated pod's start goes (p50 ms; the warm clone was taken in RunPodSandbox):\n\n| phase | p50 ms | p95 ms |\n|---|---|---|\n")
+			for _, ph := range p.TemplatePhases {
+				fmt.Fprintf(&b, "| %s | %.1f | %.1f |\n", ph.Name, ph.P50, ph.P95)
+			}
+		}
 		if p.TemplateHTTP.N > 0 {
 			fmt.Fprintf(&b, "\nThe network guest (Debian's kernel, busybox httpd), RunPodSandbox → first HTTP response on the pod IP:\n\n"+
 				"| | p50 ms | p95 ms | runs |\n|---|---|---|---|\n| pod from a template | %.0f | %.0f | %d |\n| pod, cold boot | %.0f | %.0f | %d |\n"+

@@ -7,10 +7,13 @@ import (
 	"io"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
+
+	"github.com/unilet-dev/unilet/pkg/crilog"
 )
 
 // DetachByte (Ctrl-]) ends an attach session; the VM keeps running.
@@ -128,13 +131,17 @@ func (h *consoleHub) close() {
 }
 
 // teeWriter writes to the log first, then publishes to attach sessions.
+// The log is nil (output only published) until a held clone is claimed.
 type teeWriter struct {
-	log io.Writer
+	log *atomic.Pointer[crilog.Writer]
 	hub *consoleHub
 }
 
 func (t teeWriter) Write(p []byte) (int, error) {
-	n, err := t.log.Write(p)
+	n, err := len(p), error(nil)
+	if l := t.log.Load(); l != nil {
+		n, err = l.Write(p)
+	}
 	t.hub.publish(p)
 	return n, err
 }

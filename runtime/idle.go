@@ -57,22 +57,24 @@ type idleState struct {
 // Suspended reports whether the VM is suspended by scale-to-zero (or not
 // yet started, with autostart off), and since when.
 func (v *VM) Suspended() (bool, time.Time) {
-	if v.idle == nil {
+	s := v.idle.Load()
+	if s == nil {
 		return false, time.Time{}
 	}
-	v.idle.mu.Lock()
-	defer v.idle.mu.Unlock()
-	return v.idle.suspended, v.idle.since
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.suspended, s.since
 }
 
 // Wakes is how many times the VM was resumed by scale-to-zero.
 func (v *VM) Wakes() int {
-	if v.idle == nil {
+	s := v.idle.Load()
+	if s == nil {
 		return 0
 	}
-	v.idle.mu.Lock()
-	defer v.idle.mu.Unlock()
-	return v.idle.wakes
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.wakes
 }
 
 // prepareIdle opens what watching the VM needs, inside its pod's network
@@ -160,18 +162,19 @@ func tapBytes(b []byte, name string) (uint64, error) {
 
 // pokeIdle resumes a suspended VM (console input).
 func (v *VM) pokeIdle() {
-	if v.idle == nil {
+	s := v.idle.Load()
+	if s == nil {
 		return
 	}
 	select {
-	case v.idle.wake <- struct{}{}:
+	case s.wake <- struct{}{}:
 	default:
 	}
 }
 
 // watchIdle suspends and resumes the VM until it ends.
 func (v *VM) watchIdle() {
-	s := v.idle
+	s := v.idle.Load()
 	defer s.close()
 	log := logrus.WithField("vm", v.spec.Machine.Name)
 	if s.spec.Paused {
@@ -247,7 +250,7 @@ func (v *VM) watchIdle() {
 // waitWake blocks until a packet was sent to the tap or console input
 // came; false when the VM ended. It costs no CPU while it waits.
 func (v *VM) waitWake() bool {
-	s := v.idle
+	s := v.idle.Load()
 	var packets <-chan struct{}
 	if s.waker != nil {
 		packets = s.waker.C()
@@ -264,7 +267,7 @@ func (v *VM) waitWake() bool {
 // resumeIdle runs a suspended VM's guest again and disarms the wake rule.
 func (v *VM) resumeIdle() error {
 	err := v.Resume()
-	s := v.idle
+	s := v.idle.Load()
 	if s.waker != nil {
 		if derr := s.waker.Disarm(); err == nil {
 			err = derr

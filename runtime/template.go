@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/unilet-dev/unilet/pkg/crilog"
 )
 
 // VM templates (Kata's VM templating with QEMU's x-ignore-shared migration
@@ -248,8 +250,9 @@ func (v *VM) Restore(state *os.File, timeout time.Duration) error {
 		case "inmigrate", "prelaunch":
 		case "paused":
 			// A template is saved paused, and its clones arrive paused; a
-			// clone with autostart off stays so until woken.
-			if v.idle != nil && v.idle.spec.Paused {
+			// clone with autostart off stays so until woken, a held one
+			// until claimed.
+			if idle := v.idle.Load(); idle != nil && idle.spec.Paused || v.spec.Restore != nil && v.spec.Restore.Hold {
 				return nil
 			}
 			if resumed {
@@ -271,6 +274,43 @@ func (v *VM) Restore(state *os.File, timeout time.Duration) error {
 		case <-time.After(200 * time.Microsecond):
 		}
 	}
+}
+
+// Claim gives a held clone (RestoreSpec.Hold: restored ahead of any pod,
+// paused) to its container. spec is the VM as its pod sees it: its CRI
+// log, its NIC's network namespace (the tap was moved there), its
+// scale-to-zero and autostart; the machine is the one it was started with.
+// The guest then runs on (with autostart off: at its first wake).
+func (v *VM) Claim(spec VMSpec) error {
+	if v.spec.Restore == nil || !v.spec.Restore.Hold {
+		return errors.New("the VM is not a warm clone waiting for a pod")
+	}
+	if v.claimed.Swap(true) {
+		return errors.New("the warm clone was claimed already")
+	}
+	if spec.LogPath != "" {
+		l, err := crilog.Open(spec.LogPath)
+		if err != nil {
+			return err
+		}
+		v.log.Store(l)
+	}
+	idle, err := prepareIdle(spec)
+	if err != nil {
+		return err
+	}
+	v.idle.Store(idle)
+	v.spec.LogPath, v.spec.Idle, v.spec.Machine.NICs = spec.LogPath, spec.Idle, spec.Machine.NICs
+	v.mu.Lock()
+	v.startedAt = time.Now() // the container's start, not its QEMU's
+	v.mu.Unlock()
+	if idle == nil || !idle.spec.Paused {
+		if err := v.Resume(); err != nil {
+			return err
+		}
+	}
+	v.StartWatching()
+	return nil
 }
 
 // Pause stops the guest's vCPUs (QMP stop): it uses no host CPU until

@@ -17,34 +17,14 @@ import (
 // a private copy-on-write mapping of the one sealed template memfd.
 func TestTemplateClonesRunOnFromTheSnapshot(t *testing.T) {
 	k := testKernel(t)
-	dir := t.TempDir()
-	spec := bootSpec(t, k, "echo")
-	spec.Machine.RAM = &RAMBacking{Shared: true}
-	size := int64(spec.Machine.MemoryMiB) << 20
-	ram, err := NewRAMFile("t", size)
-	require.NoError(t, err)
-	defer ram.Close()
-	v, err := StartVMWith(spec, Files{RAM: ram})
-	require.NoError(t, err)
-	waitLog(t, spec.LogPath, "echo: ready")
-	state, err := os.Create(filepath.Join(dir, "state"))
-	require.NoError(t, err)
-	require.NoError(t, v.Snapshot(state, SnapshotTimeout))
-	require.NoError(t, state.Close())
-	v.Kill()
-	<-v.Done()
-	require.NoError(t, SaveRAMFile(ram, filepath.Join(dir, "ram"), size))
-	require.Error(t, SaveRAMFile(ram, filepath.Join(dir, "ram"), size), "an existing file is never overwritten")
+	dir, ram, tmpl, size := makeTemplate(t, k)
 	st, err := os.Stat(filepath.Join(dir, "state"))
 	require.NoError(t, err)
 	require.Less(t, st.Size(), int64(4<<20), "the device state holds no RAM")
 	var fst unix.Stat_t
 	require.NoError(t, unix.Stat(filepath.Join(dir, "ram"), &fst))
 	require.Less(t, fst.Blocks*512, size/2, "pages the guest never wrote are holes")
-
-	tmpl, err := LoadRAMFile(filepath.Join(dir, "ram"), size, nil)
-	require.NoError(t, err)
-	defer tmpl.Close()
+	require.Error(t, SaveRAMFile(ram, filepath.Join(dir, "ram"), size), "an existing file is never overwritten")
 	require.NoError(t, CheckSealed(tmpl))
 	_, err = tmpl.WriteAt([]byte{1}, 0)
 	require.Error(t, err, "the template RAM is sealed against writes")
@@ -88,3 +68,80 @@ func TestTemplateClonesRunOnFromTheSnapshot(t *testing.T) {
 	require.NoError(t, clones[0].Resume())
 	waitLog(t, logs[0], "later")
 }
+
+// makeTemplate boots the test kernel in echo mode with shared RAM,
+// snapshots it into a directory (state, ram) and loads the RAM sealed:
+// the directory, the template VM's own RAM, the sealed RAM and its size.
+func makeTemplate(t *testing.T, k string) (string, *os.File, *os.File, int64) {
+	dir := t.TempDir()
+	spec := bootSpec(t, k, "echo")
+	spec.Machine.RAM = &RAMBacking{Shared: true}
+	size := int64(spec.Machine.MemoryMiB) << 20
+	ram, err := NewRAMFile("t", size)
+	require.NoError(t, err)
+	t.Cleanup(func() { ram.Close() })
+	v, err := StartVMWith(spec, Files{RAM: ram})
+	require.NoError(t, err)
+	waitLog(t, spec.LogPath, "echo: ready")
+	state, err := os.Create(filepath.Join(dir, "state"))
+	require.NoError(t, err)
+	require.NoError(t, v.Snapshot(state, SnapshotTimeout))
+	require.NoError(t, state.Close())
+	v.Kill()
+	<-v.Done()
+	require.NoError(t, SaveRAMFile(ram, filepath.Join(dir, "ram"), size))
+	tmpl, err := LoadRAMFile(filepath.Join(dir, "ram"), size, nil)
+	require.NoError(t, err)
+	t.Cleanup(func() { tmpl.Close() })
+	return dir, ram, tmpl, size
+}
+
+// A warm clone is restored ahead of its pod and waits paused, writing no
+// log; claimed, it runs with the pod's log from where the template
+// stopped (input typed while it waited is echoed then). Only a held clone
+// can be claimed, and only once.
+func TestWarmCloneWaitsForItsClaim(t *testing.T) {
+	k := testKernel(t)
+	dir, _, tmpl, _ := makeTemplate(t, k)
+	cs := bootSpec(t, k, "echo")
+	logPath := cs.LogPath
+	cs.LogPath = ""
+	cs.Machine.RAM, cs.Machine.Incoming = &RAMBacking{}, true
+	cs.Restore = &RestoreSpec{Hold: true}
+	c, err := StartVMWith(cs, Files{RAM: tmpl})
+	require.NoError(t, err)
+	defer c.Kill()
+	f, err := os.Open(filepath.Join(dir, "state"))
+	require.NoError(t, err)
+	require.NoError(t, c.Restore(f, RestoreTimeout))
+	f.Close()
+	mon, err := c.monitor()
+	require.NoError(t, err)
+	st, err := mon.status()
+	require.NoError(t, err)
+	require.Equal(t, "paused", st, "a held clone waits paused")
+	_, err = c.writeConsole([]byte("early\r"))
+	require.NoError(t, err)
+	time.Sleep(300 * time.Millisecond)
+	_, err = os.Stat(logPath)
+	require.True(t, os.IsNotExist(err), "nothing is logged before the claim")
+
+	claim := cs
+	claim.LogPath = logPath
+	t0 := time.Now()
+	require.NoError(t, c.Claim(claim))
+	t.Logf("claimed in %s", time.Since(t0))
+	require.ErrorContains(t, c.Claim(claim), "claimed already")
+	waitLog(t, logPath, "early")
+	b, _ := os.ReadFile(logPath)
+	require.NotContains(t, string(b), "booted", "a warm clone does not boot")
+	require.WithinDuration(t, time.Now(), c.StartedAt(), 10*time.Second)
+	require.True(t, c.StartedAt().After(t0.Add(-time.Millisecond)), "its start is the claim's")
+
+	plain := bootSpec(t, k, "echo")
+	v, err := StartVM(plain)
+	require.NoError(t, err)
+	defer v.Kill()
+	require.ErrorContains(t, v.Claim(plain), "not a warm clone")
+}
+

@@ -61,6 +61,10 @@ type VMSpec struct {
 type RestoreSpec struct {
 	RAM   string // the template's RAM: a sealed memfd (LoadRAMFile) bind-mounted at this path
 	State string // the template's device state file
+	// Hold leaves the restored guest paused, with no log and no pod yet:
+	// a warm clone, made ahead of any pod, which a pod start then claims
+	// (VM.Claim) so that only a `cont` is on its path.
+	Hold bool `json:",omitempty"`
 }
 
 // DefaultStartTimeout is how long a VM may take to come up on QMP.
@@ -70,7 +74,7 @@ const DefaultStartTimeout = 30 * time.Second
 type VM struct {
 	spec      VMSpec
 	cmd       *exec.Cmd
-	log       *crilog.Writer
+	log       atomic.Pointer[crilog.Writer] // nil until a held clone is claimed
 	startedAt time.Time
 	done      chan struct{}
 	killed    bool
@@ -82,9 +86,10 @@ type VM struct {
 	mon       *monitor
 	hub       consoleHub
 	inMu      sync.Mutex
-	stdin     *os.File // console input (write end of QEMU's stdin)
-	idle      *idleState
-	watching  atomic.Bool // StartWatching ran: its watcher closes idle
+	stdin     *os.File                  // console input (write end of QEMU's stdin)
+	idle      atomic.Pointer[idleState] // set before QEMU starts, or when a held clone is claimed
+	watching  atomic.Bool               // StartWatching ran: its watcher closes idle
+	claimed   atomic.Bool               // a held clone was claimed (Claim)
 }
 
 // StartVM launches QEMU for spec and returns once the process runs and its
@@ -128,9 +133,11 @@ func StartVMWith(spec VMSpec, files Files) (*VM, error) {
 	}
 	v := &VM{spec: spec, done: make(chan struct{})}
 	if spec.LogPath != "" {
-		if v.log, err = crilog.Open(spec.LogPath); err != nil {
+		l, err := crilog.Open(spec.LogPath)
+		if err != nil {
 			return nil, err
 		}
+		v.log.Store(l)
 	}
 	v.stderr, err = os.Create(filepath.Join(spec.StateDir, "qemu.stderr"))
 	if err != nil {
@@ -165,11 +172,13 @@ func StartVMWith(spec VMSpec, files Files) (*VM, error) {
 		return fail(err)
 	}
 	theirs = append(theirs, taps...)
-	if v.idle, err = prepareIdle(spec); err != nil {
+	idle, err := prepareIdle(spec)
+	if err != nil {
 		return fail(err)
 	}
-	if v.idle != nil {
-		ours = append(ours, closerFunc(v.idle.close))
+	if idle != nil {
+		v.idle.Store(idle)
+		ours = append(ours, closerFunc(idle.close))
 	}
 	// The QMP monitor: a connected socket pair, QEMU's end at m.QMPFD().
 	qmpOurs, qmpTheirs, err := socketPair()
@@ -201,17 +210,15 @@ func StartVMWith(spec VMSpec, files Files) (*VM, error) {
 	closeAll(theirs)
 	v.stdin = stdinW
 	v.cmd = cmd
+	v.mu.Lock()
 	v.startedAt = time.Now()
+	v.mu.Unlock()
 	logrus.WithFields(logrus.Fields{"pid": cmd.Process.Pid, "vm": spec.Machine.Name, "jailed": spec.Jail != nil}).Debug("qemu started")
 
 	copied := make(chan struct{})
 	go func() {
 		defer close(copied)
-		var dst io.Writer = io.Discard
-		if v.log != nil {
-			dst = v.log
-		}
-		copyConsole(teeWriter{log: dst, hub: &v.hub}, stdout)
+		copyConsole(teeWriter{log: &v.log, hub: &v.hub}, stdout)
 		stdout.Close()
 		v.hub.close()
 	}()
@@ -235,7 +242,7 @@ func StartVMWith(spec VMSpec, files Files) (*VM, error) {
 		st := v.Exit()
 		return nil, fmt.Errorf("VM did not start: %v (%s)", err, st.Message)
 	}
-	if v.idle != nil && spec.Restore == nil { // a restore starts watching once restored (StartWatching)
+	if idle != nil && spec.Restore == nil { // a restore starts watching once restored (StartWatching)
 		v.StartWatching()
 	}
 	return v, nil
@@ -245,7 +252,7 @@ func StartVMWith(spec VMSpec, files Files) (*VM, error) {
 // IdleSpec (StartVMWith does it, except for a VM being restored: after
 // Restore).
 func (v *VM) StartWatching() {
-	if v.idle == nil || v.watching.Swap(true) {
+	if v.idle.Load() == nil || v.watching.Swap(true) {
 		return
 	}
 	go v.watchIdle()
@@ -343,8 +350,8 @@ func (v *VM) fail(st ExitStatus) {
 }
 
 func (v *VM) finish() {
-	if v.idle != nil && !v.watching.Swap(true) { // never watched (a restore that failed)
-		v.idle.close()
+	if idle := v.idle.Load(); idle != nil && !v.watching.Swap(true) { // never watched (a restore that failed)
+		idle.close()
 	}
 	st := ExitStatus{FinishedAt: time.Now()}
 	code := v.cmd.ProcessState.ExitCode()
@@ -413,8 +420,8 @@ func (v *VM) stderrTail() string {
 }
 
 func (v *VM) closeLog() {
-	if v.log != nil {
-		_ = v.log.Close()
+	if l := v.log.Swap(nil); l != nil {
+		_ = l.Close()
 	}
 }
 
@@ -429,7 +436,11 @@ func (v *VM) cleanupFiles() {
 func (v *VM) Pid() int { return v.cmd.Process.Pid }
 
 // StartedAt is when QEMU was spawned.
-func (v *VM) StartedAt() time.Time { return v.startedAt }
+func (v *VM) StartedAt() time.Time {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.startedAt
+}
 
 // Done is closed when QEMU has exited and the log is complete.
 func (v *VM) Done() <-chan struct{} { return v.done }
@@ -460,10 +471,10 @@ func (v *VM) Signal(sig syscall.Signal) error {
 
 // ReopenLog reopens the CRI log file after rotation.
 func (v *VM) ReopenLog() error {
-	if v.log == nil {
-		return nil
+	if l := v.log.Load(); l != nil {
+		return l.Reopen()
 	}
-	return v.log.Reopen()
+	return nil
 }
 
 // PowerButtonRepeat: while a stop waits for the guest, the ACPI power button

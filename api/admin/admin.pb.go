@@ -170,6 +170,7 @@ type Template struct {
 	Vcpus         int32                  `protobuf:"varint,10,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
 	Args          []string               `protobuf:"bytes,11,rep,name=args,proto3" json:"args,omitempty"`
 	GuestAddress  string                 `protobuf:"bytes,12,opt,name=guest_address,json=guestAddress,proto3" json:"guest_address,omitempty"`
+	Warm          int32                  `protobuf:"varint,13,opt,name=warm,proto3" json:"warm,omitempty"` // warm clones ready (restored, paused, waiting for a pod)
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -286,6 +287,13 @@ func (x *Template) GetGuestAddress() string {
 		return x.GuestAddress
 	}
 	return ""
+}
+
+func (x *Template) GetWarm() int32 {
+	if x != nil {
+		return x.Warm
+	}
+	return 0
 }
 
 type ListTemplatesRequest struct {
@@ -468,7 +476,7 @@ const file_admin_proto_rawDesc = "" +
 	"\x03dns\x18\n" +
 	" \x03(\tR\x03dns\x12\x16\n" +
 	"\x06search\x18\v \x01(\tR\x06search\x12\x1a\n" +
-	"\bhostname\x18\f \x01(\tR\bhostname\"\xd8\x02\n" +
+	"\bhostname\x18\f \x01(\tR\bhostname\"\xec\x02\n" +
 	"\bTemplate\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n" +
 	"\bimage_id\x18\x02 \x01(\tR\aimageId\x12\x1b\n" +
@@ -485,7 +493,8 @@ const file_admin_proto_rawDesc = "" +
 	"\x05vcpus\x18\n" +
 	" \x01(\x05R\x05vcpus\x12\x12\n" +
 	"\x04args\x18\v \x03(\tR\x04args\x12#\n" +
-	"\rguest_address\x18\f \x01(\tR\fguestAddress\"\x16\n" +
+	"\rguest_address\x18\f \x01(\tR\fguestAddress\x12\x12\n" +
+	"\x04warm\x18\r \x01(\x05R\x04warm\"\x16\n" +
 	"\x14ListTemplatesRequest\"P\n" +
 	"\x15ListTemplatesResponse\x127\n" +
 	"\ttemplates\x18\x01 \x03(\v2\x19.unilet.admin.v1.TemplateR\ttemplates\"+\n" +

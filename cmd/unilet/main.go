@@ -87,7 +87,7 @@ func run() error {
 		guestNetwork                                            string
 		cniBins, allowParams, logRoots                          multi
 		limits                                                  vm.Limits
-		shimPool                                                int
+		shimPool, templateWarm                                  int
 		shimPoolQuiet                                           time.Duration
 		jailOn                                                  bool
 		jailIDs                                                 string
@@ -125,6 +125,7 @@ func run() error {
 	flag.IntVar(&limits.MaxMemMiB, "max-memory", vm.DefaultMaxMemMiB, "most guest RAM (MiB) a pod may ask for")
 	flag.IntVar(&limits.MaxVCPUs, "max-vcpus", vm.DefaultMaxVCPUs, "most vCPUs a pod may ask for")
 	flag.Var(&allowParams, "allow-lib-param", "Unikraft library parameter pods may set with "+vm.AnnotationLibParams+" (name or prefix.*; repeatable)")
+	flag.IntVar(&templateWarm, "template-warm", 1, "warm clones kept ready per VM template: restored and paused, so a templated pod's start only moves one into the pod and runs it (0: none; each costs a paused QEMU, about 20 MB)")
 	flag.IntVar(&shimPool, "shim-pool", 2, "idle pre-forked unilet-shims kept ready, so a VM start does not wait for one to exec (0: none)")
 	flag.DurationVar(&shimPoolQuiet, "shim-pool-quiet", shim.RefillQuiet, "the shim pool refills once no VM started for this long, off the path of the VM just started (0: at once; an empty pool refills at once)")
 	flag.BoolVar(&jailOn, "jail", true, "run every QEMU jailed: its own unprivileged uid, no capabilities, NoNewPrivs, a root of its own, QEMU's seccomp sandbox (false: QEMU runs as root, logged as a warning)")
@@ -194,6 +195,9 @@ func run() error {
 	if len(cniBins) == 0 {
 		cniBins = multi{"/opt/cni/bin"}
 	}
+	if templateWarm < 0 {
+		return fmt.Errorf("--template-warm %d: want 0 or more", templateWarm)
+	}
 	if len(logRoots) == 0 {
 		logRoots = multi{"/var/log/pods"}
 	}
@@ -237,7 +241,7 @@ func run() error {
 		return fmt.Errorf("templates: %w", err)
 	}
 	svc, err := vm.New(vm.Config{QEMU: qemuPath, Accel: resolved, StateDir: stateDir, Version: version.Version,
-		Limits: limits, Network: network, NetNSDir: netnsDir, GuestNet: guestNet, LogRoots: logRoots, Templates: tmpls}, vms, images, meta)
+		Limits: limits, Network: network, NetNSDir: netnsDir, GuestNet: guestNet, LogRoots: logRoots, Templates: tmpls, TemplateWarm: templateWarm}, vms, images, meta)
 	if err != nil {
 		return err
 	}

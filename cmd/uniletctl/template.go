@@ -170,14 +170,14 @@ func templateList(args []string) error {
 		return err
 	}
 	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(w, "NAME\tIMAGE\tSIZE\tCREATED\tUSES")
+	fmt.Fprintln(w, "NAME\tIMAGE\tSIZE\tCREATED\tUSES\tWARM")
 	for _, t := range r.Templates {
 		id := strings.TrimPrefix(t.ImageId, "sha256:")
 		if len(id) > 12 {
 			id = id[:12]
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%d\n", t.Name, id, human(t.DiskBytes),
-			time.Unix(t.CreatedUnix, 0).UTC().Format(time.RFC3339), t.Uses)
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%d\t%d\n", t.Name, id, human(t.DiskBytes),
+			time.Unix(t.CreatedUnix, 0).UTC().Format(time.RFC3339), t.Uses, t.Warm)
 	}
 	return w.Flush()
 }

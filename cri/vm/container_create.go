@@ -51,7 +51,14 @@ func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateConta
 	if err != nil {
 		return nil, err
 	}
+	// A warm clone staged for the pod was made for a container ID: the
+	// first container to start from the template is given it.
 	id := newID()
+	sb.Lifecycle.Lock()
+	if w := sb.Meta().rt.warmID; w != "" && !s.containers.Has(w) {
+		id = w
+	}
+	sb.Lifecycle.Unlock()
 	meta, size, warnings, err := s.containerSpec(id, sb, cfg, img)
 	if err != nil {
 		return nil, err
@@ -77,8 +84,15 @@ func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateConta
 		return nil, errOneVM(sb.ID(), name, other)
 	}
 	// The staged shim's cgroup becomes this container's: no migration later.
-	staged := s.vms.Claim(sb.Meta().rt.staged, meta.Cgroup)
-	sb.Meta().rt.staged = nil
+	// A staged warm clone serves only the container it was made for, if
+	// that starts from the template it was made from.
+	digest := sb.Meta().rt.warmDigest
+	staged := sb.Meta().rt.takeStaged()
+	if w := staged.WarmID(); w != "" && (w != id || meta.Template == "" || !s.templateIs(meta.Template, digest)) {
+		staged.Drop()
+		staged = nil
+	}
+	staged = s.vms.Claim(staged, meta.Cgroup)
 	c, err := s.containers.Add(id, meta, containerStatus{State: store.ContainerCreated, Sizing: size, Warnings: warnings, staged: staged})
 	if err != nil {
 		staged.Drop()
@@ -290,6 +304,13 @@ func dedupEnv(env []string) []string {
 		}
 	}
 	return out
+}
+
+// templateIs reports whether template name is still the one whose state
+// has digest.
+func (s *Service) templateIs(name, digest string) bool {
+	t, err := s.cfg.Templates.Get(name)
+	return err == nil && t.StateDigest == digest
 }
 
 // templateFor checks that a container may start from template name: the

@@ -192,16 +192,34 @@ func (s *Service) startVM(ctx context.Context, c *container, spec manager.StartS
 	if m.Template == "" {
 		return s.vms.Start(ctx, spec)
 	}
-	rs, why := s.restoreSpec(m, spec)
+	log := logrus.WithFields(logrus.Fields{"sandbox": m.SandboxID, "container": c.ID(), "template": m.Template})
+	warm := spec.Staged.WarmID() != ""
+	rs, why := s.restoreSpec(m, spec, !warm) // a warm clone has its state loaded
 	if why == nil {
 		vm, tm, err := s.vms.Start(ctx, rs)
 		if err == nil || ctx.Err() != nil {
+			s.templateUsed(m.Template, err)
 			return vm, tm, err
 		}
+		if warm { // the warm clone failed: restore afresh
+			log.WithError(err).Warn("the warm clone could not run; restoring the template")
+			spec.Staged = nil
+			if rs, err = s.restoreSpec(m, spec, true); err == nil {
+				vm, tm, err = s.vms.Start(ctx, rs)
+				if err == nil || ctx.Err() != nil {
+					s.templateUsed(m.Template, err)
+					return vm, tm, err
+				}
+			}
+		}
+		spec.Staged = nil // the attempts used it up
 		why = err
+	} else if warm {
+		spec.Staged.Drop() // a clone of what cannot be restored
+		spec.Staged = nil
 	}
 	msg := fmt.Sprintf("template %q could not be restored (%v); the VM boots cold instead", m.Template, why)
-	logrus.WithFields(logrus.Fields{"sandbox": m.SandboxID, "container": c.ID(), "template": m.Template}).Warn(msg)
+	log.Warn(msg)
 	noteInLog(m.LogPath, "unilet: "+msg)
 	if err := c.Update(func(st containerStatus) (containerStatus, error) {
 		st.Warnings = appendOnce(st.Warnings, msg)
@@ -209,14 +227,22 @@ func (s *Service) startVM(ctx context.Context, c *container, spec manager.StartS
 	}); err != nil {
 		return nil, manager.Timings{}, err
 	}
-	spec.Staged = nil // the first attempt used it up
 	return s.vms.Start(ctx, spec)
+}
+
+// templateUsed counts a clone started from template name.
+func (s *Service) templateUsed(name string, err error) {
+	if err == nil {
+		s.cfg.Templates.Used(name)
+	}
 }
 
 // restoreSpec is spec turned into a restore of m's template: the
 // template's machine with the pod's NIC, RAM mapped private from the
-// template's sealed memfd, state loaded instead of a boot.
-func (s *Service) restoreSpec(m containerMeta, spec manager.StartSpec) (manager.StartSpec, error) {
+// template's sealed memfd, state loaded instead of a boot. Without
+// prepare (a warm clone, restored already) the template's files are not
+// verified again nor its RAM holder asked.
+func (s *Service) restoreSpec(m containerMeta, spec manager.StartSpec, prepare bool) (manager.StartSpec, error) {
 	if s.cfg.Templates == nil {
 		return spec, errors.New("templates are off on this node")
 	}
@@ -230,9 +256,11 @@ func (s *Service) restoreSpec(m containerMeta, spec manager.StartSpec) (manager.
 	if t.ImageID != m.Image.ID {
 		return spec, fmt.Errorf("it was made from image %s, the container runs %s", t.ImageID, m.Image.ID)
 	}
-	rs, err := s.cfg.Templates.Prepare(t)
-	if err != nil {
-		return spec, err
+	rs := &runtime.RestoreSpec{}
+	if prepare {
+		if rs, err = s.cfg.Templates.Prepare(t); err != nil {
+			return spec, err
+		}
 	}
 	machine := t.Machine
 	machine.Name, machine.NICs = m.Machine.Name, m.Machine.NICs

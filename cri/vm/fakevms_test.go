@@ -72,6 +72,10 @@ func (f *fakeVMs) CgroupPath(parent, id string) (string, error) {
 }
 func (f *fakeVMs) Stage(string, string) *manager.Staged          { return nil }
 func (f *fakeVMs) Claim(*manager.Staged, string) *manager.Staged { return nil }
+func (f *fakeVMs) StartWarm(context.Context, manager.StartSpec) (*manager.Warm, error) {
+	return nil, errors.New("no warm clones in the fake")
+}
+func (f *fakeVMs) StageWarm(string, string, *manager.Warm) *manager.Staged { return nil }
 func (f *fakeVMs) DropStaging(sandboxID, parent string)          { f.log("DropStaging %s", sandboxID) }
 func (f *fakeVMs) AdoptCgroup(parent, id string)                 { f.log("AdoptCgroup %s", id) }
 func (f *fakeVMs) PoolIdle() int                                 { return -1 }

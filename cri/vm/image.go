@@ -190,6 +190,7 @@ func (s *Service) RemoveImage(ctx context.Context, r *runtimeapi.RemoveImageRequ
 	if gone && img != nil && s.cfg.Templates != nil {
 		if names := s.cfg.Templates.RemoveForImage(img.ID); len(names) > 0 {
 			logrus.WithFields(logrus.Fields{"image": img.ID, "templates": names}).Info("removed the templates of a removed image")
+			s.warm.poke()
 		}
 	}
 	return &runtimeapi.RemoveImageResponse{}, nil

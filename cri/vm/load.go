@@ -33,6 +33,14 @@ const ReasonVMLost = "VMLost"
 // record that does not decode or validate is quarantined (kept in meta.db
 // for the operator, logged) and the rest still loads.
 func (s *Service) Load() error {
+	err := s.load()
+	if err == nil && s.warm != nil {
+		s.warm.start() // after the sweep ended an earlier daemon's clones
+	}
+	return err
+}
+
+func (s *Service) load() error {
 	if s.meta == nil {
 		return nil
 	}
@@ -266,8 +274,9 @@ func (s *Service) sweepNetNS() {
 	}
 	ents, _ := os.ReadDir(s.cfg.NetNSDir)
 	for _, e := range ents {
-		if strings.HasPrefix(e.Name(), "unilet-template-") {
-			// A template creation the earlier daemon did not finish.
+		if strings.HasPrefix(e.Name(), "unilet-template-") || strings.HasPrefix(e.Name(), warmNetNSPrefix) {
+			// A template creation the earlier daemon did not finish, or a
+			// warm clone of its (swept with the VM directories).
 			_ = netns.Remove(filepath.Join(s.cfg.NetNSDir, e.Name()))
 			continue
 		}

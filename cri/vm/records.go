@@ -61,8 +61,26 @@ type sandboxMeta struct {
 }
 
 // sandboxRuntime is a sandbox's not-persisted state.
+// All of it is guarded by the sandbox's Lifecycle lock.
 type sandboxRuntime struct {
-	staged *manager.Staged // guarded by the sandbox's Lifecycle lock
+	staged *manager.Staged
+	// stagedLater delivers the staged warm clone, staged after CNI ADD
+	// (takeStaged waits for it).
+	stagedLater <-chan *manager.Staged
+	// warmID and warmDigest are the container ID the staged warm clone
+	// (if any) was made for and the template state it was made from.
+	warmID, warmDigest string
+}
+
+// takeStaged returns the staged shim or warm clone (nil: none), waiting
+// for one being staged, and forgets it.
+func (rt *sandboxRuntime) takeStaged() *manager.Staged {
+	if rt.stagedLater != nil {
+		rt.staged, rt.stagedLater = <-rt.stagedLater, nil
+	}
+	st := rt.staged
+	rt.staged, rt.warmID, rt.warmDigest = nil, "", ""
+	return st
 }
 
 type sandboxStatus struct {

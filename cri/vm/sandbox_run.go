@@ -37,7 +37,8 @@ func (s *Service) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandbox
 	if err := checkSandboxConfig(cfg); err != nil {
 		return nil, errorf(codes.InvalidArgument, "pod %.64q/%.64q: %v", md.GetNamespace(), md.GetName(), err)
 	}
-	if _, err := ParseTuning(cfg.GetAnnotations(), s.cfg.Limits); err != nil {
+	tuning, err := ParseTuning(cfg.GetAnnotations(), s.cfg.Limits)
+	if err != nil {
 		return nil, errorf(codes.InvalidArgument, "pod %s/%s: %v", md.GetNamespace(), md.GetName(), err)
 	}
 	if cfg.GetLinux().GetSecurityContext().GetNamespaceOptions().GetNetwork() == runtimeapi.NamespaceMode_NODE {
@@ -65,7 +66,7 @@ func (s *Service) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandbox
 		}
 	}
 	s.podNames.Lock()
-	err := s.checkUnique(md)
+	err = s.checkUnique(md)
 	if err == nil && s.podReserved[key] {
 		err = errorf(codes.AlreadyExists, "pod sandbox %s/%s (uid %q, attempt %d) is being created", md.GetNamespace(), md.GetName(), md.GetUid(), md.GetAttempt())
 	}
@@ -90,21 +91,50 @@ func (s *Service) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandbox
 	// Stage a shim in the pod's next cgroup while CNI runs: moving a process
 	// into a cgroup costs a kernel RCU grace period (measured 8–20 ms here),
 	// which this takes off the start path.
+	// A templated pod takes a warm clone of its template instead: its
+	// namespace, its tap inside, becomes the pod's (setupNetwork), and its
+	// processes move into the staging cgroup after CNI ADD — moving them
+	// blocks every fork on the node for a grace period, CNI's plugins
+	// included — while the pod's start goes on (CreateContainer waits).
 	t0 := time.Now()
+	var warm *warmClone
+	if tuning.Template != "" && s.cfg.Network != nil {
+		warm = s.warm.take(tuning.Template)
+	}
 	staged := make(chan *manager.Staged, 1)
-	go func() { staged <- s.vms.Stage(id, cfg.GetLinux().GetCgroupParent()) }()
+	if warm == nil {
+		go func() { staged <- s.vms.Stage(id, cfg.GetLinux().GetCgroupParent()) }()
+	}
 	var steps netSteps
 	var res *cni.Result
 	var guest *vmnet.Guest
 	if s.cfg.Network != nil {
-		if steps, res, guest, err = s.setupNetwork(ctx, sb); err != nil {
-			(<-staged).Drop()
+		if steps, res, guest, err = s.setupNetwork(ctx, sb, warm); err != nil {
+			if warm != nil {
+				warm.discard()
+			} else {
+				(<-staged).Drop()
+			}
 			s.dropFailedSandbox(sb)
 			return nil, err
 		}
 	}
+	if warm != nil && steps.warmLost != nil {
+		log.WithError(steps.warmLost).Warn("the warm clone could not join the pod; its container restores the template at start")
+		warm.discard()
+		warm = nil
+		staged <- nil
+	}
+	var stagedLater chan *manager.Staged
+	if warm != nil {
+		stagedLater = make(chan *manager.Staged, 1)
+		go func() { stagedLater <- s.vms.StageWarm(id, cfg.GetLinux().GetCgroupParent(), warm.Warm) }()
+	}
 	tNet := time.Now()
-	st := <-staged
+	var st *manager.Staged
+	if stagedLater == nil {
+		st = <-staged
+	}
 	stageWait := time.Since(tNet)
 	sb.Lifecycle.Lock()
 	defer sb.Lifecycle.Unlock()
@@ -119,13 +149,19 @@ func (s *Service) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandbox
 		return cur, nil
 	})
 	if err != nil {
+		if stagedLater != nil {
+			st = <-stagedLater
+		}
 		st.Drop()
 		go s.dropFailedSandbox(sb)
 		return nil, err
 	}
-	meta.rt.staged = st
+	meta.rt.staged, meta.rt.stagedLater = st, stagedLater
+	if warm != nil {
+		meta.rt.warmID, meta.rt.warmDigest = warm.ID, warm.digest
+	}
 	log.WithFields(logrus.Fields{"ip": primaryIP(res), "netnsMs": msec(steps.netns), "cniMs": msec(steps.cni), "tapMs": msec(steps.tap),
-		"stageWaitMs": msec(stageWait), "totalMs": msec(time.Since(t0))}).Info("unikernel pod sandbox created")
+		"stageWaitMs": msec(stageWait), "warm": warm != nil, "totalMs": msec(time.Since(t0))}).Info("unikernel pod sandbox created")
 	return &runtimeapi.RunPodSandboxResponse{PodSandboxId: id}, nil
 }
 
@@ -166,16 +202,27 @@ func podInfo(id string, cfg *runtimeapi.PodSandboxConfig) cni.PodInfo {
 }
 
 // netSteps is where a pod's network set-up spent its time (logged).
-type netSteps struct{ netns, cni, tap time.Duration }
+type netSteps struct {
+	netns, cni, tap time.Duration
+	warmLost        error // the warm clone's namespace could not become the pod's
+}
 
 // setupNetwork: netns, CNI ADD, tap. The caller tears down on failure.
-func (s *Service) setupNetwork(ctx context.Context, sb *sandbox) (netSteps, *cni.Result, *vmnet.Guest, error) {
+func (s *Service) setupNetwork(ctx context.Context, sb *sandbox, warm *warmClone) (netSteps, *cni.Result, *vmnet.Guest, error) {
 	var st netSteps
 	t := time.Now()
 	lap := func(d *time.Duration) { now := time.Now(); *d = now.Sub(t); t = now }
 	path := sb.Meta().NetNS
-	if _, err := netns.Create(s.cfg.NetNSDir, "unilet-"+sb.ID()); err != nil {
-		return st, nil, nil, errorf(codes.Internal, "create network namespace: %v", err)
+	// A warm clone's namespace, its tap inside, becomes the pod's (the
+	// routed setup then configures the tap): a bind mount, where moving
+	// the tap would wait for RCU grace periods (15–40 ms here).
+	if warm != nil {
+		st.warmLost = warm.giveNetNS(s.cfg.NetNSDir, "unilet-"+sb.ID())
+	}
+	if warm == nil || st.warmLost != nil {
+		if _, err := netns.Create(s.cfg.NetNSDir, "unilet-"+sb.ID()); err != nil {
+			return st, nil, nil, errorf(codes.Internal, "create network namespace: %v", err)
+		}
 	}
 	lap(&st.netns)
 	res, err := s.cfg.Network.Setup(ctx, podInfo(sb.ID(), sb.Meta().Config), path)

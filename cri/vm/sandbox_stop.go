@@ -38,8 +38,7 @@ func (s *Service) stopSandbox(ctx context.Context, sb *sandbox, removing bool) e
 		}
 		return cur, nil
 	})
-	staged := sb.Meta().rt.staged
-	sb.Meta().rt.staged = nil
+	staged := sb.Meta().rt.takeStaged()
 	sb.Lifecycle.Unlock()
 	staged.Drop()
 	if err != nil {

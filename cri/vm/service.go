@@ -56,6 +56,9 @@ type Config struct {
 	LogRoots []string
 	// Templates holds the VM templates (nil: templates are off).
 	Templates *templates.Store
+	// TemplateWarm is how many warm clones of each template are kept ready
+	// (0: none; a templated pod then restores its template at start).
+	TemplateWarm int
 }
 
 // Network is the pod network (package cni in production).
@@ -86,6 +89,7 @@ type Service struct {
 	podReserved map[string]bool
 	events      events
 	adopting    adoptions // containers whose shim has not answered since the restart
+	warm        *warmPool // nil: no warm clones
 }
 
 // New returns a Service running its VMs through vms (a *manager.Manager
@@ -106,6 +110,9 @@ func New(cfg Config, vms VMs, images *image.Store, meta *metadata.Store) (*Servi
 		return nil, errors.New("no VM manager")
 	}
 	s := &Service{cfg: cfg, images: images, meta: meta, vms: vms, podReserved: map[string]bool{}}
+	if cfg.Templates != nil && cfg.TemplateWarm > 0 {
+		s.warm = newWarmPool(s, cfg.TemplateWarm)
+	}
 	if meta != nil {
 		s.sandboxes = store.New[sandboxMeta, sandboxStatus]("pod sandbox", sandboxSaver{meta})
 		s.containers = store.New[containerMeta, containerStatus]("container", containerSaver{meta})
@@ -186,6 +193,7 @@ func errorf(code codes.Code, format string, a ...any) error {
 // Shutdown prepares for the daemon's exit: it lets go of every VM, which
 // keeps running under its shim (the next daemon reconnects).
 func (s *Service) Shutdown() {
+	s.warm.close()
 	for _, c := range s.containers.List() {
 		if vm := c.Status().vm; vm != nil {
 			_ = vm.Close()

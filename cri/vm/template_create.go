@@ -136,6 +136,7 @@ func (s *Service) CreateTemplate(ctx context.Context, r *admin.CreateTemplateReq
 		}
 		return nil, errorf(codes.Internal, "publish template %q: %v", name, err)
 	}
+	s.warm.poke()
 	t, err = s.cfg.Templates.Get(name)
 	if err != nil {
 		return nil, errorf(codes.Internal, "read template %q back: %v", name, err)
@@ -256,7 +257,7 @@ func (s *Service) templateInfo(t templates.Template) *admin.Template {
 	}
 	return &admin.Template{Name: t.Name, ImageId: t.ImageID, ImageRef: t.ImageRef, CreatedUnix: t.Created.Unix(),
 		StateBytes: t.StateSize, RamBytes: t.RAMSize, DiskBytes: disk, Uses: t.Uses, MemoryMib: int32(t.Machine.MemoryMiB),
-		Vcpus: int32(t.Machine.VCPUs), Args: t.Args, GuestAddress: t.GuestAddr}
+		Vcpus: int32(t.Machine.VCPUs), Args: t.Args, GuestAddress: t.GuestAddr, Warm: int32(s.warm.count(t.Name))}
 }
 
 // ListTemplates lists the templates.
@@ -286,6 +287,7 @@ func (s *Service) RemoveTemplate(ctx context.Context, r *admin.RemoveTemplateReq
 		}
 		return nil, errorf(codes.InvalidArgument, "%v", err)
 	}
+	s.warm.poke() // its warm clones go
 	logrus.WithField("template", r.GetName()).Info("template removed")
 	return &admin.RemoveTemplateResponse{}, nil
 }

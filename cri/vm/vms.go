@@ -24,6 +24,10 @@ type VMs interface {
 	Stage(sandboxID, parent string) *manager.Staged
 	Claim(st *manager.Staged, cgroup string) *manager.Staged
 	DropStaging(sandboxID, parent string)
+	// StartWarm starts a warm clone (a template restored, held paused, for
+	// a container ID of its own); StageWarm stages one for a new pod.
+	StartWarm(ctx context.Context, s manager.StartSpec) (*manager.Warm, error)
+	StageWarm(sandboxID, parent string, w *manager.Warm) *manager.Staged
 
 	// Start boots a VM; on error nothing is left.
 	Start(ctx context.Context, s manager.StartSpec) (manager.VM, manager.Timings, error)

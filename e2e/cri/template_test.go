@@ -8,11 +8,15 @@ package cri_test
 // cannot be restored falls back to a cold boot with a warning.
 
 import (
+	"bytes"
 	"context"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -37,6 +41,31 @@ func templatedPod(t *testing.T, name, template string) *runtimeapi.PodSandboxCon
 	return cfg
 }
 
+// waitWarm waits until template name has a warm clone ready.
+func waitWarm(t *testing.T, d *daemon, name string) {
+	t.Helper()
+	re := regexp.MustCompile(`(?m)^` + name + `\s.*\s[1-9]\d*$`)
+	require.Eventually(t, func() bool {
+		out, err := d.uniletctl("template", "ls")
+		return err == nil && re.MatchString(out)
+	}, 30*time.Second, 100*time.Millisecond, "a warm clone of %s", name)
+}
+
+// procAge is how long ago process pid started (10 ms resolution).
+func procAge(t *testing.T, pid int) time.Duration {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	require.NoError(t, err)
+	f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+2:]))
+	start, err := strconv.ParseFloat(f[19], 64) // field 22: start time, in clock ticks after boot
+	require.NoError(t, err)
+	up, err := os.ReadFile("/proc/uptime")
+	require.NoError(t, err)
+	secs, err := strconv.ParseFloat(strings.Fields(string(up))[0], 64)
+	require.NoError(t, err)
+	return time.Duration((secs - start/100) * float64(time.Second))
+}
+
 func readLog(t *testing.T, cfg *runtimeapi.PodSandboxConfig) string {
 	b, _ := os.ReadFile(filepath.Join(cfg.LogDirectory, "app/0.log"))
 	return string(b)
@@ -53,15 +82,24 @@ func TestTemplatesThroughUniletctl(t *testing.T) {
 	require.Contains(t, out, "template ticker saved")
 	out, err = d.uniletctl("template", "ls")
 	require.NoError(t, err, out)
-	require.Regexp(t, `(?m)^ticker\s+[0-9a-f]{12}\s+\S+\s+\S+\s+0$`, out)
+	require.Regexp(t, `(?m)^ticker\s+[0-9a-f]{12}\s+\S+\s+\S+\s+0\s+\d$`, out)
 	out, err = d.uniletctl("template", "create", "ticker", "--image", image(), "--ready-after", "1s")
 	require.Error(t, err)
 	require.Contains(t, out, "exists")
 
 	// A clone runs on from the template: its log continues the ticks, the
-	// kernel never boots again.
+	// kernel never boots again. It is the warm clone the daemon made ahead
+	// (restored, paused): its QEMU is older than the pod.
+	waitWarm(t, d, "ticker")
+	time.Sleep(300 * time.Millisecond)
 	cfg := templatedPod(t, "clone-a", "ticker")
+	t0 := time.Now()
 	pod, ctr := startVM(t, rt, cfg)
+	qpid := qemuPid(t, rt, ctr)
+	require.Greater(t, procAge(t, qpid), time.Since(t0)+150*time.Millisecond, "the clone's QEMU was started before its pod")
+	procs := strings.Fields(cgroupValue(t, "memory", d.cgroupRoot+"/"+ctr, "cgroup.procs"))
+	require.Len(t, procs, 2, "the warm clone's shim and QEMU moved into the container's cgroup")
+	require.Contains(t, procs, strconv.Itoa(qpid))
 	require.Eventually(t, func() bool { return strings.Contains(readLog(t, cfg), "tick 6") }, 20*time.Second, 50*time.Millisecond, readLog(t, cfg))
 	log := readLog(t, cfg)
 	require.NotContains(t, log, "unilet-testkernel: booted", "a clone does not boot")
@@ -71,9 +109,32 @@ func TestTemplatesThroughUniletctl(t *testing.T) {
 	require.Equal(t, runtimeapi.ContainerState_CONTAINER_RUNNING, st.Status.State)
 	out, err = d.uniletctl("template", "ls")
 	require.NoError(t, err)
-	require.Regexp(t, `(?m)^ticker\s.*\s1$`, out, "the clone counts as a use")
+	require.Regexp(t, `(?m)^ticker\s.*\s1\s+\d$`, out, "the clone counts as a use")
 	_, err = rt.RemovePodSandbox(ctx, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: pod})
 	require.NoError(t, err)
+
+	// A daemon killed with a warm clone staged for a new pod (its tap in
+	// the pod, its processes in the pod's cgroup) loses nothing: the next
+	// daemon ends the clone, and the pod's container restores the template.
+	waitWarm(t, d, "ticker")
+	cfg = templatedPod(t, "clone-c", "ticker")
+	p, err := rt.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: cfg})
+	require.NoError(t, err)
+	d.crash()
+	d.start()
+	rt = d.rt(t)
+	c, err := rt.CreateContainer(ctx, &runtimeapi.CreateContainerRequest{PodSandboxId: p.PodSandboxId, Config: vmContainerConfig(), SandboxConfig: cfg})
+	require.NoError(t, err)
+	_, err = rt.StartContainer(ctx, &runtimeapi.StartContainerRequest{ContainerId: c.ContainerId})
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return strings.Contains(readLog(t, cfg), "tick ") }, 20*time.Second, 50*time.Millisecond)
+	require.NotContains(t, readLog(t, cfg), "unilet-testkernel: booted")
+	_, err = rt.RemovePodSandbox(ctx, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: p.PodSandboxId})
+	require.NoError(t, err)
+	waitWarm(t, d, "ticker")
+	vms, err := os.ReadDir(filepath.Join(d.stateDir, "vm"))
+	require.NoError(t, err)
+	require.Len(t, vms, 1, "the new warm clone's directory only: the earlier daemon's clones were swept")
 
 	// Templates survive a daemon restart; the next clone restores as well.
 	d.crash()

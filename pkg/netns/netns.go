@@ -51,6 +51,30 @@ func Create(dir, name string) (string, error) {
 	return p, nil
 }
 
+// Rename binds the namespace at from to dir/name (which must not exist) and
+// removes it from from: the namespace and everything in it go on under the
+// new name (a warm clone's namespace, its tap inside, becomes its pod's).
+func Rename(from, dir, name string) (string, error) {
+	if !Exists(from) {
+		return "", fmt.Errorf("%s is no network namespace", from)
+	}
+	p := filepath.Join(dir, name)
+	f, err := os.OpenFile(p, os.O_RDONLY|os.O_CREATE|os.O_EXCL, 0o444)
+	if err != nil {
+		return "", fmt.Errorf("create netns file: %w", err)
+	}
+	f.Close()
+	if err := unix.Mount(from, p, "none", unix.MS_BIND, ""); err != nil {
+		_ = os.Remove(p)
+		return "", fmt.Errorf("bind network namespace %s to %s: %w", from, p, err)
+	}
+	if err := Remove(from); err != nil {
+		_ = Remove(p)
+		return "", err
+	}
+	return p, nil
+}
+
 // Remove unmounts and deletes a namespace created by Create. A missing
 // namespace is not an error.
 func Remove(path string) error {

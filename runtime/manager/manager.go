@@ -223,6 +223,19 @@ func (m *Manager) Start(ctx context.Context, s StartSpec) (_ VM, tm Timings, err
 		undo.push("cgroup "+s.Cgroup, func() error { return m.deleteCgroup(s.Cgroup) })
 	}
 	tm.Cgroup = time.Since(t0)
+	if staged != nil && staged.warm != nil { // a warm clone: only moved and run
+		st := staged
+		staged = nil
+		undo.push("warm clone", func() error { st.warm.Discard(); return nil }) // and its directory
+		t1 := time.Now()
+		h, err := m.startWarm(ctx, s, st, cg)
+		if err != nil {
+			return nil, tm, err
+		}
+		undo.keep()
+		tm.Boot = time.Since(t1)
+		return h, tm, nil
+	}
 	spec := runtime.VMSpec{QEMU: m.cfg.QEMU, Machine: s.Machine, StateDir: dir, LogPath: s.LogPath, Restore: s.Restore, Idle: s.Idle}
 	if m.cfg.Jail != nil {
 		id, err := m.ids.take(m.vmRoot, dirName(s.ID))

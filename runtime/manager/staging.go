@@ -13,8 +13,9 @@ import (
 type Staged struct {
 	m       *Manager
 	idle    *shim.Idle
-	cgroup  string
-	claimed bool // its cgroup is a container's now (removed with the container)
+	warm    *Warm  // a warm clone instead of an idle shim (StageWarm)
+	cgroup  string // "" for a warm clone staged without a cgroup
+	claimed bool   // its cgroup is a container's now (removed with the container)
 }
 
 // stageName names a pod's staging cgroup (a sibling of its VMs' cgroups).
@@ -63,6 +64,9 @@ func (m *Manager) Claim(st *Staged, cgroup string) *Staged {
 	if st == nil {
 		return nil
 	}
+	if st.warm != nil && st.cgroup == "" { // Start moves it into cgroup
+		return st
+	}
 	if cgroup == "" {
 		st.Drop()
 		return nil
@@ -72,7 +76,7 @@ func (m *Manager) Claim(st *Staged, cgroup string) *Staged {
 		st.Drop()
 		return nil
 	}
-	return &Staged{m: st.m, idle: st.idle, cgroup: cgroup, claimed: true}
+	return &Staged{m: st.m, idle: st.idle, warm: st.warm, cgroup: cgroup, claimed: true}
 }
 
 // Drop ends a staged shim and removes its staging cgroup; a claimed one's
@@ -82,7 +86,8 @@ func (st *Staged) Drop() {
 		return
 	}
 	st.idle.Discard()
-	if !st.claimed {
+	st.warm.Discard()
+	if !st.claimed && st.cgroup != "" {
 		_ = st.m.deleteCgroup(st.cgroup)
 	}
 }

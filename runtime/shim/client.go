@@ -102,7 +102,13 @@ func writeSpec(dir string, spec runtime.VMSpec) error {
 	if err != nil {
 		return err
 	}
-	return os.WriteFile(filepath.Join(dir, SpecFile), b, 0o600)
+	// Whole or not at all: a warm clone's spec is rewritten while its shim
+	// (and a daemon reading jail ids) may read it.
+	tmp := filepath.Join(dir, SpecFile+".tmp")
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(dir, SpecFile))
 }
 
 // startVM sends Start to a connected shim. A VM that fails to start is

@@ -133,7 +133,11 @@ func (h *Handle) Exit() runtime.ExitStatus {
 func (h *Handle) Pid() int { return h.pid }
 
 // StartedAt is when QEMU started.
-func (h *Handle) StartedAt() time.Time { return h.startedAt }
+func (h *Handle) StartedAt() time.Time {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.startedAt
+}
 
 // Stop powers the guest down, killing it after timeout, and returns its
 // exit. ctx bounds the whole call (give it more than timeout).
@@ -158,6 +162,9 @@ func (h *Handle) Stop(ctx context.Context, timeout time.Duration) (runtime.ExitS
 		return runtime.ExitStatus{}, fmt.Errorf("stop the VM: %w", ctx.Err())
 	}
 }
+
+// ShimPid is the shim's process ID.
+func (h *Handle) ShimPid() int { return h.client().ShimPid() }
 
 // KillShim ends a shim that does not answer (SIGKILL to the process
 // pinned when it was connected); its QEMU dies with it, and the handle
@@ -273,6 +280,22 @@ func (h *Handle) Pause(ctx context.Context) error {
 func (h *Handle) Resume(ctx context.Context) error {
 	_, err := h.client().Resume(ctx, &api.ResumeRequest{})
 	return err
+}
+
+// Claim gives a warm clone to the container whose VM spec is spec: the
+// spec is written to the VM directory, then the shim runs the guest.
+func (h *Handle) Claim(ctx context.Context, spec runtime.VMSpec) error {
+	if err := writeSpec(h.dir, spec); err != nil {
+		return err
+	}
+	st, err := h.client().Claim(ctx, &api.ClaimRequest{})
+	if err != nil {
+		return err
+	}
+	h.mu.Lock()
+	h.startedAt = time.Unix(0, st.StartedAt)
+	h.mu.Unlock()
+	return nil
 }
 
 // Idle reports the VM's scale-to-zero state.

@@ -37,7 +37,7 @@ const (
 // asks once it has recorded the VM's exit) or ctx ends. It returns after
 // QEMU is gone.
 func Serve(ctx context.Context, dir string) error {
-	spec, err := readSpec(dir)
+	spec, err := ReadSpec(dir)
 	if err != nil {
 		return err
 	}
@@ -52,7 +52,8 @@ func ServePool(ctx context.Context, poolDir string) error {
 	return s.run(ctx, poolDir)
 }
 
-func readSpec(dir string) (runtime.VMSpec, error) {
+// ReadSpec is the VM spec in dir (SpecFile).
+func ReadSpec(dir string) (runtime.VMSpec, error) {
 	var spec runtime.VMSpec
 	b, err := os.ReadFile(filepath.Join(dir, SpecFile))
 	if err != nil {
@@ -108,7 +109,7 @@ func (s *service) Adopt(ctx context.Context, r *api.AdoptRequest) (*api.AdoptRes
 	if !s.pool || s.dir != "" {
 		return nil, errors.New("this shim already serves a VM")
 	}
-	spec, err := readSpec(r.GetDir())
+	spec, err := ReadSpec(r.GetDir())
 	if err != nil {
 		return nil, err
 	}
@@ -328,6 +329,28 @@ func (s *service) Resume(ctx context.Context, _ *api.ResumeRequest) (*api.StateR
 		return nil, err
 	}
 	s.paused.Store(false)
+	return s.state(), nil
+}
+
+// Claim runs a warm clone for the container whose spec is now in its
+// directory; the machine must be the one the clone was started with.
+func (s *service) Claim(ctx context.Context, _ *api.ClaimRequest) (*api.StateResponse, error) {
+	s.startMu.Lock()
+	defer s.startMu.Unlock()
+	vm := s.getVM()
+	if vm == nil {
+		return nil, errNotStarted
+	}
+	spec, err := ReadSpec(s.vmDir())
+	if err != nil {
+		return nil, err
+	}
+	if err := vm.Claim(spec); err != nil {
+		return nil, fmt.Errorf("claim the warm clone: %w", err)
+	}
+	s.vmMu.Lock()
+	s.spec = spec
+	s.vmMu.Unlock()
 	return s.state(), nil
 }
 

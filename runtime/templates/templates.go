@@ -298,8 +298,14 @@ func (s *Store) Prepare(t Template) (*runtime.RestoreSpec, error) {
 			return nil, fmt.Errorf("template %q: its RAM holder serves %d bytes, want %d", t.Name, st.Size(), t.RAMSize)
 		}
 	}
-	s.uses[t.Name]++
 	return &runtime.RestoreSpec{RAM: sock, State: state}, nil
+}
+
+// Used counts a clone started from template name.
+func (s *Store) Used(name string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.uses[name]++
 }
 
 // Dir is the directory of template name.

@@ -24,6 +24,42 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type ClaimRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClaimRequest) Reset() {
+	*x = ClaimRequest{}
+	mi := &file_shim_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClaimRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClaimRequest) ProtoMessage() {}
+
+func (x *ClaimRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_shim_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClaimRequest.ProtoReflect.Descriptor instead.
+func (*ClaimRequest) Descriptor() ([]byte, []int) {
+	return file_shim_proto_rawDescGZIP(), []int{0}
+}
+
 type SnapshotRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Dir           string                 `protobuf:"bytes,1,opt,name=dir,proto3" json:"dir,omitempty"`
@@ -33,7 +69,7 @@ type SnapshotRequest struct {
 
 func (x *SnapshotRequest) Reset() {
 	*x = SnapshotRequest{}
-	mi := &file_shim_proto_msgTypes[0]
+	mi := &file_shim_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -45,7 +81,7 @@ func (x *SnapshotRequest) String() string {
 func (*SnapshotRequest) ProtoMessage() {}
 
 func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[0]
+	mi := &file_shim_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -58,7 +94,7 @@ func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{0}
+	return file_shim_proto_rawDescGZIP(), []int{1}
 }
 
 func (x *SnapshotRequest) GetDir() string {
@@ -78,7 +114,7 @@ type SnapshotResponse struct {
 
 func (x *SnapshotResponse) Reset() {
 	*x = SnapshotResponse{}
-	mi := &file_shim_proto_msgTypes[1]
+	mi := &file_shim_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -90,7 +126,7 @@ func (x *SnapshotResponse) String() string {
 func (*SnapshotResponse) ProtoMessage() {}
 
 func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[1]
+	mi := &file_shim_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -103,7 +139,7 @@ func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotResponse.ProtoReflect.Descriptor instead.
 func (*SnapshotResponse) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{1}
+	return file_shim_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *SnapshotResponse) GetStateBytes() int64 {
@@ -128,7 +164,7 @@ type PauseRequest struct {
 
 func (x *PauseRequest) Reset() {
 	*x = PauseRequest{}
-	mi := &file_shim_proto_msgTypes[2]
+	mi := &file_shim_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -140,7 +176,7 @@ func (x *PauseRequest) String() string {
 func (*PauseRequest) ProtoMessage() {}
 
 func (x *PauseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[2]
+	mi := &file_shim_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -153,7 +189,7 @@ func (x *PauseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseRequest.ProtoReflect.Descriptor instead.
 func (*PauseRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{2}
+	return file_shim_proto_rawDescGZIP(), []int{3}
 }
 
 type ResumeRequest struct {
@@ -164,7 +200,7 @@ type ResumeRequest struct {
 
 func (x *ResumeRequest) Reset() {
 	*x = ResumeRequest{}
-	mi := &file_shim_proto_msgTypes[3]
+	mi := &file_shim_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -176,7 +212,7 @@ func (x *ResumeRequest) String() string {
 func (*ResumeRequest) ProtoMessage() {}
 
 func (x *ResumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[3]
+	mi := &file_shim_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -189,7 +225,7 @@ func (x *ResumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeRequest.ProtoReflect.Descriptor instead.
 func (*ResumeRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{3}
+	return file_shim_proto_rawDescGZIP(), []int{4}
 }
 
 type AdoptRequest struct {
@@ -201,7 +237,7 @@ type AdoptRequest struct {
 
 func (x *AdoptRequest) Reset() {
 	*x = AdoptRequest{}
-	mi := &file_shim_proto_msgTypes[4]
+	mi := &file_shim_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -213,7 +249,7 @@ func (x *AdoptRequest) String() string {
 func (*AdoptRequest) ProtoMessage() {}
 
 func (x *AdoptRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[4]
+	mi := &file_shim_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -226,7 +262,7 @@ func (x *AdoptRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdoptRequest.ProtoReflect.Descriptor instead.
 func (*AdoptRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{4}
+	return file_shim_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *AdoptRequest) GetDir() string {
@@ -245,7 +281,7 @@ type AdoptResponse struct {
 
 func (x *AdoptResponse) Reset() {
 	*x = AdoptResponse{}
-	mi := &file_shim_proto_msgTypes[5]
+	mi := &file_shim_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -257,7 +293,7 @@ func (x *AdoptResponse) String() string {
 func (*AdoptResponse) ProtoMessage() {}
 
 func (x *AdoptResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[5]
+	mi := &file_shim_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -270,7 +306,7 @@ func (x *AdoptResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdoptResponse.ProtoReflect.Descriptor instead.
 func (*AdoptResponse) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{5}
+	return file_shim_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *AdoptResponse) GetPid() int32 {
@@ -288,7 +324,7 @@ type StartRequest struct {
 
 func (x *StartRequest) Reset() {
 	*x = StartRequest{}
-	mi := &file_shim_proto_msgTypes[6]
+	mi := &file_shim_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -300,7 +336,7 @@ func (x *StartRequest) String() string {
 func (*StartRequest) ProtoMessage() {}
 
 func (x *StartRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[6]
+	mi := &file_shim_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -313,7 +349,7 @@ func (x *StartRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartRequest.ProtoReflect.Descriptor instead.
 func (*StartRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{6}
+	return file_shim_proto_rawDescGZIP(), []int{7}
 }
 
 type StateRequest struct {
@@ -324,7 +360,7 @@ type StateRequest struct {
 
 func (x *StateRequest) Reset() {
 	*x = StateRequest{}
-	mi := &file_shim_proto_msgTypes[7]
+	mi := &file_shim_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -336,7 +372,7 @@ func (x *StateRequest) String() string {
 func (*StateRequest) ProtoMessage() {}
 
 func (x *StateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[7]
+	mi := &file_shim_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -349,7 +385,7 @@ func (x *StateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StateRequest.ProtoReflect.Descriptor instead.
 func (*StateRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{7}
+	return file_shim_proto_rawDescGZIP(), []int{8}
 }
 
 type StateResponse struct {
@@ -378,7 +414,7 @@ type StateResponse struct {
 
 func (x *StateResponse) Reset() {
 	*x = StateResponse{}
-	mi := &file_shim_proto_msgTypes[8]
+	mi := &file_shim_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -390,7 +426,7 @@ func (x *StateResponse) String() string {
 func (*StateResponse) ProtoMessage() {}
 
 func (x *StateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[8]
+	mi := &file_shim_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -403,7 +439,7 @@ func (x *StateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StateResponse.ProtoReflect.Descriptor instead.
 func (*StateResponse) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{8}
+	return file_shim_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *StateResponse) GetPid() int32 {
@@ -507,7 +543,7 @@ type KillRequest struct {
 
 func (x *KillRequest) Reset() {
 	*x = KillRequest{}
-	mi := &file_shim_proto_msgTypes[9]
+	mi := &file_shim_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -519,7 +555,7 @@ func (x *KillRequest) String() string {
 func (*KillRequest) ProtoMessage() {}
 
 func (x *KillRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[9]
+	mi := &file_shim_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -532,7 +568,7 @@ func (x *KillRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KillRequest.ProtoReflect.Descriptor instead.
 func (*KillRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{9}
+	return file_shim_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *KillRequest) GetTimeoutMs() int64 {
@@ -557,7 +593,7 @@ type WaitRequest struct {
 
 func (x *WaitRequest) Reset() {
 	*x = WaitRequest{}
-	mi := &file_shim_proto_msgTypes[10]
+	mi := &file_shim_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -569,7 +605,7 @@ func (x *WaitRequest) String() string {
 func (*WaitRequest) ProtoMessage() {}
 
 func (x *WaitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[10]
+	mi := &file_shim_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -582,7 +618,7 @@ func (x *WaitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WaitRequest.ProtoReflect.Descriptor instead.
 func (*WaitRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{10}
+	return file_shim_proto_rawDescGZIP(), []int{11}
 }
 
 type ReopenLogRequest struct {
@@ -593,7 +629,7 @@ type ReopenLogRequest struct {
 
 func (x *ReopenLogRequest) Reset() {
 	*x = ReopenLogRequest{}
-	mi := &file_shim_proto_msgTypes[11]
+	mi := &file_shim_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -605,7 +641,7 @@ func (x *ReopenLogRequest) String() string {
 func (*ReopenLogRequest) ProtoMessage() {}
 
 func (x *ReopenLogRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[11]
+	mi := &file_shim_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -618,7 +654,7 @@ func (x *ReopenLogRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReopenLogRequest.ProtoReflect.Descriptor instead.
 func (*ReopenLogRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{11}
+	return file_shim_proto_rawDescGZIP(), []int{12}
 }
 
 type ReopenLogResponse struct {
@@ -629,7 +665,7 @@ type ReopenLogResponse struct {
 
 func (x *ReopenLogResponse) Reset() {
 	*x = ReopenLogResponse{}
-	mi := &file_shim_proto_msgTypes[12]
+	mi := &file_shim_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -641,7 +677,7 @@ func (x *ReopenLogResponse) String() string {
 func (*ReopenLogResponse) ProtoMessage() {}
 
 func (x *ReopenLogResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[12]
+	mi := &file_shim_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -654,7 +690,7 @@ func (x *ReopenLogResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReopenLogResponse.ProtoReflect.Descriptor instead.
 func (*ReopenLogResponse) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{12}
+	return file_shim_proto_rawDescGZIP(), []int{13}
 }
 
 type StatsRequest struct {
@@ -665,7 +701,7 @@ type StatsRequest struct {
 
 func (x *StatsRequest) Reset() {
 	*x = StatsRequest{}
-	mi := &file_shim_proto_msgTypes[13]
+	mi := &file_shim_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -677,7 +713,7 @@ func (x *StatsRequest) String() string {
 func (*StatsRequest) ProtoMessage() {}
 
 func (x *StatsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[13]
+	mi := &file_shim_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -690,7 +726,7 @@ func (x *StatsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsRequest.ProtoReflect.Descriptor instead.
 func (*StatsRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{13}
+	return file_shim_proto_rawDescGZIP(), []int{14}
 }
 
 type StatsResponse struct {
@@ -704,7 +740,7 @@ type StatsResponse struct {
 
 func (x *StatsResponse) Reset() {
 	*x = StatsResponse{}
-	mi := &file_shim_proto_msgTypes[14]
+	mi := &file_shim_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -716,7 +752,7 @@ func (x *StatsResponse) String() string {
 func (*StatsResponse) ProtoMessage() {}
 
 func (x *StatsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[14]
+	mi := &file_shim_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -729,7 +765,7 @@ func (x *StatsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatsResponse.ProtoReflect.Descriptor instead.
 func (*StatsResponse) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{14}
+	return file_shim_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *StatsResponse) GetTimestamp() int64 {
@@ -762,7 +798,7 @@ type ConsoleData struct {
 
 func (x *ConsoleData) Reset() {
 	*x = ConsoleData{}
-	mi := &file_shim_proto_msgTypes[15]
+	mi := &file_shim_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -774,7 +810,7 @@ func (x *ConsoleData) String() string {
 func (*ConsoleData) ProtoMessage() {}
 
 func (x *ConsoleData) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[15]
+	mi := &file_shim_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -787,7 +823,7 @@ func (x *ConsoleData) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConsoleData.ProtoReflect.Descriptor instead.
 func (*ConsoleData) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{15}
+	return file_shim_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ConsoleData) GetData() []byte {
@@ -805,7 +841,7 @@ type ShutdownRequest struct {
 
 func (x *ShutdownRequest) Reset() {
 	*x = ShutdownRequest{}
-	mi := &file_shim_proto_msgTypes[16]
+	mi := &file_shim_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -817,7 +853,7 @@ func (x *ShutdownRequest) String() string {
 func (*ShutdownRequest) ProtoMessage() {}
 
 func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[16]
+	mi := &file_shim_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -830,7 +866,7 @@ func (x *ShutdownRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownRequest.ProtoReflect.Descriptor instead.
 func (*ShutdownRequest) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{16}
+	return file_shim_proto_rawDescGZIP(), []int{17}
 }
 
 type ShutdownResponse struct {
@@ -841,7 +877,7 @@ type ShutdownResponse struct {
 
 func (x *ShutdownResponse) Reset() {
 	*x = ShutdownResponse{}
-	mi := &file_shim_proto_msgTypes[17]
+	mi := &file_shim_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -853,7 +889,7 @@ func (x *ShutdownResponse) String() string {
 func (*ShutdownResponse) ProtoMessage() {}
 
 func (x *ShutdownResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_shim_proto_msgTypes[17]
+	mi := &file_shim_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -866,7 +902,7 @@ func (x *ShutdownResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShutdownResponse.ProtoReflect.Descriptor instead.
 func (*ShutdownResponse) Descriptor() ([]byte, []int) {
-	return file_shim_proto_rawDescGZIP(), []int{17}
+	return file_shim_proto_rawDescGZIP(), []int{18}
 }
 
 var File_shim_proto protoreflect.FileDescriptor
@@ -874,7 +910,8 @@ var File_shim_proto protoreflect.FileDescriptor
 const file_shim_proto_rawDesc = "" +
 	"\n" +
 	"\n" +
-	"shim.proto\x12\x0eunilet.shim.v1\"#\n" +
+	"shim.proto\x12\x0eunilet.shim.v1\"\x0e\n" +
+	"\fClaimRequest\"#\n" +
 	"\x0fSnapshotRequest\x12\x10\n" +
 	"\x03dir\x18\x01 \x01(\tR\x03dir\"P\n" +
 	"\x10SnapshotResponse\x12\x1f\n" +
@@ -921,7 +958,7 @@ const file_shim_proto_rawDesc = "" +
 	"\vConsoleData\x12\x12\n" +
 	"\x04data\x18\x01 \x01(\fR\x04data\"\x11\n" +
 	"\x0fShutdownRequest\"\x12\n" +
-	"\x10ShutdownResponse2\xec\x06\n" +
+	"\x10ShutdownResponse2\xb2\a\n" +
 	"\x04Shim\x12D\n" +
 	"\x05Start\x12\x1c.unilet.shim.v1.StartRequest\x1a\x1d.unilet.shim.v1.StateResponse\x12D\n" +
 	"\x05State\x12\x1c.unilet.shim.v1.StateRequest\x1a\x1d.unilet.shim.v1.StateResponse\x12B\n" +
@@ -934,7 +971,8 @@ const file_shim_proto_rawDesc = "" +
 	"\x05Adopt\x12\x1c.unilet.shim.v1.AdoptRequest\x1a\x1d.unilet.shim.v1.AdoptResponse\x12M\n" +
 	"\bSnapshot\x12\x1f.unilet.shim.v1.SnapshotRequest\x1a .unilet.shim.v1.SnapshotResponse\x12D\n" +
 	"\x05Pause\x12\x1c.unilet.shim.v1.PauseRequest\x1a\x1d.unilet.shim.v1.StateResponse\x12F\n" +
-	"\x06Resume\x12\x1d.unilet.shim.v1.ResumeRequest\x1a\x1d.unilet.shim.v1.StateResponseB3Z1github.com/unilet-dev/unilet/runtime/shim/api;apib\x06proto3"
+	"\x06Resume\x12\x1d.unilet.shim.v1.ResumeRequest\x1a\x1d.unilet.shim.v1.StateResponse\x12D\n" +
+	"\x05Claim\x12\x1c.unilet.shim.v1.ClaimRequest\x1a\x1d.unilet.shim.v1.StateResponseB3Z1github.com/unilet-dev/unilet/runtime/shim/api;apib\x06proto3"
 
 var (
 	file_shim_proto_rawDescOnce sync.Once
@@ -948,54 +986,57 @@ func file_shim_proto_rawDescGZIP() []byte {
 	return file_shim_proto_rawDescData
 }
 
-var file_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_shim_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_shim_proto_goTypes = []any{
-	(*SnapshotRequest)(nil),   // 0: unilet.shim.v1.SnapshotRequest
-	(*SnapshotResponse)(nil),  // 1: unilet.shim.v1.SnapshotResponse
-	(*PauseRequest)(nil),      // 2: unilet.shim.v1.PauseRequest
-	(*ResumeRequest)(nil),     // 3: unilet.shim.v1.ResumeRequest
-	(*AdoptRequest)(nil),      // 4: unilet.shim.v1.AdoptRequest
-	(*AdoptResponse)(nil),     // 5: unilet.shim.v1.AdoptResponse
-	(*StartRequest)(nil),      // 6: unilet.shim.v1.StartRequest
-	(*StateRequest)(nil),      // 7: unilet.shim.v1.StateRequest
-	(*StateResponse)(nil),     // 8: unilet.shim.v1.StateResponse
-	(*KillRequest)(nil),       // 9: unilet.shim.v1.KillRequest
-	(*WaitRequest)(nil),       // 10: unilet.shim.v1.WaitRequest
-	(*ReopenLogRequest)(nil),  // 11: unilet.shim.v1.ReopenLogRequest
-	(*ReopenLogResponse)(nil), // 12: unilet.shim.v1.ReopenLogResponse
-	(*StatsRequest)(nil),      // 13: unilet.shim.v1.StatsRequest
-	(*StatsResponse)(nil),     // 14: unilet.shim.v1.StatsResponse
-	(*ConsoleData)(nil),       // 15: unilet.shim.v1.ConsoleData
-	(*ShutdownRequest)(nil),   // 16: unilet.shim.v1.ShutdownRequest
-	(*ShutdownResponse)(nil),  // 17: unilet.shim.v1.ShutdownResponse
+	(*ClaimRequest)(nil),      // 0: unilet.shim.v1.ClaimRequest
+	(*SnapshotRequest)(nil),   // 1: unilet.shim.v1.SnapshotRequest
+	(*SnapshotResponse)(nil),  // 2: unilet.shim.v1.SnapshotResponse
+	(*PauseRequest)(nil),      // 3: unilet.shim.v1.PauseRequest
+	(*ResumeRequest)(nil),     // 4: unilet.shim.v1.ResumeRequest
+	(*AdoptRequest)(nil),      // 5: unilet.shim.v1.AdoptRequest
+	(*AdoptResponse)(nil),     // 6: unilet.shim.v1.AdoptResponse
+	(*StartRequest)(nil),      // 7: unilet.shim.v1.StartRequest
+	(*StateRequest)(nil),      // 8: unilet.shim.v1.StateRequest
+	(*StateResponse)(nil),     // 9: unilet.shim.v1.StateResponse
+	(*KillRequest)(nil),       // 10: unilet.shim.v1.KillRequest
+	(*WaitRequest)(nil),       // 11: unilet.shim.v1.WaitRequest
+	(*ReopenLogRequest)(nil),  // 12: unilet.shim.v1.ReopenLogRequest
+	(*ReopenLogResponse)(nil), // 13: unilet.shim.v1.ReopenLogResponse
+	(*StatsRequest)(nil),      // 14: unilet.shim.v1.StatsRequest
+	(*StatsResponse)(nil),     // 15: unilet.shim.v1.StatsResponse
+	(*ConsoleData)(nil),       // 16: unilet.shim.v1.ConsoleData
+	(*ShutdownRequest)(nil),   // 17: unilet.shim.v1.ShutdownRequest
+	(*ShutdownResponse)(nil),  // 18: unilet.shim.v1.ShutdownResponse
 }
 var file_shim_proto_depIdxs = []int32{
-	6,  // 0: unilet.shim.v1.Shim.Start:input_type -> unilet.shim.v1.StartRequest
-	7,  // 1: unilet.shim.v1.Shim.State:input_type -> unilet.shim.v1.StateRequest
-	9,  // 2: unilet.shim.v1.Shim.Kill:input_type -> unilet.shim.v1.KillRequest
-	10, // 3: unilet.shim.v1.Shim.Wait:input_type -> unilet.shim.v1.WaitRequest
-	11, // 4: unilet.shim.v1.Shim.ReopenLog:input_type -> unilet.shim.v1.ReopenLogRequest
-	13, // 5: unilet.shim.v1.Shim.Stats:input_type -> unilet.shim.v1.StatsRequest
-	15, // 6: unilet.shim.v1.Shim.Attach:input_type -> unilet.shim.v1.ConsoleData
-	16, // 7: unilet.shim.v1.Shim.Shutdown:input_type -> unilet.shim.v1.ShutdownRequest
-	4,  // 8: unilet.shim.v1.Shim.Adopt:input_type -> unilet.shim.v1.AdoptRequest
-	0,  // 9: unilet.shim.v1.Shim.Snapshot:input_type -> unilet.shim.v1.SnapshotRequest
-	2,  // 10: unilet.shim.v1.Shim.Pause:input_type -> unilet.shim.v1.PauseRequest
-	3,  // 11: unilet.shim.v1.Shim.Resume:input_type -> unilet.shim.v1.ResumeRequest
-	8,  // 12: unilet.shim.v1.Shim.Start:output_type -> unilet.shim.v1.StateResponse
-	8,  // 13: unilet.shim.v1.Shim.State:output_type -> unilet.shim.v1.StateResponse
-	8,  // 14: unilet.shim.v1.Shim.Kill:output_type -> unilet.shim.v1.StateResponse
-	8,  // 15: unilet.shim.v1.Shim.Wait:output_type -> unilet.shim.v1.StateResponse
-	12, // 16: unilet.shim.v1.Shim.ReopenLog:output_type -> unilet.shim.v1.ReopenLogResponse
-	14, // 17: unilet.shim.v1.Shim.Stats:output_type -> unilet.shim.v1.StatsResponse
-	15, // 18: unilet.shim.v1.Shim.Attach:output_type -> unilet.shim.v1.ConsoleData
-	17, // 19: unilet.shim.v1.Shim.Shutdown:output_type -> unilet.shim.v1.ShutdownResponse
-	5,  // 20: unilet.shim.v1.Shim.Adopt:output_type -> unilet.shim.v1.AdoptResponse
-	1,  // 21: unilet.shim.v1.Shim.Snapshot:output_type -> unilet.shim.v1.SnapshotResponse
-	8,  // 22: unilet.shim.v1.Shim.Pause:output_type -> unilet.shim.v1.StateResponse
-	8,  // 23: unilet.shim.v1.Shim.Resume:output_type -> unilet.shim.v1.StateResponse
-	12, // [12:24] is the sub-list for method output_type
-	0,  // [0:12] is the sub-list for method input_type
+	7,  // 0: unilet.shim.v1.Shim.Start:input_type -> unilet.shim.v1.StartRequest
+	8,  // 1: unilet.shim.v1.Shim.State:input_type -> unilet.shim.v1.StateRequest
+	10, // 2: unilet.shim.v1.Shim.Kill:input_type -> unilet.shim.v1.KillRequest
+	11, // 3: unilet.shim.v1.Shim.Wait:input_type -> unilet.shim.v1.WaitRequest
+	12, // 4: unilet.shim.v1.Shim.ReopenLog:input_type -> unilet.shim.v1.ReopenLogRequest
+	14, // 5: unilet.shim.v1.Shim.Stats:input_type -> unilet.shim.v1.StatsRequest
+	16, // 6: unilet.shim.v1.Shim.Attach:input_type -> unilet.shim.v1.ConsoleData
+	17, // 7: unilet.shim.v1.Shim.Shutdown:input_type -> unilet.shim.v1.ShutdownRequest
+	5,  // 8: unilet.shim.v1.Shim.Adopt:input_type -> unilet.shim.v1.AdoptRequest
+	1,  // 9: unilet.shim.v1.Shim.Snapshot:input_type -> unilet.shim.v1.SnapshotRequest
+	3,  // 10: unilet.shim.v1.Shim.Pause:input_type -> unilet.shim.v1.PauseRequest
+	4,  // 11: unilet.shim.v1.Shim.Resume:input_type -> unilet.shim.v1.ResumeRequest
+	0,  // 12: unilet.shim.v1.Shim.Claim:input_type -> unilet.shim.v1.ClaimRequest
+	9,  // 13: unilet.shim.v1.Shim.Start:output_type -> unilet.shim.v1.StateResponse
+	9,  // 14: unilet.shim.v1.Shim.State:output_type -> unilet.shim.v1.StateResponse
+	9,  // 15: unilet.shim.v1.Shim.Kill:output_type -> unilet.shim.v1.StateResponse
+	9,  // 16: unilet.shim.v1.Shim.Wait:output_type -> unilet.shim.v1.StateResponse
+	13, // 17: unilet.shim.v1.Shim.ReopenLog:output_type -> unilet.shim.v1.ReopenLogResponse
+	15, // 18: unilet.shim.v1.Shim.Stats:output_type -> unilet.shim.v1.StatsResponse
+	16, // 19: unilet.shim.v1.Shim.Attach:output_type -> unilet.shim.v1.ConsoleData
+	18, // 20: unilet.shim.v1.Shim.Shutdown:output_type -> unilet.shim.v1.ShutdownResponse
+	6,  // 21: unilet.shim.v1.Shim.Adopt:output_type -> unilet.shim.v1.AdoptResponse
+	2,  // 22: unilet.shim.v1.Shim.Snapshot:output_type -> unilet.shim.v1.SnapshotResponse
+	9,  // 23: unilet.shim.v1.Shim.Pause:output_type -> unilet.shim.v1.StateResponse
+	9,  // 24: unilet.shim.v1.Shim.Resume:output_type -> unilet.shim.v1.StateResponse
+	9,  // 25: unilet.shim.v1.Shim.Claim:output_type -> unilet.shim.v1.StateResponse
+	13, // [13:26] is the sub-list for method output_type
+	0,  // [0:13] is the sub-list for method input_type
 	0,  // [0:0] is the sub-list for extension type_name
 	0,  // [0:0] is the sub-list for extension extendee
 	0,  // [0:0] is the sub-list for field type_name
@@ -1012,7 +1053,7 @@ func file_shim_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_shim_proto_rawDesc), len(file_shim_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   18,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

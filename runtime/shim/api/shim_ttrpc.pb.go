@@ -20,6 +20,7 @@ type ShimService interface {
 	Snapshot(context.Context, *SnapshotRequest) (*SnapshotResponse, error)
 	Pause(context.Context, *PauseRequest) (*StateResponse, error)
 	Resume(context.Context, *ResumeRequest) (*StateResponse, error)
+	Claim(context.Context, *ClaimRequest) (*StateResponse, error)
 }
 
 type Shim_AttachServer interface {
@@ -124,6 +125,13 @@ func RegisterShimService(srv *ttrpc.Server, svc ShimService) {
 				}
 				return svc.Resume(ctx, &req)
 			},
+			"Claim": func(ctx context.Context, unmarshal func(interface{}) error) (interface{}, error) {
+				var req ClaimRequest
+				if err := unmarshal(&req); err != nil {
+					return nil, err
+				}
+				return svc.Claim(ctx, &req)
+			},
 		},
 		Streams: map[string]ttrpc.Stream{
 			"Attach": {
@@ -150,6 +158,7 @@ type ShimClient interface {
 	Snapshot(context.Context, *SnapshotRequest) (*SnapshotResponse, error)
 	Pause(context.Context, *PauseRequest) (*StateResponse, error)
 	Resume(context.Context, *ResumeRequest) (*StateResponse, error)
+	Claim(context.Context, *ClaimRequest) (*StateResponse, error)
 }
 
 type shimClient struct {
@@ -279,6 +288,14 @@ func (c *shimClient) Pause(ctx context.Context, req *PauseRequest) (*StateRespon
 func (c *shimClient) Resume(ctx context.Context, req *ResumeRequest) (*StateResponse, error) {
 	var resp StateResponse
 	if err := c.client.Call(ctx, "unilet.shim.v1.Shim", "Resume", req, &resp); err != nil {
+		return nil, err
+	}
+	return &resp, nil
+}
+
+func (c *shimClient) Claim(ctx context.Context, req *ClaimRequest) (*StateResponse, error) {
+	var resp StateResponse
+	if err := c.client.Call(ctx, "unilet.shim.v1.Shim", "Claim", req, &resp); err != nil {
 		return nil, err
 	}
 	return &resp, nil
