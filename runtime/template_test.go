@@ -144,4 +144,3 @@ func TestWarmCloneWaitsForItsClaim(t *testing.T) {
 	defer v.Kill()
 	require.ErrorContains(t, v.Claim(plain), "not a warm clone")
 }
-

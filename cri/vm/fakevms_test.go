@@ -76,9 +76,9 @@ func (f *fakeVMs) StartWarm(context.Context, manager.StartSpec) (*manager.Warm, 
 	return nil, errors.New("no warm clones in the fake")
 }
 func (f *fakeVMs) StageWarm(string, string, *manager.Warm) *manager.Staged { return nil }
-func (f *fakeVMs) DropStaging(sandboxID, parent string)          { f.log("DropStaging %s", sandboxID) }
-func (f *fakeVMs) AdoptCgroup(parent, id string)                 { f.log("AdoptCgroup %s", id) }
-func (f *fakeVMs) PoolIdle() int                                 { return -1 }
+func (f *fakeVMs) DropStaging(sandboxID, parent string)                    { f.log("DropStaging %s", sandboxID) }
+func (f *fakeVMs) AdoptCgroup(parent, id string)                           { f.log("AdoptCgroup %s", id) }
+func (f *fakeVMs) PoolIdle() int                                           { return -1 }
 func (f *fakeVMs) ReadExit(id string) (runtime.ExitStatus, bool) {
 	ex, ok := f.exits[id]
 	return ex, ok
