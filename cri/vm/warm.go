@@ -30,8 +30,10 @@ type warmPool struct {
 	want     int
 	mu       sync.Mutex
 	ready    map[string][]*warmClone // by template name
+	failed   map[string]warmFailure  // by template name: the last clone that could not be made
 	lastTake time.Time
 	closed   bool
+	started  bool // the filler runs (Load started it)
 	kick     chan struct{}
 	done     chan struct{}
 }
@@ -46,18 +48,32 @@ type warmClone struct {
 	state os.FileInfo
 }
 
+// warmFailure is a template whose clone could not be made, and when.
+type warmFailure struct {
+	digest string
+	at     time.Time
+}
+
 // warmQuiet: the pool refills once no warm clone was taken for this long.
 const warmQuiet = 300 * time.Millisecond
+
+// warmRetry is how long the pool waits before it tries again to make a
+// clone of a template whose last one could not be made.
+const warmRetry = time.Minute
 
 // warmCheck is how often the pool looks for clones that died.
 const warmCheck = 5 * time.Second
 
 func newWarmPool(s *Service, want int) *warmPool {
-	return &warmPool{s: s, want: want, ready: map[string][]*warmClone{}, kick: make(chan struct{}, 1), done: make(chan struct{})}
+	return &warmPool{s: s, want: want, ready: map[string][]*warmClone{}, failed: map[string]warmFailure{},
+		kick: make(chan struct{}, 1), done: make(chan struct{})}
 }
 
 // start runs the filler (after Load: an earlier daemon's clones were swept).
 func (p *warmPool) start() {
+	p.mu.Lock()
+	p.started = true
+	p.mu.Unlock()
 	go p.fill()
 	p.poke()
 }
@@ -120,6 +136,9 @@ func (p *warmPool) reconcile() {
 			}
 		}
 		p.ready[name] = keep
+		if len(keep) == 0 {
+			delete(p.ready, name)
+		}
 	}
 	p.mu.Unlock()
 	for _, c := range drop {
@@ -128,14 +147,22 @@ func (p *warmPool) reconcile() {
 	for _, t := range current {
 		for {
 			p.mu.Lock()
-			n, closed := len(p.ready[t.Name]), p.closed
+			n, closed, f := len(p.ready[t.Name]), p.closed, p.failed[t.Name]
 			p.mu.Unlock()
-			if closed || n >= p.want {
+			if closed || n >= p.want || f.digest == t.StateDigest && time.Since(f.at) < warmRetry {
 				break
 			}
 			c, err := p.make(t)
 			if err != nil {
-				logrus.WithError(err).WithField("template", t.Name).Warn("make a warm clone; its pods restore it at start instead")
+				log := logrus.WithError(err).WithField("template", t.Name)
+				if f.digest == t.StateDigest {
+					log.Debug("make a warm clone (again)")
+				} else {
+					log.Warn("make a warm clone; its pods restore the template at start instead (retried every minute)")
+				}
+				p.mu.Lock()
+				p.failed[t.Name] = warmFailure{digest: t.StateDigest, at: time.Now()}
+				p.mu.Unlock()
 				break
 			}
 			p.mu.Lock()
@@ -145,6 +172,7 @@ func (p *warmPool) reconcile() {
 				return
 			}
 			p.ready[t.Name] = append(p.ready[t.Name], c)
+			delete(p.failed, t.Name)
 			p.mu.Unlock()
 		}
 	}
@@ -233,11 +261,13 @@ func (p *warmPool) close() {
 	}
 	p.mu.Lock()
 	p.closed = true
-	all := p.ready
+	all, started := p.ready, p.started
 	p.ready = map[string][]*warmClone{}
 	p.mu.Unlock()
-	p.poke()
-	<-p.done
+	if started {
+		p.poke()
+		<-p.done
+	}
 	for _, cs := range all {
 		for _, c := range cs {
 			c.discard()

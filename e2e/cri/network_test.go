@@ -514,7 +514,7 @@ func TestShimPool(t *testing.T) {
 	d := startDaemon(t, "--upstream-endpoint", "", "--shim-pool", "2")
 	poolShims := func() []string { // the pool's shims, adopted or not (their --pool-dir)
 		var out []string
-		for _, pid := range testutil.ShimsUnder(filepath.Join(d.stateDir, "pool")) {
+		for _, pid := range testutil.ProcsUnder("unilet-shim", filepath.Join(d.stateDir, "pool")) {
 			out = append(out, strconv.Itoa(pid))
 		}
 		return out

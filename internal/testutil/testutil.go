@@ -173,14 +173,19 @@ func QEMUsUnder(dir string) []QEMUProc {
 	return out
 }
 
-// ShimsUnder lists the PIDs of the unilet-shims (VM, pool and template RAM
-// holder processes) with an argument naming dir or a path under it: only
-// the test's own, found through /proc, never by a machine-wide pattern.
-func ShimsUnder(dir string) []int { return ProcsUnder("unilet-shim", dir) }
+// ShimsUnder lists the PIDs of the unilet-shims serving a VM directory
+// (their --dir) that is dir or lies under it: only the test's own, found
+// through /proc, never by a machine-wide pattern. Idle pool shims and
+// template RAM holders are not listed (ProcsUnder lists them).
+func ShimsUnder(dir string) []int { return procsUnder("unilet-shim", dir, "--dir") }
 
 // ProcsUnder lists the PIDs of processes of the executable named exe with
 // an argument naming dir or a path under it.
-func ProcsUnder(exe, dir string) []int {
+func ProcsUnder(exe, dir string) []int { return procsUnder(exe, dir, "") }
+
+// procsUnder: ProcsUnder, counting only the argument after flag if flag
+// is not empty.
+func procsUnder(exe, dir, flag string) []int {
 	var out []int
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
@@ -193,7 +198,12 @@ func ProcsUnder(exe, dir string) []int {
 			continue
 		}
 		cmd, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-		for _, a := range strings.Split(string(cmd), "\x00")[1:] {
+		args := strings.Split(string(cmd), "\x00")
+		for i := 1; i < len(args); i++ {
+			a := args[i]
+			if flag != "" && args[i-1] != flag {
+				continue
+			}
 			if a == dir || strings.HasPrefix(a, dir+"/") {
 				out = append(out, pid)
 				break
