@@ -223,10 +223,10 @@ func (e *env) teardown() {
 			}
 		}
 	}
-	_ = exec.Command("pkill", "-9", "-f", "unilet-shim .*"+e.dir).Run()
-	_ = exec.Command("pkill", "-9", "-f", "qemu-system-x86_64 .*"+e.dir).Run() // bare QEMUs (their kernel is here)
-	testutil.KillQEMUsUnder(e.run)                                             // unilet's, found by UNILET_VM_DIR
-	_ = exec.Command("pkill", "-9", "-f", "containerd-shim-runc-v2 .*"+e.dir).Run()
+	testutil.KillProcsUnder("unilet-shim", e.dir)
+	testutil.KillProcsUnder("qemu-system-x86_64", e.dir) // bare QEMUs (their kernel is here)
+	testutil.KillQEMUsUnder(e.run)                       // unilet's, found by UNILET_VM_DIR
+	testutil.KillProcsUnder("containerd-shim-runc-v2", e.dir)
 	if e.bareNS != "" {
 		_ = netns.Remove(e.bareNS)
 	}

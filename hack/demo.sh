@@ -14,7 +14,7 @@ make -s build
 step "building Kubernetes v1.37.2 and etcd from Go modules (first time: ~10 minutes; then seconds)"
 ./e2e/kube/build.sh $OUT/kube/bin
 go build -o $OUT/bin/cluster ./e2e/kube/cluster
-step "starting the cluster: etcd, kube-apiserver, controller-manager, scheduler, containerd, unilet, kubelet"
+step "starting the cluster: etcd, kube-apiserver, controller-manager, scheduler, kube-proxy, CoreDNS, containerd, unilet, kubelet"
 $OUT/bin/cluster up --kube-bin $OUT/kube/bin --unilet-bin bin
 step "packing the test unikernel with uniletctl and pushing it to the cluster's registry (127.0.0.1:5000)"
 ./e2e/guest/testkernel/build.sh $OUT/guest/testkernel.elf

@@ -14,6 +14,8 @@ have pgrep || need="$need procps"
 have script || need="$need bsdutils"
 have containerd || need="$need containerd"
 have openssl || need="$need openssl"
+# kube-proxy's nftables mode (the e2e cluster) drives nft
+have nft || need="$need nftables"
 have runc || need="$need runc"
 dpkg -s busybox-static >/dev/null 2>&1 || need="$need busybox-static"
 [ -x /usr/lib/cni/bridge ] || [ -x /opt/cni/bin/bridge ] || need="$need containernetworking-plugins"

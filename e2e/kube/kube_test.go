@@ -413,9 +413,8 @@ func TestDeleteLeavesNothing(t *testing.T) {
 	must(t, "delete", "pod", "vm-delete", "--wait=true", "--timeout=60s")
 	require.Eventually(t, func() bool { return len(qemuFor(t)) == 0 }, 30*time.Second, 200*time.Millisecond, "QEMU left")
 	require.Eventually(t, func() bool {
-		out, _ := exec.Command("pgrep", "-f", "unilet-shim --dir "+clusterDir).Output()
 		ents, _ := os.ReadDir(filepath.Join(clusterDir, "netns"))
-		return strings.TrimSpace(string(out)) == "" && len(ents) == 0
+		return len(testutil.ShimsUnder(clusterDir)) == 0 && len(ents) == 0
 	}, 30*time.Second, 200*time.Millisecond, "shim or netns left")
 	links, _ := exec.Command("ip", "-o", "link", "show", "master", "unilet-k8s0").Output()
 	require.Empty(t, strings.TrimSpace(string(links)), "veth left on the bridge")

@@ -1,9 +1,11 @@
 // Command cluster brings up, and tears down, a single-node Kubernetes cluster
 // on 127.0.0.1 whose kubelet talks to unilet: etcd, kube-apiserver,
-// kube-controller-manager, kube-scheduler, kubelet and kubectl built from Go
-// modules (e2e/kube/build.sh), containerd from Debian behind unilet for plain
-// pods, a CNI bridge in 198.19.0.0/24 shared by both runtimes, and a loopback
-// image registry. Every process runs detached with its log in <dir>/logs.
+// kube-controller-manager, kube-scheduler, kubelet, kube-proxy (nftables),
+// CoreDNS and kubectl built from Go modules (e2e/kube/build.sh), containerd
+// from Debian behind unilet for plain pods, a CNI bridge in 198.19.0.0/24
+// shared by both runtimes (Services in 198.19.255.0/24, cluster DNS at
+// 198.19.255.10), and a loopback image registry. Every process runs
+// detached with its log in <dir>/logs.
 //
 //	cluster up   [--dir DIR] [--kube-bin DIR] [--unilet-bin DIR]   (UNILET_ARGS: extra unilet flags)
 //	cluster down [--dir DIR]
@@ -147,7 +149,7 @@ func (c *cluster) kubectl(args ...string) (string, error) {
 }
 
 func (c *cluster) up() error {
-	for _, b := range []string{"kubelet", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "etcd"} {
+	for _, b := range []string{"kubelet", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "etcd", "kube-proxy", "coredns"} {
 		if _, err := os.Stat(filepath.Join(c.kubeBin, b)); err != nil {
 			return fmt.Errorf("%s missing in %s: run e2e/kube/build.sh (make cluster-up does)", b, c.kubeBin)
 		}
@@ -216,6 +218,12 @@ func (c *cluster) up() error {
 		"--kubeconfig", c.p("scheduler.kubeconfig"), "--leader-elect=false", "--bind-address", "127.0.0.1", "--secure-port", "0"); err != nil {
 		return err
 	}
+	if err := c.bridge(); err != nil {
+		return err
+	}
+	if err := c.coreDNS(); err != nil {
+		return err
+	}
 	if err := c.containerd(); err != nil {
 		return err
 	}
@@ -233,6 +241,12 @@ func (c *cluster) up() error {
 		return nil
 	}); err != nil {
 		return c.fail(err, "kubelet")
+	}
+	if err := c.kubeProxy(); err != nil {
+		return err
+	}
+	if err := c.waitDNS(); err != nil {
+		return err
 	}
 	if err := waitFor("default service account", 60*time.Second, func() error {
 		_, err := c.kubectl("get", "serviceaccount", "default", "-n", "default")
@@ -319,6 +333,7 @@ failCgroupV1: false
 failSwapOn: false
 containerRuntimeEndpoint: unix://%s
 clusterDomain: cluster.local
+clusterDNS: [%s]
 resolvConf: /etc/resolv.conf
 serializeImagePulls: false
 imageGCHighThresholdPercent: 100
@@ -326,7 +341,7 @@ evictionHard: {"memory.available": "100Mi", "nodefs.available": "1%%", "imagefs.
 maxPods: 150
 syncFrequency: 10s
 podLogsDir: %s
-`, KubeletPort, pki("kubelet.crt"), pki("kubelet.key"), pki("ca.crt"), c.p("unilet", "unilet.sock"), c.p("pod-logs"))
+`, KubeletPort, pki("kubelet.crt"), pki("kubelet.key"), pki("ca.crt"), c.p("unilet", "unilet.sock"), DNSServiceIP, c.p("pod-logs"))
 	if err := os.WriteFile(c.p("kubelet", "config.yaml"), []byte(cfg), 0o644); err != nil {
 		return err
 	}
@@ -345,20 +360,22 @@ func (c *cluster) down() error {
 	c.removePods()
 	c.stop("unilet")
 	c.stop("containerd")
-	for _, n := range []string{"kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd", "registry"} {
+	for _, n := range []string{"coredns", "kube-proxy", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd", "registry"} {
 		c.stop(n)
 	}
+	c.proxyCleanup()
 	// VMs and runc containers that outlived their runtimes.
-	_ = exec.Command("pkill", "-9", "-f", "unilet-shim .*"+c.dir).Run()
+	testutil.KillProcsUnder("unilet-shim", c.dir)
 	testutil.KillQEMUsUnder(c.dir)
-	_ = exec.Command("pkill", "-9", "-f", "containerd-shim-runc-v2 .*"+c.p("containerd")).Run()
+	testutil.KillProcsUnder("containerd-shim-runc-v2", c.p("containerd"))
 	testutil.UnmountUnder(c.dir)
 	_ = exec.Command("ip", "link", "del", Bridge).Run()
 	for _, cg := range []string{"/kubepods", "/unilet"} {
 		cgroups.RemoveTree(cg)
 	}
 	for _, d := range []string{"etcd", "containerd", "kubelet", "unilet", "cni", "netns", "work", "pki", "pids", "host-bin", "pod-logs",
-		"kubeconfig", "kubelet.kubeconfig", "controller-manager.kubeconfig", "scheduler.kubeconfig"} {
+		"kubeconfig", "kubelet.kubeconfig", "controller-manager.kubeconfig", "scheduler.kubeconfig", "kube-proxy.kubeconfig", "coredns.kubeconfig",
+		"kube-proxy.yaml", "dns.yaml", "Corefile"} {
 		if err := os.RemoveAll(c.p(d)); err != nil {
 			return fmt.Errorf("remove %s: %w", c.p(d), err)
 		}

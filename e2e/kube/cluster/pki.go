@@ -45,6 +45,8 @@ func (c *cluster) pki() error {
 		{name: "kubelet-client", cn: "system:node:" + NodeName, org: "system:nodes"},
 		{name: "controller-manager", cn: "system:kube-controller-manager"},
 		{name: "scheduler", cn: "system:kube-scheduler"},
+		{name: "kube-proxy", cn: "system:kube-proxy"}, // bound to system:node-proxier by default
+		{name: "coredns", cn: "system:coredns"},
 	} {
 		subj := "/CN=" + ct.cn
 		if ct.org != "" {
@@ -77,10 +79,11 @@ func (c *cluster) pki() error {
 	return nil
 }
 
-// kubeconfigs writes the admin, kubelet, controller-manager and scheduler kubeconfigs.
+// kubeconfigs writes the admin, kubelet, controller-manager, scheduler, kube-proxy and CoreDNS kubeconfigs.
 func (c *cluster) kubeconfigs() error {
 	for file, user := range map[string]string{"kubeconfig": "admin", "kubelet.kubeconfig": "kubelet-client",
-		"controller-manager.kubeconfig": "controller-manager", "scheduler.kubeconfig": "scheduler"} {
+		"controller-manager.kubeconfig": "controller-manager", "scheduler.kubeconfig": "scheduler",
+		"kube-proxy.kubeconfig": "kube-proxy", "coredns.kubeconfig": "coredns"} {
 		kc := fmt.Sprintf(`apiVersion: v1
 kind: Config
 clusters:

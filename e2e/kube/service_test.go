@@ -1,0 +1,134 @@
+package kube_test
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"regexp"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// Kraftlet's example shape: a Deployment of three unikernel replicas (the
+// network guest answering HTTP with its pod name) behind a Service, port
+// 443 → targetPort 8080. kube-proxy balances across all three at the
+// ClusterIP from the node and from a plain pod, which finds the Service by
+// its cluster DNS name (CoreDNS behind kube-system/kube-dns); the NodePort
+// on the node's address reaches them too.
+func TestServiceBalancesAcrossUnikernelReplicas(t *testing.T) {
+	apply(t, fmt.Sprintf(`apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata:
+      labels: {app: web}
+      annotations: {kubernetes.io/target-runtime: unikraft}
+    spec:
+      automountServiceAccountToken: false
+      enableServiceLinks: false
+      containers:
+      - name: web
+        image: %s/unikraft/netguest:latest
+        command: ["/bin/sh", "-c", "mkdir -p /w && echo $POD_NAME > /w/index.html && exec httpd -f -p 8080 -h /w"]
+        env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
+        ports: [{containerPort: 8080}]
+        readinessProbe:
+          tcpSocket: {port: 8080}
+          periodSeconds: 1
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{port: 443, targetPort: 8080}]
+`, registry))
+	must(t, "rollout", "status", "deployment/web", "--timeout=300s")
+	names := strings.Fields(must(t, "get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].metadata.name}"))
+	require.Len(t, names, 3)
+	sort.Strings(names)
+	ip := must(t, "get", "service", "web", "-o", "jsonpath={.spec.clusterIP}")
+	nodePort := must(t, "get", "service", "web", "-o", "jsonpath={.spec.ports[0].nodePort}")
+
+	// From the node: the ClusterIP, then the NodePort on the node's bridge
+	// address; every replica answers in turn.
+	for _, url := range []string{"http://" + ip + ":443/", "http://198.19.0.1:" + nodePort + "/"} {
+		require.Equal(t, names, answering(t, func() (string, error) { return get(url) }), url)
+	}
+
+	// From a plain pod, by the Service's DNS name (CoreDNS through the
+	// kube-dns Service).
+	apply(t, `apiVersion: v1
+kind: Pod
+metadata: {name: client}
+spec:
+  automountServiceAccountToken: false
+  containers:
+  - name: sh
+    image: unilet.test/busybox:1
+    imagePullPolicy: Never
+    command: ["sleep", "3600"]
+`)
+	waitRunning(t, "client")
+	// busybox's own resolver (the image's glibc-static wget cannot resolve
+	// without NSS modules): the name is the Service's ClusterIP.
+	out := must(t, "exec", "client", "--", "busybox", "nslookup", "web.default.svc.cluster.local")
+	require.Contains(t, out, "Server:\t\t198.19.255.10", out)
+	require.Regexp(t, `Name:\s+web\.default\.svc\.cluster\.local\s+Address:\s+`+regexp.QuoteMeta(ip)+`\b`, out)
+	require.Equal(t, names, answering(t, func() (string, error) {
+		out, err := kubectl("exec", "client", "--", "sh", "-c", "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc "+ip+" 443")
+		if err != nil || !strings.HasPrefix(out, "HTTP/1.1 200") {
+			return "", fmt.Errorf("%v: %s", err, out)
+		}
+		lines := strings.Split(strings.TrimSpace(out), "\n")
+		return lines[len(lines)-1], nil
+	}), "from a plain pod")
+}
+
+// answering calls get until every distinct answer has come at least twice
+// or 60 calls were made, and returns the distinct answers, sorted.
+func answering(t *testing.T, get func() (string, error)) []string {
+	t.Helper()
+	seen := map[string]int{}
+	var lastErr error
+	for i := 0; i < 60; i++ {
+		body, err := get()
+		if err != nil {
+			lastErr = err
+			time.Sleep(200 * time.Millisecond)
+			continue
+		}
+		seen[strings.TrimSpace(body)]++
+		if len(seen) == 3 {
+			break
+		}
+	}
+	var out []string
+	for k := range seen {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	if len(out) < 3 {
+		t.Logf("answers %v, last error %v", seen, lastErr)
+	}
+	return out
+}
+
+func get(url string) (string, error) {
+	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	r, err := c.Get(url)
+	if err != nil {
+		return "", err
+	}
+	defer r.Body.Close()
+	b, err := io.ReadAll(r.Body)
+	return string(b), err
+}
