@@ -25,17 +25,17 @@ kind: Deployment
 metadata: {name: web}
 spec:
   replicas: 3
-  selector: {matchLabels: {app: web}}
+  selector: {matchLabels: {app: web, tier: replica}}
   template:
     metadata:
-      labels: {app: web}
+      labels: {app: web, tier: replica}
       annotations: {kubernetes.io/target-runtime: unikraft}
     spec:
       automountServiceAccountToken: false
       enableServiceLinks: false
       containers:
       - name: web
-        image: %s/unikraft/netguest:latest
+        image: %[1]s/unikraft/netguest:latest
         command: ["/bin/sh", "-c", "mkdir -p /w && echo $POD_NAME > /w/index.html && exec httpd -f -p 8080 -h /w"]
         env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
         ports: [{containerPort: 8080}]
@@ -50,18 +50,44 @@ spec:
   type: NodePort
   selector: {app: web}
   ports: [{port: 443, targetPort: 8080}]
+---
+# Selected by the Service, never ready: its guest runs no server.
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-unready
+  labels: {app: web}
+  annotations: {kubernetes.io/target-runtime: unikraft}
+spec:
+  automountServiceAccountToken: false
+  enableServiceLinks: false
+  containers:
+  - name: web
+    image: %[1]s/unikraft/netguest:latest
+    command: ["/bin/sh", "-c", "echo NOT-SERVING; exec sleep 3600"]
+    readinessProbe:
+      tcpSocket: {port: 8080}
+      periodSeconds: 1
 `, registry))
 	must(t, "rollout", "status", "deployment/web", "--timeout=300s")
-	names := strings.Fields(must(t, "get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].metadata.name}"))
+	waitLogs(t, "web-unready", "NOT-SERVING")
+	require.Equal(t, "False", must(t, "get", "pod", "web-unready", "-o", `jsonpath={.status.conditions[?(@.type=="Ready")].status}`))
+	names := strings.Fields(must(t, "get", "pods", "-l", "app=web,tier=replica", "-o", "jsonpath={.items[*].metadata.name}"))
 	require.Len(t, names, 3)
 	sort.Strings(names)
 	ip := must(t, "get", "service", "web", "-o", "jsonpath={.spec.clusterIP}")
 	nodePort := must(t, "get", "service", "web", "-o", "jsonpath={.spec.ports[0].nodePort}")
 
 	// From the node: the ClusterIP, then the NodePort on the node's bridge
-	// address; every replica answers in turn.
+	// address; every replica answers in turn, and the VM that is not ready
+	// gets no request (none fails).
 	for _, url := range []string{"http://" + ip + ":443/", "http://198.19.0.1:" + nodePort + "/"} {
 		require.Equal(t, names, answering(t, func() (string, error) { return get(url) }), url)
+		for i := 0; i < 20; i++ {
+			body, err := get(url)
+			require.NoError(t, err, "request %d to %s", i, url)
+			require.Contains(t, names, strings.TrimSpace(body))
+		}
 	}
 
 	// From a plain pod, by the Service's DNS name (CoreDNS through the
@@ -91,6 +117,28 @@ spec:
 		lines := strings.Split(strings.TrimSpace(out), "\n")
 		return lines[len(lines)-1], nil
 	}), "from a plain pod")
+
+	// From inside a unikernel guest: the cluster DNS (the pod's DNS config
+	// reaches the guest as the netdev library parameter; our guest's init
+	// writes it to /etc/resolv.conf) and the ClusterIP.
+	apply(t, fmt.Sprintf(`apiVersion: v1
+kind: Pod
+metadata:
+  name: vm-client
+  annotations: {kubernetes.io/target-runtime: unikraft}
+spec:
+  automountServiceAccountToken: false
+  enableServiceLinks: false
+  containers:
+  - name: c
+    image: %s/unikraft/netguest:latest
+    command: ["/bin/sh", "-c", "cat /etc/resolv.conf; nslookup web.default.svc.cluster.local; a=$(nslookup web.default.svc.cluster.local | sed -n 's/^Address: //p' | tail -1); wget -q -O - http://$a:443/ && echo FETCHED-VIA-SERVICE; exec sleep 3600"]
+`, registry))
+	logs := waitLogs(t, "vm-client", "FETCHED-VIA-SERVICE")
+	require.Contains(t, logs, "nameserver 198.19.255.10")
+	require.Contains(t, logs, "search default.svc.cluster.local")
+	require.Regexp(t, `Address: `+regexp.QuoteMeta(ip)+`\b`, logs)
+	require.Regexp(t, `(?m)^web-[0-9a-z]+-[0-9a-z]+\s*$`, logs, "a replica answered the guest")
 }
 
 // answering calls get until every distinct answer has come at least twice
