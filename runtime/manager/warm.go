@@ -15,9 +15,9 @@ import (
 // (RestoreSpec.Hold), paused, with no log, in no cgroup but the daemon's.
 // It is made for a container ID of its own — its VM directory, jail uid
 // and QEMU's proof of ownership (runtime.MarkerEnv) are that container's
-// from the start — so a pod start that claims it only moves it (its tap
-// into the pod's namespace, its processes into the pod's cgroup) and runs
-// it: no QEMU start, no state load on the path. A daemon that dies finds
+// from the start — so a pod start that claims it only moves it (its
+// namespace becomes the pod's, its processes move into the pod's cgroup)
+// and runs it: no QEMU start, no state load on the path. A daemon that dies finds
 // an unclaimed one as a VM directory no record claims, and sweeps it.
 type Warm struct {
 	ID string // the container ID it serves once claimed
@@ -68,8 +68,9 @@ func (w *Warm) Discard() {
 }
 
 // StageWarm stages a warm clone for pod sandboxID like Stage stages a
-// shim: its processes move into the pod's staging cgroup now (while CNI
-// runs), which CreateContainer renames into the container's. Where there
+// shim: its processes move into the pod's staging cgroup now (the caller
+// runs it after CNI ADD: a migration blocks forks for a grace period),
+// which CreateContainer renames into the container's. Where there
 // is no staging (no cgroups, cgroup v2) it is staged without a cgroup
 // and Start moves it into the container's.
 func (m *Manager) StageWarm(sandboxID, parent string, w *Warm) *Staged {
