@@ -78,6 +78,13 @@ func main() {
 	fs.StringVar(&c.containerdBin, "containerd-bin", "", "directory of a containerd 2.x build (hack/containerd2/build.sh); empty: Debian's containerd")
 	addr := fs.String("addr", RegistryAddr, "registry address (registry)")
 	_ = fs.Parse(os.Args[2:])
+	// Absolute paths: every process is later proven ours by the cluster
+	// directory in its command line.
+	for _, p := range []*string{&c.dir, &c.kubeBin, &c.unileBin, &c.repo} {
+		if abs, err := filepath.Abs(*p); err == nil {
+			*p = abs
+		}
+	}
 	var err error
 	switch cmd {
 	case "up":
