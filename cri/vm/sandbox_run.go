@@ -93,9 +93,10 @@ func (s *Service) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandbox
 	// which this takes off the start path.
 	// A templated pod takes a warm clone of its template instead: its
 	// namespace, its tap inside, becomes the pod's (setupNetwork), and its
-	// processes move into the staging cgroup after CNI ADD — moving them
-	// blocks every fork on the node for a grace period, CNI's plugins
-	// included — while the pod's start goes on (CreateContainer waits).
+	// processes move into the staging cgroup after CNI ADD — a migration
+	// holds the kernel's fork lock for a grace period, which can stall
+	// CNI's plugin execs — while the pod's start goes on (CreateContainer
+	// waits).
 	t0 := time.Now()
 	var warm *warmClone
 	if tuning.Template != "" && s.cfg.Network != nil {
