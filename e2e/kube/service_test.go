@@ -92,18 +92,7 @@ spec:
 
 	// From a plain pod, by the Service's DNS name (CoreDNS through the
 	// kube-dns Service).
-	apply(t, `apiVersion: v1
-kind: Pod
-metadata: {name: client}
-spec:
-  automountServiceAccountToken: false
-  containers:
-  - name: sh
-    image: unilet.test/busybox:1
-    imagePullPolicy: Never
-    command: ["sleep", "3600"]
-`)
-	waitRunning(t, "client")
+	plainClient(t, "client")
 	// busybox's own resolver (the image's glibc-static wget cannot resolve
 	// without NSS modules): the name is the Service's ClusterIP.
 	out := must(t, "exec", "client", "--", "busybox", "nslookup", "web.default.svc.cluster.local")
@@ -139,6 +128,24 @@ spec:
 	require.Contains(t, logs, "search default.svc.cluster.local")
 	require.Regexp(t, `Address: `+regexp.QuoteMeta(ip)+`\b`, logs)
 	require.Regexp(t, `(?m)^web-[0-9a-z]+-[0-9a-z]+\s*$`, logs, "a replica answered the guest")
+}
+
+// plainClient runs a plain (runc) busybox pod that sleeps, to run
+// clients in with kubectl exec.
+func plainClient(t *testing.T, name string) {
+	t.Helper()
+	apply(t, fmt.Sprintf(`apiVersion: v1
+kind: Pod
+metadata: {name: %s}
+spec:
+  automountServiceAccountToken: false
+  containers:
+  - name: sh
+    image: unilet.test/busybox:1
+    imagePullPolicy: Never
+    command: ["sleep", "3600"]
+`, name))
+	waitRunning(t, name)
 }
 
 // answering calls get until every distinct answer has come at least twice

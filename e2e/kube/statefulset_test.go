@@ -47,19 +47,8 @@ spec:
         readinessProbe:
           tcpSocket: {port: 8080}
           periodSeconds: 1
----
-apiVersion: v1
-kind: Pod
-metadata: {name: dns-client}
-spec:
-  automountServiceAccountToken: false
-  containers:
-  - name: sh
-    image: unilet.test/busybox:1
-    imagePullPolicy: Never
-    command: ["sleep", "3600"]
 `, registry))
-	waitRunning(t, "dns-client")
+	plainClient(t, "dns-client")
 	// resolves checks that each member's name resolves to its pod IP and
 	// that the member answers there with its own hostname.
 	resolves := func(members ...string) {
