@@ -133,8 +133,9 @@ func (h *consoleHub) close() {
 // teeWriter writes to the log first, then publishes to attach sessions.
 // The log is nil (output only published) until a held clone is claimed.
 type teeWriter struct {
-	log *atomic.Pointer[crilog.Writer]
-	hub *consoleHub
+	log  *atomic.Pointer[crilog.Writer]
+	hub  *consoleHub
+	tail *consoleTail
 }
 
 func (t teeWriter) Write(p []byte) (int, error) {
@@ -143,6 +144,7 @@ func (t teeWriter) Write(p []byte) (int, error) {
 		n, err = l.Write(p)
 	}
 	t.hub.publish(p)
+	t.tail.Write(p)
 	return n, err
 }
 

@@ -90,6 +90,8 @@ type VM struct {
 	idle      atomic.Pointer[idleState] // set before QEMU starts, or when a held clone is claimed
 	watching  atomic.Bool               // StartWatching ran: its watcher closes idle
 	claimed   atomic.Bool               // a held clone was claimed (Claim)
+	tail      consoleTail               // the console's last bytes, for the exit message
+	oomBase   oomCount                  // the OOM kills in the shim's memory cgroup when QEMU started
 }
 
 // StartVM launches QEMU for spec and returns once the process runs and its
@@ -208,6 +210,7 @@ func StartVMWith(spec VMSpec, files Files) (*VM, error) {
 		return fail(fmt.Errorf("start %s: %w", spec.QEMU, err))
 	}
 	closeAll(theirs)
+	v.oomBase = readOOMCount()
 	v.stdin = stdinW
 	v.cmd = cmd
 	v.mu.Lock()
@@ -218,7 +221,7 @@ func StartVMWith(spec VMSpec, files Files) (*VM, error) {
 	copied := make(chan struct{})
 	go func() {
 		defer close(copied)
-		copyConsole(teeWriter{log: &v.log, hub: &v.hub}, stdout)
+		copyConsole(teeWriter{log: &v.log, hub: &v.hub, tail: &v.tail}, stdout)
 		stdout.Close()
 		v.hub.close()
 	}()
@@ -376,6 +379,12 @@ func (v *VM) finish() {
 			st.Reason = ReasonError
 		}
 		st.Message = fmt.Sprintf("QEMU was killed by signal %s", ws.Signal())
+		if !killed && ws.Signal() == syscall.SIGKILL && v.oomBase.killedSince() {
+			st.Reason = ReasonOOMKilled
+			st.Message = fmt.Sprintf("the host's OOM killer ended QEMU: the container's memory cgroup reached its limit "+
+				"(%d MiB of guest RAM plus QEMU's own memory did not fit); leave QEMU more room with a smaller "+
+				"unilet.dev/memory or a larger --vmm-overhead", v.spec.Machine.MemoryMiB)
+		}
 	case code == 0 || (v.spec.Machine.Machine == MachineMicroVM && code == 83):
 		st.Reason = ReasonCompleted
 	default:
@@ -386,6 +395,9 @@ func (v *VM) finish() {
 			st.Reason = ReasonGuestPanicked
 			st.Message = "the guest crashed (isa-debug-exit status 85)"
 		}
+	}
+	if st.Reason == ReasonGuestPanicked {
+		st = GuestCrashStatus(st, v.tail.Bytes())
 	}
 	if tail := v.stderrTail(); tail != "" && st.Reason != ReasonCompleted && failure == nil {
 		st.Message += ": " + tail

@@ -806,14 +806,51 @@ func TestOrphanVMDirIsReaped(t *testing.T) {
 	_ = pod
 }
 
-func TestGuestPanicIsReported(t *testing.T) {
-	d := startDaemon(t, "--upstream-endpoint", "")
-	pod, ctr := d.runVM(t, "vm-panic", "panic")
-	in := d.waitState(ctr, "CONTAINER_EXITED", 20*time.Second)
-	require.NotZero(t, in.Status.ExitCode)
+// TestGuestEndsAreToldApart: how a unikernel ended reaches CRI truthfully.
+// A guest panic says so with its last console words; an application whose
+// main returned 3 (Unikraft then halts as crashed) exits 3; a guest that
+// runs out of its own RAM panics; and a VM whose container cgroup cannot
+// hold guest RAM plus QEMU (no VMM overhead left, guest RAM touched) is
+// OOMKilled by the host kernel.
+func TestGuestEndsAreToldApart(t *testing.T) {
+	d := startDaemon(t, "--upstream-endpoint", "", "--vmm-overhead", "0")
+	d.must("pull", image())
+	run := func(name string, limit int64, args ...string) (string, inspect) {
+		podCfg, _ := podConfig(t, name, true)
+		pod := d.must("runp", podCfg)
+		cfg := map[string]any{"metadata": map[string]any{"name": "app"}, "image": map[string]string{"image": image()},
+			"log_path": "app/0.log", "args": args}
+		if limit > 0 {
+			cfg["linux"] = map[string]any{"resources": map[string]any{"memory_limit_in_bytes": limit}}
+		}
+		ctr := d.must("create", pod, writeJSON(t, cfg), podCfg)
+		d.must("start", ctr)
+		return pod, d.waitState(ctr, "CONTAINER_EXITED", 60*time.Second)
+	}
+	pod, in := run("vm-panic", 0, "panic")
+	require.Equal(t, int32(1), in.Status.ExitCode)
 	require.Equal(t, "GuestPanicked", in.Status.Reason)
-	require.Contains(t, in.Status.Message, "panicked")
+	require.Contains(t, in.Status.Message, "the guest kernel panicked (pvpanic); its console last said: ")
+	require.True(t, strings.HasSuffix(in.Status.Message, "| panic: requested"), in.Status.Message)
 	require.Empty(t, qemuProcesses(t, d.stateDir))
+	d.must("rmp", "-f", pod)
+
+	pod, in = run("vm-exit3", 0, "exit=3")
+	require.Equal(t, int32(3), in.Status.ExitCode)
+	require.Equal(t, "Error", in.Status.Reason)
+	require.Contains(t, in.Status.Message, "the application exited with status 3")
+	d.must("rmp", "-f", pod)
+
+	pod, in = run("vm-guest-oom", 0, "oom")
+	require.Equal(t, "GuestPanicked", in.Status.Reason)
+	require.Contains(t, in.Status.Message, "oom: out of memory: no free page left")
+	d.must("rmp", "-f", pod)
+
+	pod, in = run("vm-host-oom", 64<<20, "oom")
+	require.Equal(t, int32(137), in.Status.ExitCode, in.Status.Message)
+	require.Equal(t, "OOMKilled", in.Status.Reason, in.Status.Message)
+	require.Contains(t, in.Status.Message, "the host's OOM killer ended QEMU")
+	require.Contains(t, in.Status.Message, "64 MiB of guest RAM")
 	d.must("rmp", "-f", pod)
 }
 

@@ -378,3 +378,67 @@ func Children(p string) []string {
 	}
 	return out
 }
+
+// OOMKills is the memory cgroup process pid is in and how many processes
+// the kernel's OOM killer has ended in it (v1: memory.oom_control's oom_kill,
+// kernel 4.13 and later; v2: memory.events' oom_kill).
+func OOMKills(pid int) (cgroup string, kills uint64, err error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		return "", 0, err
+	}
+	v2 := unified()
+	p, ok := MemoryCgroup(b, v2)
+	if !ok {
+		return "", 0, fmt.Errorf("process %d has no memory cgroup", pid)
+	}
+	file := filepath.Join("/sys/fs/cgroup/memory", p, "memory.oom_control")
+	if v2 {
+		file = filepath.Join("/sys/fs/cgroup", p, "memory.events")
+	}
+	b, err = os.ReadFile(file)
+	if err != nil {
+		return p, 0, err
+	}
+	n, ok := OOMKillCount(b)
+	if !ok {
+		return p, 0, fmt.Errorf("%s has no oom_kill count (kernel older than 4.13?)", file)
+	}
+	return p, n, nil
+}
+
+// MemoryCgroup is the memory cgroup path in a /proc/PID/cgroup file: the
+// memory controller's line on v1 ("7:memory:/a/b"), the unified line on v2
+// ("0::/a/b").
+func MemoryCgroup(procCgroup []byte, v2 bool) (string, bool) {
+	for _, l := range strings.Split(string(procCgroup), "\n") {
+		id, rest, ok1 := strings.Cut(l, ":")
+		ctrls, p, ok2 := strings.Cut(rest, ":")
+		if !ok1 || !ok2 || !strings.HasPrefix(p, "/") {
+			continue
+		}
+		if v2 && id == "0" && ctrls == "" {
+			return p, true
+		}
+		if !v2 {
+			for _, c := range strings.Split(ctrls, ",") {
+				if c == "memory" {
+					return p, true
+				}
+			}
+		}
+	}
+	return "", false
+}
+
+// OOMKillCount is the "oom_kill N" line of memory.oom_control (v1) or
+// memory.events (v2).
+func OOMKillCount(b []byte) (uint64, bool) {
+	for _, l := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(strings.TrimSpace(l), " "); ok && k == "oom_kill" {
+			n, err := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+			return n, err == nil
+		}
+	}
+	return 0, false
+}

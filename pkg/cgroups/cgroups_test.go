@@ -140,3 +140,35 @@ func must(b []byte, err error) []byte {
 	}
 	return b
 }
+
+func TestMemoryCgroupAndOOMKillCount(t *testing.T) {
+	v1 := []byte("12:pids:/a\n7:cpu,cpuacct:/b\n5:memory:/kubepods/pod1/ctr\n0::/\n")
+	p, ok := MemoryCgroup(v1, false)
+	require.True(t, ok)
+	require.Equal(t, "/kubepods/pod1/ctr", p)
+	p, ok = MemoryCgroup([]byte("0::/unified/x\n"), true)
+	require.True(t, ok)
+	require.Equal(t, "/unified/x", p)
+	_, ok = MemoryCgroup([]byte("5:memory:relative\n"), false)
+	require.False(t, ok)
+	n, ok := OOMKillCount([]byte("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n"))
+	require.True(t, ok)
+	require.EqualValues(t, 3, n)
+	n, ok = OOMKillCount([]byte("low 0\nhigh 0\nmax 2\noom 2\noom_kill 1\n"))
+	require.True(t, ok)
+	require.EqualValues(t, 1, n)
+	_, ok = OOMKillCount([]byte("oom_kill_disable 0\nunder_oom 0\n"))
+	require.False(t, ok)
+}
+
+func FuzzMemoryCgroup(f *testing.F) {
+	f.Add([]byte("5:memory:/a\n0::/b\n"), []byte("oom_kill 1\n"))
+	f.Fuzz(func(t *testing.T, procCgroup, events []byte) {
+		for _, v2 := range []bool{false, true} {
+			if p, ok := MemoryCgroup(procCgroup, v2); ok {
+				require.True(t, strings.HasPrefix(p, "/"))
+			}
+		}
+		_, _ = OOMKillCount(events)
+	})
+}

@@ -12,7 +12,13 @@
  *      flood=N       print N numbered lines as fast as possible
  *      bigline=N     print one line of N characters
  *      echo          read the serial line and write every byte back
- *      panic         report a guest panic through pvpanic and halt
+ *      panic         crash as Unikraft does (isa-debug-exit crash code, pvpanic)
+ *      exit=N        end as a Unikraft application whose main returned N:
+ *                    "main returned N, halting system", then a clean halt
+ *                    (N = 0) or Unikraft's crash (any other N)
+ *      oom           write every page of guest RAM, then crash "out of
+ *                    memory" (the host may OOM-kill QEMU first when the
+ *                    container's limit cannot hold guest RAM plus QEMU)
  *      ignore-acpi   ignore the ACPI power button (a guest that must be killed)
  *      sse           enable and execute an SSE instruction (as Unikraft does
  *                    early; nested/PVM KVM fails here with internal-error)
@@ -199,6 +205,17 @@ static void check_power_button(void)
 	}
 }
 
+/* crash ends the machine as Unikraft's ukplat_terminate(UKPLAT_CRASH)
+ * does under QEMU: isa-debug-exit with the crash code (microvm: QEMU exits
+ * 85), then pvpanic (pc: QEMU reports the guest panicked). */
+static void crash(void)
+{
+	outb(0x501, 0x2a);
+	outb(0x505, 1);
+	for (;;)
+		__asm__ volatile("cli; hlt");
+}
+
 static void poweroff(void)
 {
 	outw(0x604, 0x2000);  /* QEMU pc/q35 ACPI PM1a control */
@@ -237,6 +254,31 @@ struct mb_info {
 	u32 cmdline;
 };
 
+extern char _end[]; /* link.ld: the end of the kernel image and its bss */
+
+/* oom_mode writes every page of RAM above the kernel (1 MiB + mem_upper
+ * KiB; the multiboot info there was read before), as an allocator handing
+ * out all memory would, then crashes as Unikraft does when none is left. */
+static void oom_mode(u32 mem_upper_kib)
+{
+	u32 start = ((u32)_end + 0xfff) & ~0xfffu;
+	u32 top = 0x100000 + mem_upper_kib * 1024;
+	u32 mib = 0;
+	for (u32 p = start; p + 4096 <= top; p += 4096) {
+		*(volatile u32 *)p = p;
+		if (((p - start + 4096) & 0xffffff) == 0) {
+			mib += 16;
+			puts("oom: touched ");
+			putu(mib);
+			puts(" MiB\n");
+		}
+	}
+	puts("oom: out of memory: no free page left in ");
+	putu((top - start) >> 20);
+	puts(" MiB of guest RAM\n");
+	crash();
+}
+
 void kmain(u32 magic, struct mb_info *mbi)
 {
 	serial_init();
@@ -270,8 +312,9 @@ void kmain(u32 magic, struct mb_info *mbi)
 	puts("argv[0]: ");
 	puts(argc > 0 ? app[0] : "");
 	putc('\n');
-	u32 tick = 0, count = 0, flood = 0, bigline = 0;
-	int echo = 0, panic = 0, sse = 0;
+	u32 tick = 0, count = 0, flood = 0, bigline = 0, exitcode = 0;
+	int echo = 0, panic = 0, sse = 0, exitset = 0, oom = 0;
+	u32 mem_upper = (magic == 0x2BADB002 && (mbi->flags & 1)) ? mbi->mem_upper : 0;
 	for (int i = 1; i < argc; i++) {
 		puts("argv[");
 		putu((u32)i);
@@ -290,6 +333,11 @@ void kmain(u32 magic, struct mb_info *mbi)
 			echo = 1;
 		else if (ukc_streq(app[i], "panic"))
 			panic = 1;
+		else if (hasprefix(app[i], "exit=")) {
+			exitcode = atou(app[i] + 5);
+			exitset = 1;
+		} else if (ukc_streq(app[i], "oom"))
+			oom = 1;
 		else if (ukc_streq(app[i], "sse"))
 			sse = 1;
 		else if (ukc_streq(app[i], "ignore-acpi"))
@@ -318,10 +366,10 @@ void kmain(u32 magic, struct mb_info *mbi)
 	}
 	if (panic) {
 		puts("panic: requested\n");
-		outb(0x505, 1); /* pvpanic: guest panicked */
-		for (;;)
-			__asm__ volatile("cli; hlt");
+		crash();
 	}
+	if (oom)
+		oom_mode(mem_upper);
 	if (echo)
 		echo_mode();
 	if (tick) {
@@ -332,6 +380,13 @@ void kmain(u32 magic, struct mb_info *mbi)
 			sleep_ms(tick);
 		}
 	}
-	puts("unilet-testkernel: exit 0\n");
+	if (exitset) { /* Unikraft's ukboot, at info level */
+		puts("main returned ");
+		putu(exitcode);
+		puts(", halting system\n");
+		if (exitcode)
+			crash();
+	} else
+		puts("unilet-testkernel: exit 0\n");
 	poweroff();
 }
