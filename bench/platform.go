@@ -208,7 +208,7 @@ func (e *env) netGuest() (string, error) {
 		return "", err
 	}
 	kc := filepath.Join(e.dir, "netguest.kconfig")
-	if err := os.WriteFile(kc, []byte(strings.Join(testimages.NetGuestFeatures, "\n")+"\n"), 0o644); err != nil {
+	if err := os.WriteFile(kc, []byte(testimages.NetGuestKConfig), 0o644); err != nil {
 		return "", err
 	}
 	ref := strings.Replace(e.image, "testkernel:bench", "netguest:bench", 1)

@@ -104,7 +104,7 @@ func buildNetGuest() error {
 		return err
 	}
 	kc := filepath.Join(out, "kconfig")
-	if err := os.WriteFile(kc, []byte(strings.Join(testimages.NetGuestFeatures, "\n")+"\n"), 0o644); err != nil {
+	if err := os.WriteFile(kc, []byte(testimages.NetGuestKConfig), 0o644); err != nil {
 		return err
 	}
 	return run(repoRoot, nil, filepath.Join(binDir, "uniletctl"), "pack", "--kernel", filepath.Join(out, "vmlinuz"),

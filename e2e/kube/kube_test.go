@@ -18,6 +18,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/unilet-dev/unilet/internal/testimages"
 	"github.com/unilet-dev/unilet/internal/testutil"
 )
 
@@ -92,7 +93,7 @@ func setup(m *testing.M) (int, error) {
 		return 0, err
 	}
 	kc := filepath.Join(ng, "kconfig")
-	if err := os.WriteFile(kc, []byte(netGuestFeatures), 0o644); err != nil {
+	if err := os.WriteFile(kc, []byte(testimages.NetGuestKConfig), 0o644); err != nil {
 		return 0, err
 	}
 	if err := run(repoRoot, filepath.Join(binDir, "uniletctl"), "pack", "--kernel", filepath.Join(ng, "vmlinuz"), "--initrd", filepath.Join(ng, "initrd.gz"),
@@ -108,15 +109,6 @@ func setup(m *testing.M) (int, error) {
 	}
 	return code, nil
 }
-
-const netGuestFeatures = `CONFIG_LIBUKLIBPARAM=y
-CONFIG_LIBPOSIX_ENVIRON_LIBPARAM=y
-CONFIG_LIBUKNETDEV=y
-CONFIG_LIBVFSCORE_AUTOMOUNT=y
-CONFIG_LIBVFSCORE_AUTOMOUNT_UP=y
-CONFIG_LIB9PFS=y
-CONFIG_LIBUKCPIO=y
-`
 
 func tail(s string, n int) string {
 	lines := strings.Split(s, "\n")
@@ -402,22 +394,6 @@ spec:
 	waitLogs(t, "plain", "hello-from-runc")
 	require.Equal(t, "exec-ok", must(t, "exec", "plain", "--", "echo", "exec-ok"))
 	require.Empty(t, qemuFor(t), "a plain pod never becomes a VM")
-}
-
-func TestDeleteLeavesNothing(t *testing.T) {
-	f := filepath.Join(t.TempDir(), "pod.yaml")
-	require.NoError(t, os.WriteFile(f, []byte(vmPod("vm-delete", `"tick=100"`)), 0o644))
-	must(t, "apply", "-f", f)
-	waitRunning(t, "vm-delete")
-	require.Len(t, qemuFor(t), 1)
-	must(t, "delete", "pod", "vm-delete", "--wait=true", "--timeout=60s")
-	require.Eventually(t, func() bool { return len(qemuFor(t)) == 0 }, 30*time.Second, 200*time.Millisecond, "QEMU left")
-	require.Eventually(t, func() bool {
-		ents, _ := os.ReadDir(filepath.Join(clusterDir, "netns"))
-		return len(testutil.ShimsUnder(clusterDir)) == 0 && len(ents) == 0
-	}, 30*time.Second, 200*time.Millisecond, "shim or netns left")
-	links, _ := exec.Command("ip", "-o", "link", "show", "master", "unilet-k8s0").Output()
-	require.Empty(t, strings.TrimSpace(string(links)), "veth left on the bridge")
 }
 
 func TestDeploymentScale(t *testing.T) {

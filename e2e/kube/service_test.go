@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
+	"path/filepath"
 	"regexp"
 	"sort"
 	"strings"
@@ -13,45 +15,15 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// Kraftlet's example shape: a Deployment of three unikernel replicas (the
-// network guest answering HTTP with its pod name) behind a Service, port
-// 443 → targetPort 8080. kube-proxy balances across all three at the
+// Kraftlet's example shape, deploy/examples/service-deployment.yaml as
+// written: a Deployment of three unikernel replicas (the network guest
+// answering HTTP with its pod name) behind a Service, port 443 → 8080. kube-proxy balances across all three at the
 // ClusterIP from the node and from a plain pod, which finds the Service by
 // its cluster DNS name (CoreDNS behind kube-system/kube-dns); the NodePort
 // on the node's address reaches them too.
 func TestServiceBalancesAcrossUnikernelReplicas(t *testing.T) {
-	apply(t, fmt.Sprintf(`apiVersion: apps/v1
-kind: Deployment
-metadata: {name: web}
-spec:
-  replicas: 3
-  selector: {matchLabels: {app: web, tier: replica}}
-  template:
-    metadata:
-      labels: {app: web, tier: replica}
-      annotations: {kubernetes.io/target-runtime: unikraft}
-    spec:
-      automountServiceAccountToken: false
-      enableServiceLinks: false
-      containers:
-      - name: web
-        image: %[1]s/unikraft/netguest:latest
-        command: ["/bin/sh", "-c", "mkdir -p /w && echo $POD_NAME > /w/index.html && exec httpd -f -p 8080 -h /w"]
-        env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
-        ports: [{containerPort: 8080}]
-        readinessProbe:
-          tcpSocket: {port: 8080}
-          periodSeconds: 1
----
-apiVersion: v1
-kind: Service
-metadata: {name: web}
-spec:
-  type: NodePort
-  selector: {app: web}
-  ports: [{port: 443, targetPort: 8080}]
----
-# Selected by the Service, never ready: its guest runs no server.
+	apply(t, example(t, "service-deployment.yaml"))
+	apply(t, fmt.Sprintf(`# Selected by the Service, never ready: its guest runs no server.
 apiVersion: v1
 kind: Pod
 metadata:
@@ -128,6 +100,15 @@ spec:
 	require.Contains(t, logs, "search default.svc.cluster.local")
 	require.Regexp(t, `Address: `+regexp.QuoteMeta(ip)+`\b`, logs)
 	require.Regexp(t, `(?m)^web-[0-9a-z]+-[0-9a-z]+\s*$`, logs, "a replica answered the guest")
+}
+
+// example is a manifest of deploy/examples, which name this cluster's
+// registry.
+func example(t *testing.T, name string) string {
+	b, err := os.ReadFile(filepath.Join(repoRoot, "deploy", "examples", name))
+	require.NoError(t, err)
+	require.Contains(t, string(b), "image: "+registry+"/")
+	return string(b)
 }
 
 // plainClient runs a plain (runc) busybox pod that sleeps, to run

@@ -1,7 +1,6 @@
 package kube_test
 
 import (
-	"fmt"
 	"regexp"
 	"strings"
 	"testing"
@@ -10,44 +9,12 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// Virtlet's example shape: a StatefulSet of three unikernel pods behind a
+// Virtlet's example shape (deploy/examples/statefulset.yaml): a StatefulSet of three unikernel pods behind a
 // headless Service, with a TCP readiness probe. Each member's DNS name
 // resolves (from a plain pod) to that member's pod IP; scaling 3 → 1 → 3 and
 // deleting a member bring the same names back, resolving to the new pods.
 func TestStatefulSetMembersByName(t *testing.T) {
-	apply(t, fmt.Sprintf(`apiVersion: v1
-kind: Service
-metadata: {name: k8s}
-spec:
-  clusterIP: None
-  selector: {app: k8s}
-  ports: [{port: 8080}]
----
-apiVersion: apps/v1
-kind: StatefulSet
-metadata: {name: k8s}
-spec:
-  serviceName: k8s
-  replicas: 3
-  podManagementPolicy: Parallel
-  selector: {matchLabels: {app: k8s}}
-  template:
-    metadata:
-      labels: {app: k8s}
-      annotations: {kubernetes.io/target-runtime: unikraft}
-    spec:
-      automountServiceAccountToken: false
-      enableServiceLinks: false
-      terminationGracePeriodSeconds: 5
-      containers:
-      - name: web
-        image: %s/unikraft/netguest:latest
-        command: ["/bin/sh", "-c", "mkdir -p /w && hostname > /w/index.html && exec httpd -f -p 8080 -h /w"]
-        ports: [{containerPort: 8080}]
-        readinessProbe:
-          tcpSocket: {port: 8080}
-          periodSeconds: 1
-`, registry))
+	apply(t, example(t, "statefulset.yaml"))
 	plainClient(t, "dns-client")
 	// resolves checks that each member's name resolves to its pod IP and
 	// that the member answers there with its own hostname.

@@ -7,6 +7,7 @@ package testimages
 import (
 	"archive/tar"
 	"bytes"
+	_ "embed"
 	"fmt"
 	"io"
 	"os"
@@ -28,10 +29,15 @@ const (
 	Busybox = "unilet.test/busybox:1"
 )
 
-// NetGuestFeatures is the KConfig the network test guest's init honours (a
-// Unikraft image with lwip, 9pfs, vfscore automount and posix-environ).
-var NetGuestFeatures = []string{"CONFIG_LIBUKLIBPARAM=y", "CONFIG_LIBPOSIX_ENVIRON_LIBPARAM=y", "CONFIG_LIBUKNETDEV=y",
-	"CONFIG_LIBVFSCORE_AUTOMOUNT=y", "CONFIG_LIBVFSCORE_AUTOMOUNT_UP=y", "CONFIG_LIB9PFS=y", "CONFIG_LIBUKCPIO=y"}
+// NetGuestKConfig is the KConfig the network test guest's init honours (a
+// Unikraft image with lwip, 9pfs, vfscore automount and posix-environ), as
+// `uniletctl pack --kconfig` reads it (make demo passes this file).
+//
+//go:embed netguest.kconfig
+var NetGuestKConfig string
+
+// NetGuestFeatures is NetGuestKConfig's lines.
+var NetGuestFeatures = strings.Fields(NetGuestKConfig)
 
 // Entry is one file, symlink or directory of an image layer.
 type Entry struct {
