@@ -49,7 +49,7 @@ func TestHelmChartMatchesManifests(t *testing.T) {
 	require.Equal(t, normalize(string(want)), normalize(rc))
 	// Every manifest parses.
 	for _, f := range []string{"unilet.yaml", "runtimeclass.yaml", "examples/pod-annotation.yaml", "examples/pod-runtimeclass.yaml",
-		"examples/demo.yaml", "examples/web.yaml", "examples/pod-pvc.yaml"} {
+		"examples/demo.yaml", "examples/web.yaml", "examples/pod-pvc.yaml", "examples/service-deployment.yaml", "examples/statefulset.yaml"} {
 		b, err := os.ReadFile(f)
 		require.NoError(t, err, f)
 		dec := yaml.NewDecoder(strings.NewReader(string(b)))

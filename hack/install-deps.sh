@@ -17,6 +17,8 @@ have openssl || need="$need openssl"
 # kube-proxy's nftables mode (the e2e cluster) drives nft
 have nft || need="$need nftables"
 have runc || need="$need runc"
+# make demo asks the Service with curl
+have curl || need="$need curl"
 dpkg -s busybox-static >/dev/null 2>&1 || need="$need busybox-static"
 [ -x /usr/lib/cni/bridge ] || [ -x /opt/cni/bin/bridge ] || need="$need containernetworking-plugins"
 if [ -z "$need" ]; then
