@@ -32,14 +32,16 @@ func TestHelmChartMatchesManifests(t *testing.T) {
 	require.NoError(t, err)
 	values := map[string]any{}
 	require.NoError(t, yaml.Unmarshal(raw, &values))
-	var rendered []string
-	for _, f := range []string{"namespace.yaml", "serviceaccount.yaml", "daemonset.yaml"} {
-		rendered = append(rendered, render(t, filepath.Join("helm/unilet/templates", f), values))
+	var all []string
+	for _, f := range []string{"namespace.yaml", "serviceaccount.yaml", "rbac.yaml", "daemonset.yaml"} {
+		all = append(all, render(t, filepath.Join("helm/unilet/templates", f), values))
 	}
+	rendered := strings.Split(strings.Join(all, "---\n"), "---\n")
 	plain, err := os.ReadFile("unilet.yaml")
 	require.NoError(t, err)
 	docs := strings.Split(string(plain), "---\n")
-	require.Len(t, docs, 3)
+	require.Len(t, docs, 5)
+	require.Len(t, rendered, 5)
 	for i := range docs {
 		require.Equal(t, normalize(docs[i]), normalize(rendered[i]), "document %d", i)
 	}

@@ -14,8 +14,13 @@
 //     earlier installer (or by hand, found through --pid-file) is adopted; its
 //     flags are reused unless --daemon-args (UNILET_ARGS) gives new ones.
 //
+// Once the daemon answers on its CRI socket, the installer labels its node
+// --ready-label=true (--node-name, from the downward API), which RuntimeClass
+// unikraft schedules on; it removes the label when it ends.
+//
 // SIGTERM (pod deleted, DaemonSet rolled) ends the installer only: the daemon
-// and every VM go on, and the next installer takes over. Optionally
+// and every VM go on, and the next installer takes over (and labels the node
+// again). Optionally
 // (--kubelet-config, systemd hosts) it points kubelet's containerRuntimeEndpoint
 // at unilet and restarts kubelet.
 //
@@ -25,6 +30,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"errors"
 	"flag"
@@ -48,6 +54,7 @@ var binaries = []string{"unilet", "unilet-shim", "unilet-jail", "uniletctl", "un
 
 type config struct {
 	hostRoot, binDir, imageBin, pidFile, logFile, daemonArgs, init, kubeletConfig, socket string
+	nodeName, readyLabel                                                                  string
 }
 
 func main() {
@@ -68,7 +75,9 @@ func main() {
 	flag.StringVar(&c.daemonArgs, "daemon-args", os.Getenv("UNILET_ARGS"), "unilet flags (default: those of the running daemon, else none)")
 	flag.StringVar(&c.init, "init", "auto", "auto (systemd if the host runs it as PID 1), systemd, or supervise")
 	flag.StringVar(&c.kubeletConfig, "kubelet-config", "", "host path of kubelet's config file to point at unilet (systemd hosts; empty: leave kubelet alone)")
-	flag.StringVar(&c.socket, "socket", "unix:///run/unilet/unilet.sock", "unilet's CRI endpoint (for --kubelet-config)")
+	flag.StringVar(&c.socket, "socket", "unix:///run/unilet/unilet.sock", "unilet's CRI endpoint on the host (readiness, --kubelet-config)")
+	flag.StringVar(&c.nodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name: labelled --ready-label=true while the daemon answers (empty: no label)")
+	flag.StringVar(&c.readyLabel, "ready-label", "unilet.dev/ready", "the node label RuntimeClass unikraft schedules on")
 	showVersion := flag.Bool("version", false, "print the version")
 	flag.Parse()
 	if *showVersion {
@@ -95,19 +104,25 @@ func run(c config) error {
 			mode = "systemd"
 		}
 	}
+	if mode != "systemd" && mode != "supervise" {
+		return fmt.Errorf("--init %q: want auto, systemd or supervise", c.init)
+	}
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
-	switch mode {
-	case "systemd":
+	// The node is labelled ready once the daemon answers, and unlabelled
+	// when the installer ends.
+	ctx, cancel := context.WithCancel(context.Background())
+	labelled := make(chan struct{})
+	go func() { c.readiness(ctx); close(labelled) }()
+	defer func() { cancel(); <-labelled }()
+	if mode == "systemd" {
 		if err := c.systemd(changed); err != nil {
 			return err
 		}
 		<-stop
 		return nil
-	case "supervise":
-		return c.supervise(changed, stop)
 	}
-	return fmt.Errorf("--init %q: want auto, systemd or supervise", c.init)
+	return c.supervise(changed, stop)
 }
 
 // install copies the image's binaries to the host; it reports whether any changed.

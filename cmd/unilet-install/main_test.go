@@ -30,3 +30,9 @@ func TestPointKubeletAt(t *testing.T) {
 	require.True(t, changed)
 	require.Equal(t, "kind: KubeletConfiguration\ncontainerRuntimeEndpoint: "+sock+"\n", string(out))
 }
+
+func TestLabelPatch(t *testing.T) {
+	require.JSONEq(t, `{"metadata":{"labels":{"unilet.dev/ready":"true"}}}`, string(labelPatch("unilet.dev/ready", ptr("true"))))
+	require.JSONEq(t, `{"metadata":{"labels":{"unilet.dev/ready":null}}}`, string(labelPatch("unilet.dev/ready", nil)),
+		"null removes the label in a merge patch")
+}

@@ -66,7 +66,7 @@ func setup(m *testing.M) (int, error) {
 	if err := run(repoRoot, "go", "build", "-o", binDir+"/", "./cmd/unilet", "./cmd/unilet-shim", "./cmd/unilet-jail", "./cmd/uniletctl", "./e2e/kube/cluster"); err != nil {
 		return 0, err
 	}
-	upArgs := []string{"up", "--dir", clusterDir, "--kube-bin", kubeBin, "--unilet-bin", binDir, "--repo", repoRoot}
+	upArgs := []string{"up", "--dir", clusterDir, "--kube-bin", kubeBin, "--unilet-bin", binDir, "--repo", repoRoot, "--nodes", "2"}
 	if d := os.Getenv("UNILET_KUBE_CONTAINERD_BIN"); d != "" { // containerd 2.x (make test-kube runs both)
 		upArgs = append(upArgs, "--containerd-bin", d)
 	}

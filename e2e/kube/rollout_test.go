@@ -66,10 +66,14 @@ func daemonManifest(t *testing.T, image string) string {
 	require.NoError(t, err)
 	s := string(b)
 	for old, new := range map[string]string{
-		"image: unilet/unilet:0.1.0":      "image: " + image,
-		`value: "/opt/unilet/bin"`:        fmt.Sprintf("value: %q", filepath.Join(clusterDir, "host-bin")),
-		`value: "/run/unilet/unilet.pid"`: fmt.Sprintf("value: %q", filepath.Join(clusterDir, "pids", "unilet.pid")),
-		`value: "/var/log/unilet.log"`:    fmt.Sprintf("value: %q", filepath.Join(clusterDir, "logs", "unilet.log")),
+		"image: unilet/unilet:0.1.0":              "image: " + image,
+		`value: "/opt/unilet/bin"`:                fmt.Sprintf("value: %q", filepath.Join(clusterDir, "host-bin")),
+		`value: "/run/unilet/unilet.pid"`:         fmt.Sprintf("value: %q", filepath.Join(clusterDir, "pids", "unilet.pid")),
+		`value: "/var/log/unilet.log"`:            fmt.Sprintf("value: %q", filepath.Join(clusterDir, "logs", "unilet.log")),
+		`value: "unix:///run/unilet/unilet.sock"`: fmt.Sprintf("value: %q", "unix://"+filepath.Join(clusterDir, "unilet", "unilet.sock")),
+		// The e2e apiserver listens on loopback only (no endpoints for the
+		// kubernetes Service); the installer runs in the host's network.
+		"        env:\n": "        env:\n        - {name: KUBERNETES_SERVICE_HOST, value: 127.0.0.1}\n        - {name: KUBERNETES_SERVICE_PORT, value: \"16443\"}\n",
 	} {
 		require.Contains(t, s, old)
 		s = strings.ReplaceAll(s, old, new)
@@ -90,6 +94,20 @@ func TestDaemonSetRollout(t *testing.T) {
 	vms := qemuFor(t)
 	require.Len(t, vms, 1)
 
+	// The installer labels the node ready once its daemon answers and
+	// removes the label when it ends; until then the cluster tool's label
+	// stands in for it.
+	node := "localhost" // the first node, where unilet runs
+	must(t, "label", "node", node, "unilet.dev/ready-")
+	t.Cleanup(func() { _, _ = kubectl("label", "node", node, "unilet.dev/ready=true", "--overwrite") })
+	ready := func(want string) {
+		t.Helper()
+		var got string
+		require.Eventually(t, func() bool {
+			got, _ = kubectl("get", "node", node, "-o", `jsonpath={.metadata.labels.unilet\.dev/ready}`)
+			return got == want
+		}, 60*time.Second, 250*time.Millisecond, "node label unilet.dev/ready = %q, want %q\ninstaller:\n%s", got, want, installerLogs())
+	}
 	img1 := buildUniletImage(t, "e2e-v1")
 	img2 := buildUniletImage(t, "e2e-v2")
 	manifest := daemonManifest(t, img1)
@@ -108,6 +126,10 @@ func TestDaemonSetRollout(t *testing.T) {
 		t.Fatalf("daemon version %q (%v), want %q\ninstaller:\n%s", got, err, want, installerLogs())
 	}
 	waitVersion("e2e-v1")
+	ready("true")
+	// The second node (no unilet.dev/kvm label) gets no installer, though
+	// the DaemonSet tolerates every taint.
+	require.Equal(t, node, must(t, "-n", "unilet-system", "get", "pods", "-l", "app.kubernetes.io/name=unilet", "-o", "jsonpath={.items[*].spec.nodeName}"))
 	require.FileExists(t, filepath.Join(clusterDir, "host-bin", "unilet"), "binaries installed on the host")
 	require.Equal(t, vms, qemuFor(t), "the VM runs on through the takeover")
 	apply(t, vmPod("vm-after-v1", `"tick=200"`))
@@ -116,6 +138,7 @@ func TestDaemonSetRollout(t *testing.T) {
 	// Roll to v2.
 	must(t, "-n", "unilet-system", "set", "image", "daemonset/unilet", "installer="+img2)
 	waitVersion("e2e-v2")
+	ready("true")
 	require.Equal(t, vms[0], qemuFor(t)[0], "the first VM runs on through the rollout")
 	waitPod(t, "vm-rollout", "{.status.containerStatuses[0].restartCount}", "0", 5*time.Second)
 	waitLogs(t, "vm-rollout", "tick 5")
@@ -123,7 +146,11 @@ func TestDaemonSetRollout(t *testing.T) {
 	waitRunning(t, "vm-after-v2")
 
 	// Deleting the DaemonSet leaves the daemon on the host.
-	must(t, "delete", "-f", manifest, "--wait=true", "--timeout=60s")
+	// Uninstall as docs/install.md says: the DaemonSet first (its installers
+	// remove the label while their service account still exists), then the rest.
+	must(t, "-n", "unilet-system", "delete", "daemonset", "unilet", "--wait=true", "--timeout=60s")
+	ready("")
+	must(t, "delete", "-f", manifest, "--wait=true", "--timeout=60s", "--ignore-not-found")
 	time.Sleep(2 * time.Second)
 	v, err := runtimeVersion()
 	require.NoError(t, err)

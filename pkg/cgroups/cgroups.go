@@ -442,3 +442,15 @@ func OOMKillCount(b []byte) (uint64, bool) {
 	}
 	return 0, false
 }
+
+// MakeTree creates the empty cgroup p in every mounted hierarchy (v1: every
+// controller, cpuset's cpus and mems copied from the parent), as a cgroup
+// root for processes that expect one to exist (a test's second kubelet).
+func MakeTree(p string) error {
+	if unified() {
+		_, err := cgroup2.NewManager("/sys/fs/cgroup", p, &cgroup2.Resources{})
+		return err
+	}
+	_, err := cgroup1.New(cgroup1.StaticPath(p), &specs.LinuxResources{})
+	return err
+}

@@ -55,6 +55,7 @@ const (
 type cluster struct {
 	dir, kubeBin, unileBin, repo string
 	containerdBin                string // "" = Debian's containerd
+	nodes                        int    // 1, or 2 with the second node (node2.go)
 }
 
 func (c *cluster) p(parts ...string) string {
@@ -76,6 +77,7 @@ func main() {
 	fs.StringVar(&c.unileBin, "unilet-bin", filepath.Join(wd, "bin"), "unilet, unilet-shim, uniletctl")
 	fs.StringVar(&c.repo, "repo", wd, "repository root")
 	fs.StringVar(&c.containerdBin, "containerd-bin", "", "directory of a containerd 2.x build (hack/containerd2/build.sh); empty: Debian's containerd")
+	fs.IntVar(&c.nodes, "nodes", 1, "1, or 2: a second node without KVM beside the first (up)")
 	addr := fs.String("addr", RegistryAddr, "registry address (registry)")
 	_ = fs.Parse(os.Args[2:])
 	// Absolute paths: every process is later proven ours by the cluster
@@ -240,14 +242,15 @@ func (c *cluster) up() error {
 	if err := c.kubelet(); err != nil {
 		return err
 	}
-	if err := waitFor("node "+NodeName, 120*time.Second, func() error {
-		out, err := c.kubectl("get", "node", NodeName, "-o", `jsonpath={.status.conditions[?(@.type=="Ready")].status}`)
-		if err != nil || out != "True" {
-			return fmt.Errorf("Ready=%q %v", out, err)
+	if err := c.waitNode(NodeName, "kubelet"); err != nil {
+		return err
+	}
+	if c.nodes == 2 {
+		if err := c.node2(); err != nil {
+			return err
 		}
-		return nil
-	}); err != nil {
-		return c.fail(err, "kubelet")
+	} else if c.nodes != 1 {
+		return fmt.Errorf("--nodes %d: want 1 or 2", c.nodes)
 	}
 	if err := c.kubeProxy(); err != nil {
 		return err
@@ -265,6 +268,20 @@ func (c *cluster) up() error {
 		return fmt.Errorf("apply RuntimeClass: %v: %s", err, out)
 	}
 	log.Printf("cluster up in %s: export KUBECONFIG=%s", time.Since(t0).Round(time.Second), c.p("kubeconfig"))
+	return nil
+}
+
+// waitNode waits until node reports Ready (its kubelet logs to component).
+func (c *cluster) waitNode(node, component string) error {
+	if err := waitFor("node "+node, 120*time.Second, func() error {
+		out, err := c.kubectl("get", "node", node, "-o", `jsonpath={.status.conditions[?(@.type=="Ready")].status}`)
+		if err != nil || out != "True" {
+			return fmt.Errorf("Ready=%q %v", out, err)
+		}
+		return nil
+	}); err != nil {
+		return c.fail(err, component)
+	}
 	return nil
 }
 
@@ -354,7 +371,7 @@ podLogsDir: %s
 	}
 	return c.start("kubelet", filepath.Join(c.kubeBin, "kubelet"), "--config", c.p("kubelet", "config.yaml"),
 		"--kubeconfig", c.p("kubelet.kubeconfig"), "--root-dir", c.p("kubelet", "root"), "--hostname-override", NodeName,
-		"--node-labels", "unilet.dev/kvm=true")
+		"--node-labels", "unilet.dev/kvm=true,unilet.dev/ready=true") // the installer's label: the tool supervises unilet here
 }
 
 // down stops everything up started and removes what it made: pods (VMs and
@@ -363,8 +380,10 @@ func (c *cluster) down() error {
 	if _, err := os.Stat(c.dir); errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
+	c.downNode2()
 	c.stop("kubelet")
-	c.removePods()
+	c.removePodsAt(c.p("unilet", "unilet.sock"))
+	c.removePodsAt(c.p("containerd", "containerd.sock"))
 	c.stop("unilet")
 	c.stop("containerd")
 	for _, n := range []string{"coredns", "kube-proxy", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd", "registry"} {
@@ -382,7 +401,7 @@ func (c *cluster) down() error {
 	}
 	for _, d := range []string{"etcd", "containerd", "kubelet", "unilet", "cni", "netns", "work", "pki", "pids", "host-bin", "pod-logs",
 		"kubeconfig", "kubelet.kubeconfig", "controller-manager.kubeconfig", "scheduler.kubeconfig", "kube-proxy.kubeconfig", "coredns.kubeconfig",
-		"kube-proxy.yaml", "dns.yaml", "Corefile"} {
+		"kube-proxy.yaml", "dns.yaml", "Corefile", "node2", "kubelet2.kubeconfig"} {
 		if err := os.RemoveAll(c.p(d)); err != nil {
 			return fmt.Errorf("remove %s: %w", c.p(d), err)
 		}
@@ -390,27 +409,26 @@ func (c *cluster) down() error {
 	return nil
 }
 
-// removePods stops and removes every pod through unilet (VM pods) and
-// containerd (plain pods), so no VM, shim, netns or runc container is left.
-func (c *cluster) removePods() {
-	for _, sock := range []string{c.p("unilet", "unilet.sock"), c.p("containerd", "containerd.sock")} {
-		if dial("unix", sock) != nil {
-			continue
+// removePodsAt stops and removes every pod through the CRI socket sock
+// (unilet: VM pods; containerd: plain pods), so no VM, shim, netns or runc
+// container is left.
+func (c *cluster) removePodsAt(sock string) {
+	if dial("unix", sock) != nil {
+		return
+	}
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return
+	}
+	defer conn.Close()
+	rt := runtimeapi.NewRuntimeServiceClient(conn)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if l, err := rt.ListPodSandbox(ctx, &runtimeapi.ListPodSandboxRequest{}); err == nil {
+		for _, p := range l.GetItems() {
+			_, _ = rt.StopPodSandbox(ctx, &runtimeapi.StopPodSandboxRequest{PodSandboxId: p.GetId()})
+			_, _ = rt.RemovePodSandbox(ctx, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: p.GetId()})
 		}
-		conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
-		if err != nil {
-			continue
-		}
-		rt := runtimeapi.NewRuntimeServiceClient(conn)
-		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-		if l, err := rt.ListPodSandbox(ctx, &runtimeapi.ListPodSandboxRequest{}); err == nil {
-			for _, p := range l.GetItems() {
-				_, _ = rt.StopPodSandbox(ctx, &runtimeapi.StopPodSandboxRequest{PodSandboxId: p.GetId()})
-				_, _ = rt.RemovePodSandbox(ctx, &runtimeapi.RemovePodSandboxRequest{PodSandboxId: p.GetId()})
-			}
-		}
-		cancel()
-		conn.Close()
 	}
 }
 

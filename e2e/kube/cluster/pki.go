@@ -43,6 +43,8 @@ func (c *cluster) pki() error {
 		{name: "apiserver-kubelet", cn: "kube-apiserver-kubelet-client", org: "system:masters"},
 		{name: "admin", cn: "unilet-e2e-admin", org: "system:masters"},
 		{name: "kubelet-client", cn: "system:node:" + NodeName, org: "system:nodes"},
+		{name: "kubelet2", cn: Node2Name, server: true, ips: []string{Node2Name}},
+		{name: "kubelet2-client", cn: "system:node:" + Node2Name, org: "system:nodes"},
 		{name: "controller-manager", cn: "system:kube-controller-manager"},
 		{name: "scheduler", cn: "system:kube-scheduler"},
 		{name: "kube-proxy", cn: "system:kube-proxy"}, // bound to system:node-proxier by default
@@ -81,7 +83,7 @@ func (c *cluster) pki() error {
 
 // kubeconfigs writes the admin, kubelet, controller-manager, scheduler, kube-proxy and CoreDNS kubeconfigs.
 func (c *cluster) kubeconfigs() error {
-	for file, user := range map[string]string{"kubeconfig": "admin", "kubelet.kubeconfig": "kubelet-client",
+	for file, user := range map[string]string{"kubeconfig": "admin", "kubelet.kubeconfig": "kubelet-client", "kubelet2.kubeconfig": "kubelet2-client",
 		"controller-manager.kubeconfig": "controller-manager", "scheduler.kubeconfig": "scheduler",
 		"kube-proxy.kubeconfig": "kube-proxy", "coredns.kubeconfig": "coredns"} {
 		kc := fmt.Sprintf(`apiVersion: v1
