@@ -49,8 +49,9 @@ test-e2e: deps
 
 # Kubernetes end-to-end: a real kubelet, kube-apiserver, controller-manager,
 # scheduler and etcd (built from Go modules; cold ~10 min, then cached) with
-# unilet as the kubelet's runtime in front of Debian's containerd 1.6, driven
-# with kubectl; then a plain and unikernel pod subset in front of containerd 2.x.
+# unilet as the kubelet's runtime in front of Debian's containerd 1.6 (and a
+# second node without unilet), driven with kubectl; then a plain and unikernel
+# pod subset in front of containerd 2.x.
 test-kube: deps kube-bins
 	$(GO) test -count=1 -timeout 40m ./e2e/kube/...
 	@echo ">> again with containerd 2.x (built from Go modules) behind unilet: plain and unikernel pods"

@@ -2,6 +2,12 @@
 // kube-apiserver, kube-controller-manager, kube-scheduler and etcd built from
 // Go modules (e2e/kube/build.sh), brought up by e2e/kube/cluster with unilet
 // as the kubelet's runtime and containerd behind it, driven with kubectl.
+//
+// Specs that look at the whole node (no VM left, QEMU counts, the daemon
+// killed, the node's labels) run one at a time first; specs that touch only
+// their own objects call t.Parallel and then run together, so their waits
+// (crash-loop back-off, grace periods, kubelet's garbage collection, guests
+// booting) overlap.
 package kube_test
 
 import (
@@ -384,6 +390,7 @@ kind: Pod
 metadata: {name: plain}
 spec:
   automountServiceAccountToken: false
+  terminationGracePeriodSeconds: 1 # sleep as PID 1 ignores SIGTERM
   containers:
   - name: sh
     image: unilet.test/busybox:1

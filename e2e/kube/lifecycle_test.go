@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -22,6 +21,7 @@ import (
 // restartPolicy Always goes to CrashLoopBackOff with exit code 3, and
 // `kubectl logs --previous` shows the last run's console.
 func TestCrashLoopAndPrevious(t *testing.T) {
+	t.Parallel() // its own objects only: runs beside the other waiting specs
 	apply(t, vmPod("vm-crashloop", `"exit=3"`))
 	status := func(jp string) string {
 		out, _ := kubectl("get", "pod", "vm-crashloop", "-o", "jsonpath={.status.containerStatuses[0]."+jp+"}")
@@ -33,9 +33,13 @@ func TestCrashLoopAndPrevious(t *testing.T) {
 	require.Equal(t, "Error", status("lastState.terminated.reason"))
 	require.Contains(t, status("lastState.terminated.message"), "the application exited with status 3")
 	require.NotEqual(t, "0", status("restartCount"))
-	prev := must(t, "logs", "vm-crashloop", "--previous")
-	require.Contains(t, prev, "argv[1]: exit=3")
-	require.Contains(t, prev, "main returned 3, halting system")
+	// The previous run can change under us (the next one may end and
+	// replace it while we ask): ask until an answer holds its console.
+	var prev string
+	require.Eventually(t, func() bool {
+		prev, _ = kubectl("logs", "vm-crashloop", "--previous")
+		return strings.Contains(prev, "argv[1]: exit=3") && strings.Contains(prev, "main returned 3, halting system")
+	}, 60*time.Second, time.Second, "kubectl logs --previous: %q", prev)
 	require.Contains(t, must(t, "get", "pod", "vm-crashloop"), "CrashLoopBackOff")
 }
 
@@ -44,6 +48,7 @@ func TestCrashLoopAndPrevious(t *testing.T) {
 // GuestPanicked with the guest's last words, not OOMKilled (the host's OOM
 // kill is e2e/cri's TestGuestEndsAreToldApart).
 func TestGuestOutOfMemoryIsItsOwnPanic(t *testing.T) {
+	t.Parallel() // its own objects only: runs beside the other waiting specs
 	apply(t, fmt.Sprintf(`apiVersion: v1
 kind: Pod
 metadata:
@@ -96,6 +101,7 @@ func containerID(t *testing.T, pod string) string {
 // terminationGracePeriodSeconds: a guest ignoring the button still runs
 // after part of its grace period and is gone by its end (reason Killed).
 func TestGracePeriods(t *testing.T) {
+	t.Parallel() // its own objects only: runs beside the other waiting specs
 	pod := func(name, args string, grace int) {
 		apply(t, strings.Replace(vmPod(name, args), "spec:\n", fmt.Sprintf("spec:\n  terminationGracePeriodSeconds: %d\n", grace), 1))
 		waitLogs(t, name, "tick 2")
@@ -125,7 +131,8 @@ func TestGracePeriods(t *testing.T) {
 // --grace-period=0 --force` leave no QEMU, shim, network namespace, veth,
 // cgroup, VM directory or CRI record of the pod behind.
 func TestDeleteLeavesNothing(t *testing.T) {
-	type victim struct{ name, uid, id string }
+	t.Parallel() // pod-specific checks; it waits on kubelet's garbage collection
+	rt := criClient(t)
 	var vs []victim
 	for _, name := range []string{"vm-delete", "vm-force"} {
 		f := filepath.Join(t.TempDir(), name+".yaml")
@@ -135,7 +142,21 @@ func TestDeleteLeavesNothing(t *testing.T) {
 	for _, name := range []string{"vm-delete", "vm-force"} {
 		waitRunning(t, name)
 		require.Len(t, qemuOf(t, name), 1)
-		vs = append(vs, victim{name, must(t, "get", "pod", name, "-o", "jsonpath={.metadata.uid}"), containerID(t, name)})
+		v := victim{name: name, uid: must(t, "get", "pod", name, "-o", "jsonpath={.metadata.uid}"), id: containerID(t, name),
+			ip: must(t, "get", "pod", name, "-o", "jsonpath={.status.podIP}")}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		pods, err := rt.ListPodSandbox(ctx, &runtimeapi.ListPodSandboxRequest{Filter: &runtimeapi.PodSandboxFilter{
+			LabelSelector: map[string]string{"io.kubernetes.pod.uid": v.uid}}})
+		cancel()
+		require.NoError(t, err)
+		require.Len(t, pods.GetItems(), 1)
+		v.sandbox = pods.GetItems()[0].GetId()
+		// Every check sees the running pod (so none passes by looking in the wrong place).
+		running := strings.Join(v.leftovers(t, rt), "\n")
+		for _, what := range []string{"QEMU ", "shim ", "netns ", "IP lease ", "cgroup ", "VM directory ", "sandbox record ", "container record "} {
+			require.Contains(t, running, what, "a running pod's %s", what)
+		}
+		vs = append(vs, v)
 	}
 	must(t, "delete", "pod", "vm-force", "--grace-period=0", "--force")
 	must(t, "delete", "pod", "vm-delete", "--wait=true", "--timeout=60s")
@@ -144,61 +165,60 @@ func TestDeleteLeavesNothing(t *testing.T) {
 	for _, v := range vs {
 		var left []string
 		require.Eventually(t, func() bool {
-			left = leftovers(t, v.uid, v.id)
+			left = v.leftovers(t, rt)
 			return len(left) == 0
 		}, 120*time.Second, 500*time.Millisecond, "%s: left behind: %v", v.name, left)
 	}
 }
 
-// leftovers lists what remains of the pod uid with container id: its
-// QEMU or shim, a network namespace or veth, a cgroup, the VM directory and
-// the daemon's records.
-func leftovers(t *testing.T, uid, id string) []string {
+func criClient(t *testing.T) runtimeapi.RuntimeServiceClient {
+	conn, err := grpc.NewClient("unix://"+filepath.Join(clusterDir, "unilet", "unilet.sock"), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	require.NoError(t, err)
+	t.Cleanup(func() { conn.Close() })
+	return runtimeapi.NewRuntimeServiceClient(conn)
+}
+
+// victim is a VM pod whose remains a test looks for.
+type victim struct{ name, uid, id, sandbox, ip string }
+
+// leftovers lists what remains of the pod: its QEMU or shim, its network
+// namespace, its IP lease (CNI DEL releases it and removes the veth), a
+// cgroup, the VM directory and the daemon's records.
+func (v victim) leftovers(t *testing.T, rt runtimeapi.RuntimeServiceClient) []string {
 	var left []string
+	vmDir := filepath.Join(clusterDir, "unilet", "run", "vm", v.id[:16]) // runtime/manager names VM directories so
 	for _, q := range testutil.QEMUsUnder(clusterDir) {
-		if strings.Contains(q.VMDir, id) {
+		if q.VMDir == vmDir {
 			left = append(left, "QEMU "+q.Cmdline)
 		}
 	}
-	for _, pid := range testutil.ShimsUnder(clusterDir) {
-		cmd, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-		if strings.Contains(string(cmd), id) {
-			left = append(left, fmt.Sprintf("shim %d", pid))
-		}
+	for _, pid := range testutil.ShimsServing(vmDir) {
+		left = append(left, fmt.Sprintf("shim %d", pid))
 	}
-	if ents, _ := os.ReadDir(filepath.Join(clusterDir, "netns")); len(ents) > 0 {
-		for _, e := range ents {
-			left = append(left, "netns "+e.Name())
-		}
+	if _, err := os.Stat(filepath.Join(clusterDir, "netns", "unilet-"+v.sandbox)); err == nil {
+		left = append(left, "netns unilet-"+v.sandbox)
 	}
-	if links, _ := exec.Command("ip", "-o", "link", "show", "master", "unilet-k8s0").Output(); len(links) > 0 {
-		for _, l := range strings.Split(strings.TrimSpace(string(links)), "\n") {
-			left = append(left, "veth "+l)
-		}
+	if b, err := os.ReadFile(filepath.Join(clusterDir, "cni", "ipam", "unilet-e2e", v.ip)); err == nil && strings.Contains(string(b), v.sandbox) {
+		left = append(left, "IP lease "+v.ip)
 	}
-	// Every plain or VM pod of the e2e cluster lives under /kubepods.
+	// Every plain or VM pod of the e2e cluster's first node lives under /kubepods.
 	_ = filepath.WalkDir("/sys/fs/cgroup/memory/kubepods", func(p string, d os.DirEntry, err error) error {
-		if err == nil && d.IsDir() && (strings.Contains(p, id) || strings.Contains(p, "pod"+uid)) {
+		if err == nil && d.IsDir() && (strings.Contains(p, v.id) || strings.Contains(p, "pod"+v.uid)) {
 			left = append(left, "cgroup "+p)
 		}
 		return nil
 	})
-	if _, err := os.Stat(filepath.Join(clusterDir, "unilet", "run", "vm", id)); err == nil {
-		left = append(left, "VM directory "+id)
+	if _, err := os.Stat(vmDir); err == nil {
+		left = append(left, "VM directory "+vmDir)
 	}
-	conn, err := grpc.NewClient("unix://"+filepath.Join(clusterDir, "unilet", "unilet.sock"), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	require.NoError(t, err)
-	defer conn.Close()
-	rt := runtimeapi.NewRuntimeServiceClient(conn)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	pods, err := rt.ListPodSandbox(ctx, &runtimeapi.ListPodSandboxRequest{Filter: &runtimeapi.PodSandboxFilter{
-		LabelSelector: map[string]string{"io.kubernetes.pod.uid": uid}}})
+	pods, err := rt.ListPodSandbox(ctx, &runtimeapi.ListPodSandboxRequest{Filter: &runtimeapi.PodSandboxFilter{Id: v.sandbox}})
 	require.NoError(t, err)
 	for _, p := range pods.GetItems() {
 		left = append(left, "sandbox record "+p.GetId()+" "+p.GetState().String())
 	}
-	ctrs, err := rt.ListContainers(ctx, &runtimeapi.ListContainersRequest{Filter: &runtimeapi.ContainerFilter{Id: id}})
+	ctrs, err := rt.ListContainers(ctx, &runtimeapi.ListContainersRequest{Filter: &runtimeapi.ContainerFilter{Id: v.id}})
 	require.NoError(t, err)
 	for _, c := range ctrs.GetContainers() {
 		left = append(left, "container record "+c.GetId()+" "+c.GetState().String())

@@ -66,6 +66,7 @@ metadata: {name: node2-client}
 spec:
   nodeName: %[3]s
   automountServiceAccountToken: false
+  terminationGracePeriodSeconds: 1 # sleep as PID 1 ignores SIGTERM
   containers:
   - name: sh
     image: unilet.test/busybox:1

@@ -22,6 +22,7 @@ import (
 // its cluster DNS name (CoreDNS behind kube-system/kube-dns); the NodePort
 // on the node's address reaches them too.
 func TestServiceBalancesAcrossUnikernelReplicas(t *testing.T) {
+	t.Parallel() // its own objects only: runs beside the other waiting specs
 	apply(t, example(t, "service-deployment.yaml"))
 	apply(t, fmt.Sprintf(`# Selected by the Service, never ready: its guest runs no server.
 apiVersion: v1
@@ -120,6 +121,7 @@ kind: Pod
 metadata: {name: %s}
 spec:
   automountServiceAccountToken: false
+  terminationGracePeriodSeconds: 1 # sleep as PID 1 ignores SIGTERM
   containers:
   - name: sh
     image: unilet.test/busybox:1

@@ -14,6 +14,7 @@ import (
 // resolves (from a plain pod) to that member's pod IP; scaling 3 → 1 → 3 and
 // deleting a member bring the same names back, resolving to the new pods.
 func TestStatefulSetMembersByName(t *testing.T) {
+	t.Parallel() // its own objects only: runs beside the other waiting specs
 	apply(t, example(t, "statefulset.yaml"))
 	plainClient(t, "dns-client")
 	// resolves checks that each member's name resolves to its pod IP and

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -178,6 +179,36 @@ func QEMUsUnder(dir string) []QEMUProc {
 // through /proc, never by a machine-wide pattern. Idle pool shims and
 // template RAM holders are not listed (ProcsUnder lists them).
 func ShimsUnder(dir string) []int { return procsUnder("unilet-shim", dir, "--dir") }
+
+// ShimsServing lists the PIDs of the unilet-shims serving the VM directory
+// vmDir: started for it (--dir) or taken from the shim pool for it (an open
+// file under it: the shim's log).
+func ShimsServing(vmDir string) []int {
+	started := ShimsUnder(vmDir)
+	var out []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if path, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); filepath.Base(strings.TrimSuffix(path, " (deleted)")) != "unilet-shim" {
+			continue
+		}
+		if slices.Contains(started, pid) {
+			out = append(out, pid)
+			continue
+		}
+		fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+		for _, fd := range fds {
+			if t, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name())); strings.HasPrefix(t, vmDir+"/") {
+				out = append(out, pid)
+				break
+			}
+		}
+	}
+	return out
+}
 
 // ProcsUnder lists the PIDs of processes of the executable named exe with
 // an argument naming dir or a path under it.
