@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -275,21 +276,51 @@ func TestNoLeaksAfterManyPodCycles(t *testing.T) {
 	d := startDaemon(t, "--upstream-endpoint", "")
 	d.must("pull", image())
 	ctrCfg := containerConfig(t, image(), []string{"tick=50"}, nil)
-	const cycles = 50
-	for i := 0; i < cycles; i++ {
-		podCfg := writeJSON(t, map[string]any{
-			"metadata":      map[string]any{"name": fmt.Sprintf("cycle-%d", i), "namespace": "e2e", "uid": fmt.Sprintf("cycle-%d", i)},
+	// Two clients cycle pods at once (as kubelet's workers do): 2 × 25.
+	const cycles, workers = 50, 2
+	podCfgs := make([]string, cycles)
+	for i := range podCfgs {
+		name := fmt.Sprintf("cycle-%d", i)
+		podCfgs[i] = writeJSON(t, map[string]any{
+			"metadata":      map[string]any{"name": name, "namespace": "e2e", "uid": name},
 			"log_directory": filepath.Join(t.TempDir(), "pods"),
 			"annotations":   map[string]string{"kubernetes.io/target-runtime": "unikraft"},
 			"linux":         map[string]any{"cgroup_parent": d.cgroupRoot + "/cycles"},
 		})
-		ctr := d.must("run", ctrCfg, podCfg)
-		if i%10 == 0 { // now and then, check the VM really ran networked
-			d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
-			require.Len(t, listDir(t, d.netnsDir), 1)
-		}
-		pods := d.must("pods", "-q")
-		d.must("rmp", "-f", pods)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, workers)
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			for i := w; i < cycles; i += workers {
+				name := fmt.Sprintf("cycle-%d", i)
+				ctr, err := d.crictl("run", ctrCfg, podCfgs[i])
+				if err == nil && i%10 == 0 { // now and then, check the VM really ran networked
+					err = d.waitRunningErr(ctr, 10*time.Second)
+					if err == nil && len(listDir(t, d.netnsDir)) == 0 {
+						err = fmt.Errorf("%s runs without a network namespace", name)
+					}
+				}
+				var pod string
+				if err == nil {
+					pod, err = d.crictl("pods", "-q", "--name", "^"+name+"$")
+				}
+				if err == nil {
+					_, err = d.crictl("rmp", "-f", pod)
+				}
+				if err != nil {
+					errs <- fmt.Errorf("%s: %w", name, err)
+					return
+				}
+			}
+		}(w)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		require.NoError(t, err)
 	}
 	require.Empty(t, d.must("pods", "-q"))
 	require.Empty(t, listDir(t, d.netnsDir), "network namespaces left")
@@ -307,6 +338,23 @@ func TestNoLeaksAfterManyPodCycles(t *testing.T) {
 		10*time.Second, 100*time.Millisecond, "VM cgroups left: %v", listDir(t, "/sys/fs/cgroup/memory"+d.cgroupRoot+"/cycles"))
 	require.Empty(t, qemuProcesses(t, d.stateDir))
 	require.Empty(t, testutil.ShimsUnder(d.stateDir), "shims left")
+}
+
+// waitRunningErr waits until container id runs (usable off the test's
+// goroutine: it fails with an error, not the test).
+func (d *daemon) waitRunningErr(id string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		out, err := d.crictl("inspect", "-o", "json", id)
+		var in inspect
+		if err == nil && json.Unmarshal([]byte(out), &in) == nil && in.Status.State == "CONTAINER_RUNNING" {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("container %s not running after %s (%v)", id, timeout, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // listDir lists the entries of dir (none if it does not exist), cgroup

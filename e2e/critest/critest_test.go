@@ -46,6 +46,7 @@ var (
 	repoRoot       string
 	binDir         string
 	critestBin     string
+	ginkgoDir      string // holds the ginkgo CLI critest -parallel runs
 	containerd2Bin string
 	netns          string // the bind-mounted network namespace everything runs in
 	mirrorHost     string // the registry, on the namespace's loopback
@@ -76,6 +77,13 @@ func setup(m *testing.M) (int, error) {
 	critestBin = filepath.Join(out, "critest")
 	if err := run(filepath.Join(repoRoot, "hack", "tools"), []string{"GOSUMDB=off", "GOFLAGS=-mod=mod"},
 		"go", "test", "-c", "-o", critestBin, "sigs.k8s.io/cri-tools/cmd/critest"); err != nil {
+		return 0, err
+	}
+	// critest -parallel runs its specs on several ginkgo nodes through the
+	// ginkgo CLI (the version cri-tools is built with), found on PATH.
+	ginkgoDir = filepath.Join(out, "ginkgo-bin")
+	if err := run(filepath.Join(repoRoot, "hack", "tools"), []string{"GOSUMDB=off", "GOFLAGS=-mod=mod"},
+		"go", "build", "-o", ginkgoDir+"/", "github.com/onsi/ginkgo/v2/ginkgo"); err != nil {
 		return 0, err
 	}
 	containerd2Bin = filepath.Join(repoRoot, "_output", "containerd2", "bin")

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -211,6 +212,10 @@ func (r result) failed() []string {
 	return out
 }
 
+// critestParallel is how many ginkgo nodes run critest's specs at once:
+// most specs wait on the runtime, so several overlap well on two cores.
+const critestParallel = 3
+
 // runSuite runs critest against sock (inside the namespace) and returns the
 // state of every spec; a suite that does not finish within 15 minutes fails
 // the test.
@@ -221,8 +226,10 @@ func runSuite(t *testing.T, label, sock string, extra ...string) result {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 	args := append([]string{"--net=" + netns, "--", critestBin, "-runtime-endpoint", "unix://" + sock,
-		"-image-endpoint", "unix://" + sock, "-ginkgo.json-report", report, "-ginkgo.no-color", "-ginkgo.v", "-ginkgo.timeout", "15m"}, extra...)
+		"-image-endpoint", "unix://" + sock, "-parallel", strconv.Itoa(critestParallel),
+		"-ginkgo.json-report", report, "-ginkgo.no-color", "-ginkgo.v", "-ginkgo.timeout", "15m"}, extra...)
 	cmd := exec.CommandContext(ctx, "nsenter", args...)
+	cmd.Env = append(os.Environ(), "PATH="+ginkgoDir+":"+os.Getenv("PATH"))
 	cmd.Dir = work // no crictl.yaml here: the flags decide
 	logPath := filepath.Join(work, "critest.log")
 	lf, err := os.Create(logPath)

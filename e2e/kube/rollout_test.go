@@ -91,7 +91,7 @@ func daemonManifest(t *testing.T, image string) string {
 func TestDaemonSetRollout(t *testing.T) {
 	apply(t, vmPod("vm-rollout", `"tick=200"`))
 	waitRunning(t, "vm-rollout")
-	vms := qemuFor(t)
+	vms := qemuOf(t, "vm-rollout") // by pod: PIDs may wrap, so /proc order says nothing
 	require.Len(t, vms, 1)
 
 	// The installer labels the node ready once its daemon answers and
@@ -131,7 +131,7 @@ func TestDaemonSetRollout(t *testing.T) {
 	// the DaemonSet tolerates every taint.
 	require.Equal(t, node, must(t, "-n", "unilet-system", "get", "pods", "-l", "app.kubernetes.io/name=unilet", "-o", "jsonpath={.items[*].spec.nodeName}"))
 	require.FileExists(t, filepath.Join(clusterDir, "host-bin", "unilet"), "binaries installed on the host")
-	require.Equal(t, vms, qemuFor(t), "the VM runs on through the takeover")
+	require.Equal(t, vms, qemuOf(t, "vm-rollout"), "the VM runs on through the takeover")
 	apply(t, vmPod("vm-after-v1", `"tick=200"`))
 	waitRunning(t, "vm-after-v1")
 
@@ -139,7 +139,7 @@ func TestDaemonSetRollout(t *testing.T) {
 	must(t, "-n", "unilet-system", "set", "image", "daemonset/unilet", "installer="+img2)
 	waitVersion("e2e-v2")
 	ready("true")
-	require.Equal(t, vms[0], qemuFor(t)[0], "the first VM runs on through the rollout")
+	require.Equal(t, vms, qemuOf(t, "vm-rollout"), "the first VM runs on through the rollout")
 	waitPod(t, "vm-rollout", "{.status.containerStatuses[0].restartCount}", "0", 5*time.Second)
 	waitLogs(t, "vm-rollout", "tick 5")
 	apply(t, vmPod("vm-after-v2", `"tick=200"`))
