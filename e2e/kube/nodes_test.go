@@ -59,26 +59,13 @@ metadata: {name: mn-web}
 spec:
   selector: {app: mn-web}
   ports: [{port: 80, targetPort: 8080}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: node2-client}
-spec:
-  nodeName: %[3]s
-  automountServiceAccountToken: false
-  terminationGracePeriodSeconds: 1 # sleep as PID 1 ignores SIGTERM
-  containers:
-  - name: sh
-    image: unilet.test/busybox:1
-    imagePullPolicy: Never
-    command: ["sleep", "3600"]
-`, registry, node2Taint, node2))
+`, registry, node2Taint))
 	must(t, "rollout", "status", "deployment/mn-web", "--timeout=300s")
 	nodes := strings.Fields(must(t, "get", "pods", "-l", "app=mn-web", "-o", "jsonpath={.items[*].spec.nodeName}"))
 	require.Equal(t, []string{"localhost", "localhost", "localhost", "localhost"}, nodes)
 
 	// From the second node's pod network, through the Service, to the VMs.
-	waitRunning(t, "node2-client")
+	plainClient(t, "node2-client", node2)
 	require.True(t, strings.HasPrefix(must(t, "get", "pod", "node2-client", "-o", "jsonpath={.status.podIP}"), "198.19.1."))
 	names := strings.Fields(must(t, "get", "pods", "-l", "app=mn-web", "-o", "jsonpath={.items[*].metadata.name}"))
 	var out string

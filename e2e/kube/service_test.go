@@ -113,13 +113,17 @@ func example(t *testing.T, name string) string {
 }
 
 // plainClient runs a plain (runc) busybox pod that sleeps, to run
-// clients in with kubectl exec.
-func plainClient(t *testing.T, name string) {
+// clients in with kubectl exec; on the node named, if one is.
+func plainClient(t *testing.T, name string, node ...string) {
 	t.Helper()
+	spec := ""
+	if len(node) > 0 {
+		spec = "\n  nodeName: " + node[0]
+	}
 	apply(t, fmt.Sprintf(`apiVersion: v1
 kind: Pod
 metadata: {name: %s}
-spec:
+spec:%s
   automountServiceAccountToken: false
   terminationGracePeriodSeconds: 1 # sleep as PID 1 ignores SIGTERM
   containers:
@@ -127,7 +131,7 @@ spec:
     image: unilet.test/busybox:1
     imagePullPolicy: Never
     command: ["sleep", "3600"]
-`, name))
+`, name, spec))
 	waitRunning(t, name)
 }
 

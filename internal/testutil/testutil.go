@@ -12,7 +12,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -184,30 +183,18 @@ func ShimsUnder(dir string) []int { return procsUnder("unilet-shim", dir, "--dir
 // vmDir: started for it (--dir) or taken from the shim pool for it (an open
 // file under it: the shim's log).
 func ShimsServing(vmDir string) []int {
-	started := ShimsUnder(vmDir)
-	var out []int
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if path, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); filepath.Base(strings.TrimSuffix(path, " (deleted)")) != "unilet-shim" {
-			continue
-		}
-		if slices.Contains(started, pid) {
-			out = append(out, pid)
-			continue
+	return procsOf("unilet-shim", func(pid int, args []string) bool {
+		if underAfter(args, vmDir, "--dir") {
+			return true
 		}
 		fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
 		for _, fd := range fds {
 			if t, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name())); strings.HasPrefix(t, vmDir+"/") {
-				out = append(out, pid)
-				break
+				return true
 			}
 		}
-	}
-	return out
+		return false
+	})
 }
 
 // ProcsUnder lists the PIDs of processes of the executable named exe with
@@ -217,6 +204,26 @@ func ProcsUnder(exe, dir string) []int { return procsUnder(exe, dir, "") }
 // procsUnder: ProcsUnder, counting only the argument after flag if flag
 // is not empty.
 func procsUnder(exe, dir, flag string) []int {
+	return procsOf(exe, func(_ int, args []string) bool { return underAfter(args, dir, flag) })
+}
+
+// underAfter reports whether an argument (the one after flag, if flag is
+// not empty) is dir or a path under it.
+func underAfter(args []string, dir, flag string) bool {
+	for i := 1; i < len(args); i++ {
+		if flag != "" && args[i-1] != flag {
+			continue
+		}
+		if a := args[i]; a == dir || strings.HasPrefix(a, dir+"/") {
+			return true
+		}
+	}
+	return false
+}
+
+// procsOf lists the PIDs of processes of the executable named exe that
+// match (given their PID and arguments).
+func procsOf(exe string, match func(pid int, args []string) bool) []int {
 	var out []int
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
@@ -229,16 +236,8 @@ func procsUnder(exe, dir, flag string) []int {
 			continue
 		}
 		cmd, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-		args := strings.Split(string(cmd), "\x00")
-		for i := 1; i < len(args); i++ {
-			a := args[i]
-			if flag != "" && args[i-1] != flag {
-				continue
-			}
-			if a == dir || strings.HasPrefix(a, dir+"/") {
-				out = append(out, pid)
-				break
-			}
+		if match(pid, strings.Split(string(cmd), "\x00")) {
+			out = append(out, pid)
 		}
 	}
 	return out

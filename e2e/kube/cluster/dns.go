@@ -24,14 +24,19 @@ const (
 // (the CNI bridge plugin takes it as it finds it), so CoreDNS can listen
 // there from the start.
 func (c *cluster) bridge() error {
-	for _, args := range [][]string{
-		{"link", "add", Bridge, "type", "bridge"},
-		{"addr", "add", BridgeIP + "/24", "dev", Bridge},
-		{"link", "set", Bridge, "up"},
-		// Service addresses kube-proxy has not translated (yet) stay on
-		// the bridge, never the node's default route.
-		{"route", "add", ServiceSubnet, "dev", Bridge},
-	} {
+	// Service addresses kube-proxy has not translated (yet) stay on the
+	// bridge, never the node's default route.
+	return makeBridge(Bridge, BridgeIP, []string{"route", "add", ServiceSubnet, "dev", Bridge})
+}
+
+// makeBridge creates a node's CNI bridge with its gateway address gw/24,
+// then runs the extra ip commands.
+func makeBridge(name, gw string, extra ...[]string) error {
+	for _, args := range append([][]string{
+		{"link", "add", name, "type", "bridge"},
+		{"addr", "add", gw + "/24", "dev", name},
+		{"link", "set", name, "up"},
+	}, extra...) {
 		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
 			return fmt.Errorf("ip %v: %v: %s", args, err, out)
 		}

@@ -296,29 +296,37 @@ func (c *cluster) fail(err error, component string) error {
 }
 
 func (c *cluster) containerd() error {
-	conf := fmt.Sprintf(`{"cniVersion": "1.0.0", "name": "unilet-e2e", "plugins": [
+	return c.nodeContainerd("containerd", c.dir, "unilet-e2e", Bridge, PodSubnet, BridgeIP)
+}
+
+// nodeContainerd writes a node's CNI network (bridge + host-local + portmap
+// in subnet, gateway gw) and starts its containerd (component name, state
+// under dir), then imports the offline base images into it.
+func (c *cluster) nodeContainerd(name, dir, network, bridge, subnet, gw string) error {
+	in := func(parts ...string) string { return filepath.Join(append([]string{dir}, parts...)...) }
+	conf := fmt.Sprintf(`{"cniVersion": "1.0.0", "name": %q, "plugins": [
   {"type": "bridge", "bridge": %q, "isGateway": true, "ipMasq": false, "hairpinMode": true,
-   "ipam": {"type": "host-local", "dataDir": %q, "ranges": [[{"subnet": %q, "gateway": "198.19.0.1"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
-  {"type": "portmap", "capabilities": {"portMappings": true}}]}`, Bridge, c.p("cni", "ipam"), PodSubnet)
-	if err := os.WriteFile(c.p("cni", "net.d", "10-unilet-e2e.conflist"), []byte(conf), 0o644); err != nil {
+   "ipam": {"type": "host-local", "dataDir": %q, "ranges": [[{"subnet": %q, "gateway": %q}]], "routes": [{"dst": "0.0.0.0/0"}]}},
+  {"type": "portmap", "capabilities": {"portMappings": true}}]}`, network, bridge, in("cni", "ipam"), subnet, gw)
+	if err := os.WriteFile(in("cni", "net.d", "10-"+network+".conflist"), []byte(conf), 0o644); err != nil {
 		return err
 	}
-	sock := c.p("containerd", "containerd.sock")
+	sock := in("containerd", "containerd.sock")
 	bin, env := "containerd", []string(nil)
 	if c.containerdBin != "" { // containerd 2.x (hack/containerd2), its own shim first on PATH
 		bin = filepath.Join(c.containerdBin, "containerd")
 		env = []string{"PATH=" + c.containerdBin + ":" + os.Getenv("PATH")}
 	}
-	cfg := testimages.ContainerdDirs{Root: c.p("containerd", "root"), State: c.p("containerd", "state"), Sock: sock,
-		CNIBin: testutil.CNIBinDir(), CNIConf: c.p("cni", "net.d")}.Config(c.containerdBin != "")
-	if err := os.WriteFile(c.p("containerd", "config.toml"), []byte(cfg), 0o644); err != nil {
+	cfg := testimages.ContainerdDirs{Root: in("containerd", "root"), State: in("containerd", "state"), Sock: sock,
+		CNIBin: testutil.CNIBinDir(), CNIConf: in("cni", "net.d")}.Config(c.containerdBin != "")
+	if err := os.WriteFile(in("containerd", "config.toml"), []byte(cfg), 0o644); err != nil {
 		return err
 	}
-	if err := c.startEnv("containerd", env, bin, "--config", c.p("containerd", "config.toml")); err != nil {
+	if err := c.startEnv(name, env, bin, "--config", in("containerd", "config.toml")); err != nil {
 		return err
 	}
-	if err := waitFor("containerd", 30*time.Second, func() error { return dial("unix", sock) }); err != nil {
-		return c.fail(err, "containerd")
+	if err := waitFor(name, 30*time.Second, func() error { return dial("unix", sock) }); err != nil {
+		return c.fail(err, name)
 	}
 	return testimages.ImportBase(c.repo, c.p("work"), sock)
 }

@@ -5,9 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"time"
 
-	"github.com/unilet-dev/unilet/internal/testimages"
 	"github.com/unilet-dev/unilet/internal/testutil"
 	"github.com/unilet-dev/unilet/pkg/cgroups"
 )
@@ -39,42 +37,13 @@ func (c *cluster) node2() error {
 			return err
 		}
 	}
-	for _, args := range [][]string{
-		{"link", "add", Node2Bridge, "type", "bridge"},
-		{"addr", "add", Node2Name + "/24", "dev", Node2Bridge},
-		{"link", "set", Node2Bridge, "up"},
-	} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
-			return fmt.Errorf("ip %v: %v: %s", args, err, out)
-		}
+	if err := makeBridge(Node2Bridge, Node2Name); err != nil {
+		return err
 	}
-	conf := fmt.Sprintf(`{"cniVersion": "1.0.0", "name": "unilet-e2e-node2", "plugins": [
-  {"type": "bridge", "bridge": %q, "isGateway": true, "ipMasq": false, "hairpinMode": true,
-   "ipam": {"type": "host-local", "dataDir": %q, "ranges": [[{"subnet": %q, "gateway": %q}]], "routes": [{"dst": "0.0.0.0/0"}]}},
-  {"type": "portmap", "capabilities": {"portMappings": true}}]}`, Node2Bridge, c.n2("cni", "ipam"), Node2Subnet, Node2Name)
-	if err := os.WriteFile(c.n2("cni", "net.d", "10-unilet-e2e-node2.conflist"), []byte(conf), 0o644); err != nil {
+	if err := c.nodeContainerd("node2-containerd", c.n2(), "unilet-e2e-node2", Node2Bridge, Node2Subnet, Node2Name); err != nil {
 		return err
 	}
 	sock := c.n2("containerd", "containerd.sock")
-	bin, env := "containerd", []string(nil)
-	if c.containerdBin != "" {
-		bin = filepath.Join(c.containerdBin, "containerd")
-		env = []string{"PATH=" + c.containerdBin + ":" + os.Getenv("PATH")}
-	}
-	cfg := testimages.ContainerdDirs{Root: c.n2("containerd", "root"), State: c.n2("containerd", "state"), Sock: sock,
-		CNIBin: testutil.CNIBinDir(), CNIConf: c.n2("cni", "net.d")}.Config(c.containerdBin != "")
-	if err := os.WriteFile(c.n2("containerd", "config.toml"), []byte(cfg), 0o644); err != nil {
-		return err
-	}
-	if err := c.startEnv("node2-containerd", env, bin, "--config", c.n2("containerd", "config.toml")); err != nil {
-		return err
-	}
-	if err := waitFor("node2 containerd", 30*time.Second, func() error { return dial("unix", sock) }); err != nil {
-		return c.fail(err, "node2-containerd")
-	}
-	if err := testimages.ImportBase(c.repo, c.p("work"), sock); err != nil {
-		return err
-	}
 	// kubelet checks that its cgroup root exists.
 	if err := cgroups.MakeTree(Node2CgroupRt); err != nil {
 		return err
