@@ -5,7 +5,7 @@ OUT := _output
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/unilet-dev/unilet/pkg/version.Version=$(VERSION)
 
-.PHONY: all deps proto build test test-unit test-fuzz test-e2e test-kube test-critest vet demo demo-down demo-cri guest clean kube-bins bench bench-quick cluster-up cluster-down
+.PHONY: all deps proto build prebuild test test-unit test-fuzz test-e2e test-kube test-critest vet demo demo-down demo-cri guest clean kube-bins bench bench-quick cluster-up cluster-down
 
 all: build
 
@@ -67,7 +67,18 @@ test-kube: deps kube-bins
 test-critest: deps
 	$(GO) test -count=1 -timeout 45m ./e2e/critest/...
 
-test: deps vet test-unit test-fuzz test-e2e test-kube test-critest
+# All lanes, in order; the builds the last two need run in the background
+# meanwhile (hack/test-all.sh).
+test: deps
+	./hack/test-all.sh
+
+# What the Kubernetes and CRI-validation lanes build: Kubernetes, etcd,
+# CoreDNS, containerd 2.x and their test binaries (into the build cache).
+prebuild: kube-bins
+	./hack/containerd2/build.sh $(OUT)/containerd2/bin
+	$(GO) test -c -o /dev/null ./e2e/kube/
+	$(GO) test -c -o /dev/null ./e2e/critest/
+	@echo ">> prebuild done"
 
 KUBE_BIN := $(OUT)/kube/bin
 kube-bins:
