@@ -18,6 +18,8 @@ type JailSpec struct {
 	UID    uint32
 	GID    uint32
 	Groups []uint32 `json:",omitempty"`
+	// Pod is the pod whose VMs share UID and GID ("" = none; manager.JailIDs).
+	Pod string `json:",omitempty"`
 	// Helper is the binary started as the jail helper: one whose main
 	// calls jail.Main when jail.IsHelper (default: this executable).
 	Helper string `json:",omitempty"`

@@ -17,14 +17,16 @@ import (
 
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/image"
+	"github.com/unilet-dev/unilet/pkg/vmnet"
 	"github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/templates"
 )
 
 // CreateContainer turns the container config into a VM spec (kernel command
 // line validated now, so a bad pod fails here with InvalidArgument). The
-// checks against the pod (ready, name unique, one VM) and the insertion
-// happen under the sandbox's lock, so two creates cannot both pass them.
+// checks against the pod (ready, name unique, ports its own), the choice of
+// its VM's tap and the insertion happen under the sandbox's lock, so two
+// creates cannot both pass them.
 func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateContainerRequest) (*runtimeapi.CreateContainerResponse, error) {
 	cfg := r.GetConfig()
 	if cfg == nil || cfg.GetMetadata() == nil || cfg.GetMetadata().GetName() == "" {
@@ -63,6 +65,10 @@ func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateConta
 	if err != nil {
 		return nil, err
 	}
+	ports, err := ContainerPorts(cfg.GetAnnotations())
+	if err != nil {
+		return nil, errorf(codes.InvalidArgument, "container %q: %v", cfg.GetMetadata().GetName(), err)
+	}
 	log := logrus.WithFields(logrus.Fields{"sandbox": sb.ID(), "container": id, "image": cfg.GetImage().GetImage()})
 	for _, w := range warnings {
 		log.Warn(w)
@@ -80,8 +86,12 @@ func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateConta
 			return nil, errorf(codes.AlreadyExists, "container %q (attempt %d) already exists in pod %s as %s", m.GetName(), m.GetAttempt(), sb.ID(), c.ID())
 		}
 	}
-	if other := s.liveIn(sb.ID(), ""); other != nil {
-		return nil, errOneVM(sb.ID(), name, other)
+	if len(meta.Machine.NICs) > 0 {
+		tap, err := s.assignTap(sb, name, ports)
+		if err != nil {
+			return nil, err
+		}
+		meta.Machine.NICs[0].Tap = vmnet.TapName(tap)
 	}
 	// The staged shim's cgroup becomes this container's: no migration later.
 	// A staged warm clone serves only the container it was made for, if
@@ -100,6 +110,9 @@ func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateConta
 			log.WithError(cerr).Warn("clean up after a failed create")
 		}
 		return nil, err
+	}
+	if err := s.routePod(sb); err != nil {
+		log.WithError(err).Warn("the pod's routing does not have the new container's ports yet; its start retries")
 	}
 	s.emit(c, runtimeapi.ContainerEventType_CONTAINER_CREATED_EVENT)
 	log.Debug("unikernel container created")
@@ -164,7 +177,8 @@ func (s *Service) containerSpec(id string, sb *sandbox, cfg *runtimeapi.Containe
 	var warnings []string
 	var nics []runtime.NIC
 	if net := sb.Status().Net; net != nil {
-		nics = []runtime.NIC{{Tap: TapName, NetNS: sb.Meta().NetNS, MAC: sb.Status().MAC}}
+		// Its tap is assigned under the pod's lock (assignTap).
+		nics = []runtime.NIC{{Tap: vmnet.TapName(0), NetNS: sb.Meta().NetNS, MAC: sb.Status().MAC}}
 		if features.Has(FeatureNetdev) {
 			p, err := NetdevParam(net, sb.Status().Guest, sbCfg.GetHostname(), sbCfg.GetDnsConfig())
 			if err != nil {
@@ -271,25 +285,6 @@ func statDir(p string) (bool, error) {
 		return false, err
 	}
 	return fi.IsDir(), nil
-}
-
-// liveIn returns a container of the sandbox (other than except) whose VM
-// runs or is starting; the caller holds the sandbox's lock.
-func (s *Service) liveIn(sandboxID, except string) *container {
-	for _, c := range s.containersOf(sandboxID) {
-		if c.ID() != except && c.Status().State.Live() {
-			return c
-		}
-	}
-	return nil
-}
-
-// errOneVM explains the one-VM-per-pod rule (docs/annotations.md).
-func errOneVM(sandboxID, name string, running *container) error {
-	return errorf(codes.FailedPrecondition,
-		"container %q cannot run: unikernel pod %s already runs container %q (%s) and a unikernel pod runs one VM at a time, "+
-			"because the pod IP belongs to that VM's NIC. Init containers run one after another; run sidecars in a separate pod",
-		name, sandboxID, running.Meta().Config.GetMetadata().GetName(), running.ID())
 }
 
 func dedupEnv(env []string) []string {

@@ -76,6 +76,7 @@ func (s *Service) removeContainer(ctx context.Context, c *container) error {
 	if err := s.containers.Delete(c); err != nil {
 		return err
 	}
+	s.reroute(c.Meta().SandboxID) // its ports are no longer routed
 	s.emit(c, runtimeapi.ContainerEventType_CONTAINER_DELETED_EVENT)
 	logrus.WithFields(logrus.Fields{"sandbox": c.Meta().SandboxID, "container": c.ID()}).Debug("unikernel container removed")
 	return nil

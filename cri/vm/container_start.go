@@ -39,14 +39,14 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 	defer cancel()
 	var staged = c.Status().staged
 	// The pod's checks and the transition to Starting are one step under
-	// the sandbox's lock (two containers of a pod cannot both start).
+	// the sandbox's lock (two VMs cannot both start on one tap).
 	sb.Lifecycle.Lock()
 	err = func() error {
 		if sb.Status().State != store.SandboxReady {
 			return errorf(codes.FailedPrecondition, "pod sandbox %s is not ready", sb.ID())
 		}
-		if other := s.liveIn(sb.ID(), c.ID()); other != nil {
-			return errOneVM(sb.ID(), m.Config.GetMetadata().GetName(), other)
+		if holder := s.tapHolder(sb, c); holder != nil {
+			return errTapBusy(sb, c, holder)
 		}
 		return c.Update(func(st containerStatus) (containerStatus, error) {
 			if st.State != store.ContainerCreated {
@@ -64,6 +64,7 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 	t0 := time.Now()
 	sz := c.Status().Sizing
 	vm, tm, err := s.startVM(ctx, c, manager.StartSpec{ID: c.ID(), Machine: m.Machine, LogPath: m.LogPath, Cgroup: m.Cgroup, Staged: staged, Idle: m.Idle,
+		Pod: sb.ID(),
 		Groups: jailGroups(sb.Meta().Config.GetLinux().GetSecurityContext().GetSupplementalGroups(),
 			m.Config.GetLinux().GetSecurityContext().GetSupplementalGroups()),
 		Resources: manager.Resources{MemoryLimit: sz.MemoryLimit, CPUQuota: sz.CPUQuota,
@@ -103,6 +104,7 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 		return nil, errorf(codes.Internal, "record the started VM of container %s (it was stopped): %v", c.ID(), err)
 	}
 	go s.watchExit(c, vm)
+	s.reroute(m.SandboxID) // the pod's default VM may be this one now
 	s.emit(c, runtimeapi.ContainerEventType_CONTAINER_STARTED_EVENT)
 	logrus.WithFields(logrus.Fields{"sandbox": m.SandboxID, "container": c.ID(), "pid": vm.Pid(), "accel": s.cfg.Accel,
 		"cgroupMs": msec(tm.Cgroup), "shimMs": msec(tm.Spawn), "bootMs": msec(tm.Boot), "totalMs": msec(time.Since(t0))}).Info("unikernel VM started")
@@ -162,6 +164,7 @@ func (s *Service) finishExit(c *container, vm manager.VM, ex runtime.ExitStatus)
 	if err := s.vms.Release(c.ID(), vm, c.Meta().Cgroup); err != nil {
 		log.WithError(err).Warn("clean up after the VM ended; RemoveContainer retries")
 	}
+	s.reroute(c.Meta().SandboxID) // undeclared ports move to a VM that runs
 	log.Info("unikernel VM ended")
 }
 

@@ -160,11 +160,12 @@ type podTarget struct {
 }
 
 // podTarget returns where a ready unikernel pod's guest is reached. A
-// routed pod's guest is dialled at its fixed address from inside the pod's
-// own network namespace, so no record can make the daemon dial anything
-// else. A pod made before routed networking (its guest NIC owns the pod IP)
-// is dialled from the host at the pod IP, once the pod's own namespace
-// proves it holds that address (docs/security.md).
+// routed pod is dialled at the IPv4 address its own namespace holds, from
+// inside that namespace, which routes the port to the VM that declares it:
+// no record can make the daemon dial anything else (docs/security.md). A
+// pod made before routed networking (its guest NIC owns the pod IP) is
+// dialled from the host at the pod IP, once its namespace proves it holds
+// that address.
 func (s *Service) podTarget(id string) (podTarget, error) {
 	sb, err := s.getSandbox(id)
 	if err != nil {
@@ -178,15 +179,17 @@ func (s *Service) podTarget(id string) (podTarget, error) {
 	if ip == "" || sb.Meta().NetNS == "" {
 		return podTarget{}, errorf(codes.FailedPrecondition, "pod %s has no IP address (no pod network)", sb.ID())
 	}
-	if st.Guest != nil {
-		return podTarget{addr: st.Guest.Addr.Addr().String(), netns: sb.Meta().NetNS}, nil
-	}
 	live, err := vmnet.Addresses(sb.Meta().NetNS, cni.IfName)
 	if err != nil {
 		return podTarget{}, errorf(codes.FailedPrecondition, "pod %s: reading its network namespace: %v", sb.ID(), err)
 	}
 	for _, a := range live {
-		if a.Equal(net.ParseIP(ip)) {
+		switch {
+		case st.Guest != nil && a.To4() != nil:
+			// The namespace's own IPv4 address, dialled inside it: the
+			// namespace routes the port to its VM. No record names it.
+			return podTarget{addr: a.String(), netns: sb.Meta().NetNS}, nil
+		case st.Guest == nil && a.Equal(net.ParseIP(ip)):
 			return podTarget{addr: a.String()}, nil
 		}
 	}

@@ -100,6 +100,10 @@ func (s *Service) PullImage(ctx context.Context, r *runtimeapi.PullImageRequest)
 			IdentityToken: a.GetIdentityToken(), RegistryToken: a.GetRegistryToken()}
 	}
 	img, err := s.images.Pull(ctx, ref, auth)
+	if errors.Is(err, image.ErrNotUnikernel) {
+		return nil, errorf(pullCode(err), "pull unikernel image: %v; every container of a unikernel pod runs as a VM, so a Linux container "+
+			"image cannot run in one: run it in a pod of its own (without runtimeClassName unikraft or the unikraft annotation)", err)
+	}
 	if err != nil {
 		return nil, errorf(pullCode(err), "pull unikernel image: %v", err)
 	}

@@ -391,6 +391,10 @@ func (s *Service) reconcileSandbox(sb *sandbox) {
 			return
 		}
 		log.Info("finished removing a pod sandbox the earlier daemon was removing")
+	case store.SandboxReady:
+		// The routing is installed anew: what the earlier daemon left may
+		// be older than this daemon's (a pod made before several VMs).
+		s.reroute(sb.ID())
 	case store.SandboxNotReady:
 		if !sb.Status().NetPending {
 			return

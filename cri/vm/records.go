@@ -70,6 +70,9 @@ type sandboxRuntime struct {
 	// warmID and warmDigest are the container ID the staged warm clone
 	// (if any) was made for and the template state it was made from.
 	warmID, warmDigest string
+	// routes is what the pod namespace routes to its VMs now (nil: not
+	// known since the daemon started; routePod installs it anew).
+	routes *vmnet.Routes
 }
 
 // takeStaged returns the staged shim or warm clone (nil: none), waiting

@@ -18,9 +18,6 @@ import (
 	"github.com/unilet-dev/unilet/runtime/manager"
 )
 
-// TapName is the tap device of a pod's VM NIC inside the pod namespace.
-const TapName = "tap0"
-
 // RunPodSandbox creates the pod's network namespace, runs CNI ADD in it and
 // prepares the tap the VM's NIC will use. There is no pause process. The
 // record (state Creating) is written before the namespace exists, so a
@@ -161,6 +158,10 @@ func (s *Service) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandbox
 	if warm != nil {
 		meta.rt.warmID, meta.rt.warmDigest = warm.ID, warm.digest
 	}
+	if guest != nil {
+		single := vmnet.Single
+		meta.rt.routes = &single // what SetupRouted installed
+	}
 	log.WithFields(logrus.Fields{"ip": primaryIP(res), "netnsMs": msec(steps.netns), "cniMs": msec(steps.cni), "tapMs": msec(steps.tap),
 		"stageWaitMs": msec(stageWait), "warm": warm != nil, "totalMs": msec(time.Since(t0))}).Info("unikernel pod sandbox created")
 	return &runtimeapi.RunPodSandboxResponse{PodSandboxId: id}, nil
@@ -232,7 +233,7 @@ func (s *Service) setupNetwork(ctx context.Context, sb *sandbox, warm *warmClone
 	}
 	lap(&st.cni)
 	guest := s.cfg.GuestNet
-	if _, err := vmnet.SetupRouted(path, cni.IfName, TapName, guest); err != nil {
+	if _, err := vmnet.SetupRouted(path, cni.IfName, guest); err != nil {
 		return st, nil, nil, errorf(codes.Internal, "prepare the VM's routed tap device: %v", err)
 	}
 	lap(&st.tap)

@@ -94,10 +94,10 @@ func (s *Service) CreateTemplate(ctx context.Context, r *admin.CreateTemplateReq
 		return nil, errorf(codes.Internal, "template network namespace: %v", err)
 	}
 	undo = append(undo, func() { _ = netns.Remove(nsPath) })
-	if err := vmnet.SetupGuestTap(nsPath, TapName, s.cfg.GuestNet); err != nil {
+	if err := vmnet.SetupGuestTap(nsPath, vmnet.TapName(0), s.cfg.GuestNet); err != nil {
 		return nil, errorf(codes.Internal, "template tap: %v", err)
 	}
-	machine.NICs = []runtime.NIC{{Tap: TapName, NetNS: nsPath, MAC: s.cfg.GuestNet.MAC}}
+	machine.NICs = []runtime.NIC{{Tap: vmnet.TapName(0), NetNS: nsPath, MAC: s.cfg.GuestNet.MAC}}
 	staged, err := s.cfg.Templates.Stage(name)
 	if err != nil {
 		return nil, errorf(codes.Internal, "stage template %q: %v", name, err)

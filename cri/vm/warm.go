@@ -195,13 +195,13 @@ func (p *warmPool) make(t templates.Template) (*warmClone, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := vmnet.SetupGuestTap(path, TapName, s.cfg.GuestNet); err != nil {
+	if err := vmnet.SetupGuestTap(path, vmnet.TapName(0), s.cfg.GuestNet); err != nil {
 		_ = netns.Remove(path)
 		return nil, err
 	}
 	machine := t.Machine
 	machine.Name = "warm_" + t.Name
-	machine.NICs = []runtime.NIC{{Tap: TapName, NetNS: path, MAC: s.cfg.GuestNet.MAC}}
+	machine.NICs = []runtime.NIC{{Tap: vmnet.TapName(0), NetNS: path, MAC: s.cfg.GuestNet.MAC}}
 	machine.RAM, machine.Incoming = &runtime.RAMBacking{}, true
 	ctx, cancel := context.WithTimeout(context.Background(), manager.LaunchTimeout)
 	defer cancel()

@@ -152,12 +152,7 @@ func TestTamperedPodAddressIsNotDialled(t *testing.T) {
 		rec["net"].(map[string]any)["ips"] = []string{"127.0.0.1/8"}
 	})
 	d.start()
-	local := testutil.MustFreePort(t)
-	pf := exec.Command(crictl, "--runtime-endpoint", "unix://"+d.sock, "port-forward", pod, fmt.Sprintf("%d:%d", local, port))
-	var pfOut syncBuf
-	pf.Stdout, pf.Stderr = &pfOut, &pfOut
-	require.NoError(t, pf.Start())
-	defer func() { _ = pf.Process.Kill(); _ = pf.Wait() }()
+	local, pfOut := d.portForward(pod, port)
 	forwarded := false
 	for end := time.Now().Add(10 * time.Second); time.Now().Before(end) && !forwarded; time.Sleep(100 * time.Millisecond) {
 		if c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", local), time.Second); err == nil {

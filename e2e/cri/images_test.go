@@ -9,6 +9,8 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/stretchr/testify/require"
 
@@ -64,10 +66,23 @@ func TestImageSupplyChain(t *testing.T) {
 	reg.Rewrite(kernelLayer.Digest.String(), nil)
 	d.must("pull", "--pod-config", vmCfg, byDigest)
 
+	// A Linux container image in a unikernel pod (a pod mixing both):
+	// refused, saying why and what to do.
+	linuxImg, err := random.Image(512, 1)
+	require.NoError(t, err)
+	linuxImg, err = mutate.ConfigFile(linuxImg, &v1.ConfigFile{OS: "linux", Architecture: "amd64"})
+	require.NoError(t, err)
+	linuxRef, err := name.NewTag(reg.Host+"/library/busybox:1", name.Insecure)
+	require.NoError(t, err)
+	require.NoError(t, remote.Write(linuxRef, linuxImg))
+	_, err = d.crictl("pull", "--pod-config", vmCfg, linuxRef.String())
+	require.ErrorContains(t, err, "code = FailedPrecondition")
+	require.ErrorContains(t, err, "a Linux container image cannot run in one")
+
 	initrd := filepath.Join(t.TempDir(), "initrd")
 	require.NoError(t, os.WriteFile(initrd, make([]byte, 2<<20), 0o644))
 	big, _, _ := pushTestImage(t, reg, "unikraft/big-initrd", initrd)
-	_, err := d.crictl("pull", "--pod-config", vmCfg, big)
+	_, err = d.crictl("pull", "--pod-config", vmCfg, big)
 	require.ErrorContains(t, err, "code = ResourceExhausted")
 	require.ErrorContains(t, err, "initrd exceeds the limit of 1 MiB")
 

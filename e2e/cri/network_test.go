@@ -244,12 +244,7 @@ func TestNetworkGuestHTTPVolumesCgroupsPortForward(t *testing.T) {
 	require.ErrorContains(t, err, "guest RAM is fixed at boot")
 
 	// crictl port-forward through the streaming server to the pod IP.
-	port := testutil.MustFreePort(t)
-	pf := exec.Command(crictl, "--runtime-endpoint", "unix://"+d.sock, "port-forward", pod, fmt.Sprintf("%d:8080", port))
-	var pfOut syncBuf
-	pf.Stdout, pf.Stderr = &pfOut, &pfOut
-	require.NoError(t, pf.Start())
-	defer func() { _ = pf.Process.Kill(); _ = pf.Wait() }()
+	port, pfOut := d.portForward(pod, 8080)
 	require.Equal(t, "written on the host\n", testutil.MustHTTPGet(t, fmt.Sprintf("http://127.0.0.1:%d/hello.txt", port), 20*time.Second), pfOut.String())
 	require.Equal(t, "guest-wrote\n", testutil.MustHTTPGet(t, fmt.Sprintf("http://127.0.0.1:%d/out.txt", port), 5*time.Second))
 
@@ -374,11 +369,11 @@ func listDir(t *testing.T, dir string) []string {
 	return out
 }
 
-// TestInitContainersAnnotationsAndOneVMRule: init containers run to
-// completion one after another, then the app; a second running VM in the
-// pod is refused with a clear error; per-pod annotations size the VM and
-// bad ones fail the pod.
-func TestInitContainersAnnotationsAndOneVMRule(t *testing.T) {
+// TestInitContainersSidecarAndAnnotations: init containers run to
+// completion one after another, then the app and a sidecar, each in a VM of
+// its own; a second attempt of the app cannot start while the first runs;
+// per-pod annotations size the VMs and bad ones fail the pod.
+func TestInitContainersSidecarAndAnnotations(t *testing.T) {
 	d := startDaemon(t, "--upstream-endpoint", "", "--allow-lib-param", "uk.*")
 	d.must("pull", image())
 	logDir := filepath.Join(t.TempDir(), "pods")
@@ -415,11 +410,23 @@ func TestInitContainersAnnotationsAndOneVMRule(t *testing.T) {
 	require.Contains(t, q[0], "-m 96 -smp 2")
 	waitLog(t, filepath.Join(logDir, "app/0.log"), "param: uk.test=1")
 
-	// A second VM while the app runs: refused, with the rule in the message.
-	_, err := d.crictl("create", pod, ctr("sidecar", "tick=100"), podCfg)
-	require.ErrorContains(t, err, "runs one VM at a time")
-	require.Len(t, qemuProcesses(t, d.stateDir), 1)
+	// A sidecar runs beside the app, in a VM (and tap) of its own.
+	side := d.must("create", pod, ctr("sidecar", "tick=100", "sidecar"), podCfg)
+	d.must("start", side)
+	d.waitState(side, "CONTAINER_RUNNING", 10*time.Second)
+	waitLog(t, filepath.Join(logDir, "sidecar/0.log"), "argv[2]: sidecar")
+	q = qemuProcesses(t, d.stateDir)
+	require.Len(t, q, 2)
+	require.Contains(t, strings.Join(q, "\n"), "-m 96 -smp 2")
+	require.Equal(t, "CONTAINER_RUNNING", d.inspect(app).Status.State)
+	// The app's next attempt waits for the first to end.
+	again := d.must("create", pod, writeJSON(t, map[string]any{"metadata": map[string]any{"name": "app", "attempt": 1},
+		"image": map[string]string{"image": image()}, "args": []string{"tick=100"}, "log_path": "app/1.log"}), podCfg)
+	_, err := d.crictl("start", again)
+	require.ErrorContains(t, err, "still runs")
+	require.Len(t, qemuProcesses(t, d.stateDir), 2)
 	d.must("rmp", "-f", pod)
+	require.Empty(t, qemuProcesses(t, d.stateDir))
 
 	// Bad annotations fail the pod with InvalidArgument and a clear message.
 	for ann, want := range map[string]string{
@@ -554,6 +561,14 @@ func TestCNIReadinessAndTeardownRetry(t *testing.T) {
 }
 
 type syncBuf = testutil.SyncBuf
+
+// portForward runs crictl port-forward to remote port of pod until the
+// test ends; it returns the local port and crictl's output.
+func (d *daemon) portForward(pod string, remote int) (int, *syncBuf) {
+	return testutil.PortForward(d.t, remote, func(mapping string) *exec.Cmd {
+		return exec.Command(crictl, "--runtime-endpoint", "unix://"+d.sock, "port-forward", pod, mapping)
+	})
+}
 
 // TestShimPool: with --shim-pool the daemon keeps idle pre-forked shims; a VM
 // runs under one of them, the pool refills, and a restarted daemon ends the

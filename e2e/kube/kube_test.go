@@ -375,12 +375,7 @@ spec:
 	require.True(t, strings.HasPrefix(ip, "198.19.0."), "pod IP %q", ip)
 	require.Equal(t, "from-hostpath\n", testutil.MustHTTPGet(t, "http://"+ip+":8080/host.txt", 30*time.Second))
 
-	port := testutil.MustFreePort(t)
-	pf := kubectlCmd("port-forward", "pod/vm-web", fmt.Sprintf("%d:8080", port))
-	var pfOut syncBuf
-	pf.Stdout, pf.Stderr = &pfOut, &pfOut
-	require.NoError(t, pf.Start())
-	defer func() { _ = pf.Process.Kill(); _ = pf.Wait() }()
+	port, pfOut := portForward(t, "vm-web", 8080)
 	require.Equal(t, "from-hostpath\n", testutil.MustHTTPGet(t, fmt.Sprintf("http://127.0.0.1:%d/host.txt", port), 30*time.Second), pfOut.String())
 }
 
@@ -470,3 +465,9 @@ func TestDaemonKilled(t *testing.T) {
 }
 
 type syncBuf = testutil.SyncBuf
+
+// portForward runs kubectl port-forward to remote port of pod until the
+// test ends; it returns the local port and kubectl's output.
+func portForward(t *testing.T, pod string, remote int) (int, *syncBuf) {
+	return testutil.PortForward(t, remote, func(mapping string) *exec.Cmd { return kubectlCmd("port-forward", "pod/"+pod, mapping) })
+}

@@ -1,6 +1,6 @@
 // Package testutil holds helpers shared by the end-to-end tests, the e2e
 // cluster and the benchmarks: a goroutine-safe output buffer, a free loopback
-// port, an HTTP GET that waits for a guest to come up, unmounting a test's
+// port, a port-forward client, an HTTP GET that waits for a guest to come up, unmounting a test's
 // directory tree, and where the CNI plugins live.
 package testutil
 
@@ -36,6 +36,22 @@ func (s *SyncBuf) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// PortForward runs a port-forward client — command(mapping) with mapping
+// "LOCAL:REMOTE", LOCAL a free loopback port — until the test ends; it
+// returns LOCAL and the client's output (for failure messages).
+func PortForward(t *testing.T, remote int, command func(mapping string) *exec.Cmd) (int, *SyncBuf) {
+	t.Helper()
+	local := MustFreePort(t)
+	cmd := command(fmt.Sprintf("%d:%d", local, remote))
+	out := &SyncBuf{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", cmd.Path, err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	return local, out
 }
 
 // FreePort returns a loopback TCP port nobody listens on (now).

@@ -15,20 +15,24 @@ import (
 
 // A Waker tells when a packet is sent to a VM's tap while the VM is
 // suspended (scale-to-zero): armed, a rule in the pod namespace
-// (`oifname TAP log group 30062` in unilet's table, chain wake, on the
-// postrouting hook) hands every such packet's metadata to NFLOG, whose
+// (`oifname TAP log group G` in unilet's table, chain wake-TAP, on the
+// postrouting hook; G is 30062 plus the tap's index, as NFLOG lets one
+// socket bind a group per namespace; tap0's chain is named wake, as before
+// pods had several VMs) hands every such packet's metadata to NFLOG, whose
 // netlink socket — opened in that namespace and bound to the group — the
 // Waker reads. The packet itself goes on to the tap, where it waits for
 // the VM. Disarmed, the rule is gone and nothing is logged.
 type Waker struct {
-	nl   *netlink.Conn
-	nft  *nftables.Conn
-	tap  string
-	c    chan struct{}
-	once sync.Once
+	nl    *netlink.Conn
+	nft   *nftables.Conn
+	tap   string
+	group uint16
+	c     chan struct{}
+	once  sync.Once
 }
 
-// wakeGroup is the NFLOG group of wake rules (groups are per namespace).
+// wakeGroup is the NFLOG group of tap0's wake rule (groups are per
+// namespace); tap i's is wakeGroup+i.
 const wakeGroup = 30062
 
 // nfnetlink_log (linux/netfilter/nfnetlink_log.h).
@@ -48,7 +52,8 @@ const (
 // NewWaker opens the NFLOG socket and an nftables connection inside the
 // namespace at path, for the VM's tap named tap.
 func NewWaker(path, tap string) (*Waker, error) {
-	w := &Waker{tap: tap, c: make(chan struct{}, 1)}
+	idx, _ := TapIndex(tap)
+	w := &Waker{tap: tap, group: wakeGroup + uint16(idx), c: make(chan struct{}, 1)}
 	err := netns.Do(path, func() (err error) {
 		if w.nl, err = netlink.Dial(unix.NETLINK_NETFILTER, nil); err != nil {
 			return fmt.Errorf("NFLOG socket: %w", err)
@@ -67,17 +72,17 @@ func NewWaker(path, tap string) (*Waker, error) {
 		attr netlink.Attribute
 	}{
 		{0, netlink.Attribute{Type: nfulaCfgCmd, Data: []byte{nfulnlCfgCmdPfBind}}},
-		{wakeGroup, netlink.Attribute{Type: nfulaCfgCmd, Data: []byte{nfulnlCfgCmdBind}}},
+		{w.group, netlink.Attribute{Type: nfulaCfgCmd, Data: []byte{nfulnlCfgCmdBind}}},
 		// The packet is not copied: only that one came matters.
-		{wakeGroup, netlink.Attribute{Type: nfulaCfgMode, Data: []byte{0, 0, 0, 0, nfulnlCopyMeta, 0}}},
+		{w.group, netlink.Attribute{Type: nfulaCfgMode, Data: []byte{0, 0, 0, 0, nfulnlCopyMeta, 0}}},
 		// Each packet is reported at once: NFLOG batches up to 100 packets
 		// or 1 s by default, which a wake would wait for.
-		{wakeGroup, netlink.Attribute{Type: nfulaCfgQThresh, Data: []byte{0, 0, 0, 1}}},
-		{wakeGroup, netlink.Attribute{Type: nfulaCfgTimeout, Data: []byte{0, 0, 0, 0}}},
+		{w.group, netlink.Attribute{Type: nfulaCfgQThresh, Data: []byte{0, 0, 0, 1}}},
+		{w.group, netlink.Attribute{Type: nfulaCfgTimeout, Data: []byte{0, 0, 0, 0}}},
 	} {
 		if err := w.config(cmd.res, cmd.attr); err != nil {
 			w.Close()
-			return nil, fmt.Errorf("bind NFLOG group %d: %w (needs nfnetlink_log)", wakeGroup, err)
+			return nil, fmt.Errorf("bind NFLOG group %d: %w (needs nfnetlink_log)", w.group, err)
 		}
 	}
 	go w.read()
@@ -122,7 +127,11 @@ func (w *Waker) C() <-chan struct{} { return w.c }
 
 func (w *Waker) chain() (*nftables.Table, *nftables.Chain) {
 	t := &nftables.Table{Family: nftables.TableFamilyIPv4, Name: nftTable}
-	return t, &nftables.Chain{Name: "wake", Table: t, Type: nftables.ChainTypeFilter,
+	name := "wake"
+	if w.tap != TapName(0) {
+		name += "-" + w.tap
+	}
+	return t, &nftables.Chain{Name: name, Table: t, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityFilter}
 }
 
@@ -141,7 +150,7 @@ func (w *Waker) Arm() error {
 	w.nft.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: name},
-		&expr.Log{Key: 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_QTHRESHOLD, Group: wakeGroup, QThreshold: 1},
+		&expr.Log{Key: 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_QTHRESHOLD, Group: w.group, QThreshold: 1},
 	}})
 	if err := w.nft.Flush(); err != nil {
 		return fmt.Errorf("arm the wake rule: %w", err)

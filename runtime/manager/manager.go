@@ -180,6 +180,8 @@ type StartSpec struct {
 	// Groups are the pod's supplementary groups, which a jailed QEMU keeps
 	// (volumes shared through fsGroup or supplementalGroups).
 	Groups []uint32
+	// Pod names the pod whose VMs share a jail id ("" = none).
+	Pod string
 	// Restore starts the VM from a template (Machine has Incoming and
 	// private RAM); nil boots it.
 	Restore *runtime.RestoreSpec
@@ -238,12 +240,12 @@ func (m *Manager) Start(ctx context.Context, s StartSpec) (_ VM, tm Timings, err
 	}
 	spec := runtime.VMSpec{QEMU: m.cfg.QEMU, Machine: s.Machine, StateDir: dir, LogPath: s.LogPath, Restore: s.Restore, Idle: s.Idle}
 	if m.cfg.Jail != nil {
-		id, err := m.ids.take(m.vmRoot, dirName(s.ID))
+		id, err := m.ids.take(m.vmRoot, dirName(s.ID), s.Pod)
 		if err != nil {
 			return nil, tm, err
 		}
 		undo.push("jail uid", func() error { m.ids.release(dirName(s.ID)); return nil })
-		spec.Jail = &runtime.JailSpec{UID: id, GID: id, Groups: s.Groups}
+		spec.Jail = &runtime.JailSpec{UID: id, GID: id, Groups: s.Groups, Pod: s.Pod}
 	}
 	// The shim makes the directory; whatever it left there goes with it.
 	undo.push("VM directory "+dir, func() error { return os.RemoveAll(dir) })

@@ -140,6 +140,10 @@ func (m *Manager) startWarm(ctx context.Context, s StartSpec, st *Staged, cg cgr
 	}
 	spec.Machine.NICs, spec.LogPath, spec.Idle = s.Machine.NICs, s.LogPath, s.Idle
 	spec.Restore.Hold = false
+	if spec.Jail != nil { // made before its pod: its id becomes the pod's
+		spec.Jail.Pod = s.Pod
+		m.ids.join(m.vmRoot, dirName(s.ID), s.Pod, spec.Jail.UID)
+	}
 	cctx, cancel := context.WithTimeout(ctx, CallTimeout)
 	defer cancel()
 	if err := w.h.Claim(cctx, spec); err != nil {

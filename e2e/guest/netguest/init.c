@@ -15,7 +15,9 @@
  * The command line is read from /proc/cmdline and parsed with Unikraft's
  * grammar, the test kernel's code (../testkernel/ukcmdline.c). Output goes to the serial console (ttyS0).
  * The ACPI power button (QMP system_powerdown) stops the app with SIGTERM and
- * powers the VM off, so a graceful stop works; the app's exit powers off too.
+ * powers the VM off, so a graceful stop works; the app's exit powers off too,
+ * unless it failed (status N != 0) without being asked to stop: then the VM
+ * ends as a Unikraft application's whose main returned N (crash()).
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -28,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/io.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
@@ -56,6 +59,20 @@ static void poweroff(void)
 	reboot(RB_POWER_OFF);
 	for (;;)
 		pause();
+}
+
+/* crash ends the VM as Unikraft does when main returns N != 0: it prints
+ * ukboot's line and halts as crashed — isa-debug-exit's crash code on
+ * microvm, pvpanic on pc — so unilet reports exit code N. */
+static void crash(int code)
+{
+	say("[    1.000000] Info: [libukboot] <boot.c @  386> main returned %d, halting system", code);
+	sync();
+	if (ioperm(0x501, 1, 1) == 0)
+		outb(0x2a, 0x501);
+	if (ioperm(0x505, 1, 1) == 0)
+		outb(1, 0x505);
+	poweroff();
 }
 
 /* run executes argv (from /bin) and waits; it returns the exit status. */
@@ -321,7 +338,10 @@ int main(void)
 		pid_t p;
 		while ((p = waitpid(-1, &st, WNOHANG)) > 0) {
 			if (p == app) {
-				say("unilet-netguest: application exited (%d)", WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
+				int code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+				say("unilet-netguest: application exited (%d)", code);
+				if (code != 0 && !stopping)
+					crash(code);
 				poweroff();
 			}
 		}
