@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"testing"
 	"time"
 
@@ -50,6 +51,7 @@ func TestSeveralVMsInOnePod(t *testing.T) {
 		"log_directory": logDir,
 		"annotations":   map[string]string{"kubernetes.io/target-runtime": "unikraft"},
 		"port_mappings": []map[string]any{{"container_port": 9090, "host_port": hostPort}},
+		"linux":         map[string]any{"cgroup_parent": d.cgroupRoot + "/pod-duo"},
 	})
 	pod = d.must("runp", podCfg)
 	ip := d.podIP(pod)
@@ -109,6 +111,30 @@ func TestSeveralVMsInOnePod(t *testing.T) {
 	require.Equal(t, u0, u1, "the VMs of a pod share its jail uid")
 	require.Equal(t, g0, g1)
 	require.Equal(t, u0, g0)
+	// Each VM has its own cgroup under the pod's, with its own limit and
+	// stats, and its own log.
+	for _, id := range []string{webID, cacheID} {
+		cg := d.cgroupRoot + "/pod-duo/" + id
+		require.Equal(t, fmt.Sprint(256<<20), cgroupValue(t, "memory", cg, "memory.limit_in_bytes"))
+		procs := strings.Fields(cgroupValue(t, "memory", cg, "cgroup.procs"))
+		require.Len(t, procs, 2, "its shim and its QEMU")
+		require.Contains(t, procs, d.inspectPid(id))
+		var stats struct {
+			Stats []struct {
+				Attributes struct {
+					ID string `json:"id"`
+				} `json:"attributes"`
+				Memory struct {
+					WorkingSetBytes struct{ Value string } `json:"workingSetBytes"`
+				} `json:"memory"`
+			} `json:"stats"`
+		}
+		require.NoError(t, json.Unmarshal([]byte(d.must("stats", "-o", "json", id)), &stats))
+		require.Len(t, stats.Stats, 1)
+		require.Equal(t, id, stats.Stats[0].Attributes.ID)
+		require.NotEmpty(t, stats.Stats[0].Memory.WorkingSetBytes.Value)
+	}
+	require.NotEqual(t, d.inspectPid(webID), d.inspectPid(cacheID))
 
 	// A port two containers declare: refused, naming both.
 	_, err := d.crictl("create", pod, ctr("other", 0, 8080, "sleep 1"), podCfg)
