@@ -1,7 +1,9 @@
-// Package vmnet connects a VM's tap device to the pod's CNI interface inside
-// the pod network namespace. Routed (SetupRouted, every new pod): the guest
-// keeps one fixed address and the namespace translates 1:1 to the pod IP
-// with netfilter NAT, so clones and resumed VMs keep a working network.
+// Package vmnet connects the VMs' tap devices to the pod's CNI interface
+// inside the pod network namespace. Routed (SetupRouted, every new pod):
+// every guest keeps one fixed address on a tap of its own (AddTap), and the
+// namespace routes the pod IP to them with netfilter — by declared port, the
+// rest to a default VM (Route) — so clones and resumed VMs keep a working
+// network and several VMs share one pod IP.
 // Bridged (SetupTap, pods made before routed networking): tc ingress
 // qdiscs with mirred redirects both ways, so the guest NIC (carrying the CNI
 // interface's MAC) owns the pod IP itself.
