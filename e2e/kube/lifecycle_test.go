@@ -143,13 +143,7 @@ func TestDeleteLeavesNothing(t *testing.T) {
 		require.Len(t, qemuOf(t, name), 1)
 		v := victim{name: name, uid: must(t, "get", "pod", name, "-o", "jsonpath={.metadata.uid}"), id: containerID(t, name),
 			ip: must(t, "get", "pod", name, "-o", "jsonpath={.status.podIP}")}
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		pods, err := rt.ListPodSandbox(ctx, &runtimeapi.ListPodSandboxRequest{Filter: &runtimeapi.PodSandboxFilter{
-			LabelSelector: map[string]string{"io.kubernetes.pod.uid": v.uid}}})
-		cancel()
-		require.NoError(t, err)
-		require.Len(t, pods.GetItems(), 1)
-		v.sandbox = pods.GetItems()[0].GetId()
+		v.sandbox = sandboxOf(t, rt, v.uid)
 		// Every check sees the running pod (so none passes by looking in the wrong place).
 		running := strings.Join(v.leftovers(t, rt), "\n")
 		for _, what := range []string{"QEMU ", "shim ", "netns ", "IP lease ", "cgroup ", "VM directory ", "sandbox record ", "container record "} {
@@ -161,12 +155,31 @@ func TestDeleteLeavesNothing(t *testing.T) {
 	must(t, "delete", "pod", "vm-delete", "--wait=true", "--timeout=60s")
 	// kubelet removes a force-deleted pod's sandbox at its next garbage
 	// collection (once a minute).
+	waitNothingLeft(t, rt, vs)
+}
+
+// sandboxOf is the ID of the one pod sandbox unilet has for the pod uid.
+func sandboxOf(t *testing.T, rt runtimeapi.RuntimeServiceClient, uid string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	pods, err := rt.ListPodSandbox(ctx, &runtimeapi.ListPodSandboxRequest{Filter: &runtimeapi.PodSandboxFilter{
+		LabelSelector: map[string]string{"io.kubernetes.pod.uid": uid}}})
+	require.NoError(t, err)
+	require.Len(t, pods.GetItems(), 1)
+	return pods.GetItems()[0].GetId()
+}
+
+// waitNothingLeft waits until nothing of each victim remains (2 min).
+func waitNothingLeft(t *testing.T, rt runtimeapi.RuntimeServiceClient, vs []victim) {
+	t.Helper()
 	for _, v := range vs {
 		var left []string
 		require.Eventually(t, func() bool {
 			left = v.leftovers(t, rt)
 			return len(left) == 0
-		}, 120*time.Second, 500*time.Millisecond, "%s: left behind: %v", v.name, left)
+		}, 120*time.Second, 500*time.Millisecond, "%s: left behind", v.name)
+		require.Empty(t, left, v.name)
 	}
 }
 
