@@ -11,7 +11,9 @@ import (
 	"testing"
 	"text/template"
 
+	toml "github.com/pelletier/go-toml/v2"
 	"github.com/stretchr/testify/require"
+	"github.com/unilet-dev/unilet/pkg/config"
 	"go.yaml.in/yaml/v3"
 )
 
@@ -20,6 +22,11 @@ import (
 func render(t *testing.T, file string, values map[string]any) string {
 	tpl, err := template.New(filepath.Base(file)).Funcs(template.FuncMap{
 		"quote": func(v any) string { return strconv.Quote(fmt.Sprint(v)) },
+		"toToml": func(v any) string {
+			b, err := toml.Marshal(v)
+			require.NoError(t, err)
+			return string(b)
+		},
 	}).ParseFiles(file)
 	require.NoError(t, err)
 	var b strings.Builder
@@ -33,15 +40,15 @@ func TestHelmChartMatchesManifests(t *testing.T) {
 	values := map[string]any{}
 	require.NoError(t, yaml.Unmarshal(raw, &values))
 	var all []string
-	for _, f := range []string{"namespace.yaml", "serviceaccount.yaml", "rbac.yaml", "daemonset.yaml"} {
+	for _, f := range []string{"namespace.yaml", "serviceaccount.yaml", "rbac.yaml", "configmap.yaml", "daemonset.yaml"} {
 		all = append(all, render(t, filepath.Join("helm/unilet/templates", f), values))
 	}
 	rendered := strings.Split(strings.Join(all, "---\n"), "---\n")
 	plain, err := os.ReadFile("unilet.yaml")
 	require.NoError(t, err)
 	docs := strings.Split(string(plain), "---\n")
-	require.Len(t, docs, 5)
-	require.Len(t, rendered, 5)
+	require.Len(t, docs, 6)
+	require.Len(t, rendered, 6)
 	for i := range docs {
 		require.Equal(t, normalize(docs[i]), normalize(rendered[i]), "document %d", i)
 	}
@@ -74,4 +81,23 @@ func normalize(s string) string {
 	}
 	b, _ := yaml.Marshal(v)
 	return string(b)
+}
+
+// The chart's config value becomes a file the daemon accepts as it is.
+func TestHelmConfigRendersDaemonConfig(t *testing.T) {
+	values := map[string]any{"config": map[string]any{
+		"debug":   map[string]any{"format": "json", "level": "debug"},
+		"metrics": map[string]any{"address": "127.0.0.1:9460"},
+		"images":  map[string]any{"mirrors": map[string]any{"docker.io": "mirror.internal:5000"}},
+	}}
+	var cm struct {
+		Data map[string]string `yaml:"data"`
+	}
+	require.NoError(t, yaml.Unmarshal([]byte(render(t, "helm/unilet/templates/configmap.yaml", values)), &cm))
+	c := config.Default()
+	require.NoError(t, c.Decode([]byte(cm.Data["config.toml"])))
+	require.NoError(t, c.Validate())
+	require.Equal(t, "json", c.Debug.Format)
+	require.Equal(t, "127.0.0.1:9460", c.Metrics.Address)
+	require.Equal(t, map[string]string{"docker.io": "mirror.internal:5000"}, c.Images.Mirrors)
 }

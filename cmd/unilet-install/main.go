@@ -54,7 +54,9 @@ var binaries = []string{"unilet", "unilet-shim", "unilet-jail", "uniletctl", "un
 
 type config struct {
 	hostRoot, binDir, imageBin, pidFile, logFile, daemonArgs, init, kubeletConfig, socket string
-	nodeName, readyLabel                                                                  string
+	nodeName, readyLabel, configSource, configFile                                        string
+	// useConfig: the daemon is started with --config=configFile.
+	useConfig bool
 }
 
 func main() {
@@ -78,6 +80,8 @@ func main() {
 	flag.StringVar(&c.socket, "socket", "unix:///run/unilet/unilet.sock", "unilet's CRI endpoint on the host (readiness, --kubelet-config)")
 	flag.StringVar(&c.nodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name: labelled --ready-label=true while the daemon answers (empty: no label)")
 	flag.StringVar(&c.readyLabel, "ready-label", "unilet.dev/ready", "the node label RuntimeClass unikraft schedules on")
+	flag.StringVar(&c.configSource, "config-source", "/etc/unilet-config/config.toml", "the daemon's configuration in this pod (the ConfigMap); absent: the host's file is left alone")
+	flag.StringVar(&c.configFile, "config-file", "/etc/unilet/config.toml", "host path the configuration is installed at; the daemon is started with --config naming it")
 	showVersion := flag.Bool("version", false, "print the version")
 	flag.Parse()
 	if *showVersion {
@@ -97,6 +101,12 @@ func run(c config) error {
 		return err
 	}
 	logrus.WithFields(logrus.Fields{"dir": c.binDir, "changed": changed, "version": version.Version}).Info("binaries installed")
+	cfgChanged, useConfig, err := c.installConfig()
+	if err != nil {
+		// The running daemon keeps its configuration: a bad file loses nothing.
+		logrus.WithError(err).Error("configuration NOT installed; the daemon keeps its current one. Fix the ConfigMap, then: kubectl -n unilet-system rollout restart daemonset/unilet")
+	}
+	changed, c.useConfig = changed || cfgChanged, useConfig
 	mode := c.init
 	if mode == "auto" {
 		mode = "supervise"
@@ -153,6 +163,64 @@ func (c config) install() (bool, error) {
 	return changed, nil
 }
 
+// installConfig puts --config-source on the host at --config-file once this
+// image's unilet accepts it (`unilet config dump` validates every key and
+// value); it reports whether the host's file changed and whether the daemon
+// is to be started with it.
+func (c config) installConfig() (changed, have bool, err error) {
+	src, err := os.ReadFile(c.configSource)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, false, nil
+	}
+	if err != nil {
+		return false, false, fmt.Errorf("config: %w", err)
+	}
+	dst := c.host(c.configFile)
+	old, oldErr := os.ReadFile(dst)
+	if oldErr == nil && bytes.Equal(old, src) {
+		return false, true, nil
+	}
+	if out, err := exec.Command(filepath.Join(c.imageBin, "unilet"), "config", "dump", "--config", c.configSource).CombinedOutput(); err != nil {
+		return false, oldErr == nil, fmt.Errorf("unilet refuses %s: %s", c.configSource, bytes.TrimSpace(out))
+	}
+	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		return false, false, err
+	}
+	if err := os.WriteFile(dst+".new", src, 0o644); err != nil {
+		return false, false, err
+	}
+	if err := os.Rename(dst+".new", dst); err != nil {
+		return false, false, err
+	}
+	logrus.WithField("file", c.configFile).Info("configuration installed")
+	return true, true, nil
+}
+
+// args are the daemon's arguments: the given ones, naming the installed
+// configuration file.
+func (c config) args(given []string) []string {
+	if !c.useConfig {
+		return given
+	}
+	return withConfigFlag(given, c.configFile)
+}
+
+// withConfigFlag sets --config=path in the daemon's arguments, replacing any
+// --config given before.
+func withConfigFlag(args []string, path string) []string {
+	var out []string
+	for i := 0; i < len(args); i++ {
+		switch {
+		case args[i] == "--config" || args[i] == "-config":
+			i++ // and its value
+		case strings.HasPrefix(args[i], "--config=") || strings.HasPrefix(args[i], "-config="):
+		default:
+			out = append(out, args[i])
+		}
+	}
+	return append(out, "--config="+path)
+}
+
 // hostCmd runs a command in the host's mount, UTS, IPC and network namespaces
 // (the pod shares the host's PID namespace, so nsenter execs without forking).
 func hostCmd(args ...string) *exec.Cmd {
@@ -193,7 +261,7 @@ func renderUnit(binDir, args string) string {
 
 func (c config) systemd(changed bool) error {
 	path := c.host("/etc/systemd/system/unilet.service")
-	content := renderUnit(c.binDir, c.daemonArgs)
+	content := renderUnit(c.binDir, strings.Join(c.args(strings.Fields(c.daemonArgs)), " "))
 	old, _ := os.ReadFile(path)
 	if !bytes.Equal(old, []byte(content)) {
 		if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
@@ -305,6 +373,7 @@ func (c config) supervise(changed bool, stop <-chan os.Signal) error {
 	if len(daemonArgs) == 0 {
 		daemonArgs = args // adopt the running daemon's flags
 	}
+	daemonArgs = c.args(daemonArgs)
 	var child *exec.Cmd
 	exited := make(chan struct{})
 	if pid > 0 && changed {

@@ -69,7 +69,7 @@ func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateConta
 	if err != nil {
 		return nil, errorf(codes.InvalidArgument, "container %q: %v", cfg.GetMetadata().GetName(), err)
 	}
-	log := logrus.WithFields(logrus.Fields{"sandbox": sb.ID(), "container": id, "image": cfg.GetImage().GetImage()})
+	log := logrus.WithFields(podFields(sb.ID(), sb.Meta().Config)).WithFields(logrus.Fields{"container": id, "name": cfg.GetMetadata().GetName(), "image": cfg.GetImage().GetImage()})
 	for _, w := range warnings {
 		log.Warn(w)
 	}
@@ -115,7 +115,7 @@ func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateConta
 		log.WithError(err).Warn("the pod's routing does not have the new container's ports yet; its start retries")
 	}
 	s.emit(c, runtimeapi.ContainerEventType_CONTAINER_CREATED_EVENT)
-	log.Debug("unikernel container created")
+	log.Info("unikernel container created")
 	return &runtimeapi.CreateContainerResponse{ContainerId: id}, nil
 }
 

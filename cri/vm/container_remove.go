@@ -78,7 +78,7 @@ func (s *Service) removeContainer(ctx context.Context, c *container) error {
 	}
 	s.reroute(c.Meta().SandboxID) // its ports are no longer routed
 	s.emit(c, runtimeapi.ContainerEventType_CONTAINER_DELETED_EVENT)
-	logrus.WithFields(logrus.Fields{"sandbox": c.Meta().SandboxID, "container": c.ID()}).Debug("unikernel container removed")
+	s.ctrLog(c).Info("unikernel container removed")
 	return nil
 }
 

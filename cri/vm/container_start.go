@@ -106,7 +106,7 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 	go s.watchExit(c, vm)
 	s.reroute(m.SandboxID) // the pod's default VM may be this one now
 	s.emit(c, runtimeapi.ContainerEventType_CONTAINER_STARTED_EVENT)
-	logrus.WithFields(logrus.Fields{"sandbox": m.SandboxID, "container": c.ID(), "pid": vm.Pid(), "accel": s.cfg.Accel,
+	s.ctrLog(c).WithFields(logrus.Fields{"pid": vm.Pid(), "accel": s.cfg.Accel,
 		"cgroupMs": msec(tm.Cgroup), "shimMs": msec(tm.Spawn), "bootMs": msec(tm.Boot), "totalMs": msec(time.Since(t0))}).Info("unikernel VM started")
 	return &runtimeapi.StartContainerResponse{}, nil
 }
@@ -155,7 +155,7 @@ func (s *Service) finishExit(c *container, vm manager.VM, ex runtime.ExitStatus)
 	if errors.Is(err, errAlreadyDone) || errors.Is(err, store.ErrDeleted) {
 		return
 	}
-	log := logrus.WithFields(logrus.Fields{"sandbox": c.Meta().SandboxID, "container": c.ID(), "exitCode": ex.Code, "reason": ex.Reason})
+	log := s.ctrLog(c).WithFields(logrus.Fields{"exitCode": ex.Code, "reason": ex.Reason})
 	if err != nil {
 		log.WithError(err).Error("could not record the VM's exit; its directory is kept for the next daemon")
 		return
@@ -195,7 +195,7 @@ func (s *Service) startVM(ctx context.Context, c *container, spec manager.StartS
 	if m.Template == "" {
 		return s.vms.Start(ctx, spec)
 	}
-	log := logrus.WithFields(logrus.Fields{"sandbox": m.SandboxID, "container": c.ID(), "template": m.Template})
+	log := s.ctrLog(c).WithField("template", m.Template)
 	warm := spec.Staged.WarmID() != ""
 	rs, why := s.restoreSpec(m, spec, !warm) // a warm clone has its state loaded
 	if why == nil {

@@ -109,6 +109,6 @@ func (s *Service) stopLocked(ctx context.Context, c *container, timeout time.Dur
 			c.ID(), timeout+manager.StopGrace, err)
 	}
 	s.finishExit(c, vm, ex)
-	logrus.WithFields(logrus.Fields{"container": c.ID(), "exitCode": ex.Code, "reason": ex.Reason}).Info("unikernel VM stopped")
+	s.ctrLog(c).WithFields(logrus.Fields{"exitCode": ex.Code, "reason": ex.Reason}).Info("unikernel VM stopped")
 	return nil
 }

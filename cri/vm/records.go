@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"time"
 
+	"github.com/sirupsen/logrus"
 	"google.golang.org/protobuf/proto"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
@@ -189,4 +190,22 @@ func (s containerSaver) Delete(id string) error { return s.db.DeleteContainer(id
 type ownerRecord struct {
 	Sandbox   json.RawMessage `json:"sandbox"`
 	Container json.RawMessage `json:"container"`
+}
+
+// podFields are the log fields naming a pod: its sandbox ID and
+// namespace/name, as an operator finds it in kubectl.
+func podFields(id string, cfg *runtimeapi.PodSandboxConfig) logrus.Fields {
+	md := cfg.GetMetadata()
+	return logrus.Fields{"sandbox": id, "pod": md.GetNamespace() + "/" + md.GetName()}
+}
+
+// ctrLog is the log entry of a container's lifecycle step: its pod
+// (podFields), ID and name.
+func (s *Service) ctrLog(c *container) *logrus.Entry {
+	m := c.Meta()
+	var cfg *runtimeapi.PodSandboxConfig
+	if sb, err := s.sandboxes.Get(m.SandboxID); err == nil {
+		cfg = sb.Meta().Config
+	}
+	return logrus.WithFields(podFields(m.SandboxID, cfg)).WithFields(logrus.Fields{"container": c.ID(), "name": m.Config.GetMetadata().GetName()})
 }

@@ -27,7 +27,7 @@ func (s *Service) RemovePodSandbox(ctx context.Context, r *runtimeapi.RemovePodS
 	if err := s.removeSandbox(ctx, sb); err != nil {
 		return nil, err
 	}
-	logrus.WithField("sandbox", sb.ID()).Info("unikernel pod sandbox removed")
+	logrus.WithFields(podFields(sb.ID(), sb.Meta().Config)).Info("unikernel pod sandbox removed")
 	return &runtimeapi.RemovePodSandboxResponse{}, nil
 }
 

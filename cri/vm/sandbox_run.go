@@ -83,7 +83,7 @@ func (s *Service) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandbox
 	if err != nil {
 		return nil, err
 	}
-	log := logrus.WithFields(logrus.Fields{"sandbox": id, "pod": md.GetNamespace() + "/" + md.GetName()})
+	log := logrus.WithFields(podFields(id, r.GetConfig()))
 
 	// Stage a shim in the pod's next cgroup while CNI runs: moving a process
 	// into a cgroup costs a kernel RCU grace period (measured 8–20 ms here),

@@ -3,6 +3,7 @@ package vm
 import (
 	"context"
 	"errors"
+	"github.com/sirupsen/logrus"
 
 	"google.golang.org/grpc/codes"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -23,6 +24,7 @@ func (s *Service) StopPodSandbox(ctx context.Context, r *runtimeapi.StopPodSandb
 	if err := s.stopSandbox(ctx, sb, false); err != nil {
 		return nil, err
 	}
+	logrus.WithFields(podFields(sb.ID(), sb.Meta().Config)).Info("unikernel pod sandbox stopped")
 	return &runtimeapi.StopPodSandboxResponse{}, nil
 }
 

@@ -2,6 +2,7 @@ package kube_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -70,6 +71,7 @@ func daemonManifest(t *testing.T, image string) string {
 		`value: "/opt/unilet/bin"`:                fmt.Sprintf("value: %q", filepath.Join(clusterDir, "host-bin")),
 		`value: "/run/unilet/unilet.pid"`:         fmt.Sprintf("value: %q", filepath.Join(clusterDir, "pids", "unilet.pid")),
 		`value: "/var/log/unilet.log"`:            fmt.Sprintf("value: %q", filepath.Join(clusterDir, "logs", "unilet.log")),
+		`value: "/etc/unilet/config.toml"`:        fmt.Sprintf("value: %q", filepath.Join(clusterDir, "unilet-config.toml")),
 		`value: "unix:///run/unilet/unilet.sock"`: fmt.Sprintf("value: %q", "unix://"+filepath.Join(clusterDir, "unilet", "unilet.sock")),
 		// The e2e apiserver listens on loopback only (no endpoints for the
 		// kubernetes Service); the installer runs in the host's network.
@@ -135,10 +137,39 @@ func TestDaemonSetRollout(t *testing.T) {
 	apply(t, vmPod("vm-after-v1", `"tick=200"`))
 	waitRunning(t, "vm-after-v1")
 
-	// Roll to v2.
+	// Roll to v2 with a configuration: JSON logs.
+	setConfig := func(toml string) {
+		b, _ := json.Marshal(map[string]any{"data": map[string]string{"config.toml": toml}})
+		must(t, "-n", "unilet-system", "patch", "configmap", "unilet-config", "--type", "merge", "-p", string(b))
+	}
+	setConfig("[debug]\nformat = 'json'\n")
 	must(t, "-n", "unilet-system", "set", "image", "daemonset/unilet", "installer="+img2)
 	waitVersion("e2e-v2")
 	ready("true")
+	hostConfig, err := os.ReadFile(filepath.Join(clusterDir, "unilet-config.toml"))
+	require.NoError(t, err)
+	require.Equal(t, "[debug]\nformat = 'json'\n", string(hostConfig))
+	logs, err := os.ReadFile(filepath.Join(clusterDir, "logs", "unilet.log"))
+	require.NoError(t, err)
+	_, v2log, ok := strings.Cut(string(logs), "started by unilet-install e2e-v2")
+	require.True(t, ok)
+	require.Regexp(t, `\n\{"accel":.*"msg":"unilet serving CRI"`, v2log, "the daemon logs JSON as configured")
+
+	// A configuration the daemon would refuse is not installed: the daemon
+	// runs on with the one it has, and the installer says why.
+	pidFile := filepath.Join(clusterDir, "pids", "unilet.pid")
+	pid, err := os.ReadFile(pidFile)
+	require.NoError(t, err)
+	setConfig("[debug]\nformatt = 'json'\n")
+	must(t, "-n", "unilet-system", "rollout", "restart", "daemonset/unilet")
+	require.Eventually(t, func() bool {
+		return strings.Contains(installerLogs(), `unknown key \"debug.formatt\"`)
+	}, 90*time.Second, 500*time.Millisecond, "installer:\n%s", installerLogs())
+	hostConfig, _ = os.ReadFile(filepath.Join(clusterDir, "unilet-config.toml"))
+	require.Equal(t, "[debug]\nformat = 'json'\n", string(hostConfig))
+	ready("true")
+	again, _ := os.ReadFile(pidFile)
+	require.Equal(t, string(pid), string(again), "the daemon was not restarted")
 	require.Equal(t, vms, qemuOf(t, "vm-rollout"), "the first VM runs on through the rollout")
 	waitPod(t, "vm-rollout", "{.status.containerStatuses[0].restartCount}", "0", 5*time.Second)
 	waitLogs(t, "vm-rollout", "tick 5")
