@@ -21,10 +21,13 @@ func (s *Service) StopPodSandbox(ctx context.Context, r *runtimeapi.StopPodSandb
 	if err != nil {
 		return nil, err
 	}
+	wasReady := sb.Status().State == store.SandboxReady
 	if err := s.stopSandbox(ctx, sb, false); err != nil {
 		return nil, err
 	}
-	logrus.WithFields(podFields(sb.ID(), sb.Meta().Config)).Info("unikernel pod sandbox stopped")
+	if wasReady { // kubelet repeats the call for pods long stopped
+		logrus.WithFields(podFields(sb.ID(), sb.Meta().Config)).Info("unikernel pod sandbox stopped")
+	}
 	return &runtimeapi.StopPodSandboxResponse{}, nil
 }
 
