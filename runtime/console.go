@@ -133,12 +133,16 @@ func (h *consoleHub) close() {
 // teeWriter writes to the log first, then publishes to attach sessions.
 // The log is nil (output only published) until a held clone is claimed.
 type teeWriter struct {
-	log  *atomic.Pointer[crilog.Writer]
-	hub  *consoleHub
-	tail *consoleTail
+	log   *atomic.Pointer[crilog.Writer]
+	hub   *consoleHub
+	tail  *consoleTail
+	first *atomic.Int64 // unix ns of the first bytes
 }
 
 func (t teeWriter) Write(p []byte) (int, error) {
+	if len(p) > 0 && t.first.Load() == 0 {
+		t.first.CompareAndSwap(0, time.Now().UnixNano())
+	}
 	n, err := len(p), error(nil)
 	if l := t.log.Load(); l != nil {
 		n, err = l.Write(p)

@@ -72,26 +72,27 @@ const DefaultStartTimeout = 30 * time.Second
 
 // VM supervises one QEMU process: console → CRI log, exit status, stop.
 type VM struct {
-	spec      VMSpec
-	cmd       *exec.Cmd
-	log       atomic.Pointer[crilog.Writer] // nil until a held clone is claimed
-	startedAt time.Time
-	done      chan struct{}
-	killed    bool
-	sentSig   syscall.Signal // signal unilet sent (QEMU exits 0 on SIGTERM/SIGINT)
-	failure   *ExitStatus    // set when unilet ended a VM it found broken
-	mu        sync.Mutex
-	exit      ExitStatus
-	stderr    *os.File
-	mon       *monitor
-	hub       consoleHub
-	inMu      sync.Mutex
-	stdin     *os.File                  // console input (write end of QEMU's stdin)
-	idle      atomic.Pointer[idleState] // set before QEMU starts, or when a held clone is claimed
-	watching  atomic.Bool               // StartWatching ran: its watcher closes idle
-	claimed   atomic.Bool               // a held clone was claimed (Claim)
-	tail      consoleTail               // the console's last bytes, for the exit message
-	oomBase   oomCount                  // the OOM kills in the shim's memory cgroup when QEMU started
+	spec        VMSpec
+	cmd         *exec.Cmd
+	log         atomic.Pointer[crilog.Writer] // nil until a held clone is claimed
+	startedAt   time.Time
+	done        chan struct{}
+	killed      bool
+	sentSig     syscall.Signal // signal unilet sent (QEMU exits 0 on SIGTERM/SIGINT)
+	failure     *ExitStatus    // set when unilet ended a VM it found broken
+	mu          sync.Mutex
+	exit        ExitStatus
+	stderr      *os.File
+	mon         *monitor
+	hub         consoleHub
+	inMu        sync.Mutex
+	stdin       *os.File                  // console input (write end of QEMU's stdin)
+	idle        atomic.Pointer[idleState] // set before QEMU starts, or when a held clone is claimed
+	watching    atomic.Bool               // StartWatching ran: its watcher closes idle
+	claimed     atomic.Bool               // a held clone was claimed (Claim)
+	firstOutput atomic.Int64              // unix ns of the console's first bytes (0: none yet)
+	tail        consoleTail               // the console's last bytes, for the exit message
+	oomBase     oomCount                  // the OOM kills in the shim's memory cgroup when QEMU started
 }
 
 // StartVM launches QEMU for spec and returns once the process runs and its
@@ -221,7 +222,7 @@ func StartVMWith(spec VMSpec, files Files) (*VM, error) {
 	copied := make(chan struct{})
 	go func() {
 		defer close(copied)
-		copyConsole(teeWriter{log: &v.log, hub: &v.hub, tail: &v.tail}, stdout)
+		copyConsole(teeWriter{log: &v.log, hub: &v.hub, tail: &v.tail, first: &v.firstOutput}, stdout)
 		stdout.Close()
 		v.hub.close()
 	}()
@@ -456,6 +457,14 @@ func (v *VM) StartedAt() time.Time {
 
 // Done is closed when QEMU has exited and the log is complete.
 func (v *VM) Done() <-chan struct{} { return v.done }
+
+// FirstOutput is when the console's first bytes came (zero: none yet).
+func (v *VM) FirstOutput() time.Time {
+	if ns := v.firstOutput.Load(); ns != 0 {
+		return time.Unix(0, ns)
+	}
+	return time.Time{}
+}
 
 // Exit returns the exit status (zero until Done).
 func (v *VM) Exit() ExitStatus {

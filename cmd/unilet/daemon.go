@@ -26,6 +26,7 @@ import (
 	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/pkg/config"
 	"github.com/unilet-dev/unilet/pkg/metadata"
+	"github.com/unilet-dev/unilet/pkg/metrics"
 	"github.com/unilet-dev/unilet/pkg/streamtoken"
 	"github.com/unilet-dev/unilet/pkg/version"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
@@ -127,6 +128,13 @@ func serve(cfg config.Config) error {
 			return err
 		}
 	}
+	if cfg.Metrics.Address != "" {
+		stopMetrics, err := metrics.Serve(cfg.Metrics.Address, metrics.Registry(svc.Collector()))
+		if err != nil {
+			return err
+		}
+		defer stopMetrics()
+	}
 	stop, err := serveStreaming(cfg.Stream, svc)
 	if err != nil {
 		return err
@@ -144,7 +152,9 @@ func serve(cfg config.Config) error {
 	if err != nil {
 		return err
 	}
-	srv := grpc.NewServer(append(router.ServerOptions(), grpc.MaxRecvMsgSize(16<<20), grpc.ChainUnaryInterceptor(cri.UnaryErrors))...)
+	// The metrics interceptors come first: they count the code clients get.
+	srv := grpc.NewServer(append(router.ServerOptions(), grpc.MaxRecvMsgSize(16<<20),
+		grpc.ChainUnaryInterceptor(metrics.UnaryInterceptor, cri.UnaryErrors), grpc.ChainStreamInterceptor(metrics.StreamInterceptor))...)
 	router.Register(srv)
 	admin.RegisterAdminServer(srv, svc)
 

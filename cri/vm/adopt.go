@@ -11,6 +11,7 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/cri/store"
+	"github.com/unilet-dev/unilet/pkg/metrics"
 	"github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/manager"
 )
@@ -89,6 +90,7 @@ func (s *Service) adopt(c *container) {
 		cancel()
 		if errors.Is(err, manager.ErrShimNotAnswering) {
 			if !warned {
+				metrics.ShimReconnects.WithLabelValues("not_answering").Inc()
 				log.WithError(err).Warn("the VM's unilet-shim does not answer since unilet restarted; the VM is left running " +
 					"and adopted once its shim answers (the container reports CONTAINER_UNKNOWN until then)")
 				warned = true
@@ -109,6 +111,9 @@ func (s *Service) adopt(c *container) {
 		}
 		s.reconcileContainer(c, vm, err)
 		s.adopting.end(c.ID())
+		if err == nil {
+			metrics.ShimReconnects.WithLabelValues("adopted").Inc()
+		}
 		c.Lifecycle.Unlock()
 		if warned {
 			log.Info("the VM's unilet-shim answered again; adopted")

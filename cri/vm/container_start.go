@@ -15,6 +15,7 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/cri/store"
+	"github.com/unilet-dev/unilet/pkg/metrics"
 	"github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/manager"
 )
@@ -106,6 +107,11 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 	go s.watchExit(c, vm)
 	s.reroute(m.SandboxID) // the pod's default VM may be this one now
 	s.emit(c, runtimeapi.ContainerEventType_CONTAINER_STARTED_EVENT)
+	metrics.ObservePhase(metrics.PhaseCgroup, tm.Cgroup)
+	metrics.ObservePhase(metrics.PhaseShim, tm.Spawn)
+	metrics.ObservePhase(metrics.PhaseQEMUToQMP, tm.Boot)
+	metrics.ObservePhase(metrics.PhaseContainer, time.Since(t0))
+	go observeFirstOutput(vm, t0)
 	s.ctrLog(c).WithFields(logrus.Fields{"pid": vm.Pid(), "accel": s.cfg.Accel,
 		"cgroupMs": msec(tm.Cgroup), "shimMs": msec(tm.Spawn), "bootMs": msec(tm.Boot), "totalMs": msec(time.Since(t0))}).Info("unikernel VM started")
 	return &runtimeapi.StartContainerResponse{}, nil
@@ -161,6 +167,7 @@ func (s *Service) finishExit(c *container, vm manager.VM, ex runtime.ExitStatus)
 		return
 	}
 	s.emit(c, runtimeapi.ContainerEventType_CONTAINER_STOPPED_EVENT)
+	metrics.VMExits.WithLabelValues(ex.Reason).Inc()
 	if err := s.vms.Release(c.ID(), vm, c.Meta().Cgroup); err != nil {
 		log.WithError(err).Warn("clean up after the VM ended; RemoveContainer retries")
 	}
@@ -287,4 +294,27 @@ func noteInLog(path, msg string) {
 	}
 	defer f.Close()
 	_, _ = fmt.Fprintf(f, "%s stderr F %s\n", time.Now().UTC().Format(time.RFC3339Nano), strings.ReplaceAll(msg, "\n", " "))
+}
+
+// observeFirstOutput records how long after StartContainer was called the
+// VM's console gave its first bytes: it asks the shim, less and less often,
+// until the console spoke, the VM ended or a minute passed.
+func observeFirstOutput(vm manager.VM, since time.Time) {
+	for wait := 5 * time.Millisecond; time.Since(since) < time.Minute; wait = min(2*wait, time.Second) {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		t, err := vm.FirstOutput(ctx)
+		cancel()
+		if err != nil {
+			return // ended, or its shim is gone
+		}
+		if !t.IsZero() {
+			metrics.ObservePhase(metrics.PhaseFirstConsole, max(t.Sub(since), 0))
+			return
+		}
+		select {
+		case <-vm.Done():
+			return
+		case <-time.After(wait):
+		}
+	}
 }

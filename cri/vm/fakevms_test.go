@@ -244,3 +244,5 @@ func (f *fakeVM) Resume(context.Context) error { return nil }
 func (f *fakeVM) Idle(context.Context) (bool, time.Time, int, error) {
 	return false, time.Time{}, 0, nil
 }
+
+func (f *fakeVM) FirstOutput(context.Context) (time.Time, error) { return time.Time{}, nil }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 
@@ -16,6 +17,7 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/image"
+	"github.com/unilet-dev/unilet/pkg/metrics"
 )
 
 // Image annotations unilet adds to what it answers for a unikernel image
@@ -99,7 +101,13 @@ func (s *Service) PullImage(ctx context.Context, r *runtimeapi.PullImageRequest)
 		auth = &image.Auth{Username: a.GetUsername(), Password: a.GetPassword(), Auth: a.GetAuth(),
 			IdentityToken: a.GetIdentityToken(), RegistryToken: a.GetRegistryToken()}
 	}
+	t0 := time.Now()
 	img, err := s.images.Pull(ctx, ref, auth)
+	var size int64
+	if err == nil {
+		size = img.Size
+	}
+	metrics.ObservePull(time.Since(t0), size, err)
 	if errors.Is(err, image.ErrNotUnikernel) {
 		return nil, errorf(pullCode(err), "pull unikernel image: %v; every container of a unikernel pod runs as a VM, so a Linux container "+
 			"image cannot run in one: run it in a pod of its own (without runtimeClassName unikraft or the unikraft annotation)", err)

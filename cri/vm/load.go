@@ -16,6 +16,7 @@ import (
 
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/image"
+	"github.com/unilet-dev/unilet/pkg/metrics"
 	"github.com/unilet-dev/unilet/pkg/netns"
 	"github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/manager"
@@ -373,6 +374,7 @@ func (s *Service) reconcileContainer(c *container, vm manager.VM, err error) {
 	if err := s.vms.Cleanup(c.ID(), c.Meta().Cgroup); err != nil {
 		log.WithError(err).Warn("clean up a VM that ended while the daemon was away; RemoveContainer retries")
 	}
+	metrics.VMExits.WithLabelValues(ex.Reason).Inc()
 	log.WithFields(logrus.Fields{"exitCode": ex.Code, "reason": ex.Reason}).Warn("container's VM ended while the daemon was away; reported as exited")
 }
 

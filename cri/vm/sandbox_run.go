@@ -13,6 +13,7 @@ import (
 
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/pkg/cni"
+	"github.com/unilet-dev/unilet/pkg/metrics"
 	"github.com/unilet-dev/unilet/pkg/netns"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
 	"github.com/unilet-dev/unilet/runtime/manager"
@@ -162,6 +163,10 @@ func (s *Service) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandbox
 		single := vmnet.Single
 		meta.rt.routes = &single // what SetupRouted installed
 	}
+	metrics.ObservePhase(metrics.PhaseNetNS, steps.netns)
+	metrics.ObservePhase(metrics.PhaseCNI, steps.cni)
+	metrics.ObservePhase(metrics.PhaseTap, steps.tap)
+	metrics.ObservePhase(metrics.PhaseSandbox, time.Since(t0))
 	log.WithFields(logrus.Fields{"ip": primaryIP(res), "netnsMs": msec(steps.netns), "cniMs": msec(steps.cni), "tapMs": msec(steps.tap),
 		"stageWaitMs": msec(stageWait), "warm": warm != nil, "totalMs": msec(time.Since(t0))}).Info("unikernel pod sandbox created")
 	return &runtimeapi.RunPodSandboxResponse{PodSandboxId: id}, nil

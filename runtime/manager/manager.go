@@ -71,6 +71,8 @@ type VM interface {
 	// Idle reports whether scale-to-zero holds the VM suspended (or, with
 	// autostart off, not yet started), since when, and how often it woke.
 	Idle(ctx context.Context) (suspended bool, since time.Time, wakes int, err error)
+	// FirstOutput reports when the console gave its first bytes (zero: not yet).
+	FirstOutput(ctx context.Context) (time.Time, error)
 	// Release ends the shim of an ended VM and drops the connection.
 	Release(ctx context.Context) error
 	// Close drops the daemon's connection; the VM goes on.

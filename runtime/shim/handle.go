@@ -298,6 +298,16 @@ func (h *Handle) Claim(ctx context.Context, spec runtime.VMSpec) error {
 	return nil
 }
 
+// FirstOutput reports when the VM's console gave its first bytes (zero:
+// not yet).
+func (h *Handle) FirstOutput(ctx context.Context) (time.Time, error) {
+	st, err := h.client().State(ctx, &api.StateRequest{})
+	if err != nil || st.FirstOutputAt == 0 {
+		return time.Time{}, err
+	}
+	return time.Unix(0, st.FirstOutputAt), nil
+}
+
 // Idle reports the VM's scale-to-zero state.
 func (h *Handle) Idle(ctx context.Context) (bool, time.Time, int, error) {
 	st, err := h.client().State(ctx, &api.StateRequest{})

@@ -365,6 +365,9 @@ func (s *service) state() *api.StateResponse {
 	if suspended {
 		r.SuspendedSince = since.UnixNano()
 	}
+	if t := vm.FirstOutput(); !t.IsZero() {
+		r.FirstOutputAt = t.UnixNano()
+	}
 	select {
 	case <-s.exited:
 		st := vm.Exit()

@@ -408,8 +408,11 @@ type StateResponse struct {
 	Suspended      bool  `protobuf:"varint,11,opt,name=suspended,proto3" json:"suspended,omitempty"`
 	SuspendedSince int64 `protobuf:"varint,12,opt,name=suspended_since,json=suspendedSince,proto3" json:"suspended_since,omitempty"`
 	Wakes          int64 `protobuf:"varint,13,opt,name=wakes,proto3" json:"wakes,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// first_output_at is when the console's first bytes came (unix ns;
+	// 0: none yet).
+	FirstOutputAt int64 `protobuf:"varint,14,opt,name=first_output_at,json=firstOutputAt,proto3" json:"first_output_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StateResponse) Reset() {
@@ -529,6 +532,13 @@ func (x *StateResponse) GetSuspendedSince() int64 {
 func (x *StateResponse) GetWakes() int64 {
 	if x != nil {
 		return x.Wakes
+	}
+	return 0
+}
+
+func (x *StateResponse) GetFirstOutputAt() int64 {
+	if x != nil {
+		return x.FirstOutputAt
 	}
 	return 0
 }
@@ -925,7 +935,7 @@ const file_shim_proto_rawDesc = "" +
 	"\rAdoptResponse\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\"\x0e\n" +
 	"\fStartRequest\"\x0e\n" +
-	"\fStateRequest\"\xf7\x02\n" +
+	"\fStateRequest\"\x9f\x03\n" +
 	"\rStateResponse\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x18\n" +
 	"\arunning\x18\x02 \x01(\bR\arunning\x12\x1d\n" +
@@ -942,7 +952,8 @@ const file_shim_proto_rawDesc = "" +
 	" \x01(\bR\brestored\x12\x1c\n" +
 	"\tsuspended\x18\v \x01(\bR\tsuspended\x12'\n" +
 	"\x0fsuspended_since\x18\f \x01(\x03R\x0esuspendedSince\x12\x14\n" +
-	"\x05wakes\x18\r \x01(\x03R\x05wakes\"D\n" +
+	"\x05wakes\x18\r \x01(\x03R\x05wakes\x12&\n" +
+	"\x0ffirst_output_at\x18\x0e \x01(\x03R\rfirstOutputAt\"D\n" +
 	"\vKillRequest\x12\x1d\n" +
 	"\n" +
 	"timeout_ms\x18\x01 \x01(\x03R\ttimeoutMs\x12\x16\n" +
