@@ -101,3 +101,21 @@ func TestHelmConfigRendersDaemonConfig(t *testing.T) {
 	require.Equal(t, "127.0.0.1:9460", c.Metrics.Address)
 	require.Equal(t, map[string]string{"docker.io": "mirror.internal:5000"}, c.Images.Mirrors)
 }
+
+// The ServiceMonitor is off by default and, on, scrapes the metrics port.
+func TestHelmServiceMonitor(t *testing.T) {
+	off := map[string]any{"serviceMonitor": map[string]any{"enabled": false, "port": 9460, "interval": "30s", "labels": map[string]any{}}}
+	require.Empty(t, strings.TrimSpace(render(t, "helm/unilet/templates/servicemonitor.yaml", off)))
+	on := map[string]any{"serviceMonitor": map[string]any{"enabled": true, "port": 9460, "interval": "15s", "labels": map[string]any{"release": "prom"}}}
+	dec := yaml.NewDecoder(strings.NewReader(render(t, "helm/unilet/templates/servicemonitor.yaml", on)))
+	var svc, sm map[string]any
+	require.NoError(t, dec.Decode(&svc))
+	require.NoError(t, dec.Decode(&sm))
+	require.Equal(t, "Service", svc["kind"])
+	require.Equal(t, 9460, svc["spec"].(map[string]any)["ports"].([]any)[0].(map[string]any)["port"])
+	require.Equal(t, "ServiceMonitor", sm["kind"])
+	require.Equal(t, "prom", sm["metadata"].(map[string]any)["labels"].(map[string]any)["release"])
+	ep := sm["spec"].(map[string]any)["endpoints"].([]any)[0].(map[string]any)
+	require.Equal(t, "metrics", ep["port"])
+	require.Equal(t, "15s", ep["interval"])
+}

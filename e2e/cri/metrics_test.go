@@ -3,6 +3,9 @@ package cri_test
 import (
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -100,6 +103,18 @@ func TestMetricsEndpoint(t *testing.T) {
 	require.Greater(t, value(mfs, "unilet_vm_memory_rss_bytes", vm), 1e6)
 	require.Equal(t, float64(64<<20), value(mfs, "unilet_vm_guest_memory_bytes", vm))
 	require.Equal(t, 1.0, value(mfs, "unilet_vm_vcpus", vm))
+	// Every series the Grafana dashboard plots is served.
+	dash, err := os.ReadFile(filepath.Join(repoRoot, "deploy", "grafana", "unilet-dashboard.json"))
+	require.NoError(t, err)
+	names := regexp.MustCompile(`unilet_[a-z_]+`).FindAllString(string(dash), -1)
+	require.NotEmpty(t, names)
+	for _, n := range names {
+		if n == "unilet_vm_exits_total" || n == "unilet_shim_reconnects_total" {
+			continue // none yet: a counter vector has series once something happened
+		}
+		n = strings.TrimSuffix(n, "_bucket")
+		require.Contains(t, mfs, n, "the dashboard plots %s", n)
+	}
 
 	d.must("stop", ctr)
 	mfs = scrape(t, addr)
