@@ -42,6 +42,11 @@ func ToGRPC(err error) error {
 	return status.Error(code, err.Error())
 }
 
+// StreamErrors is UnaryErrors for streaming calls.
+func StreamErrors(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	return ToGRPC(h(srv, ss))
+}
+
 // UnaryErrors is the gRPC interceptor that applies ToGRPC to every answer.
 func UnaryErrors(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 	resp, err := h(ctx, req)

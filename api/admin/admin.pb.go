@@ -24,6 +24,1083 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type ListPodsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListPodsRequest) Reset() {
+	*x = ListPodsRequest{}
+	mi := &file_admin_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListPodsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListPodsRequest) ProtoMessage() {}
+
+func (x *ListPodsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListPodsRequest.ProtoReflect.Descriptor instead.
+func (*ListPodsRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{0}
+}
+
+type ListPodsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pods          []*Pod                 `protobuf:"bytes,1,rep,name=pods,proto3" json:"pods,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListPodsResponse) Reset() {
+	*x = ListPodsResponse{}
+	mi := &file_admin_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListPodsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListPodsResponse) ProtoMessage() {}
+
+func (x *ListPodsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListPodsResponse.ProtoReflect.Descriptor instead.
+func (*ListPodsResponse) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ListPodsResponse) GetPods() []*Pod {
+	if x != nil {
+		return x.Pods
+	}
+	return nil
+}
+
+type Pod struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Id              string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Namespace       string                 `protobuf:"bytes,2,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Name            string                 `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	State           string                 `protobuf:"bytes,4,opt,name=state,proto3" json:"state,omitempty"` // creating, ready, notready, removing
+	Ip              string                 `protobuf:"bytes,5,opt,name=ip,proto3" json:"ip,omitempty"`
+	CreatedUnixNano int64                  `protobuf:"varint,6,opt,name=created_unix_nano,json=createdUnixNano,proto3" json:"created_unix_nano,omitempty"`
+	RuntimeHandler  string                 `protobuf:"bytes,7,opt,name=runtime_handler,json=runtimeHandler,proto3" json:"runtime_handler,omitempty"`
+	Vms             []*VM                  `protobuf:"bytes,8,rep,name=vms,proto3" json:"vms,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *Pod) Reset() {
+	*x = Pod{}
+	mi := &file_admin_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Pod) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Pod) ProtoMessage() {}
+
+func (x *Pod) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Pod.ProtoReflect.Descriptor instead.
+func (*Pod) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Pod) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Pod) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *Pod) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Pod) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *Pod) GetIp() string {
+	if x != nil {
+		return x.Ip
+	}
+	return ""
+}
+
+func (x *Pod) GetCreatedUnixNano() int64 {
+	if x != nil {
+		return x.CreatedUnixNano
+	}
+	return 0
+}
+
+func (x *Pod) GetRuntimeHandler() string {
+	if x != nil {
+		return x.RuntimeHandler
+	}
+	return ""
+}
+
+func (x *Pod) GetVms() []*VM {
+	if x != nil {
+		return x.Vms
+	}
+	return nil
+}
+
+// VM is one container of a pod and the VM it runs as.
+type VM struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	ContainerId      string                 `protobuf:"bytes,1,opt,name=container_id,json=containerId,proto3" json:"container_id,omitempty"`
+	Name             string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	Attempt          uint32                 `protobuf:"varint,3,opt,name=attempt,proto3" json:"attempt,omitempty"`
+	State            string                 `protobuf:"bytes,4,opt,name=state,proto3" json:"state,omitempty"` // created, starting, running, suspended, stopping, exited, removing, unknown
+	Image            string                 `protobuf:"bytes,5,opt,name=image,proto3" json:"image,omitempty"` // as the pod names it
+	ImageId          string                 `protobuf:"bytes,6,opt,name=image_id,json=imageId,proto3" json:"image_id,omitempty"`
+	CreatedUnixNano  int64                  `protobuf:"varint,7,opt,name=created_unix_nano,json=createdUnixNano,proto3" json:"created_unix_nano,omitempty"`
+	StartedUnixNano  int64                  `protobuf:"varint,8,opt,name=started_unix_nano,json=startedUnixNano,proto3" json:"started_unix_nano,omitempty"`
+	FinishedUnixNano int64                  `protobuf:"varint,9,opt,name=finished_unix_nano,json=finishedUnixNano,proto3" json:"finished_unix_nano,omitempty"`
+	ExitCode         int32                  `protobuf:"varint,10,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`
+	Reason           string                 `protobuf:"bytes,11,opt,name=reason,proto3" json:"reason,omitempty"`
+	MemoryMib        int32                  `protobuf:"varint,12,opt,name=memory_mib,json=memoryMib,proto3" json:"memory_mib,omitempty"`
+	Vcpus            int32                  `protobuf:"varint,13,opt,name=vcpus,proto3" json:"vcpus,omitempty"`
+	Accel            string                 `protobuf:"bytes,14,opt,name=accel,proto3" json:"accel,omitempty"`
+	Template         string                 `protobuf:"bytes,15,opt,name=template,proto3" json:"template,omitempty"`
+	JailUid          int64                  `protobuf:"varint,16,opt,name=jail_uid,json=jailUid,proto3" json:"jail_uid,omitempty"` // -1: not jailed
+	Pid              int32                  `protobuf:"varint,17,opt,name=pid,proto3" json:"pid,omitempty"`                        // QEMU's (0: none)
+	LogPath          string                 `protobuf:"bytes,18,opt,name=log_path,json=logPath,proto3" json:"log_path,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *VM) Reset() {
+	*x = VM{}
+	mi := &file_admin_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VM) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VM) ProtoMessage() {}
+
+func (x *VM) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VM.ProtoReflect.Descriptor instead.
+func (*VM) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *VM) GetContainerId() string {
+	if x != nil {
+		return x.ContainerId
+	}
+	return ""
+}
+
+func (x *VM) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *VM) GetAttempt() uint32 {
+	if x != nil {
+		return x.Attempt
+	}
+	return 0
+}
+
+func (x *VM) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *VM) GetImage() string {
+	if x != nil {
+		return x.Image
+	}
+	return ""
+}
+
+func (x *VM) GetImageId() string {
+	if x != nil {
+		return x.ImageId
+	}
+	return ""
+}
+
+func (x *VM) GetCreatedUnixNano() int64 {
+	if x != nil {
+		return x.CreatedUnixNano
+	}
+	return 0
+}
+
+func (x *VM) GetStartedUnixNano() int64 {
+	if x != nil {
+		return x.StartedUnixNano
+	}
+	return 0
+}
+
+func (x *VM) GetFinishedUnixNano() int64 {
+	if x != nil {
+		return x.FinishedUnixNano
+	}
+	return 0
+}
+
+func (x *VM) GetExitCode() int32 {
+	if x != nil {
+		return x.ExitCode
+	}
+	return 0
+}
+
+func (x *VM) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *VM) GetMemoryMib() int32 {
+	if x != nil {
+		return x.MemoryMib
+	}
+	return 0
+}
+
+func (x *VM) GetVcpus() int32 {
+	if x != nil {
+		return x.Vcpus
+	}
+	return 0
+}
+
+func (x *VM) GetAccel() string {
+	if x != nil {
+		return x.Accel
+	}
+	return ""
+}
+
+func (x *VM) GetTemplate() string {
+	if x != nil {
+		return x.Template
+	}
+	return ""
+}
+
+func (x *VM) GetJailUid() int64 {
+	if x != nil {
+		return x.JailUid
+	}
+	return 0
+}
+
+func (x *VM) GetPid() int32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *VM) GetLogPath() string {
+	if x != nil {
+		return x.LogPath
+	}
+	return ""
+}
+
+type InspectRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Redact        bool                   `protobuf:"varint,2,opt,name=redact,proto3" json:"redact,omitempty"` // environment values replaced, wherever they appear
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *InspectRequest) Reset() {
+	*x = InspectRequest{}
+	mi := &file_admin_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *InspectRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*InspectRequest) ProtoMessage() {}
+
+func (x *InspectRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use InspectRequest.ProtoReflect.Descriptor instead.
+func (*InspectRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *InspectRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *InspectRequest) GetRedact() bool {
+	if x != nil {
+		return x.Redact
+	}
+	return false
+}
+
+type InspectResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Kind          string                 `protobuf:"bytes,1,opt,name=kind,proto3" json:"kind,omitempty"` // pod or container
+	Id            string                 `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
+	Json          []byte                 `protobuf:"bytes,3,opt,name=json,proto3" json:"json,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *InspectResponse) Reset() {
+	*x = InspectResponse{}
+	mi := &file_admin_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *InspectResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*InspectResponse) ProtoMessage() {}
+
+func (x *InspectResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use InspectResponse.ProtoReflect.Descriptor instead.
+func (*InspectResponse) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *InspectResponse) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *InspectResponse) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *InspectResponse) GetJson() []byte {
+	if x != nil {
+		return x.Json
+	}
+	return nil
+}
+
+type LogsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Container     string                 `protobuf:"bytes,1,opt,name=container,proto3" json:"container,omitempty"`
+	Follow        bool                   `protobuf:"varint,2,opt,name=follow,proto3" json:"follow,omitempty"`
+	Previous      bool                   `protobuf:"varint,3,opt,name=previous,proto3" json:"previous,omitempty"`                    // the log of the attempt before
+	TailLines     int64                  `protobuf:"varint,4,opt,name=tail_lines,json=tailLines,proto3" json:"tail_lines,omitempty"` // 0: all
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LogsRequest) Reset() {
+	*x = LogsRequest{}
+	mi := &file_admin_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LogsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LogsRequest) ProtoMessage() {}
+
+func (x *LogsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
+func (*LogsRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *LogsRequest) GetContainer() string {
+	if x != nil {
+		return x.Container
+	}
+	return ""
+}
+
+func (x *LogsRequest) GetFollow() bool {
+	if x != nil {
+		return x.Follow
+	}
+	return false
+}
+
+func (x *LogsRequest) GetPrevious() bool {
+	if x != nil {
+		return x.Previous
+	}
+	return false
+}
+
+func (x *LogsRequest) GetTailLines() int64 {
+	if x != nil {
+		return x.TailLines
+	}
+	return 0
+}
+
+type LogChunk struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Data          []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"` // CRI log lines as written
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LogChunk) Reset() {
+	*x = LogChunk{}
+	mi := &file_admin_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LogChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LogChunk) ProtoMessage() {}
+
+func (x *LogChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LogChunk.ProtoReflect.Descriptor instead.
+func (*LogChunk) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *LogChunk) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+type ConsoleInput struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Container     string                 `protobuf:"bytes,1,opt,name=container,proto3" json:"container,omitempty"` // first message only
+	Data          []byte                 `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConsoleInput) Reset() {
+	*x = ConsoleInput{}
+	mi := &file_admin_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConsoleInput) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConsoleInput) ProtoMessage() {}
+
+func (x *ConsoleInput) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConsoleInput.ProtoReflect.Descriptor instead.
+func (*ConsoleInput) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *ConsoleInput) GetContainer() string {
+	if x != nil {
+		return x.Container
+	}
+	return ""
+}
+
+func (x *ConsoleInput) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+type ConsoleOutput struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Data          []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConsoleOutput) Reset() {
+	*x = ConsoleOutput{}
+	mi := &file_admin_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConsoleOutput) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConsoleOutput) ProtoMessage() {}
+
+func (x *ConsoleOutput) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConsoleOutput.ProtoReflect.Descriptor instead.
+func (*ConsoleOutput) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *ConsoleOutput) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+type ListImagesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListImagesRequest) Reset() {
+	*x = ListImagesRequest{}
+	mi := &file_admin_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListImagesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListImagesRequest) ProtoMessage() {}
+
+func (x *ListImagesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListImagesRequest.ProtoReflect.Descriptor instead.
+func (*ListImagesRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{10}
+}
+
+type ListImagesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Images        []*Image               `protobuf:"bytes,1,rep,name=images,proto3" json:"images,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListImagesResponse) Reset() {
+	*x = ListImagesResponse{}
+	mi := &file_admin_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListImagesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListImagesResponse) ProtoMessage() {}
+
+func (x *ListImagesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListImagesResponse.ProtoReflect.Descriptor instead.
+func (*ListImagesResponse) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *ListImagesResponse) GetImages() []*Image {
+	if x != nil {
+		return x.Images
+	}
+	return nil
+}
+
+type Image struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Id              string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Refs            []string               `protobuf:"bytes,2,rep,name=refs,proto3" json:"refs,omitempty"`
+	Digests         []string               `protobuf:"bytes,3,rep,name=digests,proto3" json:"digests,omitempty"`
+	UnikraftVersion string                 `protobuf:"bytes,4,opt,name=unikraft_version,json=unikraftVersion,proto3" json:"unikraft_version,omitempty"`
+	KernelBytes     int64                  `protobuf:"varint,5,opt,name=kernel_bytes,json=kernelBytes,proto3" json:"kernel_bytes,omitempty"`
+	InitrdBytes     int64                  `protobuf:"varint,6,opt,name=initrd_bytes,json=initrdBytes,proto3" json:"initrd_bytes,omitempty"`
+	SizeBytes       int64                  `protobuf:"varint,7,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	Architecture    string                 `protobuf:"bytes,8,opt,name=architecture,proto3" json:"architecture,omitempty"`
+	Cmd             []string               `protobuf:"bytes,9,rep,name=cmd,proto3" json:"cmd,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *Image) Reset() {
+	*x = Image{}
+	mi := &file_admin_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Image) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Image) ProtoMessage() {}
+
+func (x *Image) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Image.ProtoReflect.Descriptor instead.
+func (*Image) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *Image) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Image) GetRefs() []string {
+	if x != nil {
+		return x.Refs
+	}
+	return nil
+}
+
+func (x *Image) GetDigests() []string {
+	if x != nil {
+		return x.Digests
+	}
+	return nil
+}
+
+func (x *Image) GetUnikraftVersion() string {
+	if x != nil {
+		return x.UnikraftVersion
+	}
+	return ""
+}
+
+func (x *Image) GetKernelBytes() int64 {
+	if x != nil {
+		return x.KernelBytes
+	}
+	return 0
+}
+
+func (x *Image) GetInitrdBytes() int64 {
+	if x != nil {
+		return x.InitrdBytes
+	}
+	return 0
+}
+
+func (x *Image) GetSizeBytes() int64 {
+	if x != nil {
+		return x.SizeBytes
+	}
+	return 0
+}
+
+func (x *Image) GetArchitecture() string {
+	if x != nil {
+		return x.Architecture
+	}
+	return ""
+}
+
+func (x *Image) GetCmd() []string {
+	if x != nil {
+		return x.Cmd
+	}
+	return nil
+}
+
+type InfoRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *InfoRequest) Reset() {
+	*x = InfoRequest{}
+	mi := &file_admin_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *InfoRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*InfoRequest) ProtoMessage() {}
+
+func (x *InfoRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use InfoRequest.ProtoReflect.Descriptor instead.
+func (*InfoRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{13}
+}
+
+type InfoResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Version       string                 `protobuf:"bytes,1,opt,name=version,proto3" json:"version,omitempty"`
+	Accel         string                 `protobuf:"bytes,2,opt,name=accel,proto3" json:"accel,omitempty"`                       // what VMs use (kvm, tcg)
+	KvmProbe      string                 `protobuf:"bytes,3,opt,name=kvm_probe,json=kvmProbe,proto3" json:"kvm_probe,omitempty"` // what probing /dev/kvm found
+	Qemu          string                 `protobuf:"bytes,4,opt,name=qemu,proto3" json:"qemu,omitempty"`                         // QEMU binary and its version
+	Config        []byte                 `protobuf:"bytes,5,opt,name=config,proto3" json:"config,omitempty"`                     // the effective configuration (TOML)
+	LogFile       string                 `protobuf:"bytes,6,opt,name=log_file,json=logFile,proto3" json:"log_file,omitempty"`    // the daemon's log file ("" when not a file)
+	StartedUnix   int64                  `protobuf:"varint,7,opt,name=started_unix,json=startedUnix,proto3" json:"started_unix,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *InfoResponse) Reset() {
+	*x = InfoResponse{}
+	mi := &file_admin_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *InfoResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*InfoResponse) ProtoMessage() {}
+
+func (x *InfoResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use InfoResponse.ProtoReflect.Descriptor instead.
+func (*InfoResponse) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *InfoResponse) GetVersion() string {
+	if x != nil {
+		return x.Version
+	}
+	return ""
+}
+
+func (x *InfoResponse) GetAccel() string {
+	if x != nil {
+		return x.Accel
+	}
+	return ""
+}
+
+func (x *InfoResponse) GetKvmProbe() string {
+	if x != nil {
+		return x.KvmProbe
+	}
+	return ""
+}
+
+func (x *InfoResponse) GetQemu() string {
+	if x != nil {
+		return x.Qemu
+	}
+	return ""
+}
+
+func (x *InfoResponse) GetConfig() []byte {
+	if x != nil {
+		return x.Config
+	}
+	return nil
+}
+
+func (x *InfoResponse) GetLogFile() string {
+	if x != nil {
+		return x.LogFile
+	}
+	return ""
+}
+
+func (x *InfoResponse) GetStartedUnix() int64 {
+	if x != nil {
+		return x.StartedUnix
+	}
+	return 0
+}
+
+type DumpStateRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DumpStateRequest) Reset() {
+	*x = DumpStateRequest{}
+	mi := &file_admin_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DumpStateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DumpStateRequest) ProtoMessage() {}
+
+func (x *DumpStateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DumpStateRequest.ProtoReflect.Descriptor instead.
+func (*DumpStateRequest) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{15}
+}
+
+type DumpStateResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Json          []byte                 `protobuf:"bytes,1,opt,name=json,proto3" json:"json,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DumpStateResponse) Reset() {
+	*x = DumpStateResponse{}
+	mi := &file_admin_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DumpStateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DumpStateResponse) ProtoMessage() {}
+
+func (x *DumpStateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_admin_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DumpStateResponse.ProtoReflect.Descriptor instead.
+func (*DumpStateResponse) Descriptor() ([]byte, []int) {
+	return file_admin_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *DumpStateResponse) GetJson() []byte {
+	if x != nil {
+		return x.Json
+	}
+	return nil
+}
+
 type CreateTemplateRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -44,7 +1121,7 @@ type CreateTemplateRequest struct {
 
 func (x *CreateTemplateRequest) Reset() {
 	*x = CreateTemplateRequest{}
-	mi := &file_admin_proto_msgTypes[0]
+	mi := &file_admin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -56,7 +1133,7 @@ func (x *CreateTemplateRequest) String() string {
 func (*CreateTemplateRequest) ProtoMessage() {}
 
 func (x *CreateTemplateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[0]
+	mi := &file_admin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -69,7 +1146,7 @@ func (x *CreateTemplateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTemplateRequest.ProtoReflect.Descriptor instead.
 func (*CreateTemplateRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{0}
+	return file_admin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CreateTemplateRequest) GetName() string {
@@ -177,7 +1254,7 @@ type Template struct {
 
 func (x *Template) Reset() {
 	*x = Template{}
-	mi := &file_admin_proto_msgTypes[1]
+	mi := &file_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -189,7 +1266,7 @@ func (x *Template) String() string {
 func (*Template) ProtoMessage() {}
 
 func (x *Template) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[1]
+	mi := &file_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -202,7 +1279,7 @@ func (x *Template) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Template.ProtoReflect.Descriptor instead.
 func (*Template) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{1}
+	return file_admin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Template) GetName() string {
@@ -304,7 +1381,7 @@ type ListTemplatesRequest struct {
 
 func (x *ListTemplatesRequest) Reset() {
 	*x = ListTemplatesRequest{}
-	mi := &file_admin_proto_msgTypes[2]
+	mi := &file_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -316,7 +1393,7 @@ func (x *ListTemplatesRequest) String() string {
 func (*ListTemplatesRequest) ProtoMessage() {}
 
 func (x *ListTemplatesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[2]
+	mi := &file_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -329,7 +1406,7 @@ func (x *ListTemplatesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTemplatesRequest.ProtoReflect.Descriptor instead.
 func (*ListTemplatesRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{2}
+	return file_admin_proto_rawDescGZIP(), []int{19}
 }
 
 type ListTemplatesResponse struct {
@@ -341,7 +1418,7 @@ type ListTemplatesResponse struct {
 
 func (x *ListTemplatesResponse) Reset() {
 	*x = ListTemplatesResponse{}
-	mi := &file_admin_proto_msgTypes[3]
+	mi := &file_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -353,7 +1430,7 @@ func (x *ListTemplatesResponse) String() string {
 func (*ListTemplatesResponse) ProtoMessage() {}
 
 func (x *ListTemplatesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[3]
+	mi := &file_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -366,7 +1443,7 @@ func (x *ListTemplatesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTemplatesResponse.ProtoReflect.Descriptor instead.
 func (*ListTemplatesResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{3}
+	return file_admin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ListTemplatesResponse) GetTemplates() []*Template {
@@ -385,7 +1462,7 @@ type RemoveTemplateRequest struct {
 
 func (x *RemoveTemplateRequest) Reset() {
 	*x = RemoveTemplateRequest{}
-	mi := &file_admin_proto_msgTypes[4]
+	mi := &file_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -397,7 +1474,7 @@ func (x *RemoveTemplateRequest) String() string {
 func (*RemoveTemplateRequest) ProtoMessage() {}
 
 func (x *RemoveTemplateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[4]
+	mi := &file_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -410,7 +1487,7 @@ func (x *RemoveTemplateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveTemplateRequest.ProtoReflect.Descriptor instead.
 func (*RemoveTemplateRequest) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{4}
+	return file_admin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *RemoveTemplateRequest) GetName() string {
@@ -428,7 +1505,7 @@ type RemoveTemplateResponse struct {
 
 func (x *RemoveTemplateResponse) Reset() {
 	*x = RemoveTemplateResponse{}
-	mi := &file_admin_proto_msgTypes[5]
+	mi := &file_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -440,7 +1517,7 @@ func (x *RemoveTemplateResponse) String() string {
 func (*RemoveTemplateResponse) ProtoMessage() {}
 
 func (x *RemoveTemplateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_admin_proto_msgTypes[5]
+	mi := &file_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -453,14 +1530,93 @@ func (x *RemoveTemplateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveTemplateResponse.ProtoReflect.Descriptor instead.
 func (*RemoveTemplateResponse) Descriptor() ([]byte, []int) {
-	return file_admin_proto_rawDescGZIP(), []int{5}
+	return file_admin_proto_rawDescGZIP(), []int{22}
 }
 
 var File_admin_proto protoreflect.FileDescriptor
 
 const file_admin_proto_rawDesc = "" +
 	"\n" +
-	"\vadmin.proto\x12\x0funilet.admin.v1\"\xc4\x02\n" +
+	"\vadmin.proto\x12\x0funilet.admin.v1\"\x11\n" +
+	"\x0fListPodsRequest\"<\n" +
+	"\x10ListPodsResponse\x12(\n" +
+	"\x04pods\x18\x01 \x03(\v2\x14.unilet.admin.v1.PodR\x04pods\"\xe9\x01\n" +
+	"\x03Pod\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1c\n" +
+	"\tnamespace\x18\x02 \x01(\tR\tnamespace\x12\x12\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\x12\x14\n" +
+	"\x05state\x18\x04 \x01(\tR\x05state\x12\x0e\n" +
+	"\x02ip\x18\x05 \x01(\tR\x02ip\x12*\n" +
+	"\x11created_unix_nano\x18\x06 \x01(\x03R\x0fcreatedUnixNano\x12'\n" +
+	"\x0fruntime_handler\x18\a \x01(\tR\x0eruntimeHandler\x12%\n" +
+	"\x03vms\x18\b \x03(\v2\x13.unilet.admin.v1.VMR\x03vms\"\x86\x04\n" +
+	"\x02VM\x12!\n" +
+	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x18\n" +
+	"\aattempt\x18\x03 \x01(\rR\aattempt\x12\x14\n" +
+	"\x05state\x18\x04 \x01(\tR\x05state\x12\x14\n" +
+	"\x05image\x18\x05 \x01(\tR\x05image\x12\x19\n" +
+	"\bimage_id\x18\x06 \x01(\tR\aimageId\x12*\n" +
+	"\x11created_unix_nano\x18\a \x01(\x03R\x0fcreatedUnixNano\x12*\n" +
+	"\x11started_unix_nano\x18\b \x01(\x03R\x0fstartedUnixNano\x12,\n" +
+	"\x12finished_unix_nano\x18\t \x01(\x03R\x10finishedUnixNano\x12\x1b\n" +
+	"\texit_code\x18\n" +
+	" \x01(\x05R\bexitCode\x12\x16\n" +
+	"\x06reason\x18\v \x01(\tR\x06reason\x12\x1d\n" +
+	"\n" +
+	"memory_mib\x18\f \x01(\x05R\tmemoryMib\x12\x14\n" +
+	"\x05vcpus\x18\r \x01(\x05R\x05vcpus\x12\x14\n" +
+	"\x05accel\x18\x0e \x01(\tR\x05accel\x12\x1a\n" +
+	"\btemplate\x18\x0f \x01(\tR\btemplate\x12\x19\n" +
+	"\bjail_uid\x18\x10 \x01(\x03R\ajailUid\x12\x10\n" +
+	"\x03pid\x18\x11 \x01(\x05R\x03pid\x12\x19\n" +
+	"\blog_path\x18\x12 \x01(\tR\alogPath\"<\n" +
+	"\x0eInspectRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
+	"\x06redact\x18\x02 \x01(\bR\x06redact\"I\n" +
+	"\x0fInspectResponse\x12\x12\n" +
+	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x0e\n" +
+	"\x02id\x18\x02 \x01(\tR\x02id\x12\x12\n" +
+	"\x04json\x18\x03 \x01(\fR\x04json\"~\n" +
+	"\vLogsRequest\x12\x1c\n" +
+	"\tcontainer\x18\x01 \x01(\tR\tcontainer\x12\x16\n" +
+	"\x06follow\x18\x02 \x01(\bR\x06follow\x12\x1a\n" +
+	"\bprevious\x18\x03 \x01(\bR\bprevious\x12\x1d\n" +
+	"\n" +
+	"tail_lines\x18\x04 \x01(\x03R\ttailLines\"\x1e\n" +
+	"\bLogChunk\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\"@\n" +
+	"\fConsoleInput\x12\x1c\n" +
+	"\tcontainer\x18\x01 \x01(\tR\tcontainer\x12\x12\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\"#\n" +
+	"\rConsoleOutput\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\"\x13\n" +
+	"\x11ListImagesRequest\"D\n" +
+	"\x12ListImagesResponse\x12.\n" +
+	"\x06images\x18\x01 \x03(\v2\x16.unilet.admin.v1.ImageR\x06images\"\x8b\x02\n" +
+	"\x05Image\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04refs\x18\x02 \x03(\tR\x04refs\x12\x18\n" +
+	"\adigests\x18\x03 \x03(\tR\adigests\x12)\n" +
+	"\x10unikraft_version\x18\x04 \x01(\tR\x0funikraftVersion\x12!\n" +
+	"\fkernel_bytes\x18\x05 \x01(\x03R\vkernelBytes\x12!\n" +
+	"\finitrd_bytes\x18\x06 \x01(\x03R\vinitrdBytes\x12\x1d\n" +
+	"\n" +
+	"size_bytes\x18\a \x01(\x03R\tsizeBytes\x12\"\n" +
+	"\farchitecture\x18\b \x01(\tR\farchitecture\x12\x10\n" +
+	"\x03cmd\x18\t \x03(\tR\x03cmd\"\r\n" +
+	"\vInfoRequest\"\xc5\x01\n" +
+	"\fInfoResponse\x12\x18\n" +
+	"\aversion\x18\x01 \x01(\tR\aversion\x12\x14\n" +
+	"\x05accel\x18\x02 \x01(\tR\x05accel\x12\x1b\n" +
+	"\tkvm_probe\x18\x03 \x01(\tR\bkvmProbe\x12\x12\n" +
+	"\x04qemu\x18\x04 \x01(\tR\x04qemu\x12\x16\n" +
+	"\x06config\x18\x05 \x01(\fR\x06config\x12\x19\n" +
+	"\blog_file\x18\x06 \x01(\tR\alogFile\x12!\n" +
+	"\fstarted_unix\x18\a \x01(\x03R\vstartedUnix\"\x12\n" +
+	"\x10DumpStateRequest\"'\n" +
+	"\x11DumpStateResponse\x12\x12\n" +
+	"\x04json\x18\x01 \x01(\fR\x04json\"\xc4\x02\n" +
 	"\x15CreateTemplateRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05image\x18\x02 \x01(\tR\x05image\x12\x12\n" +
@@ -500,11 +1656,18 @@ const file_admin_proto_rawDesc = "" +
 	"\ttemplates\x18\x01 \x03(\v2\x19.unilet.admin.v1.TemplateR\ttemplates\"+\n" +
 	"\x15RemoveTemplateRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x18\n" +
-	"\x16RemoveTemplateResponse2\x9f\x02\n" +
+	"\x16RemoveTemplateResponse2\xc8\x06\n" +
 	"\x05Admin\x12S\n" +
 	"\x0eCreateTemplate\x12&.unilet.admin.v1.CreateTemplateRequest\x1a\x19.unilet.admin.v1.Template\x12^\n" +
 	"\rListTemplates\x12%.unilet.admin.v1.ListTemplatesRequest\x1a&.unilet.admin.v1.ListTemplatesResponse\x12a\n" +
-	"\x0eRemoveTemplate\x12&.unilet.admin.v1.RemoveTemplateRequest\x1a'.unilet.admin.v1.RemoveTemplateResponseB.Z,github.com/unilet-dev/unilet/api/admin;adminb\x06proto3"
+	"\x0eRemoveTemplate\x12&.unilet.admin.v1.RemoveTemplateRequest\x1a'.unilet.admin.v1.RemoveTemplateResponse\x12O\n" +
+	"\bListPods\x12 .unilet.admin.v1.ListPodsRequest\x1a!.unilet.admin.v1.ListPodsResponse\x12L\n" +
+	"\aInspect\x12\x1f.unilet.admin.v1.InspectRequest\x1a .unilet.admin.v1.InspectResponse\x12A\n" +
+	"\x04Logs\x12\x1c.unilet.admin.v1.LogsRequest\x1a\x19.unilet.admin.v1.LogChunk0\x01\x12L\n" +
+	"\aConsole\x12\x1d.unilet.admin.v1.ConsoleInput\x1a\x1e.unilet.admin.v1.ConsoleOutput(\x010\x01\x12^\n" +
+	"\x13ListUnikernelImages\x12\".unilet.admin.v1.ListImagesRequest\x1a#.unilet.admin.v1.ListImagesResponse\x12C\n" +
+	"\x04Info\x12\x1c.unilet.admin.v1.InfoRequest\x1a\x1d.unilet.admin.v1.InfoResponse\x12R\n" +
+	"\tDumpState\x12!.unilet.admin.v1.DumpStateRequest\x1a\".unilet.admin.v1.DumpStateResponseB.Z,github.com/unilet-dev/unilet/api/admin;adminb\x06proto3"
 
 var (
 	file_admin_proto_rawDescOnce sync.Once
@@ -518,28 +1681,62 @@ func file_admin_proto_rawDescGZIP() []byte {
 	return file_admin_proto_rawDescData
 }
 
-var file_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_admin_proto_goTypes = []any{
-	(*CreateTemplateRequest)(nil),  // 0: unilet.admin.v1.CreateTemplateRequest
-	(*Template)(nil),               // 1: unilet.admin.v1.Template
-	(*ListTemplatesRequest)(nil),   // 2: unilet.admin.v1.ListTemplatesRequest
-	(*ListTemplatesResponse)(nil),  // 3: unilet.admin.v1.ListTemplatesResponse
-	(*RemoveTemplateRequest)(nil),  // 4: unilet.admin.v1.RemoveTemplateRequest
-	(*RemoveTemplateResponse)(nil), // 5: unilet.admin.v1.RemoveTemplateResponse
+	(*ListPodsRequest)(nil),        // 0: unilet.admin.v1.ListPodsRequest
+	(*ListPodsResponse)(nil),       // 1: unilet.admin.v1.ListPodsResponse
+	(*Pod)(nil),                    // 2: unilet.admin.v1.Pod
+	(*VM)(nil),                     // 3: unilet.admin.v1.VM
+	(*InspectRequest)(nil),         // 4: unilet.admin.v1.InspectRequest
+	(*InspectResponse)(nil),        // 5: unilet.admin.v1.InspectResponse
+	(*LogsRequest)(nil),            // 6: unilet.admin.v1.LogsRequest
+	(*LogChunk)(nil),               // 7: unilet.admin.v1.LogChunk
+	(*ConsoleInput)(nil),           // 8: unilet.admin.v1.ConsoleInput
+	(*ConsoleOutput)(nil),          // 9: unilet.admin.v1.ConsoleOutput
+	(*ListImagesRequest)(nil),      // 10: unilet.admin.v1.ListImagesRequest
+	(*ListImagesResponse)(nil),     // 11: unilet.admin.v1.ListImagesResponse
+	(*Image)(nil),                  // 12: unilet.admin.v1.Image
+	(*InfoRequest)(nil),            // 13: unilet.admin.v1.InfoRequest
+	(*InfoResponse)(nil),           // 14: unilet.admin.v1.InfoResponse
+	(*DumpStateRequest)(nil),       // 15: unilet.admin.v1.DumpStateRequest
+	(*DumpStateResponse)(nil),      // 16: unilet.admin.v1.DumpStateResponse
+	(*CreateTemplateRequest)(nil),  // 17: unilet.admin.v1.CreateTemplateRequest
+	(*Template)(nil),               // 18: unilet.admin.v1.Template
+	(*ListTemplatesRequest)(nil),   // 19: unilet.admin.v1.ListTemplatesRequest
+	(*ListTemplatesResponse)(nil),  // 20: unilet.admin.v1.ListTemplatesResponse
+	(*RemoveTemplateRequest)(nil),  // 21: unilet.admin.v1.RemoveTemplateRequest
+	(*RemoveTemplateResponse)(nil), // 22: unilet.admin.v1.RemoveTemplateResponse
 }
 var file_admin_proto_depIdxs = []int32{
-	1, // 0: unilet.admin.v1.ListTemplatesResponse.templates:type_name -> unilet.admin.v1.Template
-	0, // 1: unilet.admin.v1.Admin.CreateTemplate:input_type -> unilet.admin.v1.CreateTemplateRequest
-	2, // 2: unilet.admin.v1.Admin.ListTemplates:input_type -> unilet.admin.v1.ListTemplatesRequest
-	4, // 3: unilet.admin.v1.Admin.RemoveTemplate:input_type -> unilet.admin.v1.RemoveTemplateRequest
-	1, // 4: unilet.admin.v1.Admin.CreateTemplate:output_type -> unilet.admin.v1.Template
-	3, // 5: unilet.admin.v1.Admin.ListTemplates:output_type -> unilet.admin.v1.ListTemplatesResponse
-	5, // 6: unilet.admin.v1.Admin.RemoveTemplate:output_type -> unilet.admin.v1.RemoveTemplateResponse
-	4, // [4:7] is the sub-list for method output_type
-	1, // [1:4] is the sub-list for method input_type
-	1, // [1:1] is the sub-list for extension type_name
-	1, // [1:1] is the sub-list for extension extendee
-	0, // [0:1] is the sub-list for field type_name
+	2,  // 0: unilet.admin.v1.ListPodsResponse.pods:type_name -> unilet.admin.v1.Pod
+	3,  // 1: unilet.admin.v1.Pod.vms:type_name -> unilet.admin.v1.VM
+	12, // 2: unilet.admin.v1.ListImagesResponse.images:type_name -> unilet.admin.v1.Image
+	18, // 3: unilet.admin.v1.ListTemplatesResponse.templates:type_name -> unilet.admin.v1.Template
+	17, // 4: unilet.admin.v1.Admin.CreateTemplate:input_type -> unilet.admin.v1.CreateTemplateRequest
+	19, // 5: unilet.admin.v1.Admin.ListTemplates:input_type -> unilet.admin.v1.ListTemplatesRequest
+	21, // 6: unilet.admin.v1.Admin.RemoveTemplate:input_type -> unilet.admin.v1.RemoveTemplateRequest
+	0,  // 7: unilet.admin.v1.Admin.ListPods:input_type -> unilet.admin.v1.ListPodsRequest
+	4,  // 8: unilet.admin.v1.Admin.Inspect:input_type -> unilet.admin.v1.InspectRequest
+	6,  // 9: unilet.admin.v1.Admin.Logs:input_type -> unilet.admin.v1.LogsRequest
+	8,  // 10: unilet.admin.v1.Admin.Console:input_type -> unilet.admin.v1.ConsoleInput
+	10, // 11: unilet.admin.v1.Admin.ListUnikernelImages:input_type -> unilet.admin.v1.ListImagesRequest
+	13, // 12: unilet.admin.v1.Admin.Info:input_type -> unilet.admin.v1.InfoRequest
+	15, // 13: unilet.admin.v1.Admin.DumpState:input_type -> unilet.admin.v1.DumpStateRequest
+	18, // 14: unilet.admin.v1.Admin.CreateTemplate:output_type -> unilet.admin.v1.Template
+	20, // 15: unilet.admin.v1.Admin.ListTemplates:output_type -> unilet.admin.v1.ListTemplatesResponse
+	22, // 16: unilet.admin.v1.Admin.RemoveTemplate:output_type -> unilet.admin.v1.RemoveTemplateResponse
+	1,  // 17: unilet.admin.v1.Admin.ListPods:output_type -> unilet.admin.v1.ListPodsResponse
+	5,  // 18: unilet.admin.v1.Admin.Inspect:output_type -> unilet.admin.v1.InspectResponse
+	7,  // 19: unilet.admin.v1.Admin.Logs:output_type -> unilet.admin.v1.LogChunk
+	9,  // 20: unilet.admin.v1.Admin.Console:output_type -> unilet.admin.v1.ConsoleOutput
+	11, // 21: unilet.admin.v1.Admin.ListUnikernelImages:output_type -> unilet.admin.v1.ListImagesResponse
+	14, // 22: unilet.admin.v1.Admin.Info:output_type -> unilet.admin.v1.InfoResponse
+	16, // 23: unilet.admin.v1.Admin.DumpState:output_type -> unilet.admin.v1.DumpStateResponse
+	14, // [14:24] is the sub-list for method output_type
+	4,  // [4:14] is the sub-list for method input_type
+	4,  // [4:4] is the sub-list for extension type_name
+	4,  // [4:4] is the sub-list for extension extendee
+	0,  // [0:4] is the sub-list for field type_name
 }
 
 func init() { file_admin_proto_init() }
@@ -553,7 +1750,7 @@ func file_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_admin_proto_rawDesc), len(file_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   6,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -22,9 +22,16 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Admin_CreateTemplate_FullMethodName = "/unilet.admin.v1.Admin/CreateTemplate"
-	Admin_ListTemplates_FullMethodName  = "/unilet.admin.v1.Admin/ListTemplates"
-	Admin_RemoveTemplate_FullMethodName = "/unilet.admin.v1.Admin/RemoveTemplate"
+	Admin_CreateTemplate_FullMethodName      = "/unilet.admin.v1.Admin/CreateTemplate"
+	Admin_ListTemplates_FullMethodName       = "/unilet.admin.v1.Admin/ListTemplates"
+	Admin_RemoveTemplate_FullMethodName      = "/unilet.admin.v1.Admin/RemoveTemplate"
+	Admin_ListPods_FullMethodName            = "/unilet.admin.v1.Admin/ListPods"
+	Admin_Inspect_FullMethodName             = "/unilet.admin.v1.Admin/Inspect"
+	Admin_Logs_FullMethodName                = "/unilet.admin.v1.Admin/Logs"
+	Admin_Console_FullMethodName             = "/unilet.admin.v1.Admin/Console"
+	Admin_ListUnikernelImages_FullMethodName = "/unilet.admin.v1.Admin/ListUnikernelImages"
+	Admin_Info_FullMethodName                = "/unilet.admin.v1.Admin/Info"
+	Admin_DumpState_FullMethodName           = "/unilet.admin.v1.Admin/DumpState"
 )
 
 // AdminClient is the client API for Admin service.
@@ -39,6 +46,27 @@ type AdminClient interface {
 	ListTemplates(ctx context.Context, in *ListTemplatesRequest, opts ...grpc.CallOption) (*ListTemplatesResponse, error)
 	// RemoveTemplate removes a template; clones running from it go on.
 	RemoveTemplate(ctx context.Context, in *RemoveTemplateRequest, opts ...grpc.CallOption) (*RemoveTemplateResponse, error)
+	// ListPods lists the node's unikernel pods and their containers' VMs.
+	ListPods(ctx context.Context, in *ListPodsRequest, opts ...grpc.CallOption) (*ListPodsResponse, error)
+	// Inspect describes one pod or container as a JSON document: the VM's
+	// QEMU argv as executed, guest command line, jail, cgroup, files, shim,
+	// last exit.
+	Inspect(ctx context.Context, in *InspectRequest, opts ...grpc.CallOption) (*InspectResponse, error)
+	// Logs streams a container's console log (the CRI log file); follow
+	// goes on until the VM ends or the client cancels.
+	Logs(ctx context.Context, in *LogsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[LogChunk], error)
+	// Console attaches to a running VM's serial console: the first message
+	// names the container, later ones carry input; Ctrl-] (0x1d) in the
+	// input detaches.
+	Console(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ConsoleInput, ConsoleOutput], error)
+	// ListImages lists the unikernel images with their Unikraft details.
+	ListUnikernelImages(ctx context.Context, in *ListImagesRequest, opts ...grpc.CallOption) (*ListImagesResponse, error)
+	// Info reports versions, the effective configuration, the accelerator
+	// probe and the daemon's log.
+	Info(ctx context.Context, in *InfoRequest, opts ...grpc.CallOption) (*InfoResponse, error)
+	// DumpState returns the state database's records as JSON, environment
+	// values and secrets redacted.
+	DumpState(ctx context.Context, in *DumpStateRequest, opts ...grpc.CallOption) (*DumpStateResponse, error)
 }
 
 type adminClient struct {
@@ -79,6 +107,88 @@ func (c *adminClient) RemoveTemplate(ctx context.Context, in *RemoveTemplateRequ
 	return out, nil
 }
 
+func (c *adminClient) ListPods(ctx context.Context, in *ListPodsRequest, opts ...grpc.CallOption) (*ListPodsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListPodsResponse)
+	err := c.cc.Invoke(ctx, Admin_ListPods_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) Inspect(ctx context.Context, in *InspectRequest, opts ...grpc.CallOption) (*InspectResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(InspectResponse)
+	err := c.cc.Invoke(ctx, Admin_Inspect_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) Logs(ctx context.Context, in *LogsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[LogChunk], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[0], Admin_Logs_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[LogsRequest, LogChunk]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_LogsClient = grpc.ServerStreamingClient[LogChunk]
+
+func (c *adminClient) Console(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ConsoleInput, ConsoleOutput], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Admin_ServiceDesc.Streams[1], Admin_Console_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ConsoleInput, ConsoleOutput]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_ConsoleClient = grpc.BidiStreamingClient[ConsoleInput, ConsoleOutput]
+
+func (c *adminClient) ListUnikernelImages(ctx context.Context, in *ListImagesRequest, opts ...grpc.CallOption) (*ListImagesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListImagesResponse)
+	err := c.cc.Invoke(ctx, Admin_ListUnikernelImages_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) Info(ctx context.Context, in *InfoRequest, opts ...grpc.CallOption) (*InfoResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(InfoResponse)
+	err := c.cc.Invoke(ctx, Admin_Info_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *adminClient) DumpState(ctx context.Context, in *DumpStateRequest, opts ...grpc.CallOption) (*DumpStateResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DumpStateResponse)
+	err := c.cc.Invoke(ctx, Admin_DumpState_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -91,6 +201,27 @@ type AdminServer interface {
 	ListTemplates(context.Context, *ListTemplatesRequest) (*ListTemplatesResponse, error)
 	// RemoveTemplate removes a template; clones running from it go on.
 	RemoveTemplate(context.Context, *RemoveTemplateRequest) (*RemoveTemplateResponse, error)
+	// ListPods lists the node's unikernel pods and their containers' VMs.
+	ListPods(context.Context, *ListPodsRequest) (*ListPodsResponse, error)
+	// Inspect describes one pod or container as a JSON document: the VM's
+	// QEMU argv as executed, guest command line, jail, cgroup, files, shim,
+	// last exit.
+	Inspect(context.Context, *InspectRequest) (*InspectResponse, error)
+	// Logs streams a container's console log (the CRI log file); follow
+	// goes on until the VM ends or the client cancels.
+	Logs(*LogsRequest, grpc.ServerStreamingServer[LogChunk]) error
+	// Console attaches to a running VM's serial console: the first message
+	// names the container, later ones carry input; Ctrl-] (0x1d) in the
+	// input detaches.
+	Console(grpc.BidiStreamingServer[ConsoleInput, ConsoleOutput]) error
+	// ListImages lists the unikernel images with their Unikraft details.
+	ListUnikernelImages(context.Context, *ListImagesRequest) (*ListImagesResponse, error)
+	// Info reports versions, the effective configuration, the accelerator
+	// probe and the daemon's log.
+	Info(context.Context, *InfoRequest) (*InfoResponse, error)
+	// DumpState returns the state database's records as JSON, environment
+	// values and secrets redacted.
+	DumpState(context.Context, *DumpStateRequest) (*DumpStateResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -109,6 +240,27 @@ func (UnimplementedAdminServer) ListTemplates(context.Context, *ListTemplatesReq
 }
 func (UnimplementedAdminServer) RemoveTemplate(context.Context, *RemoveTemplateRequest) (*RemoveTemplateResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method RemoveTemplate not implemented")
+}
+func (UnimplementedAdminServer) ListPods(context.Context, *ListPodsRequest) (*ListPodsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListPods not implemented")
+}
+func (UnimplementedAdminServer) Inspect(context.Context, *InspectRequest) (*InspectResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Inspect not implemented")
+}
+func (UnimplementedAdminServer) Logs(*LogsRequest, grpc.ServerStreamingServer[LogChunk]) error {
+	return status.Errorf(codes.Unimplemented, "method Logs not implemented")
+}
+func (UnimplementedAdminServer) Console(grpc.BidiStreamingServer[ConsoleInput, ConsoleOutput]) error {
+	return status.Errorf(codes.Unimplemented, "method Console not implemented")
+}
+func (UnimplementedAdminServer) ListUnikernelImages(context.Context, *ListImagesRequest) (*ListImagesResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListUnikernelImages not implemented")
+}
+func (UnimplementedAdminServer) Info(context.Context, *InfoRequest) (*InfoResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Info not implemented")
+}
+func (UnimplementedAdminServer) DumpState(context.Context, *DumpStateRequest) (*DumpStateResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method DumpState not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -185,6 +337,114 @@ func _Admin_RemoveTemplate_Handler(srv interface{}, ctx context.Context, dec fun
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_ListPods_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListPodsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).ListPods(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_ListPods_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).ListPods(ctx, req.(*ListPodsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_Inspect_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(InspectRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).Inspect(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_Inspect_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).Inspect(ctx, req.(*InspectRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_Logs_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(LogsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(AdminServer).Logs(m, &grpc.GenericServerStream[LogsRequest, LogChunk]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_LogsServer = grpc.ServerStreamingServer[LogChunk]
+
+func _Admin_Console_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(AdminServer).Console(&grpc.GenericServerStream[ConsoleInput, ConsoleOutput]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Admin_ConsoleServer = grpc.BidiStreamingServer[ConsoleInput, ConsoleOutput]
+
+func _Admin_ListUnikernelImages_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListImagesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).ListUnikernelImages(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_ListUnikernelImages_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).ListUnikernelImages(ctx, req.(*ListImagesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_Info_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(InfoRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).Info(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_Info_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).Info(ctx, req.(*InfoRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Admin_DumpState_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DumpStateRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).DumpState(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_DumpState_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).DumpState(ctx, req.(*DumpStateRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -204,7 +464,39 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "RemoveTemplate",
 			Handler:    _Admin_RemoveTemplate_Handler,
 		},
+		{
+			MethodName: "ListPods",
+			Handler:    _Admin_ListPods_Handler,
+		},
+		{
+			MethodName: "Inspect",
+			Handler:    _Admin_Inspect_Handler,
+		},
+		{
+			MethodName: "ListUnikernelImages",
+			Handler:    _Admin_ListUnikernelImages_Handler,
+		},
+		{
+			MethodName: "Info",
+			Handler:    _Admin_Info_Handler,
+		},
+		{
+			MethodName: "DumpState",
+			Handler:    _Admin_DumpState_Handler,
+		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "Logs",
+			Handler:       _Admin_Logs_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "Console",
+			Handler:       _Admin_Console_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+	},
 	Metadata: "admin.proto",
 }

@@ -114,7 +114,11 @@ func serve(cfg config.Config) error {
 	}
 	limits := vm.Limits{OverheadMiB: cfg.VM.OverheadMiB, DefaultMemMiB: cfg.VM.DefaultMemMiB, MaxMemMiB: cfg.VM.MaxMemMiB,
 		MaxVCPUs: cfg.VM.MaxVCPUs, AllowLibParams: cfg.VM.AllowLibParams}
-	svc, err := vm.New(vm.Config{QEMU: qemuPath, Accel: resolved, StateDir: stateDir, Version: version.Version,
+	effective, err := cfg.Encode()
+	if err != nil {
+		return err
+	}
+	svc, err := vm.New(vm.Config{Effective: effective, QEMU: qemuPath, Accel: resolved, StateDir: stateDir, Version: version.Version,
 		Limits: limits, Network: network, NetNSDir: cfg.Network.NetNSDir, GuestNet: guestNet, LogRoots: cfg.Pods.LogRoots,
 		Templates: tmpls, TemplateWarm: cfg.VM.TemplateWarm}, vms, images, meta)
 	if err != nil {
@@ -154,7 +158,7 @@ func serve(cfg config.Config) error {
 	}
 	// The metrics interceptors come first: they count the code clients get.
 	srv := grpc.NewServer(append(router.ServerOptions(), grpc.MaxRecvMsgSize(16<<20),
-		grpc.ChainUnaryInterceptor(metrics.UnaryInterceptor, cri.UnaryErrors), grpc.ChainStreamInterceptor(metrics.StreamInterceptor))...)
+		grpc.ChainUnaryInterceptor(metrics.UnaryInterceptor, cri.UnaryErrors), grpc.ChainStreamInterceptor(metrics.StreamInterceptor, cri.StreamErrors))...)
 	router.Register(srv)
 	admin.RegisterAdminServer(srv, svc)
 

@@ -60,6 +60,8 @@ func (f *fakeVMs) called(prefix string) []string {
 	return out
 }
 
+func (f *fakeVMs) QEMUOf(id string, pid int) ([]string, int, bool) { return nil, 0, false }
+
 func (f *fakeVMs) Dir(id string) (string, error) {
 	if !store.ValidID(id) {
 		return "", fmt.Errorf("container ID %q is not a unilet ID: %w", id, manager.ErrUntrusted)

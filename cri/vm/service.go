@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -59,6 +60,9 @@ type Config struct {
 	// TemplateWarm is how many warm clones of each template are kept ready
 	// (0: none; a templated pod then restores its template at start).
 	TemplateWarm int
+	// Effective is the daemon's effective configuration (TOML), which the
+	// operator API's Info reports.
+	Effective []byte
 }
 
 // Network is the pod network (package cni in production).
@@ -90,6 +94,7 @@ type Service struct {
 	events      events
 	adopting    adoptions // containers whose shim has not answered since the restart
 	warm        *warmPool // nil: no warm clones
+	started     time.Time
 }
 
 // New returns a Service running its VMs through vms (a *manager.Manager
@@ -109,7 +114,7 @@ func New(cfg Config, vms VMs, images *image.Store, meta *metadata.Store) (*Servi
 	if vms == nil {
 		return nil, errors.New("no VM manager")
 	}
-	s := &Service{cfg: cfg, images: images, meta: meta, vms: vms, podReserved: map[string]bool{}}
+	s := &Service{cfg: cfg, images: images, meta: meta, vms: vms, podReserved: map[string]bool{}, started: time.Now()}
 	if cfg.Templates != nil && cfg.TemplateWarm > 0 {
 		s.warm = newWarmPool(s, cfg.TemplateWarm)
 	}

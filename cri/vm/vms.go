@@ -16,6 +16,8 @@ type VMs interface {
 	// unilet's form); CgroupPath its cgroup in a pod whose cgroup parent is
 	// parent ("" when cgroups are off).
 	Dir(id string) (string, error)
+	// QEMUOf reads a container's QEMU command line, once proven its own.
+	QEMUOf(id string, pid int) (argv []string, shimPid int, ok bool)
 	CgroupPath(parent, id string) (string, error)
 
 	// Stage places an idle shim in a new pod's staging cgroup (nil: none);

@@ -474,3 +474,22 @@ func (m *Manager) Sweep(keep func(dirName string) bool) {
 		m.ids.release(name)
 	}
 }
+
+// QEMUOf reads the command line of container id's QEMU at pid (as its shim
+// reported it) once /proc proves it is that VM's QEMU (shim.IsQEMUOf);
+// shimPid is its parent when proven a unilet-shim of this state directory
+// (0 otherwise).
+func (m *Manager) QEMUOf(id string, pid int) (argv []string, shimPid int, ok bool) {
+	dir, err := m.Dir(id)
+	if err != nil || !shim.IsQEMUOf(pid, dir) {
+		return nil, 0, false
+	}
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || len(raw) == 0 {
+		return nil, 0, false
+	}
+	if pp := shim.Parent(pid); shim.IsShimUnder(pp, m.cfg.ShimBinary, m.cfg.StateDir) {
+		shimPid = pp
+	}
+	return strings.Split(strings.TrimRight(string(raw), "\x00"), "\x00"), shimPid, true
+}
