@@ -503,6 +503,7 @@ type LogsRequest struct {
 	Follow        bool                   `protobuf:"varint,2,opt,name=follow,proto3" json:"follow,omitempty"`
 	Previous      bool                   `protobuf:"varint,3,opt,name=previous,proto3" json:"previous,omitempty"`                    // the log of the attempt before
 	TailLines     int64                  `protobuf:"varint,4,opt,name=tail_lines,json=tailLines,proto3" json:"tail_lines,omitempty"` // 0: all
+	Redact        bool                   `protobuf:"varint,5,opt,name=redact,proto3" json:"redact,omitempty"`                        // the container's environment values replaced (not with follow)
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -563,6 +564,13 @@ func (x *LogsRequest) GetTailLines() int64 {
 		return x.TailLines
 	}
 	return 0
+}
+
+func (x *LogsRequest) GetRedact() bool {
+	if x != nil {
+		return x.Redact
+	}
+	return false
 }
 
 type LogChunk struct {
@@ -1577,13 +1585,14 @@ const file_admin_proto_rawDesc = "" +
 	"\x0fInspectResponse\x12\x12\n" +
 	"\x04kind\x18\x01 \x01(\tR\x04kind\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x12\n" +
-	"\x04json\x18\x03 \x01(\fR\x04json\"~\n" +
+	"\x04json\x18\x03 \x01(\fR\x04json\"\x96\x01\n" +
 	"\vLogsRequest\x12\x1c\n" +
 	"\tcontainer\x18\x01 \x01(\tR\tcontainer\x12\x16\n" +
 	"\x06follow\x18\x02 \x01(\bR\x06follow\x12\x1a\n" +
 	"\bprevious\x18\x03 \x01(\bR\bprevious\x12\x1d\n" +
 	"\n" +
-	"tail_lines\x18\x04 \x01(\x03R\ttailLines\"\x1e\n" +
+	"tail_lines\x18\x04 \x01(\x03R\ttailLines\x12\x16\n" +
+	"\x06redact\x18\x05 \x01(\bR\x06redact\"\x1e\n" +
 	"\bLogChunk\x12\x12\n" +
 	"\x04data\x18\x01 \x01(\fR\x04data\"@\n" +
 	"\fConsoleInput\x12\x1c\n" +

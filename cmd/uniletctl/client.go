@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -99,9 +100,12 @@ func render(w io.Writer, format string, v any) error {
 			return err
 		}
 	case json.RawMessage:
-		if err := json.Unmarshal(m, &generic); err != nil {
+		d := json.NewDecoder(bytes.NewReader(m))
+		d.UseNumber()
+		if err := d.Decode(&generic); err != nil {
 			return err
 		}
+		generic = numbers(generic)
 	default:
 		b, err := json.Marshal(v)
 		if err != nil {
@@ -123,6 +127,28 @@ func render(w io.Writer, format string, v any) error {
 		return e.Encode(generic)
 	}
 	return fmt.Errorf("-o %q: want table, json or yaml", format)
+}
+
+// numbers turns the json.Numbers of a decoded document into int64 or
+// float64, so YAML shows them as numbers and JSON keeps every digit.
+func numbers(v any) any {
+	switch t := v.(type) {
+	case json.Number:
+		if i, err := t.Int64(); err == nil {
+			return i
+		}
+		f, _ := t.Float64()
+		return f
+	case map[string]any:
+		for k, e := range t {
+			t[k] = numbers(e)
+		}
+	case []any:
+		for i, e := range t {
+			t[i] = numbers(e)
+		}
+	}
+	return v
 }
 
 // checkOutput validates -o before anything is asked of the daemon.

@@ -147,7 +147,7 @@ func writeDiag(ctx context.Context, c *client, output string) (int, error) {
 func consoleTail(ctx context.Context, c *client, id string) ([]byte, error) {
 	ctx, cancel := timeout(ctx)
 	defer cancel()
-	s, err := c.Logs(ctx, &admin.LogsRequest{Container: id, TailLines: diagConsoleLines})
+	s, err := c.Logs(ctx, &admin.LogsRequest{Container: id, TailLines: diagConsoleLines, Redact: true})
 	if err != nil {
 		return nil, err
 	}
@@ -215,4 +215,3 @@ func (b *bundle) write(output string) error {
 	}
 	return os.Rename(tmp.Name(), output)
 }
-

@@ -63,6 +63,7 @@ A pod with one container may be named instead of the container.`,
 	cmd.Flags().Int64Var(&r.TailLines, "tail", 0, "only the last N lines (0: all)")
 	cmd.Flags().BoolVar(&timestamps, "timestamps", false, "prefix each line with the time it was written")
 	cmd.Flags().BoolVar(&raw, "raw", false, "print the CRI log lines as stored")
+	cmd.Flags().BoolVar(&r.Redact, "redact", false, "replace the container's environment values (not with -f)")
 	return cmd
 }
 

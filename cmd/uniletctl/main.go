@@ -10,7 +10,6 @@ import (
 	"os"
 
 	"github.com/spf13/cobra"
-
 )
 
 // DefaultEndpoint is the installed daemon's socket.

@@ -142,6 +142,13 @@ func completeNames(g *globals) func(*cobra.Command, []string, string) ([]string,
 			return nil, cobra.ShellCompDirectiveNoFileComp
 		}
 		var out []string
+		seen := map[string]bool{}
+		add := func(n string) {
+			if !seen[n] {
+				seen[n] = true
+				out = append(out, n)
+			}
+		}
 		_ = withClient(g, func(ctx context.Context, c *client) error {
 			ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 			defer cancel()
@@ -151,9 +158,9 @@ func completeNames(g *globals) func(*cobra.Command, []string, string) ([]string,
 			}
 			for _, p := range r.GetPods() {
 				name := p.GetNamespace() + "/" + p.GetName()
-				out = append(out, name)
+				add(name)
 				for _, v := range p.GetVms() {
-					out = append(out, name+"/"+v.GetName())
+					add(name + "/" + v.GetName())
 				}
 			}
 			return nil

@@ -1,6 +1,7 @@
 package vm
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -114,7 +115,7 @@ func (s *Service) DumpState(ctx context.Context, r *admin.DumpStateRequest) (*ad
 		}
 		doc["quarantined"] = list
 	}
-	b, err := json.MarshalIndent(doc, "", "  ")
+	b, err := indentJSON(doc)
 	return &admin.DumpStateResponse{Json: b}, err
 }
 
@@ -188,3 +189,13 @@ func redactStrings(v any, secrets []string) any {
 	return v
 }
 
+// indentJSON is v as indented JSON, with <, > and & as they are (the
+// documents are for people, not HTML).
+func indentJSON(v any) ([]byte, error) {
+	var b bytes.Buffer
+	e := json.NewEncoder(&b)
+	e.SetEscapeHTML(false)
+	e.SetIndent("", "  ")
+	err := e.Encode(v)
+	return b.Bytes(), err
+}

@@ -35,6 +35,9 @@ func (s *Service) Logs(r *admin.LogsRequest, stream admin.Admin_LogsServer) erro
 			return err
 		}
 	}
+	if r.GetRedact() && r.GetFollow() {
+		return errorf(codes.InvalidArgument, "a followed log cannot be redacted")
+	}
 	path := c.Meta().LogPath
 	if path == "" {
 		return errorf(codes.FailedPrecondition, "container %s has no log file (its pod names no log directory)", c.ID())
@@ -54,12 +57,20 @@ func (s *Service) Logs(r *admin.LogsRequest, stream admin.Admin_LogsServer) erro
 		}
 		return nil
 	}
-	if n := r.GetTailLines(); n > 0 {
+	if n := r.GetTailLines(); n > 0 || r.GetRedact() {
 		b, err := io.ReadAll(f)
 		if err != nil {
 			return err
 		}
-		if err := send(lastLines(b, int(n))); err != nil {
+		if n > 0 {
+			b = lastLines(b, int(n))
+		}
+		if r.GetRedact() {
+			for _, sec := range envValues(c) {
+				b = bytes.ReplaceAll(b, []byte(sec), []byte(redacted))
+			}
+		}
+		if err := send(b); err != nil {
 			return err
 		}
 	} else if _, err := io.Copy(writerFunc(send), f); err != nil {

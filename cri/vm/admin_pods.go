@@ -177,6 +177,7 @@ func (s *Service) resolveContainer(name string) (*container, error) {
 
 // containerInspect is what `uniletctl inspect CONTAINER` shows.
 type containerInspect struct {
+	Kind      string              `json:"kind"`
 	ID        string              `json:"id"`
 	Name      string              `json:"name"`
 	Attempt   uint32              `json:"attempt"`
@@ -215,14 +216,31 @@ type vmInspect struct {
 
 // podInspect is what `uniletctl inspect POD` shows.
 type podInspect struct {
-	*admin.Pod
-	NetNS       string            `json:"netns,omitempty"`
-	MAC         string            `json:"mac,omitempty"`
-	GuestNet    any               `json:"guestNetwork,omitempty"`
-	Labels      map[string]string `json:"labels,omitempty"`
-	Annotations map[string]string `json:"annotations,omitempty"`
-	LogDir      string            `json:"logDirectory,omitempty"`
-	Cgroup      string            `json:"cgroupParent,omitempty"`
+	Kind           string            `json:"kind"`
+	ID             string            `json:"id"`
+	Namespace      string            `json:"namespace"`
+	Name           string            `json:"name"`
+	UID            string            `json:"uid"`
+	State          string            `json:"state"`
+	IP             string            `json:"ip,omitempty"`
+	CreatedAt      time.Time         `json:"createdAt"`
+	RuntimeHandler string            `json:"runtimeHandler,omitempty"`
+	Containers     []podContainer    `json:"containers"`
+	NetNS          string            `json:"netns,omitempty"`
+	MAC            string            `json:"mac,omitempty"`
+	GuestNet       any               `json:"guestNetwork,omitempty"`
+	Labels         map[string]string `json:"labels,omitempty"`
+	Annotations    map[string]string `json:"annotations,omitempty"`
+	LogDir         string            `json:"logDirectory,omitempty"`
+	Cgroup         string            `json:"cgroupParent,omitempty"`
+}
+
+// podContainer is one container in podInspect.
+type podContainer struct {
+	ID      string `json:"id"`
+	Name    string `json:"name"`
+	Attempt uint32 `json:"attempt"`
+	State   string `json:"state"`
 }
 
 // Inspect describes one pod or container as JSON.
@@ -235,22 +253,22 @@ func (s *Service) Inspect(ctx context.Context, r *admin.InspectRequest) (*admin.
 	defer cancel()
 	if c == nil {
 		m, st := sb.Meta(), sb.Status()
-		doc := podInspect{Pod: s.podInfo(ctx, sb), NetNS: m.NetNS, MAC: st.MAC, Labels: m.Config.GetLabels(),
+		p := s.podInfo(ctx, sb)
+		doc := podInspect{Kind: "pod", ID: p.Id, Namespace: p.Namespace, Name: p.Name, UID: m.Config.GetMetadata().GetUid(), State: p.State,
+			IP: p.Ip, CreatedAt: m.CreatedAt, RuntimeHandler: p.RuntimeHandler, Containers: []podContainer{}, NetNS: m.NetNS, MAC: st.MAC, Labels: m.Config.GetLabels(),
 			Annotations: m.Config.GetAnnotations(), LogDir: m.Config.GetLogDirectory(), Cgroup: m.Config.GetLinux().GetCgroupParent()}
 		if st.Guest != nil {
 			doc.GuestNet = st.Guest
 		}
-		b, err := json.MarshalIndent(doc, "", "  ")
+		for _, v := range p.Vms {
+			doc.Containers = append(doc.Containers, podContainer{ID: v.ContainerId, Name: v.Name, Attempt: v.Attempt, State: v.State})
+		}
+		b, err := indentJSON(doc)
 		return &admin.InspectResponse{Kind: "pod", Id: sb.ID(), Json: b}, err
 	}
 	doc := any(s.inspectContainer(ctx, sb, c))
 	if r.GetRedact() {
-		var secrets []string
-		for _, e := range c.Meta().Config.GetEnvs() {
-			if len(e.GetValue()) > 0 {
-				secrets = append(secrets, string(e.GetValue()))
-			}
-		}
+		secrets := envValues(c)
 		raw, err := json.Marshal(doc)
 		if err != nil {
 			return nil, err
@@ -261,14 +279,14 @@ func (s *Service) Inspect(ctx context.Context, r *admin.InspectRequest) (*admin.
 		}
 		doc = redactStrings(generic, secrets)
 	}
-	b, err := json.MarshalIndent(doc, "", "  ")
+	b, err := indentJSON(doc)
 	return &admin.InspectResponse{Kind: "container", Id: c.ID(), Json: b}, err
 }
 
 func (s *Service) inspectContainer(ctx context.Context, sb *sandbox, c *container) containerInspect {
 	m, st := c.Meta(), c.Status()
 	info := s.vmInfo(ctx, c)
-	doc := containerInspect{ID: c.ID(), Name: info.Name, Attempt: info.Attempt, PodID: m.SandboxID, State: info.State,
+	doc := containerInspect{Kind: "container", ID: c.ID(), Name: info.Name, Attempt: info.Attempt, PodID: m.SandboxID, State: info.State,
 		Image: info.Image, ImageID: m.Image.ID, CreatedAt: m.CreatedAt, Warnings: st.Warnings}
 	if sb != nil {
 		md := sb.Meta().Config.GetMetadata()
@@ -309,4 +327,16 @@ func (s *Service) inspectContainer(ctx context.Context, sb *sandbox, c *containe
 	}
 	doc.VM = vm
 	return doc
+}
+
+// envValues are the values of a container's environment (what redaction
+// hides).
+func envValues(c *container) []string {
+	var out []string
+	for _, e := range c.Meta().Config.GetEnvs() {
+		if len(e.GetValue()) > 0 {
+			out = append(out, string(e.GetValue()))
+		}
+	}
+	return out
 }
