@@ -4,6 +4,8 @@ import (
 	"context"
 
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/unilet-dev/unilet/cri/vm"
 )
 
 // forVMPod reports whether an image request is made for a unikernel pod:
@@ -27,61 +29,39 @@ func (r *Router) forVMPod(spec *runtimeapi.ImageSpec, sandbox *runtimeapi.PodSan
 // registries; the rest goes upstream.
 func (r *Router) PullImage(ctx context.Context, req *runtimeapi.PullImageRequest) (*runtimeapi.PullImageResponse, error) {
 	toVM := r.forVMPod(req.GetImage(), req.GetSandboxConfig()) || r.isVMImageRef(req.GetImage().GetImage()) || r.upImage == nil
-	if toVM {
-		return r.vm.PullImage(ctx, req)
-	}
-	resp, err := r.upImage.PullImage(ctx, req)
-	return resp, upstreamErr(err)
+	return either(ctx, r, toVM, req, (*vm.Service).PullImage, r.upImage, runtimeapi.ImageServiceClient.PullImage)
 }
 
 // ImageStatus asks the VM store alone for a unikernel pod's image (so
 // kubelet's IfNotPresent never finds it "present" in containerd's store and
 // skips the pull the VM needs); otherwise the VM store first.
 func (r *Router) ImageStatus(ctx context.Context, req *runtimeapi.ImageStatusRequest) (*runtimeapi.ImageStatusResponse, error) {
-	if r.forVMPod(req.GetImage(), nil) || r.vm.HasImage(req.GetImage().GetImage()) || r.upImage == nil {
-		return r.vm.ImageStatus(ctx, req)
-	}
-	resp, err := r.upImage.ImageStatus(ctx, req)
-	return resp, upstreamErr(err)
+	toVM := r.forVMPod(req.GetImage(), nil) || r.vm.HasImage(req.GetImage().GetImage()) || r.upImage == nil
+	return either(ctx, r, toVM, req, (*vm.Service).ImageStatus, r.upImage, runtimeapi.ImageServiceClient.ImageStatus)
 }
 
 // ListImages merges both stores.
 func (r *Router) ListImages(ctx context.Context, req *runtimeapi.ListImagesRequest) (*runtimeapi.ListImagesResponse, error) {
-	resp, err := r.vm.ListImages(ctx, req)
-	if err != nil || r.upImage == nil {
-		return resp, err
-	}
-	up, err := r.upImage.ListImages(ctx, req)
-	if err != nil {
-		r.logUpstreamDown("ListImages", err)
-		return resp, nil
-	}
-	resp.Images = append(resp.Images, up.GetImages()...)
-	return resp, nil
+	return merged(ctx, r, "ListImages", req, (*vm.Service).ListImages, r.upImage, r.upImage != nil, runtimeapi.ImageServiceClient.ListImages, false,
+		func(into, from *runtimeapi.ListImagesResponse) *runtimeapi.ListImagesResponse {
+			into.Images = append(into.Images, from.GetImages()...)
+			return into
+		})
 }
 
 // RemoveImage: a unikernel pod's image in the VM store; otherwise the VM
 // store first.
 func (r *Router) RemoveImage(ctx context.Context, req *runtimeapi.RemoveImageRequest) (*runtimeapi.RemoveImageResponse, error) {
-	if r.forVMPod(req.GetImage(), nil) || r.vm.HasImage(req.GetImage().GetImage()) || r.upImage == nil {
-		return r.vm.RemoveImage(ctx, req)
-	}
-	resp, err := r.upImage.RemoveImage(ctx, req)
-	return resp, upstreamErr(err)
+	toVM := r.forVMPod(req.GetImage(), nil) || r.vm.HasImage(req.GetImage().GetImage()) || r.upImage == nil
+	return either(ctx, r, toVM, req, (*vm.Service).RemoveImage, r.upImage, runtimeapi.ImageServiceClient.RemoveImage)
 }
 
 // ImageFsInfo merges both sides.
 func (r *Router) ImageFsInfo(ctx context.Context, req *runtimeapi.ImageFsInfoRequest) (*runtimeapi.ImageFsInfoResponse, error) {
-	resp, err := r.vm.ImageFsInfo(ctx, req)
-	if err != nil || r.upImage == nil {
-		return resp, err
-	}
-	up, err := r.upImage.ImageFsInfo(ctx, req)
-	if err != nil {
-		r.logUpstreamDown("ImageFsInfo", err)
-		return resp, nil
-	}
-	resp.ImageFilesystems = append(resp.ImageFilesystems, up.GetImageFilesystems()...)
-	resp.ContainerFilesystems = append(resp.ContainerFilesystems, up.GetContainerFilesystems()...)
-	return resp, nil
+	return merged(ctx, r, "ImageFsInfo", req, (*vm.Service).ImageFsInfo, r.upImage, r.upImage != nil, runtimeapi.ImageServiceClient.ImageFsInfo, false,
+		func(into, from *runtimeapi.ImageFsInfoResponse) *runtimeapi.ImageFsInfoResponse {
+			into.ImageFilesystems = append(into.ImageFilesystems, from.GetImageFilesystems()...)
+			into.ContainerFilesystems = append(into.ContainerFilesystems, from.GetContainerFilesystems()...)
+			return into
+		})
 }

@@ -6,6 +6,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/unilet-dev/unilet/cri/vm"
 )
 
 // Version answers for unilet itself.
@@ -162,334 +164,148 @@ func (r *Router) side(id string, match func(string) (exact, found bool, err erro
 
 // StopPodSandbox routes by ID.
 func (r *Router) StopPodSandbox(ctx context.Context, req *runtimeapi.StopPodSandboxRequest) (*runtimeapi.StopPodSandboxResponse, error) {
-	toVM, err := r.sandboxSide(ctx, req.GetPodSandboxId())
-	if err != nil {
-		return nil, err
-	}
-	if toVM {
-		return r.vm.StopPodSandbox(ctx, req)
-	}
-	resp, err := r.upRT.StopPodSandbox(ctx, req)
-	if status.Code(err) == codes.NotFound {
-		return &runtimeapi.StopPodSandboxResponse{}, nil // idempotent, as CRI expects
-	}
-	return resp, upstreamErr(err)
+	return routed(ctx, r, r.sandboxSide, req.GetPodSandboxId(), req, (*vm.Service).StopPodSandbox, runtimeapi.RuntimeServiceClient.StopPodSandbox, empty[runtimeapi.StopPodSandboxResponse])
 }
 
 // RemovePodSandbox routes by ID.
 func (r *Router) RemovePodSandbox(ctx context.Context, req *runtimeapi.RemovePodSandboxRequest) (*runtimeapi.RemovePodSandboxResponse, error) {
-	toVM, err := r.sandboxSide(ctx, req.GetPodSandboxId())
-	if err != nil {
-		return nil, err
-	}
-	if toVM {
-		return r.vm.RemovePodSandbox(ctx, req)
-	}
-	resp, err := r.upRT.RemovePodSandbox(ctx, req)
-	if status.Code(err) == codes.NotFound {
-		return &runtimeapi.RemovePodSandboxResponse{}, nil
-	}
-	return resp, upstreamErr(err)
+	return routed(ctx, r, r.sandboxSide, req.GetPodSandboxId(), req, (*vm.Service).RemovePodSandbox, runtimeapi.RuntimeServiceClient.RemovePodSandbox, empty[runtimeapi.RemovePodSandboxResponse])
 }
 
 // PodSandboxStatus routes by ID.
 func (r *Router) PodSandboxStatus(ctx context.Context, req *runtimeapi.PodSandboxStatusRequest) (*runtimeapi.PodSandboxStatusResponse, error) {
-	toVM, err := r.sandboxSide(ctx, req.GetPodSandboxId())
-	if err != nil {
-		return nil, err
-	}
-	if toVM {
-		return r.vm.PodSandboxStatus(ctx, req)
-	}
-	resp, err := r.upRT.PodSandboxStatus(ctx, req)
-	return resp, upstreamErr(err)
+	return routed(ctx, r, r.sandboxSide, req.GetPodSandboxId(), req, (*vm.Service).PodSandboxStatus, runtimeapi.RuntimeServiceClient.PodSandboxStatus, nil)
 }
 
 // ListPodSandbox merges both sides; a dead upstream degrades to the VM side.
 func (r *Router) ListPodSandbox(ctx context.Context, req *runtimeapi.ListPodSandboxRequest) (*runtimeapi.ListPodSandboxResponse, error) {
-	resp, err := r.vm.ListPodSandbox(ctx, req)
-	if err != nil || r.upRT == nil {
-		return resp, err
-	}
-	if id := req.GetFilter().GetId(); id != "" && r.vmExactSandbox(id) {
-		return resp, nil
-	}
-	up, err := r.upRT.ListPodSandbox(ctx, req)
-	if err != nil {
-		r.logUpstreamDown("ListPodSandbox", err)
-		return resp, nil
-	}
-	resp.Items = append(resp.Items, up.GetItems()...)
-	return resp, nil
+	id := req.GetFilter().GetId()
+	return mergedRT(ctx, r, "ListPodSandbox", req, (*vm.Service).ListPodSandbox, runtimeapi.RuntimeServiceClient.ListPodSandbox, id != "" && r.vmExactSandbox(id),
+		func(into, from *runtimeapi.ListPodSandboxResponse) *runtimeapi.ListPodSandboxResponse {
+			into.Items = append(into.Items, from.GetItems()...)
+			return into
+		})
 }
 
 // CreateContainer routes by the sandbox ID.
 func (r *Router) CreateContainer(ctx context.Context, req *runtimeapi.CreateContainerRequest) (*runtimeapi.CreateContainerResponse, error) {
-	toVM, err := r.sandboxSide(ctx, req.GetPodSandboxId())
-	if err != nil {
-		return nil, err
-	}
-	if toVM {
-		return r.vm.CreateContainer(ctx, req)
-	}
-	resp, err := r.upRT.CreateContainer(ctx, req)
-	return resp, upstreamErr(err)
+	return routed(ctx, r, r.sandboxSide, req.GetPodSandboxId(), req, (*vm.Service).CreateContainer, runtimeapi.RuntimeServiceClient.CreateContainer, nil)
 }
 
 // StartContainer routes by ID.
 func (r *Router) StartContainer(ctx context.Context, req *runtimeapi.StartContainerRequest) (*runtimeapi.StartContainerResponse, error) {
-	toVM, err := r.containerSide(ctx, req.GetContainerId())
-	if err != nil {
-		return nil, err
-	}
-	if toVM {
-		return r.vm.StartContainer(ctx, req)
-	}
-	resp, err := r.upRT.StartContainer(ctx, req)
-	return resp, upstreamErr(err)
+	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*vm.Service).StartContainer, runtimeapi.RuntimeServiceClient.StartContainer, nil)
 }
 
 // StopContainer routes by ID; unknown IDs succeed.
 func (r *Router) StopContainer(ctx context.Context, req *runtimeapi.StopContainerRequest) (*runtimeapi.StopContainerResponse, error) {
-	toVM, err := r.containerSide(ctx, req.GetContainerId())
-	if err != nil {
-		return nil, err
-	}
-	if toVM {
-		return r.vm.StopContainer(ctx, req)
-	}
-	resp, err := r.upRT.StopContainer(ctx, req)
-	if status.Code(err) == codes.NotFound {
-		return &runtimeapi.StopContainerResponse{}, nil
-	}
-	return resp, upstreamErr(err)
+	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*vm.Service).StopContainer, runtimeapi.RuntimeServiceClient.StopContainer, empty[runtimeapi.StopContainerResponse])
 }
 
 // RemoveContainer routes by ID; unknown IDs succeed.
 func (r *Router) RemoveContainer(ctx context.Context, req *runtimeapi.RemoveContainerRequest) (*runtimeapi.RemoveContainerResponse, error) {
-	toVM, err := r.containerSide(ctx, req.GetContainerId())
-	if err != nil {
-		return nil, err
-	}
-	if toVM {
-		return r.vm.RemoveContainer(ctx, req)
-	}
-	resp, err := r.upRT.RemoveContainer(ctx, req)
-	if status.Code(err) == codes.NotFound {
-		return &runtimeapi.RemoveContainerResponse{}, nil
-	}
-	return resp, upstreamErr(err)
+	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*vm.Service).RemoveContainer, runtimeapi.RuntimeServiceClient.RemoveContainer, empty[runtimeapi.RemoveContainerResponse])
 }
 
 // ContainerStatus routes by ID.
 func (r *Router) ContainerStatus(ctx context.Context, req *runtimeapi.ContainerStatusRequest) (*runtimeapi.ContainerStatusResponse, error) {
-	toVM, err := r.containerSide(ctx, req.GetContainerId())
-	if err != nil {
-		return nil, err
-	}
-	if toVM {
-		return r.vm.ContainerStatus(ctx, req)
-	}
-	resp, err := r.upRT.ContainerStatus(ctx, req)
-	return resp, upstreamErr(err)
+	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*vm.Service).ContainerStatus, runtimeapi.RuntimeServiceClient.ContainerStatus, nil)
 }
 
 // ListContainers merges both sides.
 func (r *Router) ListContainers(ctx context.Context, req *runtimeapi.ListContainersRequest) (*runtimeapi.ListContainersResponse, error) {
-	resp, err := r.vm.ListContainers(ctx, req)
-	if err != nil || r.upRT == nil {
-		return resp, err
-	}
 	f := req.GetFilter()
-	if (f.GetId() != "" && r.vmExactContainer(f.GetId())) || (f.GetPodSandboxId() != "" && r.vmExactSandbox(f.GetPodSandboxId())) {
-		return resp, nil
-	}
-	up, err := r.upRT.ListContainers(ctx, req)
-	if err != nil {
-		r.logUpstreamDown("ListContainers", err)
-		return resp, nil
-	}
-	resp.Containers = append(resp.Containers, up.GetContainers()...)
-	return resp, nil
+	return mergedRT(ctx, r, "ListContainers", req, (*vm.Service).ListContainers, runtimeapi.RuntimeServiceClient.ListContainers, (f.GetId() != "" && r.vmExactContainer(f.GetId())) || (f.GetPodSandboxId() != "" && r.vmExactSandbox(f.GetPodSandboxId())),
+		func(into, from *runtimeapi.ListContainersResponse) *runtimeapi.ListContainersResponse {
+			into.Containers = append(into.Containers, from.GetContainers()...)
+			return into
+		})
 }
 
 // UpdateContainerResources routes by ID.
 func (r *Router) UpdateContainerResources(ctx context.Context, req *runtimeapi.UpdateContainerResourcesRequest) (*runtimeapi.UpdateContainerResourcesResponse, error) {
-	toVM, err := r.containerSide(ctx, req.GetContainerId())
-	if err != nil {
-		return nil, err
-	}
-	if toVM {
-		return r.vm.UpdateContainerResources(ctx, req)
-	}
-	resp, err := r.upRT.UpdateContainerResources(ctx, req)
-	return resp, upstreamErr(err)
+	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*vm.Service).UpdateContainerResources, runtimeapi.RuntimeServiceClient.UpdateContainerResources, nil)
 }
 
 // ReopenContainerLog routes by ID.
 func (r *Router) ReopenContainerLog(ctx context.Context, req *runtimeapi.ReopenContainerLogRequest) (*runtimeapi.ReopenContainerLogResponse, error) {
-	toVM, err := r.containerSide(ctx, req.GetContainerId())
-	if err != nil {
-		return nil, err
-	}
-	if toVM {
-		return r.vm.ReopenContainerLog(ctx, req)
-	}
-	resp, err := r.upRT.ReopenContainerLog(ctx, req)
-	return resp, upstreamErr(err)
+	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*vm.Service).ReopenContainerLog, runtimeapi.RuntimeServiceClient.ReopenContainerLog, nil)
 }
 
 // ExecSync routes by ID (VM: Unimplemented with a reason).
 func (r *Router) ExecSync(ctx context.Context, req *runtimeapi.ExecSyncRequest) (*runtimeapi.ExecSyncResponse, error) {
-	toVM, err := r.containerSide(ctx, req.GetContainerId())
-	if err != nil {
-		return nil, err
-	}
-	if toVM {
-		return r.vm.ExecSync(ctx, req)
-	}
-	resp, err := r.upRT.ExecSync(ctx, req)
-	return resp, upstreamErr(err)
+	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*vm.Service).ExecSync, runtimeapi.RuntimeServiceClient.ExecSync, nil)
 }
 
 // Exec routes by ID.
 func (r *Router) Exec(ctx context.Context, req *runtimeapi.ExecRequest) (*runtimeapi.ExecResponse, error) {
-	toVM, err := r.containerSide(ctx, req.GetContainerId())
-	if err != nil {
-		return nil, err
-	}
-	if toVM {
-		return r.vm.Exec(ctx, req)
-	}
-	resp, err := r.upRT.Exec(ctx, req)
-	return resp, upstreamErr(err)
+	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*vm.Service).Exec, runtimeapi.RuntimeServiceClient.Exec, nil)
 }
 
 // Attach routes by ID.
 func (r *Router) Attach(ctx context.Context, req *runtimeapi.AttachRequest) (*runtimeapi.AttachResponse, error) {
-	toVM, err := r.containerSide(ctx, req.GetContainerId())
-	if err != nil {
-		return nil, err
-	}
-	if toVM {
-		return r.vm.Attach(ctx, req)
-	}
-	resp, err := r.upRT.Attach(ctx, req)
-	return resp, upstreamErr(err)
+	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*vm.Service).Attach, runtimeapi.RuntimeServiceClient.Attach, nil)
 }
 
 // PortForward routes by sandbox ID.
 func (r *Router) PortForward(ctx context.Context, req *runtimeapi.PortForwardRequest) (*runtimeapi.PortForwardResponse, error) {
-	toVM, err := r.sandboxSide(ctx, req.GetPodSandboxId())
-	if err != nil {
-		return nil, err
-	}
-	if toVM {
-		return r.vm.PortForward(ctx, req)
-	}
-	resp, err := r.upRT.PortForward(ctx, req)
-	return resp, upstreamErr(err)
+	return routed(ctx, r, r.sandboxSide, req.GetPodSandboxId(), req, (*vm.Service).PortForward, runtimeapi.RuntimeServiceClient.PortForward, nil)
 }
 
 // ContainerStats routes by ID.
 func (r *Router) ContainerStats(ctx context.Context, req *runtimeapi.ContainerStatsRequest) (*runtimeapi.ContainerStatsResponse, error) {
-	toVM, err := r.containerSide(ctx, req.GetContainerId())
-	if err != nil {
-		return nil, err
-	}
-	if toVM {
-		return r.vm.ContainerStats(ctx, req)
-	}
-	resp, err := r.upRT.ContainerStats(ctx, req)
-	return resp, upstreamErr(err)
+	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*vm.Service).ContainerStats, runtimeapi.RuntimeServiceClient.ContainerStats, nil)
 }
 
 // ListContainerStats merges both sides.
 func (r *Router) ListContainerStats(ctx context.Context, req *runtimeapi.ListContainerStatsRequest) (*runtimeapi.ListContainerStatsResponse, error) {
-	resp, err := r.vm.ListContainerStats(ctx, req)
-	if err != nil || r.upRT == nil {
-		return resp, err
-	}
 	f := req.GetFilter()
-	if (f.GetId() != "" && r.vmExactContainer(f.GetId())) || (f.GetPodSandboxId() != "" && r.vmExactSandbox(f.GetPodSandboxId())) {
-		return resp, nil
-	}
-	up, err := r.upRT.ListContainerStats(ctx, req)
-	if err != nil {
-		r.logUpstreamDown("ListContainerStats", err)
-		return resp, nil
-	}
-	resp.Stats = append(resp.Stats, up.GetStats()...)
-	return resp, nil
+	return mergedRT(ctx, r, "ListContainerStats", req, (*vm.Service).ListContainerStats, runtimeapi.RuntimeServiceClient.ListContainerStats, (f.GetId() != "" && r.vmExactContainer(f.GetId())) || (f.GetPodSandboxId() != "" && r.vmExactSandbox(f.GetPodSandboxId())),
+		func(into, from *runtimeapi.ListContainerStatsResponse) *runtimeapi.ListContainerStatsResponse {
+			into.Stats = append(into.Stats, from.GetStats()...)
+			return into
+		})
 }
 
 // PodSandboxStats routes by ID.
 func (r *Router) PodSandboxStats(ctx context.Context, req *runtimeapi.PodSandboxStatsRequest) (*runtimeapi.PodSandboxStatsResponse, error) {
-	toVM, err := r.sandboxSide(ctx, req.GetPodSandboxId())
-	if err != nil {
-		return nil, err
-	}
-	if toVM {
-		return r.vm.PodSandboxStats(ctx, req)
-	}
-	resp, err := r.upRT.PodSandboxStats(ctx, req)
-	return resp, upstreamErr(err)
+	return routed(ctx, r, r.sandboxSide, req.GetPodSandboxId(), req, (*vm.Service).PodSandboxStats, runtimeapi.RuntimeServiceClient.PodSandboxStats, nil)
 }
 
 // ListPodSandboxStats merges both sides.
 func (r *Router) ListPodSandboxStats(ctx context.Context, req *runtimeapi.ListPodSandboxStatsRequest) (*runtimeapi.ListPodSandboxStatsResponse, error) {
-	resp, err := r.vm.ListPodSandboxStats(ctx, req)
-	if err != nil || r.upRT == nil {
-		return resp, err
-	}
-	if id := req.GetFilter().GetId(); id != "" && r.vmExactSandbox(id) {
-		return resp, nil
-	}
-	up, err := r.upRT.ListPodSandboxStats(ctx, req)
-	if err != nil {
-		r.logUpstreamDown("ListPodSandboxStats", err)
-		return resp, nil
-	}
-	resp.Stats = append(resp.Stats, up.GetStats()...)
-	return resp, nil
+	id := req.GetFilter().GetId()
+	return mergedRT(ctx, r, "ListPodSandboxStats", req, (*vm.Service).ListPodSandboxStats, runtimeapi.RuntimeServiceClient.ListPodSandboxStats, id != "" && r.vmExactSandbox(id),
+		func(into, from *runtimeapi.ListPodSandboxStatsResponse) *runtimeapi.ListPodSandboxStatsResponse {
+			into.Stats = append(into.Stats, from.GetStats()...)
+			return into
+		})
 }
 
 // ListMetricDescriptors: the upstream's descriptors, plus those of VM pods'
 // metrics it does not describe itself (same names: containerd 2.x's).
 func (r *Router) ListMetricDescriptors(ctx context.Context, req *runtimeapi.ListMetricDescriptorsRequest) (*runtimeapi.ListMetricDescriptorsResponse, error) {
-	resp, err := r.vm.ListMetricDescriptors(ctx, req)
-	if err != nil || r.upRT == nil {
-		return resp, err
-	}
-	up, err := r.upRT.ListMetricDescriptors(ctx, req)
-	if err != nil {
-		r.logUpstreamDown("ListMetricDescriptors", err)
-		return resp, nil
-	}
-	have := map[string]bool{}
-	for _, d := range up.GetDescriptors() {
-		have[d.GetName()] = true
-	}
-	out := up.GetDescriptors()
-	for _, d := range resp.Descriptors {
-		if !have[d.GetName()] {
-			out = append(out, d)
-		}
-	}
-	return &runtimeapi.ListMetricDescriptorsResponse{Descriptors: out}, nil
+	return mergedRT(ctx, r, "ListMetricDescriptors", req, (*vm.Service).ListMetricDescriptors, runtimeapi.RuntimeServiceClient.ListMetricDescriptors, false,
+		func(into, from *runtimeapi.ListMetricDescriptorsResponse) *runtimeapi.ListMetricDescriptorsResponse {
+			have := map[string]bool{}
+			for _, d := range from.GetDescriptors() {
+				have[d.GetName()] = true
+			}
+			out := from.GetDescriptors()
+			for _, d := range into.GetDescriptors() {
+				if !have[d.GetName()] {
+					out = append(out, d)
+				}
+			}
+			return &runtimeapi.ListMetricDescriptorsResponse{Descriptors: out}
+		})
 }
 
 // ListPodSandboxMetrics merges VM pods' metrics with the upstream's.
 func (r *Router) ListPodSandboxMetrics(ctx context.Context, req *runtimeapi.ListPodSandboxMetricsRequest) (*runtimeapi.ListPodSandboxMetricsResponse, error) {
-	resp, err := r.vm.ListPodSandboxMetrics(ctx, req)
-	if err != nil || r.upRT == nil {
-		return resp, err
-	}
-	up, err := r.upRT.ListPodSandboxMetrics(ctx, req)
-	if err != nil {
-		r.logUpstreamDown("ListPodSandboxMetrics", err)
-		return resp, nil
-	}
-	resp.PodMetrics = append(resp.PodMetrics, up.GetPodMetrics()...)
-	return resp, nil
+	return mergedRT(ctx, r, "ListPodSandboxMetrics", req, (*vm.Service).ListPodSandboxMetrics, runtimeapi.RuntimeServiceClient.ListPodSandboxMetrics, false,
+		func(into, from *runtimeapi.ListPodSandboxMetricsResponse) *runtimeapi.ListPodSandboxMetricsResponse {
+			into.PodMetrics = append(into.PodMetrics, from.GetPodMetrics()...)
+			return into
+		})
 }
