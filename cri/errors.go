@@ -5,41 +5,37 @@ import (
 	"errors"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/runtime/manager"
 )
 
 // ToGRPC converts an error to a gRPC status, once, at the CRI boundary:
-// errors that already carry a code keep it; the sentinel errors of the
-// store, the VM manager and contexts get theirs; the rest is Unknown.
+// errors that already carry a code keep it (errdefs kinds, upstream
+// statuses); the sentinel errors of the store and the VM manager get
+// theirs here; the rest is Unknown. errdefs holds the kind→code table.
 func ToGRPC(err error) error {
 	if err == nil {
 		return nil
 	}
-	if _, ok := status.FromError(err); ok {
-		return err
-	}
-	code := codes.Unknown
+	kind := errdefs.ErrUnknown
 	switch {
 	case errors.Is(err, store.ErrNotFound), errors.Is(err, store.ErrDeleted):
-		code = codes.NotFound
+		kind = errdefs.ErrNotFound
 	case errors.Is(err, store.ErrAmbiguous):
-		code = codes.InvalidArgument
+		kind = errdefs.ErrInvalidArgument
 	case errors.Is(err, store.ErrAlreadyExists):
-		code = codes.AlreadyExists
+		kind = errdefs.ErrAlreadyExists
 	case errors.Is(err, store.ErrInvalidTransition):
-		code = codes.FailedPrecondition
+		kind = errdefs.ErrFailedPrecondition
 	case errors.Is(err, manager.ErrUntrusted):
-		code = codes.Internal
-	case errors.Is(err, context.DeadlineExceeded):
-		code = codes.DeadlineExceeded
-	case errors.Is(err, context.Canceled):
-		code = codes.Canceled
+		kind = errdefs.ErrInternal
+	default:
+		return status.Error(errdefs.Code(err), err.Error())
 	}
-	return status.Error(code, err.Error())
+	return status.Error(errdefs.Code(kind), err.Error())
 }
 
 // StreamErrors is UnaryErrors for streaming calls.

@@ -8,11 +8,11 @@ import (
 	"reflect"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
-	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/unilet-dev/unilet/cri/errdefs"
 )
 
 // Forward by default: the gRPC server serves only the CRI methods the
@@ -122,7 +122,7 @@ func reflectHandler(m reflect.Method, fullMethod string) func(any, context.Conte
 func (r *Router) forward(_ any, ss grpc.ServerStream) error {
 	method, _ := grpc.MethodFromServerStream(ss)
 	if r.conn == nil {
-		return status.Errorf(codes.Unimplemented, "%s is not served for unikernel pods, and unilet has no upstream runtime to pass it to (--upstream-endpoint is empty)", method)
+		return errdefs.Errorf(errdefs.ErrUnimplemented, "%s is not served for unikernel pods, and unilet has no upstream runtime to pass it to (--upstream-endpoint is empty)", method)
 	}
 	ctx, cancel := context.WithCancel(ss.Context())
 	defer cancel()

@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/status"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/cri/vm"
 	"github.com/unilet-dev/unilet/image"
 )
@@ -107,14 +108,14 @@ func (r *Router) isVMImageRef(ref string) bool {
 }
 
 func (r *Router) noUpstream(what string) error {
-	return status.Errorf(codes.FailedPrecondition,
+	return errdefs.Errorf(errdefs.ErrFailedPrecondition,
 		"%s is not a unikernel pod (no %s=%s annotation, no %q runtime handler) and unilet has no upstream runtime configured (--upstream-endpoint is empty)",
 		what, r.cfg.Annotation, r.cfg.AnnotationValue, r.cfg.Handler)
 }
 
 func upstreamErr(err error) error {
 	if st, ok := status.FromError(err); ok && st.Code() == codes.Unavailable {
-		return status.Errorf(codes.Unavailable, "upstream runtime unreachable: %s", st.Message())
+		return errdefs.Errorf(errdefs.ErrUnavailable, "upstream runtime unreachable: %s", st.Message())
 	}
 	return err
 }

@@ -3,10 +3,9 @@ package cri
 import (
 	"context"
 
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/cri/vm"
 )
 
@@ -95,7 +94,7 @@ func (r *Router) UpdateRuntimeConfig(ctx context.Context, req *runtimeapi.Update
 // RunPodSandbox routes by annotation / runtime handler.
 func (r *Router) RunPodSandbox(ctx context.Context, req *runtimeapi.RunPodSandboxRequest) (*runtimeapi.RunPodSandboxResponse, error) {
 	if req.GetConfig() == nil {
-		return nil, status.Error(codes.InvalidArgument, "RunPodSandbox needs a sandbox config")
+		return nil, errdefs.Errorf(errdefs.ErrInvalidArgument, "RunPodSandbox needs a sandbox config")
 	}
 	if r.IsUnikernelPod(req.GetConfig(), req.GetRuntimeHandler()) {
 		return r.vm.RunPodSandbox(ctx, req)
@@ -157,7 +156,7 @@ func (r *Router) side(id string, match func(string) (exact, found bool, err erro
 		return true, nil
 	}
 	if upstreamHas() == nil {
-		return false, status.Errorf(codes.InvalidArgument, "%s ID prefix %q is ambiguous: it names a unikernel %s and one of the upstream runtime's", kind, id, kind)
+		return false, errdefs.Errorf(errdefs.ErrInvalidArgument, "%s ID prefix %q is ambiguous: it names a unikernel %s and one of the upstream runtime's", kind, id, kind)
 	}
 	return true, nil
 }

@@ -16,7 +16,6 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/api/admin"
-	"github.com/unilet-dev/unilet/image"
 	"github.com/unilet-dev/unilet/runtime"
 )
 
@@ -28,17 +27,9 @@ func (s *Service) ListUnikernelImages(ctx context.Context, r *admin.ListImagesRe
 	}
 	out := &admin.ListImagesResponse{}
 	for _, img := range imgs {
-		i := &admin.Image{Id: img.ID, Refs: img.RepoTags, Digests: img.RepoDigests, SizeBytes: img.Size, Cmd: img.Cmd,
-			UnikraftVersion: img.Annotations[image.AnnotationKernelVersion], Architecture: "x86_64"}
-		if fi, err := os.Stat(img.Kernel); err == nil {
-			i.KernelBytes = fi.Size()
-		}
-		if img.Initrd != "" {
-			if fi, err := os.Stat(img.Initrd); err == nil {
-				i.InitrdBytes = fi.Size()
-			}
-		}
-		out.Images = append(out.Images, i)
+		v := imageView(img)
+		out.Images = append(out.Images, &admin.Image{Id: img.ID, Refs: img.RepoTags, Digests: img.RepoDigests, SizeBytes: img.Size,
+			Cmd: img.Cmd, UnikraftVersion: v.UnikraftVersion, KernelBytes: v.KernelSize, InitrdBytes: v.InitrdSize, Architecture: "x86_64"})
 	}
 	return out, nil
 }

@@ -10,9 +10,9 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-	"google.golang.org/grpc/codes"
 
 	"github.com/unilet-dev/unilet/api/admin"
+	"github.com/unilet-dev/unilet/cri/errdefs"
 )
 
 // logFollowPoll is how often a followed log is checked for new lines and
@@ -36,15 +36,15 @@ func (s *Service) Logs(r *admin.LogsRequest, stream admin.Admin_LogsServer) erro
 		}
 	}
 	if r.GetRedact() && r.GetFollow() {
-		return errorf(codes.InvalidArgument, "a followed log cannot be redacted")
+		return errorf(errdefs.ErrInvalidArgument, "a followed log cannot be redacted")
 	}
 	path := c.Meta().LogPath
 	if path == "" {
-		return errorf(codes.FailedPrecondition, "container %s has no log file (its pod names no log directory)", c.ID())
+		return errorf(errdefs.ErrFailedPrecondition, "container %s has no log file (its pod names no log directory)", c.ID())
 	}
 	f, err := openLog(path)
 	if err != nil {
-		return errorf(codes.NotFound, "the log of container %s: %v", c.ID(), err)
+		return errorf(errdefs.ErrNotFound, "the log of container %s: %v", c.ID(), err)
 	}
 	defer func() { f.Close() }()
 	send := func(p []byte) error {
@@ -121,7 +121,7 @@ func (s *Service) previousAttempt(c *container) (*container, error) {
 		}
 	}
 	if prev == nil {
-		return nil, errorf(codes.NotFound, "container %q of this pod has no previous attempt kept on this node", md.GetName())
+		return nil, errorf(errdefs.ErrNotFound, "container %q of this pod has no previous attempt kept on this node", md.GetName())
 	}
 	return prev, nil
 }

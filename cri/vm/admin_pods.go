@@ -10,9 +10,8 @@ import (
 	"strings"
 	"time"
 
-	"google.golang.org/grpc/codes"
-
 	"github.com/unilet-dev/unilet/api/admin"
+	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/shim"
@@ -95,7 +94,7 @@ func (s *Service) vmSpec(id string) (runtime.VMSpec, error) {
 // NAMESPACE/POD/CONTAINER (that container's newest attempt).
 func (s *Service) resolve(name string) (*sandbox, *container, error) {
 	if name == "" {
-		return nil, nil, errorf(codes.InvalidArgument, "name a pod or container: ID, ID prefix, NAMESPACE/POD or NAMESPACE/POD/CONTAINER")
+		return nil, nil, errorf(errdefs.ErrInvalidArgument, "name a pod or container: ID, ID prefix, NAMESPACE/POD or NAMESPACE/POD/CONTAINER")
 	}
 	parts := strings.Split(name, "/")
 	switch len(parts) {
@@ -104,7 +103,7 @@ func (s *Service) resolve(name string) (*sandbox, *container, error) {
 		c, cerr := s.containers.Get(name)
 		switch {
 		case serr == nil && cerr == nil:
-			return nil, nil, errorf(codes.InvalidArgument, "%q is a prefix of pod %s and of container %s: give more of the ID", name, sb.ID(), c.ID())
+			return nil, nil, errorf(errdefs.ErrInvalidArgument, "%q is a prefix of pod %s and of container %s: give more of the ID", name, sb.ID(), c.ID())
 		case serr == nil:
 			return sb, nil, nil
 		case cerr == nil:
@@ -115,7 +114,7 @@ func (s *Service) resolve(name string) (*sandbox, *container, error) {
 		case errors.Is(cerr, store.ErrAmbiguous):
 			return nil, nil, cerr
 		}
-		return nil, nil, errorf(codes.NotFound, "no unikernel pod or container %q on this node (uniletctl ps lists them)", name)
+		return nil, nil, errorf(errdefs.ErrNotFound, "no unikernel pod or container %q on this node (uniletctl ps lists them)", name)
 	case 2, 3:
 		var sb *sandbox
 		for _, cand := range s.sandboxes.List() {
@@ -125,7 +124,7 @@ func (s *Service) resolve(name string) (*sandbox, *container, error) {
 			}
 		}
 		if sb == nil {
-			return nil, nil, errorf(codes.NotFound, "no unikernel pod %s/%s on this node (uniletctl ps lists them)", parts[0], parts[1])
+			return nil, nil, errorf(errdefs.ErrNotFound, "no unikernel pod %s/%s on this node (uniletctl ps lists them)", parts[0], parts[1])
 		}
 		if len(parts) == 2 {
 			return sb, nil, nil
@@ -138,11 +137,11 @@ func (s *Service) resolve(name string) (*sandbox, *container, error) {
 			}
 		}
 		if c == nil {
-			return nil, nil, errorf(codes.NotFound, "pod %s/%s has no container %q", parts[0], parts[1], parts[2])
+			return nil, nil, errorf(errdefs.ErrNotFound, "pod %s/%s has no container %q", parts[0], parts[1], parts[2])
 		}
 		return sb, c, nil
 	}
-	return nil, nil, errorf(codes.InvalidArgument, "%q: want an ID, ID prefix, NAMESPACE/POD or NAMESPACE/POD/CONTAINER", name)
+	return nil, nil, errorf(errdefs.ErrInvalidArgument, "%q: want an ID, ID prefix, NAMESPACE/POD or NAMESPACE/POD/CONTAINER", name)
 }
 
 // resolveContainer is resolve for verbs that need a container: a pod with
@@ -163,7 +162,7 @@ func (s *Service) resolveContainer(name string) (*container, error) {
 	}
 	switch len(names) {
 	case 0:
-		return nil, errorf(codes.NotFound, "pod %s has no containers", name)
+		return nil, errorf(errdefs.ErrNotFound, "pod %s has no containers", name)
 	case 1:
 		return newest, nil
 	}
@@ -172,7 +171,7 @@ func (s *Service) resolveContainer(name string) (*container, error) {
 		list = append(list, n)
 	}
 	sort.Strings(list)
-	return nil, errorf(codes.InvalidArgument, "pod %s has containers %s: name one as NAMESPACE/POD/CONTAINER", name, strings.Join(list, ", "))
+	return nil, errorf(errdefs.ErrInvalidArgument, "pod %s has containers %s: name one as NAMESPACE/POD/CONTAINER", name, strings.Join(list, ", "))
 }
 
 // containerInspect is what `uniletctl inspect CONTAINER` shows.

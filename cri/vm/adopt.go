@@ -7,9 +7,9 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
-	"google.golang.org/grpc/codes"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/pkg/metrics"
 	"github.com/unilet-dev/unilet/runtime"
@@ -132,7 +132,7 @@ func (s *Service) killUnadopted(c *container) error {
 	}
 	log := logrus.WithFields(logrus.Fields{"sandbox": c.Meta().SandboxID, "container": c.ID()})
 	if err := s.vms.KillUnanswering(c.ID()); err != nil {
-		return errorf(codes.Internal, "remove container %s: its unilet-shim does not answer and cannot be killed: %v", c.ID(), err)
+		return errorf(errdefs.ErrInternal, "remove container %s: its unilet-shim does not answer and cannot be killed: %v", c.ID(), err)
 	}
 	s.adopting.end(c.ID())
 	log.Warn("the VM's unilet-shim had not answered since unilet restarted; killed it to remove the container")
@@ -149,7 +149,7 @@ func (s *Service) killUnadopted(c *container) error {
 
 // errNotAdopted fails a verb that needs the shim of a container not yet adopted.
 func errNotAdopted(id string, ad *adoption) error {
-	return errorf(codes.Unavailable, "container %s: its unilet-shim has not answered since unilet restarted (%s ago); "+
+	return errorf(errdefs.ErrUnavailable, "container %s: its unilet-shim has not answered since unilet restarted (%s ago); "+
 		"the VM is left running and adopted once the shim answers. Retry, or remove the container (a removal kills the shim)",
 		id, time.Since(ad.since).Round(time.Second))
 }

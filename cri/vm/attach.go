@@ -9,11 +9,11 @@ import (
 	"sync"
 	"time"
 
-	"google.golang.org/grpc/codes"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 	"k8s.io/cri-streaming/pkg/streaming"
 	remotecommandserver "k8s.io/cri-streaming/pkg/streaming/remotecommand"
 
+	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/pkg/netns"
 )
 
@@ -31,7 +31,7 @@ func (s *Service) streamURL(pod, u string) (string, error) {
 	}
 	w, err := s.wrapURL(pod, u)
 	if err != nil {
-		return "", errorf(codes.ResourceExhausted, "%v", err)
+		return "", errorf(errdefs.ErrResourceExhausted, "%v", err)
 	}
 	return w, nil
 }
@@ -49,10 +49,10 @@ func (s *Service) Attach(ctx context.Context, r *runtimeapi.AttachRequest) (*run
 		return nil, err
 	}
 	if s.stream == nil {
-		return nil, errorf(codes.Unavailable, "the streaming server is not running")
+		return nil, errorf(errdefs.ErrUnavailable, "the streaming server is not running")
 	}
 	if !r.GetStdout() && !r.GetStderr() && !r.GetStdin() {
-		return nil, errorf(codes.InvalidArgument, "attach needs at least one of stdin, stdout or stderr")
+		return nil, errorf(errdefs.ErrInvalidArgument, "attach needs at least one of stdin, stdout or stderr")
 	}
 	resp, err := s.stream.GetAttach(r)
 	if err != nil {

@@ -12,9 +12,9 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
-	"google.golang.org/grpc/codes"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/image"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
@@ -30,24 +30,24 @@ import (
 func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateContainerRequest) (*runtimeapi.CreateContainerResponse, error) {
 	cfg := r.GetConfig()
 	if cfg == nil || cfg.GetMetadata() == nil || cfg.GetMetadata().GetName() == "" {
-		return nil, errorf(codes.InvalidArgument, "container config with a metadata name is required")
+		return nil, errorf(errdefs.ErrInvalidArgument, "container config with a metadata name is required")
 	}
 	if cfg.GetImage().GetImage() == "" {
-		return nil, errorf(codes.InvalidArgument, "container %q has no image", cfg.GetMetadata().GetName())
+		return nil, errorf(errdefs.ErrInvalidArgument, "container %q has no image", cfg.GetMetadata().GetName())
 	}
 	if err := checkContainerConfig(cfg); err != nil {
-		return nil, errorf(codes.InvalidArgument, "container %.64q: %v", cfg.GetMetadata().GetName(), err)
+		return nil, errorf(errdefs.ErrInvalidArgument, "container %.64q: %v", cfg.GetMetadata().GetName(), err)
 	}
 	// As every CRI runtime: a group alone names no user to run as.
 	if sc := cfg.GetLinux().GetSecurityContext(); sc.GetRunAsGroup() != nil && sc.GetRunAsUser() == nil && sc.GetRunAsUsername() == "" {
-		return nil, errorf(codes.InvalidArgument, "container %q sets run_as_group without run_as_user or run_as_username", cfg.GetMetadata().GetName())
+		return nil, errorf(errdefs.ErrInvalidArgument, "container %q sets run_as_group without run_as_user or run_as_username", cfg.GetMetadata().GetName())
 	}
 	img, err := s.images.Get(cfg.GetImage().GetImage())
 	if errors.Is(err, image.ErrNotFound) {
-		return nil, errorf(codes.NotFound, "unikernel image %q is not present on this node; pull it first", cfg.GetImage().GetImage())
+		return nil, errorf(errdefs.ErrNotFound, "unikernel image %q is not present on this node; pull it first", cfg.GetImage().GetImage())
 	}
 	if err != nil {
-		return nil, errorf(codes.Internal, "look up image: %v", err)
+		return nil, errorf(errdefs.ErrInternal, "look up image: %v", err)
 	}
 	sb, err := s.getSandbox(r.GetPodSandboxId())
 	if err != nil {
@@ -67,7 +67,7 @@ func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateConta
 	}
 	ports, err := ContainerPorts(cfg.GetAnnotations())
 	if err != nil {
-		return nil, errorf(codes.InvalidArgument, "container %q: %v", cfg.GetMetadata().GetName(), err)
+		return nil, errorf(errdefs.ErrInvalidArgument, "container %q: %v", cfg.GetMetadata().GetName(), err)
 	}
 	log := logrus.WithFields(podFields(sb.ID(), sb.Meta().Config)).WithFields(logrus.Fields{"container": id, "name": cfg.GetMetadata().GetName(), "image": cfg.GetImage().GetImage()})
 	for _, w := range warnings {
@@ -77,13 +77,13 @@ func (s *Service) CreateContainer(ctx context.Context, r *runtimeapi.CreateConta
 	sb.Lifecycle.Lock()
 	defer sb.Lifecycle.Unlock()
 	if sb.Status().State != store.SandboxReady {
-		return nil, errorf(codes.FailedPrecondition, "pod sandbox %s is not ready", sb.ID())
+		return nil, errorf(errdefs.ErrFailedPrecondition, "pod sandbox %s is not ready", sb.ID())
 	}
 	name := cfg.GetMetadata().GetName()
 	for _, c := range s.containersOf(sb.ID()) {
 		m := c.Meta().Config.GetMetadata()
 		if m.GetName() == name && m.GetAttempt() == cfg.GetMetadata().GetAttempt() {
-			return nil, errorf(codes.AlreadyExists, "container %q (attempt %d) already exists in pod %s as %s", m.GetName(), m.GetAttempt(), sb.ID(), c.ID())
+			return nil, errorf(errdefs.ErrAlreadyExists, "container %q (attempt %d) already exists in pod %s as %s", m.GetName(), m.GetAttempt(), sb.ID(), c.ID())
 		}
 	}
 	if len(meta.Machine.NICs) > 0 {
@@ -125,7 +125,7 @@ func (s *Service) containerSpec(id string, sb *sandbox, cfg *runtimeapi.Containe
 	name := cfg.GetMetadata().GetName()
 	sbCfg := sb.Meta().Config
 	invalid := func(err error) (containerMeta, Sizing, []string, error) {
-		return containerMeta{}, Sizing{}, nil, errorf(codes.InvalidArgument, "container %q: %v", name, err)
+		return containerMeta{}, Sizing{}, nil, errorf(errdefs.ErrInvalidArgument, "container %q: %v", name, err)
 	}
 	tuning, err := ParseTuning(sbCfg.GetAnnotations(), s.cfg.Limits)
 	if err != nil {
@@ -196,7 +196,7 @@ func (s *Service) containerSpec(id string, sb *sandbox, cfg *runtimeapi.Containe
 		return invalid(err)
 	}
 	if err != nil {
-		return containerMeta{}, Sizing{}, nil, errorf(codes.Internal, "build guest command line: %v", err)
+		return containerMeta{}, Sizing{}, nil, errorf(errdefs.ErrInternal, "build guest command line: %v", err)
 	}
 	warnings = append(append(warnings, cmdWarnings...), vols.Warnings...)
 	machine := runtime.MachinePC

@@ -7,9 +7,9 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
-	"google.golang.org/grpc/codes"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/manager"
@@ -92,12 +92,12 @@ func (s *Service) killStuck(c *container) error {
 	}
 	log := logrus.WithFields(logrus.Fields{"sandbox": c.Meta().SandboxID, "container": c.ID()})
 	if err := vm.KillShim(); err != nil {
-		return errorf(codes.Internal, "remove container %s: its unilet-shim does not answer and cannot be killed: %v", c.ID(), err)
+		return errorf(errdefs.ErrInternal, "remove container %s: its unilet-shim does not answer and cannot be killed: %v", c.ID(), err)
 	}
 	select {
 	case <-vm.Done():
 	case <-time.After(manager.CallTimeout):
-		return errorf(codes.DeadlineExceeded, "remove container %s: its killed unilet-shim was not seen to end within %s", c.ID(), manager.CallTimeout)
+		return errorf(errdefs.ErrDeadlineExceeded, "remove container %s: its killed unilet-shim was not seen to end within %s", c.ID(), manager.CallTimeout)
 	}
 	log.Warn("the VM's unilet-shim did not answer; killed it to remove the container")
 	ex := vm.Exit()

@@ -11,9 +11,9 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
-	"google.golang.org/grpc/codes"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/pkg/metrics"
 	"github.com/unilet-dev/unilet/runtime"
@@ -34,7 +34,7 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 	m := c.Meta()
 	sb, err := s.sandboxes.Get(m.SandboxID)
 	if err != nil {
-		return nil, errorf(codes.FailedPrecondition, "container %s has no pod sandbox %s", c.ID(), m.SandboxID)
+		return nil, errorf(errdefs.ErrFailedPrecondition, "container %s has no pod sandbox %s", c.ID(), m.SandboxID)
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -44,14 +44,14 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 	sb.Lifecycle.Lock()
 	err = func() error {
 		if sb.Status().State != store.SandboxReady {
-			return errorf(codes.FailedPrecondition, "pod sandbox %s is not ready", sb.ID())
+			return errorf(errdefs.ErrFailedPrecondition, "pod sandbox %s is not ready", sb.ID())
 		}
 		if holder := s.tapHolder(sb, c); holder != nil {
 			return errTapBusy(sb, c, holder)
 		}
 		return c.Update(func(st containerStatus) (containerStatus, error) {
 			if st.State != store.ContainerCreated {
-				return st, errorf(codes.FailedPrecondition, "container %s is %s, only a created container can be started", c.ID(), st.State)
+				return st, errorf(errdefs.ErrFailedPrecondition, "container %s is %s, only a created container can be started", c.ID(), st.State)
 			}
 			st.State, st.cancelStart, st.staged = store.ContainerStarting, cancel, nil
 			return st, nil
@@ -86,9 +86,9 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 			s.emit(c, runtimeapi.ContainerEventType_CONTAINER_STOPPED_EVENT)
 		}
 		if ctx.Err() != nil {
-			return nil, errorf(codes.Canceled, "start VM for container %s: %s", c.ID(), msg)
+			return nil, errorf(errdefs.ErrCanceled, "start VM for container %s: %s", c.ID(), msg)
 		}
-		return nil, errorf(codes.Unknown, "start VM for container %s: %v", c.ID(), err)
+		return nil, errorf(errdefs.ErrUnknown, "start VM for container %s: %v", c.ID(), err)
 	}
 	s.writeOwner(c, sb)
 	err = c.Update(func(st containerStatus) (containerStatus, error) {
@@ -102,7 +102,7 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 		_, _ = vm.Stop(sctx, 0)
 		scancel()
 		_ = s.vms.Release(c.ID(), vm, m.Cgroup)
-		return nil, errorf(codes.Internal, "record the started VM of container %s (it was stopped): %v", c.ID(), err)
+		return nil, errorf(errdefs.ErrInternal, "record the started VM of container %s (it was stopped): %v", c.ID(), err)
 	}
 	go s.watchExit(c, vm)
 	s.reroute(m.SandboxID) // the pod's default VM may be this one now

@@ -7,9 +7,9 @@ import (
 	"strings"
 	"time"
 
-	"google.golang.org/grpc/codes"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
@@ -103,7 +103,7 @@ func (s *Service) ReopenContainerLog(ctx context.Context, r *runtimeapi.ReopenCo
 	}
 	st := c.Status()
 	if st.State != store.ContainerRunning || st.vm == nil {
-		return nil, errorf(codes.FailedPrecondition, "container %s is not running; its log cannot be reopened", c.ID())
+		return nil, errorf(errdefs.ErrFailedPrecondition, "container %s is not running; its log cannot be reopened", c.ID())
 	}
 	ctx, cancel := context.WithTimeout(ctx, manager.CallTimeout)
 	defer cancel()
@@ -118,12 +118,12 @@ const noExec = "unikernel pods run a single application in a VM with no shell or
 
 // ExecSync is impossible in a unikernel.
 func (s *Service) ExecSync(ctx context.Context, r *runtimeapi.ExecSyncRequest) (*runtimeapi.ExecSyncResponse, error) {
-	return nil, errorf(codes.Unimplemented, noExec, "exec")
+	return nil, errorf(errdefs.ErrUnimplemented, noExec, "exec")
 }
 
 // Exec is impossible in a unikernel.
 func (s *Service) Exec(ctx context.Context, r *runtimeapi.ExecRequest) (*runtimeapi.ExecResponse, error) {
-	return nil, errorf(codes.Unimplemented, noExec, "exec")
+	return nil, errorf(errdefs.ErrUnimplemented, noExec, "exec")
 }
 
 // PortForward returns a streaming URL that forwards to the pod's guest.
@@ -136,11 +136,11 @@ func (s *Service) PortForward(ctx context.Context, r *runtimeapi.PortForwardRequ
 		return nil, err
 	}
 	if s.stream == nil {
-		return nil, errorf(codes.Unavailable, "the streaming server is not running")
+		return nil, errorf(errdefs.ErrUnavailable, "the streaming server is not running")
 	}
 	for _, p := range r.GetPort() {
 		if p <= 0 || p > 65535 {
-			return nil, errorf(codes.InvalidArgument, "invalid port %d", p)
+			return nil, errorf(errdefs.ErrInvalidArgument, "invalid port %d", p)
 		}
 	}
 	resp, err := s.stream.GetPortForward(r)
@@ -173,15 +173,15 @@ func (s *Service) podTarget(id string) (podTarget, error) {
 	}
 	st := sb.Status()
 	if st.State != store.SandboxReady {
-		return podTarget{}, errorf(codes.FailedPrecondition, "pod %s is not ready", sb.ID())
+		return podTarget{}, errorf(errdefs.ErrFailedPrecondition, "pod %s is not ready", sb.ID())
 	}
 	ip := primaryIP(st.Net)
 	if ip == "" || sb.Meta().NetNS == "" {
-		return podTarget{}, errorf(codes.FailedPrecondition, "pod %s has no IP address (no pod network)", sb.ID())
+		return podTarget{}, errorf(errdefs.ErrFailedPrecondition, "pod %s has no IP address (no pod network)", sb.ID())
 	}
 	live, err := vmnet.Addresses(sb.Meta().NetNS, cni.IfName)
 	if err != nil {
-		return podTarget{}, errorf(codes.FailedPrecondition, "pod %s: reading its network namespace: %v", sb.ID(), err)
+		return podTarget{}, errorf(errdefs.ErrFailedPrecondition, "pod %s: reading its network namespace: %v", sb.ID(), err)
 	}
 	for _, a := range live {
 		switch {
@@ -193,7 +193,7 @@ func (s *Service) podTarget(id string) (podTarget, error) {
 			return podTarget{addr: a.String()}, nil
 		}
 	}
-	return podTarget{}, errorf(codes.FailedPrecondition, "pod %s: its recorded address %s is not an address of its network namespace (%v); "+
+	return podTarget{}, errorf(errdefs.ErrFailedPrecondition, "pod %s: its recorded address %s is not an address of its network namespace (%v); "+
 		"not connecting", sb.ID(), ip, live)
 }
 

@@ -6,9 +6,9 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
-	"google.golang.org/grpc/codes"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/runtime"
 	"github.com/unilet-dev/unilet/runtime/manager"
@@ -101,9 +101,9 @@ func (s *Service) stopLocked(ctx context.Context, c *container, timeout time.Dur
 			}
 			return cur, nil
 		})
-		code := codes.Unknown
+		code := errdefs.ErrUnknown
 		if errors.Is(err, context.DeadlineExceeded) {
-			code = codes.DeadlineExceeded
+			code = errdefs.ErrDeadlineExceeded
 		}
 		return errorf(code, "stop container %s: its unilet-shim did not answer within %s (%v); the VM is still reported running",
 			c.ID(), timeout+manager.StopGrace, err)

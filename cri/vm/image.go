@@ -11,11 +11,10 @@ import (
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
-
 	"github.com/sirupsen/logrus"
-	"google.golang.org/grpc/codes"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/image"
 	"github.com/unilet-dev/unilet/pkg/metrics"
 )
@@ -94,7 +93,7 @@ func imageView(img *image.Image) imageInfo {
 func (s *Service) PullImage(ctx context.Context, r *runtimeapi.PullImageRequest) (*runtimeapi.PullImageResponse, error) {
 	ref := r.GetImage().GetImage()
 	if ref == "" {
-		return nil, errorf(codes.InvalidArgument, "image reference is required")
+		return nil, errorf(errdefs.ErrInvalidArgument, "image reference is required")
 	}
 	var auth *image.Auth
 	if a := r.GetAuth(); a != nil {
@@ -109,37 +108,37 @@ func (s *Service) PullImage(ctx context.Context, r *runtimeapi.PullImageRequest)
 	}
 	metrics.ObservePull(time.Since(t0), size, err)
 	if errors.Is(err, image.ErrNotUnikernel) {
-		return nil, errorf(pullCode(err), "pull unikernel image: %v; every container of a unikernel pod runs as a VM, so a Linux container "+
+		return nil, errorf(pullKind(err), "pull unikernel image: %v; every container of a unikernel pod runs as a VM, so a Linux container "+
 			"image cannot run in one: run it in a pod of its own (without runtimeClassName unikraft or the unikraft annotation)", err)
 	}
 	if err != nil {
-		return nil, errorf(pullCode(err), "pull unikernel image: %v", err)
+		return nil, errorf(pullKind(err), "pull unikernel image: %v", err)
 	}
 	return &runtimeapi.PullImageResponse{ImageRef: img.ID}, nil
 }
 
 // pullCode: the gRPC code of a failed pull.
-func pullCode(err error) codes.Code {
+func pullKind(err error) error {
 	var le *image.LimitError
 	var ve *image.VerifyError
 	var te *transport.Error
 	switch {
 	case errors.As(err, &le):
-		return codes.ResourceExhausted
+		return errdefs.ErrResourceExhausted
 	case errors.Is(err, image.ErrStalled), errors.Is(err, context.DeadlineExceeded):
-		return codes.DeadlineExceeded
+		return errdefs.ErrDeadlineExceeded
 	case errors.Is(err, context.Canceled):
-		return codes.Canceled
+		return errdefs.ErrCanceled
 	case errors.As(err, &ve):
-		return codes.DataLoss
+		return errdefs.ErrDataLoss
 	case errors.Is(err, image.ErrNotUnikernel):
-		return codes.FailedPrecondition
+		return errdefs.ErrFailedPrecondition
 	case errors.As(err, &te) && te.StatusCode == http.StatusNotFound:
-		return codes.NotFound
+		return errdefs.ErrNotFound
 	case errors.As(err, &te) && (te.StatusCode == http.StatusUnauthorized || te.StatusCode == http.StatusForbidden):
-		return codes.PermissionDenied
+		return errdefs.ErrPermissionDenied
 	}
-	return codes.Unknown
+	return errdefs.ErrUnknown
 }
 
 // ImageStatus returns the image, or an empty response if it is not present (CRI semantics).
@@ -149,7 +148,7 @@ func (s *Service) ImageStatus(ctx context.Context, r *runtimeapi.ImageStatusRequ
 		return &runtimeapi.ImageStatusResponse{}, nil
 	}
 	if err != nil {
-		return nil, errorf(codes.Internal, "image status: %v", err)
+		return nil, errorf(errdefs.ErrInternal, "image status: %v", err)
 	}
 	resp := &runtimeapi.ImageStatusResponse{Image: toAPIImage(img)}
 	if r.GetVerbose() {
@@ -169,7 +168,7 @@ func (s *Service) HasImage(ref string) bool {
 func (s *Service) ListImages(ctx context.Context, r *runtimeapi.ListImagesRequest) (*runtimeapi.ListImagesResponse, error) {
 	imgs, err := s.images.List()
 	if err != nil {
-		return nil, errorf(codes.Internal, "list images: %v", err)
+		return nil, errorf(errdefs.ErrInternal, "list images: %v", err)
 	}
 	var out []*runtimeapi.Image
 	want := r.GetFilter().GetImage().GetImage()
@@ -190,14 +189,14 @@ func (s *Service) RemoveImage(ctx context.Context, r *runtimeapi.RemoveImageRequ
 	if img, err := s.images.Get(ref); err == nil {
 		for _, c := range s.containers.List() {
 			if c.Meta().Image.ID == img.ID {
-				return nil, errorf(codes.FailedPrecondition, "image %s is used by container %s; remove the container first", ref, c.ID())
+				return nil, errorf(errdefs.ErrFailedPrecondition, "image %s is used by container %s; remove the container first", ref, c.ID())
 			}
 		}
 	}
 	img, _ := s.images.Get(ref)
 	gone, err := s.images.Remove(ref)
 	if err != nil {
-		return nil, errorf(codes.Internal, "remove image: %v", err)
+		return nil, errorf(errdefs.ErrInternal, "remove image: %v", err)
 	}
 	if gone && img != nil && s.cfg.Templates != nil {
 		if names := s.cfg.Templates.RemoveForImage(img.ID); len(names) > 0 {

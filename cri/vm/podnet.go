@@ -7,8 +7,8 @@ import (
 	"strings"
 
 	"github.com/sirupsen/logrus"
-	"google.golang.org/grpc/codes"
 
+	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
@@ -93,7 +93,7 @@ func (s *Service) assignTap(sb *sandbox, name string, ports []vmnet.Port) (int, 
 		used[tapOf(c)] = true
 		for _, p := range portsOf(c) {
 			if slices.Contains(ports, p) {
-				return 0, errorf(codes.InvalidArgument, "container %q declares port %s, which container %q (%s) of the same pod declares too; "+
+				return 0, errorf(errdefs.ErrInvalidArgument, "container %q declares port %s, which container %q (%s) of the same pod declares too; "+
 					"the pod's VMs share one pod IP, so a port can reach only one of them", name, p, other, c.ID())
 			}
 		}
@@ -107,11 +107,11 @@ func (s *Service) assignTap(sb *sandbox, name string, ports []vmnet.Port) (int, 
 	for idx = 0; used[idx]; idx++ {
 	}
 	if idx >= vmnet.MaxVMs {
-		return 0, errorf(codes.ResourceExhausted, "pod %s has containers on all %d VM taps; remove exited containers first", sb.ID(), vmnet.MaxVMs)
+		return 0, errorf(errdefs.ErrResourceExhausted, "pod %s has containers on all %d VM taps; remove exited containers first", sb.ID(), vmnet.MaxVMs)
 	}
 	if idx > 0 {
 		if err := vmnet.AddTap(sb.Meta().NetNS, cni.IfName, idx, *sb.Status().Guest); err != nil {
-			return 0, errorf(codes.Internal, "prepare tap %s for container %q in pod %s: %v", vmnet.TapName(idx), name, sb.ID(), err)
+			return 0, errorf(errdefs.ErrInternal, "prepare tap %s for container %q in pod %s: %v", vmnet.TapName(idx), name, sb.ID(), err)
 		}
 	}
 	return idx, nil
@@ -138,10 +138,10 @@ func (s *Service) tapHolder(sb *sandbox, c *container) *container {
 func errTapBusy(sb *sandbox, c, holder *container) error {
 	name, other := c.Meta().Config.GetMetadata().GetName(), holder.Meta().Config.GetMetadata().GetName()
 	if sb.Status().Guest == nil {
-		return errorf(codes.FailedPrecondition, "container %q cannot run: pod %s was made before routed pod networking and runs one VM at a time "+
+		return errorf(errdefs.ErrFailedPrecondition, "container %q cannot run: pod %s was made before routed pod networking and runs one VM at a time "+
 			"(container %q, %s, runs); recreate the pod to run several", name, sb.ID(), other, holder.ID())
 	}
-	return errorf(codes.FailedPrecondition, "container %q cannot run: its attempt %d (%s) still runs; stop it first",
+	return errorf(errdefs.ErrFailedPrecondition, "container %q cannot run: its attempt %d (%s) still runs; stop it first",
 		name, holder.Meta().Config.GetMetadata().GetAttempt(), holder.ID())
 }
 

@@ -8,9 +8,9 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
-	"google.golang.org/grpc/codes"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/pkg/metrics"
@@ -26,28 +26,28 @@ import (
 func (s *Service) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandboxRequest) (*runtimeapi.RunPodSandboxResponse, error) {
 	cfg := r.GetConfig()
 	if cfg == nil || cfg.GetMetadata() == nil {
-		return nil, errorf(codes.InvalidArgument, "sandbox config with metadata is required")
+		return nil, errorf(errdefs.ErrInvalidArgument, "sandbox config with metadata is required")
 	}
 	md := cfg.GetMetadata()
 	if md.GetName() == "" || md.GetNamespace() == "" {
-		return nil, errorf(codes.InvalidArgument, "sandbox metadata needs a name and a namespace")
+		return nil, errorf(errdefs.ErrInvalidArgument, "sandbox metadata needs a name and a namespace")
 	}
 	if err := checkSandboxConfig(cfg); err != nil {
-		return nil, errorf(codes.InvalidArgument, "pod %.64q/%.64q: %v", md.GetNamespace(), md.GetName(), err)
+		return nil, errorf(errdefs.ErrInvalidArgument, "pod %.64q/%.64q: %v", md.GetNamespace(), md.GetName(), err)
 	}
 	tuning, err := ParseTuning(cfg.GetAnnotations(), s.cfg.Limits)
 	if err != nil {
-		return nil, errorf(codes.InvalidArgument, "pod %s/%s: %v", md.GetNamespace(), md.GetName(), err)
+		return nil, errorf(errdefs.ErrInvalidArgument, "pod %s/%s: %v", md.GetNamespace(), md.GetName(), err)
 	}
 	if cfg.GetLinux().GetSecurityContext().GetNamespaceOptions().GetNetwork() == runtimeapi.NamespaceMode_NODE {
-		return nil, errorf(codes.InvalidArgument, "pod %s/%s asks for the host network; a unikernel VM owns its own NIC, so hostNetwork is not supported for unikernel pods",
+		return nil, errorf(errdefs.ErrInvalidArgument, "pod %s/%s asks for the host network; a unikernel VM owns its own NIC, so hostNetwork is not supported for unikernel pods",
 			md.GetNamespace(), md.GetName())
 	}
 	if err := s.checkLogDir(cfg.GetLogDirectory()); err != nil {
-		return nil, errorf(codes.InvalidArgument, "pod %s/%s: %v", md.GetNamespace(), md.GetName(), err)
+		return nil, errorf(errdefs.ErrInvalidArgument, "pod %s/%s: %v", md.GetNamespace(), md.GetName(), err)
 	}
 	if err := checkHostname(cfg.GetHostname()); err != nil {
-		return nil, errorf(codes.InvalidArgument, "pod %s/%s: %v", md.GetNamespace(), md.GetName(), err)
+		return nil, errorf(errdefs.ErrInvalidArgument, "pod %s/%s: %v", md.GetNamespace(), md.GetName(), err)
 	}
 	id := newID()
 	meta := sandboxMeta{Config: cfg, Handler: r.GetRuntimeHandler(), CreatedAt: time.Now(), rt: &sandboxRuntime{}}
@@ -60,13 +60,13 @@ func (s *Service) RunPodSandbox(ctx context.Context, r *runtimeapi.RunPodSandbox
 	// A network that is not ready fails the pod before anything is made.
 	if s.cfg.Network != nil {
 		if err := s.cfg.Network.Status(); err != nil {
-			return nil, errorf(codes.FailedPrecondition, "pod network is not ready: %v", err)
+			return nil, errorf(errdefs.ErrFailedPrecondition, "pod network is not ready: %v", err)
 		}
 	}
 	s.podNames.Lock()
 	err = s.checkUnique(md)
 	if err == nil && s.podReserved[key] {
-		err = errorf(codes.AlreadyExists, "pod sandbox %s/%s (uid %q, attempt %d) is being created", md.GetNamespace(), md.GetName(), md.GetUid(), md.GetAttempt())
+		err = errorf(errdefs.ErrAlreadyExists, "pod sandbox %s/%s (uid %q, attempt %d) is being created", md.GetNamespace(), md.GetName(), md.GetUid(), md.GetAttempt())
 	}
 	if err != nil {
 		s.podNames.Unlock()
@@ -178,7 +178,7 @@ func (s *Service) checkUnique(md *runtimeapi.PodSandboxMetadata) error {
 	for _, sb := range s.sandboxes.List() {
 		m := sb.Meta().Config.GetMetadata()
 		if m.GetName() == md.GetName() && m.GetNamespace() == md.GetNamespace() && m.GetUid() == md.GetUid() && m.GetAttempt() == md.GetAttempt() {
-			return errorf(codes.AlreadyExists, "pod sandbox %s/%s (uid %q, attempt %d) already exists as %s",
+			return errorf(errdefs.ErrAlreadyExists, "pod sandbox %s/%s (uid %q, attempt %d) already exists as %s",
 				md.GetNamespace(), md.GetName(), md.GetUid(), md.GetAttempt(), sb.ID())
 		}
 	}
@@ -228,18 +228,18 @@ func (s *Service) setupNetwork(ctx context.Context, sb *sandbox, warm *warmClone
 	}
 	if warm == nil || st.warmLost != nil {
 		if _, err := netns.Create(s.cfg.NetNSDir, "unilet-"+sb.ID()); err != nil {
-			return st, nil, nil, errorf(codes.Internal, "create network namespace: %v", err)
+			return st, nil, nil, errorf(errdefs.ErrInternal, "create network namespace: %v", err)
 		}
 	}
 	lap(&st.netns)
 	res, err := s.cfg.Network.Setup(ctx, podInfo(sb.ID(), sb.Meta().Config), path)
 	if err != nil {
-		return st, nil, nil, errorf(codes.Unknown, "set up pod network: %v", err)
+		return st, nil, nil, errorf(errdefs.ErrUnknown, "set up pod network: %v", err)
 	}
 	lap(&st.cni)
 	guest := s.cfg.GuestNet
 	if _, err := vmnet.SetupRouted(path, cni.IfName, guest); err != nil {
-		return st, nil, nil, errorf(codes.Internal, "prepare the VM's routed tap device: %v", err)
+		return st, nil, nil, errorf(errdefs.ErrInternal, "prepare the VM's routed tap device: %v", err)
 	}
 	lap(&st.tap)
 	return st, res, &guest, nil

@@ -5,9 +5,9 @@ import (
 	"errors"
 	"github.com/sirupsen/logrus"
 
-	"google.golang.org/grpc/codes"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/cri/store"
 )
 
@@ -64,7 +64,7 @@ func (s *Service) stopSandbox(ctx context.Context, sb *sandbox, removing bool) e
 	sb.Lifecycle.Lock()
 	defer sb.Lifecycle.Unlock()
 	if err := s.teardownNetwork(ctx, sb, removing); err != nil {
-		return errorf(codes.Unknown, "tear down the network of pod %s: %v (kubelet retries)", sb.ID(), err)
+		return errorf(errdefs.ErrUnknown, "tear down the network of pod %s: %v (kubelet retries)", sb.ID(), err)
 	}
 	return nil
 }

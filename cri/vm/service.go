@@ -11,19 +11,17 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
-	"fmt"
 	"path/filepath"
 	"strings"
 	"sync"
 	"time"
 
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"k8s.io/cri-streaming/pkg/streaming"
 
 	"github.com/unilet-dev/unilet/api/admin"
+	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/image"
 	"github.com/unilet-dev/unilet/pkg/cni"
@@ -168,14 +166,14 @@ func (s *Service) netnsPath(id string) string { return filepath.Join(s.cfg.NetNS
 // getContainer and getSandbox look objects up by ID or unique prefix.
 func (s *Service) getContainer(id string) (*container, error) {
 	if id == "" {
-		return nil, errorf(codes.InvalidArgument, "container ID is required")
+		return nil, errorf(errdefs.ErrInvalidArgument, "container ID is required")
 	}
 	return s.containers.Get(id)
 }
 
 func (s *Service) getSandbox(id string) (*sandbox, error) {
 	if id == "" {
-		return nil, errorf(codes.InvalidArgument, "pod sandbox ID is required")
+		return nil, errorf(errdefs.ErrInvalidArgument, "pod sandbox ID is required")
 	}
 	return s.sandboxes.Get(id)
 }
@@ -191,9 +189,8 @@ func (s *Service) containersOf(sandboxID string) []*container {
 	return out
 }
 
-func errorf(code codes.Code, format string, a ...any) error {
-	return status.Error(code, fmt.Sprintf(format, a...))
-}
+// errorf is an error of kind (errdefs) with an operator's message.
+func errorf(kind error, format string, a ...any) error { return errdefs.Errorf(kind, format, a...) }
 
 // Shutdown prepares for the daemon's exit: it lets go of every VM, which
 // keeps running under its shim (the next daemon reconnects).
@@ -217,7 +214,7 @@ func (s *Service) runningVM(id string) (manager.VM, error) {
 	}
 	st := c.Status()
 	if st.State != store.ContainerRunning || st.vm == nil {
-		return nil, errorf(codes.FailedPrecondition, "container %s is not running (%s); only a running VM's console can be attached", c.ID(), st.State)
+		return nil, errorf(errdefs.ErrFailedPrecondition, "container %s is not running (%s); only a running VM's console can be attached", c.ID(), st.State)
 	}
 	return st.vm, nil
 }

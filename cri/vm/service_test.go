@@ -20,6 +20,7 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/cri/store"
+	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/image"
 	"github.com/unilet-dev/unilet/internal/testutil"
 	vmruntime "github.com/unilet-dev/unilet/runtime"
@@ -152,7 +153,7 @@ func TestPullErrorCodes(t *testing.T) {
 		{fmt.Errorf("z: %w", &transport.Error{StatusCode: http.StatusNotFound}), codes.NotFound},
 		{errors.New("other"), codes.Unknown},
 	} {
-		require.Equal(t, c.code, pullCode(c.err), "%v", c.err)
+		require.Equal(t, c.code, errdefs.Code(pullKind(c.err)), "%v", c.err)
 	}
 }
 

@@ -6,9 +6,9 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
-	"google.golang.org/grpc/codes"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
+	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
@@ -173,11 +173,11 @@ func (s *Service) UpdateContainerResources(ctx context.Context, r *runtimeapi.Up
 	}
 	res := r.GetLinux()
 	if res == nil {
-		return nil, errorf(codes.InvalidArgument, "only Linux resources can be updated")
+		return nil, errorf(errdefs.ErrInvalidArgument, "only Linux resources can be updated")
 	}
 	m := c.Meta()
 	if l := res.GetMemoryLimitInBytes(); l > 0 && int(l>>20) < m.Machine.MemoryMiB+s.cfg.Limits.OverheadMiB {
-		return nil, errorf(codes.FailedPrecondition,
+		return nil, errorf(errdefs.ErrFailedPrecondition,
 			"memory limit %d MiB is below the VM's %d MiB of guest RAM plus %d MiB VMM overhead; guest RAM is fixed at boot, so the limit cannot go below %dMi",
 			l>>20, m.Machine.MemoryMiB, s.cfg.Limits.OverheadMiB, m.Machine.MemoryMiB+s.cfg.Limits.OverheadMiB)
 	}
@@ -189,7 +189,7 @@ func (s *Service) UpdateContainerResources(ctx context.Context, r *runtimeapi.Up
 	if m.Cgroup != "" && c.Status().State == store.ContainerRunning {
 		if err := s.vms.UpdateResources(m.Cgroup, manager.Resources{MemoryLimit: sz.MemoryLimit, CPUQuota: sz.CPUQuota,
 			CPUPeriod: uint64(max(sz.CPUPeriod, 0)), CPUShares: uint64(max(sz.CPUShares, 0))}); err != nil {
-			return nil, errorf(codes.Internal, "%v", err)
+			return nil, errorf(errdefs.ErrInternal, "%v", err)
 		}
 	}
 	note := "cgroup limits updated; the VM keeps its boot-time guest RAM and vCPUs (a restart applies new sizes)"

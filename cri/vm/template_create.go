@@ -14,9 +14,9 @@ import (
 
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
-	"google.golang.org/grpc/codes"
 
 	"github.com/unilet-dev/unilet/api/admin"
+	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/image"
 	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/pkg/netns"
@@ -45,40 +45,40 @@ const (
 // CreateTemplate boots an image once and saves it as a template.
 func (s *Service) CreateTemplate(ctx context.Context, r *admin.CreateTemplateRequest) (*admin.Template, error) {
 	if s.cfg.Templates == nil {
-		return nil, errorf(codes.Unavailable, "templates are off on this node")
+		return nil, errorf(errdefs.ErrUnavailable, "templates are off on this node")
 	}
 	name := r.GetName()
 	if err := templates.CheckName(name); err != nil {
-		return nil, errorf(codes.InvalidArgument, "%v", err)
+		return nil, errorf(errdefs.ErrInvalidArgument, "%v", err)
 	}
 	if s.cfg.Templates.Exists(name) {
-		return nil, errorf(codes.AlreadyExists, "template %q exists; remove it first (uniletctl template rm %s)", name, name)
+		return nil, errorf(errdefs.ErrAlreadyExists, "template %q exists; remove it first (uniletctl template rm %s)", name, name)
 	}
 	img, err := s.images.Get(r.GetImage())
 	if err != nil {
-		return nil, errorf(codes.NotFound, "image %q: %v (pull it first, e.g. crictl pull)", r.GetImage(), err)
+		return nil, errorf(errdefs.ErrNotFound, "image %q: %v (pull it first, e.g. crictl pull)", r.GetImage(), err)
 	}
 	var ready *regexp.Regexp
 	switch {
 	case r.GetReadyLog() != "" && r.GetReadyAfterMs() > 0:
-		return nil, errorf(codes.InvalidArgument, "give either a ready pattern or a ready delay, not both")
+		return nil, errorf(errdefs.ErrInvalidArgument, "give either a ready pattern or a ready delay, not both")
 	case r.GetReadyLog() != "":
 		if ready, err = regexp.Compile(r.GetReadyLog()); err != nil {
-			return nil, errorf(codes.InvalidArgument, "ready pattern %q: %v", r.GetReadyLog(), err)
+			return nil, errorf(errdefs.ErrInvalidArgument, "ready pattern %q: %v", r.GetReadyLog(), err)
 		}
 	case r.GetReadyAfterMs() <= 0:
-		return nil, errorf(codes.InvalidArgument, "give a ready pattern (--ready-log) or a ready delay (--ready-after)")
+		return nil, errorf(errdefs.ErrInvalidArgument, "give a ready pattern (--ready-log) or a ready delay (--ready-after)")
 	}
 	timeout := time.Duration(r.GetTimeoutMs()) * time.Millisecond
 	if timeout <= 0 {
 		timeout = DefaultTemplateTimeout
 	}
 	if timeout > MaxTemplateTimeout || time.Duration(r.GetReadyAfterMs())*time.Millisecond >= timeout {
-		return nil, errorf(codes.InvalidArgument, "the timeout must exceed the ready delay and be at most %s", MaxTemplateTimeout)
+		return nil, errorf(errdefs.ErrInvalidArgument, "the timeout must exceed the ready delay and be at most %s", MaxTemplateTimeout)
 	}
 	machine, args, env, err := s.templateMachine(r, img)
 	if err != nil {
-		return nil, errorf(codes.InvalidArgument, "template %q: %v", name, err)
+		return nil, errorf(errdefs.ErrInvalidArgument, "template %q: %v", name, err)
 	}
 	log := logrus.WithFields(logrus.Fields{"template": name, "image": img.ID})
 
@@ -91,16 +91,16 @@ func (s *Service) CreateTemplate(ctx context.Context, r *admin.CreateTemplateReq
 	id := newID()
 	nsPath, err := netns.Create(s.cfg.NetNSDir, templateNetNS(id))
 	if err != nil {
-		return nil, errorf(codes.Internal, "template network namespace: %v", err)
+		return nil, errorf(errdefs.ErrInternal, "template network namespace: %v", err)
 	}
 	undo = append(undo, func() { _ = netns.Remove(nsPath) })
 	if err := vmnet.SetupGuestTap(nsPath, vmnet.TapName(0), s.cfg.GuestNet); err != nil {
-		return nil, errorf(codes.Internal, "template tap: %v", err)
+		return nil, errorf(errdefs.ErrInternal, "template tap: %v", err)
 	}
 	machine.NICs = []runtime.NIC{{Tap: vmnet.TapName(0), NetNS: nsPath, MAC: s.cfg.GuestNet.MAC}}
 	staged, err := s.cfg.Templates.Stage(name)
 	if err != nil {
-		return nil, errorf(codes.Internal, "stage template %q: %v", name, err)
+		return nil, errorf(errdefs.ErrInternal, "stage template %q: %v", name, err)
 	}
 	undo = append(undo, func() { _ = os.RemoveAll(staged) }) // harmless once published (renamed away)
 	logPath := filepath.Join(staged, "console.log")
@@ -108,7 +108,7 @@ func (s *Service) CreateTemplate(ctx context.Context, r *admin.CreateTemplateReq
 	defer cancel()
 	vm, _, err := s.vms.Start(ctx, manager.StartSpec{ID: id, Machine: machine, LogPath: logPath})
 	if err != nil {
-		return nil, errorf(codes.Unknown, "boot the template VM: %v", err)
+		return nil, errorf(errdefs.ErrUnknown, "boot the template VM: %v", err)
 	}
 	undo = append(undo, func() {
 		sctx, scancel := context.WithTimeout(context.Background(), manager.StopGrace)
@@ -119,27 +119,27 @@ func (s *Service) CreateTemplate(ctx context.Context, r *admin.CreateTemplateReq
 		}
 	})
 	if err := waitReady(ctx, vm, logPath, ready, time.Duration(r.GetReadyAfterMs())*time.Millisecond); err != nil {
-		return nil, errorf(codes.DeadlineExceeded, "template %q: %v; its console is in %s until this call returns", name, err, logPath)
+		return nil, errorf(errdefs.ErrDeadlineExceeded, "template %q: %v; its console is in %s until this call returns", name, err, logPath)
 	}
 	sctx, scancel := context.WithTimeout(context.Background(), runtime.SnapshotTimeout+manager.CallTimeout)
 	_, _, err = vm.Snapshot(sctx, staged)
 	scancel()
 	if err != nil {
-		return nil, errorf(codes.Internal, "save template %q: %v", name, err)
+		return nil, errorf(errdefs.ErrInternal, "save template %q: %v", name, err)
 	}
 	t := templates.Template{Name: name, ImageID: img.ID, ImageRef: r.GetImage(), Created: time.Now().UTC(), Args: args, Env: env,
 		Machine: machine, GuestAddr: s.cfg.GuestNet.Addr.String(), QEMU: qemuIdentity(s.cfg.QEMU)}
 	t.Machine.NICs = nil // a clone's NIC is its pod's
 	if err := s.cfg.Templates.Commit(staged, t); err != nil {
 		if errors.Is(err, templates.ErrExists) {
-			return nil, errorf(codes.AlreadyExists, "template %q was made meanwhile", name)
+			return nil, errorf(errdefs.ErrAlreadyExists, "template %q was made meanwhile", name)
 		}
-		return nil, errorf(codes.Internal, "publish template %q: %v", name, err)
+		return nil, errorf(errdefs.ErrInternal, "publish template %q: %v", name, err)
 	}
 	s.warm.poke()
 	t, err = s.cfg.Templates.Get(name)
 	if err != nil {
-		return nil, errorf(codes.Internal, "read template %q back: %v", name, err)
+		return nil, errorf(errdefs.ErrInternal, "read template %q back: %v", name, err)
 	}
 	log.WithFields(logrus.Fields{"stateBytes": t.StateSize, "ramBytes": t.RAMSize}).Info("template saved")
 	return s.templateInfo(t), nil
@@ -267,7 +267,7 @@ func (s *Service) ListTemplates(ctx context.Context, r *admin.ListTemplatesReque
 	}
 	list, err := s.cfg.Templates.List()
 	if err != nil {
-		return nil, errorf(codes.Internal, "list templates: %v", err)
+		return nil, errorf(errdefs.ErrInternal, "list templates: %v", err)
 	}
 	out := &admin.ListTemplatesResponse{}
 	for _, t := range list {
@@ -279,13 +279,13 @@ func (s *Service) ListTemplates(ctx context.Context, r *admin.ListTemplatesReque
 // RemoveTemplate removes a template; clones running from it go on.
 func (s *Service) RemoveTemplate(ctx context.Context, r *admin.RemoveTemplateRequest) (*admin.RemoveTemplateResponse, error) {
 	if s.cfg.Templates == nil {
-		return nil, errorf(codes.NotFound, "template %q: templates are off on this node", r.GetName())
+		return nil, errorf(errdefs.ErrNotFound, "template %q: templates are off on this node", r.GetName())
 	}
 	if err := s.cfg.Templates.Remove(r.GetName()); err != nil {
 		if errors.Is(err, templates.ErrNotFound) {
-			return nil, errorf(codes.NotFound, "%v", err)
+			return nil, errorf(errdefs.ErrNotFound, "%v", err)
 		}
-		return nil, errorf(codes.InvalidArgument, "%v", err)
+		return nil, errorf(errdefs.ErrInvalidArgument, "%v", err)
 	}
 	s.warm.poke() // its warm clones go
 	logrus.WithField("template", r.GetName()).Info("template removed")
