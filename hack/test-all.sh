@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make test`: every lane in order — vet, unit, fuzz, CRI e2e, Kubernetes
+# `make test`: every lane in order — vet, pure (no root), unit, fuzz, CRI e2e, Kubernetes
 # e2e, CRI validation. The Kubernetes, etcd, CoreDNS and containerd 2.x
 # builds and the test binaries of the two last lanes (~13 min of compiling
 # on a cold cache) run meanwhile in the background at the lowest CPU
@@ -16,7 +16,7 @@ log=_output/prebuild.log
 setsid -w nice -n 19 "$MAKE" --no-print-directory prebuild >"$log" 2>&1 &
 pre=$!
 trap 'kill -- -"$pre" 2>/dev/null || true' EXIT
-"$MAKE" --no-print-directory vet test-unit test-fuzz test-e2e
+"$MAKE" --no-print-directory vet test-pure test-unit test-fuzz test-e2e
 echo ">> waiting for the background builds (log: $log)"
 if ! wait "$pre"; then
 	cat "$log"

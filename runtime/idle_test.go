@@ -9,6 +9,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/unilet-dev/unilet/internal/testutil"
 	"github.com/unilet-dev/unilet/pkg/netns"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
 )
@@ -32,9 +33,7 @@ func TestTapBytes(t *testing.T) {
 // of the test's own, the tap being the guest network's gateway.
 func netVM(t *testing.T, idle IdleSpec) (VMSpec, string) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Fatal("this test needs root (a network namespace and a tap)")
-	}
+	testutil.NeedRoot(t, testutil.LaneUnit, "a network namespace and a tap")
 	ns, err := netns.Create(t.TempDir(), "vm")
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = netns.Remove(ns) })

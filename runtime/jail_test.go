@@ -10,6 +10,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/unilet-dev/unilet/internal/testutil"
 	"github.com/unilet-dev/unilet/runtime/jail"
 )
 
@@ -39,9 +40,7 @@ func procStatus(t *testing.T, pid int) map[string]string {
 // NoNewPrivs and QEMU's seccomp filter, in a root of its own that holds
 // only what it needs; the guest boots and its volume works.
 func TestJailedVM(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Fatal("the jail needs root (mount namespaces, uid switch); run the tests as root")
-	}
+	testutil.NeedRoot(t, testutil.LaneUnit, "mount namespaces, uid switch")
 	k := testKernel(t)
 	spec := bootSpec(t, k, "tick=50")
 	vol := t.TempDir()
@@ -122,9 +121,7 @@ func TestJailNeedsUnprivilegedIDs(t *testing.T) {
 // fails naming it, and the symlink's target (a canary of this test) is
 // bound nowhere.
 func TestJailRefusesAVolumeSwappedForASymlink(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Fatal("the jail needs root (mount namespaces, uid switch); run the tests as root")
-	}
+	testutil.NeedRoot(t, testutil.LaneUnit, "mount namespaces, uid switch")
 	k := testKernel(t)
 	spec := bootSpec(t, k, "tick=50")
 	base := t.TempDir()

@@ -9,11 +9,14 @@ import (
 	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/unilet-dev/unilet/internal/testutil"
 )
 
 // A tap still held by another file (a forked process that has not exec'd
 // yet) is waited for, not reported busy at once; one held for good is.
 func TestOpenTapsWaitsForABusyTap(t *testing.T) {
+	testutil.NeedRoot(t, testutil.LaneUnit, "a tap")
 	name := fmt.Sprintf("utbusy%d", os.Getpid()%100000)
 	tap := &netlink.Tuntap{LinkAttrs: netlink.LinkAttrs{Name: name}, Mode: netlink.TUNTAP_MODE_TAP,
 		Flags: netlink.TUNTAP_NO_PI | netlink.TUNTAP_VNET_HDR | netlink.TUNTAP_ONE_QUEUE}

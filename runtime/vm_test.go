@@ -21,13 +21,12 @@ import (
 
 func qemuBin(t *testing.T) string {
 	t.Helper()
-	p, err := exec.LookPath("qemu-system-x86_64")
-	require.NoError(t, err, "qemu-system-x86_64 is required (make deps installs it)")
-	return p
+	return testutil.NeedQEMU(t, testutil.LaneUnit)
 }
 
 func testKernel(t *testing.T) string {
 	t.Helper()
+	testutil.NeedQEMU(t, testutil.LaneUnit)
 	out := filepath.Join(t.TempDir(), "testkernel.elf")
 	b, err := exec.Command("../e2e/guest/testkernel/build.sh", out).CombinedOutput()
 	require.NoError(t, err, string(b))

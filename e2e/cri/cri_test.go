@@ -41,6 +41,7 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	testutil.MainNeedsRoot("e2e/cri", testutil.LaneE2E)
 	testutil.MainWith("e2e", func() (int, error) { return setup(m) })
 }
 

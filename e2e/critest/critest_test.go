@@ -55,6 +55,7 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	testutil.MainNeedsRoot("e2e/critest", testutil.LaneCritest)
 	testutil.MainWith("critest", func() (int, error) { return setup(m) })
 }
 

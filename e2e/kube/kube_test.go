@@ -39,6 +39,7 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	testutil.MainNeedsRoot("e2e/kube", testutil.LaneKube)
 	code, err := setup(m)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "kube e2e setup:", err)

@@ -10,6 +10,8 @@ import (
 
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
+
+	"github.com/unilet-dev/unilet/internal/testutil"
 )
 
 func TestPath(t *testing.T) {
@@ -35,9 +37,7 @@ func TestPath(t *testing.T) {
 // TestRealCgroup creates a cgroup with limits, moves a process into it, reads
 // its stats and removes it (needs root and a writable cgroup hierarchy).
 func TestRealCgroup(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Fatal("this test needs root (cgroups)")
-	}
+	testutil.NeedRoot(t, testutil.LaneUnit, "cgroups")
 	p := "/unilet-test/" + strconv.Itoa(os.Getpid())
 	c, err := Create(p, Resources{MemoryLimit: 96 << 20, CPUQuota: 50000, CPUPeriod: 100000, CPUShares: 512})
 	require.NoError(t, err)
@@ -110,6 +110,7 @@ func ppid(pid int) int {
 // TestRenameKeepsProcesses: a process placed in a cgroup ahead of time ends up
 // in the renamed one, limits applied after the rename hold.
 func TestRenameKeepsProcesses(t *testing.T) {
+	testutil.NeedRoot(t, testutil.LaneUnit, "cgroups")
 	if unified() {
 		t.Skip("cgroup v2 has no rename; unilet migrates instead")
 	}

@@ -1,20 +1,19 @@
 package netns
 
 import (
-	"os"
 	"path/filepath"
 	"testing"
 
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
+
+	"github.com/unilet-dev/unilet/internal/testutil"
 )
 
 // Rename hands a namespace and what is in it to a new name; the old name
 // goes, an existing name is refused, and what is no namespace is refused.
 func TestRenameKeepsTheNamespace(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (network namespaces)")
-	}
+	testutil.NeedRoot(t, testutil.LaneUnit, "network namespaces")
 	dir := t.TempDir()
 	from, err := Create(dir, "a")
 	require.NoError(t, err)

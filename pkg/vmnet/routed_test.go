@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"github.com/vishvananda/netlink"
 
+	"github.com/unilet-dev/unilet/internal/testutil"
 	"github.com/unilet-dev/unilet/pkg/netns"
 )
 
@@ -151,9 +152,7 @@ func seenBy(t *testing.T, ns, addr string) string {
 // connections leave as the pod IP; setting up again changes nothing. Only
 // namespaces the test makes are touched (needs root).
 func TestRoutedTranslatesBothWays(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Fatal("this test needs root (network namespaces)")
-	}
+	testutil.NeedRoot(t, testutil.LaneUnit, "network namespaces")
 	dir := t.TempDir()
 	pod, client, guest := testNS(t, dir, "pod"), testNS(t, dir, "client"), testNS(t, dir, "guest")
 	g, err := ParseGuestNetwork(DefaultGuestNetwork)
@@ -195,9 +194,7 @@ func TestRoutedTranslatesBothWays(t *testing.T) {
 // pod IP; the pod namespace reaches each by port; moving the default moves
 // undeclared ports; a guest cannot send as another address.
 func TestRoutedSeveralVMs(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Fatal("this test needs root (network namespaces)")
-	}
+	testutil.NeedRoot(t, testutil.LaneUnit, "network namespaces")
 	dir := t.TempDir()
 	pod, client := testNS(t, dir, "pod"), testNS(t, dir, "client")
 	guests := []string{testNS(t, dir, "guest0"), testNS(t, dir, "guest1")}

@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
+	"github.com/unilet-dev/unilet/internal/testutil"
 	"github.com/unilet-dev/unilet/pkg/cgroups"
 )
 
@@ -36,9 +37,7 @@ func TestDirOnlyForUniletIDs(t *testing.T) {
 // stays; a process in a recorded orphan that is not proven unilet's is not
 // signalled (needs root: real cgroups in a parent this test makes).
 func TestSweepCgroupsOnlyRecorded(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Fatal("this test needs root (cgroups)")
-	}
+	testutil.NeedRoot(t, testutil.LaneUnit, "cgroups")
 	root := "/unilet-test-sweep/" + strconv.Itoa(os.Getpid())
 	t.Cleanup(func() { cgroups.RemoveTree(root); cgroups.RemoveIfEmpty(path.Dir(root)) })
 	claimedID, orphanID, busyID, foreignID := strings.Repeat("1", 64), strings.Repeat("2", 64), strings.Repeat("4", 64), strings.Repeat("5", 64)

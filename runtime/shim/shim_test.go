@@ -25,6 +25,7 @@ import (
 
 func build(t *testing.T) (shimBin, kernel string) {
 	t.Helper()
+	testutil.NeedQEMU(t, testutil.LaneUnit)
 	dir := t.TempDir()
 	shimBin = filepath.Join(dir, "unilet-shim")
 	out, err := exec.Command("go", "build", "-o", shimBin, "../../cmd/unilet-shim").CombinedOutput()
@@ -47,8 +48,7 @@ func spec(t *testing.T, kernel, vmDir string, args ...string) runtime.VMSpec {
 			}
 		}
 	})
-	qemu, err := exec.LookPath("qemu-system-x86_64")
-	require.NoError(t, err)
+	qemu := testutil.NeedQEMU(t, testutil.LaneUnit)
 	line, _, err := runtime.BuildCmdline(runtime.GuestConfig{KernelName: kernel, Args: args})
 	require.NoError(t, err)
 	return runtime.VMSpec{QEMU: qemu, StateDir: vmDir, LogPath: filepath.Join(filepath.Dir(vmDir), "logs", "0.log"),
