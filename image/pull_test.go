@@ -262,7 +262,8 @@ func TestStalledRegistryDelaysNothingElse(t *testing.T) {
 	done := make(chan error, 1)
 	start := time.Now()
 	go func() { _, err := s.Pull(context.Background(), slow.ref, nil); done <- err }()
-	time.Sleep(100 * time.Millisecond)
+	require.Eventually(t, func() bool { return reg.Gets(slow.config.Digest.String()) > 0 }, 10*time.Second, 5*time.Millisecond,
+		"the slow pull never asked for its config")
 	img, err := s.Pull(context.Background(), fast.ref, nil)
 	require.NoError(t, err)
 	_, err = s.Get(fast.ref)

@@ -301,7 +301,7 @@ func TestVMAttachEchoAndDetach(t *testing.T) {
 	done2 := make(chan error, 1)
 	go func() { done1 <- vm.Attach(context.Background(), inR, &out1) }()
 	go func() { done2 <- vm.Attach(ctx2, nil, &out2) }()
-	time.Sleep(100 * time.Millisecond)
+	waitSessions(t, vm, 2)
 	_, err = inW.Write([]byte("ping-123\n"))
 	require.NoError(t, err)
 	require.Eventually(t, func() bool {
@@ -403,9 +403,19 @@ func TestVMMicrovmTimerAndConsoleInterrupts(t *testing.T) {
 	defer cancel()
 	inR, inW := io.Pipe()
 	go func() { _ = vm2.Attach(ctx, inR, &out) }()
-	time.Sleep(100 * time.Millisecond)
+	waitSessions(t, vm2, 1)
 	_, err = inW.Write([]byte("pong-456\n"))
 	require.NoError(t, err)
 	require.Eventually(t, func() bool { return strings.Contains(out.String(), "pong-456") }, 10*time.Second, 20*time.Millisecond,
 		"console input must wake the microvm guest")
+}
+
+// waitSessions waits until n attach sessions receive the VM's console.
+func waitSessions(t *testing.T, v *VM, n int) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		v.hub.mu.Lock()
+		defer v.hub.mu.Unlock()
+		return len(v.hub.subs) == n
+	}, 10*time.Second, 5*time.Millisecond, "attach sessions never subscribed")
 }

@@ -606,7 +606,7 @@ func TestStateSurvivesDaemonRestart(t *testing.T) {
 	// kill -9 of the daemon stops no VM; a new daemon serves it; the console
 	// keeps flowing into the log with no gap and no duplicate.
 	d.crash()
-	time.Sleep(300 * time.Millisecond)
+	waitLogGrows(t, in.Status.LogPath) // the console goes on with no daemon
 	require.Equal(t, pids, qemuProcesses(t, d.stateDir), "the VM must survive the daemon")
 	d.start()
 	require.Equal(t, pod, d.must("pods", "-q"))
@@ -637,7 +637,8 @@ func TestStateSurvivesDaemonRestart(t *testing.T) {
 		"image": map[string]string{"image": image()}, "args": []string{"tick=100", "count=10"}, "log_path": "late/0.log"}), podCfg)
 	d.must("start", late)
 	d.crash()
-	time.Sleep(2 * time.Second)
+	// Its shim records the exit with no daemon to tell.
+	waitFile(t, filepath.Join(d.stateDir, "vm", late[:16], "exit.json"), 30*time.Second)
 	d.start()
 	st = d.waitState(late, "CONTAINER_EXITED", 10*time.Second)
 	require.Equal(t, int32(0), st.Status.ExitCode)
@@ -861,7 +862,7 @@ func TestRestartDuringStartContainer(t *testing.T) {
 	qemu, err := exec.LookPath("qemu-system-x86_64")
 	require.NoError(t, err)
 	slow := filepath.Join(t.TempDir(), "slow-qemu")
-	require.NoError(t, os.WriteFile(slow, []byte("#!/bin/sh\nsleep 2\nexec "+qemu+" \"$@\"\n"), 0o755))
+	require.NoError(t, os.WriteFile(slow, []byte("#!/bin/sh\necho launched >&2\nsleep 2\nexec "+qemu+" \"$@\"\n"), 0o755))
 	d := startDaemon(t, "--upstream-endpoint", "", "--qemu", slow, "--accel", "tcg")
 	d.must("pull", image())
 	podCfg, _ := podConfig(t, "vm-midstart", true)
@@ -869,7 +870,9 @@ func TestRestartDuringStartContainer(t *testing.T) {
 	ctr := d.must("create", pod, containerConfig(t, image(), []string{"tick=100"}, nil), podCfg)
 	startCmd := exec.Command(crictl, "--runtime-endpoint", "unix://"+d.sock, "start", ctr)
 	require.NoError(t, startCmd.Start())
-	time.Sleep(700 * time.Millisecond)
+	// Mid-start: the shim has launched QEMU, which is coming up (its stderr
+	// goes to the VM's directory: the jail hides the test's).
+	waitLog(t, filepath.Join(d.stateDir, "vm", ctr[:16], "qemu.stderr"), "launched")
 	d.crash()
 	require.Error(t, startCmd.Wait(), "the interrupted StartContainer fails for its client")
 	d.start()
@@ -960,4 +963,21 @@ func TestStreamServerOffLoopbackNeedsTLS(t *testing.T) {
 	require.Contains(t, string(out), "give --stream-tls-cert and --stream-tls-key")
 	ents, _ := os.ReadDir(dir)
 	require.Empty(t, ents, "nothing was created before the refusal")
+}
+
+// waitFile waits until path exists.
+func waitFile(t *testing.T, path string, timeout time.Duration) {
+	t.Helper()
+	require.Eventually(t, func() bool { _, err := os.Stat(path); return err == nil }, timeout, 10*time.Millisecond, "%s never appeared", path)
+}
+
+// waitLogGrows waits until the file at path grows (a console still writing).
+func waitLogGrows(t *testing.T, path string) {
+	t.Helper()
+	fi, err := os.Stat(path)
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		now, err := os.Stat(path)
+		return err == nil && now.Size() > fi.Size()
+	}, 10*time.Second, 10*time.Millisecond, "%s stopped growing", path)
 }

@@ -92,7 +92,8 @@ func TestImageSupplyChain(t *testing.T) {
 	slowDone := make(chan error, 1)
 	start := time.Now()
 	go func() { _, err := d.crictl("pull", "--pod-config", vmCfg, slow); slowDone <- err }()
-	time.Sleep(300 * time.Millisecond) // the slow pull is under way
+	require.Eventually(t, func() bool { return slowReg.Gets("1") > 0 }, 10*time.Second, 10*time.Millisecond, // GET /v2/unikraft/slow/manifests/1
+		"the slow pull never asked for its manifest")
 	d.must("pull", "--pod-config", vmCfg, fast)
 	require.Contains(t, d.must("images"), "unikraft/fast")
 	info := d.must("inspecti", fast)

@@ -156,7 +156,9 @@ func TestStuckShimAffectsOnlyItsContainer(t *testing.T) {
 		_, err := rt.StopContainer(ctx, &runtimeapi.StopContainerRequest{ContainerId: stuck, Timeout: 1})
 		stopErr <- err
 	}()
-	time.Sleep(200 * time.Millisecond) // the stop now waits on the stuck shim
+	require.Eventually(t, func() bool { // the stop now waits on the stuck shim
+		return strings.Contains(d.must("inspect", stuck), `"state": "stopping"`)
+	}, 10*time.Second, 10*time.Millisecond)
 	// Everything else answers meanwhile. The bound is generous (the stuck
 	// stop takes 11 s); it proves nothing waits for the stuck shim.
 	quick := func(what string, f func() error) {

@@ -290,6 +290,7 @@ spec:
 func TestAttachEchoAndDetach(t *testing.T) {
 	apply(t, vmPod("vm-attach", `"echo"`))
 	waitRunning(t, "vm-attach")
+	vm := qemuOf(t, "vm-attach")
 	waitLogs(t, "vm-attach", "echo: ready")
 	cmd := exec.Command("script", "-q", "-e", "-c", kubectlBin+" --kubeconfig "+filepath.Join(clusterDir, "kubeconfig")+" attach -it vm-attach", "/dev/null")
 	stdin, err := cmd.StdinPipe()
@@ -312,7 +313,7 @@ func TestAttachEchoAndDetach(t *testing.T) {
 		_ = cmd.Process.Kill()
 		t.Fatalf("Ctrl-] did not end kubectl attach: %q", out.String())
 	}
-	time.Sleep(time.Second)
+	require.Equal(t, vm, qemuOf(t, "vm-attach"), "detaching leaves the VM running")
 	waitPod(t, "vm-attach", "{.status.phase}", "Running", 5*time.Second)
 	waitPod(t, "vm-attach", "{.status.containerStatuses[0].restartCount}", "0", 5*time.Second)
 	waitLogs(t, "vm-attach", "kube-hello")
@@ -446,7 +447,10 @@ func TestDaemonKilled(t *testing.T) {
 	cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
 	args := strings.Split(strings.TrimRight(string(cmdline), "\x00"), "\x00")
 	require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
-	time.Sleep(3 * time.Second)
+	require.Eventually(t, func() bool { // gone, or a zombie its supervisor has not reaped
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		return err != nil || strings.Contains(string(b), ") Z ")
+	}, 10*time.Second, 10*time.Millisecond, "the daemon survived SIGKILL")
 	require.Equal(t, before, qemuOf(t, "vm-survive"), "the VM survives the daemon")
 	require.Equal(t, "Running", must(t, "get", "pod", "vm-survive", "-o", "jsonpath={.status.phase}"))
 

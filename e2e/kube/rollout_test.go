@@ -182,7 +182,10 @@ func TestDaemonSetRollout(t *testing.T) {
 	must(t, "-n", "unilet-system", "delete", "daemonset", "unilet", "--wait=true", "--timeout=60s")
 	ready("")
 	must(t, "delete", "-f", manifest, "--wait=true", "--timeout=60s", "--ignore-not-found")
-	time.Sleep(2 * time.Second)
+	require.Eventually(t, func() bool { // every installer and the namespace are gone
+		_, err := kubectl("get", "namespace", "unilet-system")
+		return err != nil
+	}, 60*time.Second, 250*time.Millisecond)
 	v, err := runtimeVersion()
 	require.NoError(t, err)
 	require.Equal(t, "e2e-v2", v)

@@ -122,8 +122,8 @@ func TestReconnectClosesTheOldClient(t *testing.T) {
 		_ = old.conn.Close() // the Wait stream breaks; the shim lives on
 		require.Eventually(t, func() bool { return h.client() != old }, 5*time.Second, 10*time.Millisecond, "no reconnect")
 	}
-	time.Sleep(100 * time.Millisecond)
-	require.LessOrEqual(t, fds(), before+1, "replaced clients left file descriptors open")
+	require.Eventually(t, func() bool { return fds() <= before+1 }, 5*time.Second, 10*time.Millisecond,
+		"replaced clients left file descriptors open")
 	select {
 	case <-h.Done():
 		t.Fatal("a reconnect is not the VM's end")
