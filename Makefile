@@ -23,7 +23,7 @@ guest: $(OUT)/guest/testkernel.elf
 $(OUT)/guest/testkernel.elf: $(wildcard e2e/guest/testkernel/*)
 	./e2e/guest/testkernel/build.sh $@
 
-# Regenerate the shim's ttrpc API from runtime/shim/api/shim.proto.
+# Regenerate the shim's ttrpc API from vmm/shim/api/shim.proto.
 proto:
 	./hack/gen-proto.sh
 

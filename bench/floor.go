@@ -9,7 +9,7 @@ import (
 
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
-	vmruntime "github.com/unilet-dev/unilet/runtime"
+	"github.com/unilet-dev/unilet/vmm"
 )
 
 // FloorRow is one way of running the same guest: a bare QEMU variant, or
@@ -80,7 +80,7 @@ func anonRAM(argv []string) []string {
 			i++
 			continue
 		}
-		out = append(out, strings.Replace(argv[i], ",memory-backend="+vmruntime.RAMBackendID, "", 1))
+		out = append(out, strings.Replace(argv[i], ",memory-backend="+vmm.RAMBackendID, "", 1))
 	}
 	return out
 }
@@ -100,7 +100,7 @@ func (e *env) qemuPID(v vm) int {
 // machine type and the guest-RAM backing cost, bare and through unilet.
 func (e *env) measureFloor(o options, res *Results) error {
 	defer func() { e.machine = "" }() // unilet rows set the machine of their pods
-	e.machine = vmruntime.MachineMicroVM
+	e.machine = vmm.MachineMicroVM
 	_, w, err := e.startVM([]string{tickArg})
 	if err != nil {
 		return fmt.Errorf("a microvm pod: %w", err)
@@ -120,8 +120,8 @@ func (e *env) measureFloor(o options, res *Results) error {
 		{name: "bare QEMU, pc, memfd RAM (unilet's argv)", argv: e.argv},
 		{name: "bare QEMU, microvm, anonymous RAM", argv: anonRAM(micro)},
 		{name: "bare QEMU, microvm, memfd RAM (unilet's argv)", argv: micro},
-		{name: "unilet, pc (CRI run → create → start → log line)", machine: vmruntime.MachinePC},
-		{name: "unilet, microvm (unilet.dev/machine: microvm)", machine: vmruntime.MachineMicroVM},
+		{name: "unilet, pc (CRI run → create → start → log line)", machine: vmm.MachinePC},
+		{name: "unilet, microvm (unilet.dev/machine: microvm)", machine: vmm.MachineMicroVM},
 	}
 	starts := make([][]float64, len(vs))
 	rss := make([][]float64, len(vs))
@@ -156,7 +156,7 @@ func (e *env) measureFloor(o options, res *Results) error {
 	}
 	for j, v := range vs {
 		row := FloorRow{Variant: v.name, Start: summarize(starts[j]), QEMUMB: round(mean(rss[j]), 1)}
-		if v.machine != vmruntime.MachinePC { // unilet on pc: the concurrency section
+		if v.machine != vmm.MachinePC { // unilet on pc: the concurrency section
 			row.BurstN = n
 			e.settle()
 			if v.argv != nil {

@@ -6,12 +6,12 @@ import (
 	"path/filepath"
 	"time"
 
-	vmruntime "github.com/unilet-dev/unilet/runtime"
-	"github.com/unilet-dev/unilet/runtime/manager"
+	"github.com/unilet-dev/unilet/vmm"
+	"github.com/unilet-dev/unilet/vmm/manager"
 )
 
 // JailRow is what the per-VM jail costs at start: QEMU spawned until its
-// QMP monitor answers (runtime.StartVM, as the shim runs it), three ways,
+// QMP monitor answers (vmm.StartVM, as the shim runs it), three ways,
 // interleaved.
 type JailRow struct {
 	Plain   Summary // QEMU as root, as before the jail
@@ -23,27 +23,27 @@ type JailRow struct {
 // NIC as a pod's VM has (the jail joins the pod's network namespace; a VM
 // without network would get a new one, ~5 ms more here).
 func (e *env) measureJail(o options, res *Results) error {
-	helper := filepath.Join(e.bin, vmruntime.HelperBinary)
+	helper := filepath.Join(e.bin, vmm.HelperBinary)
 	base := filepath.Join(e.run, "jail-bench")
 	defer os.RemoveAll(base)
 	var plain, sandbox, jailed []float64
 	for i := 0; i < o.startPairs; i++ {
 		for _, way := range []string{"plain", "sandbox", "jailed"} {
-			spec := vmruntime.VMSpec{QEMU: "qemu-system-x86_64", StateDir: filepath.Join(base, fmt.Sprintf("%s-%d", way, i)),
-				Machine: vmruntime.MachineConfig{Name: "jail-bench", Accel: vmruntime.AccelTCG, Machine: vmruntime.MachinePC,
+			spec := vmm.VMSpec{QEMU: "qemu-system-x86_64", StateDir: filepath.Join(base, fmt.Sprintf("%s-%d", way, i)),
+				Machine: vmm.MachineConfig{Name: "jail-bench", Accel: vmm.AccelTCG, Machine: vmm.MachinePC,
 					MemoryMiB: 64, VCPUs: 1, Kernel: e.kernel, Cmdline: "tick=1000",
 					// As a pod's VM: the tap in the pod's namespace, which the jail joins.
-					NICs: []vmruntime.NIC{{Tap: "tap0", NetNS: e.bareNS, MAC: "0a:58:c6:12:c8:02"}}}}
+					NICs: []vmm.NIC{{Tap: "tap0", NetNS: e.bareNS, MAC: "0a:58:c6:12:c8:02"}}}}
 			switch way {
 			case "sandbox":
 				spec.Machine.Sandbox = true
 			case "jailed":
 				id := manager.DefaultJailIDs.First + manager.DefaultJailIDs.Count - 1 - uint32(i%8)
-				spec.Jail = &vmruntime.JailSpec{UID: id, GID: id, Helper: helper}
+				spec.Jail = &vmm.JailSpec{UID: id, GID: id, Helper: helper}
 			}
 			e.settle()
 			t0 := time.Now()
-			v, err := vmruntime.StartVM(spec)
+			v, err := vmm.StartVM(spec)
 			if err != nil {
 				return fmt.Errorf("%s VM: %w", way, err)
 			}

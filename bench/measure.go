@@ -23,8 +23,8 @@ import (
 
 	"github.com/unilet-dev/unilet/internal/testimages"
 	"github.com/unilet-dev/unilet/pkg/netns"
-	vmruntime "github.com/unilet-dev/unilet/runtime"
-	"github.com/unilet-dev/unilet/runtime/jail"
+	"github.com/unilet-dev/unilet/vmm"
+	"github.com/unilet-dev/unilet/vmm/jail"
 )
 
 var seq atomic.Int64
@@ -192,7 +192,7 @@ type bare struct {
 // spawnBare starts QEMU with argv and tap i of the bare namespace, its
 // console on pipes; started is when the process was spawned.
 func (e *env) spawnBare(argv []string, tap int) (b *bare, out *bufio.Reader, started time.Time, err error) {
-	taps, err := vmruntime.OpenTaps([]vmruntime.NIC{{Tap: "tap" + strconv.Itoa(tap), NetNS: e.bareNS}})
+	taps, err := vmm.OpenTaps([]vmm.NIC{{Tap: "tap" + strconv.Itoa(tap), NetNS: e.bareNS}})
 	if err != nil {
 		return nil, nil, started, err
 	}
@@ -710,7 +710,7 @@ func (e *env) uniletFlood(flood string, n int) (ConsoleRow, error) {
 // and bytes/s.
 func (e *env) bareFlood(flood string, n int, viaPipe bool) (secs, bps float64, err error) {
 	argv := e.bareArgv(e.argv, 9999, tickArg, flood)
-	taps, err := vmruntime.OpenTaps([]vmruntime.NIC{{Tap: "tap0", NetNS: e.bareNS}})
+	taps, err := vmm.OpenTaps([]vmm.NIC{{Tap: "tap0", NetNS: e.bareNS}})
 	if err != nil {
 		return 0, 0, err
 	}

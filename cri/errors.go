@@ -9,7 +9,7 @@ import (
 
 	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/cri/store"
-	"github.com/unilet-dev/unilet/runtime/manager"
+	"github.com/unilet-dev/unilet/vmm/manager"
 )
 
 // ToGRPC converts an error to a gRPC status, once, at the CRI boundary:

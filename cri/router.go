@@ -1,7 +1,7 @@
 // Package cri is unilet's CRI surface: a router that sends unikernel pods to
 // the VM service (package cri/vm) and passes every other pod, unchanged and
 // with its IDs, to the upstream runtime (containerd). Routing rules:
-// DESIGN.md §2.
+// docs/architecture.md, "Routing".
 package cri
 
 import (

@@ -16,7 +16,7 @@ import (
 
 	"github.com/unilet-dev/unilet/cri/vm"
 	"github.com/unilet-dev/unilet/image"
-	"github.com/unilet-dev/unilet/runtime/manager"
+	"github.com/unilet-dev/unilet/vmm/manager"
 )
 
 // fakeUpstream records which calls reached "containerd".

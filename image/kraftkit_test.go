@@ -14,7 +14,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/stretchr/testify/require"
 
-	"github.com/unilet-dev/unilet/runtime"
+	"github.com/unilet-dev/unilet/vmm"
 )
 
 // fixture reads testdata/kraftkit-0.9.2/<name>.<part>.json.
@@ -72,7 +72,7 @@ func TestReadsKraftkitImages(t *testing.T) {
 				_, initrd := layerRole("unikraft/bin/initrd", m.Layers[1].Annotations)
 				require.True(t, initrd, "layer 1 holds the initrd")
 			}
-			f := runtime.NewFeatures(img.Features)
+			f := vmm.NewFeatures(img.Features)
 			if c.name == "kconfig" {
 				require.Contains(t, img.Features, "CONFIG_HZ=100")
 				require.Contains(t, img.Features, "CONFIG_CROSS_COMPILE=")

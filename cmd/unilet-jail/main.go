@@ -1,4 +1,4 @@
-// Command unilet-jail is the jail helper (package runtime/jail) a
+// Command unilet-jail is the jail helper (package vmm/jail) a
 // unilet-shim starts to become its VM's QEMU, confined: a program with as
 // little to initialise as possible, since it sits on every VM's start path.
 // unilet-shim serves as the helper itself when this binary is missing.
@@ -10,7 +10,7 @@ import (
 	"os"
 	"runtime"
 
-	"github.com/unilet-dev/unilet/runtime/jail"
+	"github.com/unilet-dev/unilet/vmm/jail"
 )
 
 // The helper's thread-scoped settings (NoNewPrivs, the parent-death signal,

@@ -1,5 +1,5 @@
 // Command unilet-shim supervises one VM for the unilet daemon (see package
-// runtime/shim). The daemon starts it; operators do not.
+// vmm/shim). The daemon starts it; operators do not.
 package main
 
 import (
@@ -12,8 +12,8 @@ import (
 	"syscall"
 
 	"github.com/unilet-dev/unilet/pkg/version"
-	"github.com/unilet-dev/unilet/runtime/jail"
-	"github.com/unilet-dev/unilet/runtime/shim"
+	"github.com/unilet-dev/unilet/vmm/jail"
+	"github.com/unilet-dev/unilet/vmm/shim"
 )
 
 // Settings that belong to a thread (NoNewPrivs, the parent-death signal,

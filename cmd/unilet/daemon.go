@@ -30,10 +30,10 @@ import (
 	"github.com/unilet-dev/unilet/pkg/streamtoken"
 	"github.com/unilet-dev/unilet/pkg/version"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
-	vmruntime "github.com/unilet-dev/unilet/runtime"
-	"github.com/unilet-dev/unilet/runtime/manager"
-	"github.com/unilet-dev/unilet/runtime/shim"
-	"github.com/unilet-dev/unilet/runtime/templates"
+	"github.com/unilet-dev/unilet/vmm"
+	"github.com/unilet-dev/unilet/vmm/manager"
+	"github.com/unilet-dev/unilet/vmm/shim"
+	"github.com/unilet-dev/unilet/vmm/templates"
 )
 
 // setupLogging applies debug.level and debug.format.
@@ -60,7 +60,7 @@ func serve(cfg config.Config) error {
 	if err != nil {
 		return fmt.Errorf("--state-dir: %w", err)
 	}
-	resolved, err := vmruntime.ResolveAccel(context.Background(), cfg.VM.Accel, qemuPath, stateDir)
+	resolved, err := vmm.ResolveAccel(context.Background(), cfg.VM.Accel, qemuPath, stateDir)
 	if err != nil {
 		return err
 	}

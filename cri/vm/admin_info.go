@@ -16,7 +16,7 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/api/admin"
-	"github.com/unilet-dev/unilet/runtime"
+	"github.com/unilet-dev/unilet/vmm"
 )
 
 // ListUnikernelImages lists the unikernel images with their Unikraft details.
@@ -53,19 +53,19 @@ func (s *Service) Info(ctx context.Context, r *admin.InfoRequest) (*admin.InfoRe
 	return out, nil
 }
 
-// kvmProbe says what the KVM probe found (runtime.ProbeCacheFile).
+// kvmProbe says what the KVM probe found (vmm.ProbeCacheFile).
 func kvmProbe(stateDir, accel string) string {
 	var v struct {
 		Error string `json:"error"`
 	}
-	b, err := os.ReadFile(filepath.Join(stateDir, runtime.ProbeCacheFile))
+	b, err := os.ReadFile(filepath.Join(stateDir, vmm.ProbeCacheFile))
 	switch {
-	case err != nil && accel == runtime.AccelTCG:
+	case err != nil && accel == vmm.AccelTCG:
 		return "not probed (--accel=tcg)"
 	case err != nil:
 		return "no verdict recorded: " + err.Error()
 	case json.Unmarshal(b, &v) != nil:
-		return "unreadable verdict in " + runtime.ProbeCacheFile
+		return "unreadable verdict in " + vmm.ProbeCacheFile
 	case v.Error != "":
 		return "KVM cannot run guests: " + v.Error
 	}

@@ -13,8 +13,8 @@ import (
 	"github.com/unilet-dev/unilet/api/admin"
 	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/cri/store"
-	"github.com/unilet-dev/unilet/runtime"
-	"github.com/unilet-dev/unilet/runtime/shim"
+	"github.com/unilet-dev/unilet/vmm"
+	"github.com/unilet-dev/unilet/vmm/shim"
 )
 
 // The read-only introspection of the operator API (uniletctl ps, inspect):
@@ -81,10 +81,10 @@ func (s *Service) vmInfo(ctx context.Context, c *container) *admin.VM {
 }
 
 // vmSpec reads the spec a container's shim runs its VM by.
-func (s *Service) vmSpec(id string) (runtime.VMSpec, error) {
+func (s *Service) vmSpec(id string) (vmm.VMSpec, error) {
 	dir, err := s.vms.Dir(id)
 	if err != nil {
-		return runtime.VMSpec{}, err
+		return vmm.VMSpec{}, err
 	}
 	return shim.ReadSpec(dir)
 }
@@ -176,20 +176,20 @@ func (s *Service) resolveContainer(name string) (*container, error) {
 
 // containerInspect is what `uniletctl inspect CONTAINER` shows.
 type containerInspect struct {
-	Kind      string              `json:"kind"`
-	ID        string              `json:"id"`
-	Name      string              `json:"name"`
-	Attempt   uint32              `json:"attempt"`
-	Pod       string              `json:"pod"`
-	PodID     string              `json:"podId"`
-	State     string              `json:"state"`
-	Image     string              `json:"image"`
-	ImageID   string              `json:"imageId"`
-	CreatedAt time.Time           `json:"createdAt"`
-	StartedAt *time.Time          `json:"startedAt,omitempty"`
-	LastExit  *runtime.ExitStatus `json:"lastExit,omitempty"`
-	Warnings  []string            `json:"warnings,omitempty"`
-	VM        vmInspect           `json:"vm"`
+	Kind      string          `json:"kind"`
+	ID        string          `json:"id"`
+	Name      string          `json:"name"`
+	Attempt   uint32          `json:"attempt"`
+	Pod       string          `json:"pod"`
+	PodID     string          `json:"podId"`
+	State     string          `json:"state"`
+	Image     string          `json:"image"`
+	ImageID   string          `json:"imageId"`
+	CreatedAt time.Time       `json:"createdAt"`
+	StartedAt *time.Time      `json:"startedAt,omitempty"`
+	LastExit  *vmm.ExitStatus `json:"lastExit,omitempty"`
+	Warnings  []string        `json:"warnings,omitempty"`
+	VM        vmInspect       `json:"vm"`
 }
 
 type vmInspect struct {
@@ -200,17 +200,17 @@ type vmInspect struct {
 	Restored  bool   `json:"restoredFromTemplate,omitempty"`
 	// QEMUArgv is QEMU's command line: as the running process has it, else
 	// as the shim would execute it (argvSource says which).
-	QEMUArgv   []string          `json:"qemuArgv,omitempty"`
-	ArgvSource string            `json:"argvSource,omitempty"`
-	Cmdline    string            `json:"guestCmdline"`
-	QEMUPid    int               `json:"qemuPid,omitempty"`
-	ShimPid    int               `json:"shimPid,omitempty"`
-	Jail       *runtime.JailSpec `json:"jail,omitempty"`
-	Cgroup     string            `json:"cgroup,omitempty"`
-	Idle       *runtime.IdleSpec `json:"scaleToZero,omitempty"`
-	Dir        string            `json:"dir,omitempty"`
-	Files      map[string]int64  `json:"files,omitempty"` // in Dir, with sizes
-	LogPath    string            `json:"logPath"`
+	QEMUArgv   []string         `json:"qemuArgv,omitempty"`
+	ArgvSource string           `json:"argvSource,omitempty"`
+	Cmdline    string           `json:"guestCmdline"`
+	QEMUPid    int              `json:"qemuPid,omitempty"`
+	ShimPid    int              `json:"shimPid,omitempty"`
+	Jail       *vmm.JailSpec    `json:"jail,omitempty"`
+	Cgroup     string           `json:"cgroup,omitempty"`
+	Idle       *vmm.IdleSpec    `json:"scaleToZero,omitempty"`
+	Dir        string           `json:"dir,omitempty"`
+	Files      map[string]int64 `json:"files,omitempty"` // in Dir, with sizes
+	LogPath    string           `json:"logPath"`
 }
 
 // podInspect is what `uniletctl inspect POD` shows.
@@ -320,7 +320,7 @@ func (s *Service) inspectContainer(ctx context.Context, sb *sandbox, c *containe
 		}
 	}
 	if vm.QEMUArgv == nil && specErr == nil {
-		if argv, err := runtime.BuildArgv(spec.Machine); err == nil {
+		if argv, err := vmm.BuildArgv(spec.Machine); err == nil {
 			vm.QEMUArgv, vm.ArgvSource = append([]string{spec.QEMU}, argv...), "spec.json (the VM does not run)"
 		}
 	}

@@ -12,8 +12,8 @@ import (
 	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/pkg/metrics"
-	"github.com/unilet-dev/unilet/runtime"
-	"github.com/unilet-dev/unilet/runtime/manager"
+	"github.com/unilet-dev/unilet/vmm"
+	"github.com/unilet-dev/unilet/vmm/manager"
 )
 
 // After a restart the daemon adopts the VMs an earlier one left: each
@@ -141,7 +141,7 @@ func (s *Service) killUnadopted(c *container) error {
 	}
 	return c.Update(func(cur containerStatus) (containerStatus, error) {
 		cur.State, cur.vm = store.ContainerExited, nil
-		cur.Exit = runtime.ExitStatus{Code: 137, Reason: runtime.ReasonKilled, FinishedAt: time.Now(),
+		cur.Exit = vmm.ExitStatus{Code: 137, Reason: vmm.ReasonKilled, FinishedAt: time.Now(),
 			Message: "the VM's unilet-shim did not answer after unilet restarted; it was killed to remove the container"}
 		return cur, nil
 	})

@@ -18,8 +18,8 @@ import (
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/image"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
-	"github.com/unilet-dev/unilet/runtime"
-	"github.com/unilet-dev/unilet/runtime/templates"
+	"github.com/unilet-dev/unilet/vmm"
+	"github.com/unilet-dev/unilet/vmm/templates"
 )
 
 // CreateContainer turns the container config into a VM spec (kernel command
@@ -158,14 +158,14 @@ func (s *Service) containerSpec(id string, sb *sandbox, cfg *runtimeapi.Containe
 		env = append(env, kv.GetKey()+"="+string(kv.GetValue()))
 	}
 	env = dedupEnv(env)
-	features := runtime.NewFeatures(img.Features)
+	features := vmm.NewFeatures(img.Features)
 	vols, err := PlanVolumes(cfg.GetMounts(), features, img.Initrd != "", statDir, s.cfg.Limits)
 	if err != nil {
 		return invalid(err)
 	}
 	// Each share is bound at start by the path its host directory has now,
 	// symlinks resolved: the jail then opens it refusing any symlink, so one
-	// swapped in meanwhile cannot redirect the bind (runtime/jail).
+	// swapped in meanwhile cannot redirect the bind (vmm/jail).
 	for i, sh := range vols.Shares {
 		r, err := filepath.EvalSymlinks(sh.HostPath)
 		if err != nil {
@@ -175,10 +175,10 @@ func (s *Service) containerSpec(id string, sb *sandbox, cfg *runtimeapi.Containe
 	}
 	params := append([]string{}, tuning.LibParams...)
 	var warnings []string
-	var nics []runtime.NIC
+	var nics []vmm.NIC
 	if net := sb.Status().Net; net != nil {
 		// Its tap is assigned under the pod's lock (assignTap).
-		nics = []runtime.NIC{{Tap: vmnet.TapName(0), NetNS: sb.Meta().NetNS, MAC: sb.Status().MAC}}
+		nics = []vmm.NIC{{Tap: vmnet.TapName(0), NetNS: sb.Meta().NetNS, MAC: sb.Status().MAC}}
 		if features.Has(FeatureNetdev) {
 			p, err := NetdevParam(net, sb.Status().Guest, sbCfg.GetHostname(), sbCfg.GetDnsConfig())
 			if err != nil {
@@ -189,9 +189,9 @@ func (s *Service) containerSpec(id string, sb *sandbox, cfg *runtimeapi.Containe
 			warnings = append(warnings, "image lacks "+FeatureNetdev+"=y (no network stack): the guest is not told its pod IP")
 		}
 	}
-	line, cmdWarnings, err := runtime.BuildCmdline(runtime.GuestConfig{KernelName: img.Kernel, Params: params, Fstab: vols.Fstab,
+	line, cmdWarnings, err := vmm.BuildCmdline(vmm.GuestConfig{KernelName: img.Kernel, Params: params, Fstab: vols.Fstab,
 		Env: env, Args: args, Features: features})
-	var ce *runtime.CmdlineError
+	var ce *vmm.CmdlineError
 	if errors.As(err, &ce) {
 		return invalid(err)
 	}
@@ -199,7 +199,7 @@ func (s *Service) containerSpec(id string, sb *sandbox, cfg *runtimeapi.Containe
 		return containerMeta{}, Sizing{}, nil, errorf(errdefs.ErrInternal, "build guest command line: %v", err)
 	}
 	warnings = append(append(warnings, cmdWarnings...), vols.Warnings...)
-	machine := runtime.MachinePC
+	machine := vmm.MachinePC
 	if tuning.Machine != "" {
 		machine = tuning.Machine
 	}
@@ -208,7 +208,7 @@ func (s *Service) containerSpec(id string, sb *sandbox, cfg *runtimeapi.Containe
 	}
 	md := sbCfg.GetMetadata()
 	meta := containerMeta{SandboxID: sb.ID(), Config: cfg, Image: img, ImageRef: cfg.GetImage().GetImage(), LogPath: logPath, CreatedAt: time.Now(),
-		Machine: runtime.MachineConfig{
+		Machine: vmm.MachineConfig{
 			Name:  fmt.Sprintf("%s_%s_%s", md.GetNamespace(), md.GetName(), name),
 			Accel: s.cfg.Accel, Machine: machine, MemoryMiB: size.MemoryMiB, VCPUs: size.VCPUs,
 			Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: line,
@@ -315,7 +315,7 @@ func (s *Service) templateIs(name, digest string) bool {
 // (kubelet adds Service variables; the guest keeps the template's),
 // volumes a clone cannot mount (a template has no volume devices).
 func (s *Service) templateFor(name string, sb *sandbox, cfg *runtimeapi.ContainerConfig, img *image.Image, env []string,
-	shares []runtime.Share, size Sizing) (templates.Template, []string, error) {
+	shares []vmm.Share, size Sizing) (templates.Template, []string, error) {
 	if s.cfg.Templates == nil {
 		return templates.Template{}, nil, fmt.Errorf("annotation %s: templates are off on this node", AnnotationTemplate)
 	}

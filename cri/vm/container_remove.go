@@ -11,8 +11,8 @@ import (
 
 	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/cri/store"
-	"github.com/unilet-dev/unilet/runtime"
-	"github.com/unilet-dev/unilet/runtime/manager"
+	"github.com/unilet-dev/unilet/vmm"
+	"github.com/unilet-dev/unilet/vmm/manager"
 )
 
 // RemoveContainer removes the container, killing its VM first (a start in
@@ -102,7 +102,7 @@ func (s *Service) killStuck(c *container) error {
 	log.Warn("the VM's unilet-shim did not answer; killed it to remove the container")
 	ex := vm.Exit()
 	if ex.Reason == "" {
-		ex = runtime.ExitStatus{Code: 137, Reason: runtime.ReasonKilled, FinishedAt: time.Now()}
+		ex = vmm.ExitStatus{Code: 137, Reason: vmm.ReasonKilled, FinishedAt: time.Now()}
 	}
 	s.finishExit(c, vm, ex)
 	return nil

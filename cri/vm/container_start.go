@@ -16,8 +16,8 @@ import (
 	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/pkg/metrics"
-	"github.com/unilet-dev/unilet/runtime"
-	"github.com/unilet-dev/unilet/runtime/manager"
+	"github.com/unilet-dev/unilet/vmm"
+	"github.com/unilet-dev/unilet/vmm/manager"
 )
 
 // StartContainer boots the VM. Starting is recorded before the shim is
@@ -77,7 +77,7 @@ func (s *Service) StartContainer(ctx context.Context, r *runtimeapi.StartContain
 		}
 		uerr := c.Update(func(st containerStatus) (containerStatus, error) {
 			st.State, st.cancelStart = store.ContainerExited, nil
-			st.Exit = runtime.ExitStatus{Code: 128, Reason: runtime.ReasonStartFailed, Message: msg, FinishedAt: time.Now()}
+			st.Exit = vmm.ExitStatus{Code: 128, Reason: vmm.ReasonStartFailed, Message: msg, FinishedAt: time.Now()}
 			return st, nil
 		})
 		if uerr != nil {
@@ -150,7 +150,7 @@ func (s *Service) watchExit(c *container, vm manager.VM) {
 // shim and removes its directory and cgroup. If the exit cannot be
 // recorded, the VM directory (with the shim's exit.json) stays, so the next
 // daemon still reports the true exit code. The caller holds c.Lifecycle.
-func (s *Service) finishExit(c *container, vm manager.VM, ex runtime.ExitStatus) {
+func (s *Service) finishExit(c *container, vm manager.VM, ex vmm.ExitStatus) {
 	err := c.Update(func(st containerStatus) (containerStatus, error) {
 		if st.vm != vm || !st.State.Live() {
 			return st, errAlreadyDone
@@ -266,7 +266,7 @@ func (s *Service) restoreSpec(m containerMeta, spec manager.StartSpec, prepare b
 	if t.ImageID != m.Image.ID {
 		return spec, fmt.Errorf("it was made from image %s, the container runs %s", t.ImageID, m.Image.ID)
 	}
-	rs := &runtime.RestoreSpec{}
+	rs := &vmm.RestoreSpec{}
 	if prepare {
 		if rs, err = s.cfg.Templates.Prepare(t); err != nil {
 			return spec, err
@@ -274,7 +274,7 @@ func (s *Service) restoreSpec(m containerMeta, spec manager.StartSpec, prepare b
 	}
 	machine := t.Machine
 	machine.Name, machine.NICs = m.Machine.Name, m.Machine.NICs
-	machine.RAM, machine.Incoming = &runtime.RAMBacking{}, true
+	machine.RAM, machine.Incoming = &vmm.RAMBacking{}, true
 	spec.Machine, spec.Restore = machine, rs
 	return spec, nil
 }

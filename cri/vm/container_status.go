@@ -13,7 +13,7 @@ import (
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
-	"github.com/unilet-dev/unilet/runtime/manager"
+	"github.com/unilet-dev/unilet/vmm/manager"
 )
 
 // containerMatches applies the ID-prefix, pod-prefix and label filters of CRI lists.

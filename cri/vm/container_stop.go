@@ -10,8 +10,8 @@ import (
 
 	"github.com/unilet-dev/unilet/cri/errdefs"
 	"github.com/unilet-dev/unilet/cri/store"
-	"github.com/unilet-dev/unilet/runtime"
-	"github.com/unilet-dev/unilet/runtime/manager"
+	"github.com/unilet-dev/unilet/vmm"
+	"github.com/unilet-dev/unilet/vmm/manager"
 )
 
 // StopContainer powers the VM down, killing it after the timeout. A start
@@ -58,7 +58,7 @@ func (s *Service) stopLocked(ctx context.Context, c *container, timeout time.Dur
 				return cur, err
 			}
 			cur.State, cur.staged = store.ContainerExited, nil
-			cur.Exit = runtime.ExitStatus{Reason: "NeverStarted", FinishedAt: time.Now()}
+			cur.Exit = vmm.ExitStatus{Reason: "NeverStarted", FinishedAt: time.Now()}
 			return cur, nil
 		})
 		if err == nil {
@@ -77,7 +77,7 @@ func (s *Service) stopLocked(ctx context.Context, c *container, timeout time.Dur
 	if vm == nil { // recorded running, but no VM was found for it (it could not be reconnected)
 		return c.Update(func(cur containerStatus) (containerStatus, error) {
 			cur.State = store.ContainerExited
-			cur.Exit = runtime.ExitStatus{Code: 255, Reason: ReasonVMLost, FinishedAt: time.Now(), Message: "no VM was found for this container"}
+			cur.Exit = vmm.ExitStatus{Code: 255, Reason: ReasonVMLost, FinishedAt: time.Now(), Message: "no VM was found for this container"}
 			return cur, nil
 		})
 	}

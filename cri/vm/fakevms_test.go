@@ -12,8 +12,8 @@ import (
 	"time"
 
 	"github.com/unilet-dev/unilet/cri/store"
-	"github.com/unilet-dev/unilet/runtime"
-	"github.com/unilet-dev/unilet/runtime/manager"
+	"github.com/unilet-dev/unilet/vmm"
+	"github.com/unilet-dev/unilet/vmm/manager"
 )
 
 // fakeVMs is VMs without processes: Start hands out fakeVMs, Reconnect
@@ -28,7 +28,7 @@ type fakeVMs struct {
 	started   map[string]*fakeVM                    // by container ID, live VMs handed out
 	dirs      map[string]bool                       // VM directories that exist (Start → Cleanup)
 	reconnect map[string]func() (manager.VM, error) // by container ID; missing: ErrNoShim
-	exits     map[string]runtime.ExitStatus         // what shims recorded
+	exits     map[string]vmm.ExitStatus             // what shims recorded
 	owners    map[string][]byte                     // WriteOwner
 	cgroups   map[string]manager.Resources          // made by Start, removed by Cleanup
 	usage     manager.Usage
@@ -37,7 +37,7 @@ type fakeVMs struct {
 
 func newFakeVMs(root string) *fakeVMs {
 	return &fakeVMs{root: root, started: map[string]*fakeVM{}, dirs: map[string]bool{},
-		reconnect: map[string]func() (manager.VM, error){}, exits: map[string]runtime.ExitStatus{},
+		reconnect: map[string]func() (manager.VM, error){}, exits: map[string]vmm.ExitStatus{},
 		owners: map[string][]byte{}, cgroups: map[string]manager.Resources{}}
 }
 
@@ -81,7 +81,7 @@ func (f *fakeVMs) StageWarm(string, string, *manager.Warm) *manager.Staged { ret
 func (f *fakeVMs) DropStaging(sandboxID, parent string)                    { f.log("DropStaging %s", sandboxID) }
 func (f *fakeVMs) AdoptCgroup(parent, id string)                           { f.log("AdoptCgroup %s", id) }
 func (f *fakeVMs) PoolIdle() int                                           { return -1 }
-func (f *fakeVMs) ReadExit(id string) (runtime.ExitStatus, bool) {
+func (f *fakeVMs) ReadExit(id string) (vmm.ExitStatus, bool) {
 	ex, ok := f.exits[id]
 	return ex, ok
 }
@@ -187,7 +187,7 @@ type fakeVM struct {
 	pid  int
 
 	mu      sync.Mutex
-	exit    runtime.ExitStatus
+	exit    vmm.ExitStatus
 	stopped time.Duration // the timeout Stop was called with (-1: never)
 	closed  bool
 }
@@ -197,7 +197,7 @@ func newFakeVM(pid int) *fakeVM {
 }
 
 // end makes the VM exit with ex, as a guest powering off would.
-func (f *fakeVM) end(ex runtime.ExitStatus) {
+func (f *fakeVM) end(ex vmm.ExitStatus) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	select {
@@ -209,24 +209,24 @@ func (f *fakeVM) end(ex runtime.ExitStatus) {
 }
 
 func (f *fakeVM) Done() <-chan struct{} { return f.done }
-func (f *fakeVM) Exit() runtime.ExitStatus {
+func (f *fakeVM) Exit() vmm.ExitStatus {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.exit
 }
-func (f *fakeVM) Stop(_ context.Context, timeout time.Duration) (runtime.ExitStatus, error) {
+func (f *fakeVM) Stop(_ context.Context, timeout time.Duration) (vmm.ExitStatus, error) {
 	f.mu.Lock()
 	f.stopped = timeout
 	f.mu.Unlock()
-	ex := runtime.ExitStatus{Code: 0, Reason: runtime.ReasonCompleted, FinishedAt: time.Now()}
+	ex := vmm.ExitStatus{Code: 0, Reason: vmm.ReasonCompleted, FinishedAt: time.Now()}
 	f.end(ex)
 	return f.Exit(), nil
 }
 func (f *fakeVM) ReopenLog(context.Context) error { return nil }
 func (f *fakeVM) Pid() int                        { return f.pid }
 func (f *fakeVM) StartedAt() time.Time            { return time.Time{} }
-func (f *fakeVM) Stats(context.Context) (runtime.Stats, error) {
-	return runtime.Stats{}, nil
+func (f *fakeVM) Stats(context.Context) (vmm.Stats, error) {
+	return vmm.Stats{}, nil
 }
 func (f *fakeVM) Attach(context.Context, io.Reader, io.Writer) error { return nil }
 func (f *fakeVM) KillShim() error                                    { return errors.New("not a process") }

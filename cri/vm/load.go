@@ -18,8 +18,8 @@ import (
 	"github.com/unilet-dev/unilet/image"
 	"github.com/unilet-dev/unilet/pkg/metrics"
 	"github.com/unilet-dev/unilet/pkg/netns"
-	"github.com/unilet-dev/unilet/runtime"
-	"github.com/unilet-dev/unilet/runtime/manager"
+	"github.com/unilet-dev/unilet/vmm"
+	"github.com/unilet-dev/unilet/vmm/manager"
 )
 
 // ReasonVMLost is reported for a container whose VM was running when the
@@ -193,7 +193,7 @@ func (s *Service) loadContainer(k, v []byte) (*container, error) {
 		fresh, _, _, err := s.containerSpec(rec.ID, sb, cfg, img)
 		if err != nil {
 			st.State = store.ContainerExited
-			st.Exit = runtime.ExitStatus{Code: 128, Reason: runtime.ReasonStartFailed, FinishedAt: time.Now(),
+			st.Exit = vmm.ExitStatus{Code: 128, Reason: vmm.ReasonStartFailed, FinishedAt: time.Now(),
 				Message: "the container could not be restored after a daemon restart: " + err.Error()}
 		} else {
 			fresh.CreatedAt = meta.CreatedAt
@@ -355,13 +355,13 @@ func (s *Service) reconcileContainer(c *container, vm manager.VM, err error) {
 		if st.Pid > 0 {
 			s.vms.KillStray(c.ID(), st.Pid)
 		}
-		ex = runtime.ExitStatus{Code: 128, Reason: runtime.ReasonStartFailed, FinishedAt: time.Now(),
+		ex = vmm.ExitStatus{Code: 128, Reason: vmm.ReasonStartFailed, FinishedAt: time.Now(),
 			Message: "unilet restarted while this VM was being started, before it ran; the start was abandoned"}
 	default:
 		if st.Pid > 0 && s.vms.KillStray(c.ID(), st.Pid) {
 			log.WithField("pid", st.Pid).Warn("stopped a VM left running without its supervisor")
 		}
-		ex = runtime.ExitStatus{Code: 255, Reason: ReasonVMLost, FinishedAt: time.Now(),
+		ex = vmm.ExitStatus{Code: 255, Reason: ReasonVMLost, FinishedAt: time.Now(),
 			Message: "the VM's supervisor (unilet-shim) was gone when unilet restarted and left no exit status; the VM was stopped"}
 	}
 	if uerr := c.Update(func(cur containerStatus) (containerStatus, error) {

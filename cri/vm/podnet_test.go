@@ -9,7 +9,7 @@ import (
 
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
-	"github.com/unilet-dev/unilet/runtime"
+	"github.com/unilet-dev/unilet/vmm"
 )
 
 func TestContainerPorts(t *testing.T) {
@@ -74,7 +74,7 @@ func podWith(t *testing.T, s *Service, ctrs ...[4]string) (*sandbox, []*containe
 		}
 		meta := containerMeta{SandboxID: sb.ID(), CreatedAt: time.Unix(int64(i), 0),
 			Config:  &runtimeapi.ContainerConfig{Metadata: &runtimeapi.ContainerMetadata{Name: c[0]}, Annotations: ann},
-			Machine: runtime.MachineConfig{NICs: []runtime.NIC{{Tap: c[1]}}}}
+			Machine: vmm.MachineConfig{NICs: []vmm.NIC{{Tap: c[1]}}}}
 		out = append(out, s.containers.Restore(newID(), meta, containerStatus{State: store.ContainerState(c[2])}))
 	}
 	return sb, out
@@ -107,7 +107,7 @@ func TestPodRoutes(t *testing.T) {
 	// it cannot start while an earlier attempt runs there.
 	next := s.containers.Restore(newID(), containerMeta{SandboxID: sb.ID(), CreatedAt: time.Unix(100, 0),
 		Config:  &runtimeapi.ContainerConfig{Metadata: &runtimeapi.ContainerMetadata{Name: "web", Attempt: 1}, Annotations: map[string]string{AnnotationContainerPorts: `[{"containerPort":8081}]`}},
-		Machine: runtime.MachineConfig{NICs: []runtime.NIC{{Tap: "tap1"}}}}, containerStatus{State: store.ContainerCreated})
+		Machine: vmm.MachineConfig{NICs: []vmm.NIC{{Tap: "tap1"}}}}, containerStatus{State: store.ContainerCreated})
 	require.Equal(t, []vmnet.Port{{Proto: "tcp", Port: 8081}}, s.podRoutes(sb).Members[1].Ports)
 	require.Nil(t, s.tapHolder(sb, next), "the earlier attempt has exited")
 	require.NoError(t, cs[1].Update(func(st containerStatus) (containerStatus, error) { st.State = store.ContainerRunning; return st, nil }))

@@ -14,8 +14,8 @@ import (
 	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/pkg/metadata"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
-	"github.com/unilet-dev/unilet/runtime"
-	"github.com/unilet-dev/unilet/runtime/manager"
+	"github.com/unilet-dev/unilet/vmm"
+	"github.com/unilet-dev/unilet/vmm/manager"
 )
 
 // containerMeta is what a container is made of; it never changes.
@@ -26,19 +26,19 @@ type containerMeta struct {
 	ImageRef  string
 	LogPath   string
 	CreatedAt time.Time
-	Machine   runtime.MachineConfig // the VM booted cold (also a templated VM's fallback)
-	Cgroup    string                // "" = none
+	Machine   vmm.MachineConfig // the VM booted cold (also a templated VM's fallback)
+	Cgroup    string            // "" = none
 	// Template is the template the VM starts from ("" = it boots).
 	Template string
 	// Idle is its scale-to-zero and autostart (nil: always running).
-	Idle *runtime.IdleSpec
+	Idle *vmm.IdleSpec
 }
 
 // containerStatus changes only through store.Object.Update.
 type containerStatus struct {
 	State     store.ContainerState
 	StartedAt time.Time
-	Exit      runtime.ExitStatus
+	Exit      vmm.ExitStatus
 	Pid       int
 	Sizing    Sizing
 	Warnings  []string // replaced, never appended to in place
@@ -119,25 +119,25 @@ type sandboxRecord struct {
 }
 
 type containerRecord struct {
-	ID        string                `json:"id"`
-	SandboxID string                `json:"sandboxId"`
-	Config    []byte                `json:"config"`
-	ImageID   string                `json:"imageId"`
-	ImageRef  string                `json:"imageRef"`
-	LogPath   string                `json:"logPath,omitempty"`
-	CreatedAt time.Time             `json:"createdAt"`
-	StartedAt time.Time             `json:"startedAt,omitempty"`
-	State     int32                 `json:"state"`
-	Phase     string                `json:"phase,omitempty"`
-	Exit      runtime.ExitStatus    `json:"exit"`
-	Machine   runtime.MachineConfig `json:"machine"`
-	VMDir     string                `json:"vmDir,omitempty"` // informational; the directory follows from the ID
-	Warnings  []string              `json:"warnings,omitempty"`
-	Pid       int                   `json:"pid,omitempty"`
-	Sizing    Sizing                `json:"sizing"`
-	Cgroup    string                `json:"cgroup,omitempty"`
-	Template  string                `json:"template,omitempty"`
-	Idle      *runtime.IdleSpec     `json:"idle,omitempty"`
+	ID        string            `json:"id"`
+	SandboxID string            `json:"sandboxId"`
+	Config    []byte            `json:"config"`
+	ImageID   string            `json:"imageId"`
+	ImageRef  string            `json:"imageRef"`
+	LogPath   string            `json:"logPath,omitempty"`
+	CreatedAt time.Time         `json:"createdAt"`
+	StartedAt time.Time         `json:"startedAt,omitempty"`
+	State     int32             `json:"state"`
+	Phase     string            `json:"phase,omitempty"`
+	Exit      vmm.ExitStatus    `json:"exit"`
+	Machine   vmm.MachineConfig `json:"machine"`
+	VMDir     string            `json:"vmDir,omitempty"` // informational; the directory follows from the ID
+	Warnings  []string          `json:"warnings,omitempty"`
+	Pid       int               `json:"pid,omitempty"`
+	Sizing    Sizing            `json:"sizing"`
+	Cgroup    string            `json:"cgroup,omitempty"`
+	Template  string            `json:"template,omitempty"`
+	Idle      *vmm.IdleSpec     `json:"idle,omitempty"`
 }
 
 func sandboxToRecord(id string, m sandboxMeta, st sandboxStatus) (sandboxRecord, error) {

@@ -16,7 +16,7 @@ import (
 	"github.com/unilet-dev/unilet/pkg/metrics"
 	"github.com/unilet-dev/unilet/pkg/netns"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
-	"github.com/unilet-dev/unilet/runtime/manager"
+	"github.com/unilet-dev/unilet/vmm/manager"
 )
 
 // RunPodSandbox creates the pod's network namespace, runs CNI ADD in it and

@@ -1,7 +1,7 @@
 // Package vm is the CRI RuntimeService and ImageService for unikernel pods:
 // it turns CRI requests into VM specs and answers. A sandbox is a network
 // namespace plus metadata (no pause process); each container is one QEMU
-// microVM whose lifecycle package runtime/manager owns. Objects live in
+// microVM whose lifecycle package vmm/manager owns. Objects live in
 // typed stores (package cri/store) with explicit states, a lock per object
 // and records written to disk before memory. One file per CRI verb.
 package vm
@@ -28,8 +28,8 @@ import (
 	"github.com/unilet-dev/unilet/pkg/metadata"
 	"github.com/unilet-dev/unilet/pkg/netns"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
-	"github.com/unilet-dev/unilet/runtime/manager"
-	"github.com/unilet-dev/unilet/runtime/templates"
+	"github.com/unilet-dev/unilet/vmm/manager"
+	"github.com/unilet-dev/unilet/vmm/templates"
 )
 
 // RuntimeName is reported by Version.

@@ -19,12 +19,12 @@ import (
 	"google.golang.org/grpc/status"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
-	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/cri/errdefs"
+	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/image"
 	"github.com/unilet-dev/unilet/internal/testutil"
-	vmruntime "github.com/unilet-dev/unilet/runtime"
-	"github.com/unilet-dev/unilet/runtime/manager"
+	"github.com/unilet-dev/unilet/vmm"
+	"github.com/unilet-dev/unilet/vmm/manager"
 )
 
 func TestDedupEnvLaterWins(t *testing.T) {
@@ -41,7 +41,7 @@ func runningContainerWith(t *testing.T, cgroup string, cfg *runtimeapi.Container
 	id := strings.Repeat("c", 64)
 	cfg.Metadata = &runtimeapi.ContainerMetadata{Name: "app"}
 	s.containers.Restore(id, containerMeta{Config: cfg,
-		Image: &image.Image{ID: "sha256:x"}, Machine: vmruntime.MachineConfig{MemoryMiB: 64}, Cgroup: cgroup},
+		Image: &image.Image{ID: "sha256:x"}, Machine: vmm.MachineConfig{MemoryMiB: 64}, Cgroup: cgroup},
 		containerStatus{State: store.ContainerRunning, Sizing: Sizing{MemoryMiB: 64, MemoryLimit: 100 << 20}, vm: vm})
 	return s, id
 }

@@ -12,7 +12,7 @@ import (
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
-	"github.com/unilet-dev/unilet/runtime/manager"
+	"github.com/unilet-dev/unilet/vmm/manager"
 )
 
 // usage is a VM's CPU and memory, from its cgroup (shim and QEMU together)

@@ -21,9 +21,9 @@ import (
 	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/pkg/netns"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
-	"github.com/unilet-dev/unilet/runtime"
-	"github.com/unilet-dev/unilet/runtime/manager"
-	"github.com/unilet-dev/unilet/runtime/templates"
+	"github.com/unilet-dev/unilet/vmm"
+	"github.com/unilet-dev/unilet/vmm/manager"
+	"github.com/unilet-dev/unilet/vmm/templates"
 )
 
 // Template creation (Kraftlet's instance templates, on this node): the
@@ -97,7 +97,7 @@ func (s *Service) CreateTemplate(ctx context.Context, r *admin.CreateTemplateReq
 	if err := vmnet.SetupGuestTap(nsPath, vmnet.TapName(0), s.cfg.GuestNet); err != nil {
 		return nil, errorf(errdefs.ErrInternal, "template tap: %v", err)
 	}
-	machine.NICs = []runtime.NIC{{Tap: vmnet.TapName(0), NetNS: nsPath, MAC: s.cfg.GuestNet.MAC}}
+	machine.NICs = []vmm.NIC{{Tap: vmnet.TapName(0), NetNS: nsPath, MAC: s.cfg.GuestNet.MAC}}
 	staged, err := s.cfg.Templates.Stage(name)
 	if err != nil {
 		return nil, errorf(errdefs.ErrInternal, "stage template %q: %v", name, err)
@@ -121,7 +121,7 @@ func (s *Service) CreateTemplate(ctx context.Context, r *admin.CreateTemplateReq
 	if err := waitReady(ctx, vm, logPath, ready, time.Duration(r.GetReadyAfterMs())*time.Millisecond); err != nil {
 		return nil, errorf(errdefs.ErrDeadlineExceeded, "template %q: %v; its console is in %s until this call returns", name, err, logPath)
 	}
-	sctx, scancel := context.WithTimeout(context.Background(), runtime.SnapshotTimeout+manager.CallTimeout)
+	sctx, scancel := context.WithTimeout(context.Background(), vmm.SnapshotTimeout+manager.CallTimeout)
 	_, _, err = vm.Snapshot(sctx, staged)
 	scancel()
 	if err != nil {
@@ -152,11 +152,11 @@ func templateNetNS(id string) string { return "unilet-template-" + id[:12] }
 // templateMachine builds the VM of a template: the image with the
 // request's arguments, environment and sizes, the guest network's address,
 // RAM in a shared file. Volumes are not part of templates.
-func (s *Service) templateMachine(r *admin.CreateTemplateRequest, img *image.Image) (runtime.MachineConfig, []string, []string, error) {
+func (s *Service) templateMachine(r *admin.CreateTemplateRequest, img *image.Image) (vmm.MachineConfig, []string, []string, error) {
 	minMiB, _ := strconv.Atoi(img.Labels[LabelMinMemory])
 	size, err := Size(nil, PodTuning{MemoryMiB: int(r.GetMemoryMib()), VCPUs: int(r.GetVcpus())}, minMiB, s.cfg.Limits)
 	if err != nil {
-		return runtime.MachineConfig{}, nil, nil, err
+		return vmm.MachineConfig{}, nil, nil, err
 	}
 	args := r.GetArgs()
 	if len(args) == 0 {
@@ -165,16 +165,16 @@ func (s *Service) templateMachine(r *admin.CreateTemplateRequest, img *image.Ima
 	env := append([]string{}, img.Env...)
 	for _, kv := range r.GetEnv() {
 		if k, _, ok := strings.Cut(kv, "="); !ok || k == "" {
-			return runtime.MachineConfig{}, nil, nil, fmt.Errorf("environment %q: want K=V", kv)
+			return vmm.MachineConfig{}, nil, nil, fmt.Errorf("environment %q: want K=V", kv)
 		}
 		env = append(env, kv)
 	}
 	env = dedupEnv(env)
-	features := runtime.NewFeatures(img.Features)
+	features := vmm.NewFeatures(img.Features)
 	var params []string
 	if features.Has(FeatureNetdev) {
 		if len(r.GetDns()) > 2 {
-			return runtime.MachineConfig{}, nil, nil, errors.New("at most 2 DNS servers")
+			return vmm.MachineConfig{}, nil, nil, errors.New("at most 2 DNS servers")
 		}
 		var search []string
 		if r.GetSearch() != "" {
@@ -183,17 +183,17 @@ func (s *Service) templateMachine(r *admin.CreateTemplateRequest, img *image.Ima
 		g := s.cfg.GuestNet
 		p, err := NetdevParam(&cni.Result{IPs: []string{g.Addr.String()}, DNS: r.GetDns(), Search: search}, &g, r.GetHostname(), nil)
 		if err != nil {
-			return runtime.MachineConfig{}, nil, nil, err
+			return vmm.MachineConfig{}, nil, nil, err
 		}
 		params = append(params, p)
 	}
-	line, _, err := runtime.BuildCmdline(runtime.GuestConfig{KernelName: img.Kernel, Params: params, Env: env, Args: args, Features: features})
+	line, _, err := vmm.BuildCmdline(vmm.GuestConfig{KernelName: img.Kernel, Params: params, Env: env, Args: args, Features: features})
 	if err != nil {
-		return runtime.MachineConfig{}, nil, nil, err
+		return vmm.MachineConfig{}, nil, nil, err
 	}
-	m := runtime.MachineConfig{Name: "template_" + r.GetName(), Accel: s.cfg.Accel, Machine: runtime.MachinePC,
+	m := vmm.MachineConfig{Name: "template_" + r.GetName(), Accel: s.cfg.Accel, Machine: vmm.MachinePC,
 		MemoryMiB: size.MemoryMiB, VCPUs: size.VCPUs, Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: line,
-		RAM: &runtime.RAMBacking{Shared: true}}
+		RAM: &vmm.RAMBacking{Shared: true}}
 	return m, args, env, m.Validate()
 }
 

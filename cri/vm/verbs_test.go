@@ -25,8 +25,8 @@ import (
 	"github.com/unilet-dev/unilet/cri/store"
 	"github.com/unilet-dev/unilet/image"
 	"github.com/unilet-dev/unilet/pkg/metadata"
-	"github.com/unilet-dev/unilet/runtime"
-	"github.com/unilet-dev/unilet/runtime/manager"
+	"github.com/unilet-dev/unilet/vmm"
+	"github.com/unilet-dev/unilet/vmm/manager"
 )
 
 // newTestService is a Service whose VMs are vms (a fresh fakeVMs when nil),
@@ -126,7 +126,7 @@ func TestVerbsThroughTheDoor(t *testing.T) {
 	require.Equal(t, int64(512<<20), f.cgroups["/fake/kubepods/web/"+id].MemoryLimit)
 
 	// The guest powers off by itself: the exit is recorded and released.
-	vm.end(runtime.ExitStatus{Code: 3, Reason: runtime.ReasonError, FinishedAt: time.Now()})
+	vm.end(vmm.ExitStatus{Code: 3, Reason: vmm.ReasonError, FinishedAt: time.Now()})
 	require.Eventually(t, func() bool {
 		return containerState(t, s, id).State == runtimeapi.ContainerState_CONTAINER_EXITED
 	}, 5*time.Second, 10*time.Millisecond)
@@ -151,7 +151,7 @@ func TestVerbsThroughTheDoor(t *testing.T) {
 	require.ErrorContains(t, err, "QEMU said no")
 	st = containerState(t, s, id2)
 	require.Equal(t, runtimeapi.ContainerState_CONTAINER_EXITED, st.State)
-	require.Equal(t, runtime.ReasonStartFailed, st.Reason)
+	require.Equal(t, vmm.ReasonStartFailed, st.Reason)
 	f.startErr = nil
 
 	// A stop hands the VM its grace period and releases it.
@@ -203,7 +203,7 @@ func TestRestartReconcilesThroughTheDoor(t *testing.T) {
 	f2.dirs[stray] = true
 	live := newFakeVM(4242)
 	f2.reconnect[ids["adopted"]] = func() (manager.VM, error) { return live, nil }
-	f2.exits[ids["ended"]] = runtime.ExitStatus{Code: 7, Reason: runtime.ReasonError, FinishedAt: time.Now()}
+	f2.exits[ids["ended"]] = vmm.ExitStatus{Code: 7, Reason: vmm.ReasonError, FinishedAt: time.Now()}
 	answer := make(chan struct{})
 	frozen := newFakeVM(4343)
 	f2.reconnect[ids["frozen"]] = func() (manager.VM, error) {
@@ -250,7 +250,7 @@ func TestRestartReconcilesThroughTheDoor(t *testing.T) {
 	require.EqualValues(t, 4343, s2Pid(t, s2, ids["frozen"]))
 
 	// The adopted VM is driven as any other: its exit is recorded.
-	live.end(runtime.ExitStatus{Code: 0, Reason: runtime.ReasonCompleted, FinishedAt: time.Now()})
+	live.end(vmm.ExitStatus{Code: 0, Reason: vmm.ReasonCompleted, FinishedAt: time.Now()})
 	require.Eventually(t, func() bool {
 		return containerState(t, s2, ids["adopted"]).State == runtimeapi.ContainerState_CONTAINER_EXITED
 	}, 5*time.Second, 10*time.Millisecond)

@@ -3,11 +3,11 @@ package vm
 import (
 	"context"
 
-	"github.com/unilet-dev/unilet/runtime"
-	"github.com/unilet-dev/unilet/runtime/manager"
+	"github.com/unilet-dev/unilet/vmm"
+	"github.com/unilet-dev/unilet/vmm/manager"
 )
 
-// VMs is the only door from the CRI translation to VMs: runtime/manager
+// VMs is the only door from the CRI translation to VMs: vmm/manager
 // satisfies it in the daemon, a fake in this package's unit tests. Shims,
 // cgroups, QEMU and the VM directories stay behind it; the verbs and the
 // restart reconciliation see only these calls and manager.VM handles.
@@ -48,7 +48,7 @@ type VMs interface {
 	// ReadExit is the exit a VM's shim recorded; KillStray ends a QEMU left
 	// without its shim (proven first); KillUnanswering kills a shim that
 	// does not answer (proven first).
-	ReadExit(id string) (runtime.ExitStatus, bool)
+	ReadExit(id string) (vmm.ExitStatus, bool)
 	KillStray(id string, pid int) bool
 	KillUnanswering(id string) error
 	// AdoptCgroup records a cgroup an earlier unilet made without a ledger.

@@ -19,8 +19,8 @@ import (
 
 	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
-	"github.com/unilet-dev/unilet/runtime"
-	"github.com/unilet-dev/unilet/runtime/templates"
+	"github.com/unilet-dev/unilet/vmm"
+	"github.com/unilet-dev/unilet/vmm/templates"
 )
 
 // Per-pod annotations (docs/annotations.md).
@@ -112,12 +112,12 @@ type PodTuning struct {
 }
 
 // Idle is the VM's scale-to-zero and autostart (nil: always running).
-func (t PodTuning) Idle() *runtime.IdleSpec {
-	spec := runtime.IdleSpec{Paused: t.NoAutostart}
+func (t PodTuning) Idle() *vmm.IdleSpec {
+	spec := vmm.IdleSpec{Paused: t.NoAutostart}
 	if t.ScaleToZero == ScaleToZeroOn || t.ScaleToZero == ScaleToZeroIdle {
 		spec.Cooldown, spec.IdleCPU = t.Cooldown, t.ScaleToZero == ScaleToZeroIdle
 	}
-	if spec == (runtime.IdleSpec{}) {
+	if spec == (vmm.IdleSpec{}) {
 		return nil
 	}
 	return &spec
@@ -199,10 +199,10 @@ func ParseTuning(ann map[string]string, lim Limits) (PodTuning, error) {
 	}
 	if v, ok := ann[AnnotationMachine]; ok {
 		switch v {
-		case runtime.MachinePC, runtime.MachineMicroVM:
+		case vmm.MachinePC, vmm.MachineMicroVM:
 			t.Machine = v
 		default:
-			return t, fmt.Errorf("annotation %s=%q: want %s or %s", AnnotationMachine, v, runtime.MachinePC, runtime.MachineMicroVM)
+			return t, fmt.Errorf("annotation %s=%q: want %s or %s", AnnotationMachine, v, vmm.MachinePC, vmm.MachineMicroVM)
 		}
 	}
 	if v, ok := ann[AnnotationLibParams]; ok {
@@ -226,7 +226,7 @@ func ParseTuning(ann map[string]string, lim Limits) (PodTuning, error) {
 					return t, fmt.Errorf("annotation %s: the value of %s contains a character the guest command line cannot carry", AnnotationLibParams, name)
 				}
 			}
-			if err := runtime.CheckLibParam(p); err != nil {
+			if err := vmm.CheckLibParam(p); err != nil {
 				return t, fmt.Errorf("annotation %s: %w", AnnotationLibParams, err)
 			}
 			t.LibParams = append(t.LibParams, p)
@@ -389,7 +389,7 @@ const ServiceAccountDir = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 // Volumes is how a container's mounts reach the guest.
 type Volumes struct {
-	Shares   []runtime.Share
+	Shares   []vmm.Share
 	Fstab    []string
 	Warnings []string
 }
@@ -409,7 +409,7 @@ const (
 // PlanVolumes turns CRI mounts into 9p shares and vfs.fstab entries. An image
 // with an initrd whose os.features enable vfscore automount gets the initrd
 // extracted as / first (as `kraft run` does).
-func PlanVolumes(mounts []*runtimeapi.Mount, f *runtime.Features, hasInitrd bool, stat StatFunc, lim Limits) (Volumes, error) {
+func PlanVolumes(mounts []*runtimeapi.Mount, f *vmm.Features, hasInitrd bool, stat StatFunc, lim Limits) (Volumes, error) {
 	lim = lim.withDefaults()
 	var v Volumes
 	if f != nil && hasInitrd && f.Has(FeatureAutomount) && f.Has(FeatureFstab) {
@@ -452,8 +452,8 @@ func PlanVolumes(mounts []*runtimeapi.Mount, f *runtime.Features, hasInitrd bool
 		tag := "fs" + strconv.Itoa(len(v.Shares)+1)
 		// A writable share keeps what the guest sets (owner, mode, devices,
 		// symlinks) in user xattrs, or in metadata files where the file
-		// system has none (runtime.Share).
-		v.Shares = append(v.Shares, runtime.Share{Tag: tag, HostPath: host, ReadOnly: m.GetReadonly(),
+		// system has none (vmm.Share).
+		v.Shares = append(v.Shares, vmm.Share{Tag: tag, HostPath: host, ReadOnly: m.GetReadonly(),
 			MappedFile: !m.GetReadonly() && !hasUserXattrs(host)})
 		flags := ""
 		if m.GetReadonly() {

@@ -10,7 +10,7 @@ import (
 
 	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
-	"github.com/unilet-dev/unilet/runtime"
+	"github.com/unilet-dev/unilet/vmm"
 )
 
 func TestParseTuning(t *testing.T) {
@@ -59,10 +59,10 @@ func TestParseTuning(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, "web", tu.Template)
 	require.True(t, tu.Stateful)
-	require.Equal(t, &runtime.IdleSpec{Cooldown: 250 * time.Millisecond, IdleCPU: true, Paused: true}, tu.Idle())
+	require.Equal(t, &vmm.IdleSpec{Cooldown: 250 * time.Millisecond, IdleCPU: true, Paused: true}, tu.Idle())
 	tu, err = ParseTuning(map[string]string{AnnotationScaleToZeroPolicy: "on"}, lim)
 	require.NoError(t, err)
-	require.Equal(t, &runtime.IdleSpec{Cooldown: time.Second}, tu.Idle())
+	require.Equal(t, &vmm.IdleSpec{Cooldown: time.Second}, tu.Idle())
 	tu, err = ParseTuning(map[string]string{AnnotationScaleToZeroPolicy: "off", AnnotationAutostart: "true"}, lim)
 	require.NoError(t, err)
 	require.Nil(t, tu.Idle())
@@ -178,19 +178,19 @@ func TestPlanVolumes(t *testing.T) {
 	stat := dirStat("/host/data", "/host/cfg,readonly=off", "/host/sa")
 	v, err := PlanVolumes(mounts, nil, false, stat, Limits{})
 	require.NoError(t, err)
-	require.Equal(t, []runtime.Share{{Tag: "fs1", HostPath: "/host/data"}, {Tag: "fs2", HostPath: "/host/cfg,readonly=off", ReadOnly: true},
+	require.Equal(t, []vmm.Share{{Tag: "fs1", HostPath: "/host/data"}, {Tag: "fs2", HostPath: "/host/cfg,readonly=off", ReadOnly: true},
 		{Tag: "fs3", HostPath: "/host/sa", ReadOnly: true}}, v.Shares)
 	require.Equal(t, []string{"fs1:/data:9pfs:::mkmp", "fs2:/etc/config:9pfs:1::mkmp", "fs3:" + ServiceAccountDir + ":9pfs:1::mkmp"}, v.Fstab)
 	require.Equal(t, []string{"mounts not passed to the guest: /etc/hosts, /dev/termination-log"}, v.Warnings)
 
 	// An initrd is extracted as / first when the image's vfscore automounts.
-	f := runtime.NewFeatures([]string{"CONFIG_LIBVFSCORE_AUTOMOUNT=y", "CONFIG_LIBVFSCORE_AUTOMOUNT_UP=y", "CONFIG_LIB9PFS=y"})
+	f := vmm.NewFeatures([]string{"CONFIG_LIBVFSCORE_AUTOMOUNT=y", "CONFIG_LIBVFSCORE_AUTOMOUNT_UP=y", "CONFIG_LIB9PFS=y"})
 	v, err = PlanVolumes(mounts[1:2], f, true, stat, Limits{})
 	require.NoError(t, err)
 	require.Equal(t, []string{"initrd0:/:extract::ramfs=1:", "fs1:/data:9pfs:::mkmp"}, v.Fstab)
 
 	// An image that cannot mount: the token is skipped with a warning, a real volume is an error.
-	no9p := runtime.NewFeatures([]string{"CONFIG_LIBUKLIBPARAM=y"})
+	no9p := vmm.NewFeatures([]string{"CONFIG_LIBUKLIBPARAM=y"})
 	v, err = PlanVolumes([]*runtimeapi.Mount{mounts[3]}, no9p, false, stat, Limits{})
 	require.NoError(t, err)
 	require.Empty(t, v.Shares)
@@ -222,7 +222,7 @@ func TestPlanVolumes(t *testing.T) {
 // FuzzParseTuning: arbitrary unilet.dev/* annotation values never panic;
 // what is accepted is within the limits, sets no reserved or unlisted
 // library parameter, and reaches the guest as exactly the parameters given
-// (runtime.BuildCmdline accepts them and adds nothing).
+// (vmm.BuildCmdline accepts them and adds nothing).
 func FuzzParseTuning(f *testing.F) {
 	f.Add("2", "128Mi", "microvm", "uk.test=1 ukdebug.loglevel=3")
 	f.Add("0", "1G", "pc", "netdev.ip=6.6.6.6/24 x.y=[1")
@@ -243,7 +243,7 @@ func FuzzParseTuning(f *testing.F) {
 				require.False(t, len(p) >= len(r) && p[:len(r)] == r, "reserved %q", p)
 			}
 		}
-		_, _, err = runtime.BuildCmdline(runtime.GuestConfig{Params: tu.LibParams, Args: []string{"app"}})
+		_, _, err = vmm.BuildCmdline(vmm.GuestConfig{Params: tu.LibParams, Args: []string{"app"}})
 		require.NoError(t, err, "accepted parameters the command line refuses: %v", tu.LibParams)
 	})
 }

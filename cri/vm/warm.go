@@ -12,9 +12,9 @@ import (
 
 	"github.com/unilet-dev/unilet/pkg/netns"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
-	"github.com/unilet-dev/unilet/runtime"
-	"github.com/unilet-dev/unilet/runtime/manager"
-	"github.com/unilet-dev/unilet/runtime/templates"
+	"github.com/unilet-dev/unilet/vmm"
+	"github.com/unilet-dev/unilet/vmm/manager"
+	"github.com/unilet-dev/unilet/vmm/templates"
 )
 
 // warmPool keeps Config.TemplateWarm warm clones of every template ready
@@ -201,8 +201,8 @@ func (p *warmPool) make(t templates.Template) (*warmClone, error) {
 	}
 	machine := t.Machine
 	machine.Name = "warm_" + t.Name
-	machine.NICs = []runtime.NIC{{Tap: vmnet.TapName(0), NetNS: path, MAC: s.cfg.GuestNet.MAC}}
-	machine.RAM, machine.Incoming = &runtime.RAMBacking{}, true
+	machine.NICs = []vmm.NIC{{Tap: vmnet.TapName(0), NetNS: path, MAC: s.cfg.GuestNet.MAC}}
+	machine.RAM, machine.Incoming = &vmm.RAMBacking{}, true
 	ctx, cancel := context.WithTimeout(context.Background(), manager.LaunchTimeout)
 	defer cancel()
 	w, err := s.vms.StartWarm(ctx, manager.StartSpec{ID: id, Machine: machine, Restore: rs})

@@ -198,7 +198,7 @@ type victim struct{ name, uid, id, sandbox, ip string }
 // cgroup, the VM directory and the daemon's records.
 func (v victim) leftovers(t *testing.T, rt runtimeapi.RuntimeServiceClient) []string {
 	var left []string
-	vmDir := filepath.Join(clusterDir, "unilet", "run", "vm", v.id[:16]) // runtime/manager names VM directories so
+	vmDir := filepath.Join(clusterDir, "unilet", "run", "vm", v.id[:16]) // vmm/manager names VM directories so
 	for _, q := range testutil.QEMUsUnder(clusterDir) {
 		if q.VMDir == vmDir {
 			left = append(left, "QEMU "+q.Cmdline)

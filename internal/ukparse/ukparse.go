@@ -7,7 +7,7 @@
 // up to the stop sequence "--", and lib/ukboot hands what follows "--" to
 // the application — but only when at least one token precedes "--".
 //
-// It is the reference the command-line builder (runtime.BuildCmdline) is
+// It is the reference the command-line builder (vmm.BuildCmdline) is
 // fuzzed against, and the test kernel (e2e/guest/testkernel/ukcmdline.c)
 // implements the same algorithm; a differential test keeps the two equal.
 // The model treats every "lib.param" as a known parameter, so it reports

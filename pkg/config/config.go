@@ -22,8 +22,8 @@ import (
 	"github.com/unilet-dev/unilet/cri/vm"
 	"github.com/unilet-dev/unilet/image"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
-	"github.com/unilet-dev/unilet/runtime/manager"
-	"github.com/unilet-dev/unilet/runtime/shim"
+	"github.com/unilet-dev/unilet/vmm/manager"
+	"github.com/unilet-dev/unilet/vmm/shim"
 )
 
 // DefaultPath is where the daemon reads its configuration unless --config

@@ -1,6 +1,6 @@
 // Package netns owns the network namespaces of unikernel pods: it creates and
 // removes named namespaces (bind mounts under /var/run/netns, as `ip netns`
-// does) and runs code inside one (DESIGN.md §6). It has no netlink
+// does) and runs code inside one (docs/architecture.md, "Pod network"). It has no netlink
 // dependency, so the shim can use it to open a tap device.
 package netns
 
