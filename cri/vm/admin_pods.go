@@ -176,20 +176,20 @@ func (s *Service) resolveContainer(name string) (*container, error) {
 
 // containerInspect is what `uniletctl inspect CONTAINER` shows.
 type containerInspect struct {
-	Kind      string          `json:"kind"`
-	ID        string          `json:"id"`
-	Name      string          `json:"name"`
-	Attempt   uint32          `json:"attempt"`
-	Pod       string          `json:"pod"`
-	PodID     string          `json:"podId"`
-	State     string          `json:"state"`
-	Image     string          `json:"image"`
-	ImageID   string          `json:"imageId"`
-	CreatedAt time.Time       `json:"createdAt"`
-	StartedAt *time.Time      `json:"startedAt,omitempty"`
-	LastExit  *vmm.ExitStatus `json:"lastExit,omitempty"`
-	Warnings  []string        `json:"warnings,omitempty"`
-	VM        vmInspect       `json:"vm"`
+	Kind      string       `json:"kind"`
+	ID        string       `json:"id"`
+	Name      string       `json:"name"`
+	Attempt   uint32       `json:"attempt"`
+	Pod       string       `json:"pod"`
+	PodID     string       `json:"podId"`
+	State     string       `json:"state"`
+	Image     string       `json:"image"`
+	ImageID   string       `json:"imageId"`
+	CreatedAt time.Time    `json:"createdAt"`
+	StartedAt *time.Time   `json:"startedAt,omitempty"`
+	LastExit  *exitInspect `json:"lastExit,omitempty"`
+	Warnings  []string     `json:"warnings,omitempty"`
+	VM        vmInspect    `json:"vm"`
 }
 
 type vmInspect struct {
@@ -205,12 +205,27 @@ type vmInspect struct {
 	Cmdline    string           `json:"guestCmdline"`
 	QEMUPid    int              `json:"qemuPid,omitempty"`
 	ShimPid    int              `json:"shimPid,omitempty"`
-	Jail       *vmm.JailSpec    `json:"jail,omitempty"`
+	Jail       *jailInspect     `json:"jail,omitempty"`
 	Cgroup     string           `json:"cgroup,omitempty"`
 	Idle       *vmm.IdleSpec    `json:"scaleToZero,omitempty"`
 	Dir        string           `json:"dir,omitempty"`
 	Files      map[string]int64 `json:"files,omitempty"` // in Dir, with sizes
 	LogPath    string           `json:"logPath"`
+}
+
+// jailInspect is who a jailed QEMU runs as.
+type jailInspect struct {
+	UID uint32 `json:"uid"`
+	GID uint32 `json:"gid"`
+	Pod string `json:"sharedWithPod,omitempty"` // the pod whose VMs share the ids
+}
+
+// exitInspect is a container's last exit.
+type exitInspect struct {
+	Code       int32     `json:"code"`
+	Reason     string    `json:"reason"`
+	Message    string    `json:"message,omitempty"`
+	FinishedAt time.Time `json:"finishedAt"`
 }
 
 // podInspect is what `uniletctl inspect POD` shows.
@@ -295,7 +310,7 @@ func (s *Service) inspectContainer(ctx context.Context, sb *sandbox, c *containe
 		doc.StartedAt = &st.StartedAt
 	}
 	if !st.Exit.FinishedAt.IsZero() {
-		doc.LastExit = &st.Exit
+		doc.LastExit = &exitInspect{Code: st.Exit.Code, Reason: st.Exit.Reason, Message: st.Exit.Message, FinishedAt: st.Exit.FinishedAt}
 	}
 	vm := vmInspect{Accel: m.Machine.Accel, MemoryMiB: m.Machine.MemoryMiB, VCPUs: m.Machine.VCPUs, Template: m.Template,
 		Cmdline: m.Machine.Cmdline, Cgroup: m.Cgroup, Idle: m.Idle, LogPath: m.LogPath}
@@ -311,7 +326,10 @@ func (s *Service) inspectContainer(ctx context.Context, sb *sandbox, c *containe
 	}
 	spec, specErr := s.vmSpec(c.ID())
 	if specErr == nil {
-		vm.Jail, vm.Restored = spec.Jail, spec.Restore != nil
+		vm.Restored = spec.Restore != nil
+		if j := spec.Jail; j != nil {
+			vm.Jail = &jailInspect{UID: j.UID, GID: j.GID, Pod: j.Pod}
+		}
 		vm.Cmdline = spec.Machine.Cmdline
 	}
 	if st.State.Live() && st.vm != nil && st.Pid > 0 {
@@ -322,6 +340,11 @@ func (s *Service) inspectContainer(ctx context.Context, sb *sandbox, c *containe
 	if vm.QEMUArgv == nil && specErr == nil {
 		if argv, err := vmm.BuildArgv(spec.Machine); err == nil {
 			vm.QEMUArgv, vm.ArgvSource = append([]string{spec.QEMU}, argv...), "spec.json (the VM does not run)"
+		}
+	}
+	if vm.QEMUArgv == nil { // no VM directory: what a cold boot of the record runs
+		if argv, err := vmm.BuildArgv(m.Machine); err == nil {
+			vm.QEMUArgv, vm.ArgvSource = append([]string{s.cfg.QEMU}, argv...), "the container's record (no VM directory: the VM does not run)"
 		}
 	}
 	doc.VM = vm

@@ -98,10 +98,12 @@ func TestUniletctl(t *testing.T) {
 			Cmdline    string   `json:"guestCmdline"`
 			QEMUPid    int      `json:"qemuPid"`
 			ShimPid    int      `json:"shimPid"`
-			Jail       struct{ UID int }
-			Cgroup     string
-			Files      map[string]int64
-			LogPath    string `json:"logPath"`
+			Jail       struct {
+				UID int `json:"uid"`
+			}
+			Cgroup  string
+			Files   map[string]int64
+			LogPath string `json:"logPath"`
 		} `json:"vm"`
 	}
 	raw := d.mustCtl("inspect", "e2e/vm-ctl/app")
