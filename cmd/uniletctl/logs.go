@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
@@ -97,9 +98,11 @@ func (p *criLogPrinter) write(b []byte) error {
 
 func (p *criLogPrinter) line(l []byte) error {
 	ts, rest, ok1 := bytes.Cut(l, []byte(" "))
-	_, rest, ok2 := bytes.Cut(rest, []byte(" "))
+	stream, rest, ok2 := bytes.Cut(rest, []byte(" "))
 	tag, text, ok3 := bytes.Cut(rest, []byte(" "))
-	if !ok1 || !ok2 || !ok3 {
+	_, terr := time.Parse(time.RFC3339Nano, string(ts))
+	if !ok1 || !ok2 || !ok3 || terr != nil || (string(stream) != "stdout" && string(stream) != "stderr") ||
+		(string(tag) != "P" && string(tag) != "F") {
 		_, err := fmt.Fprintf(p.w, "%s\n", l) // not a CRI line: as it is
 		return err
 	}
