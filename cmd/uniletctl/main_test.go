@@ -55,3 +55,24 @@ func TestRenderKeepsNumbersAndNames(t *testing.T) {
 	require.Contains(t, out.String(), `"jailUid": "-1"`, "protojson: int64 as a string")
 	require.Error(t, render(&out, "xml", &admin.VM{}))
 }
+
+// FuzzCRILogPrinter: any stream prints without panicking, and a well-formed
+// full line prints exactly its text.
+func FuzzCRILogPrinter(f *testing.F) {
+	f.Add([]byte("2026-12-06T20:00:00Z stdout F hello\n"), "text")
+	f.Add([]byte("2026-12-06T20:00:00Z stderr P a\n2026-12-06T20:00:00Z stderr F b"), "x y z")
+	f.Add([]byte("garbage  \n\n"), "")
+	f.Fuzz(func(t *testing.T, stream []byte, text string) {
+		var out bytes.Buffer
+		p := criLogPrinter{w: &out}
+		_ = p.write(stream)
+		_ = p.flush()
+		if strings.ContainsRune(text, '\n') {
+			return
+		}
+		out.Reset()
+		p = criLogPrinter{w: &out}
+		require.NoError(t, p.write([]byte("2026-12-06T20:00:00.123456789Z stdout F "+text+"\n")))
+		require.Equal(t, text+"\n", out.String())
+	})
+}
