@@ -102,7 +102,8 @@ bench-quick: deps
 	$(GO) run ./bench --quick
 
 # A single-node cluster on 127.0.0.1 with unilet in front of containerd.
-# Extra unilet flags: UNILET_ARGS="--insecure-registry 127.0.0.1:5000 ...".
+# Extra unilet flags: UNILET_ARGS="--log-level debug ...". Its ports are free ones:
+# `$(OUT)/bin/cluster port registry|apiserver|...` prints them.
 cluster-up: deps build kube-bins
 	$(GO) build -o $(OUT)/bin/cluster ./e2e/kube/cluster
 	$(OUT)/bin/cluster up --kube-bin $(KUBE_BIN) --unilet-bin bin

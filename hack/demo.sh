@@ -16,13 +16,16 @@ step "building Kubernetes v1.37.2 and etcd from Go modules (first time: ~10 minu
 go build -o $OUT/bin/cluster ./e2e/kube/cluster
 step "starting the cluster: etcd, kube-apiserver, controller-manager, scheduler, kube-proxy, CoreDNS, containerd, unilet, kubelet"
 $OUT/bin/cluster up --kube-bin $OUT/kube/bin --unilet-bin bin
-step "packing the test unikernel with uniletctl and pushing it to the cluster's registry (127.0.0.1:5000)"
+# The cluster took free ports; its images are named 127.0.0.1:5000/… and its unilet fetches that name from the
+# registry's real port (a registry mirror).
+REG=127.0.0.1:$($OUT/bin/cluster port registry)
+step "packing the test unikernel with uniletctl and pushing it to the cluster's registry ($REG, images named 127.0.0.1:5000/…)"
 ./e2e/guest/testkernel/build.sh $OUT/guest/testkernel.elf
-bin/uniletctl pack --kernel $OUT/guest/testkernel.elf --push 127.0.0.1:5000/unikraft/hello:latest --insecure
+bin/uniletctl pack --kernel $OUT/guest/testkernel.elf --push $REG/unikraft/hello:latest --insecure
 step "building the network guest (a Linux kernel + busybox initrd, from Debian packages) and pushing it as unikraft/netguest"
 ./e2e/guest/netguest/build.sh $OUT/netguest
 bin/uniletctl pack --kernel $OUT/netguest/vmlinuz --initrd $OUT/netguest/initrd.gz --kconfig internal/testimages/netguest.kconfig \
-	--label dev.unilet.min-memory=128 --push 127.0.0.1:5000/unikraft/netguest:latest --insecure
+	--label dev.unilet.min-memory=128 --push $REG/unikraft/netguest:latest --insecure
 step "kubectl apply -f deploy/examples/demo.yaml (a unikernel pod and a plain pod)"
 $K apply -f deploy/examples/demo.yaml
 $K wait --for=condition=Ready pod/hello-unikernel pod/hello-plain --timeout=180s

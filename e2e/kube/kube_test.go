@@ -12,6 +12,7 @@ package kube_test
 
 import (
 	"bufio"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -35,8 +36,21 @@ var (
 	kubectlBin string
 	clusterBin string
 	binDir     string
-	registry   = "127.0.0.1:5000"
+	// registry is what images are named under (the examples' and specs'
+	// manifests as written); the cluster's unilet fetches it from the
+	// registry's real port (ports.Registry) as a mirror, and pushes go there.
+	registry = "127.0.0.1:5000"
+	ports    clusterPorts
 )
+
+// clusterPorts are the free ports the cluster took (cluster/ports.go).
+type clusterPorts struct {
+	Registry  int `json:"registry"`
+	APIServer int `json:"apiserver"`
+}
+
+// pushRegistry is where the registry really listens.
+func pushRegistry() string { return fmt.Sprintf("127.0.0.1:%d", ports.Registry) }
 
 func TestMain(m *testing.M) {
 	testutil.MainNeedsRoot("e2e/kube", testutil.LaneKube)
@@ -87,12 +101,19 @@ func setup(m *testing.M) (int, error) {
 		down.Stdout, down.Stderr = os.Stderr, os.Stderr
 		_ = down.Run()
 	}()
+	b, err := os.ReadFile(filepath.Join(clusterDir, "ports.json"))
+	if err != nil {
+		return 0, err
+	}
+	if err := json.Unmarshal(b, &ports); err != nil {
+		return 0, err
+	}
 	// Test guests, packed with our uniletctl and pushed to the cluster's registry.
 	kernel := filepath.Join(outDir, "kube-e2e", "testkernel.elf")
 	if err := run(repoRoot, "./e2e/guest/testkernel/build.sh", kernel); err != nil {
 		return 0, err
 	}
-	if err := run(repoRoot, filepath.Join(binDir, "uniletctl"), "pack", "--kernel", kernel, "--push", registry+"/unikraft/testkernel:latest", "--insecure"); err != nil {
+	if err := run(repoRoot, filepath.Join(binDir, "uniletctl"), "pack", "--kernel", kernel, "--push", pushRegistry()+"/unikraft/testkernel:latest", "--insecure"); err != nil {
 		return 0, err
 	}
 	ng := filepath.Join(outDir, "netguest")
@@ -104,7 +125,7 @@ func setup(m *testing.M) (int, error) {
 		return 0, err
 	}
 	if err := run(repoRoot, filepath.Join(binDir, "uniletctl"), "pack", "--kernel", filepath.Join(ng, "vmlinuz"), "--initrd", filepath.Join(ng, "initrd.gz"),
-		"--kconfig", kc, "--label", "dev.unilet.min-memory=128", "--push", registry+"/unikraft/netguest:latest", "--insecure"); err != nil {
+		"--kconfig", kc, "--label", "dev.unilet.min-memory=128", "--push", pushRegistry()+"/unikraft/netguest:latest", "--insecure"); err != nil {
 		return 0, err
 	}
 	code := m.Run()

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -75,7 +76,7 @@ func daemonManifest(t *testing.T, image string) string {
 		`value: "unix:///run/unilet/unilet.sock"`: fmt.Sprintf("value: %q", "unix://"+filepath.Join(clusterDir, "unilet", "unilet.sock")),
 		// The e2e apiserver listens on loopback only (no endpoints for the
 		// kubernetes Service); the installer runs in the host's network.
-		"        env:\n": "        env:\n        - {name: KUBERNETES_SERVICE_HOST, value: 127.0.0.1}\n        - {name: KUBERNETES_SERVICE_PORT, value: \"16443\"}\n",
+		"        env:\n": "        env:\n        - {name: KUBERNETES_SERVICE_HOST, value: 127.0.0.1}\n        - {name: KUBERNETES_SERVICE_PORT, value: \"" + strconv.Itoa(ports.APIServer) + "\"}\n",
 	} {
 		require.Contains(t, s, old)
 		s = strings.ReplaceAll(s, old, new)

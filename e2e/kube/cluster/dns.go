@@ -55,12 +55,12 @@ hostnameOverride: %s
 mode: nftables
 clusterCIDR: %s
 bindAddress: 127.0.0.1
-healthzBindAddress: 127.0.0.1:10256
-metricsBindAddress: 127.0.0.1:10249
+healthzBindAddress: 127.0.0.1:%d
+metricsBindAddress: 127.0.0.1:%d
 nodePortAddresses: [%q]
 nftables: {masqueradeAll: true}
 conntrack: {maxPerCore: 0, min: 0}
-`, c.p("kube-proxy.kubeconfig"), NodeName, PodSubnet, BridgeIP+"/32")
+`, c.p("kube-proxy.kubeconfig"), NodeName, PodSubnet, c.ports.ProxyHealthz, c.ports.ProxyMetrics, BridgeIP+"/32")
 	if err := os.WriteFile(c.p("kube-proxy.yaml"), []byte(cfg), 0o644); err != nil {
 		return err
 	}

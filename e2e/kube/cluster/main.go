@@ -9,6 +9,7 @@
 //
 //	cluster up   [--dir DIR] [--kube-bin DIR] [--unilet-bin DIR]   (UNILET_ARGS: extra unilet flags)
 //	cluster down [--dir DIR]
+//	cluster port NAME [--dir DIR]                                   (prints one of its ports: registry, apiserver, ...)
 //	cluster registry --addr ADDR                                    (the registry process itself)
 package main
 
@@ -39,13 +40,8 @@ import (
 	"github.com/unilet-dev/unilet/pkg/cgroups"
 )
 
-// Fixed addresses of the e2e cluster (all loopback).
+// Fixed names of the e2e cluster; its ports are free ones (ports.go).
 const (
-	RegistryAddr  = "127.0.0.1:5000"
-	APIServerPort = 16443
-	EtcdPort      = 23790
-	EtcdPeerPort  = 23800
-	KubeletPort   = 10250
 	NodeName      = "localhost" // resolves to 127.0.0.1; kubelet refuses a loopback --node-ip
 	Bridge        = "unilet-k8s0"
 	PodSubnet     = "198.19.0.0/24"
@@ -56,6 +52,7 @@ type cluster struct {
 	dir, kubeBin, unileBin, repo string
 	containerdBin                string // "" = Debian's containerd
 	nodes                        int    // 1, or 2 with the second node (node2.go)
+	ports                        Ports
 }
 
 func (c *cluster) p(parts ...string) string {
@@ -78,8 +75,13 @@ func main() {
 	fs.StringVar(&c.repo, "repo", wd, "repository root")
 	fs.StringVar(&c.containerdBin, "containerd-bin", "", "directory of a containerd 2.x build (hack/containerd2/build.sh); empty: Debian's containerd")
 	fs.IntVar(&c.nodes, "nodes", 1, "1, or 2: a second node without KVM beside the first (up)")
-	addr := fs.String("addr", RegistryAddr, "registry address (registry)")
-	_ = fs.Parse(os.Args[2:])
+	addr := fs.String("addr", "", "registry address (registry)")
+	var name string
+	args := os.Args[2:]
+	if cmd == "port" && len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		name, args = args[0], args[1:]
+	}
+	_ = fs.Parse(args)
 	// Absolute paths: every process is later proven ours by the cluster
 	// directory in its command line.
 	for _, p := range []*string{&c.dir, &c.kubeBin, &c.unileBin, &c.repo} {
@@ -93,6 +95,8 @@ func main() {
 		err = c.up()
 	case "down":
 		err = c.down()
+	case "port":
+		err = port(c.dir, name)
 	case "registry":
 		err = http.ListenAndServe(*addr, registry.New(registry.Logger(log.New(io.Discard, "", 0))))
 	default:
@@ -174,6 +178,13 @@ func (c *cluster) up() error {
 	}
 	t0 := time.Now()
 	log.Printf("cluster state in %s", c.dir)
+	var err error
+	if c.ports, err = freePorts(); err != nil {
+		return err
+	}
+	if err := c.savePorts(); err != nil {
+		return err
+	}
 	if err := c.pki(); err != nil {
 		return err
 	}
@@ -184,22 +195,22 @@ func (c *cluster) up() error {
 	if err != nil {
 		return err
 	}
-	if err := c.start("registry", self, "registry", "--addr", RegistryAddr, "--dir", c.dir); err != nil {
+	if err := c.start("registry", self, "registry", "--addr", c.registryAddr(), "--dir", c.dir); err != nil {
 		return err
 	}
 	if err := c.start("etcd", filepath.Join(c.kubeBin, "etcd"), "--data-dir", c.p("etcd"), "--name", "e2e",
-		"--listen-client-urls", fmt.Sprintf("http://127.0.0.1:%d", EtcdPort), "--advertise-client-urls", fmt.Sprintf("http://127.0.0.1:%d", EtcdPort),
-		"--listen-peer-urls", fmt.Sprintf("http://127.0.0.1:%d", EtcdPeerPort), "--initial-advertise-peer-urls", fmt.Sprintf("http://127.0.0.1:%d", EtcdPeerPort),
-		"--initial-cluster", fmt.Sprintf("e2e=http://127.0.0.1:%d", EtcdPeerPort), "--listen-metrics-urls", "http://127.0.0.1:23810"); err != nil {
+		"--listen-client-urls", fmt.Sprintf("http://127.0.0.1:%d", c.ports.Etcd), "--advertise-client-urls", fmt.Sprintf("http://127.0.0.1:%d", c.ports.Etcd),
+		"--listen-peer-urls", fmt.Sprintf("http://127.0.0.1:%d", c.ports.EtcdPeer), "--initial-advertise-peer-urls", fmt.Sprintf("http://127.0.0.1:%d", c.ports.EtcdPeer),
+		"--initial-cluster", fmt.Sprintf("e2e=http://127.0.0.1:%d", c.ports.EtcdPeer), "--listen-metrics-urls", fmt.Sprintf("http://127.0.0.1:%d", c.ports.EtcdMetrics)); err != nil {
 		return err
 	}
-	if err := waitFor("etcd", 30*time.Second, func() error { return dial("tcp", fmt.Sprintf("127.0.0.1:%d", EtcdPort)) }); err != nil {
+	if err := waitFor("etcd", 30*time.Second, func() error { return dial("tcp", fmt.Sprintf("127.0.0.1:%d", c.ports.Etcd)) }); err != nil {
 		return c.fail(err, "etcd")
 	}
 	pki := func(f string) string { return c.p("pki", f) }
 	if err := c.start("kube-apiserver", filepath.Join(c.kubeBin, "kube-apiserver"),
-		"--etcd-servers", fmt.Sprintf("http://127.0.0.1:%d", EtcdPort), "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
-		"--secure-port", strconv.Itoa(APIServerPort), "--tls-cert-file", pki("apiserver.crt"), "--tls-private-key-file", pki("apiserver.key"),
+		"--etcd-servers", fmt.Sprintf("http://127.0.0.1:%d", c.ports.Etcd), "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+		"--secure-port", strconv.Itoa(c.ports.APIServer), "--tls-cert-file", pki("apiserver.crt"), "--tls-private-key-file", pki("apiserver.key"),
 		"--client-ca-file", pki("ca.crt"), "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
 		"--service-account-key-file", pki("sa.pub"), "--service-account-signing-key-file", pki("sa.key"),
 		"--service-cluster-ip-range", ServiceSubnet, "--authorization-mode", "Node,RBAC", "--allow-privileged=true",
@@ -334,7 +345,8 @@ func (c *cluster) nodeContainerd(name, dir, network, bridge, subnet, gw string) 
 func (c *cluster) unilet() error {
 	sock := c.p("unilet", "unilet.sock")
 	args := []string{"--listen", "unix://" + sock, "--root", c.p("unilet", "root"), "--state-dir", c.p("unilet", "run"),
-		"--upstream-endpoint", "unix://" + c.p("containerd", "containerd.sock"), "--insecure-registry", RegistryAddr,
+		"--upstream-endpoint", "unix://" + c.p("containerd", "containerd.sock"), "--insecure-registry", c.registryAddr(),
+		"--registry-mirror", RegistryName + "=http://" + c.registryAddr(),
 		"--cni-conf-dir", c.p("cni", "net.d"), "--cni-bin-dir", testutil.CNIBinDir(), "--netns-dir", c.p("netns"),
 		"--stream-address", "127.0.0.1:0", "--pod-log-root", c.p("pod-logs")}
 	args = append(args, strings.Fields(os.Getenv("UNILET_ARGS"))...)
@@ -352,7 +364,7 @@ address: 127.0.0.1
 port: %d
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
-healthzPort: 10248
+healthzPort: %d
 tlsCertFile: %s
 tlsPrivateKeyFile: %s
 authentication:
@@ -373,7 +385,7 @@ evictionHard: {"memory.available": "100Mi", "nodefs.available": "1%%", "imagefs.
 maxPods: 150
 syncFrequency: 10s
 podLogsDir: %s
-`, KubeletPort, pki("kubelet.crt"), pki("kubelet.key"), pki("ca.crt"), c.p("unilet", "unilet.sock"), DNSServiceIP, c.p("pod-logs"))
+`, c.ports.Kubelet, c.ports.KubeletHealthz, pki("kubelet.crt"), pki("kubelet.key"), pki("ca.crt"), c.p("unilet", "unilet.sock"), DNSServiceIP, c.p("pod-logs"))
 	if err := os.WriteFile(c.p("kubelet", "config.yaml"), []byte(cfg), 0o644); err != nil {
 		return err
 	}

@@ -55,7 +55,7 @@ address: %s
 port: %d
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
-healthzPort: 10258
+healthzPort: %d
 tlsCertFile: %s
 tlsPrivateKeyFile: %s
 authentication:
@@ -79,7 +79,7 @@ syncFrequency: 10s
 podLogsDir: %s
 registerWithTaints:
 - {key: unilet.dev/e2e-second-node, value: "true", effect: NoSchedule}
-`, Node2Name, KubeletPort, pki("kubelet2.crt"), pki("kubelet2.key"), pki("ca.crt"), Node2CgroupRt, sock, DNSServiceIP, c.n2("pod-logs"))
+`, Node2Name, c.ports.Kubelet, c.ports.Kubelet2Healthz, pki("kubelet2.crt"), pki("kubelet2.key"), pki("ca.crt"), Node2CgroupRt, sock, DNSServiceIP, c.n2("pod-logs"))
 	if err := os.WriteFile(c.n2("kubelet", "config.yaml"), []byte(kcfg), 0o644); err != nil {
 		return err
 	}

@@ -98,7 +98,7 @@ contexts:
 - name: unilet-e2e
   context: {cluster: unilet-e2e, user: %s}
 current-context: unilet-e2e
-`, APIServerPort, c.p("pki", "ca.crt"), user, c.p("pki", user+".crt"), c.p("pki", user+".key"), user)
+`, c.ports.APIServer, c.p("pki", "ca.crt"), user, c.p("pki", user+".crt"), c.p("pki", user+".key"), user)
 		if err := os.WriteFile(c.p(file), []byte(kc), 0o600); err != nil {
 			return err
 		}
