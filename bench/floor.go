@@ -103,7 +103,7 @@ func (e *env) measureFloor(o options, res *Results) error {
 	e.machine = vmm.MachineMicroVM
 	_, w, err := e.startVM([]string{tickArg})
 	if err != nil {
-		return fmt.Errorf("a microvm pod: %w", err)
+		return fmt.Errorf("a microunikernel pod: %w", err)
 	}
 	micro, err := e.captureArgv(w)
 	e.remove(w)

@@ -13,7 +13,7 @@ import (
 )
 
 // serveContainerEvents is GetContainerEvents (kubelet's evented PLEG): the
-// VM side's container events merged with the upstream's stream. An
+// unikernel side's container events merged with the upstream's stream. An
 // upstream without events (Unimplemented) leaves the VM events; any other
 // end of the upstream stream ends this one, so the client subscribes anew.
 func (r *Router) serveContainerEvents(_ any, ss grpc.ServerStream) error {
@@ -57,7 +57,7 @@ func (r *Router) serveContainerEvents(_ any, ss grpc.ServerStream) error {
 			case ctx.Err() != nil:
 				return nil
 			case status.Code(m.err) == codes.Unimplemented:
-				logrus.Debug("the upstream runtime has no container events; serving the VM side's only")
+				logrus.Debug("the upstream runtime has no container events; serving the unikernel side's only")
 				up = nil
 				continue
 			case errors.Is(m.err, io.EOF):

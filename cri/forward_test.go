@@ -194,7 +194,7 @@ func TestForwardedCallsAreUnchanged(t *testing.T) {
 	require.Contains(t, err.Error(), "--upstream-endpoint is empty")
 }
 
-// The streaming list verbs list both sides: the VM side's objects, then the
+// The streaming list verbs list both sides: the unikernel side's objects, then the
 // upstream's stream.
 func TestStreamListsMergeBothSides(t *testing.T) {
 	up := &recordingUpstream{calls: map[string]bool{}}
@@ -224,12 +224,12 @@ func TestStreamListsMergeBothSides(t *testing.T) {
 	}
 	require.Equal(t, []string{vmPod.PodSandboxId, "up1"}, list(nil))
 	require.Equal(t, []string{vmPod.PodSandboxId}, list(&runtimeapi.PodSandboxFilter{Id: vmPod.PodSandboxId}), "a full VM ID stays local")
-	// containers: none on the VM side; the upstream lacks the verb.
+	// containers: none on the unikernel side; the upstream lacks the verb.
 	cs, err := rt.StreamContainers(context.Background(), &runtimeapi.StreamContainersRequest{})
 	require.NoError(t, err)
 	m, err := cs.Recv()
 	require.NoError(t, err)
 	require.Empty(t, m.Containers)
 	_, err = cs.Recv()
-	require.ErrorIs(t, err, io.EOF, "an upstream without the verb leaves the VM side's answer")
+	require.ErrorIs(t, err, io.EOF, "an upstream without the verb leaves the unikernel side's answer")
 }

@@ -5,7 +5,7 @@ import (
 
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
-	"github.com/unilet-dev/unilet/cri/vm"
+	"github.com/unilet-dev/unilet/cri/unikernel"
 )
 
 // forVMPod reports whether an image request is made for a unikernel pod:
@@ -29,7 +29,7 @@ func (r *Router) forVMPod(spec *runtimeapi.ImageSpec, sandbox *runtimeapi.PodSan
 // registries; the rest goes upstream.
 func (r *Router) PullImage(ctx context.Context, req *runtimeapi.PullImageRequest) (*runtimeapi.PullImageResponse, error) {
 	toVM := r.forVMPod(req.GetImage(), req.GetSandboxConfig()) || r.isVMImageRef(req.GetImage().GetImage()) || r.upImage == nil
-	return either(ctx, r, toVM, req, (*vm.Service).PullImage, r.upImage, runtimeapi.ImageServiceClient.PullImage)
+	return either(ctx, r, toVM, req, (*unikernel.Service).PullImage, r.upImage, runtimeapi.ImageServiceClient.PullImage)
 }
 
 // ImageStatus asks the VM store alone for a unikernel pod's image (so
@@ -37,12 +37,12 @@ func (r *Router) PullImage(ctx context.Context, req *runtimeapi.PullImageRequest
 // skips the pull the VM needs); otherwise the VM store first.
 func (r *Router) ImageStatus(ctx context.Context, req *runtimeapi.ImageStatusRequest) (*runtimeapi.ImageStatusResponse, error) {
 	toVM := r.forVMPod(req.GetImage(), nil) || r.vm.HasImage(req.GetImage().GetImage()) || r.upImage == nil
-	return either(ctx, r, toVM, req, (*vm.Service).ImageStatus, r.upImage, runtimeapi.ImageServiceClient.ImageStatus)
+	return either(ctx, r, toVM, req, (*unikernel.Service).ImageStatus, r.upImage, runtimeapi.ImageServiceClient.ImageStatus)
 }
 
 // ListImages merges both stores.
 func (r *Router) ListImages(ctx context.Context, req *runtimeapi.ListImagesRequest) (*runtimeapi.ListImagesResponse, error) {
-	return merged(ctx, r, "ListImages", req, (*vm.Service).ListImages, r.upImage, r.upImage != nil, runtimeapi.ImageServiceClient.ListImages, false,
+	return merged(ctx, r, "ListImages", req, (*unikernel.Service).ListImages, r.upImage, r.upImage != nil, runtimeapi.ImageServiceClient.ListImages, false,
 		func(into, from *runtimeapi.ListImagesResponse) *runtimeapi.ListImagesResponse {
 			into.Images = append(into.Images, from.GetImages()...)
 			return into
@@ -53,12 +53,12 @@ func (r *Router) ListImages(ctx context.Context, req *runtimeapi.ListImagesReque
 // store first.
 func (r *Router) RemoveImage(ctx context.Context, req *runtimeapi.RemoveImageRequest) (*runtimeapi.RemoveImageResponse, error) {
 	toVM := r.forVMPod(req.GetImage(), nil) || r.vm.HasImage(req.GetImage().GetImage()) || r.upImage == nil
-	return either(ctx, r, toVM, req, (*vm.Service).RemoveImage, r.upImage, runtimeapi.ImageServiceClient.RemoveImage)
+	return either(ctx, r, toVM, req, (*unikernel.Service).RemoveImage, r.upImage, runtimeapi.ImageServiceClient.RemoveImage)
 }
 
 // ImageFsInfo merges both sides.
 func (r *Router) ImageFsInfo(ctx context.Context, req *runtimeapi.ImageFsInfoRequest) (*runtimeapi.ImageFsInfoResponse, error) {
-	return merged(ctx, r, "ImageFsInfo", req, (*vm.Service).ImageFsInfo, r.upImage, r.upImage != nil, runtimeapi.ImageServiceClient.ImageFsInfo, false,
+	return merged(ctx, r, "ImageFsInfo", req, (*unikernel.Service).ImageFsInfo, r.upImage, r.upImage != nil, runtimeapi.ImageServiceClient.ImageFsInfo, false,
 		func(into, from *runtimeapi.ImageFsInfoResponse) *runtimeapi.ImageFsInfoResponse {
 			into.ImageFilesystems = append(into.ImageFilesystems, from.GetImageFilesystems()...)
 			into.ContainerFilesystems = append(into.ContainerFilesystems, from.GetContainerFilesystems()...)

@@ -8,21 +8,21 @@ import (
 	"google.golang.org/grpc/status"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
-	"github.com/unilet-dev/unilet/cri/vm"
+	"github.com/unilet-dev/unilet/cri/unikernel"
 )
 
 // The routing shapes every CRI method of the Router takes: a call that
 // names one object goes to the side owning it (routed, either), a list
 // asks both sides and merges (merged). The sides are named by method
-// expressions: (*vm.Service).X and runtimeapi.RuntimeServiceClient.X (or
+// expressions: (*unikernel.Service).X and runtimeapi.RuntimeServiceClient.X (or
 // ImageServiceClient.X), so a missing upstream client is never called.
 
 type (
-	vmCall[Req, Resp any]    func(*vm.Service, context.Context, Req) (Resp, error)
+	vmCall[Req, Resp any]    func(*unikernel.Service, context.Context, Req) (Resp, error)
 	upCall[C, Req, Resp any] func(C, context.Context, Req, ...grpc.CallOption) (Resp, error)
 )
 
-// either sends req to the VM side when toVM, else to the upstream client up.
+// either sends req to the unikernel side when toVM, else to the upstream client up.
 func either[C, Req, Resp any](ctx context.Context, r *Router, toVM bool, req Req, v vmCall[Req, Resp], up C, u upCall[C, Req, Resp]) (Resp, error) {
 	if toVM {
 		return v(r.vm, ctx, req)
@@ -48,9 +48,9 @@ func routed[Req, Resp any](ctx context.Context, r *Router, side func(context.Con
 	return resp, err
 }
 
-// merged asks the VM side, then (unless vmOnly, or there is no upstream)
-// the upstream, and joins its answer into the VM side's. A failing
-// upstream degrades the answer to the VM side's, logged as op.
+// merged asks the unikernel side, then (unless vmOnly, or there is no upstream)
+// the upstream, and joins its answer into the unikernel side's. A failing
+// upstream degrades the answer to the unikernel side's, logged as op.
 func merged[C, Req, Resp any](ctx context.Context, r *Router, op string, req Req, v vmCall[Req, Resp],
 	up C, hasUp bool, u upCall[C, Req, Resp], vmOnly bool, join func(into, from Resp) Resp) (Resp, error) {
 	resp, err := v(r.vm, ctx, req)

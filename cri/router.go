@@ -1,5 +1,5 @@
 // Package cri is unilet's CRI surface: a router that sends unikernel pods to
-// the VM service (package cri/vm) and passes every other pod, unchanged and
+// the VM service (package cri/unikernel) and passes every other pod, unchanged and
 // with its IDs, to the upstream runtime (containerd). Routing rules:
 // docs/architecture.md, "Routing".
 package cri
@@ -16,7 +16,7 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/cri/errdefs"
-	"github.com/unilet-dev/unilet/cri/vm"
+	"github.com/unilet-dev/unilet/cri/unikernel"
 	"github.com/unilet-dev/unilet/image"
 )
 
@@ -37,11 +37,11 @@ type Config struct {
 }
 
 // Router serves the CRI RuntimeService and ImageService: the methods it
-// declares route between the VM side and the upstream (or merge both);
+// declares route between the unikernel side and the upstream (or merge both);
 // every other method is forwarded upstream unchanged (forward.go).
 type Router struct {
 	cfg     Config
-	vm      *vm.Service
+	vm      *unikernel.Service
 	conn    *grpc.ClientConn
 	upRT    runtimeapi.RuntimeServiceClient
 	upImage runtimeapi.ImageServiceClient
@@ -49,7 +49,7 @@ type Router struct {
 
 // NewRouter builds a router. The upstream connection is lazy: a dead upstream
 // only fails the calls that need it.
-func NewRouter(cfg Config, v *vm.Service) (*Router, error) {
+func NewRouter(cfg Config, v *unikernel.Service) (*Router, error) {
 	if cfg.Annotation == "" {
 		cfg.Annotation = DefaultAnnotation
 	}
@@ -121,5 +121,5 @@ func upstreamErr(err error) error {
 }
 
 func (r *Router) logUpstreamDown(op string, err error) {
-	logrus.WithError(err).WithField("op", op).Warn("the upstream runtime failed this call; answering from the VM side only")
+	logrus.WithError(err).WithField("op", op).Warn("the upstream runtime failed this call; answering from the unikernel side only")
 }

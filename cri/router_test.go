@@ -14,7 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
-	"github.com/unilet-dev/unilet/cri/vm"
+	"github.com/unilet-dev/unilet/cri/unikernel"
 	"github.com/unilet-dev/unilet/image"
 	"github.com/unilet-dev/unilet/vmm/manager"
 )
@@ -96,8 +96,8 @@ func (f *fakeUpstream) ContainerStatus(ctx context.Context, r *runtimeapi.Contai
 	return &runtimeapi.ContainerStatusResponse{Status: &runtimeapi.ContainerStatus{Id: r.GetContainerId()}}, nil
 }
 
-// newVMService is a VM side without processes, network or persistence.
-func newVMService(t *testing.T) *vm.Service {
+// newVMService is a unikernel side without processes, network or persistence.
+func newVMService(t *testing.T) *unikernel.Service {
 	t.Helper()
 	store, err := image.Open(t.TempDir(), nil)
 	require.NoError(t, err)
@@ -105,7 +105,7 @@ func newVMService(t *testing.T) *vm.Service {
 	state := t.TempDir()
 	vms, err := manager.New(manager.Config{QEMU: "/bin/false", StateDir: state})
 	require.NoError(t, err)
-	svc, err := vm.New(vm.Config{QEMU: "/bin/false", Accel: "tcg", StateDir: state}, vms, store, nil)
+	svc, err := unikernel.New(unikernel.Config{QEMU: "/bin/false", Accel: "tcg", StateDir: state}, vms, store, nil)
 	require.NoError(t, err)
 	return svc
 }
@@ -160,7 +160,7 @@ func TestRoutingTable(t *testing.T) {
 	r, up := newTestRouter(t, true)
 	ctx := context.Background()
 
-	// VM pod stays local; plain pod goes upstream with its ID unchanged.
+	// unikernel pod stays local; plain pod goes upstream with its ID unchanged.
 	vmPod, err := r.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: podCfg("vm", map[string]string{"kubernetes.io/target-runtime": "unikraft"})})
 	require.NoError(t, err)
 	plain, err := r.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: podCfg("plain", nil)})
@@ -189,7 +189,7 @@ func TestRoutingTable(t *testing.T) {
 	require.NoError(t, err)
 	require.Contains(t, up.calls, "ContainerStatus:abc")
 
-	// Images: unikernel registries and VM pods go to the VM store, the rest upstream.
+	// Images: unikernel registries and unikernel pods go to the VM store, the rest upstream.
 	up.calls = nil
 	_, err = r.PullImage(ctx, &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: "busybox"}})
 	require.NoError(t, err)
@@ -259,7 +259,7 @@ func TestStatusKeepsUpstreamHandlersAndFeatures(t *testing.T) {
 }
 
 // A short or prefix ID resolves the same way on both sides: a prefix of a
-// VM sandbox goes to the VM side (never upstream to be "not found" and
+// VM sandbox goes to the unikernel side (never upstream to be "not found" and
 // silently succeed), and a prefix naming objects on both sides is an error.
 func TestPrefixIDsResolveOnBothSides(t *testing.T) {
 	r, up := newTestRouter(t, true)
@@ -317,7 +317,7 @@ func TestImageStatusOfAVMPodAsksTheVMStore(t *testing.T) {
 }
 
 // The metrics verbs merge: containerd's descriptors (its own kept where both
-// describe a name) plus the VM pods' others; VM pods' metrics beside its.
+// describe a name) plus the unikernel pods' others; unikernel pods' metrics beside its.
 func TestMetricsMergeBothSides(t *testing.T) {
 	r, _ := newTestRouter(t, true)
 	ctx := context.Background()
@@ -330,7 +330,7 @@ func TestMetricsMergeBothSides(t *testing.T) {
 	require.Equal(t, 1, names["container_cpu_usage_seconds_total"], "no name twice")
 	require.Equal(t, "containerd's", d.Descriptors[0].Help)
 	require.Equal(t, 1, names["container_network_receive_bytes_total"])
-	require.Equal(t, 1, names["container_memory_working_set_bytes"], "the VM side's own")
+	require.Equal(t, 1, names["container_memory_working_set_bytes"], "the unikernel side's own")
 	run, err := r.RunPodSandbox(ctx, &runtimeapi.RunPodSandboxRequest{Config: podCfg("vm", map[string]string{DefaultAnnotation: DefaultAnnotationValue})})
 	require.NoError(t, err)
 	m, err := r.ListPodSandboxMetrics(ctx, &runtimeapi.ListPodSandboxMetricsRequest{})

@@ -6,7 +6,7 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/unilet-dev/unilet/cri/errdefs"
-	"github.com/unilet-dev/unilet/cri/vm"
+	"github.com/unilet-dev/unilet/cri/unikernel"
 )
 
 // Version answers for unilet itself.
@@ -14,13 +14,13 @@ func (r *Router) Version(ctx context.Context, req *runtimeapi.VersionRequest) (*
 	return r.vm.Version(ctx, req)
 }
 
-// unikraftHandler is the runtime handler of VM pods in Status: a VM has no
+// unikraftHandler is the runtime handler of unikernel pods in Status: a VM has no
 // recursive read-only bind mounts nor user namespaces to offer.
 func (r *Router) unikraftHandler() *runtimeapi.RuntimeHandler {
 	return &runtimeapi.RuntimeHandler{Name: r.cfg.Handler, Features: &runtimeapi.RuntimeHandlerFeatures{}}
 }
 
-// Status merges the VM side with the upstream's: conditions (a dead
+// Status merges the unikernel side with the upstream's: conditions (a dead
 // upstream shows as a false condition, never a failure), the upstream's
 // runtime handlers and features unchanged plus the unikernel handler, and
 // the upstream's verbose info beside unilet's.
@@ -81,7 +81,7 @@ func (r *Router) RuntimeConfig(ctx context.Context, req *runtimeapi.RuntimeConfi
 	return r.vm.RuntimeConfig(ctx, req)
 }
 
-// UpdateRuntimeConfig is forwarded upstream (pod CIDR); the VM side has nothing to update yet.
+// UpdateRuntimeConfig is forwarded upstream (pod CIDR); the unikernel side has nothing to update yet.
 func (r *Router) UpdateRuntimeConfig(ctx context.Context, req *runtimeapi.UpdateRuntimeConfigRequest) (*runtimeapi.UpdateRuntimeConfigResponse, error) {
 	if r.upRT != nil {
 		if _, err := r.upRT.UpdateRuntimeConfig(ctx, req); err != nil {
@@ -108,10 +108,10 @@ func (r *Router) RunPodSandbox(ctx context.Context, req *runtimeapi.RunPodSandbo
 }
 
 // sandboxSide decides where a sandbox-ID call goes (true = VM). IDs resolve
-// the same way on both sides: a full VM ID goes to the VM side; a prefix
+// the same way on both sides: a full VM ID goes to the unikernel side; a prefix
 // that names one VM sandbox goes there only if it names nothing upstream,
 // else it is ambiguous (InvalidArgument), never silently sent to one side.
-// With no upstream the VM side answers (NotFound / idempotent success).
+// With no upstream the unikernel side answers (NotFound / idempotent success).
 func (r *Router) sandboxSide(ctx context.Context, id string) (bool, error) {
 	if r.upRT == nil {
 		return true, nil
@@ -134,7 +134,7 @@ func (r *Router) containerSide(ctx context.Context, id string) (bool, error) {
 }
 
 // vmExactSandbox and vmExactContainer: a list filtered by a full VM ID
-// stays on the VM side; a prefix is asked of both sides (lists merge).
+// stays on the unikernel side; a prefix is asked of both sides (lists merge).
 func (r *Router) vmExactSandbox(id string) bool {
 	exact, _, _ := r.vm.MatchSandbox(id)
 	return exact
@@ -149,7 +149,7 @@ func (r *Router) side(id string, match func(string) (exact, found bool, err erro
 	exact, found, err := match(id)
 	switch {
 	case err != nil:
-		return false, err // ambiguous among the VM side's own
+		return false, err // ambiguous among the unikernel side's own
 	case !found:
 		return false, nil
 	case exact:
@@ -163,23 +163,23 @@ func (r *Router) side(id string, match func(string) (exact, found bool, err erro
 
 // StopPodSandbox routes by ID.
 func (r *Router) StopPodSandbox(ctx context.Context, req *runtimeapi.StopPodSandboxRequest) (*runtimeapi.StopPodSandboxResponse, error) {
-	return routed(ctx, r, r.sandboxSide, req.GetPodSandboxId(), req, (*vm.Service).StopPodSandbox, runtimeapi.RuntimeServiceClient.StopPodSandbox, empty[runtimeapi.StopPodSandboxResponse])
+	return routed(ctx, r, r.sandboxSide, req.GetPodSandboxId(), req, (*unikernel.Service).StopPodSandbox, runtimeapi.RuntimeServiceClient.StopPodSandbox, empty[runtimeapi.StopPodSandboxResponse])
 }
 
 // RemovePodSandbox routes by ID.
 func (r *Router) RemovePodSandbox(ctx context.Context, req *runtimeapi.RemovePodSandboxRequest) (*runtimeapi.RemovePodSandboxResponse, error) {
-	return routed(ctx, r, r.sandboxSide, req.GetPodSandboxId(), req, (*vm.Service).RemovePodSandbox, runtimeapi.RuntimeServiceClient.RemovePodSandbox, empty[runtimeapi.RemovePodSandboxResponse])
+	return routed(ctx, r, r.sandboxSide, req.GetPodSandboxId(), req, (*unikernel.Service).RemovePodSandbox, runtimeapi.RuntimeServiceClient.RemovePodSandbox, empty[runtimeapi.RemovePodSandboxResponse])
 }
 
 // PodSandboxStatus routes by ID.
 func (r *Router) PodSandboxStatus(ctx context.Context, req *runtimeapi.PodSandboxStatusRequest) (*runtimeapi.PodSandboxStatusResponse, error) {
-	return routed(ctx, r, r.sandboxSide, req.GetPodSandboxId(), req, (*vm.Service).PodSandboxStatus, runtimeapi.RuntimeServiceClient.PodSandboxStatus, nil)
+	return routed(ctx, r, r.sandboxSide, req.GetPodSandboxId(), req, (*unikernel.Service).PodSandboxStatus, runtimeapi.RuntimeServiceClient.PodSandboxStatus, nil)
 }
 
-// ListPodSandbox merges both sides; a dead upstream degrades to the VM side.
+// ListPodSandbox merges both sides; a dead upstream degrades to the unikernel side.
 func (r *Router) ListPodSandbox(ctx context.Context, req *runtimeapi.ListPodSandboxRequest) (*runtimeapi.ListPodSandboxResponse, error) {
 	id := req.GetFilter().GetId()
-	return mergedRT(ctx, r, "ListPodSandbox", req, (*vm.Service).ListPodSandbox, runtimeapi.RuntimeServiceClient.ListPodSandbox, id != "" && r.vmExactSandbox(id),
+	return mergedRT(ctx, r, "ListPodSandbox", req, (*unikernel.Service).ListPodSandbox, runtimeapi.RuntimeServiceClient.ListPodSandbox, id != "" && r.vmExactSandbox(id),
 		func(into, from *runtimeapi.ListPodSandboxResponse) *runtimeapi.ListPodSandboxResponse {
 			into.Items = append(into.Items, from.GetItems()...)
 			return into
@@ -188,33 +188,33 @@ func (r *Router) ListPodSandbox(ctx context.Context, req *runtimeapi.ListPodSand
 
 // CreateContainer routes by the sandbox ID.
 func (r *Router) CreateContainer(ctx context.Context, req *runtimeapi.CreateContainerRequest) (*runtimeapi.CreateContainerResponse, error) {
-	return routed(ctx, r, r.sandboxSide, req.GetPodSandboxId(), req, (*vm.Service).CreateContainer, runtimeapi.RuntimeServiceClient.CreateContainer, nil)
+	return routed(ctx, r, r.sandboxSide, req.GetPodSandboxId(), req, (*unikernel.Service).CreateContainer, runtimeapi.RuntimeServiceClient.CreateContainer, nil)
 }
 
 // StartContainer routes by ID.
 func (r *Router) StartContainer(ctx context.Context, req *runtimeapi.StartContainerRequest) (*runtimeapi.StartContainerResponse, error) {
-	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*vm.Service).StartContainer, runtimeapi.RuntimeServiceClient.StartContainer, nil)
+	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*unikernel.Service).StartContainer, runtimeapi.RuntimeServiceClient.StartContainer, nil)
 }
 
 // StopContainer routes by ID; unknown IDs succeed.
 func (r *Router) StopContainer(ctx context.Context, req *runtimeapi.StopContainerRequest) (*runtimeapi.StopContainerResponse, error) {
-	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*vm.Service).StopContainer, runtimeapi.RuntimeServiceClient.StopContainer, empty[runtimeapi.StopContainerResponse])
+	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*unikernel.Service).StopContainer, runtimeapi.RuntimeServiceClient.StopContainer, empty[runtimeapi.StopContainerResponse])
 }
 
 // RemoveContainer routes by ID; unknown IDs succeed.
 func (r *Router) RemoveContainer(ctx context.Context, req *runtimeapi.RemoveContainerRequest) (*runtimeapi.RemoveContainerResponse, error) {
-	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*vm.Service).RemoveContainer, runtimeapi.RuntimeServiceClient.RemoveContainer, empty[runtimeapi.RemoveContainerResponse])
+	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*unikernel.Service).RemoveContainer, runtimeapi.RuntimeServiceClient.RemoveContainer, empty[runtimeapi.RemoveContainerResponse])
 }
 
 // ContainerStatus routes by ID.
 func (r *Router) ContainerStatus(ctx context.Context, req *runtimeapi.ContainerStatusRequest) (*runtimeapi.ContainerStatusResponse, error) {
-	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*vm.Service).ContainerStatus, runtimeapi.RuntimeServiceClient.ContainerStatus, nil)
+	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*unikernel.Service).ContainerStatus, runtimeapi.RuntimeServiceClient.ContainerStatus, nil)
 }
 
 // ListContainers merges both sides.
 func (r *Router) ListContainers(ctx context.Context, req *runtimeapi.ListContainersRequest) (*runtimeapi.ListContainersResponse, error) {
 	f := req.GetFilter()
-	return mergedRT(ctx, r, "ListContainers", req, (*vm.Service).ListContainers, runtimeapi.RuntimeServiceClient.ListContainers, (f.GetId() != "" && r.vmExactContainer(f.GetId())) || (f.GetPodSandboxId() != "" && r.vmExactSandbox(f.GetPodSandboxId())),
+	return mergedRT(ctx, r, "ListContainers", req, (*unikernel.Service).ListContainers, runtimeapi.RuntimeServiceClient.ListContainers, (f.GetId() != "" && r.vmExactContainer(f.GetId())) || (f.GetPodSandboxId() != "" && r.vmExactSandbox(f.GetPodSandboxId())),
 		func(into, from *runtimeapi.ListContainersResponse) *runtimeapi.ListContainersResponse {
 			into.Containers = append(into.Containers, from.GetContainers()...)
 			return into
@@ -223,43 +223,43 @@ func (r *Router) ListContainers(ctx context.Context, req *runtimeapi.ListContain
 
 // UpdateContainerResources routes by ID.
 func (r *Router) UpdateContainerResources(ctx context.Context, req *runtimeapi.UpdateContainerResourcesRequest) (*runtimeapi.UpdateContainerResourcesResponse, error) {
-	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*vm.Service).UpdateContainerResources, runtimeapi.RuntimeServiceClient.UpdateContainerResources, nil)
+	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*unikernel.Service).UpdateContainerResources, runtimeapi.RuntimeServiceClient.UpdateContainerResources, nil)
 }
 
 // ReopenContainerLog routes by ID.
 func (r *Router) ReopenContainerLog(ctx context.Context, req *runtimeapi.ReopenContainerLogRequest) (*runtimeapi.ReopenContainerLogResponse, error) {
-	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*vm.Service).ReopenContainerLog, runtimeapi.RuntimeServiceClient.ReopenContainerLog, nil)
+	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*unikernel.Service).ReopenContainerLog, runtimeapi.RuntimeServiceClient.ReopenContainerLog, nil)
 }
 
 // ExecSync routes by ID (VM: Unimplemented with a reason).
 func (r *Router) ExecSync(ctx context.Context, req *runtimeapi.ExecSyncRequest) (*runtimeapi.ExecSyncResponse, error) {
-	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*vm.Service).ExecSync, runtimeapi.RuntimeServiceClient.ExecSync, nil)
+	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*unikernel.Service).ExecSync, runtimeapi.RuntimeServiceClient.ExecSync, nil)
 }
 
 // Exec routes by ID.
 func (r *Router) Exec(ctx context.Context, req *runtimeapi.ExecRequest) (*runtimeapi.ExecResponse, error) {
-	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*vm.Service).Exec, runtimeapi.RuntimeServiceClient.Exec, nil)
+	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*unikernel.Service).Exec, runtimeapi.RuntimeServiceClient.Exec, nil)
 }
 
 // Attach routes by ID.
 func (r *Router) Attach(ctx context.Context, req *runtimeapi.AttachRequest) (*runtimeapi.AttachResponse, error) {
-	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*vm.Service).Attach, runtimeapi.RuntimeServiceClient.Attach, nil)
+	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*unikernel.Service).Attach, runtimeapi.RuntimeServiceClient.Attach, nil)
 }
 
 // PortForward routes by sandbox ID.
 func (r *Router) PortForward(ctx context.Context, req *runtimeapi.PortForwardRequest) (*runtimeapi.PortForwardResponse, error) {
-	return routed(ctx, r, r.sandboxSide, req.GetPodSandboxId(), req, (*vm.Service).PortForward, runtimeapi.RuntimeServiceClient.PortForward, nil)
+	return routed(ctx, r, r.sandboxSide, req.GetPodSandboxId(), req, (*unikernel.Service).PortForward, runtimeapi.RuntimeServiceClient.PortForward, nil)
 }
 
 // ContainerStats routes by ID.
 func (r *Router) ContainerStats(ctx context.Context, req *runtimeapi.ContainerStatsRequest) (*runtimeapi.ContainerStatsResponse, error) {
-	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*vm.Service).ContainerStats, runtimeapi.RuntimeServiceClient.ContainerStats, nil)
+	return routed(ctx, r, r.containerSide, req.GetContainerId(), req, (*unikernel.Service).ContainerStats, runtimeapi.RuntimeServiceClient.ContainerStats, nil)
 }
 
 // ListContainerStats merges both sides.
 func (r *Router) ListContainerStats(ctx context.Context, req *runtimeapi.ListContainerStatsRequest) (*runtimeapi.ListContainerStatsResponse, error) {
 	f := req.GetFilter()
-	return mergedRT(ctx, r, "ListContainerStats", req, (*vm.Service).ListContainerStats, runtimeapi.RuntimeServiceClient.ListContainerStats, (f.GetId() != "" && r.vmExactContainer(f.GetId())) || (f.GetPodSandboxId() != "" && r.vmExactSandbox(f.GetPodSandboxId())),
+	return mergedRT(ctx, r, "ListContainerStats", req, (*unikernel.Service).ListContainerStats, runtimeapi.RuntimeServiceClient.ListContainerStats, (f.GetId() != "" && r.vmExactContainer(f.GetId())) || (f.GetPodSandboxId() != "" && r.vmExactSandbox(f.GetPodSandboxId())),
 		func(into, from *runtimeapi.ListContainerStatsResponse) *runtimeapi.ListContainerStatsResponse {
 			into.Stats = append(into.Stats, from.GetStats()...)
 			return into
@@ -268,23 +268,23 @@ func (r *Router) ListContainerStats(ctx context.Context, req *runtimeapi.ListCon
 
 // PodSandboxStats routes by ID.
 func (r *Router) PodSandboxStats(ctx context.Context, req *runtimeapi.PodSandboxStatsRequest) (*runtimeapi.PodSandboxStatsResponse, error) {
-	return routed(ctx, r, r.sandboxSide, req.GetPodSandboxId(), req, (*vm.Service).PodSandboxStats, runtimeapi.RuntimeServiceClient.PodSandboxStats, nil)
+	return routed(ctx, r, r.sandboxSide, req.GetPodSandboxId(), req, (*unikernel.Service).PodSandboxStats, runtimeapi.RuntimeServiceClient.PodSandboxStats, nil)
 }
 
 // ListPodSandboxStats merges both sides.
 func (r *Router) ListPodSandboxStats(ctx context.Context, req *runtimeapi.ListPodSandboxStatsRequest) (*runtimeapi.ListPodSandboxStatsResponse, error) {
 	id := req.GetFilter().GetId()
-	return mergedRT(ctx, r, "ListPodSandboxStats", req, (*vm.Service).ListPodSandboxStats, runtimeapi.RuntimeServiceClient.ListPodSandboxStats, id != "" && r.vmExactSandbox(id),
+	return mergedRT(ctx, r, "ListPodSandboxStats", req, (*unikernel.Service).ListPodSandboxStats, runtimeapi.RuntimeServiceClient.ListPodSandboxStats, id != "" && r.vmExactSandbox(id),
 		func(into, from *runtimeapi.ListPodSandboxStatsResponse) *runtimeapi.ListPodSandboxStatsResponse {
 			into.Stats = append(into.Stats, from.GetStats()...)
 			return into
 		})
 }
 
-// ListMetricDescriptors: the upstream's descriptors, plus those of VM pods'
+// ListMetricDescriptors: the upstream's descriptors, plus those of unikernel pods'
 // metrics it does not describe itself (same names: containerd 2.x's).
 func (r *Router) ListMetricDescriptors(ctx context.Context, req *runtimeapi.ListMetricDescriptorsRequest) (*runtimeapi.ListMetricDescriptorsResponse, error) {
-	return mergedRT(ctx, r, "ListMetricDescriptors", req, (*vm.Service).ListMetricDescriptors, runtimeapi.RuntimeServiceClient.ListMetricDescriptors, false,
+	return mergedRT(ctx, r, "ListMetricDescriptors", req, (*unikernel.Service).ListMetricDescriptors, runtimeapi.RuntimeServiceClient.ListMetricDescriptors, false,
 		func(into, from *runtimeapi.ListMetricDescriptorsResponse) *runtimeapi.ListMetricDescriptorsResponse {
 			have := map[string]bool{}
 			for _, d := range from.GetDescriptors() {
@@ -300,9 +300,9 @@ func (r *Router) ListMetricDescriptors(ctx context.Context, req *runtimeapi.List
 		})
 }
 
-// ListPodSandboxMetrics merges VM pods' metrics with the upstream's.
+// ListPodSandboxMetrics merges unikernel pods' metrics with the upstream's.
 func (r *Router) ListPodSandboxMetrics(ctx context.Context, req *runtimeapi.ListPodSandboxMetricsRequest) (*runtimeapi.ListPodSandboxMetricsResponse, error) {
-	return mergedRT(ctx, r, "ListPodSandboxMetrics", req, (*vm.Service).ListPodSandboxMetrics, runtimeapi.RuntimeServiceClient.ListPodSandboxMetrics, false,
+	return mergedRT(ctx, r, "ListPodSandboxMetrics", req, (*unikernel.Service).ListPodSandboxMetrics, runtimeapi.RuntimeServiceClient.ListPodSandboxMetrics, false,
 		func(into, from *runtimeapi.ListPodSandboxMetricsResponse) *runtimeapi.ListPodSandboxMetricsResponse {
 			into.PodMetrics = append(into.PodMetrics, from.GetPodMetrics()...)
 			return into

@@ -13,11 +13,11 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
 
-// The streaming list verbs (Stream*) answer with the VM side's objects
+// The streaming list verbs (Stream*) answer with the unikernel side's objects
 // first, then pass the upstream's stream through unchanged; an upstream
-// without the verb (Unimplemented) or unreachable leaves the VM side's.
+// without the verb (Unimplemented) or unreachable leaves the unikernel side's.
 
-// streamList is one Stream* verb: its request type and the VM side's part
+// streamList is one Stream* verb: its request type and the unikernel side's part
 // of the answer (nil: none); local reports a filter that names a VM object
 // by its full ID (the upstream is not asked then).
 type streamList struct {

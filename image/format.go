@@ -1,4 +1,4 @@
-// Package image owns Unikraft OCI images on the VM side: the kraftkit-compatible
+// Package image owns Unikraft OCI images on the unikernel side: the kraftkit-compatible
 // format (index → qemu/x86_64 manifest → one-file tar layers for kernel and
 // initrd), packing it (uniletctl pack), and the node-local store that pulls,
 // unpacks, lists and removes images under unilet's root directory.

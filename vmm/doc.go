@@ -1,4 +1,4 @@
-// Package vmm (virtual machine monitor) owns the VM side of unilet: the
+// Package vmm (virtual machine monitor) owns the unikernel side of unilet: the
 // machine spec derived from a CRI container, the pure builders of the
 // Unikraft kernel command line and the QEMU argv, the accelerator probe, and
 // the supervisor that runs one QEMU per container, feeds its serial console

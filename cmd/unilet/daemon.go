@@ -21,7 +21,7 @@ import (
 
 	"github.com/unilet-dev/unilet/api/admin"
 	"github.com/unilet-dev/unilet/cri"
-	"github.com/unilet-dev/unilet/cri/vm"
+	"github.com/unilet-dev/unilet/cri/unikernel"
 	"github.com/unilet-dev/unilet/image"
 	"github.com/unilet-dev/unilet/pkg/cni"
 	"github.com/unilet-dev/unilet/pkg/config"
@@ -112,13 +112,13 @@ func serve(cfg config.Config) error {
 	if err != nil {
 		return fmt.Errorf("templates: %w", err)
 	}
-	limits := vm.Limits{OverheadMiB: cfg.VM.OverheadMiB, DefaultMemMiB: cfg.VM.DefaultMemMiB, MaxMemMiB: cfg.VM.MaxMemMiB,
+	limits := unikernel.Limits{OverheadMiB: cfg.VM.OverheadMiB, DefaultMemMiB: cfg.VM.DefaultMemMiB, MaxMemMiB: cfg.VM.MaxMemMiB,
 		MaxVCPUs: cfg.VM.MaxVCPUs, AllowLibParams: cfg.VM.AllowLibParams}
 	effective, err := cfg.Encode()
 	if err != nil {
 		return err
 	}
-	svc, err := vm.New(vm.Config{Effective: effective, QEMU: qemuPath, Accel: resolved, StateDir: stateDir, Version: version.Version,
+	svc, err := unikernel.New(unikernel.Config{Effective: effective, QEMU: qemuPath, Accel: resolved, StateDir: stateDir, Version: version.Version,
 		Limits: limits, Network: network, NetNSDir: cfg.Network.NetNSDir, GuestNet: guestNet, LogRoots: cfg.Pods.LogRoots,
 		Templates: tmpls, TemplateWarm: cfg.VM.TemplateWarm}, vms, images, meta)
 	if err != nil {
@@ -201,7 +201,7 @@ func listenUnix(sock string) (net.Listener, error) {
 // Its listener is opened here, before its URLs are handed out: its own
 // Start fills in the address of a ":0" port while CRI calls may already
 // read it (a data race).
-func serveStreaming(c config.Stream, svc *vm.Service) (stop func(), err error) {
+func serveStreaming(c config.Stream, svc *unikernel.Service) (stop func(), err error) {
 	scfg := streaming.DefaultConfig
 	if c.TLSCert != "" {
 		kp, err := tls.LoadX509KeyPair(c.TLSCert, c.TLSKey)

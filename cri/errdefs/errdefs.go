@@ -1,6 +1,6 @@
 // Package errdefs owns the kinds of error unilet's CRI and operator API
 // return, and the one table that maps each kind to its gRPC status code.
-// The translation (cri/vm) returns errors of a kind with a message an
+// The translation (cri/unikernel) returns errors of a kind with a message an
 // operator can act on; the gRPC boundary (cri.UnaryErrors, cri.StreamErrors)
 // turns them into statuses, for unary and streaming calls alike.
 package errdefs

@@ -546,7 +546,7 @@ func TestDeadUpstream(t *testing.T) {
 	podCfg, _ := podConfig(t, "vm-dead-up", true)
 	// Routed by the pod's annotation, not the registry.
 	d.must("pull", "--pod-config", podCfg, image())
-	// Lists degrade to the VM side.
+	// Lists degrade to the unikernel side.
 	pod := d.must("runp", podCfg)
 	require.Equal(t, pod, d.must("pods", "-q"))
 	// A plain pod gets a clear Unavailable error.

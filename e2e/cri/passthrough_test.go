@@ -146,14 +146,14 @@ func testPassthrough(t *testing.T, f containerdFlavor) {
 	pod := d.must("runp", podCfg)
 	require.Contains(t, ctrd.crictl(t, "pods", "-q"), pod, "the pod ID must be containerd's own")
 
-	// A VM pod next to it: lists merge both sides.
+	// A unikernel pod next to it: lists merge both sides.
 	vmCfg, _ := podConfig(t, "vm-beside", true)
 	d.must("pull", "--pod-config", vmCfg, image())
 	vmPod := d.must("runp", vmCfg)
 	pods := d.must("pods", "-q")
 	require.Contains(t, pods, pod)
 	require.Contains(t, pods, vmPod)
-	require.NotContains(t, ctrd.crictl(t, "pods", "-q"), vmPod, "VM pods never reach containerd")
+	require.NotContains(t, ctrd.crictl(t, "pods", "-q"), vmPod, "unikernel pods never reach containerd")
 
 	ctrCfg := writeJSON(t, map[string]any{"metadata": map[string]any{"name": "sh"}, "image": map[string]string{"image": busyboxImage},
 		"command": []string{"/bin/sh", "-c", "echo hi-from-runc; sleep 30"}, "log_path": "sh/0.log"})

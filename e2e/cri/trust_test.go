@@ -49,7 +49,7 @@ func vmContainerConfig(args ...string) *runtimeapi.ContainerConfig {
 		LogPath: "app/0.log", Args: args}
 }
 
-// createVM runs a VM pod and creates (not starts) its container.
+// createVM runs a unikernel pod and creates (not starts) its container.
 func createVM(t *testing.T, rt runtimeapi.RuntimeServiceClient, name string, args ...string) (pod, ctr string, cfg *runtimeapi.PodSandboxConfig) {
 	t.Helper()
 	ctx := context.Background()
@@ -429,7 +429,7 @@ func testContainerEvents(t *testing.T, f containerdFlavor) {
 	vmWant := []runtimeapi.ContainerEventType{runtimeapi.ContainerEventType_CONTAINER_CREATED_EVENT, runtimeapi.ContainerEventType_CONTAINER_STARTED_EVENT,
 		runtimeapi.ContainerEventType_CONTAINER_STOPPED_EVENT, runtimeapi.ContainerEventType_CONTAINER_DELETED_EVENT}
 	// containerd 1.6 has no container events (Unimplemented; 1.7+ has):
-	// then the merged stream carries the VM side's and stays open.
+	// then the merged stream carries the unikernel side's and stays open.
 	upHasEvents := true
 	upConn, err := grpc.NewClient("unix://"+ctrd.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	require.NoError(t, err)
@@ -452,7 +452,7 @@ func testContainerEvents(t *testing.T, f containerdFlavor) {
 	d.must("rmp", "-f", plainPod)
 }
 
-// kubelet's CRI metrics for a VM pod come from the VM's cgroup, under the
+// kubelet's CRI metrics for a unikernel pod come from the VM's cgroup, under the
 // names and labels containerd 2.x uses.
 func TestVMPodMetrics(t *testing.T) {
 	d := startDaemon(t, "--upstream-endpoint", "")

@@ -243,7 +243,7 @@ func TestCRIValidation(t *testing.T) {
 		res := runSuite(t, "unikraft", startUnilet(t, startContainerd(t, flavors[0])), "-runtime-handler", "unikraft")
 		row("unikernel pods (--runtime-handler unikraft)", "through unilet", res)
 		failed, passed := unexpected(res, expected(t, "unikraft.txt"))
-		require.Empty(t, failed, "VM pods failed specs that expected/unikraft.txt does not list")
+		require.Empty(t, failed, "unikernel pods failed specs that expected/unikraft.txt does not list")
 		require.Empty(t, passed, "specs listed in expected/unikraft.txt as failing passed: take them off the list")
 	})
 	table := "| runtime | how | ran | passed | failed | skipped |\n|---|---|---|---|---|---|\n" + strings.Join(rows, "\n") + "\n"

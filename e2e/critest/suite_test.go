@@ -146,7 +146,7 @@ func startContainerd(t *testing.T, f flavor) string {
 }
 
 // startUnilet starts unilet in front of the containerd at upstream, with a
-// VM pod network on 198.18.65.0/24 inside the namespace; unikernel images
+// unikernel pod network on 198.18.65.0/24 inside the namespace; unikernel images
 // come from the VM mirror. Returns its socket.
 func startUnilet(t *testing.T, upstream string) string {
 	t.Helper()

@@ -190,7 +190,7 @@ func criClient(t *testing.T) runtimeapi.RuntimeServiceClient {
 	return runtimeapi.NewRuntimeServiceClient(conn)
 }
 
-// victim is a VM pod whose remains a test looks for.
+// victim is a unikernel pod whose remains a test looks for.
 type victim struct{ name, uid, id, sandbox, ip string }
 
 // leftovers lists what remains of the pod: its QEMU or shim, its network
@@ -213,7 +213,7 @@ func (v victim) leftovers(t *testing.T, rt runtimeapi.RuntimeServiceClient) []st
 	if b, err := os.ReadFile(filepath.Join(clusterDir, "cni", "ipam", "unilet-e2e", v.ip)); err == nil && strings.Contains(string(b), v.sandbox) {
 		left = append(left, "IP lease "+v.ip)
 	}
-	// Every plain or VM pod of the e2e cluster's first node lives under /kubepods.
+	// Every plain or unikernel pod of the e2e cluster's first node lives under /kubepods.
 	_ = filepath.WalkDir("/sys/fs/cgroup/memory/kubepods", func(p string, d os.DirEntry, err error) error {
 		if err == nil && d.IsDir() && (strings.Contains(p, v.id) || strings.Contains(p, "pod"+v.uid)) {
 			left = append(left, "cgroup "+p)

@@ -19,7 +19,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/unilet-dev/unilet/cri"
-	"github.com/unilet-dev/unilet/cri/vm"
+	"github.com/unilet-dev/unilet/cri/unikernel"
 	"github.com/unilet-dev/unilet/image"
 	"github.com/unilet-dev/unilet/pkg/vmnet"
 	"github.com/unilet-dev/unilet/vmm/manager"
@@ -137,8 +137,8 @@ func Default() Config {
 			MaxKernelMiB: image.DefaultLimits.Kernel >> 20, MaxInitrdMiB: image.DefaultLimits.Initrd >> 20,
 			MaxUnpackedMiB: image.DefaultLimits.Unpacked >> 20, PullStallTimeout: Duration(image.DefaultLimits.Stall)},
 		VM: VM{QEMU: "qemu-system-x86_64", Accel: "auto", ShimPool: 2, ShimPoolQuiet: Duration(shim.RefillQuiet),
-			CgroupRoot: "/unilet", OverheadMiB: vm.DefaultOverheadMiB, DefaultMemMiB: vm.DefaultMemMiB,
-			MaxMemMiB: vm.DefaultMaxMemMiB, MaxVCPUs: vm.DefaultMaxVCPUs, AllowLibParams: []string{}, TemplateWarm: 1},
+			CgroupRoot: "/unilet", OverheadMiB: unikernel.DefaultOverheadMiB, DefaultMemMiB: unikernel.DefaultMemMiB,
+			MaxMemMiB: unikernel.DefaultMaxMemMiB, MaxVCPUs: unikernel.DefaultMaxVCPUs, AllowLibParams: []string{}, TemplateWarm: 1},
 		Jail: Jail{Enabled: true, IDs: fmt.Sprintf("%d:%d", manager.DefaultJailIDs.First, manager.DefaultJailIDs.Count)},
 		Network: Network{CNIConfDir: "/etc/cni/net.d", CNIBinDirs: []string{"/opt/cni/bin"}, NetNSDir: "/var/run/netns",
 			GuestNetwork: vmnet.DefaultGuestNetwork},

@@ -8,7 +8,7 @@ import (
 
 	"github.com/spf13/pflag"
 
-	"github.com/unilet-dev/unilet/cri/vm"
+	"github.com/unilet-dev/unilet/cri/unikernel"
 	"github.com/unilet-dev/unilet/image"
 )
 
@@ -50,7 +50,7 @@ func Bind(fs *pflag.FlagSet, c *Config) {
 	fs.IntVar(&c.VM.DefaultMemMiB, "default-memory", c.VM.DefaultMemMiB, "guest RAM (MiB) of containers without a memory limit")
 	fs.IntVar(&c.VM.MaxMemMiB, "max-memory", c.VM.MaxMemMiB, "most guest RAM (MiB) a pod may ask for")
 	fs.IntVar(&c.VM.MaxVCPUs, "max-vcpus", c.VM.MaxVCPUs, "most vCPUs a pod may ask for")
-	fs.StringArrayVar(&c.VM.AllowLibParams, "allow-lib-param", c.VM.AllowLibParams, "Unikraft library parameter pods may set with "+vm.AnnotationLibParams+" (name or prefix.*; repeatable)")
+	fs.StringArrayVar(&c.VM.AllowLibParams, "allow-lib-param", c.VM.AllowLibParams, "Unikraft library parameter pods may set with "+unikernel.AnnotationLibParams+" (name or prefix.*; repeatable)")
 	fs.IntVar(&c.VM.TemplateWarm, "template-warm", c.VM.TemplateWarm, "warm clones kept ready per VM template: restored and paused, so a templated pod's start only moves one into the pod and runs it (0: none; each costs a paused QEMU, about 20 MB)")
 	fs.IntVar(&c.VM.ShimPool, "shim-pool", c.VM.ShimPool, "idle pre-forked unilet-shims kept ready, so a VM start does not wait for one to exec (0: none)")
 	fs.DurationVar((*time.Duration)(&c.VM.ShimPoolQuiet), "shim-pool-quiet", time.Duration(c.VM.ShimPoolQuiet), "the shim pool refills once no VM started for this long, off the path of the VM just started (0: at once; an empty pool refills at once)")

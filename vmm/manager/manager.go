@@ -1,5 +1,5 @@
 // Package manager owns the lifecycle of VMs beneath the CRI translation
-// (cri/vm): the per-VM directories under the state directory, pre-forked
+// (cri/unikernel): the per-VM directories under the state directory, pre-forked
 // shims and the ones staged in a pod's cgroup, the VMs' cgroups, launching
 // a VM under its shim, reconnecting to live shims after a daemon restart,
 // and reaping what no record claims. Every call to a shim carries a context

@@ -430,7 +430,7 @@ func (c *cluster) down() error {
 }
 
 // removePodsAt stops and removes every pod through the CRI socket sock
-// (unilet: VM pods; containerd: plain pods), so no VM, shim, netns or runc
+// (unilet: unikernel pods; containerd: plain pods), so no VM, shim, netns or runc
 // container is left.
 func (c *cluster) removePodsAt(sock string) {
 	if dial("unix", sock) != nil {
