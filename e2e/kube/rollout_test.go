@@ -114,7 +114,8 @@ func TestDaemonSetRollout(t *testing.T) {
 	img1 := buildUniletImage(t, "e2e-v1")
 	img2 := buildUniletImage(t, "e2e-v2")
 	manifest := daemonManifest(t, img1)
-	must(t, "apply", "-f", manifest)
+	rec := newTranscript(t)
+	rec.kubectl("deploy/unilet.yaml", "apply", "-f", manifest)
 	t.Cleanup(func() {
 		_, _ = kubectl("delete", "-f", manifest, "--wait=true", "--timeout=60s", "--ignore-not-found")
 	})
@@ -130,6 +131,7 @@ func TestDaemonSetRollout(t *testing.T) {
 	}
 	waitVersion("e2e-v1")
 	ready("true")
+	rec.uniletctl("version")
 	// The second node (no unilet.dev/kvm label) gets no installer, though
 	// the DaemonSet tolerates every taint.
 	require.Equal(t, node, must(t, "-n", "unilet-system", "get", "pods", "-l", "app.kubernetes.io/name=unilet", "-o", "jsonpath={.items[*].spec.nodeName}"))
@@ -144,9 +146,11 @@ func TestDaemonSetRollout(t *testing.T) {
 		must(t, "-n", "unilet-system", "patch", "configmap", "unilet-config", "--type", "merge", "-p", string(b))
 	}
 	setConfig("[debug]\nformat = 'json'\n")
-	must(t, "-n", "unilet-system", "set", "image", "daemonset/unilet", "installer="+img2)
+	rec.kubectl("", "-n", "unilet-system", "set", "image", "daemonset/unilet", "installer="+img2)
 	waitVersion("e2e-v2")
 	ready("true")
+	rec.uniletctl("version")
+	rec.uniletctl("ps")
 	hostConfig, err := os.ReadFile(filepath.Join(clusterDir, "unilet-config.toml"))
 	require.NoError(t, err)
 	require.Equal(t, "[debug]\nformat = 'json'\n", string(hostConfig))
@@ -162,7 +166,7 @@ func TestDaemonSetRollout(t *testing.T) {
 	pid, err := os.ReadFile(pidFile)
 	require.NoError(t, err)
 	setConfig("[debug]\nformatt = 'json'\n")
-	must(t, "-n", "unilet-system", "rollout", "restart", "daemonset/unilet")
+	rec.kubectl("", "-n", "unilet-system", "rollout", "restart", "daemonset/unilet")
 	require.Eventually(t, func() bool {
 		return strings.Contains(installerLogs(), `unknown key \"debug.formatt\"`)
 	}, 90*time.Second, 500*time.Millisecond, "installer:\n%s", installerLogs())
@@ -176,20 +180,87 @@ func TestDaemonSetRollout(t *testing.T) {
 	waitLogs(t, "vm-rollout", "tick 5")
 	apply(t, vmPod("vm-after-v2", `"tick=200"`))
 	waitRunning(t, "vm-after-v2")
+	rec.add("$ kubectl -n unilet-system logs daemonset/unilet | grep 'NOT installed'", grepLine(installerLogs(), "NOT installed"))
+
+	// Roll back to v1 (revision 1: the restart above made revision 3).
+	rec.kubectl("", "-n", "unilet-system", "rollout", "undo", "daemonset/unilet", "--to-revision=1")
+	waitVersion("e2e-v1")
+	ready("true")
+	rec.uniletctl("version")
+	require.Equal(t, vms, qemuOf(t, "vm-rollout"), "the first VM runs on through the roll back")
 
 	// Deleting the DaemonSet leaves the daemon on the host.
 	// Uninstall as docs/install.md says: the DaemonSet first (its installers
 	// remove the label while their service account still exists), then the rest.
-	must(t, "-n", "unilet-system", "delete", "daemonset", "unilet", "--wait=true", "--timeout=60s")
+	rec.kubectl("", "-n", "unilet-system", "delete", "daemonset", "unilet", "--wait=true", "--timeout=60s")
 	ready("")
-	must(t, "delete", "-f", manifest, "--wait=true", "--timeout=60s", "--ignore-not-found")
+	rec.kubectl("deploy/unilet.yaml", "delete", "-f", manifest, "--wait=true", "--timeout=60s", "--ignore-not-found")
 	require.Eventually(t, func() bool { // every installer and the namespace are gone
 		_, err := kubectl("get", "namespace", "unilet-system")
 		return err != nil
 	}, 60*time.Second, 250*time.Millisecond)
 	v, err := runtimeVersion()
 	require.NoError(t, err)
-	require.Equal(t, "e2e-v2", v)
+	require.Equal(t, "e2e-v1", v)
+	rec.uniletctl("ps")
+}
+
+// transcript records the commands of the rollout spec and their real
+// output in _output/kube-e2e/operations-transcript.txt (docs/operations.md
+// quotes it).
+type transcript struct {
+	t    *testing.T
+	path string
+}
+
+func newTranscript(t *testing.T) *transcript {
+	p := filepath.Join(outDir, "kube-e2e", "operations-transcript.txt")
+	require.NoError(t, os.WriteFile(p, nil, 0o644))
+	return &transcript{t: t, path: p}
+}
+
+func (r *transcript) add(cmd, out string) {
+	f, err := os.OpenFile(r.path, os.O_APPEND|os.O_WRONLY, 0o644)
+	require.NoError(r.t, err)
+	defer f.Close()
+	_, err = fmt.Fprintf(f, "%s\n%s\n", cmd, strings.TrimRight(out, "\n"))
+	require.NoError(r.t, err)
+}
+
+// kubectl runs kubectl args and records it; shown, when set, replaces the
+// test's own manifest path in the recorded command line.
+func (r *transcript) kubectl(shown string, args ...string) {
+	r.t.Helper()
+	out := must(r.t, args...)
+	line := "$ kubectl " + strings.Join(args, " ")
+	if shown != "" {
+		for _, a := range args {
+			if strings.HasSuffix(a, "unilet.yaml") && strings.HasPrefix(a, "/") {
+				line = strings.ReplaceAll(line, a, shown)
+			}
+		}
+	}
+	r.add(line, out)
+}
+
+// uniletctl runs the node's installed uniletctl (what the installer put on
+// the host) against the daemon and records it.
+func (r *transcript) uniletctl(args ...string) {
+	r.t.Helper()
+	cmd := exec.Command(filepath.Join(clusterDir, "host-bin", "uniletctl"),
+		append([]string{"--endpoint", "unix://" + filepath.Join(clusterDir, "unilet", "unilet.sock")}, args...)...)
+	out, err := cmd.CombinedOutput()
+	require.NoError(r.t, err, "%s", out)
+	r.add("$ uniletctl "+strings.Join(args, " "), string(out))
+}
+
+func grepLine(s, want string) string {
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, want) {
+			return l
+		}
+	}
+	return ""
 }
 
 func installerLogs() string {
