@@ -174,3 +174,27 @@ func printVersion(cmd *cobra.Command, g *globals) error {
 		return nil
 	})
 }
+
+// listCmd makes cmd a listing: it asks the daemon (get) and writes the
+// answer as -o json or yaml, or as table writes it.
+func listCmd[T proto.Message](g *globals, cmd *cobra.Command, get func(context.Context, *client) (T, error), table func(io.Writer, T) error) *cobra.Command {
+	cmd.Args = cobra.NoArgs
+	cmd.RunE = func(c *cobra.Command, _ []string) error {
+		if err := checkOutput(g); err != nil {
+			return err
+		}
+		return withClient(g, func(ctx context.Context, cl *client) error {
+			ctx, cancel := timeout(ctx)
+			defer cancel()
+			r, err := get(ctx, cl)
+			if err != nil {
+				return err
+			}
+			if g.output != "table" {
+				return render(c.OutOrStdout(), g.output, r)
+			}
+			return table(c.OutOrStdout(), r)
+		})
+	}
+	return cmd
+}

@@ -13,28 +13,12 @@ import (
 )
 
 func imagesCmd(g *globals) *cobra.Command {
-	return &cobra.Command{
+	return listCmd(g, &cobra.Command{
 		Use:   "images",
 		Short: "list the unikernel images on this node: reference, digest, Unikraft version, kernel and initrd size",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := checkOutput(g); err != nil {
-				return err
-			}
-			return withClient(g, func(ctx context.Context, c *client) error {
-				ctx, cancel := timeout(ctx)
-				defer cancel()
-				r, err := c.ListUnikernelImages(ctx, &admin.ListImagesRequest{})
-				if err != nil {
-					return err
-				}
-				if g.output != "table" {
-					return render(cmd.OutOrStdout(), g.output, r)
-				}
-				return imagesTable(cmd.OutOrStdout(), r.GetImages())
-			})
-		},
-	}
+	}, func(ctx context.Context, c *client) (*admin.ListImagesResponse, error) {
+		return c.ListUnikernelImages(ctx, &admin.ListImagesRequest{})
+	}, func(w io.Writer, r *admin.ListImagesResponse) error { return imagesTable(w, r.GetImages()) })
 }
 
 func imagesTable(out io.Writer, imgs []*admin.Image) error {

@@ -15,32 +15,16 @@ import (
 )
 
 func psCmd(g *globals) *cobra.Command {
-	return &cobra.Command{
+	return listCmd(g, &cobra.Command{
 		Use:   "ps",
 		Short: "list this node's unikernel pods and their VMs",
 		Long: `ps lists the unikernel pods of this node, one line per container VM (a pod
 without containers gets one line): state (suspended = held by scale-to-zero),
 pod IP, image, uptime, guest memory and vCPUs, accelerator, template and the
 uid its jailed QEMU runs as.`,
-		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := checkOutput(g); err != nil {
-				return err
-			}
-			return withClient(g, func(ctx context.Context, c *client) error {
-				ctx, cancel := timeout(ctx)
-				defer cancel()
-				r, err := c.ListPods(ctx, &admin.ListPodsRequest{})
-				if err != nil {
-					return err
-				}
-				if g.output != "table" {
-					return render(cmd.OutOrStdout(), g.output, r)
-				}
-				return psTable(cmd.OutOrStdout(), r.GetPods(), time.Now())
-			})
-		},
-	}
+	}, func(ctx context.Context, c *client) (*admin.ListPodsResponse, error) {
+		return c.ListPods(ctx, &admin.ListPodsRequest{})
+	}, func(w io.Writer, r *admin.ListPodsResponse) error { return psTable(w, r.GetPods(), time.Now()) })
 }
 
 // psTable writes the pods as ps's table.

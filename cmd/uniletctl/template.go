@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -109,32 +110,18 @@ func human(b int64) string {
 }
 
 func templateListCmd(g *globals) *cobra.Command {
-	return &cobra.Command{
-		Use: "ls", Aliases: []string{"list"}, Short: "list the templates", Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := checkOutput(g); err != nil {
-				return err
+	return listCmd(g, &cobra.Command{Use: "ls", Aliases: []string{"list"}, Short: "list the templates"},
+		func(ctx context.Context, c *client) (*admin.ListTemplatesResponse, error) {
+			return c.ListTemplates(ctx, &admin.ListTemplatesRequest{})
+		}, func(out io.Writer, r *admin.ListTemplatesResponse) error {
+			w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(w, "NAME\tIMAGE\tSIZE\tCREATED\tUSES\tWARM")
+			for _, t := range r.Templates {
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%d\t%d\n", t.Name, short(t.ImageId), human(t.DiskBytes),
+					time.Unix(t.CreatedUnix, 0).UTC().Format(time.RFC3339), t.Uses, t.Warm)
 			}
-			return withClient(g, func(ctx context.Context, c *client) error {
-				ctx, cancel := timeout(ctx)
-				defer cancel()
-				r, err := c.ListTemplates(ctx, &admin.ListTemplatesRequest{})
-				if err != nil {
-					return err
-				}
-				if g.output != "table" {
-					return render(cmd.OutOrStdout(), g.output, r)
-				}
-				w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-				fmt.Fprintln(w, "NAME\tIMAGE\tSIZE\tCREATED\tUSES\tWARM")
-				for _, t := range r.Templates {
-					fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%d\t%d\n", t.Name, short(t.ImageId), human(t.DiskBytes),
-						time.Unix(t.CreatedUnix, 0).UTC().Format(time.RFC3339), t.Uses, t.Warm)
-				}
-				return w.Flush()
-			})
-		},
-	}
+			return w.Flush()
+		})
 }
 
 func templateRemoveCmd(g *globals) *cobra.Command {

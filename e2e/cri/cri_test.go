@@ -700,29 +700,7 @@ func TestAttachEchoRoundTrip(t *testing.T) {
 	in := d.waitState(ctr, "CONTAINER_RUNNING", 10*time.Second)
 	waitLog(t, in.Status.LogPath, "echo: ready")
 
-	cmd := exec.Command(crictl, "--runtime-endpoint", "unix://"+d.sock, "attach", "-i", ctr)
-	stdin, err := cmd.StdinPipe()
-	require.NoError(t, err)
-	var out syncBuf
-	cmd.Stdout, cmd.Stderr = &out, &out
-	require.NoError(t, cmd.Start())
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	// The session may take a moment to connect: type until the echo comes back.
-	require.Eventually(t, func() bool {
-		_, _ = stdin.Write([]byte("hello-attach\n"))
-		time.Sleep(100 * time.Millisecond)
-		return strings.Contains(out.String(), "hello-attach")
-	}, 15*time.Second, 50*time.Millisecond, "echo round trip through crictl attach; got %q", out.String())
-	_, err = stdin.Write([]byte{0x1d})
-	require.NoError(t, err)
-	select {
-	case err := <-done:
-		require.NoError(t, err, out.String())
-	case <-time.After(10 * time.Second):
-		_ = cmd.Process.Kill()
-		t.Fatalf("Ctrl-] did not end the attach session: %q", out.String())
-	}
+	echoThenDetach(t, exec.Command(crictl, "--runtime-endpoint", "unix://"+d.sock, "attach", "-i", ctr), "hello-attach")
 	require.Equal(t, "CONTAINER_RUNNING", d.inspect(ctr).Status.State, "detaching must not stop the VM")
 	b, _ := os.ReadFile(in.Status.LogPath)
 	require.Contains(t, string(b), "stdout F hello-attach")
@@ -980,4 +958,34 @@ func waitLogGrows(t *testing.T, path string) {
 		now, err := os.Stat(path)
 		return err == nil && now.Size() > fi.Size()
 	}, 10*time.Second, 10*time.Millisecond, "%s stopped growing", path)
+}
+
+// echoThenDetach runs a console client (crictl attach, uniletctl console)
+// of a guest that echoes its input: it types word until the echo comes
+// back (the session may take a moment to connect), then Ctrl-], which
+// must end the client cleanly. It returns the client's output.
+func echoThenDetach(t *testing.T, cmd *exec.Cmd, word string) string {
+	t.Helper()
+	stdin, err := cmd.StdinPipe()
+	require.NoError(t, err)
+	var out syncBuf
+	cmd.Stdout, cmd.Stderr = &out, &out
+	require.NoError(t, cmd.Start())
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	require.Eventually(t, func() bool {
+		_, _ = stdin.Write([]byte(word + "\n"))
+		time.Sleep(100 * time.Millisecond)
+		return strings.Contains(out.String(), word)
+	}, 15*time.Second, 50*time.Millisecond, "echo round trip through %s; got %q", cmd.Path, out.String())
+	_, err = stdin.Write([]byte{0x1d})
+	require.NoError(t, err)
+	select {
+	case err := <-done:
+		require.NoError(t, err, out.String())
+	case <-time.After(10 * time.Second):
+		_ = cmd.Process.Kill()
+		t.Fatalf("Ctrl-] did not end the session of %s: %q", cmd.Path, out.String())
+	}
+	return out.String()
 }

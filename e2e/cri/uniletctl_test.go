@@ -139,30 +139,9 @@ func TestUniletctl(t *testing.T) {
 	require.ErrorContains(t, err, "no previous attempt")
 
 	// console: type, see the echo, Ctrl-] detaches, the VM runs on.
-	cmd := exec.Command(filepath.Join(binDir, "uniletctl"), "--endpoint", "unix://"+d.sock, "console", "e2e/vm-ctl/app")
-	stdin, err := cmd.StdinPipe()
-	require.NoError(t, err)
-	var out syncBuf
-	cmd.Stdout, cmd.Stderr = &out, &out
-	require.NoError(t, cmd.Start())
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	require.Eventually(t, func() bool {
-		_, _ = stdin.Write([]byte("hello-console\n"))
-		time.Sleep(100 * time.Millisecond)
-		return strings.Contains(out.String(), "hello-console")
-	}, 15*time.Second, 50*time.Millisecond, "echo round trip through uniletctl console; got %q", out.String())
-	_, err = stdin.Write([]byte{0x1d})
-	require.NoError(t, err)
-	select {
-	case err := <-done:
-		require.NoError(t, err, out.String())
-	case <-time.After(10 * time.Second):
-		_ = cmd.Process.Kill()
-		t.Fatalf("Ctrl-] did not end the console session: %q", out.String())
-	}
-	require.Contains(t, out.String(), "Ctrl-] detaches")
-	require.Contains(t, out.String(), "detached")
+	out := echoThenDetach(t, exec.Command(filepath.Join(binDir, "uniletctl"), "--endpoint", "unix://"+d.sock, "console", "e2e/vm-ctl/app"), "hello-console")
+	require.Contains(t, out, "Ctrl-] detaches")
+	require.Contains(t, out, "detached")
 	require.Equal(t, "CONTAINER_RUNNING", d.inspect(second).Status.State, "detaching must not stop the VM")
 	_, err = d.ctl("console", first)
 	require.ErrorContains(t, err, "is not running")
