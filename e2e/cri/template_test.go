@@ -82,7 +82,7 @@ func TestTemplatesThroughUniletctl(t *testing.T) {
 	require.Contains(t, out, "template ticker saved")
 	out, err = d.uniletctl("template", "ls")
 	require.NoError(t, err, out)
-	require.Regexp(t, `(?m)^ticker\s+[0-9a-f]{12}\s+\S+\s+\S+\s+0\s+\d$`, out)
+	require.Regexp(t, `(?m)^ticker\s+[0-9a-f]{13}\s+\S+\s+\S+\s+0\s+\d$`, out)
 	out, err = d.uniletctl("template", "create", "ticker", "--image", image(), "--ready-after", "1s")
 	require.Error(t, err)
 	require.Contains(t, out, "exists")
