@@ -80,7 +80,7 @@ func explain(err error, endpoint string) error {
 	case codes.PermissionDenied:
 		return fmt.Errorf("%s (the socket is root's: run uniletctl as root)", st.Message())
 	}
-	return errors.New(st.Message())
+	return fmt.Errorf("%s (%s)", st.Message(), st.Code()) // the code, as kubectl shows the server's reason
 }
 
 func timeout(ctx context.Context) (context.Context, context.CancelFunc) {
