@@ -182,10 +182,14 @@ func TestDaemonSetRollout(t *testing.T) {
 	waitRunning(t, "vm-after-v2")
 	rec.add("$ kubectl -n unilet-system logs daemonset/unilet | grep 'NOT installed'", grepLine(installerLogs(), "NOT installed"))
 
-	// Roll back to v1 (revision 1: the restart above made revision 3).
+	// Roll back to v1 (revision 1: the restart above made revision 3), with
+	// the configuration fixed (text logs again, as the other specs read them).
+	setConfig("[debug]\nformat = 'text'\n")
 	rec.kubectl("", "-n", "unilet-system", "rollout", "undo", "daemonset/unilet", "--to-revision=1")
 	waitVersion("e2e-v1")
 	ready("true")
+	hostConfig, _ = os.ReadFile(filepath.Join(clusterDir, "unilet-config.toml"))
+	require.Equal(t, "[debug]\nformat = 'text'\n", string(hostConfig), "the fixed configuration is installed with the roll back")
 	rec.uniletctl("version")
 	require.Equal(t, vms, qemuOf(t, "vm-rollout"), "the first VM runs on through the roll back")
 
