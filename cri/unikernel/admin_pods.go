@@ -55,7 +55,7 @@ func (s *Service) podInfo(ctx context.Context, sb *sandbox) *admin.Pod {
 func (s *Service) vmInfo(ctx context.Context, c *container) *admin.VM {
 	m, st := c.Meta(), c.Status()
 	v := &admin.VM{ContainerId: c.ID(), Name: m.Config.GetMetadata().GetName(), Attempt: m.Config.GetMetadata().GetAttempt(),
-		State: string(st.State), Image: m.Config.GetImage().GetImage(), ImageId: m.Image.ID, CreatedUnixNano: m.CreatedAt.UnixNano(),
+		State: string(st.State), Image: imageName(m), ImageId: m.Image.ID, CreatedUnixNano: m.CreatedAt.UnixNano(),
 		ExitCode: st.Exit.Code, Reason: st.Exit.Reason, MemoryMib: int32(m.Machine.MemoryMiB), Vcpus: int32(m.Machine.VCPUs),
 		Accel: m.Machine.Accel, Template: m.Template, JailUid: -1, LogPath: m.LogPath}
 	if !st.StartedAt.IsZero() {
@@ -78,6 +78,17 @@ func (s *Service) vmInfo(ctx context.Context, c *container) *admin.VM {
 		v.JailUid = int64(spec.Jail.UID)
 	}
 	return v
+}
+
+// imageName is the image as the pod names it: kubelet passes the resolved
+// image ID in ContainerConfig.image and the pod's own name beside it.
+func imageName(m containerMeta) string {
+	for _, n := range []string{m.Config.GetImage().GetUserSpecifiedImage(), m.ImageRef, m.Config.GetImage().GetImage()} {
+		if n != "" && !strings.HasPrefix(n, "sha256:") {
+			return n
+		}
+	}
+	return m.Config.GetImage().GetImage()
 }
 
 // vmSpec reads the spec a container's shim runs its VM by.

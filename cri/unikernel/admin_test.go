@@ -45,3 +45,16 @@ func mustJSON(t *testing.T, v any) []byte {
 	require.NoError(t, err)
 	return b
 }
+
+// ps and inspect show the image as the pod names it, never kubelet's
+// resolved image ID when a name is known.
+func TestImageName(t *testing.T) {
+	m := containerMeta{Config: &runtimeapi.ContainerConfig{Image: &runtimeapi.ImageSpec{Image: "sha256:abc", UserSpecifiedImage: "reg/app:1"}}}
+	require.Equal(t, "reg/app:1", imageName(m))
+	m.Config.Image.UserSpecifiedImage, m.ImageRef = "", "reg/app@sha256:abc"
+	require.Equal(t, "reg/app@sha256:abc", imageName(m))
+	m.ImageRef = ""
+	require.Equal(t, "sha256:abc", imageName(m))
+	m.Config.Image.Image = "reg/app:2"
+	require.Equal(t, "reg/app:2", imageName(m))
+}
