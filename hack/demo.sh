@@ -57,6 +57,7 @@ The cluster keeps running. Try:
   kubectl attach -it hello-unikernel        # the serial console; Ctrl-] detaches, the VM keeps running
   kubectl exec hello-unikernel -- ls        # refused: a unikernel has no processes to exec into
   kubectl scale deployment/web --replicas=5 # more unikernel replicas behind the Service
+  bin/uniletctl --endpoint unix://$PWD/$OUT/cluster/unilet/unilet.sock ps   # this node's VMs (also inspect, logs, console, diag)
   kubectl apply -f deploy/examples/statefulset.yaml   # the StatefulSet example (k8s-0.k8s, ...)
 Tear down: make demo-down
 MSG
