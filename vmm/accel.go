@@ -5,6 +5,7 @@ import (
 	"context"
 	_ "embed"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -102,6 +103,24 @@ type probeVerdict struct {
 	BootID string `json:"bootID"`
 	QEMU   string `json:"qemu"` // path, size and modification time of the binary
 	Error  string `json:"error,omitempty"`
+}
+
+// ProbeVerdict reads the KVM probe's kept verdict in cacheDir: found says
+// whether there is one, err is what the probe found wrong (nil: KVM runs
+// guests).
+func ProbeVerdict(cacheDir string) (found bool, err error) {
+	var v probeVerdict
+	b, rerr := os.ReadFile(filepath.Join(cacheDir, ProbeCacheFile))
+	if rerr != nil {
+		return false, rerr
+	}
+	if jerr := json.Unmarshal(b, &v); jerr != nil {
+		return false, fmt.Errorf("unreadable verdict in %s: %w", ProbeCacheFile, jerr)
+	}
+	if v.Error != "" {
+		return true, errors.New(v.Error)
+	}
+	return true, nil
 }
 
 // probe is ProbeKVM (a variable for tests).

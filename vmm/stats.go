@@ -30,17 +30,10 @@ func (v *VM) Stats() (Stats, error) {
 
 func procStats(pid int) (Stats, error) {
 	st := Stats{Timestamp: time.Now()}
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	f, err := StatFields(pid)
 	if err != nil {
 		return st, err
 	}
-	// Fields after the command name (which may contain spaces) start at ')'.
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	if i < 0 {
-		return st, fmt.Errorf("malformed /proc/%d/stat", pid)
-	}
-	f := strings.Fields(s[i+1:])
 	if len(f) < 13 {
 		return st, fmt.Errorf("malformed /proc/%d/stat", pid)
 	}
@@ -58,4 +51,19 @@ func procStats(pid int) (Stats, error) {
 	pages, _ := strconv.ParseUint(mf[1], 10, 64)
 	st.RSSBytes = pages * uint64(os.Getpagesize())
 	return st, nil
+}
+
+// StatFields returns the fields of /proc/PID/stat after the command name
+// (which may hold spaces and parentheses): f[0] is the state (field 3),
+// f[1] the parent PID.
+func StatFields(pid int) ([]string, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return nil, err
+	}
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 {
+		return nil, fmt.Errorf("malformed /proc/%d/stat", pid)
+	}
+	return strings.Fields(string(b[i+1:])), nil
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -53,21 +54,16 @@ func (s *Service) Info(ctx context.Context, r *admin.InfoRequest) (*admin.InfoRe
 	return out, nil
 }
 
-// kvmProbe says what the KVM probe found (vmm.ProbeCacheFile).
+// kvmProbe says what the KVM probe found (vmm.ProbeVerdict).
 func kvmProbe(stateDir, accel string) string {
-	var v struct {
-		Error string `json:"error"`
-	}
-	b, err := os.ReadFile(filepath.Join(stateDir, vmm.ProbeCacheFile))
+	found, err := vmm.ProbeVerdict(stateDir)
 	switch {
-	case err != nil && accel == vmm.AccelTCG:
+	case !found && accel == vmm.AccelTCG && errors.Is(err, os.ErrNotExist):
 		return "not probed (--accel=tcg)"
-	case err != nil:
+	case !found:
 		return "no verdict recorded: " + err.Error()
-	case json.Unmarshal(b, &v) != nil:
-		return "unreadable verdict in " + vmm.ProbeCacheFile
-	case v.Error != "":
-		return "KVM cannot run guests: " + v.Error
+	case err != nil:
+		return "KVM cannot run guests: " + err.Error()
 	}
 	return "KVM runs guests"
 }
